@@ -1,0 +1,1 @@
+"""Diffusion transformers (DiT, PixArt-Σ, SD3 MMDiT) and the SD VAE as pure functions of params."""

@@ -1,0 +1,28 @@
+"""Quantization as composable transforms (``init``/``apply``), rules, plans and calibration."""
+
+from jdq.quant.transform import (
+    ACTIVATION_ROLES,
+    ATTENTION_ROLES,
+    ROLES,
+    Context,
+    Operand,
+    OperandRecorder,
+    Plan,
+    QuantTransform,
+    Quantizer,
+    QuantizerBase,
+    Rule,
+    StatsCollector,
+    chain,
+    collect_stats,
+    identity,
+    keep_float,
+    operand_key,
+    operand_stats,
+    reduce_steps,
+    resolve,
+    rule,
+    stack_stats,
+    stateless,
+    trace_operands,
+)
