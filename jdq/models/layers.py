@@ -43,3 +43,33 @@ def qmatmul(a, b, *, site: str, roles: tuple[str, str], quant: QuantizerBase | N
         a = quant(a, site, roles[0], -1)
         b = quant(b, site, roles[1], -2)
     return jnp.matmul(a, b.astype(a.dtype))
+
+
+def attention(q, k, v, *, site: str, quant: QuantizerBase | None = None, mask=None, scale: float | None = None):
+    """Multi-head attention ``softmax(q·kᵀ·scale [+mask]) · v`` with both matmuls as quantization sites.
+
+    ``q``: (B, Lq, H, D), ``k``/``v``: (B, Lk, H, D); returns (B, Lq, H, D). ``mask`` is a
+    boolean array broadcastable to (B, H, Lq, Lk), ``True`` where attention is allowed. The
+    matmul sites are ``f"{site}.qk"`` (roles ``q``, ``k``) and ``f"{site}.pv"`` (roles
+    ``attn_prob``, ``v``); the softmax scale is applied after q·kᵀ and the softmax runs in
+    float32. When ``quant`` transforms none of the four operands, the fused
+    ``jax.nn.dot_product_attention`` runs instead (same function, faster on GPU).
+    """
+    d = q.shape[-1]
+    scale = (1.0 / d**0.5) if scale is None else scale
+    qk_site, pv_site = f"{site}.qk", f"{site}.pv"
+    explicit = quant is not None and (
+        quant.quantizes(qk_site, "q") or quant.quantizes(qk_site, "k")
+        or quant.quantizes(pv_site, "attn_prob") or quant.quantizes(pv_site, "v")
+    )
+    if not explicit:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+    qh = jnp.swapaxes(q, 1, 2)  # (B, H, Lq, D)
+    kt = jnp.transpose(k, (0, 2, 3, 1))  # (B, H, D, Lk)
+    vh = jnp.swapaxes(v, 1, 2)  # (B, H, Lk, D)
+    logits = qmatmul(qh, kt, site=qk_site, roles=("q", "k"), quant=quant).astype(jnp.float32) * scale
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+    out = qmatmul(probs, vh, site=pv_site, roles=("attn_prob", "v"), quant=quant)
+    return jnp.swapaxes(out, 1, 2)

@@ -306,6 +306,10 @@ class QuantizerBase:
         """The lowered (packed) weight of ``site`` for a kernel, or ``None`` (fake-quant path)."""
         return None
 
+    def quantizes(self, site: str, role: str) -> bool:
+        """Whether operand (``site``, ``role``) is transformed; ``False`` lets a model take a fused path."""
+        return True
+
 
 @jax.tree_util.register_pytree_node_class
 class Quantizer(QuantizerBase):
@@ -334,6 +338,9 @@ class Quantizer(QuantizerBase):
     def at_step(self, step, num_steps: int | None = None) -> "Quantizer":
         """The same quantizer at sampler step ``step`` (may be a traced integer)."""
         return Quantizer(self.plan, self.state, step, num_steps if num_steps is not None else self.num_steps, self.strict)
+
+    def quantizes(self, site, role):
+        return self.plan.transform_for(operand_key(site, role)) is not None
 
     def __call__(self, x, site, role, axis=-1):
         key = operand_key(site, role)
