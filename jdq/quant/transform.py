@@ -63,15 +63,21 @@ class Context(NamedTuple):
 
 
 class QuantTransform(NamedTuple):
-    """A quantization transform: ``init(stats) -> state`` and ``apply(x, state, ctx) -> x``."""
+    """A quantization transform: ``init(stats) -> state`` and ``apply(x, state, ctx) -> x``.
+
+    ``meta`` is optional static, hashable metadata describing what the transform does (for
+    example the format and granularity of a cast); lowering to kernels and the cost model read
+    it. :func:`chain` sets it to the tuple of its parts' ``meta``.
+    """
 
     init: Callable[[Stats], State]
     apply: Callable[[Array, State, Context], Array]
+    meta: Any = None
 
 
-def stateless(apply_fn: Callable[[Array, Context], Array]) -> QuantTransform:
+def stateless(apply_fn: Callable[[Array, Context], Array], meta: Any = None) -> QuantTransform:
     """Wrap ``apply_fn(x, ctx)`` (no calibrated state) as a :class:`QuantTransform`."""
-    return QuantTransform(init=lambda stats: (), apply=lambda x, state, ctx: apply_fn(x, ctx))
+    return QuantTransform(init=lambda stats: (), apply=lambda x, state, ctx: apply_fn(x, ctx), meta=meta)
 
 
 def identity() -> QuantTransform:
@@ -93,7 +99,7 @@ def chain(*transforms: QuantTransform) -> QuantTransform:
             x = t.apply(x, s, ctx)
         return x
 
-    return QuantTransform(init, apply)
+    return QuantTransform(init, apply, ("chain",) + tuple(t.meta for t in transforms))
 
 
 def reduce_steps(stats: Stats, how: str = "max") -> dict[str, Array]:
