@@ -5,12 +5,39 @@ Weights are stored in the JAX layout ``(in_features, out_features)``; the contra
 weight is therefore ``-2`` and that of an activation ``-1``. A ``quant`` argument is ``None``
 (the plain model) or a :class:`jdq.quant.QuantizerBase`, called once per operand with the
 operand's site path, role and contraction axis.
+
+**Site naming.** Every :class:`Linear` is built with its ``site``, which is also its path in the
+module tree, so the weight of site ``S`` lives at ``params`` path ``S + ".kernel"`` (and
+``S + ".bias"``). Sites are dot-joined: ``blocks.3.attn.qkv``. :func:`attention` called with
+``site="blocks.3.attn"`` adds the two attention-matmul sites ``blocks.3.attn.qk`` and
+``blocks.3.attn.pv``. Names shared by all families (so one recipe fits DiT, PixArt-Σ and SD3):
+
+* ``<block>.attn.qkv`` / ``<block>.attn.proj``: fused self-attention projections
+  (:class:`SelfAttention`); ``<block>.attn.qk`` / ``.pv``: its two matmuls;
+* ``<block>.mlp.fc1`` / ``<block>.mlp.fc2``: the MLP (:class:`Mlp`), ``fc2``'s input has role
+  ``post_gelu``;
+* ``t_embedder.mlp.0`` / ``t_embedder.mlp.2``: the timestep MLP (:class:`TimestepEmbedder`,
+  numbered as in facebookresearch/DiT, where ``mlp.1`` is the SiLU);
+* ``x_embedder``: the patch embedding (:class:`PatchEmbed`, a linear over flattened patches).
+
+**Dtypes.** Parameters are stored in their own dtype (float32 by default); a matmul computes in
+the dtype of its activation (``qlinear`` casts the weight), so a model runs in bfloat16 by
+casting its input. Norms and softmax compute in float32 and return the input's dtype.
+
+**Initialisation.** Parameters are initialised randomly (kernels ``N(0, 1/fan_in)``, biases
+``N(0, 0.02)``), not with the papers' training initialisations (adaLN-Zero zeros would make a
+random model output zeros): jdq never trains, it loads converted checkpoints, and random models
+are for tests and benchmarks.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
 from jdq.quant.transform import QuantizerBase
 
@@ -73,3 +100,283 @@ def attention(q, k, v, *, site: str, quant: QuantizerBase | None = None, mask=No
     probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
     out = qmatmul(probs, vh, site=pv_site, roles=("attn_prob", "v"), quant=quant)
     return jnp.swapaxes(out, 1, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Parameterised layers (NNX modules; every matmul goes through qlinear / attention)
+# --------------------------------------------------------------------------------------------
+
+
+def _normal(rngs: nnx.Rngs, shape, std, dtype):
+    return jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype) * jnp.asarray(std, dtype)
+
+
+class Linear(nnx.Module):
+    """A linear layer that is a quantization site: ``kernel`` (in, out), optional ``bias`` (out,)."""
+
+    def __init__(self, in_features: int, out_features: int, *, site: str, rngs: nnx.Rngs,
+                 use_bias: bool = True, act_role: str = "act", param_dtype=jnp.float32):
+        self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), 1.0 / math.sqrt(in_features), param_dtype))
+        self.bias = nnx.Param(_normal(rngs, (out_features,), 0.02, param_dtype)) if use_bias else None
+        self.site = site
+        self.act_role = act_role
+
+    def __call__(self, x, quant: QuantizerBase | None = None):
+        b = None if self.bias is None else self.bias[...]
+        return qlinear(x, self.kernel[...], b, site=self.site, quant=quant, act_role=self.act_role)
+
+
+def layer_norm(x, scale=None, bias=None, *, eps: float = 1e-6):
+    """LayerNorm over the last axis (biased variance, as PyTorch), in float32; returns ``x.dtype``."""
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    if scale is not None:
+        y = y * scale.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def rms_norm(x, scale=None, *, eps: float = 1e-6):
+    """RMSNorm over the last axis, in float32; returns ``x.dtype``."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
+    if scale is not None:
+        y = y * scale.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def group_norm(x, num_groups: int, scale=None, bias=None, *, eps: float = 1e-6):
+    """GroupNorm of a channels-last array (groups split the last axis), in float32; returns ``x.dtype``."""
+    c = x.shape[-1]
+    if c % num_groups:
+        raise ValueError(f"group_norm: {c} channels are not divisible into {num_groups} groups")
+    xf = x.astype(jnp.float32).reshape(x.shape[0], -1, num_groups, c // num_groups)
+    mean = jnp.mean(xf, axis=(1, 3), keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=(1, 3), keepdims=True)
+    y = ((xf - mean) * jax.lax.rsqrt(var + eps)).reshape(x.shape)
+    if scale is not None:
+        y = y * scale.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis; ``affine=True`` adds ``scale`` and ``bias`` (no matmul)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, affine: bool = False, use_bias: bool = True,
+                 rngs: nnx.Rngs | None = None, param_dtype=jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype)) if affine else None
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype)) if affine and use_bias else None
+
+    def __call__(self, x):
+        return layer_norm(x, None if self.scale is None else self.scale[...],
+                          None if self.bias is None else self.bias[...], eps=self.eps)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis with a learned ``scale`` (``affine=False``: none)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, affine: bool = True,
+                 rngs: nnx.Rngs | None = None, param_dtype=jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype)) if affine else None
+
+    def __call__(self, x):
+        return rms_norm(x, None if self.scale is None else self.scale[...], eps=self.eps)
+
+
+def modulate(x, shift, scale):
+    """adaLN modulation ``x * (1 + scale) + shift`` with per-sample ``shift``/``scale`` (B, D) over tokens."""
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+_ACTIVATIONS = {
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
+}
+
+
+class Mlp(nnx.Module):
+    """Two-layer MLP ``fc2(act(fc1(x)))``; sites ``{site}.fc1`` and ``{site}.fc2``.
+
+    ``activation``: ``"gelu_tanh"`` (DiT, PixArt-Σ, SD3), ``"gelu"`` or ``"silu"``. After a GELU
+    the input of ``fc2`` has role ``post_gelu``, otherwise ``act``.
+    """
+
+    def __init__(self, dim: int, hidden: int, out_dim: int | None = None, *, site: str, rngs: nnx.Rngs,
+                 activation: str = "gelu_tanh", use_bias: bool = True, param_dtype=jnp.float32):
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"Mlp {site!r}: unknown activation {activation!r}; known: {sorted(_ACTIVATIONS)}")
+        self.activation = activation
+        self.fc1 = Linear(dim, hidden, site=f"{site}.fc1", rngs=rngs, use_bias=use_bias, param_dtype=param_dtype)
+        self.fc2 = Linear(hidden, out_dim or dim, site=f"{site}.fc2", rngs=rngs, use_bias=use_bias,
+                          act_role="post_gelu" if activation.startswith("gelu") else "act", param_dtype=param_dtype)
+
+    def __call__(self, x, quant: QuantizerBase | None = None):
+        return self.fc2(_ACTIVATIONS[self.activation](self.fc1(x, quant)), quant)
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head self-attention with a fused ``qkv`` projection (timm/DiT layout) and ``proj``.
+
+    Sites ``{site}.qkv`` (output features ordered ``[q | k | v]``, each ``[head0 | head1 | ...]``),
+    ``{site}.proj``, and the matmuls ``{site}.qk`` / ``{site}.pv``. ``qk_norm`` ``"rms"`` or
+    ``"layer"`` normalises q and k per head over the head dimension (SD3.5), with learned scales
+    ``norm_q.scale``/``norm_k.scale``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, site: str, rngs: nnx.Rngs, qkv_bias: bool = True,
+                 proj_bias: bool = True, qk_norm: str | None = None, qk_norm_eps: float = 1e-6,
+                 param_dtype=jnp.float32):
+        if dim % num_heads:
+            raise ValueError(f"SelfAttention {site!r}: dim {dim} is not divisible by num_heads {num_heads}")
+        self.site = site
+        self.num_heads = num_heads
+        self.qkv = Linear(dim, 3 * dim, site=f"{site}.qkv", rngs=rngs, use_bias=qkv_bias, param_dtype=param_dtype)
+        self.proj = Linear(dim, dim, site=f"{site}.proj", rngs=rngs, use_bias=proj_bias, param_dtype=param_dtype)
+        head_dim = dim // num_heads
+        if qk_norm is None:
+            self.norm_q = self.norm_k = None
+        elif qk_norm == "rms":
+            self.norm_q = RMSNorm(head_dim, eps=qk_norm_eps, param_dtype=param_dtype)
+            self.norm_k = RMSNorm(head_dim, eps=qk_norm_eps, param_dtype=param_dtype)
+        elif qk_norm == "layer":
+            self.norm_q = LayerNorm(head_dim, eps=qk_norm_eps, affine=True, param_dtype=param_dtype)
+            self.norm_k = LayerNorm(head_dim, eps=qk_norm_eps, affine=True, param_dtype=param_dtype)
+        else:
+            raise ValueError(f"SelfAttention {site!r}: qk_norm must be None, 'rms' or 'layer', got {qk_norm!r}")
+
+    def __call__(self, x, quant: QuantizerBase | None = None, mask=None):
+        b, n, d = x.shape
+        qkv = self.qkv(x, quant).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if self.norm_q is not None:
+            q, k = self.norm_q(q), self.norm_k(k)
+        out = attention(q, k, v, site=self.site, quant=quant, mask=mask)
+        return self.proj(out.reshape(b, n, d), quant)
+
+
+# --------------------------------------------------------------------------------------------
+# Patches, positions, timesteps
+# --------------------------------------------------------------------------------------------
+
+
+def patchify(x, patch_size: int):
+    """(B, H, W, C) -> (B, H/p·W/p, p·p·C), tokens row-major, features ordered (p_h, p_w, C)."""
+    b, h, w, c = x.shape
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"patchify: spatial size {h}x{w} is not divisible by patch size {p}")
+    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x, patch_size: int, height: int, width: int):
+    """(B, h·w, p·p·C) -> (B, h·p, w·p, C) for a token grid of ``height`` x ``width`` patches."""
+    b, n, f = x.shape
+    p = patch_size
+    if n != height * width or f % (p * p):
+        raise ValueError(f"unpatchify: got {n} tokens of {f} features for a {height}x{width} grid, patch {p}")
+    c = f // (p * p)
+    x = x.reshape(b, height, width, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, height * p, width * p, c)
+
+
+class PatchEmbed(Linear):
+    """Patch embedding as a linear over flattened patches (a stride=kernel conv *is* one): a site.
+
+    Input (B, H, W, C) channels-last, output (B, H/p·W/p, dim). The kernel is (p·p·C, dim) with
+    rows ordered (p_h, p_w, C); a PyTorch conv weight (dim, C, p, p) converts by
+    ``w.transpose(2, 3, 1, 0).reshape(p*p*C, dim)``.
+    """
+
+    def __init__(self, in_channels: int, patch_size: int, dim: int, *, site: str, rngs: nnx.Rngs,
+                 use_bias: bool = True, param_dtype=jnp.float32):
+        super().__init__(patch_size * patch_size * in_channels, dim, site=site, rngs=rngs,
+                         use_bias=use_bias, param_dtype=param_dtype)
+        self.patch_size = patch_size
+
+    def __call__(self, x, quant: QuantizerBase | None = None):
+        return super().__call__(patchify(x, self.patch_size), quant)
+
+
+def sincos_pos_embed_1d(dim: int, pos) -> np.ndarray:
+    """1-D sin-cos embedding ``[sin(pos·ω), cos(pos·ω)]``, ``ω_i = 10000^(-2i/dim)``, in float64."""
+    if dim % 2:
+        raise ValueError(f"sincos_pos_embed_1d: dim must be even, got {dim}")
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = np.outer(np.asarray(pos, np.float64).reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int | None = None, *, base_size: float | None = None,
+                        interpolation_scale: float = 1.0) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding (MAE/DiT/diffusers convention), (grid_h·grid_w, dim) float32.
+
+    Tokens are row-major over (h, w). The first ``dim/2`` features embed the *column* (w) index,
+    the last ``dim/2`` the row (h) index, as in facebookresearch/DiT and diffusers. Positions are
+    ``arange(n) / (n / base_size) / interpolation_scale`` computed in float32 (diffusers);
+    ``base_size=None`` means ``base_size = n`` (plain ``arange``, DiT).
+    """
+    if dim % 4:
+        raise ValueError(f"sincos_pos_embed_2d: dim must be divisible by 4, got {dim}")
+    grid_w = grid_h if grid_w is None else grid_w
+
+    def positions(n):
+        base = n if base_size is None else base_size
+        return np.arange(n, dtype=np.float32) / np.float32(n / base) / np.float32(interpolation_scale)
+
+    ww, hh = np.meshgrid(positions(grid_w), positions(grid_h))  # (grid_h, grid_w) each
+    emb = np.concatenate([sincos_pos_embed_1d(dim // 2, ww), sincos_pos_embed_1d(dim // 2, hh)], axis=1)
+    return emb.astype(np.float32)
+
+
+def timestep_embedding(t, dim: int, *, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
+                       max_period: float = 10000.0, scale: float = 1.0):
+    """Sinusoidal timestep features (B,) -> (B, dim), float32.
+
+    Frequencies ``exp(-ln(max_period)·i / (dim/2 - freq_shift))``, ``i < dim/2``; output
+    ``[cos, sin]`` if ``flip_sin_to_cos`` else ``[sin, cos]``, zero-padded to odd ``dim``.
+    facebookresearch/DiT is ``flip_sin_to_cos=True, freq_shift=0``; diffusers' DiT port uses
+    ``freq_shift=1`` (``downscale_freq_shift=1``); diffusers' PixArt-Σ and SD3 use ``freq_shift=0``.
+    """
+    t = jnp.asarray(t, jnp.float32)
+    if t.ndim == 0:
+        t = t[None]
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
+    args = scale * (t[:, None] * freqs[None, :])
+    sin, cos = jnp.sin(args), jnp.cos(args)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedder(nnx.Module):
+    """Timestep -> vector: sinusoidal features, then ``mlp.0`` (Linear), SiLU, ``mlp.2`` (Linear).
+
+    Sites ``{site}.mlp.0`` and ``{site}.mlp.2``. The frequency convention (``flip_sin_to_cos``,
+    ``freq_shift``) is that of :func:`timestep_embedding` and must match the checkpoint's source.
+    """
+
+    def __init__(self, dim: int, *, site: str, rngs: nnx.Rngs, freq_dim: int = 256, out_dim: int | None = None,
+                 flip_sin_to_cos: bool = True, freq_shift: float = 0.0, param_dtype=jnp.float32):
+        self.freq_dim = freq_dim
+        self.flip_sin_to_cos = flip_sin_to_cos
+        self.freq_shift = freq_shift
+        self.mlp = nnx.Dict({
+            "0": Linear(freq_dim, dim, site=f"{site}.mlp.0", rngs=rngs, param_dtype=param_dtype),
+            "2": Linear(dim, out_dim or dim, site=f"{site}.mlp.2", rngs=rngs, param_dtype=param_dtype),
+        })
+
+    def __call__(self, t, quant: QuantizerBase | None = None, dtype=jnp.float32):
+        f = timestep_embedding(t, self.freq_dim, flip_sin_to_cos=self.flip_sin_to_cos,
+                               freq_shift=self.freq_shift).astype(dtype)
+        return self.mlp["2"](jax.nn.silu(self.mlp["0"](f, quant)), quant)

@@ -1,0 +1,350 @@
+"""The model wrapper every family shares: an NNX module used functionally, its config, and I/O.
+
+**The family interface.** Each family is a module ``jdq.models.<family>`` (``dit``, ``pixart``,
+``sd3``, ``vae``) that exposes
+
+* ``FAMILY``: its name (the ``"family"`` written into a converted folder's ``config.json``);
+* ``Config``: a frozen dataclass deriving from :class:`ConfigBase` (``to_dict``/``from_dict``);
+* ``build(config, rngs) -> nnx.Module``: the module, whose ``__call__(*inputs, quant=None)`` is
+  the forward pass (``quant``: ``None`` or a :class:`jdq.quant.QuantizerBase`). Every matmul in
+  it goes through ``jdq.models.layers`` (``qlinear``/``qmatmul``/``attention``), with a site
+  equal to the :class:`~jdq.models.layers.Linear`'s path in the module tree;
+* ``from_config(config, key=None, abstract=False) -> Model``: ``Model.create(config, build, key)``
+  (random params from ``key``) or, with ``abstract=True``, ``Model.abstract(config, build)``
+  (``jax.ShapeDtypeStruct`` params, nothing allocated).
+
+**Functional use.** :class:`Model` splits the module once into a static graph definition and a
+params pytree (a plain nested ``dict``; list indices are ``int`` keys). ``model.apply(params,
+*inputs, quant=None)`` is a pure, jit-able function of ``params`` (``nnx.merge`` inside), so
+``jax.jit``, ``jax.vmap`` and ``jax.grad`` treat a model like any function of arrays.
+``model(*inputs, quant=None)`` calls it with the model's own params under ``jax.jit`` (the
+quantizer, a pytree, is an argument, so a new state does not recompile). A ``quant`` that is not
+a pytree (a statistics collector, an operand recorder) runs un-jitted, inside the caller's trace.
+
+**On disk.** A converted model is a folder with ``config.json`` (``{"family": ..., "jdq_format":
+1, **config}``) and ``params.safetensors`` (params flattened with dotted names, e.g.
+``blocks.3.attn.qkv.kernel``). :func:`save` writes it atomically; :func:`load` checks every
+tensor's name and shape against the family's abstract model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import shutil
+import tempfile
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+#: Family name -> module implementing the family interface.
+FAMILIES = {
+    "dit": "jdq.models.dit",
+    "pixart": "jdq.models.pixart",
+    "sd3": "jdq.models.sd3",
+    "vae": "jdq.models.vae",
+}
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+PARAMS_FILE = "params.safetensors"
+
+Params = dict
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------
+
+
+def _is_tuple_type(tp) -> bool:
+    if tp is tuple or typing.get_origin(tp) is tuple:
+        return True
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_is_tuple_type(a) for a in typing.get_args(tp))
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigBase:
+    """Base of family configs: frozen dataclasses that round-trip through JSON-able dicts."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-able dict (tuples become lists)."""
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        """Build a config from a dict; unknown keys are an error naming them (``family``/``jdq_format`` are ignored)."""
+        d = {k: v for k, v in d.items() if k not in ("family", "jdq_format")}
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise ValueError(f"{cls.__module__}.{cls.__qualname__}: unknown config key(s) {unknown}; "
+                             f"known: {sorted(fields)}")
+        kwargs = {}
+        for k, v in d.items():
+            if isinstance(v, list) and _is_tuple_type(hints.get(k)):
+                v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+            kwargs[k] = v
+        return cls(**kwargs)
+
+    def replace(self, **changes):
+        """A copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+
+def family_module(family: str) -> types.ModuleType:
+    """The module implementing ``family`` (imported on first use)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known: {sorted(FAMILIES)}")
+    return importlib.import_module(FAMILIES[family])
+
+
+def family_of(config: ConfigBase) -> str:
+    """The family name of a config object (its module's ``FAMILY``)."""
+    mod = importlib.import_module(type(config).__module__)
+    family = getattr(mod, "FAMILY", None)
+    if family is None:
+        raise TypeError(f"{type(config).__qualname__} is not a config of a jdq model family")
+    return family
+
+
+# --------------------------------------------------------------------------------------------
+# Params helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def flatten_params(params) -> dict[str, Any]:
+    """``{"blocks.3.attn.qkv.kernel": array, ...}`` from a nested params pytree."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {".".join(_key_name(k) for k in path): leaf for path, leaf in leaves}
+
+
+def unflatten_params(flat: Mapping[str, Any], like) -> Params:
+    """Nest dotted names into the structure of ``like`` (a params pytree or its abstract shapes).
+
+    Every name of ``like`` must be present in ``flat`` with the same shape, and ``flat`` must have
+    no other names; the error lists the missing/unexpected names or the name and both shapes.
+    """
+    expected = flatten_params(like)
+    missing = sorted(set(expected) - set(flat))
+    unexpected = sorted(set(flat) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"params do not match the model: missing {missing[:10]}"
+                       f"{' ...' if len(missing) > 10 else ''} ({len(missing)}), unexpected "
+                       f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)})")
+    for name, ref in expected.items():
+        if tuple(np.shape(flat[name])) != tuple(ref.shape):
+            raise ValueError(f"param {name!r}: expected shape {tuple(ref.shape)}, found {tuple(np.shape(flat[name]))}")
+    paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+    return jax.tree_util.tree_unflatten(treedef, [flat[".".join(_key_name(k) for k in p)] for p, _ in paths])
+
+
+def count_params(params) -> int:
+    """Total number of parameter elements (works on abstract ``ShapeDtypeStruct`` trees too)."""
+    return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(params)))
+
+
+def cast_floating(params, dtype):
+    """Cast the floating leaves of ``params`` to ``dtype`` (integer leaves untouched)."""
+    dtype = jnp.dtype(dtype)
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def _is_pytree(x) -> bool:
+    """Whether ``x`` is a registered pytree node (e.g. a Quantizer), not an opaque leaf."""
+    return not jax.tree_util.all_leaves([x])
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+class Model:
+    """An NNX module split once into ``graphdef`` + ``params``, used as a pure function.
+
+    ``family``: ``"dit"``, ``"pixart"``, ``"sd3"`` or ``"vae"``; ``config``: the family's frozen
+    config; ``params``: a nested dict of arrays. See the module docstring for the interface.
+    """
+
+    def __init__(self, config: ConfigBase, graphdef: nnx.GraphDef, params: Params):
+        self.config = config
+        self.graphdef = graphdef
+        self.params = params
+        self._jitted: dict[str, Callable] = {}
+
+    @classmethod
+    def create(cls, config: ConfigBase, build: Callable[[ConfigBase, nnx.Rngs], nnx.Module],
+               key: jax.Array | int | None = None) -> "Model":
+        """Build ``build(config, rngs)`` with random params from ``key`` (an int seed or a PRNG key)."""
+        key = jax.random.key(0) if key is None else (jax.random.key(key) if isinstance(key, int) else key)
+        graphdef, state = nnx.split(build(config, nnx.Rngs(params=key)))
+        return cls(config, graphdef, nnx.to_pure_dict(state))
+
+    @classmethod
+    def abstract(cls, config: ConfigBase, build: Callable[[ConfigBase, nnx.Rngs], nnx.Module]) -> "Model":
+        """The model with ``jax.ShapeDtypeStruct`` params: no memory, no FLOPs (shapes, counts, tracing)."""
+        module = nnx.eval_shape(lambda: build(config, nnx.Rngs(params=0)))
+        graphdef, state = nnx.split(module)
+        return cls(config, graphdef, nnx.to_pure_dict(state))
+
+    @property
+    def family(self) -> str:
+        """The family name (``"dit"``, ``"pixart"``, ``"sd3"``, ``"vae"``)."""
+        return family_of(self.config)
+
+    @property
+    def num_params(self) -> int:
+        """Number of parameter elements."""
+        return count_params(self.params)
+
+    def module(self, params: Params | None = None) -> nnx.Module:
+        """The NNX module with ``params`` (default: the model's own) merged in."""
+        return nnx.merge(self.graphdef, self.params if params is None else params)
+
+    def apply(self, params: Params, *inputs, quant=None, method: str = "__call__", **kwargs):
+        """Pure forward pass: ``module(params).<method>(*inputs, quant=quant, **kwargs)``; jit-able."""
+        module = nnx.merge(self.graphdef, params)
+        return getattr(module, method)(*inputs, quant=quant, **kwargs)
+
+    def call(self, method: str, *inputs, quant=None, **kwargs):
+        """Run ``method`` with the model's params, under ``jax.jit`` (``kwargs`` are static)."""
+        if quant is not None and not _is_pytree(quant):
+            return self.apply(self.params, *inputs, quant=quant, method=method, **kwargs)
+        cache_key = (method, tuple(sorted(kwargs.items())))
+        fn = self._jitted.get(cache_key)
+        if fn is None:
+            def fn(params, inputs, quant):
+                return self.apply(params, *inputs, quant=quant, method=method, **kwargs)
+
+            fn = self._jitted[cache_key] = jax.jit(fn)
+        return fn(self.params, inputs, quant)
+
+    def __call__(self, *inputs, quant=None, **kwargs):
+        """The forward pass with the model's own params, jitted."""
+        return self.call("__call__", *inputs, quant=quant, **kwargs)
+
+    def replace(self, params: Params | None = None, config: ConfigBase | None = None) -> "Model":
+        """A model sharing the graph definition with new ``params`` and/or ``config``."""
+        return type(self)(self.config if config is None else config, self.graphdef,
+                          self.params if params is None else params)
+
+    def astype(self, dtype) -> "Model":
+        """The model with its floating params cast to ``dtype`` (e.g. bfloat16 weights for speed)."""
+        return self.replace(params=cast_floating(self.params, dtype))
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.config!r}, {self.num_params:,} params)"
+
+
+# --------------------------------------------------------------------------------------------
+# Saving and loading
+# --------------------------------------------------------------------------------------------
+
+
+def write_folder_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Run ``write(tmp_dir)`` in a temporary sibling folder, then rename it to ``out_dir``.
+
+    Nothing appears at ``out_dir`` unless ``write`` succeeds. An existing ``out_dir`` is an error
+    unless ``overwrite``; then it is replaced only after the new folder is complete.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (pass overwrite=True to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / out.name)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_params(path: str | os.PathLike, params, family: str, config: ConfigBase | Mapping[str, Any],
+                overwrite: bool = False) -> Path:
+    """Write ``params`` and ``config`` as a jdq model folder (atomically); returns the folder."""
+    from safetensors.numpy import save_file
+
+    cfg = config.to_dict() if isinstance(config, ConfigBase) else dict(config)
+    flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flatten_params(params).items()}
+
+    def write(tmp: Path):
+        save_file(flat, str(tmp / PARAMS_FILE), metadata={"family": family, "jdq_format": str(FORMAT_VERSION)})
+        (tmp / CONFIG_FILE).write_text(json.dumps({"family": family, "jdq_format": FORMAT_VERSION, **cfg}, indent=2) + "\n")
+
+    return write_folder_atomically(path, write, overwrite=overwrite)
+
+
+def save(model: Model, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``model`` as a jdq model folder loadable with :func:`load` (atomically)."""
+    return save_params(path, model.params, model.family, model.config, overwrite=overwrite)
+
+
+def read_config(path: str | os.PathLike) -> tuple[str, ConfigBase]:
+    """``(family, config)`` from a jdq model folder's ``config.json``."""
+    p = Path(path) / CONFIG_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"{path} is not a jdq model folder: no {CONFIG_FILE}")
+    try:
+        raw = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e})") from None
+    if "family" not in raw:
+        raise ValueError(f"{p}: no 'family' key (expected one of {sorted(FAMILIES)})")
+    version = raw.get("jdq_format", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{p}: jdq_format {version} is not supported (this jdq reads {FORMAT_VERSION})")
+    mod = family_module(raw["family"])
+    return raw["family"], mod.Config.from_dict(raw)
+
+
+def load(path: str | os.PathLike, dtype=None) -> tuple[Model, ConfigBase]:
+    """``(model, config)`` from a converted folder (``config.json`` + ``params.safetensors``).
+
+    Every tensor is checked by name and shape against the family's abstract model. ``dtype``
+    (e.g. ``jnp.bfloat16``) casts the floating params after loading.
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    family, config = read_config(path)
+    mod = family_module(family)
+    p = Path(path) / PARAMS_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"{path}: no {PARAMS_FILE}")
+    try:
+        flat = load_file(str(p))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{p}: cannot read safetensors file ({e}); is it truncated or corrupt?") from None
+    abstract = mod.from_config(config, abstract=True)
+    params = unflatten_params({k: jnp.asarray(v) for k, v in flat.items()}, abstract.params)
+    model = abstract.replace(params=params)
+    if dtype is not None:
+        model = model.astype(dtype)
+    return model, config
