@@ -286,12 +286,12 @@ def write_folder_atomically(out_dir: str | os.PathLike, write: Callable[[Path], 
     return out
 
 
-def save_params(path: str | os.PathLike, params, family: str, config: ConfigBase | Mapping[str, Any],
+def save_params(path: str | os.PathLike, params, family: str, config: Any,
                 overwrite: bool = False) -> Path:
     """Write ``params`` and ``config`` as a jdq model folder (atomically); returns the folder."""
     from safetensors.numpy import save_file
 
-    cfg = config.to_dict() if isinstance(config, ConfigBase) else dict(config)
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flatten_params(params).items()}
 
     def write(tmp: Path):

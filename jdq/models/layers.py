@@ -350,8 +350,13 @@ def timestep_embedding(t, dim: int, *, flip_sin_to_cos: bool = True, freq_shift:
     if t.ndim == 0:
         t = t[None]
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
-    args = scale * (t[:, None] * freqs[None, :])
+    # The frequencies are a constant computed as PyTorch computes them (float32 exponent, exp
+    # rounded to float32): t·freq reaches ~1000 rad, where one ulp of freq shows in sin/cos.
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half - freq_shift)
+    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
+    args = t[:, None] * jnp.asarray(freqs)[None, :]
+    if scale != 1:
+        args = scale * args
     sin, cos = jnp.sin(args), jnp.cos(args)
     emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
     if dim % 2:

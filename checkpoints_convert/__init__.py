@@ -1,0 +1,100 @@
+"""Official checkpoints -> jdq model folders (``config.json`` + ``params.safetensors``).
+
+Command line::
+
+    python -m checkpoints_convert dit IN.pt OUT_DIR [--num-heads N] [--dtype bfloat16] [--overwrite]
+    python -m checkpoints_convert diffusers IN_DIR OUT_DIR [--dtype bfloat16] [--overwrite]
+
+Python: :func:`convert` (auto-detects the source kind; what ``jdq convert`` calls),
+:func:`convert_dit_checkpoint`, :func:`convert_diffusers_folder`, and the in-memory converters
+``checkpoints_convert.dit.convert_dit_state_dict`` / ``convert_diffusers_dit``,
+``checkpoints_convert.vae.convert_vae``, ``checkpoints_convert.pixart.convert_pixart``,
+``checkpoints_convert.sd3.convert_sd3`` (each ``(state_dict, config) -> (params, Config)``).
+
+Every source key is consumed and every shape checked (errors name the key and both shapes);
+unreadable files fail with a clear message; the output folder is written atomically (a failed
+conversion leaves nothing behind).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+from checkpoints_convert.common import CheckpointError, read_diffusers_folder, read_torch_checkpoint
+
+#: diffusers ``_class_name`` -> (jdq family, converter module, converter function).
+DIFFUSERS_CLASSES = {
+    "DiTTransformer2DModel": ("dit", "checkpoints_convert.dit", "convert_diffusers_dit"),
+    "AutoencoderKL": ("vae", "checkpoints_convert.vae", "convert_vae"),
+    "PixArtTransformer2DModel": ("pixart", "checkpoints_convert.pixart", "convert_pixart"),
+    "SD3Transformer2DModel": ("sd3", "checkpoints_convert.sd3", "convert_sd3"),
+}
+
+
+def _save(params, family: str, cfg, out_dir, dtype=None, overwrite: bool = False) -> Path:
+    import numpy as np
+
+    from jdq.models.base import save_params
+
+    if dtype is not None:
+        import jax.numpy as jnp
+        import jax
+
+        dt = jnp.dtype(dtype)
+        params = jax.tree.map(lambda a: np.asarray(a).astype(dt) if np.asarray(a).dtype.kind == "f" else a, params)
+    return save_params(out_dir, params, family, cfg, overwrite=overwrite)
+
+
+def convert_dit_checkpoint(in_path, out_dir, num_heads: int | None = None, dtype=None, overwrite: bool = False) -> Path:
+    """A facebookresearch/DiT ``.pt`` file -> jdq model folder ``out_dir``; returns its path."""
+    from checkpoints_convert.dit import convert_dit_state_dict
+
+    params, cfg = convert_dit_state_dict(read_torch_checkpoint(in_path), num_heads=num_heads)
+    return _save(params, "dit", cfg, out_dir, dtype, overwrite)
+
+
+def convert_diffusers_state(config: dict, state_dict: dict):
+    """Dispatch a diffusers ``(config, state_dict)`` on ``_class_name``; returns ``(family, params, Config)``."""
+    name = config.get("_class_name")
+    if name not in DIFFUSERS_CLASSES:
+        raise CheckpointError(f"diffusers config has _class_name={name!r}; supported: {sorted(DIFFUSERS_CLASSES)}")
+    family, module, fn = DIFFUSERS_CLASSES[name]
+    params, cfg = getattr(importlib.import_module(module), fn)(state_dict, config)
+    return family, params, cfg
+
+
+def convert_diffusers_folder(in_dir, out_dir, dtype=None, overwrite: bool = False) -> Path:
+    """A diffusers model folder (config.json + safetensors) -> jdq model folder; returns its path."""
+    config, state = read_diffusers_folder(in_dir)
+    family, params, cfg = convert_diffusers_state(config, state)
+    return _save(params, family, cfg, out_dir, dtype, overwrite)
+
+
+def convert(source, out_dir, *, kind: str | None = None, num_heads: int | None = None, dtype=None,
+            overwrite: bool = False) -> Path:
+    """Convert ``source`` to a jdq model folder; ``kind`` ``"dit"``/``"diffusers"`` or ``None`` (guess).
+
+    A file is read as a facebookresearch/DiT checkpoint, a folder with ``config.json`` as a
+    diffusers model folder. Returns the output folder, loadable with ``jdq.models.load``.
+    """
+    src = Path(source)
+    if kind is None:
+        if src.is_file():
+            kind = "dit"
+        elif (src / "config.json").is_file():
+            kind = "diffusers"
+        else:
+            raise CheckpointError(f"{src}: neither a checkpoint file nor a diffusers folder with config.json")
+    if kind == "dit":
+        return convert_dit_checkpoint(src, out_dir, num_heads=num_heads, dtype=dtype, overwrite=overwrite)
+    if kind == "diffusers":
+        if num_heads is not None:
+            raise CheckpointError("num_heads applies to facebookresearch/DiT .pt files only (diffusers configs name it)")
+        return convert_diffusers_folder(src, out_dir, dtype=dtype, overwrite=overwrite)
+    raise CheckpointError(f"unknown source kind {kind!r}; use 'dit' or 'diffusers'")
+
+
+__all__ = ["CheckpointError", "DIFFUSERS_CLASSES", "convert", "convert_diffusers_folder", "convert_diffusers_state",
+           "convert_dit_checkpoint", "read_diffusers_folder", "read_torch_checkpoint"]

@@ -1,0 +1,44 @@
+"""``python -m checkpoints_convert {dit,diffusers} IN OUT_DIR``: see :mod:`checkpoints_convert`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    """Command-line entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m checkpoints_convert",
+                                     description="Convert an official checkpoint to a jdq model folder.")
+    sub = parser.add_subparsers(dest="kind", required=True)
+    p_dit = sub.add_parser("dit", help="a facebookresearch/DiT .pt file (e.g. DiT-XL-2-256x256.pt)")
+    p_dit.add_argument("input", help="the .pt checkpoint")
+    p_dit.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
+    p_dit.add_argument("--num-heads", type=int, default=None,
+                       help="attention heads (default by hidden size: 384→6, 768→12, 1024→16, 1152→16)")
+    p_dif = sub.add_parser("diffusers", help="a diffusers model folder (config.json + *.safetensors): "
+                                             "DiT, PixArt-Σ, SD3 transformer or AutoencoderKL")
+    p_dif.add_argument("input", help="the model folder (e.g. .../transformer or .../vae)")
+    p_dif.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
+    for p in (p_dit, p_dif):
+        p.add_argument("--dtype", default=None, help="store floating params as this dtype (default float32)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    args = parser.parse_args(argv)
+
+    from checkpoints_convert import CheckpointError, convert
+
+    try:
+        out = convert(args.input, args.out_dir, kind=args.kind, num_heads=getattr(args, "num_heads", None),
+                      dtype=args.dtype, overwrite=args.overwrite)
+    except (CheckpointError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    from jdq.models import read_config
+
+    family, cfg = read_config(out)
+    print(f"wrote {out} ({family}: {cfg})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
