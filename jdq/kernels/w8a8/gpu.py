@@ -1,0 +1,236 @@
+"""W8A8 int8 GEMM for Hopper in Mosaic GPU (``plgpu``): int8 WGMMA, int32 accumulator, fused epilogue.
+
+Computes :func:`jdq.kernels.w8a8.ref.w8a8_matmul`: ``xq`` (M, K) int8 row-major, ``wq`` (N, K)
+int8 K-major (Hopper's 8-bit WGMMA reads its B operand only K-major, so the weight is stored
+transposed by :func:`jdq.quant.lower`), per-row ``xs`` (M,) and per-channel ``ws`` (N,) float32
+scales, bias ``b`` (N,) float32. The epilogue converts the int32 tile to float32, multiplies by
+the row and column scales, adds the bias, casts to the output dtype, and stores through shared
+memory with TMA.
+
+Two variants (``Config.kind``):
+
+* ``"pipe"``: one warpgroup per CTA, a grid of (M/tile_m, N/tile_n) CTAs, ``emit_pipeline`` over
+  K with ``stages`` shared-memory buffers (TMA loads overlap the WGMMAs). Small enough that two
+  CTAs fit one SM at 2 stages, which overlaps one CTA's epilogue with another's main loop.
+* ``"ws"``: warp-specialised and persistent (the structure of JAX's ``hopper_matmul_mgpu``): one
+  CTA per SM loops over output tiles; a memory warpgroup issues TMA loads, two compute warpgroups
+  each own a (tile_m, tile_n) accumulator (the CTA tile is doubled along ``wg_dim``).
+
+Shapes must be multiples of the CTA tile (M: tile_m or 2·tile_m, N: tile_n or 2·tile_n, K: tile_k);
+:func:`jdq.kernels.w8a8.w8a8_matmul` pads M and falls back to XLA otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jdq.kernels._mgpu import interpret_params, load_vec, pl, plgpu, rhs_kmajor, smem_transforms
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Block sizes and schedule of the W8A8 GPU kernel (see the module docstring)."""
+
+    kind: str = "pipe"
+    tile_m: int = 128
+    tile_n: int = 128
+    tile_k: int = 128
+    stages: int = 3
+    wg_dim: str = "m"  # ws only: the CTA tile is 2 warpgroup tiles along this dim
+    epi_m: int = 64  # ws only: epilogue sub-tile
+    epi_n: int = 64
+    num_sms: int = 132
+    grid_minor: str = "n"  # ws only: tile order, n-minor walks along a row of tiles
+    wgmma_wait: int = 0  # 1 keeps one WGMMA in flight (pipe only; needs delay_release)
+
+    def cta_tile(self):
+        """(cta_m, cta_n): the output tile one CTA owns per step."""
+        if self.kind == "ws":
+            return (self.tile_m * (2 if self.wg_dim == "m" else 1), self.tile_n * (2 if self.wg_dim == "n" else 1))
+        return self.tile_m, self.tile_n
+
+    def supports(self, m: int, n: int, k: int) -> bool:
+        """Whether (m, n, k) are multiples of this config's tiles."""
+        cm, cn = self.cta_tile()
+        return m % cm == 0 and n % cn == 0 and k % self.tile_k == 0
+
+
+def _check(xq, xs, wq, ws, b, cfg):
+    m, k = xq.shape
+    n, k2 = wq.shape
+    if xq.dtype != jnp.int8 or wq.dtype != jnp.int8:
+        raise TypeError(f"w8a8 GPU kernel needs int8 operands, got xq {xq.dtype}, wq {wq.dtype}")
+    if k != k2:
+        raise ValueError(f"w8a8: xq {xq.shape} and wq {wq.shape} (N, K) disagree on K")
+    if xs.shape != (m,) or ws.shape != (n,) or b.shape != (n,):
+        raise ValueError(f"w8a8: scales/bias shapes xs {xs.shape}, ws {ws.shape}, b {b.shape}; want ({m},), ({n},), ({n},)")
+    if not cfg.supports(m, n, k):
+        raise ValueError(f"w8a8: shape M={m} N={n} K={k} is not a multiple of the tiles of {cfg}")
+    return m, n, k
+
+
+def _pipe_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret):
+    m, n, k = _check(xq, xs, wq, ws, b, cfg)
+    tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
+    x_tr = smem_transforms(tk, jnp.int8, interpret)
+    o_tr = smem_transforms(tn, out_dtype, interpret)
+    delay = 1 if cfg.wgmma_wait else 0
+
+    def body(x_g, w_g, xs_g, ws_g, b_g, o_g, o_s):
+        mi = lax.axis_index("m")
+        ni = lax.axis_index("n")
+
+        def scope(acc_ref):
+            def step(_, x_s, w_s):
+                plgpu.wgmma(acc_ref, x_s, rhs_kmajor(w_s, interpret))
+                plgpu.wgmma_wait(cfg.wgmma_wait)
+
+            w_spec = (
+                plgpu.BlockSpec((tk, tn), lambda kk: (kk, ni), delay_release=delay)
+                if interpret
+                else plgpu.BlockSpec((tn, tk), lambda kk: (ni, kk), transforms=x_tr, delay_release=delay)
+            )
+            plgpu.emit_pipeline(
+                step,
+                grid=(k // tk,),
+                in_specs=[plgpu.BlockSpec((tm, tk), lambda kk: (mi, kk), transforms=x_tr, delay_release=delay), w_spec],
+                max_concurrent_steps=cfg.stages,
+            )(x_g, w_g)
+            return acc_ref[...]
+
+        acc = pl.run_scoped(scope, plgpu.ACC((tm, tn), jnp.int32))
+        y = _epilogue(acc, xs_g, ws_g, b_g, mi * tm, ni * tn, tm, tn, interpret)
+        o_s[...] = y.astype(out_dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_s, o_g.at[pl.ds(mi * tm, tm), pl.ds(ni * tn, tn)])
+        plgpu.wait_smem_to_gmem(0)
+
+    return plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(m // tm, n // tn),
+        grid_names=("m", "n"),
+        scratch_types=[plgpu.SMEM((tm, tn), out_dtype, transforms=o_tr)],
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        interpret=interpret_params(interpret),
+    )(xq, wq.T if interpret else wq, xs, ws, b)
+
+
+def _epilogue(acc, xs_g, ws_g, b_g, row0, col0, tm, tn, interpret):
+    xv = load_vec(xs_g, row0, tm, 0, interpret)
+    wv = load_vec(ws_g, col0, tn, 1, interpret)
+    bv = load_vec(b_g, col0, tn, 1, interpret)
+    y = acc.astype(jnp.float32) * lax.broadcast_in_dim(xv, (tm, tn), [0])
+    return y * lax.broadcast_in_dim(wv, (tm, tn), [1]) + lax.broadcast_in_dim(bv, (tm, tn), [1])
+
+
+def _ws_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret):
+    m, n, k = _check(xq, xs, wq, ws, b, cfg)
+    tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
+    cta_m, cta_n = cfg.cta_tile()
+    epi_m, epi_n = min(cfg.epi_m, tm), min(cfg.epi_n, tn)
+    m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // tk
+    x_tr = smem_transforms(tk, jnp.int8, interpret)
+    o_tr = smem_transforms(epi_n, out_dtype, interpret)
+    n_slots = min(2, (tm * tn) // (epi_m * epi_n))
+
+    def get_pipeline(body, ctx):
+        w_spec = (
+            plgpu.BlockSpec((tk, cta_n), lambda kk: (kk, 0))
+            if interpret
+            else plgpu.BlockSpec((cta_n, tk), lambda kk: (0, kk), transforms=x_tr)
+        )
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(k_iters,),
+            memory_registers=40,
+            in_specs=[plgpu.BlockSpec((cta_m, tk), lambda kk: (0, kk), transforms=x_tr), w_spec],
+            wg_axis="wg",
+            num_compute_wgs=2,
+            max_concurrent_steps=cfg.stages,
+            compute_context=ctx,
+        )
+
+    def kernel(x_g, w_g, xs_g, ws_g, b_g, o_g):
+        ignore = lambda *_, **__: None  # noqa: E731
+
+        @functools.partial(
+            pl.run_scoped,
+            allocs=get_pipeline(ignore, ignore).get_allocations(x_g, w_g),
+            o_s=plgpu.SMEM((2, n_slots, epi_m, epi_n), out_dtype, transforms=o_tr),
+            collective_axes="wg",
+        )
+        def _scope(allocs, o_s):
+            wg = lax.axis_index("wg")
+
+            @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+            def _tiles(info):
+                (lin,) = info.index
+                if cfg.grid_minor == "n":
+                    mi, ni = lin // n_iters, lin % n_iters
+                else:
+                    mi, ni = lin % m_iters, lin // m_iters
+                cm, cn = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
+                if cfg.wg_dim == "m":
+                    wm, wn = pl.ds(wg * tm, tm), slice(None)
+                    row0, col0 = mi * cta_m + wg * tm, ni * cta_n
+                else:
+                    wm, wn = slice(None), pl.ds(wg * tn, tn)
+                    row0, col0 = mi * cta_m, ni * cta_n + wg * tn
+
+                def ctx(eval_pipeline):
+                    @functools.partial(pl.run_scoped, acc=plgpu.ACC((tm, tn), jnp.int32))
+                    def _(acc):
+                        eval_pipeline(acc)
+                        y = _epilogue(acc[...], xs_g, ws_g, b_g, row0, col0, tm, tn, interpret).astype(out_dtype)
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        for ei in range(tm // epi_m):
+                            for ej in range(tn // epi_n):
+                                es_m = slice(ei * epi_m, (ei + 1) * epi_m)
+                                es_n = slice(ej * epi_n, (ej + 1) * epi_n)
+                                slot = (ei * (tn // epi_n) + ej) % n_slots
+                                plgpu.wait_smem_to_gmem(n_slots - 1, wait_read_only=True)
+                                o_s[wg, slot] = y[es_m, es_n]
+                                plgpu.commit_smem()
+                                plgpu.copy_smem_to_gmem(o_s.at[wg, slot], o_g.at[cm, cn].at[wm, wn].at[es_m, es_n])
+
+                def mma(_, x_s, w_s, acc):
+                    w_view = w_s.at[:, wn] if interpret else w_s.at[wn]
+                    plgpu.wgmma(acc, x_s.at[wm], rhs_kmajor(w_view, interpret))
+                    plgpu.wgmma_wait(0)
+                    return acc
+
+                w_src = w_g.at[:, cn] if interpret else w_g.at[cn, :]
+                get_pipeline(mma, ctx)(x_g.at[cm, :], w_src, allocations=allocs)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(cfg.num_sms,),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interpret_params(interpret),
+    )(xq, wq.T if interpret else wq, xs, ws, b)
+
+
+def w8a8_matmul_gpu(xq, xs, wq, ws, b=None, out_dtype=jnp.bfloat16, config: Config = Config(), interpret=False):
+    """W8A8 GEMM ``(M, K) int8 × (N, K) int8 -> (M, N) out_dtype`` with the fused dequant epilogue."""
+    if b is None:
+        b = jnp.zeros((wq.shape[0],), jnp.float32)
+    xs, ws, b = (jnp.asarray(v, jnp.float32) for v in (xs, ws, b))
+    fn = {"pipe": _pipe_kernel, "ws": _ws_kernel}.get(config.kind)
+    if fn is None:
+        raise ValueError(f"w8a8 GPU config.kind must be 'pipe' or 'ws', got {config.kind!r}")
+    return fn(xq, xs, wq, ws, b, jnp.dtype(out_dtype), config, interpret)
+
+
+__all__ = ["Config", "w8a8_matmul_gpu"]
