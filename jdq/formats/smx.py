@@ -1,0 +1,188 @@
+"""Shared-microexponent formats MX9, MX6, MX4 (Rouhani et al., ISCA 2023; "SMX" in later papers).
+
+Two-level block floating point along ``axis`` (the contraction axis):
+
+* a block of ``block_size`` (k1, default 16) elements shares an 8-bit exponent ``E``;
+* each sub-block of ``sub_block_size`` (k2, default 2) elements shares a 1-bit micro-exponent
+  ``s`` in {0, 1};
+* each element is a sign and an ``m``-bit magnitude ``|q| <= 2**m - 1`` (m = 7, 4, 2 for MX9,
+  MX6, MX4), decoding to ``q * 2**(E - s - (m - 1))``.
+
+Storage: ``(m + 1) + 8 / k1 + 1 / k2`` bits per element = 9, 6, 4 with the defaults.
+
+The default rules are those of AMD Quark's emulation (``fake_quantize_mx6_mx9``, METHODS.md §1.2):
+
+1. ``|x| < 2**-126`` is flushed to +0 (float32 subnormals).
+2. ``E = floor(log2(max |x|))`` over the block, read from the float32 exponent field
+   (``shared_exponent='floor'``). ``shared_exponent='rounded'`` instead bumps ``E`` by one when
+   the block max would round past ``2**m - 1`` (so the largest element never saturates).
+3. ``s = 1`` iff every element of the sub-block has ``floor(log2|x|) < E``, decided from the
+   exponents **before** rounding (``microexponent='exponent'``); so a shifted pair can saturate
+   (MX4: 0.9995 -> 0.75 in a block with max 1). ``microexponent='fit'`` shifts a sub-block iff
+   all its elements still fit in ``m`` bits after rounding at the finer step (never saturates
+   because of the shift).
+4. ``q = clamp(round(x / step), -(2**m - 1), 2**m - 1)``, round-half-to-even by default
+   (``rounding='away'``: ties away from zero), saturating; the exponent is never bumped.
+5. An axis not divisible by ``block_size`` is zero-padded (zeros never change ``E`` and count as
+   "below E" for the micro-exponent).
+
+Non-finite input (our choice; not storable otherwise): a block containing NaN or ±Inf decodes to
+all NaN (its exponent byte is 0xFF, like OCP E8M0's NaN). Quark instead passes NaN/Inf through
+unchanged and quantizes the block's other elements as if they were 0.
+
+Exponent byte: ``E + 127`` (1..254), 0 for a block that is all zero after flushing, 0xFF for NaN.
+Element codes are sign-magnitude: ``code = (sign << m) | |q|`` (uint8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import _bits
+
+NAMES = {"mx9": 7, "mx6": 4, "mx4": 2}
+SHARED_EXPONENTS = ("floor", "rounded")
+MICROEXPONENTS = ("exponent", "fit")
+NAN_EXPONENT = 255
+
+
+@dataclasses.dataclass(frozen=True)
+class SMXFormat:
+    """A shared-microexponent format.
+
+    Fields: ``name`` (``'mx9' | 'mx6' | 'mx4'``), ``mantissa_bits`` (m: 7, 4, 2),
+    ``block_size`` (k1, default 16), ``sub_block_size`` (k2, default 2, must divide k1),
+    ``rounding`` (``'even'`` | ``'away'``), ``shared_exponent`` (``'floor'`` | ``'rounded'``),
+    ``microexponent`` (``'exponent'`` | ``'fit'``).
+    """
+
+    name: str
+    mantissa_bits: int
+    block_size: int = 16
+    sub_block_size: int = 2
+    rounding: str = "even"
+    shared_exponent: str = "floor"
+    microexponent: str = "exponent"
+
+    kind = "smx"
+    options = ("block_size", "sub_block_size", "rounding", "shared_exponent", "microexponent")
+
+    def __post_init__(self):
+        for field in ("block_size", "sub_block_size"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{field} must be a positive int, got {v!r}")
+        if self.block_size % self.sub_block_size:
+            raise ValueError(
+                f"sub_block_size={self.sub_block_size} must divide block_size={self.block_size}"
+            )
+        if not 1 <= self.mantissa_bits <= 7:
+            raise ValueError(f"mantissa_bits must be in [1, 7], got {self.mantissa_bits!r}")
+        _bits.check_rounding(self.rounding)
+        if self.shared_exponent not in SHARED_EXPONENTS:
+            raise ValueError(f"shared_exponent must be one of {SHARED_EXPONENTS}, got {self.shared_exponent!r}")
+        if self.microexponent not in MICROEXPONENTS:
+            raise ValueError(f"microexponent must be one of {MICROEXPONENTS}, got {self.microexponent!r}")
+
+    @property
+    def element_bits(self) -> int:
+        """Bits of one element code (sign + magnitude)."""
+        return self.mantissa_bits + 1
+
+    @property
+    def bits_per_element(self) -> float:
+        """Average storage bits: element + 8-bit exponent / k1 + 1-bit micro-exponent / k2."""
+        return self.element_bits + 8 / self.block_size + 1 / self.sub_block_size
+
+    @property
+    def qmax(self) -> int:
+        """Largest magnitude code, ``2**m - 1``."""
+        return 2**self.mantissa_bits - 1
+
+
+def _layout(x, fmt, axis):
+    """``x`` as shape[:axis] + (n_blocks, n_sub, k2) + shape[axis+1:] (zero-padded)."""
+    xb = _bits.to_blocks(x, axis, fmt.block_size)
+    k2 = fmt.sub_block_size
+    return xb.reshape(xb.shape[: axis + 1] + (fmt.block_size // k2, k2) + xb.shape[axis + 2 :])
+
+
+def _unlayout(xs, axis, n):
+    xb = xs.reshape(xs.shape[: axis + 1] + (xs.shape[axis + 1] * xs.shape[axis + 2],) + xs.shape[axis + 3 :])
+    return _bits.from_blocks(xb, axis, n)
+
+
+def _quantize_blocks(x, fmt, axis):
+    """Integer-valued float32 codes q, step exponents, block exponents E, micro bits, NaN mask."""
+    m = fmt.mantissa_bits
+    xs = _layout(x.astype(jnp.float32), fmt, axis)
+    ab = _bits.abs_bits(xs)
+    nonfinite = ab >= _bits.F32_EXP_MASK
+    # flush float32 subnormals; NaN/Inf count as 0 when choosing the exponents
+    ab = jnp.where(nonfinite | (ab < 0x00800000), 0, ab)
+    xs = jnp.where(ab == 0, 0.0, xs)
+    e_elem = (ab >> 23) - 127  # -127 for zeros
+    sub_axis, k2_axis = axis + 1, axis + 2
+    e_sub = jnp.max(e_elem, axis=k2_axis, keepdims=True)
+    e_blk = jnp.max(e_sub, axis=sub_axis, keepdims=True)
+    bad = jnp.any(nonfinite, axis=(sub_axis, k2_axis), keepdims=True)
+    if fmt.shared_exponent == "rounded":
+        amax_bits = jnp.max(ab, axis=(sub_axis, k2_axis), keepdims=True)
+        amax = lax.bitcast_convert_type(amax_bits, jnp.float32)
+        top = _bits.round_half(_bits.mul_pow2(amax, (m - 1) - jnp.maximum(e_blk, -126)), fmt.rounding)
+        e_blk = jnp.minimum(e_blk + (top > fmt.qmax).astype(jnp.int32), 127)
+    e_calc = jnp.maximum(e_blk, -126)
+    if fmt.microexponent == "exponent":
+        shift = (e_sub < e_blk).astype(jnp.int32)
+    else:
+        fine = _bits.round_half(_bits.mul_pow2(xs, (m - 1) - (e_calc - 1)), fmt.rounding)
+        fits = jnp.max(jnp.abs(fine), axis=k2_axis, keepdims=True) <= fmt.qmax
+        shift = fits.astype(jnp.int32)
+    step = e_calc - shift - (m - 1)
+    q = jnp.clip(_bits.round_half(_bits.mul_pow2(xs, -step), fmt.rounding), -fmt.qmax, fmt.qmax)
+    return q, step, e_blk, shift, bad
+
+
+def fake_quantize(x, fmt: SMXFormat, axis: int):
+    """Quantize-dequantize ``x`` along normalised ``axis``; same shape and dtype."""
+    q, step, _, _, bad = _quantize_blocks(x, fmt, axis)
+    out = jnp.where(bad, jnp.nan, _bits.mul_pow2(q, step))
+    return _unlayout(out, axis, x.shape[axis]).astype(x.dtype)
+
+
+def quantize(x, fmt: SMXFormat, axis: int):
+    """Sign-magnitude codes (uint8, x's shape), exponent bytes (uint8) and micro-exponent bits (uint8).
+
+    Exponent bytes have x's shape with ``axis`` -> ``ceil(n / k1)``; micro bits have ``axis`` ->
+    ``ceil(n / k1) * k1 / k2``.
+    """
+    q, _, e_blk, shift, bad = _quantize_blocks(x, fmt, axis)
+    m = fmt.mantissa_bits
+    qi = q.astype(jnp.int32)
+    codes = jnp.where(qi < 0, (1 << m) | -qi, qi).astype(jnp.uint8)
+    exp_byte = jnp.where(bad, NAN_EXPONENT, jnp.maximum(e_blk + 127, 0)).astype(jnp.uint8)
+    exp_byte = exp_byte.reshape(exp_byte.shape[: axis + 1] + exp_byte.shape[axis + 3 :])
+    micro = shift.astype(jnp.uint8)
+    micro = micro.reshape(micro.shape[:axis] + (micro.shape[axis] * micro.shape[axis + 1],) + micro.shape[axis + 3 :])
+    return _unlayout(codes, axis, x.shape[axis]), exp_byte, micro
+
+
+def dequantize(codes, exp_byte, micro, fmt: SMXFormat, axis: int, dtype):
+    """Values from codes, exponent bytes and micro-exponent bits (inverse of :func:`quantize`)."""
+    m = fmt.mantissa_bits
+    n = codes.shape[axis]
+    cs = _layout(codes.astype(jnp.int32), fmt, axis)
+    q = (cs & fmt.qmax).astype(jnp.float32)
+    q = jnp.where((cs >> m) & 1 == 1, -q, q)
+    nsub = fmt.block_size // fmt.sub_block_size
+    e = exp_byte.astype(jnp.int32)
+    e = e.reshape(e.shape[: axis + 1] + (1, 1) + e.shape[axis + 1 :])
+    s = micro.astype(jnp.int32)
+    s = s.reshape(s.shape[:axis] + (s.shape[axis] // nsub, nsub, 1) + s.shape[axis + 1 :])
+    step = jnp.maximum(e - 127, -126) - s - (m - 1)
+    out = jnp.where(e == NAN_EXPONENT, jnp.nan, _bits.mul_pow2(q, step))
+    return _unlayout(out, axis, n).astype(dtype)

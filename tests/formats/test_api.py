@@ -1,0 +1,178 @@
+"""The public API of jdq.formats: names, specs, errors, jit/vmap/grad, quantize/dequantize."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jdq.formats as F
+
+ALL = F.names()
+X = jax.random.normal(jax.random.key(0), (3, 5, 48), jnp.float32) * 2.0
+
+
+def test_names_cover_the_contract():
+    for n in ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1", "mxint8",
+              "mx9", "mx6", "mx4", "int8", "int6", "int4", "int2", "fp8_e4m3", "fp8_e5m2"]:
+        assert n in ALL
+        assert F.get(n).name == n
+
+
+@pytest.mark.parametrize(
+    "name,bits,block,kind",
+    [("mxfp8_e4m3", 8.25, 32, "mx"), ("mxfp4_e2m1", 4.25, 32, "mx"), ("mxfp6_e2m3", 6.25, 32, "mx"),
+     ("mxint8", 8.25, 32, "mx"), ("mx9", 9.0, 16, "smx"), ("mx6", 6.0, 16, "smx"), ("mx4", 4.0, 16, "smx"),
+     ("int8", 8.0, None, "int"), ("int4", 4.0, None, "int"), ("fp8_e4m3", 8.0, None, "fp8")],
+)
+def test_spec_fields(name, bits, block, kind):
+    spec = F.get(name)
+    assert (spec.bits_per_element, spec.block_size, spec.kind) == (bits, block, kind)
+    assert hash(spec) == hash(F.get(name)) and spec == F.get(name)
+    with pytest.raises(dataclasses_frozen_error()):
+        spec.name = "other"
+
+
+def dataclasses_frozen_error():
+    import dataclasses
+    return dataclasses.FrozenInstanceError
+
+
+def test_options_change_spec_fields():
+    assert F.get("mxfp8_e4m3", block_size=16).bits_per_element == 8.5
+    assert F.get("int4", granularity="group", group_size=128).bits_per_element == 4 + 16 / 128
+    assert F.get("int4", granularity="group", group_size=64, symmetric=False).block_size == 64
+    assert F.get("int8", granularity="token").granularity == "row"
+    assert F.get("int8", granularity="output_channel").granularity == "row"
+    spec = F.get("mx9")
+    assert F.get(spec) is spec
+    assert F.get(spec, rounding="away").rounding == "away"
+
+
+def test_unknown_name_lists_known_names():
+    with pytest.raises(ValueError) as e:
+        F.get("mxfp5")
+    for n in ALL:
+        assert n in str(e.value)
+    with pytest.raises(ValueError, match="mxfp5"):
+        F.cast(X, "mxfp5")
+
+
+@pytest.mark.parametrize("name", ["int1", "int9", "int16", "int0"])
+def test_bit_width_out_of_range(name):
+    with pytest.raises(ValueError, match="bit width"):
+        F.cast(X, name)
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(TypeError, match="blocksize"):
+        F.cast(X, "mxfp8_e4m3", blocksize=16)
+    with pytest.raises(TypeError, match="group_size"):
+        F.get("mx9", group_size=4)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(rounding="stochastic"), "rounding"),
+    (dict(granularity="channel"), "granularity"),
+    (dict(granularity="group"), "group_size"),
+    (dict(granularity="row", group_size=4), "group_size"),
+    (dict(symmetric="yes"), "symmetric"),
+])
+def test_bad_int_option_values(kw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        F.cast(X, "int8", **kw)
+
+
+def test_bad_block_options():
+    with pytest.raises(ValueError, match="block_size"):
+        F.get("mxfp4_e2m1", block_size=0)
+    with pytest.raises(ValueError, match="sub_block_size"):
+        F.get("mx9", block_size=16, sub_block_size=3)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.int8, jnp.bool_, jnp.complex64, jnp.uint8])
+@pytest.mark.parametrize("name", ["mxfp8_e4m3", "mx9", "int8", "fp8_e4m3"])
+def test_non_float_input_rejected(dtype, name):
+    with pytest.raises(TypeError, match="floating dtype"):
+        F.cast(jnp.zeros((4, 32), dtype), name)
+    with pytest.raises(TypeError, match="floating dtype"):
+        F.quantize(jnp.zeros((4, 32), dtype), name)
+
+
+def test_axis_out_of_range():
+    with pytest.raises(ValueError, match="axis=3"):
+        F.cast(X, "mxfp8_e4m3", axis=3)
+    with pytest.raises(TypeError, match="axis"):
+        F.cast(X, "int8", axis=1.0)
+
+
+def test_scale_only_for_int_and_fp8():
+    with pytest.raises(ValueError, match="scale"):
+        F.cast(X, "mxfp8_e4m3", scale=1.0)
+    with pytest.raises(ValueError, match="zero"):
+        F.cast(X, "int8", zero=1.0, scale=1.0)
+    with pytest.raises(ValueError, match="zero"):
+        F.cast(X, "int8", symmetric=False, scale=1.0)
+
+
+def test_static_scale_shape_error_names_shapes():
+    with pytest.raises(ValueError, match=r"\(7,\).*\(3, 5, 1\)"):
+        F.cast(X, "int8", scale=jnp.ones((7,)))
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_shape_dtype_and_roundtrip(name, dtype):
+    x = X.astype(dtype)
+    for axis in (-1, 1, 0):
+        y = F.cast(x, name, axis=axis)
+        assert y.shape == x.shape and y.dtype == x.dtype
+        qt = F.quantize(x, name, axis=axis)
+        np.testing.assert_array_equal(np.asarray(F.dequantize(qt), np.float32), np.asarray(y, np.float32))
+        qp = F.quantize(x, name, axis=axis, pack=True)
+        assert qp.packed
+        np.testing.assert_array_equal(np.asarray(F.dequantize(qp), np.float32), np.asarray(y, np.float32))
+        # a real quantizer changes something for Gaussian data
+        assert not np.array_equal(np.asarray(y, np.float32), np.asarray(x, np.float32))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_jit_vmap_grad(name):
+    f = jax.jit(lambda x: F.cast(x, name, axis=-1))
+    y = f(X)
+    np.testing.assert_array_equal(y, F.cast(X, name))
+    yv = jax.vmap(lambda x: F.cast(x, name, axis=-1))(X)
+    # per-example leading axis does not change blocks/rows along the last axis for non-tensor scales
+    if F.get(name).kind != "int" and F.get(name).kind != "fp8":
+        np.testing.assert_array_equal(yv, y)
+    g = jax.grad(lambda x: jnp.sum(F.cast(x, name) * 3.0))(X)
+    np.testing.assert_array_equal(g, jnp.full_like(X, 3.0))
+
+
+def test_vmap_over_static_scales():
+    scales = jnp.array([0.01, 0.02, 0.05])
+    ys = jax.jit(jax.vmap(lambda s: F.cast(X, "int8", granularity="tensor", scale=s)))(scales)
+    for i, s in enumerate(scales):
+        np.testing.assert_array_equal(ys[i], F.cast(X, "int8", granularity="tensor", scale=s))
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("gran", ["tensor", "row", "input_channel", ("group", 16), ("group", 20)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_static_equals_dynamic_with_computed_scale(name, gran, symmetric):
+    kw = dict(granularity=gran[0], group_size=gran[1]) if isinstance(gran, tuple) else dict(granularity=gran)
+    if name.startswith("int"):
+        kw["symmetric"] = symmetric
+    elif not symmetric:
+        pytest.skip("fp8 is symmetric")
+    for axis in (-1, 0):
+        scale, zero = F.compute_scale(X, name, axis=axis, **kw)
+        dyn = F.cast(X, name, axis=axis, **kw)
+        np.testing.assert_array_equal(F.cast(X, name, axis=axis, scale=scale, zero=zero, **kw), dyn)
+        qt = F.quantize(X, name, axis=axis, **kw)
+        np.testing.assert_array_equal(qt.scale, scale)
+
+
+def test_scalar_input():
+    assert F.cast(jnp.float32(0.3), "int8", granularity="tensor") == pytest.approx(0.3)
+    assert float(F.cast(jnp.float32(5.0), "mxfp4_e2m1")) == 4.0
+    assert float(F.dequantize(F.quantize(jnp.float32(5.0), "mxfp4_e2m1"))) == 4.0
