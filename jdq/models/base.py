@@ -243,9 +243,23 @@ class Model:
         return self.call("__call__", *inputs, quant=quant, **kwargs)
 
     def replace(self, params: Params | None = None, config: ConfigBase | None = None) -> "Model":
-        """A model sharing the graph definition with new ``params`` and/or ``config``."""
-        return type(self)(self.config if config is None else config, self.graphdef,
-                          self.params if params is None else params)
+        """The model with new ``params`` and/or ``config`` (a new config rebuilds the graph, abstractly).
+
+        The params must fit the new config (same names and shapes); use it for settings that do
+        not change shapes, e.g. ``model.replace(config=cfg.replace(dtype="bfloat16"))``.
+        """
+        graphdef = self.graphdef
+        params = self.params if params is None else params
+        if config is not None and config != self.config:
+            build = family_module(family_of(config)).build
+            graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(config, nnx.Rngs(params=0))))
+            unflatten_params(flatten_params(params), nnx.to_pure_dict(abstract))  # names and shapes fit
+        return type(self)(self.config if config is None else config, graphdef, params)
+
+    def with_dtype(self, dtype) -> "Model":
+        """The model computing in ``dtype`` (config ``dtype``) with its floating params cast to it."""
+        name = jnp.dtype(dtype).name
+        return self.replace(config=self.config.replace(dtype=name)).astype(dtype)
 
     def astype(self, dtype) -> "Model":
         """The model with its floating params cast to ``dtype`` (e.g. bfloat16 weights for speed)."""
