@@ -434,3 +434,38 @@ def stack_stats(per_step: Sequence[Mapping[str, Stats]]) -> dict[str, dict[str, 
     if not per_step:
         raise ValueError("stack_stats: no statistics to stack")
     return jax.tree.map(lambda *xs: jnp.stack(xs), *per_step)
+
+
+# --------------------------------------------------------------------------------------------
+# Walking the stages of composed transforms
+# --------------------------------------------------------------------------------------------
+
+
+def map_stages(meta: Any, state: State, fn: Callable[[Any, State, bool], State], stacked: bool = False) -> State:
+    """Rebuild ``state`` with ``fn(meta, state, stacked)`` applied to every stage, outermost first.
+
+    Recurses into :func:`chain` parts (meta ``("chain", *metas)``, state tuple) and into wrapped
+    transforms: a meta with an ``inner`` attribute and ``inner_state(state)`` /
+    ``replace_inner_state(state, inner_state)`` methods. ``stacked`` is true inside a wrapper whose
+    meta sets ``stacks_state = True`` (its inner state has a leading axis, e.g. time groups).
+    """
+    if isinstance(meta, tuple) and meta and meta[0] == "chain":
+        return tuple(map_stages(m, s, fn, stacked) for m, s in zip(meta[1:], state))
+    state = fn(meta, state, stacked)
+    if hasattr(meta, "inner_state"):
+        inner = map_stages(meta.inner, meta.inner_state(state), fn, stacked or bool(getattr(meta, "stacks_state", False)))
+        state = meta.replace_inner_state(state, inner)
+    return state
+
+
+def find_stages(meta: Any, state: State, kind: str | None = None) -> list[tuple[Any, State, bool]]:
+    """``(meta, state, stacked)`` of every stage (with ``meta.kind == kind`` if given), outermost first."""
+    found = []
+
+    def visit(m, s, stacked):
+        if kind is None or getattr(m, "kind", None) == kind:
+            found.append((m, s, stacked))
+        return s
+
+    map_stages(meta, state, visit)
+    return found
