@@ -1,113 +1,64 @@
 """diffusers ``PixArtTransformer2DModel`` state dict → jdq PixArt params.
 
-Also holds :func:`convert_by_sites`, the generic mapping used by the PixArt and SD3 converters:
-every jdq linear layer is named by its quantization site, which is the diffusers module path, so
-``{site}.weight`` (transposed) and ``{site}.bias`` feed it; every other jdq parameter is the
-diffusers key spelled by its own path (``transformer_blocks.3.scale_shift_table``).
+jdq's PixArt and SD3 modules are laid out as diffusers lays its modules out, so the mapping is
+generic (:func:`convert_by_paths`): the params path ``transformer_blocks.3.attn1.to_q.kernel`` is
+the transposed ``transformer_blocks.3.attn1.to_q.weight``, the patch embedding's kernel is the
+flattened conv ``pos_embed.proj.weight``, and every other parameter has its diffusers name.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+
+from checkpoints_convert.common import CheckpointError, StateDict, check_like, linear_weight, patch_conv_weight
 
 
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the model: a missing, unexpected or misshaped key."""
+def convert_by_paths(sd: StateDict, abstract_params, conv_sites: Mapping[str, tuple[int, int]] = ()) -> dict:
+    """Fill ``abstract_params`` (a jdq model's params of ``ShapeDtypeStruct``) from diffusers keys.
 
-
-def _abstract(build_fn, cfg):
-    return nnx.eval_shape(lambda: build_fn(cfg, nnx.Rngs(0)))
-
-
-def expected_keys(model: nnx.Module, conv_sites: Mapping[str, tuple[int, int]] = ()) -> dict[str, tuple]:
-    """``{source key: (param path, source shape, how)}`` for every variable of ``model``.
-
-    ``how`` is ``"linear"`` (transpose a (out, in) weight), ``"conv"`` (a (out, C, p, p) patch
-    conv flattened to (p·p·C, out) in the (py, px, c) order of ``patchify``) or ``"copy"``.
-    ``conv_sites`` maps the site of each patch-embedding conv to its (in_channels, patch).
+    ``{path}.kernel`` ← ``{path}.weight`` transposed (a linear) or, for a path in ``conv_sites``
+    (``{site: (in_channels, patch)}``), flattened from a (out, C, p, p) patch conv; every other
+    leaf ← the key spelled by its path. Each key is shape-checked as it is taken; the caller
+    calls ``sd.finish()`` to reject keys left over.
     """
-    from jdq.models.pixart import Linear
+    from jdq.models.base import flatten_params, unflatten_params
 
     conv_sites = dict(conv_sites)
-    linears = {path: m for path, m in nnx.iter_modules(model) if isinstance(m, Linear)}
-    out = {}
-    for path, var in nnx.to_flat_state(nnx.state(model)):
-        shape = tuple(var.shape)
-        owner = linears.get(tuple(path[:-1]))
-        if owner is not None and path[-1] == "kernel":
-            din, dout = shape
-            if owner.site in conv_sites:
-                c, p = conv_sites[owner.site]
-                key, src, how = f"{owner.site}.weight", (dout, c, p, p), "conv"
+    flat = {}
+    for path, leaf in flatten_params(abstract_params).items():
+        shape = tuple(leaf.shape)
+        if path.endswith(".kernel"):
+            site = path[: -len(".kernel")]
+            if site in conv_sites:
+                c, p = conv_sites[site]
+                flat[path] = patch_conv_weight(sd, f"{site}.weight", c, shape[1], p)
             else:
-                key, src, how = f"{owner.site}.weight", (dout, din), "linear"
-        elif owner is not None and path[-1] == "bias":
-            key, src, how = f"{owner.site}.bias", shape, "copy"
+                flat[path] = linear_weight(sd, f"{site}.weight", shape[0], shape[1])
         else:
-            key, src, how = ".".join(str(k) for k in path), shape, "copy"
-        if key in out:
-            raise AssertionError(f"two jdq parameters map to source key {key!r}")
-        out[key] = (tuple(path), src, how)
-    return out
-
-
-def _set(tree: dict, path: tuple, value):
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
-
-
-def convert_by_sites(state_dict: Mapping[str, Any], model: nnx.Module, conv_sites=(),
-                     what: str = "checkpoint") -> dict:
-    """Map a diffusers ``state_dict`` onto the (abstract) jdq ``model``; returns nested params.
-
-    Every source key must be consumed and every shape must match: a missing, unexpected or
-    misshaped key raises :class:`CheckpointError` naming the key and both shapes. Arrays keep
-    their source dtype.
-    """
-    expected = expected_keys(model, conv_sites)
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): " + ", ".join(
-            f"{k} (expected shape {expected[k][1]})" for k in missing[:8]) + (" …" if len(missing) > 8 else ""))
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): " + ", ".join(
-            f"{k} (shape {tuple(np.shape(state_dict[k]))})" for k in unexpected[:8])
-            + (" …" if len(unexpected) > 8 else ""))
-    for key, (path, src_shape, how) in expected.items():
-        if key in state_dict and tuple(np.shape(state_dict[key])) != src_shape:
-            problems.append(f"key {key}: expected shape {src_shape}, found {tuple(np.shape(state_dict[key]))}")
-    if problems:
-        raise CheckpointError(f"{what} does not match the model config:\n  " + "\n  ".join(problems))
-
-    params: dict = {}
-    for key, (path, src_shape, how) in expected.items():
-        a = np.asarray(state_dict[key])
-        if how == "linear":
-            a = a.T
-        elif how == "conv":
-            dout, c, p, _ = src_shape
-            a = a.transpose(2, 3, 1, 0).reshape(p * p * c, dout)
-        _set(params, path, np.ascontiguousarray(a))
-    return params
+            flat[path] = sd.take(path, shape)
+    return unflatten_params({k: np.ascontiguousarray(v) for k, v in flat.items()}, abstract_params)
 
 
 def convert_pixart(state_dict: Mapping[str, Any], config: Mapping[str, Any]):
-    """A diffusers PixArt transformer ``state_dict`` (numpy arrays) and its ``config.json`` dict → (params, Config).
+    """A diffusers PixArt transformer ``state_dict`` and its ``config.json`` dict → ``(params, pixart.Config)``.
 
-    ``params`` is the nested dict of :func:`jdq.models.pixart.build`'s parameters (the layout
-    of ``nnx.to_pure_dict(nnx.state(model))``).
+    Accepts ``PixArtTransformer2DModel`` configs and the older ``Transformer2DModel`` ones with
+    ``norm_type='ada_norm_single'`` (e.g. PixArt-Σ's published folder). Every key is consumed and
+    shape-checked; a mismatch raises :class:`~checkpoints_convert.common.CheckpointError` naming
+    the key and both shapes.
     """
     from jdq.models import pixart
 
-    cfg = config if isinstance(config, pixart.Config) else pixart.Config.from_dict(config)
-    model = _abstract(pixart.build, cfg)
-    params = convert_by_sites(state_dict, model, {"pos_embed.proj": (cfg.in_channels, cfg.patch_size)},
-                              what="PixArt checkpoint")
+    what = "diffusers PixArt checkpoint"
+    try:
+        cfg = config if isinstance(config, pixart.Config) else pixart.Config.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{what}: {e}") from None
+    abstract = pixart.from_config(cfg, abstract=True).params
+    sd = StateDict(state_dict, what)
+    params = convert_by_paths(sd, abstract, {"pos_embed.proj": (cfg.in_channels, cfg.patch_size)})
+    sd.finish()
+    check_like(params, abstract, what)
     return params, cfg

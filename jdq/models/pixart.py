@@ -1,38 +1,43 @@
-"""PixArt-Σ (and PixArt-α) as diffusers' ``PixArtTransformer2DModel``, in Flax NNX.
+"""PixArt-Σ (and PixArt-α) as diffusers' ``PixArtTransformer2DModel``, as a pure function of params.
 
-The forward is ``model(x, t, text_emb, mask=None, *, resolution=None, aspect_ratio=None,
-quant=None)`` with NHWC latents ``x`` (B, H, W, C), timesteps ``t`` (B,) (the DDPM index, 0…999),
-T5 embeddings ``text_emb`` (B, L, caption_channels) and an optional text mask (B, L) (1 or True
-keeps a token). It returns the NHWC prediction (B, H, W, out_channels) (noise and, for 8
-output channels, the learned variance).
+``model(x, t, text_emb, mask=None, resolution=None, aspect_ratio=None)``: NHWC latents ``x``
+(B, H, W, C), timesteps ``t`` (B,) (the DDPM index 0…999, or a scalar), T5 embeddings
+``text_emb`` (B, L, caption_channels) and an optional text mask (B, L) (1/True keeps a token).
+Returns (B, H, W, out_channels): the noise and, with 8 output channels, the learned variance.
+Any latent size that is a multiple of the patch works (the sin-cos positions are recomputed for
+the grid, as diffusers does); the compute dtype is ``Config.dtype``.
 
-Quantization sites are diffusers' module paths, so a rule written for a PyTorch PixArt carries
-over unchanged. Linear layers (role ``act`` for the input, ``weight`` for the weight)::
+Quantization sites are diffusers' module paths (and, as everywhere in jdq, the params paths of
+the layers' ``kernel``/``bias``), so a rule written against a PyTorch PixArt reads the same here:
 
-    pos_embed.proj                                  patch embedding (a p×p stride-p conv)
-    caption_projection.linear_1 / .linear_2         T5 → hidden (linear_2's input: post_gelu)
-    adaln_single.emb.timestep_embedder.linear_1 / .linear_2
-    adaln_single.emb.resolution_embedder.linear_1 / .linear_2      (use_additional_conditions)
-    adaln_single.emb.aspect_ratio_embedder.linear_1 / .linear_2    (use_additional_conditions)
-    adaln_single.linear                             the shared adaLN-single modulation
-    transformer_blocks.{i}.attn1.to_q / to_k / to_v / to_out.0      self-attention
-    transformer_blocks.{i}.attn2.to_q / to_k / to_v / to_out.0      cross-attention (k, v from text)
-    transformer_blocks.{i}.ff.net.0.proj            MLP fc1
-    transformer_blocks.{i}.ff.net.2                 MLP fc2 (input role post_gelu)
-    proj_out
+=====================================================  ==================================  ============
+site                                                   what                                input role
+=====================================================  ==================================  ============
+``pos_embed.proj``                                     patch embedding (p×p stride-p conv)  ``act``
+``caption_projection.linear_1`` / ``.linear_2``         T5 → hidden MLP (GELU-tanh)          ``act`` / ``post_gelu``
+``adaln_single.emb.timestep_embedder.linear_1/_2``      timestep MLP (SiLU)                  ``act``
+``adaln_single.emb.resolution_embedder.linear_1/_2``    micro-conditions (when present)      ``act``
+``adaln_single.emb.aspect_ratio_embedder.linear_1/_2``  micro-conditions (when present)      ``act``
+``adaln_single.linear``                                 the shared 6·hidden adaLN-single     ``act``
+``transformer_blocks.{i}.attn1.to_q/to_k/to_v``         self-attention projections           ``act``
+``transformer_blocks.{i}.attn1.qk`` / ``.pv``           self-attention matmuls (q, k / attn_prob, v)
+``transformer_blocks.{i}.attn1.to_out.0``               self-attention output                ``act``
+``transformer_blocks.{i}.attn2.to_q``                   cross-attention query (image)        ``act``
+``transformer_blocks.{i}.attn2.to_k/to_v``              cross-attention key/value (text)     ``act``
+``transformer_blocks.{i}.attn2.qk`` / ``.pv``           cross-attention matmuls
+``transformer_blocks.{i}.attn2.to_out.0``               cross-attention output               ``act``
+``transformer_blocks.{i}.ff.net.0.proj``                MLP fc1                              ``act``
+``transformer_blocks.{i}.ff.net.2``                     MLP fc2                              ``post_gelu``
+``proj_out``                                            tokens → patches                     ``act``
+=====================================================  ==================================  ============
 
-and the two attention matmuls of each attention, ``transformer_blocks.{i}.attn1.qk`` /
-``.attn1.pv`` and ``transformer_blocks.{i}.attn2.qk`` / ``.attn2.pv`` (roles q, k and
-attn_prob, v; see :func:`jdq.models.layers.attention`).
-
-The text mask is applied as a boolean mask (masked keys get probability 0); diffusers adds a
-−10000 bias instead, which is the same softmax in float32 unless every token of a row is masked.
+The text mask is a boolean mask (masked keys get probability 0); diffusers adds a −10000 bias,
+the same softmax in float32 unless every token of a row is masked.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping
 
 import jax
@@ -41,143 +46,46 @@ import numpy as np
 from flax import nnx
 
 from jdq.models import layers
+from jdq.models.base import ConfigBase, Model
+from jdq.models.layers import Linear, PatchEmbed, layer_norm, unpatchify
+
+FAMILY = "pixart"
 
 # --------------------------------------------------------------------------------------------
-# Building blocks (shared with jdq.models.mmdit)
+# Building blocks named as diffusers names them (shared with jdq.models.mmdit)
 # --------------------------------------------------------------------------------------------
 
 
-class Linear(nnx.Module):
-    """A linear layer ``x @ kernel + bias`` whose matmul is the quantization site ``site``.
+class Norm(nnx.Module):
+    """LayerNorm (or RMSNorm) over the last axis with diffusers' parameter names ``weight``/``bias``.
 
-    ``kernel`` is stored (in_features, out_features); ``act_role`` is the role of its input
-    (``"post_gelu"`` for the second linear of a GELU MLP).
+    ``affine=False`` has no parameters (PixArt's and SD3's norms); QK-norm (SD3.5) has a weight.
     """
 
-    def __init__(self, din: int, dout: int, *, site: str, rngs: nnx.Rngs, bias: bool = True,
-                 act_role: str = "act", dtype=jnp.float32):
-        std = 1.0 / math.sqrt(din)
-        self.kernel = nnx.Param(std * jax.random.normal(rngs.params(), (din, dout), dtype))
-        self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if bias else None
-        self.site = site
-        self.act_role = act_role
-
-    def __call__(self, x, quant=None):
-        b = None if self.bias is None else self.bias[...]
-        return layers.qlinear(x, self.kernel[...], b, site=self.site, quant=quant, act_role=self.act_role)
-
-
-class LayerNorm(nnx.Module):
-    """LayerNorm over the last axis (statistics in float32), with optional weight and bias."""
-
-    def __init__(self, dim: int, *, eps: float, affine: bool, dtype=jnp.float32):
+    def __init__(self, dim: int, *, eps: float, affine: bool, kind: str = "layer_norm"):
+        if kind not in ("layer_norm", "rms_norm"):
+            raise ValueError(f"Norm: kind must be 'layer_norm' or 'rms_norm', got {kind!r}")
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), dtype)) if affine else None
-        self.bias = nnx.Param(jnp.zeros((dim,), dtype)) if affine else None
+        self.kind = kind
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32)) if affine else None
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if affine and kind == "layer_norm" else None
 
     def __call__(self, x):
-        y = layer_norm(x, self.eps)
-        if self.weight is not None:
-            y = y * self.weight[...].astype(y.dtype) + self.bias[...].astype(y.dtype)
-        return y
+        w = None if self.weight is None else self.weight[...]
+        if self.kind == "rms_norm":
+            return layers.rms_norm(x, w, eps=self.eps)
+        return layer_norm(x, w, None if self.bias is None else self.bias[...], eps=self.eps)
 
 
-def layer_norm(x, eps: float):
-    """LayerNorm without affine parameters; statistics in float32, result in ``x.dtype``."""
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+class TwoLayer(nnx.Module):
+    """``linear_2(act(linear_1(x)))``: diffusers' ``TimestepEmbedding`` (SiLU) and ``PixArtAlphaTextProjection``."""
 
-
-def timestep_features(t, dim: int = 256, max_period: float = 10000.0):
-    """diffusers' ``Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)``: [cos, sin] in float32.
-
-    The frequencies are computed as diffusers computes them (float32 exponent, exp rounded to
-    float32) so that large timesteps (t·freq up to ~1000 rad) agree to float32 rounding.
-    """
-    half = dim // 2
-    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
-    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
-    args = jnp.asarray(t, jnp.float32).reshape(-1)[:, None] * jnp.asarray(freqs)[None, :]
-    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-    if dim % 2:
-        emb = jnp.pad(emb, ((0, 0), (0, 1)))
-    return emb
-
-
-def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, base_size: int, interpolation_scale: float) -> np.ndarray:
-    """diffusers' ``get_2d_sincos_pos_embed`` for a (grid_h, grid_w) grid, as a (grid_h·grid_w, dim) float32 table.
-
-    Row-major over (h, w); the first half of the channels encodes the column, the second the row.
-    """
-    if dim % 4:
-        raise ValueError(f"sin-cos position embedding needs a hidden size divisible by 4, got {dim}")
-    rows = np.arange(grid_h, dtype=np.float32) / np.float32(grid_h / base_size) / np.float32(interpolation_scale)
-    cols = np.arange(grid_w, dtype=np.float32) / np.float32(grid_w / base_size) / np.float32(interpolation_scale)
-    col_grid, row_grid = np.meshgrid(cols, rows, indexing="xy")  # each (grid_h, grid_w)
-
-    def one_axis(pos):
-        omega = np.arange(dim // 4, dtype=np.float64) / (dim / 4.0)
-        omega = 1.0 / 10000**omega
-        out = np.outer(pos.reshape(-1).astype(np.float64), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    return np.concatenate([one_axis(col_grid), one_axis(row_grid)], axis=1).astype(np.float32)
-
-
-def patchify(x, p: int):
-    """(B, H, W, C) → (B, H/p·W/p, p·p·C) tokens, row-major over patches, (py, px, c) inside."""
-    b, h, w, c = x.shape
-    if h % p or w % p:
-        raise ValueError(f"latent height and width {h}×{w} must be multiples of the patch size {p}")
-    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, (h // p) * (w // p), p * p * c)
-
-
-def unpatchify(tokens, h: int, w: int, p: int, c: int):
-    """Inverse of :func:`patchify`: (B, h·w, p·p·c) → (B, h·p, w·p, c)."""
-    b = tokens.shape[0]
-    x = tokens.reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h * p, w * p, c)
-
-
-class FeedForward(nnx.Module):
-    """diffusers' ``FeedForward`` with a GELU (tanh or exact): ``net.0.proj`` → GELU → ``net.2``."""
-
-    def __init__(self, dim: int, *, site: str, rngs: nnx.Rngs, mult: int = 4, approximate: bool = True,
-                 dim_out: int | None = None):
-        inner = dim * mult
-        self.fc1 = Linear(dim, inner, site=f"{site}.net.0.proj", rngs=rngs)
-        self.fc2 = Linear(inner, dim if dim_out is None else dim_out, site=f"{site}.net.2", rngs=rngs,
-                          act_role="post_gelu")
-        self.approximate = approximate
-
-    def __call__(self, x, quant=None):
-        h = jax.nn.gelu(self.fc1(x, quant), approximate=self.approximate)
-        return self.fc2(h, quant)
-
-
-class TimestepEmbedding(nnx.Module):
-    """diffusers' ``TimestepEmbedding``: ``linear_1`` → SiLU → ``linear_2``."""
-
-    def __init__(self, din: int, dout: int, *, site: str, rngs: nnx.Rngs):
-        self.linear_1 = Linear(din, dout, site=f"{site}.linear_1", rngs=rngs)
-        self.linear_2 = Linear(dout, dout, site=f"{site}.linear_2", rngs=rngs)
-
-    def __call__(self, x, quant=None):
-        return self.linear_2(jax.nn.silu(self.linear_1(x, quant)), quant)
-
-
-class TextProjection(nnx.Module):
-    """diffusers' ``PixArtAlphaTextProjection``: ``linear_1`` → GELU(tanh) or SiLU → ``linear_2``."""
-
-    def __init__(self, din: int, hidden: int, *, site: str, rngs: nnx.Rngs, act: str = "gelu_tanh"):
-        if act not in ("gelu_tanh", "silu"):
-            raise ValueError(f"{site}: unknown activation {act!r}; expected 'gelu_tanh' or 'silu'")
+    def __init__(self, din: int, dout: int, *, site: str, rngs: nnx.Rngs, act: str = "silu"):
+        if act not in ("silu", "gelu_tanh"):
+            raise ValueError(f"{site}: activation must be 'silu' or 'gelu_tanh', got {act!r}")
         self.act = act
-        self.linear_1 = Linear(din, hidden, site=f"{site}.linear_1", rngs=rngs)
-        self.linear_2 = Linear(hidden, hidden, site=f"{site}.linear_2", rngs=rngs,
+        self.linear_1 = Linear(din, dout, site=f"{site}.linear_1", rngs=rngs)
+        self.linear_2 = Linear(dout, dout, site=f"{site}.linear_2", rngs=rngs,
                                act_role="post_gelu" if act == "gelu_tanh" else "act")
 
     def __call__(self, x, quant=None):
@@ -186,16 +94,77 @@ class TextProjection(nnx.Module):
         return self.linear_2(h, quant)
 
 
+class GeluProj(nnx.Module):
+    """diffusers' ``GELU`` activation module: ``gelu(proj(x))``."""
+
+    def __init__(self, din: int, dout: int, *, site: str, rngs: nnx.Rngs, approximate: bool = True):
+        self.approximate = approximate
+        self.proj = Linear(din, dout, site=f"{site}.proj", rngs=rngs)
+
+    def __call__(self, x, quant=None):
+        return jax.nn.gelu(self.proj(x, quant), approximate=self.approximate)
+
+
+class FeedForward(nnx.Module):
+    """diffusers' ``FeedForward`` with GELU: sites ``{site}.net.0.proj`` and ``{site}.net.2`` (post_gelu)."""
+
+    def __init__(self, dim: int, *, site: str, rngs: nnx.Rngs, mult: int = 4, approximate: bool = True):
+        inner = dim * mult
+        self.net = nnx.Dict({
+            "0": GeluProj(dim, inner, site=f"{site}.net.0", rngs=rngs, approximate=approximate),
+            "2": Linear(inner, dim, site=f"{site}.net.2", rngs=rngs, act_role="post_gelu"),
+        })
+
+    def __call__(self, x, quant=None):
+        return self.net["2"](self.net["0"](x, quant), quant)
+
+
 def split_heads(x, heads: int):
     """(B, L, H·D) → (B, L, H, D)."""
-    b, l, d = x.shape
-    return x.reshape(b, l, heads, d // heads)
+    b, n, d = x.shape
+    return x.reshape(b, n, heads, d // heads)
 
 
 def merge_heads(x):
     """(B, L, H, D) → (B, L, H·D)."""
-    b, l, h, d = x.shape
-    return x.reshape(b, l, h * d)
+    b, n, h, d = x.shape
+    return x.reshape(b, n, h * d)
+
+
+class Attention(nnx.Module):
+    """diffusers' ``Attention``: to_q/to_k/to_v → softmax(q·kᵀ/√d)·v (site ``{site}``) → ``to_out.0``.
+
+    ``kv_dim`` is the width of the keys' source (cross-attention); ``qk_norm`` (``"rms_norm"``
+    or ``"layer_norm"``) normalises q and k per head with learned weights (``norm_q``/``norm_k``).
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, *, site: str, rngs: nnx.Rngs,
+                 kv_dim: int | None = None, bias: bool = True, qk_norm: str | None = None):
+        inner = heads * head_dim
+        kv_dim = dim if kv_dim is None else kv_dim
+        self.heads = heads
+        self.site = site
+        self.to_q = Linear(dim, inner, site=f"{site}.to_q", rngs=rngs, use_bias=bias)
+        self.to_k = Linear(kv_dim, inner, site=f"{site}.to_k", rngs=rngs, use_bias=bias)
+        self.to_v = Linear(kv_dim, inner, site=f"{site}.to_v", rngs=rngs, use_bias=bias)
+        self.to_out = nnx.Dict({"0": Linear(inner, dim, site=f"{site}.to_out.0", rngs=rngs)})
+        self.norm_q = Norm(head_dim, eps=1e-6, affine=True, kind=qk_norm) if qk_norm else None
+        self.norm_k = Norm(head_dim, eps=1e-6, affine=True, kind=qk_norm) if qk_norm else None
+
+    def project(self, x, context=None, quant=None):
+        """Per-head (q, k, v), each (B, L, H, D), q-/k-normalised if configured."""
+        context = x if context is None else context
+        q = split_heads(self.to_q(x, quant), self.heads)
+        k = split_heads(self.to_k(context, quant), self.heads)
+        v = split_heads(self.to_v(context, quant), self.heads)
+        if self.norm_q is not None:
+            q, k = self.norm_q(q), self.norm_k(k)
+        return q, k, v
+
+    def __call__(self, x, context=None, mask=None, quant=None):
+        q, k, v = self.project(x, context, quant)
+        out = layers.attention(q, k, v, site=self.site, quant=quant, mask=mask)
+        return self.to_out["0"](merge_heads(out), quant)
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,18 +172,20 @@ def merge_heads(x):
 # --------------------------------------------------------------------------------------------
 
 # diffusers config keys that do not change the inference graph of a PixArt transformer.
-_IGNORED_KEYS = frozenset({
-    "dropout", "norm_num_groups", "upcast_attention", "num_vector_embeds", "use_linear_projection",
-})
+_IGNORED_KEYS = frozenset({"dropout", "norm_num_groups", "upcast_attention", "use_linear_projection"})
+# Transformer2DModel (the class name of older PixArt configs) keys that must keep their default.
+_MUST_BE_UNSET = {"only_cross_attention": False, "double_self_attention": False, "num_vector_embeds": None}
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(ConfigBase):
     """A PixArt transformer's hyper-parameters (diffusers' ``PixArtTransformer2DModel`` arguments).
 
-    ``None`` defaults are resolved as diffusers resolves them: ``out_channels`` → ``in_channels``,
+    Defaults are diffusers' (a ``config.json`` lacking a key means what it means to diffusers);
+    :data:`PIXART_SIGMA_XL_2_1024_MS` is the published PixArt-Σ configuration. ``None`` defaults
+    are resolved as diffusers resolves them: ``out_channels`` → ``in_channels``,
     ``interpolation_scale`` → ``max(sample_size // 64, 1)``, ``use_additional_conditions`` →
-    ``sample_size == 128``. The defaults are PixArt-Σ-XL/2-1024's published configuration.
+    ``sample_size == 128``. ``dtype`` is the compute dtype (inputs are cast to it).
     """
 
     num_attention_heads: int = 16
@@ -231,10 +202,11 @@ class Config:
     norm_type: str = "ada_norm_single"
     norm_elementwise_affine: bool = False
     norm_eps: float = 1e-6
-    interpolation_scale: float | None = 2
-    use_additional_conditions: bool | None = False
-    caption_channels: int | None = 4096
+    interpolation_scale: float | None = None
+    use_additional_conditions: bool | None = None
+    caption_channels: int | None = None
     attention_type: str = "default"
+    dtype: str = "float32"
 
     def __post_init__(self):
         if self.out_channels is None:
@@ -244,51 +216,61 @@ class Config:
         if self.use_additional_conditions is None:
             object.__setattr__(self, "use_additional_conditions", self.sample_size == 128)
         if self.norm_type != "ada_norm_single":
-            raise ValueError(f"PixArt Config: norm_type={self.norm_type!r} is not supported (only 'ada_norm_single')")
+            raise ValueError(f"PixArt config: norm_type={self.norm_type!r} is not supported (only 'ada_norm_single')")
         if self.attention_type != "default":
-            raise ValueError(f"PixArt Config: attention_type={self.attention_type!r} is not supported (only 'default')")
+            raise ValueError(f"PixArt config: attention_type={self.attention_type!r} is not supported (only 'default')")
         if self.activation_fn not in ("gelu-approximate", "gelu"):
-            raise ValueError(f"PixArt Config: activation_fn={self.activation_fn!r} is not supported "
+            raise ValueError(f"PixArt config: activation_fn={self.activation_fn!r} is not supported "
                              "('gelu-approximate' or 'gelu')")
         if self.cross_attention_dim is None:
-            raise ValueError("PixArt Config: cross_attention_dim=None (no cross-attention) is not supported")
+            raise ValueError("PixArt config: cross_attention_dim=None (no cross-attention) is not supported")
+        if self.inner_dim % 4:
+            raise ValueError(f"PixArt config: hidden size {self.inner_dim} must be divisible by 4 (2-D sin-cos positions)")
         if self.use_additional_conditions and self.inner_dim % 3:
-            raise ValueError(f"PixArt Config: use_additional_conditions needs a hidden size divisible by 3 "
+            raise ValueError(f"PixArt config: use_additional_conditions needs a hidden size divisible by 3 "
                              f"(resolution and aspect-ratio embeddings of size hidden/3), got {self.inner_dim}")
         if self.caption_channels is not None and self.cross_attention_dim != self.inner_dim:
-            raise ValueError(f"PixArt Config: with a caption projection the text is projected to the hidden size "
+            raise ValueError(f"PixArt config: with a caption projection the text is projected to the hidden size "
                              f"{self.inner_dim}, so cross_attention_dim must equal it, got {self.cross_attention_dim}")
+        jnp.dtype(self.dtype)  # raises on an unknown dtype name
 
     @property
     def inner_dim(self) -> int:
         """Hidden size: heads × head dimension."""
         return self.num_attention_heads * self.attention_head_dim
 
-    def to_dict(self) -> dict[str, Any]:
-        """The configuration as a JSON-serialisable dict (``from_dict`` inverts it)."""
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Config":
-        """Build from a jdq config dict or a diffusers ``config.json`` dict.
+        """From a jdq config dict or a diffusers ``config.json`` dict (``PixArtTransformer2DModel``, or
+        ``Transformer2DModel`` with ``norm_type='ada_norm_single'``).
 
-        Keys starting with ``_`` (``_class_name``, ``_diffusers_version``, …) and keys that do
-        not affect inference (dropout, …) are ignored; an unknown key, or one that selects a
-        variant this port does not implement, raises ``ValueError`` naming it.
+        ``_``-keys and keys that do not affect inference (dropout, …) are ignored; an unknown key,
+        or one selecting a variant this port does not implement, raises ``ValueError`` naming it.
         """
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
+        kept = {}
         for key, value in d.items():
             if key.startswith("_") or key in _IGNORED_KEYS:
                 continue
-            if key in ("only_cross_attention", "double_self_attention"):
-                if value:
-                    raise ValueError(f"PixArt Config: {key}=True is not supported")
+            if key in _MUST_BE_UNSET:
+                if value != _MUST_BE_UNSET[key]:
+                    raise ValueError(f"PixArt config: {key}={value!r} is not supported")
                 continue
-            if key not in fields:
-                raise ValueError(f"PixArt Config: unknown key {key!r}")
-            kwargs[key] = value
-        return cls(**kwargs)
+            kept[key] = value
+        return super().from_dict(kept)
+
+
+#: PixArt-Σ-XL/2 at 1024 px (``PixArt-alpha/PixArt-Sigma-XL-2-1024-MS``, transformer/config.json, as
+#: diffusers' ``scripts/convert_pixart_sigma_to_diffusers.py --image_size 1024`` writes it): 28
+#: layers, 16 heads × 72, T5-XXL captions (4096), interpolation scale 2, no micro-conditions.
+#: 610,856,096 parameters: diffusers' ``PixArtTransformer2DModel(**this)`` built on the meta
+#: device, ``sum(p.numel() for p in model.parameters())`` (the paper's "0.6B").
+PIXART_SIGMA_XL_2_1024_MS = Config(
+    num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+    cross_attention_dim=1152, attention_bias=True, sample_size=128, patch_size=2,
+    activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+    norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=2, use_additional_conditions=False,
+    caption_channels=4096,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,27 +278,11 @@ class Config:
 # --------------------------------------------------------------------------------------------
 
 
-class Attention(nnx.Module):
-    """diffusers' ``Attention`` with the default processor: to_q/to_k/to_v → softmax(q·kᵀ/√d)·v → to_out.0."""
+class PatchEmbedding(nnx.Module):
+    """diffusers' ``PatchEmbed`` without a stored table: ``proj`` (a quantization site) + sin-cos positions."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, *, site: str, rngs: nnx.Rngs,
-                 kv_dim: int | None = None, bias: bool = True):
-        inner = heads * head_dim
-        kv_dim = dim if kv_dim is None else kv_dim
-        self.heads = heads
-        self.site = site
-        self.to_q = Linear(dim, inner, site=f"{site}.to_q", rngs=rngs, bias=bias)
-        self.to_k = Linear(kv_dim, inner, site=f"{site}.to_k", rngs=rngs, bias=bias)
-        self.to_v = Linear(kv_dim, inner, site=f"{site}.to_v", rngs=rngs, bias=bias)
-        self.to_out = Linear(inner, dim, site=f"{site}.to_out.0", rngs=rngs)
-
-    def __call__(self, x, context=None, mask=None, quant=None):
-        context = x if context is None else context
-        q = split_heads(self.to_q(x, quant), self.heads)
-        k = split_heads(self.to_k(context, quant), self.heads)
-        v = split_heads(self.to_v(context, quant), self.heads)
-        out = layers.attention(q, k, v, site=self.site, quant=quant, mask=mask)
-        return self.to_out(merge_heads(out), quant)
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        self.proj = PatchEmbed(cfg.in_channels, cfg.patch_size, cfg.inner_dim, site="pos_embed.proj", rngs=rngs)
 
 
 class PixArtBlock(nnx.Module):
@@ -325,12 +291,12 @@ class PixArtBlock(nnx.Module):
     def __init__(self, cfg: Config, index: int, *, rngs: nnx.Rngs):
         d = cfg.inner_dim
         site = f"transformer_blocks.{index}"
-        self.norm1 = LayerNorm(d, eps=cfg.norm_eps, affine=cfg.norm_elementwise_affine)
-        self.attn1 = Attention(d, cfg.num_attention_heads, cfg.attention_head_dim, site=f"{site}.attn1",
-                               rngs=rngs, bias=cfg.attention_bias)
-        self.attn2 = Attention(d, cfg.num_attention_heads, cfg.attention_head_dim, site=f"{site}.attn2",
-                               rngs=rngs, kv_dim=cfg.cross_attention_dim, bias=cfg.attention_bias)
-        self.norm2 = LayerNorm(d, eps=cfg.norm_eps, affine=cfg.norm_elementwise_affine)
+        heads, hd = cfg.num_attention_heads, cfg.attention_head_dim
+        self.norm1 = Norm(d, eps=cfg.norm_eps, affine=cfg.norm_elementwise_affine)
+        self.attn1 = Attention(d, heads, hd, site=f"{site}.attn1", rngs=rngs, bias=cfg.attention_bias)
+        self.norm2 = Norm(d, eps=cfg.norm_eps, affine=cfg.norm_elementwise_affine)
+        self.attn2 = Attention(d, heads, hd, site=f"{site}.attn2", rngs=rngs, kv_dim=cfg.cross_attention_dim,
+                               bias=cfg.attention_bias)
         self.ff = FeedForward(d, site=f"{site}.ff", rngs=rngs, approximate=cfg.activation_fn == "gelu-approximate")
         self.scale_shift_table = nnx.Param(jax.random.normal(rngs.params(), (6, d)) / d**0.5)
 
@@ -338,93 +304,111 @@ class PixArtBlock(nnx.Module):
         b, _, d = x.shape
         mod = self.scale_shift_table[...].astype(x.dtype)[None] + t6.reshape(b, 6, d)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=1)
-        h = self.norm1(x) * (1 + scale_msa) + shift_msa
-        x = x + gate_msa * self.attn1(h, quant=quant)
-        # PixArt applies no norm before cross-attention.
-        x = x + self.attn2(x, text, text_mask, quant=quant)
-        h = self.norm2(x) * (1 + scale_mlp) + shift_mlp
-        return x + gate_mlp * self.ff(h, quant)
+        x = x + gate_msa * self.attn1(self.norm1(x) * (1 + scale_msa) + shift_msa, quant=quant)
+        x = x + self.attn2(x, text, text_mask, quant=quant)  # PixArt: no norm before cross-attention
+        return x + gate_mlp * self.ff(self.norm2(x) * (1 + scale_mlp) + shift_mlp, quant)
+
+
+class AdaLNSingleEmbeddings(nnx.Module):
+    """diffusers' ``PixArtAlphaCombinedTimestepSizeEmbeddings`` (timestep + optional size/aspect-ratio)."""
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        d = cfg.inner_dim
+        site = "adaln_single.emb"
+        self.timestep_embedder = TwoLayer(256, d, site=f"{site}.timestep_embedder", rngs=rngs)
+        if cfg.use_additional_conditions:
+            self.resolution_embedder = TwoLayer(256, d // 3, site=f"{site}.resolution_embedder", rngs=rngs)
+            self.aspect_ratio_embedder = TwoLayer(256, d // 3, site=f"{site}.aspect_ratio_embedder", rngs=rngs)
+        else:
+            self.resolution_embedder = self.aspect_ratio_embedder = None
+
+    def __call__(self, t, resolution, aspect_ratio, dtype, quant=None):
+        feats = lambda v: layers.timestep_embedding(jnp.reshape(v, (-1,)), 256).astype(dtype)  # noqa: E731
+        emb = self.timestep_embedder(feats(t), quant)
+        if self.resolution_embedder is not None:
+            b = emb.shape[0]
+            res = self.resolution_embedder(feats(resolution), quant).reshape(b, -1)
+            ar = self.aspect_ratio_embedder(feats(aspect_ratio), quant).reshape(b, -1)
+            emb = emb + jnp.concatenate([res, ar], axis=1)
+        return emb
+
+
+class AdaLNSingle(nnx.Module):
+    """diffusers' ``AdaLayerNormSingle``: the embedding and one shared ``linear(silu(emb))`` → 6·hidden."""
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        self.emb = AdaLNSingleEmbeddings(cfg, rngs=rngs)
+        self.linear = Linear(cfg.inner_dim, 6 * cfg.inner_dim, site="adaln_single.linear", rngs=rngs)
 
 
 class PixArtTransformer(nnx.Module):
     """PixArt-Σ / PixArt-α transformer; see the module docstring for inputs, outputs and sites."""
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-        d = cfg.inner_dim
-        p = cfg.patch_size
+        d, p = cfg.inner_dim, cfg.patch_size
         self.config = cfg
-        self.pos_embed_proj = Linear(p * p * cfg.in_channels, d, site="pos_embed.proj", rngs=rngs)
-        self.timestep_embedder = TimestepEmbedding(256, d, site="adaln_single.emb.timestep_embedder", rngs=rngs)
-        if cfg.use_additional_conditions:
-            size_dim = d // 3
-            self.resolution_embedder = TimestepEmbedding(
-                256, size_dim, site="adaln_single.emb.resolution_embedder", rngs=rngs)
-            self.aspect_ratio_embedder = TimestepEmbedding(
-                256, size_dim, site="adaln_single.emb.aspect_ratio_embedder", rngs=rngs)
-        else:
-            self.resolution_embedder = None
-            self.aspect_ratio_embedder = None
-        self.adaln_linear = Linear(d, 6 * d, site="adaln_single.linear", rngs=rngs)
-        if cfg.caption_channels is not None:
-            self.caption_projection = TextProjection(cfg.caption_channels, d, site="caption_projection", rngs=rngs)
-        else:
-            self.caption_projection = None
+        self.pos_embed = PatchEmbedding(cfg, rngs=rngs)
+        self.adaln_single = AdaLNSingle(cfg, rngs=rngs)
+        self.caption_projection = (TwoLayer(cfg.caption_channels, d, site="caption_projection", rngs=rngs,
+                                            act="gelu_tanh") if cfg.caption_channels is not None else None)
         self.transformer_blocks = nnx.List([PixArtBlock(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
         self.scale_shift_table = nnx.Param(jax.random.normal(rngs.params(), (2, d)) / d**0.5)
         self.proj_out = Linear(d, p * p * cfg.out_channels, site="proj_out", rngs=rngs)
 
-    def __call__(self, x, t, text_emb, mask=None, *, resolution=None, aspect_ratio=None, quant=None):
-        """Predict noise (and variance) for NHWC latents ``x`` at timesteps ``t`` given T5 ``text_emb``.
+    def __call__(self, x, t, text_emb, mask=None, resolution=None, aspect_ratio=None, *, quant=None):
+        """Noise (and variance) prediction for NHWC latents ``x`` at timesteps ``t`` given T5 ``text_emb``.
 
         ``mask`` (B, L): 1/True keeps a text token (``None`` keeps all). With
         ``use_additional_conditions``, ``resolution`` (B, 2) is the image (height, width) in
-        pixels and ``aspect_ratio`` (B,) or (B, 1) its height/width; when omitted they default,
-        as in diffusers' PixArt-α pipeline, to 8× the latent size and its ratio.
+        pixels and ``aspect_ratio`` (B,) or (B, 1) its height/width; when omitted they default, as
+        in diffusers' PixArt-α pipeline, to 8× the latent size and its ratio. They are positional
+        (arrays), so ``Model.__call__``, whose keyword arguments are static, can pass them.
         """
         cfg = self.config
         p = cfg.patch_size
-        b, hh, ww, c = x.shape
-        if c != cfg.in_channels:
-            raise ValueError(f"PixArt: x has {c} channels, the model expects in_channels={cfg.in_channels}")
-        dtype = x.dtype
+        dtype = jnp.dtype(cfg.dtype)
+        if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
+            raise ValueError(f"PixArt: x must be (B, H, W, {cfg.in_channels}) channels-last, got {tuple(x.shape)}")
+        b, hh, ww, _ = x.shape
+        if text_emb.ndim != 3 or text_emb.shape[0] != b:
+            raise ValueError(f"PixArt: text_emb must be (B={b}, L, {cfg.caption_channels or cfg.cross_attention_dim}),"
+                             f" got {tuple(text_emb.shape)}")
         gh, gw = hh // p, ww // p
 
-        pos = sincos_pos_embed_2d(cfg.inner_dim, gh, gw, base_size=cfg.sample_size // p,
-                                  interpolation_scale=cfg.interpolation_scale)
-        tokens = self.pos_embed_proj(patchify(x, p), quant)
-        h = (tokens.astype(jnp.float32) + pos[None]).astype(dtype)
+        pos = layers.sincos_pos_embed_2d(cfg.inner_dim, gh, gw, base_size=cfg.sample_size // p,
+                                         interpolation_scale=cfg.interpolation_scale)
+        h = self.pos_embed.proj(x.astype(dtype), quant)
+        h = (h.astype(jnp.float32) + pos[None]).astype(dtype)
 
-        t = jnp.broadcast_to(jnp.asarray(t).reshape(-1), (b,))
-        emb = self.timestep_embedder(timestep_features(t).astype(dtype), quant)
+        t = jnp.broadcast_to(jnp.reshape(jnp.asarray(t, jnp.float32), (-1,)), (b,))
         if cfg.use_additional_conditions:
             if resolution is None:
                 resolution = jnp.broadcast_to(jnp.asarray([hh * 8.0, ww * 8.0], jnp.float32), (b, 2))
             if aspect_ratio is None:
                 aspect_ratio = jnp.full((b, 1), hh / ww, jnp.float32)
-            res = timestep_features(jnp.asarray(resolution).reshape(-1)).astype(dtype)
-            res = self.resolution_embedder(res, quant).reshape(b, -1)
-            ar = timestep_features(jnp.asarray(aspect_ratio).reshape(-1)).astype(dtype)
-            ar = self.aspect_ratio_embedder(ar, quant).reshape(b, -1)
-            emb = emb + jnp.concatenate([res, ar], axis=1)
-        t6 = self.adaln_linear(jax.nn.silu(emb), quant)
+        emb = self.adaln_single.emb(t, resolution, aspect_ratio, dtype, quant)
+        t6 = self.adaln_single.linear(jax.nn.silu(emb), quant)
 
         text = text_emb.astype(dtype)
         if self.caption_projection is not None:
             text = self.caption_projection(text, quant)
-        text_mask = None
-        if mask is not None:
-            text_mask = (jnp.asarray(mask) > 0.5)[:, None, None, :]  # (B, 1, 1, L)
+        text_mask = None if mask is None else (jnp.asarray(mask) > 0.5)[:, None, None, :]  # (B, 1, 1, L)
 
         for block in self.transformer_blocks:
             h = block(h, text, text_mask, t6, quant)
 
         shift, scale = jnp.split(self.scale_shift_table[...].astype(dtype)[None] + emb[:, None], 2, axis=1)
-        h = layer_norm(h, 1e-6) * (1 + scale) + shift
-        out = self.proj_out(h, quant)
-        return unpatchify(out, gh, gw, p, cfg.out_channels)
+        h = layer_norm(h, eps=1e-6) * (1 + scale) + shift
+        return unpatchify(self.proj_out(h, quant), p, gh, gw)
 
 
 def build(config: Config | Mapping[str, Any], rngs: nnx.Rngs) -> PixArtTransformer:
-    """The PixArt transformer for ``config`` (a :class:`Config` or a dict), randomly initialised."""
+    """The PixArt module for ``config`` (a :class:`Config` or a dict) with random params from ``rngs``."""
     cfg = config if isinstance(config, Config) else Config.from_dict(config)
     return PixArtTransformer(cfg, rngs=rngs)
+
+
+def from_config(config: Config, key=None, abstract: bool = False) -> Model:
+    """A :class:`~jdq.models.base.Model` of ``config``: random params from ``key``, or abstract ones."""
+    cfg = config if isinstance(config, Config) else Config.from_dict(config)
+    return Model.abstract(cfg, build) if abstract else Model.create(cfg, build, key)
