@@ -44,13 +44,13 @@ folded into one weight; :func:`fold_balance` says so).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
 
-from jdq.quant.timegroup import STEP_KEY, TimeGroupMeta
-from jdq.quant.transform import ACTIVATION_ROLES, Plan, QuantTransform, identity, operand_key
+from jdq.quant.timegroup import STEP_KEY
+from jdq.quant.transform import ACTIVATION_ROLES, Plan, QuantTransform, identity, map_stages, operand_key
 
 SALIENCE_REDUCTIONS = ("max", "mean", "ema", "ssc")
 #: Statistic added by :func:`link_stats` to an activation's statistics (the weight's per-input-channel |max|).
@@ -164,6 +164,16 @@ class BalanceMeta:
     balance: ChannelBalance
     inner: Any
 
+    @staticmethod
+    def inner_state(state):
+        """The wrapped transform's state."""
+        return None if state is None else state["inner"]
+
+    @staticmethod
+    def replace_inner_state(state, inner_state):
+        """This stage's state with the wrapped transform's state replaced."""
+        return None if state is None else dict(state, inner=inner_state)
+
 
 _PER_CHANNEL = ("absmax_channel", "min_channel", "max_channel")
 
@@ -254,18 +264,6 @@ def fold_into_modulation(w_shift, b_shift, w_scale, b_scale, s):
     return w_shift / s, b_shift / s, w_scale / s, (1.0 + b_scale) / s - 1.0
 
 
-def _rewrite_balance(meta, state, fn: Callable, grouped: bool = False):
-    """Rebuild ``state`` with ``fn(meta, state, grouped)`` applied to every balance stage inside it."""
-    if isinstance(meta, tuple) and meta and meta[0] == "chain":
-        return tuple(_rewrite_balance(m, s, fn, grouped) for m, s in zip(meta[1:], state))
-    if isinstance(meta, TimeGroupMeta):
-        return _rewrite_balance(meta.inner, state, fn, True)
-    if isinstance(meta, BalanceMeta):
-        state = fn(meta, state, grouped)
-        return dict(state, inner=_rewrite_balance(meta.inner, state["inner"], fn, grouped))
-    return state
-
-
 def fold_balance(plan: Plan, state: Mapping[str, Any], weights: Mapping[str, Any]):
     """Fold every weight-side balance of ``plan`` into ``weights`` (``{site: W}``): returns ``(weights', state')``.
 
@@ -283,7 +281,7 @@ def fold_balance(plan: Plan, state: Mapping[str, Any], weights: Mapping[str, Any
         found = []
 
         def take(meta, st, grouped, op=op, found=found):
-            if meta.side != "weight" or st["s"] is None:
+            if not isinstance(meta, BalanceMeta) or meta.side != "weight" or st["s"] is None:
                 return st
             if grouped:
                 raise ValueError(
@@ -293,7 +291,7 @@ def fold_balance(plan: Plan, state: Mapping[str, Any], weights: Mapping[str, Any
             found.append(st["s"])
             return dict(st, s=None)
 
-        new_state[key] = _rewrite_balance(plan.transform_for(key).meta, state[key], take)
+        new_state[key] = map_stages(plan.transform_for(key).meta, state[key], take)
         for s in found:
             if op.site not in new_weights:
                 raise KeyError(f"fold_balance: no weight given for balanced site {op.site!r}")
@@ -316,12 +314,12 @@ def pop_act_scales(plan: Plan, state: Mapping[str, Any], sites=None):
             continue
 
         def take(meta, st, grouped, op=op):
-            if meta.side != "act" or st["s"] is None:
+            if not isinstance(meta, BalanceMeta) or meta.side != "act" or st["s"] is None:
                 return st
             if grouped:
                 raise ValueError(f"{op.key}: a time-grouped activation balance cannot be folded into one op")
             scales[op.site] = st["s"]
             return dict(st, s=None)
 
-        new_state[key] = _rewrite_balance(plan.transform_for(key).meta, state[key], take)
+        new_state[key] = map_stages(plan.transform_for(key).meta, state[key], take)
     return scales, new_state

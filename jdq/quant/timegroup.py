@@ -132,8 +132,19 @@ class TimeGroupMeta:
     """``meta`` of a :func:`time_grouped` transform: the group map and the inner transform's meta."""
 
     kind: ClassVar[str] = "time_grouped"
+    stacks_state: ClassVar[bool] = True
     groups: TimeGroups
     inner: Any
+
+    @staticmethod
+    def inner_state(state):
+        """The inner transform's state (stacked on the group axis)."""
+        return state
+
+    @staticmethod
+    def replace_inner_state(state, inner_state):
+        """This wrapper's state with the inner state replaced."""
+        return inner_state
 
 
 def stack_states(states: Sequence[Any]) -> Any:

@@ -448,9 +448,11 @@ def map_stages(meta: Any, state: State, fn: Callable[[Any, State, bool], State],
     transforms: a meta with an ``inner`` attribute and ``inner_state(state)`` /
     ``replace_inner_state(state, inner_state)`` methods. ``stacked`` is true inside a wrapper whose
     meta sets ``stacks_state = True`` (its inner state has a leading axis, e.g. time groups).
+    ``state=None`` walks the metas alone (every stage then sees ``state=None``).
     """
     if isinstance(meta, tuple) and meta and meta[0] == "chain":
-        return tuple(map_stages(m, s, fn, stacked) for m, s in zip(meta[1:], state))
+        parts = (None,) * (len(meta) - 1) if state is None else state
+        return tuple(map_stages(m, s, fn, stacked) for m, s in zip(meta[1:], parts))
     state = fn(meta, state, stacked)
     if hasattr(meta, "inner_state"):
         inner = map_stages(meta.inner, meta.inner_state(state), fn, stacked or bool(getattr(meta, "stacks_state", False)))
