@@ -18,6 +18,8 @@ demand matrices), which the tests check cycle for cycle:
   plus ``rows`` cycles to preload the stationary operand in WS and IS.
 * SCALE-Sim prints the index of the last cycle (its "Total Cycles" = our count − 1) and stalls
   from its memory model apart; :func:`gemm_cycles` is the stall-free count.
+* ``fold_overlap = 1`` (a design choice beyond SCALE-Sim) pipelines the folds instead
+  (:func:`pipelined_cycles`): one fill and drain per GEMM.
 
 Precision-flexible PEs: a PE whose rate for an operand pair is ``r`` MACs per cycle consumes
 ``r`` elements of K per cycle (a dot-product PE), so the array sees ``K_eff = K · Σ_p f_p / r_p``
@@ -56,14 +58,8 @@ from jdq.hw.workload import Workload
 _PSUM_BYTES = 4.0  # FP32 partial sums in WS/IS
 
 
-def gemm_cycles(m, n, k, rows, cols, dataflow):
-    """Stall-free compute cycles of one ``(m × k)·(k × n)`` GEMM on a ``rows × cols`` systolic
-    array with ``dataflow`` ``"os"``/``"ws"``/``"is"`` (or 0/1/2), fill and drain included.
-
-    Matches SCALE-Sim v3's cycle count (its reported "Total Cycles" is this minus one, plus
-    stalls). Arguments may be arrays (broadcast together) and traced; the result is float32,
-    exact below 2**24 cycles.
-    """
+def _fold_mapping(m, n, k, rows, cols, dataflow):
+    """SCALE-Sim's mapping of a GEMM to the array: (number of folds, temporal extent T, preload cycles)."""
     df = jnp.asarray(dataflow_index(dataflow), jnp.int32)
     m, n, k, rows, cols = (jnp.asarray(x, jnp.float32) for x in (m, n, k, rows, cols))
     is_os, is_ws = df == 0, df == 1
@@ -72,7 +68,45 @@ def gemm_cycles(m, n, k, rows, cols, dataflow):
     t = jnp.where(is_os, k, jnp.where(is_ws, m, n))
     preload = jnp.where(is_os, 0.0, rows)
     folds = jnp.ceil(s_r / rows) * jnp.ceil(s_c / cols)
+    return folds, t, preload, rows, cols
+
+
+def _sequential_cycles(m, n, k, rows, cols, dataflow):
+    folds, t, preload, rows, cols = _fold_mapping(m, n, k, rows, cols, dataflow)
     return folds * (t + rows + cols - 2.0 + preload)
+
+
+def _pipelined_cycles(m, n, k, rows, cols, dataflow):
+    folds, t, preload, rows, cols = _fold_mapping(m, n, k, rows, cols, dataflow)
+    # The first fold's preload is exposed; each later one hides behind the previous stream.
+    first = t + rows + cols - 2.0 + preload
+    return jnp.where(folds > 0, first + (folds - 1) * jnp.maximum(t, preload), 0.0)
+
+
+def _with_best(schedule, m, n, k, rows, cols, dataflow):
+    df = jnp.asarray(dataflow_index(dataflow), jnp.int32)
+    fixed = schedule(m, n, k, rows, cols, df)
+    best = jnp.minimum(jnp.minimum(schedule(m, n, k, rows, cols, 0), schedule(m, n, k, rows, cols, 1)),
+                       schedule(m, n, k, rows, cols, 2))
+    return jnp.where(df == 3, best, fixed)
+
+
+def gemm_cycles(m, n, k, rows, cols, dataflow):
+    """Stall-free compute cycles of one ``(m × k)·(k × n)`` GEMM on a ``rows × cols`` systolic
+    array with ``dataflow`` ``"os"``/``"ws"``/``"is"`` (or 0/1/2; ``"best"``/3: the fewest of
+    the three), fill and drain included.
+
+    Matches SCALE-Sim v3's cycle count (its reported "Total Cycles" is this minus one, plus
+    stalls). Arguments may be arrays (broadcast together) and traced; the result is float32,
+    exact below 2**24 cycles.
+    """
+    return _with_best(_sequential_cycles, m, n, k, rows, cols, dataflow)
+
+
+def pipelined_cycles(m, n, k, rows, cols, dataflow):
+    """Compute cycles when consecutive folds overlap: each fold occupies the array for its
+    stream (at least the preload of the next stationary tile), plus one fill and drain per GEMM."""
+    return _with_best(_pipelined_cycles, m, n, k, rows, cols, dataflow)
 
 
 class Cost(NamedTuple):
@@ -141,7 +175,15 @@ def accelerator_cost(hw: Accelerator, wl: Workload) -> Cost:
     """Per-entry :class:`Cost` of ``wl`` on a systolic-array accelerator (see the module doc)."""
     m, n, k, count = wl.m, wl.n, wl.k, wl.count
     k_eff = jnp.ceil(k * _time_per_mac(hw.pe_rate, wl))
-    cycles = gemm_cycles(m, n, k_eff, hw.rows, hw.cols, hw.dataflow)
+
+    def cycles_for(df):
+        return ((1 - hw.fold_overlap) * _sequential_cycles(m, n, k_eff, hw.rows, hw.cols, df)
+                + hw.fold_overlap * _pipelined_cycles(m, n, k_eff, hw.rows, hw.cols, df))
+
+    per_df = jnp.stack([cycles_for(df) for df in range(3)])  # [3, G]
+    # Code 3 ("best"): a reconfigurable array picks the fastest dataflow for each GEMM.
+    df = jnp.where(hw.dataflow == 3, jnp.argmin(per_df, axis=0), hw.dataflow)
+    cycles = jnp.where(df == 0, per_df[0], jnp.where(df == 1, per_df[1], per_df[2]))
     compute_s = count * cycles / hw.clock_hz
 
     a_el, b_el = _operand_bytes(wl)
@@ -162,7 +204,6 @@ def accelerator_cost(hw: Accelerator, wl: Workload) -> Cost:
                + (1 - overlap) * (jnp.maximum(compute_s, memory_s) + conv_s))
 
     # SRAM traffic by dataflow (elements re-read per fold; partial sums when K is spatial).
-    df = hw.dataflow
     k_folds = jnp.ceil(k_eff / hw.rows)
     psum = m * n * (2 * k_folds - 1) * _PSUM_BYTES
     sram_os = m * k * a_el * jnp.ceil(n / hw.cols) + k * n * b_el * jnp.ceil(m / hw.rows) + m * n * wl.out_bits / 8

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 #: Dataflows of a 2-D systolic array, in the order of their numeric code (0, 1, 2):
-#: output-, weight- and input-stationary, as SCALE-Sim names them.
-DATAFLOWS = ("os", "ws", "is")
+#: output-, weight- and input-stationary, as SCALE-Sim names them; code 3, ``"best"``, is a
+#: reconfigurable array that runs each GEMM in whichever of the three is fastest for it.
+DATAFLOWS = ("os", "ws", "is", "best")
 
 #: Operand format classes a PE distinguishes (rows/columns of ``pe_rate`` and ``mac_pj``).
 #: ``mx9``/``mx6``/``mx4`` are the shared-microexponent formats (Rouhani et al. 2023),
@@ -39,10 +40,10 @@ def dataflow_index(dataflow) -> int:
         aliases = {"output_stationary": "os", "weight_stationary": "ws", "input_stationary": "is"}
         name = aliases.get(name, name)
         if name not in DATAFLOWS:
-            raise ValueError(f"unknown dataflow {dataflow!r}; use one of {list(DATAFLOWS)} (or 0, 1, 2)")
+            raise ValueError(f"unknown dataflow {dataflow!r}; use one of {list(DATAFLOWS)} (or 0, 1, 2, 3)")
         return DATAFLOWS.index(name)
     if isinstance(dataflow, (int, np.integer)) and not 0 <= int(dataflow) < len(DATAFLOWS):
-        raise ValueError(f"dataflow code {dataflow} out of range; use 0 (os), 1 (ws) or 2 (is)")
+        raise ValueError(f"dataflow code {dataflow} out of range; use 0 (os), 1 (ws), 2 (is) or 3 (best)")
     return dataflow
 
 
@@ -115,7 +116,11 @@ def pair_table(entries: Mapping[tuple[str, str], float], default: float = 0.0, s
 class Accelerator(NamedTuple):
     """A 2-D systolic-array accelerator with precision-flexible PEs (all fields are numbers).
 
-    * ``rows``, ``cols``: PE array size; ``dataflow``: 0 OS, 1 WS, 2 IS (:data:`DATAFLOWS`).
+    * ``rows``, ``cols``: PE array size; ``dataflow``: 0 OS, 1 WS, 2 IS, 3 best of the three per
+      GEMM (:data:`DATAFLOWS`).
+    * ``fold_overlap``: 0 runs the folds (tiles) of a GEMM one after the other, each with its own
+      fill and drain (SCALE-Sim's schedule, :func:`jdq.hw.gemm_cycles`); 1 pipelines them (the
+      next tile's operands enter while the last one drains; one fill and drain per GEMM).
     * ``clock_hz``: clock frequency.
     * ``pe_rate[a, b]``: multiply-accumulates one PE performs per cycle on operands of PE format
       classes ``a`` and ``b`` (``0``: unsupported; the cost model then returns ``inf``). A rate
@@ -134,6 +139,7 @@ class Accelerator(NamedTuple):
     rows: jax.Array
     cols: jax.Array
     dataflow: jax.Array
+    fold_overlap: jax.Array
     clock_hz: jax.Array
     pe_rate: jax.Array
     mac_pj: jax.Array
@@ -174,7 +180,7 @@ class GPU(NamedTuple):
 Hardware = Accelerator | GPU
 
 
-def accelerator(*, rows, cols, dataflow="os", clock_hz, pe_rate, mac_pj, buf_a_bytes, buf_b_bytes,
+def accelerator(*, rows, cols, dataflow="os", fold_overlap=0, clock_hz, pe_rate, mac_pj, buf_a_bytes, buf_b_bytes,
                 buf_out_bytes, dram_bytes_per_s, dram_pj_per_byte, sram_pj_per_byte,
                 conv_elems_per_cycle, conv_pj_per_elem, conv_overlap=1, fuse_attention=1,
                 static_w=0.0) -> Accelerator:
@@ -183,7 +189,8 @@ def accelerator(*, rows, cols, dataflow="os", clock_hz, pe_rate, mac_pj, buf_a_b
         pe_rate = pair_table(pe_rate)
     if isinstance(mac_pj, Mapping):
         mac_pj = pair_table(mac_pj)
-    fields = dict(rows=rows, cols=cols, dataflow=dataflow_index(dataflow), clock_hz=clock_hz,
+    fields = dict(rows=rows, cols=cols, dataflow=dataflow_index(dataflow), fold_overlap=fold_overlap,
+                  clock_hz=clock_hz,
                   pe_rate=pe_rate, mac_pj=mac_pj, buf_a_bytes=buf_a_bytes, buf_b_bytes=buf_b_bytes,
                   buf_out_bytes=buf_out_bytes, dram_bytes_per_s=dram_bytes_per_s,
                   dram_pj_per_byte=dram_pj_per_byte, sram_pj_per_byte=sram_pj_per_byte,

@@ -370,8 +370,9 @@ _FRAC_KEYS = ("ratio", "outlier_ratio", "outlier_fraction", "fraction", "frac", 
 def format_of_transform(transform, default: OperandFormat = FLOAT16, key: str = "") -> OperandFormat:
     """The :class:`OperandFormat` a quantization transform produces, read from its ``meta``.
 
-    Looks for a format name (keys ``format``/``fmt``/``low``), an outlier format (``high``,
-    ``outlier_format``) and an outlier fraction (``ratio``, ``outlier_ratio``, ``fraction``) in
+    Looks for a format name (keys ``format``/``fmt``/``low``, else an integer ``bits``: a
+    uniform ``int<bits>``), an outlier format (``high``, ``outlier_format``) and an outlier
+    fraction (``ratio``, ``outlier_ratio``, ``fraction``) in
     the meta (mappings, named tuples, dataclasses or flat key/value tuples, recursing through
     :func:`jdq.quant.chain`). The last cast in a chain wins. ``None`` transforms keep ``default``.
     """
@@ -381,6 +382,9 @@ def format_of_transform(transform, default: OperandFormat = FLOAT16, key: str = 
     result = None
     for e in entries:
         name = next((e[k] for k in _FORMAT_KEYS if isinstance(e.get(k), str)), None)
+        if name is None and isinstance(e.get("bits"), int) and not isinstance(e.get("bits"), bool):
+            bits = e["bits"]
+            name = f"int{bits}" if bits <= 8 else "fp16" if bits == 16 else None
         if name is None:
             continue
         try:
@@ -418,3 +422,116 @@ def from_plan(plan, outlier_fractions: Mapping[str, float] | None = None, defaul
         return f
 
     return fmt
+
+
+#: Named cost-model plans (format functions) for :func:`named_plan` and ``jdq cost --plan``.
+PLAN_NAMES = ("fp16", "bf16", "fp32", "w8a8", "fp8", "mx9", "mx6", "mixdit")
+
+
+def named_plan(name: str, *, linear_outliers: float = 0.05, attn_outliers: float = 0.20, weights: str | None = None,
+         keep_float: Sequence[str] = ()) -> FormatFn:
+    """A named format function: ``fp16``/``bf16``/``fp32`` (no quantization), ``w8a8`` (INT8
+    weights and activations, attention included), ``fp8`` (E4M3 everywhere), ``mx9``/``mx6``
+    (everything in that format), ``mixdit`` (MX6 with MX9 outliers, :func:`mixdit`). ``weights``
+    overrides the weight format; ``keep_float``: site globs left in BF16."""
+    if name == "mixdit":
+        return mixdit(linear_outliers, attn_outliers, weights=weights or "mx6", keep_float=keep_float)
+    base = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32", "w8a8": "int8", "fp8": "fp8_e4m3",
+            "mx9": "mx9", "mx6": "mx6"}
+    if name not in base:
+        raise KeyError(f"unknown plan {name!r}; known plans: {list(PLAN_NAMES)}")
+    return uniform(weights or base[name], base[name], keep_float=keep_float)
+
+
+# --------------------------------------------------------------------------------------------
+# The models jdq knows by name
+# --------------------------------------------------------------------------------------------
+
+
+class ModelSpec(NamedTuple):
+    """How to trace one named model: its family module, config and abstract inputs for a batch.
+
+    ``steps``: the default number of denoising steps (a common sampler setting for the model);
+    ``batch`` in :func:`model_operands` counts model inputs per call (2 = one image with
+    classifier-free guidance's conditional and unconditional halves).
+    """
+
+    module: str
+    config: Callable[[], Any]
+    inputs: Callable[[Any, int], tuple]
+    steps: int
+    description: str
+
+
+def _sds(shape, dtype=jnp.float32):
+    return jax.ShapeDtypeStruct(tuple(shape), dtype)
+
+
+def _dit_config():
+    from jdq.models import dit
+
+    return dit.Config.variant("XL/2", 256)
+
+
+def _dit_inputs(cfg, b):
+    return (_sds((b, cfg.input_size, cfg.input_size, cfg.in_channels)), _sds((b,)), _sds((b,), jnp.int32))
+
+
+def _pixart_config():
+    from jdq.models import pixart
+
+    return pixart.PIXART_SIGMA_XL_2_1024_MS
+
+
+def _pixart_inputs(cfg, b):
+    return (_sds((b, cfg.sample_size, cfg.sample_size, cfg.in_channels)), _sds((b,)), _sds((b, 300, cfg.caption_channels)))
+
+
+def _sd3_config():
+    from jdq.models import mmdit
+
+    return mmdit.SD3_MEDIUM
+
+
+def _sd3_inputs(cfg, b):
+    # 333 text tokens: 77 CLIP-L/G tokens (padded to 4096 wide) + 256 T5-XXL tokens.
+    return (_sds((b, cfg.sample_size, cfg.sample_size, cfg.in_channels)), _sds((b,)),
+            _sds((b, 333, cfg.joint_attention_dim)), _sds((b, cfg.pooled_projection_dim)))
+
+
+MODELS: dict[str, ModelSpec] = {
+    "dit-xl-2": ModelSpec("jdq.models.dit", _dit_config, _dit_inputs, 50,
+                          "DiT-XL/2, 256x256 (latent 32x32x4, 256 tokens), class-conditional"),
+    "pixart-sigma": ModelSpec("jdq.models.pixart", _pixart_config, _pixart_inputs, 20,
+                              "PixArt-Sigma-XL/2, 1024x1024 (latent 128x128x4, 4096 tokens), 300 T5 tokens"),
+    "sd3-medium": ModelSpec("jdq.models.mmdit", _sd3_config, _sd3_inputs, 28,
+                            "SD3-medium MMDiT, 1024x1024 (latent 128x128x16, 4096 tokens), 333 text tokens"),
+}
+
+
+def model_operands(name: str, batch: int = 2, config=None) -> tuple:
+    """The matmul operands of one call of model ``name`` (a key of :data:`MODELS`), traced abstractly.
+
+    ``config`` replaces the model's default config (same family). No parameters are allocated
+    and no FLOPs run (:func:`jdq.quant.trace_operands` under ``jax.eval_shape``).
+    """
+    import importlib
+
+    from jdq.models.base import Model
+    from jdq.quant import trace_operands
+
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
+    if not (isinstance(batch, int) and batch >= 1):
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    spec = MODELS[name]
+    family = importlib.import_module(spec.module)
+    cfg = spec.config() if config is None else config
+    model = Model.abstract(cfg, family.build)
+    return trace_operands(model.apply, model.params, *spec.inputs(cfg, batch))
+
+
+def model_workload(name: str, fmt: FormatFn | None = None, batch: int = 2, config=None, **kwargs) -> Workload:
+    """The :class:`Workload` of one call (one denoising step) of model ``name`` with formats ``fmt``
+    (default: everything BF16). Extra keyword arguments go to :func:`from_operands`."""
+    return from_operands(model_operands(name, batch, config), fmt or uniform("bf16"), **kwargs)
