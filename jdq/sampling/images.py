@@ -1,0 +1,67 @@
+"""Writing samples: a PNG grid and an ``.npz``, both atomically (temp file in the same folder + rename)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def _atomic_write(path, write_fn, suffix):
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not a file name")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"folder {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2, pad_value: int = 0) -> np.ndarray:
+    """Tile uint8 images ``[N, H, W, C]`` (C = 1 or 3) into one ``[rows·(H+pad)+pad, …, C]`` array."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
+        raise ValueError(f"make_grid expects uint8 [N, H, W, 1 or 3], got {images.dtype} {images.shape}")
+    n, h, w, c = images.shape
+    ncol = max(1, min(n, ncol or int(np.ceil(np.sqrt(n)))))
+    nrow = -(-n // ncol)
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), pad_value, np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, ncol)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = img
+    return grid
+
+
+def save_grid(path, images: np.ndarray, ncol: int | None = None, scale: int = 1) -> Path:
+    """Write uint8 images ``[N, H, W, C]`` as one PNG grid (nearest-neighbour upscaled by ``scale``)."""
+    from PIL import Image
+
+    grid = make_grid(images, ncol)
+    if scale > 1:
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    return _atomic_write(path, lambda tmp: img.save(tmp, format="PNG"), ".png")
+
+
+def save_npz(path, **arrays) -> Path:
+    """Write ``arrays`` to an ``.npz`` file atomically."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+    return _atomic_write(path, write, ".npz")
+
+
+def to_uint8(x: np.ndarray, lo: float = -1.0, hi: float = 1.0) -> np.ndarray:
+    """Map values in ``[lo, hi]`` to uint8 ``[0, 255]`` (clipped)."""
+    x = (np.asarray(x, np.float32) - lo) / (hi - lo)
+    return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
