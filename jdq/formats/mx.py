@@ -18,8 +18,9 @@ What this module does, exactly:
 * **NaN.** A block containing NaN gets scale byte ``0xFF`` and decodes to all NaN (the spec: a NaN
   scale makes the whole block NaN; torchao does the same).
 * **Inf.** ``amax = Inf`` is treated as ``floor(log2 amax) = 128`` (the exponent field of Inf, as
-  torchao's FLOOR mode does): the Inf elements saturate to ``±max_normal * X`` and the finite
-  elements of that block, tiny relative to ``X``, flush to 0. Nothing becomes Inf or NaN.
+  torchao's FLOOR mode does): the Inf elements saturate to ``±max_normal`` times the block scale
+  ``2**(128 - emax)``, which overflows float32, so ±Inf stays ±Inf; the finite elements of that
+  block, tiny relative to the scale, flush to 0. (The stored codes are ``±max_normal``.)
 * **Scale code 0.** The spec decodes byte 0 as ``2**-127`` and so do we, in both directions.
   torchao quantizes those blocks with ``2**-126`` but decodes with ``2**-127`` (off by 2x);
   ``tests/formats/test_mx_torchao.py::test_scale_code_zero_follows_spec`` pins the difference.
