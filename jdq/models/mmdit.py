@@ -53,7 +53,7 @@ from flax import nnx
 from jdq.models import layers
 from jdq.models.base import ConfigBase, Model
 from jdq.models.layers import Linear, PatchEmbed, layer_norm, unpatchify
-from jdq.models.pixart import Attention, FeedForward, Norm, TwoLayer, merge_heads, split_heads
+from jdq.models.pixart import Attention, FeedForward, Norm, TwoLayer, abstract_model, merge_heads, split_heads
 
 FAMILY = "sd3"
 
@@ -329,4 +329,4 @@ def build(config: Config | Mapping[str, Any], rngs: nnx.Rngs) -> SD3Transformer:
 def from_config(config: Config, key=None, abstract: bool = False) -> Model:
     """A :class:`~jdq.models.base.Model` of ``config``: random params from ``key``, or abstract ones."""
     cfg = config if isinstance(config, Config) else Config.from_dict(config)
-    return Model.abstract(cfg, build) if abstract else Model.create(cfg, build, key)
+    return abstract_model(cfg, build) if abstract else Model.create(cfg, build, key)
