@@ -177,8 +177,8 @@ def accelerator_cost(hw: Accelerator, wl: Workload) -> Cost:
     k_eff = jnp.ceil(k * _time_per_mac(hw.pe_rate, wl))
 
     def cycles_for(df):
-        return ((1 - hw.fold_overlap) * _sequential_cycles(m, n, k_eff, hw.rows, hw.cols, df)
-                + hw.fold_overlap * _pipelined_cycles(m, n, k_eff, hw.rows, hw.cols, df))
+        return jnp.where(hw.fold_overlap > 0.5, _pipelined_cycles(m, n, k_eff, hw.rows, hw.cols, df),
+                         _sequential_cycles(m, n, k_eff, hw.rows, hw.cols, df))
 
     per_df = jnp.stack([cycles_for(df) for df in range(3)])  # [3, G]
     # Code 3 ("best"): a reconfigurable array picks the fastest dataflow for each GEMM.
@@ -199,9 +199,8 @@ def accelerator_cost(hw: Accelerator, wl: Workload) -> Cost:
 
     conv_elems = count * (wl.a_conv * m * k + wl.b_conv * k * n)
     conv_s = conv_elems / (hw.conv_elems_per_cycle * hw.clock_hz)
-    overlap = hw.conv_overlap
-    seconds = (overlap * jnp.maximum(jnp.maximum(compute_s, memory_s), conv_s)
-               + (1 - overlap) * (jnp.maximum(compute_s, memory_s) + conv_s))
+    busy = jnp.maximum(compute_s, memory_s)
+    seconds = jnp.where(hw.conv_overlap > 0.5, jnp.maximum(busy, conv_s), busy + conv_s)
 
     # SRAM traffic by dataflow (elements re-read per fold; partial sums when K is spatial).
     k_folds = jnp.ceil(k_eff / hw.rows)

@@ -118,7 +118,7 @@ class Accelerator(NamedTuple):
 
     * ``rows``, ``cols``: PE array size; ``dataflow``: 0 OS, 1 WS, 2 IS, 3 best of the three per
       GEMM (:data:`DATAFLOWS`).
-    * ``fold_overlap``: 0 runs the folds (tiles) of a GEMM one after the other, each with its own
+    * ``fold_overlap`` (0 or 1): 0 runs the folds (tiles) of a GEMM one after the other, each with its own
       fill and drain (SCALE-Sim's schedule, :func:`jdq.hw.gemm_cycles`); 1 pipelines them (the
       next tile's operands enter while the last one drains; one fill and drain per GEMM).
     * ``clock_hz``: clock frequency.
@@ -131,7 +131,7 @@ class Accelerator(NamedTuple):
     * ``dram_bytes_per_s``: DRAM bandwidth; ``dram_pj_per_byte``, ``sram_pj_per_byte``: access energy.
     * ``conv_elems_per_cycle``, ``conv_pj_per_elem``: MX precision-conversion units (BF16/FP32 to
       an MX format, incl. outlier selection) throughput and energy per converted element.
-    * ``conv_overlap``: 1 if conversion runs in parallel with the array (pipelined), 0 if serial.
+    * ``conv_overlap`` (0 or 1): 1 if conversion runs in parallel with the array (pipelined), 0 if serial.
     * ``fuse_attention``: 1 if attention scores/probabilities stay on chip (never go to DRAM).
     * ``static_w``: static (leakage + clock) power, watts, charged for the whole run time.
     """
