@@ -168,6 +168,36 @@ def cast_floating(params, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
+def random_params(abstract, key: jax.Array | int | None = None):
+    """Random params with the shapes/dtypes of ``abstract``, generated with numpy (no XLA compile).
+
+    By leaf name: ``kernel`` ~ N(0, 1/fan_in) (fan_in: all axes but the last), ``scale`` = 1,
+    everything else (biases, tables) ~ N(0, 0.02²). Random models serve tests and benchmarks;
+    the papers' training initialisations (adaLN-Zero zeros) would make outputs trivial. (Eager
+    or jitted ``jax.random`` init of a model compiles slowly on CPU, a minute for a tiny VAE.)
+    """
+    if key is None:
+        seed = 0
+    elif isinstance(key, (int, np.integer)):
+        seed = int(key)
+    else:
+        seed = int(np.asarray(jax.random.key_data(key)).astype(np.uint64).sum())
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, x):
+        name = _key_name(path[-1]) if path else ""
+        if name == "scale":
+            a = np.ones(x.shape, np.float32)
+        elif name == "kernel":
+            fan_in = int(np.prod(x.shape[:-1])) or 1
+            a = rng.standard_normal(x.shape, np.float32) / np.float32(np.sqrt(fan_in))
+        else:
+            a = rng.standard_normal(x.shape, np.float32) * np.float32(0.02)
+        return jnp.asarray(a, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.zeros(x.shape, x.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, abstract)
+
+
 def _is_pytree(x) -> bool:
     """Whether ``x`` is a registered pytree node (e.g. a Quantizer), not an opaque leaf."""
     return not jax.tree_util.all_leaves([x])
@@ -194,10 +224,9 @@ class Model:
     @classmethod
     def create(cls, config: ConfigBase, build: Callable[[ConfigBase, nnx.Rngs], nnx.Module],
                key: jax.Array | int | None = None) -> "Model":
-        """Build ``build(config, rngs)`` with random params from ``key`` (an int seed or a PRNG key)."""
-        key = jax.random.key(0) if key is None else (jax.random.key(key) if isinstance(key, int) else key)
-        graphdef, state = nnx.split(build(config, nnx.Rngs(params=key)))
-        return cls(config, graphdef, nnx.to_pure_dict(state))
+        """Build ``build(config, rngs)`` with :func:`random_params` from ``key`` (an int seed or a PRNG key)."""
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: build(config, nnx.Rngs(params=0))))
+        return cls(config, graphdef, random_params(nnx.to_pure_dict(state), key))
 
     @classmethod
     def abstract(cls, config: ConfigBase, build: Callable[[ConfigBase, nnx.Rngs], nnx.Module]) -> "Model":
