@@ -3,7 +3,8 @@
 jdq's PixArt and SD3 modules are laid out as diffusers lays its modules out, so the mapping is
 generic (:func:`convert_by_paths`): the params path ``transformer_blocks.3.attn1.to_q.kernel`` is
 the transposed ``transformer_blocks.3.attn1.to_q.weight``, the patch embedding's kernel is the
-flattened conv ``pos_embed.proj.weight``, and every other parameter has its diffusers name.
+flattened conv ``pos_embed.proj.weight``, a norm's ``scale`` is its ``weight``, and every other
+parameter has its diffusers name.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ def convert_by_paths(sd: StateDict, abstract_params, conv_sites: Mapping[str, tu
     """Fill ``abstract_params`` (a jdq model's params of ``ShapeDtypeStruct``) from diffusers keys.
 
     ``{path}.kernel`` ← ``{path}.weight`` transposed (a linear) or, for a path in ``conv_sites``
-    (``{site: (in_channels, patch)}``), flattened from a (out, C, p, p) patch conv; every other
-    leaf ← the key spelled by its path. Each key is shape-checked as it is taken; the caller
+    (``{site: (in_channels, patch)}``), flattened from a (out, C, p, p) patch conv; a norm's
+    ``{path}.scale`` ← ``{path}.weight``; every other leaf ← the key spelled by its path. Each key is shape-checked as it is taken; the caller
     calls ``sd.finish()`` to reject keys left over.
     """
     from jdq.models.base import flatten_params, unflatten_params
@@ -36,6 +37,8 @@ def convert_by_paths(sd: StateDict, abstract_params, conv_sites: Mapping[str, tu
                 flat[path] = patch_conv_weight(sd, f"{site}.weight", c, shape[1], p)
             else:
                 flat[path] = linear_weight(sd, f"{site}.weight", shape[0], shape[1])
+        elif path.endswith(".scale"):  # jdq's norm weight
+            flat[path] = sd.take(path[: -len(".scale")] + ".weight", shape)
         else:
             flat[path] = sd.take(path, shape)
     return unflatten_params({k: np.ascontiguousarray(v) for k, v in flat.items()}, abstract_params)

@@ -51,9 +51,9 @@ import numpy as np
 from flax import nnx
 
 from jdq.models import layers
-from jdq.models.base import ConfigBase, Model
+from jdq.models.base import ConfigBase, Model, random_params
 from jdq.models.layers import Linear, PatchEmbed, layer_norm, unpatchify
-from jdq.models.pixart import Attention, FeedForward, Norm, TwoLayer, abstract_model, merge_heads, split_heads
+from jdq.models.pixart import Attention, FeedForward, TwoLayer, abstract_model, head_norm, merge_heads, split_heads
 
 FAMILY = "sd3"
 
@@ -186,8 +186,8 @@ class JointAttention(Attention):
         self.add_k_proj = Linear(dim, inner, site=f"{site}.add_k_proj", rngs=rngs)
         self.add_v_proj = Linear(dim, inner, site=f"{site}.add_v_proj", rngs=rngs)
         self.to_add_out = None if context_pre_only else Linear(inner, dim, site=f"{site}.to_add_out", rngs=rngs)
-        self.norm_added_q = Norm(head_dim, eps=1e-6, affine=True, kind=qk_norm) if qk_norm else None
-        self.norm_added_k = Norm(head_dim, eps=1e-6, affine=True, kind=qk_norm) if qk_norm else None
+        self.norm_added_q = head_norm(head_dim, qk_norm)
+        self.norm_added_k = head_norm(head_dim, qk_norm)
 
     def __call__(self, x, context, quant=None):
         q, k, v = self.project(x, quant=quant)
@@ -329,4 +329,5 @@ def build(config: Config | Mapping[str, Any], rngs: nnx.Rngs) -> SD3Transformer:
 def from_config(config: Config, key=None, abstract: bool = False) -> Model:
     """A :class:`~jdq.models.base.Model` of ``config``: random params from ``key``, or abstract ones."""
     cfg = config if isinstance(config, Config) else Config.from_dict(config)
-    return abstract_model(cfg, build) if abstract else Model.create(cfg, build, key)
+    model = abstract_model(cfg, build)
+    return model if abstract else model.replace(params=random_params(model.params, key))

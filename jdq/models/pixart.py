@@ -8,7 +8,8 @@ Any latent size that is a multiple of the patch works (the sin-cos positions are
 the grid, as diffusers does); the compute dtype is ``Config.dtype``.
 
 Quantization sites are diffusers' module paths (and, as everywhere in jdq, the params paths of
-the layers' ``kernel``/``bias``), so a rule written against a PyTorch PixArt reads the same here:
+the layers' ``kernel``/``bias``; norm weights are jdq's ``scale``), so a rule written against a
+PyTorch PixArt reads the same here:
 
 =====================================================  ==================================  ============
 site                                                   what                                input role
@@ -46,7 +47,7 @@ import numpy as np
 from flax import nnx
 
 from jdq.models import layers
-from jdq.models.base import ConfigBase, Model
+from jdq.models.base import ConfigBase, Model, random_params
 from jdq.models.layers import Linear, PatchEmbed, layer_norm, unpatchify
 
 FAMILY = "pixart"
@@ -56,25 +57,15 @@ FAMILY = "pixart"
 # --------------------------------------------------------------------------------------------
 
 
-class Norm(nnx.Module):
-    """LayerNorm (or RMSNorm) over the last axis with diffusers' parameter names ``weight``/``bias``.
-
-    ``affine=False`` has no parameters (PixArt's and SD3's norms); QK-norm (SD3.5) has a weight.
-    """
-
-    def __init__(self, dim: int, *, eps: float, affine: bool, kind: str = "layer_norm"):
-        if kind not in ("layer_norm", "rms_norm"):
-            raise ValueError(f"Norm: kind must be 'layer_norm' or 'rms_norm', got {kind!r}")
-        self.eps = eps
-        self.kind = kind
-        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32)) if affine else None
-        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if affine and kind == "layer_norm" else None
-
-    def __call__(self, x):
-        w = None if self.weight is None else self.weight[...]
-        if self.kind == "rms_norm":
-            return layers.rms_norm(x, w, eps=self.eps)
-        return layer_norm(x, w, None if self.bias is None else self.bias[...], eps=self.eps)
+def head_norm(head_dim: int, kind: str | None):
+    """The per-head QK-norm of diffusers' ``Attention(qk_norm=kind)`` (eps 1e-6, learned weight), or ``None``."""
+    if kind is None:
+        return None
+    if kind == "rms_norm":
+        return layers.RMSNorm(head_dim, eps=1e-6)
+    if kind == "layer_norm":
+        return layers.LayerNorm(head_dim, eps=1e-6, affine=True)
+    raise ValueError(f"qk_norm must be None, 'rms_norm' or 'layer_norm', got {kind!r}")
 
 
 class TwoLayer(nnx.Module):
@@ -148,8 +139,8 @@ class Attention(nnx.Module):
         self.to_k = Linear(kv_dim, inner, site=f"{site}.to_k", rngs=rngs, use_bias=bias)
         self.to_v = Linear(kv_dim, inner, site=f"{site}.to_v", rngs=rngs, use_bias=bias)
         self.to_out = nnx.Dict({"0": Linear(inner, dim, site=f"{site}.to_out.0", rngs=rngs)})
-        self.norm_q = Norm(head_dim, eps=1e-6, affine=True, kind=qk_norm) if qk_norm else None
-        self.norm_k = Norm(head_dim, eps=1e-6, affine=True, kind=qk_norm) if qk_norm else None
+        self.norm_q = head_norm(head_dim, qk_norm)
+        self.norm_k = head_norm(head_dim, qk_norm)
 
     def project(self, x, context=None, quant=None):
         """Per-head (q, k, v), each (B, L, H, D), q-/k-normalised if configured."""
@@ -292,9 +283,9 @@ class PixArtBlock(nnx.Module):
         d = cfg.inner_dim
         site = f"transformer_blocks.{index}"
         heads, hd = cfg.num_attention_heads, cfg.attention_head_dim
-        self.norm1 = Norm(d, eps=cfg.norm_eps, affine=cfg.norm_elementwise_affine)
+        self.norm1 = layers.LayerNorm(d, eps=cfg.norm_eps, affine=cfg.norm_elementwise_affine)
         self.attn1 = Attention(d, heads, hd, site=f"{site}.attn1", rngs=rngs, bias=cfg.attention_bias)
-        self.norm2 = Norm(d, eps=cfg.norm_eps, affine=cfg.norm_elementwise_affine)
+        self.norm2 = layers.LayerNorm(d, eps=cfg.norm_eps, affine=cfg.norm_elementwise_affine)
         self.attn2 = Attention(d, heads, hd, site=f"{site}.attn2", rngs=rngs, kv_dim=cfg.cross_attention_dim,
                                bias=cfg.attention_bias)
         self.ff = FeedForward(d, site=f"{site}.ff", rngs=rngs, approximate=cfg.activation_fn == "gelu-approximate")
@@ -433,4 +424,5 @@ def build(config: Config | Mapping[str, Any], rngs: nnx.Rngs) -> PixArtTransform
 def from_config(config: Config, key=None, abstract: bool = False) -> Model:
     """A :class:`~jdq.models.base.Model` of ``config``: random params from ``key``, or abstract ones."""
     cfg = config if isinstance(config, Config) else Config.from_dict(config)
-    return abstract_model(cfg, build) if abstract else Model.create(cfg, build, key)
+    model = abstract_model(cfg, build)
+    return model if abstract else model.replace(params=random_params(model.params, key))
