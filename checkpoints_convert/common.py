@@ -61,10 +61,12 @@ def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{p}: refused to load: the pickle asks for something other than tensors "
-                              f"({first}). jdq reads checkpoints with torch.load(weights_only=True) and "
-                              f"never runs code from a checkpoint.") from None
+        # torch's message suggests weights_only=False; quote only the line naming what was asked for.
+        lines = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
+        why = f" ({lines[0]})" if lines else ""
+        raise CheckpointError(f"{p}: refused to load: the pickle asks for something other than tensors{why}. "
+                              f"jdq reads checkpoints with torch.load(weights_only=True) and never runs code "
+                              f"from a checkpoint; re-save the weights as a plain state dict.") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{p}: cannot read PyTorch checkpoint ({type(e).__name__}: {e}); "
                               f"is it truncated or corrupt?") from None

@@ -1,0 +1,111 @@
+"""Shared layers against PyTorch/diffusers references: timestep and position embeddings, norms,
+patchify (a stride-p conv is a linear over patches), and the site naming contract."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jdq.models import layers
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize("flip,shift", [(True, 0.0), (True, 1.0), (False, 1.0), (False, 0.0)])
+def test_timestep_embedding_matches_diffusers(flip, shift):
+    emb = pytest.importorskip("diffusers.models.embeddings")
+    t = np.array([0.0, 1.0, 17.5, 500.0, 999.0], np.float32)
+    want = emb.get_timestep_embedding(torch.from_numpy(t), 256, flip_sin_to_cos=flip, downscale_freq_shift=shift).numpy()
+    got = layers.timestep_embedding(t, 256, flip_sin_to_cos=flip, freq_shift=shift)
+    # jdq's frequencies are exp correctly rounded to float32; torch's float32 exp is off by one ulp
+    # at a few indices (3 of 128 here), which at t≈1000 rad-scale arguments shows as ~2e-5.
+    np.testing.assert_allclose(got, want, atol=4e-5)
+    np.testing.assert_allclose(got[:2], want[:2], atol=1e-6)
+
+
+def test_timestep_embedding_matches_original_dit():
+    """facebookresearch/DiT: freqs exp(-ln(1e4)·i/half), [cos, sin]: flip=True, shift=0, odd dims padded."""
+    t = torch.tensor([3.0, 250.0, 999.0])
+    half = 128
+    freqs = torch.exp(-math.log(10000) * torch.arange(0, half, dtype=torch.float32) / half)
+    args = t[:, None] * freqs[None]
+    want = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).numpy()
+    np.testing.assert_allclose(layers.timestep_embedding(t.numpy(), 256), want, atol=4e-5)
+    odd = layers.timestep_embedding(t.numpy(), 257)
+    assert odd.shape == (3, 257) and np.all(np.asarray(odd[:, -1]) == 0)
+
+
+@pytest.mark.parametrize("gh,gw,base,scale", [(4, 4, None, 1.0), (6, 4, 3, 2.0), (8, 8, 16, 0.5)])
+def test_pos_embed_matches_diffusers(gh, gw, base, scale):
+    emb = pytest.importorskip("diffusers.models.embeddings")
+    want = emb.get_2d_sincos_pos_embed(64, (gh, gw), base_size=gh if base is None else base,
+                                       interpolation_scale=scale, output_type="pt").numpy()
+    got = layers.sincos_pos_embed_2d(64, gh, gw, base_size=base, interpolation_scale=scale)
+    assert got.shape == (gh * gw, 64) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_patch_embed_equals_conv():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 12, 3)).astype(np.float32)
+    conv = torch.nn.Conv2d(3, 5, kernel_size=4, stride=4)
+    with torch.no_grad():
+        want = conv(torch.from_numpy(x).permute(0, 3, 1, 2)).flatten(2).transpose(1, 2).numpy()
+    w = conv.weight.detach().numpy().transpose(2, 3, 1, 0).reshape(4 * 4 * 3, 5)
+    got = layers.qlinear(layers.patchify(jnp.asarray(x), 4), w, conv.bias.detach().numpy(), site="x")
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # unpatchify inverts patchify
+    np.testing.assert_array_equal(layers.unpatchify(layers.patchify(jnp.asarray(x), 4), 4, 2, 3), x)
+    with pytest.raises(ValueError, match="not divisible by patch size 5"):
+        layers.patchify(jnp.asarray(x), 5)
+
+
+def test_norms_match_torch():
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((2, 5, 8, 16)) * 3 + 1).astype(np.float32)
+    s, b = rng.standard_normal(16).astype(np.float32), rng.standard_normal(16).astype(np.float32)
+    tx = torch.from_numpy(x)
+    want = torch.nn.functional.layer_norm(tx, (16,), torch.from_numpy(s), torch.from_numpy(b), eps=1e-5).numpy()
+    np.testing.assert_allclose(layers.layer_norm(x, s, b, eps=1e-5), want, atol=2e-5)
+    want = torch.nn.functional.group_norm(tx.permute(0, 3, 1, 2), 4, torch.from_numpy(s), torch.from_numpy(b),
+                                          eps=1e-6).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(layers.group_norm(x, 4, s, b, eps=1e-6), want, atol=2e-5)
+    want = torch.nn.functional.rms_norm(tx, (16,), torch.from_numpy(s), eps=1e-6).numpy()
+    np.testing.assert_allclose(layers.rms_norm(x, s, eps=1e-6), want, atol=2e-5)
+    y = layers.layer_norm(x.astype(jnp.bfloat16), eps=1e-6)
+    assert y.dtype == jnp.bfloat16
+
+
+def test_mlp_roles_and_gelu_tanh():
+    from flax import nnx
+
+    from jdq.quant.transform import OperandRecorder
+
+    mlp = layers.Mlp(8, 32, site="blocks.0.mlp", rngs=nnx.Rngs(params=0))
+    rec = OperandRecorder()
+    x = jnp.ones((2, 3, 8))
+    y = mlp(x, rec)
+    assert [(o.site, o.role) for o in rec.operands] == [
+        ("blocks.0.mlp.fc1", "act"), ("blocks.0.mlp.fc1", "weight"),
+        ("blocks.0.mlp.fc2", "post_gelu"), ("blocks.0.mlp.fc2", "weight")]
+    h = x @ mlp.fc1.kernel[...] + mlp.fc1.bias[...]
+    tg = torch.nn.functional.gelu(torch.from_numpy(np.array(h)), approximate="tanh").numpy()
+    np.testing.assert_allclose(y, tg @ np.asarray(mlp.fc2.kernel[...]) + np.asarray(mlp.fc2.bias[...]), atol=1e-5)
+
+
+def test_every_linear_site_is_its_param_path():
+    """The contract that lets weight-side tools find a site's weight: params[S + '.kernel']."""
+    from flax import nnx
+
+    from jdq.models import dit, vae
+
+    for module in (dit.build(dit.Config(input_size=8, hidden_size=32, depth=2, num_heads=4, num_classes=5),
+                             nnx.Rngs(params=0)),
+                   vae.build(vae.Config(block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1),
+                             nnx.Rngs(params=0))):
+        linears = [(p, m) for p, m in nnx.iter_modules(module) if isinstance(m, layers.Linear)]
+        assert linears
+        for path, m in linears:
+            assert m.site == ".".join(str(k) for k in path)
