@@ -12,9 +12,14 @@
 Example::
 
     import jax, jdq
-    wl = jdq.hw.model_workload("dit-xl-2", jdq.hw.workload.mixdit())
-    hw = jdq.hw.presets.get("mixdit_like")
-    seconds = jdq.hw.latency(hw, wl)      # one denoising step
+    wl = jdq.hw.model_workload("dit-xl-2", jdq.hw.named_plan("mixdit"))   # one denoising step
+    seconds = jdq.hw.latency(jdq.hw.presets.get("mixdit_like"), wl)
+    # A plan resolved for any jdq model (with measured outlier fractions per operand key):
+    ops = jdq.quant.trace_operands(model.apply, model.params, *inputs)
+    wl = jdq.hw.from_operands(ops, jdq.hw.workload.from_plan(plan, outlier_fractions))
+    # Designs x plans x layers in one call:
+    table = jax.jit(jax.vmap(jax.vmap(jdq.hw.latency, (None, 0)), (0, None)))(
+        jdq.hw.stack(designs), jdq.hw.workload.stack(workloads))
 """
 
 from jdq.hw import presets, workload
@@ -32,11 +37,22 @@ from jdq.hw.hardware import (
     replace,
     stack,
 )
-from jdq.hw.workload import Gemm, OperandFormat, Workload, format_bits, from_operands, pack
+from jdq.hw.workload import (
+    Gemm,
+    OperandFormat,
+    Workload,
+    format_bits,
+    from_operands,
+    model_operands,
+    model_workload,
+    named_plan,
+    pack,
+)
 
 __all__ = [
     "Accelerator", "Cost", "DATAFLOWS", "GPU", "Gemm", "OperandFormat", "PE_FORMATS", "Workload",
     "accelerator", "accelerator_cost", "dataflow_index", "energy", "evaluate", "format_bits",
-    "from_operands", "gemm_cycles", "gpu", "gpu_cost", "latency", "pack", "pair_table", "pe_format",
+    "from_operands", "gemm_cycles", "gpu", "gpu_cost", "latency", "model_operands", "model_workload",
+    "named_plan", "pack", "pair_table", "pe_format",
     "presets", "replace", "stack", "workload",
 ]

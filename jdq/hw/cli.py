@@ -119,6 +119,7 @@ def write_json_atomically(path: str, payload) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f, indent=2)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

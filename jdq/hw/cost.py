@@ -19,7 +19,9 @@ demand matrices), which the tests check cycle for cycle:
 * SCALE-Sim prints the index of the last cycle (its "Total Cycles" = our count − 1) and stalls
   from its memory model apart; :func:`gemm_cycles` is the stall-free count.
 * ``fold_overlap = 1`` (a design choice beyond SCALE-Sim) pipelines the folds instead
-  (:func:`pipelined_cycles`): one fill and drain per GEMM.
+  (:func:`pipelined_cycles`): one fill and drain per GEMM, and each later fold's preload hides
+  behind the previous fold's stream.
+* Dataflow code 3 ("best") takes, per GEMM, the fastest of the three.
 
 Precision-flexible PEs: a PE whose rate for an operand pair is ``r`` MACs per cycle consumes
 ``r`` elements of K per cycle (a dot-product PE), so the array sees ``K_eff = K · Σ_p f_p / r_p``
