@@ -173,6 +173,7 @@ def _operand_bytes(wl: Workload):
     return a, b
 
 
+@jax.jit
 def accelerator_cost(hw: Accelerator, wl: Workload) -> Cost:
     """Per-entry :class:`Cost` of ``wl`` on a systolic-array accelerator (see the module doc)."""
     m, n, k, count = wl.m, wl.n, wl.k, wl.count
@@ -222,6 +223,7 @@ def accelerator_cost(hw: Accelerator, wl: Workload) -> Cost:
     return Cost(seconds, compute_s, memory_s, conv_s, dram_bytes, macs, energy, mac_j, sram_j, dram_j, conv_j, static_j)
 
 
+@jax.jit
 def gpu_cost(hw: GPU, wl: Workload) -> Cost:
     """Per-entry :class:`Cost` of ``wl`` on a GPU roofline (see the module doc)."""
     m, n, k, count = wl.m, wl.n, wl.k, wl.count
