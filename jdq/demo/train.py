@@ -69,6 +69,10 @@ class Preset:
 
 PRESETS = {
     "default": Preset(),
+    # What this repository's CPU fallback used (2 shared cores, no GPU run available).
+    "cpu": Preset(hidden=128, depth=4, heads=4, patch=4, steps=12_000, batch=32, lr=4e-4, warmup=500, ema=0.999,
+                  clf_steps=1_500, clf_batch=128, eval_per_class=20, eval_samplers=(("ddpm", 50), ("ddim", 50)),
+                  eval_guidance=(1.0, 2.0, 4.0), chunk=200),
     "toy": Preset(hidden=32, depth=1, heads=1, patch=7, steps=40, batch=32, warmup=5, clf_steps=40, clf_batch=64,
                   eval_per_class=2, eval_samplers=(("ddpm", 4), ("ddim", 4)), eval_guidance=(1.0, 2.0), chunk=20),
 }

@@ -1,0 +1,439 @@
+"""The ``jdq`` command line: ``jdq sample``, ``jdq convert``, ``jdq cost``.
+
+``jdq sample`` with no arguments samples the embedded default model (a small class-conditional
+DiT trained on Animal-MNIST, shipped in ``jdq/assets``) on the CPU and writes ``samples.png``
+(a grid) and ``samples.npz`` (the samples, their classes and the settings). Every option:
+``jdq sample --help``.
+
+Errors in the arguments (a missing folder, an unknown sampler, format or recipe, a recipe that
+does not fit the model, a class out of range) print one line naming the problem and exit with
+status 2 before anything is computed; outputs are written atomically (a temporary file renamed
+into place), so an interrupted run never leaves a half-written file over a previous one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+#: Where the embedded default model lives (inside the installed package).
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_MODEL = ASSETS / "animal_dit"
+DEFAULT_CLASSIFIER = ASSETS / "animal_classifier.safetensors"
+
+
+class CliError(Exception):
+    """A problem with the command's arguments or inputs; printed as one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# jdq sample
+# ----------------------------------------------------------------------------------------------
+
+
+def _add_sample_parser(sub):
+    p = sub.add_parser("sample", help="sample a model (default: the embedded Animal-MNIST DiT) to a PNG grid and .npz",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default=None,
+                   help="a jdq model folder (from `jdq convert`); default: the embedded Animal-MNIST DiT")
+    p.add_argument("--classes", type=int, nargs="+", default=None, metavar="C",
+                   help="class labels to sample (DiT); default: every class of the embedded model, "
+                        "or 8 random classes of another DiT")
+    p.add_argument("--per-class", type=int, default=None, metavar="K",
+                   help="samples per listed class (default 2 for the embedded model, else 1)")
+    p.add_argument("--embeddings", default=None, metavar="FILE",
+                   help="PixArt-Σ / SD3 text conditions: .npy (text_emb [N, L, D]) or .npz/.safetensors with "
+                        "text_emb, and mask (PixArt-Σ) or pooled (SD3)")
+    p.add_argument("--negative-embeddings", default=None, metavar="FILE",
+                   help="unconditional embeddings for guidance (same keys; batch 1 or N)")
+    p.add_argument("--sampler", default=None, help="ddpm, ddim, dpm++2m or euler (default: the model family's)")
+    p.add_argument("--steps", type=int, default=None, help="number of sampling steps (default: the family's)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--shift", type=float, default=None, help="flow-matching time shift (SD3: 3.0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; sample j uses fold_in(key(seed), j)")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per compiled call")
+    p.add_argument("--quant", default=None, metavar="NAME",
+                   help="quantization recipe (e.g. w8a8, mxfp4_e2m1, mx6, mixdit); see the error for the list")
+    p.add_argument("--calib-samples", type=int, default=8,
+                   help="conditions used to calibrate a recipe that needs statistics (e.g. w8a8-static)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="data-parallel over this many local devices (default: all)")
+    p.add_argument("--vae", default=None, metavar="DIR", help="a converted VAE folder to decode latents to images")
+    p.add_argument("--out", default="samples", metavar="PREFIX",
+                   help="write PREFIX.png (grid) and PREFIX.npz (samples); default 'samples'")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _load_arrays(path: str, what: str) -> dict:
+    """``{name: array}`` from .npy (one array: ``text_emb``), .npz or .safetensors."""
+    import numpy as np
+
+    f = Path(path)
+    if not f.is_file():
+        raise CliError(f"{what} file {path} does not exist")
+    try:
+        if f.suffix == ".npy":
+            return {"text_emb": np.load(f, allow_pickle=False)}
+        if f.suffix == ".npz":
+            with np.load(f, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        if f.suffix == ".safetensors":
+            from safetensors.numpy import load_file
+            return dict(load_file(str(f)))
+    except Exception as e:  # noqa: BLE001 - any reader failure is a bad input file
+        raise CliError(f"cannot read {what} file {path}: {e}") from None
+    raise CliError(f"{what} file {path}: expected .npy, .npz or .safetensors")
+
+
+def _text_condition(arrays: dict, family: str, path: str) -> dict:
+    import numpy as np
+
+    need = {"pixart": ("text_emb",), "sd3": ("text_emb", "pooled")}[family]
+    allowed = {"pixart": ("text_emb", "mask"), "sd3": ("text_emb", "pooled")}[family]
+    missing = [k for k in need if k not in arrays]
+    if missing:
+        raise CliError(f"{path}: a {family} model needs arrays {list(need)}; missing {missing} (found {sorted(arrays)})")
+    cond = {k: np.asarray(arrays[k]) for k in allowed if k in arrays}
+    if cond["text_emb"].ndim != 3:
+        raise CliError(f"{path}: text_emb must be [N, L, D], got shape {cond['text_emb'].shape}")
+    n = cond["text_emb"].shape[0]
+    for k, v in cond.items():
+        if v.shape[0] != n:
+            raise CliError(f"{path}: {k} has batch {v.shape[0]} but text_emb has {n}")
+    if family == "pixart":
+        cond["text_emb"] = cond["text_emb"].astype(np.float32)
+        if "mask" in cond:
+            cond["mask"] = cond["mask"].astype(bool)
+    else:
+        cond = {k: v.astype(np.float32) for k, v in cond.items()}
+    return cond
+
+
+def _resolve_model(arg):
+    from jdq.models import load
+
+    folder = DEFAULT_MODEL if arg is None else Path(arg)
+    if not folder.exists():
+        if arg is None:
+            raise CliError(f"the embedded model is missing from {folder} (a broken installation?)")
+        raise CliError(f"model folder {folder} does not exist")
+    if not folder.is_dir():
+        raise CliError(f"{folder} is not a folder (expected a jdq model folder from `jdq convert`)")
+    try:
+        model, _ = load(folder)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise CliError(f"cannot load model {folder}: {e}") from None
+    defaults = {}
+    if (folder / "sampling.json").is_file():
+        try:
+            defaults = json.loads((folder / "sampling.json").read_text())
+        except json.JSONDecodeError as e:
+            raise CliError(f"{folder / 'sampling.json'}: not valid JSON ({e})") from None
+    return folder, model, defaults
+
+
+def _output_paths(prefix: str):
+    base = Path(prefix)
+    if base.suffix in (".png", ".npz"):
+        base = base.with_suffix("")
+    parent = base.parent
+    if not parent.is_dir():
+        raise CliError(f"output folder {parent} does not exist")
+    png, npz = base.with_name(base.name + ".png"), base.with_name(base.name + ".npz")
+    for p in (png, npz):
+        if p.is_dir():
+            raise CliError(f"output {p} is a folder")
+    return png, npz
+
+
+def _validate_sampler(model, args, defaults):
+    from jdq.sampling import SAMPLERS
+    from jdq.sampling.generate import resolve_sampler
+
+    name = args.sampler or defaults.get("sampler")
+    aliases = ("dpm-solver++", "dpmpp2m", "flow-euler")
+    if name is not None and name not in SAMPLERS + aliases:
+        raise CliError(f"unknown sampler {name!r}; known samplers: {', '.join(SAMPLERS)}")
+    steps = args.steps or defaults.get("steps")
+    if steps is not None and steps < 1:
+        raise CliError(f"--steps must be >= 1, got {steps}")
+    if args.eta < 0:
+        raise CliError(f"--eta must be >= 0, got {args.eta}")
+    try:
+        return resolve_sampler(model, name, steps, eta=args.eta, shift=args.shift,
+                               clip_denoised=bool(defaults.get("clip_denoised", False)))
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
+def _conditions(model, args, defaults):
+    """``(cond, uncond, labels or None)`` for the model's family."""
+    import numpy as np
+
+    family = model.family
+    if family == "dit":
+        if args.embeddings or args.negative_embeddings:
+            raise CliError("--embeddings/--negative-embeddings condition PixArt-Σ and SD3; a DiT takes --classes")
+        k = model.config.num_classes
+        per = args.per_class or (2 if defaults.get("class_names") else 1)
+        if per < 1:
+            raise CliError(f"--per-class must be >= 1, got {per}")
+        if args.classes is not None:
+            classes = args.classes
+        elif defaults.get("class_names"):
+            classes = list(range(k))
+        else:
+            classes = np.random.default_rng(args.seed).integers(0, k, 8).tolist()
+        bad = [c for c in classes if not 0 <= c < k]
+        if bad:
+            raise CliError(f"class {bad[0]} is out of range: this model has classes 0..{k - 1}")
+        # the grid has one column per listed class and one row per repetition
+        labels = np.tile(np.asarray(classes, np.int32), per)
+        return labels, None, labels
+    if family in ("pixart", "sd3"):
+        if args.classes is not None:
+            raise CliError(f"--classes conditions a DiT; a {family} model takes --embeddings")
+        if args.embeddings is None:
+            raise CliError(f"a {family} model needs --embeddings (jdq ships no text encoder; "
+                           f"save the encoder's output as .npy/.npz/.safetensors)")
+        cond = _text_condition(_load_arrays(args.embeddings, "--embeddings"), family, args.embeddings)
+        per = args.per_class or 1
+        if per > 1:
+            cond = {k: np.concatenate([v] * per) for k, v in cond.items()}
+        uncond = None
+        if args.negative_embeddings:
+            uncond = _text_condition(_load_arrays(args.negative_embeddings, "--negative-embeddings"), family,
+                                     args.negative_embeddings)
+            n, nu = cond["text_emb"].shape[0], uncond["text_emb"].shape[0]
+            if nu not in (1, n):
+                raise CliError(f"--negative-embeddings has batch {nu}; expected 1 or {n}")
+            for key in cond:
+                if key not in uncond:
+                    raise CliError(f"--negative-embeddings lacks {key!r} (the conditions have it)")
+                if uncond[key].shape[1:] != cond[key].shape[1:]:
+                    raise CliError(f"--negative-embeddings {key} has shape {uncond[key].shape[1:]} per sample, "
+                                   f"the conditions {cond[key].shape[1:]}")
+        return cond, uncond, None
+    raise CliError(f"cannot sample a {family} model (a VAE?); give a DiT, PixArt-Σ or SD3 folder")
+
+
+def _example_inputs(model, cond):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jdq.sampling.generate import sample_shape
+
+    take = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)[:1]), cond)
+    x = jnp.zeros((1,) + sample_shape(model), jnp.float32)
+    return x, jnp.zeros((1,), jnp.float32), take
+
+
+def _quantizer(model, args, sampler, cond, uncond, guidance, defaults):
+    """The recipe's quantizer for this model (calibrated first if the recipe needs statistics)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jdq import quant as Q
+    from jdq import recipes
+    from jdq.sampling.generate import Denoiser, guided_channels, null_condition, sample_shape
+    from jdq.sampling.loop import collect_sampler_stats, sample_keys
+
+    fn = Denoiser(model, model.family)
+    x, t, c1 = _example_inputs(model, cond)
+    operands = Q.trace_operands(fn, model.params, x, t, c1)
+    try:
+        plan = recipes.plan_for(args.quant, operands)
+    except recipes.RecipeError as e:
+        raise CliError(str(e)) from None
+    stats = None
+    if recipes.get(args.quant).calibrated:
+        n = max(1, min(args.calib_samples, int(np.shape(jax.tree.leaves(cond)[0])[0])))
+        calib = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)[:n]), cond)
+        unc = uncond
+        if guidance != 1.0 and unc is None:
+            unc = null_condition(model, cond)
+        print(f"calibrating {args.quant} on {n} samples ({sampler.num_steps} steps)", file=sys.stderr)
+        _, stats = collect_sampler_stats(fn, model.params, sampler, calib, sample_keys(args.seed + 1, n),
+                                         sample_shape(model), uncond=unc if guidance != 1.0 else None,
+                                         guidance=guidance, guided_channels=guided_channels(model))
+    try:
+        state = plan.init(stats)
+    except (KeyError, ValueError) as e:
+        raise CliError(f"recipe {args.quant!r}: {e}") from None
+    return plan, plan.bind(state)
+
+
+def _grid_images(model, samples, args, defaults):
+    """uint8 images for the PNG (decoded with --vae for latent models)."""
+    import numpy as np
+
+    from jdq.sampling.images import to_uint8
+
+    if defaults.get("pixel_space"):
+        return to_uint8(samples)
+    if args.vae is None:
+        print("jdq sample: note: no --vae given; the PNG shows the first latent channels, min-max scaled",
+              file=sys.stderr)
+        lat = samples[..., :3] if samples.shape[-1] >= 3 else samples[..., :1]
+        lo, hi = float(lat.min()), float(lat.max())
+        return to_uint8(lat, lo, hi if hi > lo else lo + 1)
+    from jdq.models import load
+    import jax
+
+    try:
+        vae, _ = load(args.vae)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise CliError(f"cannot load --vae {args.vae}: {e}") from None
+    decode = jax.jit(lambda p, z: vae.apply(p, z, method="decode_latents"))
+    images = [np.asarray(decode(vae.params, samples[i:i + 4])) for i in range(0, len(samples), 4)]
+    return to_uint8(np.concatenate(images))
+
+
+def cmd_sample(args) -> int:
+    """``jdq sample``: validate everything, sample, write PREFIX.png and PREFIX.npz."""
+    t0 = time.time()
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.calib_samples < 1:
+        raise CliError(f"--calib-samples must be >= 1, got {args.calib_samples}")
+    png, npz = _output_paths(args.out)
+    if args.vae is not None and not Path(args.vae).is_dir():
+        raise CliError(f"--vae folder {args.vae} does not exist")
+    if args.quant is not None:
+        from jdq import recipes
+        if args.quant not in recipes.names():
+            raise CliError(f"unknown quantization recipe {args.quant!r}; known: {', '.join(recipes.names())}")
+    folder, model, defaults = _resolve_model(args.model)
+    sampler = _validate_sampler(model, args, defaults)
+    cond, uncond, labels = _conditions(model, args, defaults)
+    from jdq.sampling.generate import FAMILY_DEFAULTS
+
+    guidance = args.guidance if args.guidance is not None else defaults.get(
+        "guidance", FAMILY_DEFAULTS.get(model.family, {}).get("guidance", 1.0))
+    if guidance != 1.0 and model.family != "dit" and uncond is None:
+        raise CliError(f"guidance {guidance:g} on a {model.family} model needs --negative-embeddings "
+                       f"(or pass --guidance 1)")
+
+    import jax
+    import numpy as np
+
+    from jdq import sharding
+    from jdq.sampling.generate import generate
+
+    ndev = len(jax.local_devices())
+    if args.devices is not None and not 1 <= args.devices <= ndev:
+        raise CliError(f"--devices {args.devices}: {ndev} local device(s) available")
+    use = args.devices or ndev
+    mesh = sharding.batch_mesh(num_devices=use) if use > 1 else None
+    quantizer = None
+    if args.quant is not None:
+        _, quantizer = _quantizer(model, args, sampler, cond, uncond, guidance, defaults)
+    n = int(np.shape(jax.tree.leaves(cond)[0])[0])
+    what = f"{n} samples of {folder.name} ({model.family}), {sampler.kind} {sampler.num_steps} steps, " \
+           f"guidance {guidance:g}, {'quant ' + args.quant if args.quant else 'floating point'}"
+    print(f"jdq sample: {what}", file=sys.stderr)
+    samples = generate(model, cond, uncond=uncond, sampler=sampler, guidance=guidance, seed=args.seed,
+                       batch_size=args.batch_size, quant=quantizer, mesh=mesh, progress=not args.no_progress)
+    images = _grid_images(model, samples, args, defaults)
+
+    from jdq.sampling.images import save_grid, save_npz
+
+    per = args.per_class or (2 if defaults.get("class_names") else 1)
+    ncol = n // per if (labels is not None and per > 1 and n % per == 0) else None
+    settings = dict(model=str(folder), family=model.family, sampler=sampler.kind, steps=sampler.num_steps,
+                    guidance=guidance, seed=args.seed, quant=args.quant or "")
+    arrays = {"samples": samples, "images": images, "settings": np.asarray(json.dumps(settings))}
+    if labels is not None:
+        arrays["labels"] = labels
+    save_npz(npz, **arrays)
+    save_grid(png, images, ncol=ncol, scale=4 if images.shape[1] <= 64 else 1)
+    line = f"wrote {png} and {npz} in {time.time() - t0:.1f}s"
+    if args.model is None and labels is not None and DEFAULT_CLASSIFIER.is_file():
+        from jdq.demo import classifier as clf
+
+        agree = clf.accuracy(clf.load(DEFAULT_CLASSIFIER), samples, labels)
+        line += f"; the classifier labels {agree:.0%} of the samples with their class"
+    print(line)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# jdq convert
+# ----------------------------------------------------------------------------------------------
+
+
+def _add_convert_parser(sub):
+    p = sub.add_parser("convert", help="convert an official checkpoint (DiT .pt, diffusers folder) to a jdq folder",
+                       description="Convert a facebookresearch/DiT .pt file or a diffusers model folder (DiT, "
+                                   "PixArt-Σ, SD3 transformer, AutoencoderKL) to a jdq model folder.")
+    p.add_argument("source", help="a DiT .pt checkpoint or a diffusers model folder with config.json")
+    p.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--kind", choices=("dit", "diffusers"), default=None, help="source kind (default: guessed)")
+    p.add_argument("--num-heads", type=int, default=None, help="attention heads of a DiT .pt (default by width)")
+    p.add_argument("--dtype", default=None, help="store floating params as this dtype (default float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    return p
+
+
+def cmd_convert(args) -> int:
+    """``jdq convert``: the checkpoint conversions of :mod:`checkpoints_convert`."""
+    try:
+        from checkpoints_convert import CheckpointError, convert
+    except ImportError as e:
+        raise CliError(f"checkpoint conversion is unavailable ({e}); install jdq with the [torch] extra") from None
+    if not Path(args.source).exists():
+        raise CliError(f"source {args.source} does not exist")
+    try:
+        out = convert(args.source, args.out_dir, kind=args.kind, num_heads=args.num_heads, dtype=args.dtype,
+                      overwrite=args.overwrite)
+    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError, KeyError) as e:
+        raise CliError(str(e).strip("'\"")) from None
+    print(f"wrote {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser(with_cost: bool = True) -> argparse.ArgumentParser:
+    """The ``jdq`` argument parser; ``with_cost=False`` defers importing ``jdq cost``'s options."""
+    parser = argparse.ArgumentParser(prog="jdq", description="Quantization of diffusion transformers in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{sample,convert,cost}")
+    _add_sample_parser(sub).set_defaults(run=cmd_sample)
+    _add_convert_parser(sub).set_defaults(run=cmd_convert)
+    if with_cost:
+        from jdq.hw import cli as hw_cli
+
+        hw_cli.add_parser(sub).set_defaults(run=hw_cli.run)
+    else:  # a stand-in, so `jdq --help` lists it without importing the cost model
+        sub.add_parser("cost", help="latency/energy of a plan on a hardware preset (accelerator cost model)",
+                       add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``jdq`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(with_cost=bool(argv) and argv[0] == "cost")
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except CliError as e:
+        print(f"jdq {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"jdq {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
