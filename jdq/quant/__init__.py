@@ -1,4 +1,16 @@
-"""Quantization as composable transforms (``init``/``apply``), rules, plans and calibration."""
+"""Quantization as composable transforms (``init``/``apply``), rules, plans and calibration.
+
+The protocol (:mod:`jdq.quant.transform`) and a library of transforms:
+
+* :func:`cast` — any :mod:`jdq.formats` format, static or dynamic scales (:mod:`.casts`);
+* :func:`outlier_split` / :func:`outlier_weight` — MixDiT magnitude outliers in a high-precision
+  format (:mod:`.outliers`);
+* :func:`time_grouped` — one state per time group, picked by the sampler step (:mod:`.timegroup`);
+* :func:`softmax_two_region` / :func:`post_gelu_two_sided` — TQ-DiT multi-region quantizers
+  (:mod:`.regions`);
+* :class:`ChannelBalance` — SmoothQuant / ViDiT-Q / PTQ4DiT channel balancing with
+  re-parameterisation into the weights (:mod:`.balance`).
+"""
 
 from jdq.quant.transform import (
     ACTIVATION_ROLES,
@@ -15,8 +27,10 @@ from jdq.quant.transform import (
     StatsCollector,
     chain,
     collect_stats,
+    find_stages,
     identity,
     keep_float,
+    map_stages,
     operand_key,
     operand_stats,
     reduce_steps,
@@ -25,4 +39,34 @@ from jdq.quant.transform import (
     stack_stats,
     stateless,
     trace_operands,
+)
+from jdq.quant.casts import CastMeta, cast
+from jdq.quant.timegroup import TimeGroupMeta, TimeGroups, stack_states, time_grouped, unstack_state
+from jdq.quant.regions import (
+    RegionMeta,
+    post_gelu_two_sided,
+    search_delta_pos,
+    search_split,
+    softmax_two_region,
+    split_stats,
+)
+from jdq.quant.balance import (
+    BalanceMeta,
+    ChannelBalance,
+    fold_balance,
+    fold_into_affine,
+    fold_into_modulation,
+    fold_into_weight,
+    link_stats,
+    pop_act_scales,
+)
+from jdq.quant.outliers import (
+    OutlierMeta,
+    OutlierWeightMeta,
+    channel_permutation,
+    outlier_fraction,
+    outlier_mask,
+    outlier_split,
+    outlier_weight,
+    set_outlier_ratio,
 )

@@ -49,6 +49,7 @@ from typing import Any, ClassVar, Mapping
 import jax
 import jax.numpy as jnp
 
+from jdq.quant.casts import along_axis
 from jdq.quant.timegroup import STEP_KEY
 from jdq.quant.transform import ACTIVATION_ROLES, Plan, QuantTransform, identity, map_stages, operand_key
 
@@ -57,13 +58,6 @@ SALIENCE_REDUCTIONS = ("max", "mean", "ema", "ssc")
 WEIGHT_SALIENCE_KEY = "weight_absmax_channel"
 #: Statistic added by :func:`link_stats` to a weight's statistics (the activation's per-channel |max|).
 ACT_SALIENCE_KEY = "act_absmax_channel"
-
-
-def along_axis(v, ndim: int, axis: int):
-    """Reshape a vector so that it broadcasts along ``axis`` of an ``ndim``-dimensional array."""
-    shape = [1] * ndim
-    shape[axis % ndim] = -1
-    return jnp.reshape(v, shape)
 
 
 def spearman(a, b):

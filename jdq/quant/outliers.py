@@ -1,0 +1,239 @@
+"""Magnitude outlier split (MixDiT): the top-r fraction by magnitude in a high-precision format.
+
+MixDiT quantizes activations in mixed MX formats: magnitude outliers in MX9, the rest in MX6
+(METHODS.md §2; the paper body, and so its exact selection rule, was not available). An
+:func:`outlier_split` keeps a fraction ``r`` of the operand, chosen by magnitude, in format
+``hi`` and the rest in ``lo``. It is emulated as two casts that a mixed-precision GEMM would
+compute as two partial products::
+
+    out = where(mask, cast_hi(where(mask, x, 0)), cast_lo(where(mask, 0, x)))
+
+so ``lo``'s block scales are computed without the outliers (that is the point of the split) and
+``hi``'s from the outliers alone. Granularity of the selection (``granularity=``):
+
+* ``"element"`` (dynamic): the ``k = round(r·n)`` largest ``|x|`` of each row of ``n`` elements
+  along the contraction axis (``scope="row"``, default: each token independent of the rest of
+  the batch) or of the whole operand (``scope="tensor"``);
+* ``"block"`` (dynamic, default): the ``k = round(r·n_blocks)`` blocks of ``block_size``
+  (default 16, the MX9/MX6 block) consecutive elements along the contraction axis with the
+  largest max ``|x|``, per row or per tensor (a short last block is zero-padded, as the formats do);
+* ``"channel"`` (static): the input channels (contraction indices) with the largest calibrated
+  ``absmax_channel`` (max over steps), ``k`` = ``r·C`` rounded to the nearest multiple of
+  ``channel_multiple`` (default: the larger block size of ``hi`` and ``lo``, so both parts are
+  whole blocks). The operand is emulated in the order a kernel would use, outlier channels first
+  (each part in its original channel order, :func:`channel_permutation`), cast in that order and
+  permuted back. A kernel that reorders the activation's channels must reorder the weight's input
+  channels the same way; :func:`outlier_weight` quantizes the weight in that order too, so the
+  fake-quant path matches such a kernel exactly.
+
+Ties in magnitude are broken by position (stable sort), so exactly ``k`` units are selected.
+The ratio ``r`` is **state** (a float32 array ``state["ratio"]``), not a static option, so a
+stack of states with different ratios runs under one ``jax.vmap`` in one compiled call; the
+constructor's ``ratio`` is only the default ``init`` uses (:func:`set_outlier_ratio` rewrites it
+in a whole plan state). :func:`outlier_mask` / :func:`outlier_fraction` report the realised
+selection for an input and a state (pure, jit/vmap-able).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from jdq.quant.casts import along_axis, resolve_format
+from jdq.quant.transform import Plan, QuantTransform, identity, map_stages
+
+GRANULARITIES = ("element", "block", "channel")
+SCOPES = ("row", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutlierMeta:
+    """``meta`` of an outlier split: the two format specs and how outliers are selected."""
+
+    kind: ClassVar[str] = "outlier_split"
+    hi: Any  # hashable spec of the high-precision format
+    lo: Any  # hashable spec of the low-precision format
+    granularity: str
+    block_size: int
+    scope: str
+    channel_multiple: int
+
+
+@dataclasses.dataclass(frozen=True)
+class OutlierWeightMeta:
+    """``meta`` of :func:`outlier_weight`: the channel multiple and the wrapped weight transform."""
+
+    kind: ClassVar[str] = "outlier_weight"
+    channel_multiple: int
+    inner: Any
+
+    @staticmethod
+    def inner_state(state):
+        """The wrapped transform's state."""
+        return None if state is None else state["inner"]
+
+    @staticmethod
+    def replace_inner_state(state, inner_state):
+        """This stage's state with the wrapped transform's state replaced."""
+        return None if state is None else dict(state, inner=inner_state)
+
+
+def _check_ratio(ratio, who):
+    if not 0.0 <= float(ratio) <= 1.0:
+        raise ValueError(f"{who}: ratio must lie in [0, 1], got {ratio!r}")
+    return float(ratio)
+
+
+def _count(ratio, n, multiple=1):
+    """``round(ratio·n)`` to the nearest multiple of ``multiple`` (half up), clipped to ``[0, n]``."""
+    k = jnp.floor(jnp.asarray(ratio, jnp.float32) * (n / multiple) + 0.5).astype(jnp.int32) * multiple
+    return jnp.clip(k, 0, n)
+
+
+def _ranks(v):
+    """Rank of each entry of the last axis by decreasing value (0 = largest; ties by position)."""
+    order = jnp.argsort(-v, axis=-1, stable=True)
+    return jnp.argsort(order, axis=-1, stable=True)
+
+
+def channel_ranks(absmax_channel):
+    """Rank (int32, 0 = largest) of each channel by calibrated ``absmax_channel`` (``[C]`` or per-step ``[S, C]``)."""
+    a = jnp.asarray(absmax_channel, jnp.float32)
+    return _ranks(a if a.ndim == 1 else a.max(0)).astype(jnp.int32)
+
+
+def channel_mask(state, multiple: int):
+    """Boolean ``[C]``: the outlier channels of a channel-granularity state (``rank < k``)."""
+    rank = state["rank"]
+    return rank < _count(state["ratio"], rank.shape[-1], multiple)
+
+
+def channel_permutation(state, multiple: int):
+    """The kernel's channel order: outlier channels first, then the rest, each in original order."""
+    return jnp.argsort(~channel_mask(state, multiple), stable=True)
+
+
+def outlier_mask(meta: OutlierMeta, x, state, axis: int = -1):
+    """Boolean mask, shape of ``x``: the elements that :func:`outlier_split` keeps in ``meta.hi``."""
+    x = jnp.asarray(x)
+    axis = axis % x.ndim
+    n = x.shape[axis]
+    if meta.granularity == "channel":
+        rank = state["rank"]
+        if rank.shape[-1] != n:
+            raise ValueError(f"outlier_mask: state has {rank.shape[-1]} channel ranks for {n} channels (shape {x.shape}, axis {axis})")
+        return jnp.broadcast_to(along_axis(channel_mask(state, meta.channel_multiple), x.ndim, axis), x.shape)
+    mag = jnp.abs(jnp.moveaxis(x, axis, -1).astype(jnp.float32))
+    if meta.granularity == "block":
+        bs = meta.block_size
+        pad = (-n) % bs
+        if pad:
+            mag = jnp.pad(mag, [(0, 0)] * (mag.ndim - 1) + [(0, pad)])
+        mag = mag.reshape(mag.shape[:-1] + ((n + pad) // bs, bs)).max(-1)
+    flat = mag.reshape(1, -1) if meta.scope == "tensor" else mag
+    chosen = _ranks(flat) < _count(state["ratio"], flat.shape[-1])
+    chosen = chosen.reshape(mag.shape)
+    if meta.granularity == "block":
+        chosen = jnp.repeat(chosen, meta.block_size, axis=-1)[..., :n]
+    return jnp.moveaxis(chosen, -1, axis)
+
+
+def outlier_fraction(meta: OutlierMeta, x, state, axis: int = -1):
+    """The realised outlier fraction (float32 scalar): the share of ``x``'s elements kept in ``meta.hi``."""
+    return jnp.mean(outlier_mask(meta, x, state, axis).astype(jnp.float32))
+
+
+def _split_cast(x, mask, meta, axis):
+    from jdq import formats
+
+    zero = jnp.zeros((), x.dtype)
+    hi = formats.cast(jnp.where(mask, x, zero), meta.hi, axis=axis)
+    lo = formats.cast(jnp.where(mask, zero, x), meta.lo, axis=axis)
+    return jnp.where(mask, hi, lo)
+
+
+def outlier_split(ratio: float = 0.05, hi="mx9", lo="mx6", granularity: str = "block", *,
+                  block_size: int = 16, scope: str = "row", channel_multiple: int | None = None,
+                  hi_options: Mapping | None = None, lo_options: Mapping | None = None) -> QuantTransform:
+    """MixDiT split: the top-``ratio`` by magnitude cast to ``hi``, the rest to ``lo`` (see module docstring).
+
+    State: ``{"ratio": float32}``, plus ``{"rank": int32 [C]}`` for ``granularity="channel"``
+    (from the statistic ``"absmax_channel"``).
+    """
+    ratio = _check_ratio(ratio, "outlier_split")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"outlier_split: granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"outlier_split: scope must be one of {SCOPES}, got {scope!r}")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"outlier_split: block_size must be a positive int, got {block_size!r}")
+    hi_spec, lo_spec = resolve_format(hi, hi_options), resolve_format(lo, lo_options)
+    if channel_multiple is None:
+        sizes = [getattr(s, "block_size", None) or 1 for s in (hi_spec, lo_spec)]
+        channel_multiple = math.lcm(*sizes)
+    if not isinstance(channel_multiple, int) or channel_multiple < 1:
+        raise ValueError(f"outlier_split: channel_multiple must be a positive int, got {channel_multiple!r}")
+    meta = OutlierMeta(hi_spec, lo_spec, granularity, block_size, scope, channel_multiple)
+
+    def init(stats):
+        state = {"ratio": jnp.float32(ratio)}
+        if granularity == "channel":
+            state["rank"] = channel_ranks(stats["absmax_channel"])
+        return state
+
+    def apply(x, state, ctx):
+        if granularity != "channel":
+            return _split_cast(x, outlier_mask(meta, x, state, ctx.axis), meta, ctx.axis)
+        mask = outlier_mask(meta, x, state, ctx.axis)  # also checks the channel count
+        perm = channel_permutation(state, channel_multiple)
+        xp = jnp.take(x, perm, axis=ctx.axis)
+        mp = jnp.take(mask, perm, axis=ctx.axis)
+        return jnp.take(_split_cast(xp, mp, meta, ctx.axis), jnp.argsort(perm), axis=ctx.axis)
+
+    return QuantTransform(init, apply, meta)
+
+
+def outlier_weight(inner: QuantTransform | None = None, ratio: float = 0.05, *, channel_multiple: int = 16) -> QuantTransform:
+    """Weight side of a channel-granularity split: ``inner`` applied with input channels in the kernel's order.
+
+    Permutes the weight's contraction axis by :func:`channel_permutation` (from the activation's
+    calibrated ranks: statistic ``"act_absmax_channel"``, see :func:`jdq.quant.balance.link_stats`),
+    applies ``inner`` (the weight's cast, whose blocks then match the permuted activation's) and
+    permutes back. ``ratio`` and ``channel_multiple`` must equal the activation side's.
+    State: ``{"ratio", "rank", "inner"}``.
+    """
+    ratio = _check_ratio(ratio, "outlier_weight")
+    inner = identity() if inner is None else inner
+
+    def init(stats):
+        return {"ratio": jnp.float32(ratio), "rank": channel_ranks(stats["act_absmax_channel"]),
+                "inner": inner.init(stats)}
+
+    def apply(w, state, ctx):
+        if state["rank"].shape[-1] != w.shape[ctx.axis]:
+            raise ValueError(f"outlier_weight at {ctx.site}:{ctx.role}: {state['rank'].shape[-1]} channel ranks "
+                             f"for {w.shape[ctx.axis]} input channels (shape {w.shape}, axis {ctx.axis})")
+        perm = channel_permutation(state, channel_multiple)
+        wq = inner.apply(jnp.take(w, perm, axis=ctx.axis), state["inner"], ctx)
+        return jnp.take(wq, jnp.argsort(perm), axis=ctx.axis)
+
+    return QuantTransform(init, apply, OutlierWeightMeta(channel_multiple, inner.meta))
+
+
+def set_outlier_ratio(plan: Plan, state: Mapping[str, Any], ratio, keys=None) -> dict[str, Any]:
+    """``state`` with the ratio of every outlier stage (of operands ``keys``, default all) set to ``ratio``."""
+    r = jnp.asarray(ratio, jnp.float32)
+
+    def setr(meta, st, stacked):
+        if isinstance(meta, (OutlierMeta, OutlierWeightMeta)) and st is not None:
+            return dict(st, ratio=jnp.broadcast_to(r, jnp.shape(st["ratio"])))
+        return st
+
+    out = dict(state)
+    for key in plan.quantized_keys if keys is None else keys:
+        out[key] = map_stages(plan.transform_for(key).meta, state[key], setr)
+    return out
