@@ -1,7 +1,7 @@
 """The model wrapper every family shares: an NNX module used functionally, its config, and I/O.
 
-**The family interface.** Each family is a module ``jdq.models.<family>`` (``dit``, ``pixart``,
-``sd3``, ``vae``) that exposes
+**The family interface.** Each family is a module listed in :data:`FAMILIES` (``dit`` ->
+``jdq.models.dit``, ``pixart``, ``sd3`` -> ``jdq.models.mmdit``, ``vae``) that exposes
 
 * ``FAMILY``: its name (the ``"family"`` written into a converted folder's ``config.json``);
 * ``Config``: a frozen dataclass deriving from :class:`ConfigBase` (``to_dict``/``from_dict``);
@@ -49,7 +49,7 @@ from flax import nnx
 FAMILIES = {
     "dit": "jdq.models.dit",
     "pixart": "jdq.models.pixart",
-    "sd3": "jdq.models.sd3",
+    "sd3": "jdq.models.mmdit",
     "vae": "jdq.models.vae",
 }
 FORMAT_VERSION = 1
