@@ -115,6 +115,11 @@ def _fake_ste_jvp(spec, axis, primals, tangents):
     return _fake_ste(x, scale, zero, spec, axis), tangents[0]
 
 
+# jitted once per (shape, dtype, spec, axis): eager calls compile one fused kernel instead of
+# dispatching op by op; inside a user's jit these inline.
+_fake_jit = jax.jit(_fake_ste, static_argnums=(3, 4))
+
+
 def cast(x, fmt, axis=-1, *, scale=None, zero=None, **options):
     """Fake-quantize ``x``: quantize to ``fmt`` along ``axis`` and dequantize, same shape and dtype.
 
@@ -124,18 +129,23 @@ def cast(x, fmt, axis=-1, *, scale=None, zero=None, **options):
     """
     spec, x = _prepare(x, fmt, axis, scale, zero, options)
     if x.ndim == 0:
-        return _fake_ste(x[None], scale, zero, spec, 0)[0]
-    return _fake_ste(x, scale, zero, spec, _bits.normalize_axis(axis, x.ndim))
+        return _fake_jit(x[None], scale, zero, spec, 0)[0]
+    return _fake_jit(x, scale, zero, spec, _bits.normalize_axis(axis, x.ndim))
 
 
 def quantize(x, fmt, axis=-1, *, scale=None, zero=None, pack: bool = False, **options) -> QTensor:
     """Quantize ``x`` into a :class:`QTensor` (codes + scales; bit-packed along the axis if ``pack``)."""
     spec, x = _prepare(x, fmt, axis, scale, zero, options)
-    shape, dtype = x.shape, x.dtype
+    shape = x.shape
     if x.ndim == 0:
         x, ax = x[None], 0
     else:
         ax = _bits.normalize_axis(axis, x.ndim)
+    return _quantize_jit(x, scale, zero, spec, ax, tuple(shape), bool(pack))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def _quantize_jit(x, scale, zero, spec, ax, shape, pack):
     zero_out = micro = None
     if spec.kind == "mx":
         codes, scale_out = mx.quantize(x, spec, ax)
@@ -145,7 +155,7 @@ def quantize(x, fmt, axis=-1, *, scale=None, zero=None, pack: bool = False, **op
         codes, scale_out, zero_out = uniform.quantize(x, spec, ax, scale, zero)
     else:
         codes, scale_out = fp8.quantize(x, spec, ax, scale)
-    qt = QTensor(codes, scale_out, zero_out, micro, spec, ax, tuple(shape), jnp.dtype(dtype))
+    qt = QTensor(codes, scale_out, zero_out, micro, spec, ax, shape, jnp.dtype(x.dtype))
     return qtensor.pack(qt) if pack else qt
 
 
@@ -153,8 +163,12 @@ def dequantize(qt: QTensor, dtype=None):
     """Values of a :class:`QTensor` (packed or not), in ``dtype`` (default: the original dtype)."""
     if not isinstance(qt, QTensor):
         raise TypeError(f"dequantize expects a QTensor, got {type(qt).__name__}")
+    return _dequantize_jit(qt, qt.dtype if dtype is None else jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _dequantize_jit(qt, dtype):
     qt = unpack(qt)
-    dtype = qt.dtype if dtype is None else dtype
     spec, ax = qt.fmt, qt.axis
     if spec.kind == "mx":
         out = mx.dequantize(qt.codes, qt.scale, spec, ax, dtype)
@@ -176,8 +190,13 @@ def compute_scale(x, fmt, axis=-1, **options):
     spec = get(fmt, **options)
     x = _bits.check_float_input(x)
     ax = _bits.normalize_axis(axis, x.ndim)
+    if spec.kind not in ("int", "fp8"):
+        raise ValueError(f"{spec.name!r} has per-block scales computed inside the cast; compute_scale is for int/fp8")
+    return _compute_scale_jit(x, spec, ax)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _compute_scale_jit(x, spec, ax):
     if spec.kind == "int":
         return uniform.compute_scale(x, spec, ax)
-    if spec.kind == "fp8":
-        return fp8.compute_scale(x, spec, ax), None
-    raise ValueError(f"{spec.name!r} has per-block scales computed inside the cast; compute_scale is for int/fp8")
+    return fp8.compute_scale(x, spec, ax), None

@@ -23,7 +23,7 @@ What this module does, exactly:
   block, tiny relative to the scale, flush to 0. (The stored codes are ``±max_normal``.)
 * **Scale code 0.** The spec decodes byte 0 as ``2**-127`` and so do we, in both directions.
   torchao quantizes those blocks with ``2**-126`` but decodes with ``2**-127`` (off by 2x);
-  ``tests/formats/test_mx_torchao.py::test_scale_code_zero_follows_spec`` pins the difference.
+  ``tests/formats/test_formats_torchao.py::test_scale_code_zero_follows_spec`` pins the difference.
 * **Padding.** An axis whose length is not a multiple of ``block_size`` is zero-padded to the next
   multiple (zeros do not change any block's amax) and the padding is dropped from the result.
 * **float32 subnormals.** XLA flushes float32 subnormals (|x| < 2**-126) in arithmetic on CPU and

@@ -120,32 +120,42 @@ def test_static_scale_shape_error_names_shapes():
 
 
 @pytest.mark.parametrize("name", ALL)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_shape_dtype_and_roundtrip(name, dtype):
-    x = X.astype(dtype)
-    for axis in (-1, 1, 0):
-        y = F.cast(x, name, axis=axis)
-        assert y.shape == x.shape and y.dtype == x.dtype
-        qt = F.quantize(x, name, axis=axis)
-        np.testing.assert_array_equal(np.asarray(F.dequantize(qt), np.float32), np.asarray(y, np.float32))
-        qp = F.quantize(x, name, axis=axis, pack=True)
-        assert qp.packed
-        np.testing.assert_array_equal(np.asarray(F.dequantize(qp), np.float32), np.asarray(y, np.float32))
-        # a real quantizer changes something for Gaussian data
-        assert not np.array_equal(np.asarray(y, np.float32), np.asarray(x, np.float32))
+def test_shape_dtype_roundtrip_jit_vmap_grad(name):
+    """cast == dequantize(quantize) (packed or not) for several axes and dtypes, all in one jit."""
 
+    @jax.jit
+    def run(x32, xbf):
+        out = {}
+        for tag, x, axis, pack in [("f32-1", x32, -1, False), ("f32-0", x32, 0, True),
+                                   ("f32-1p", x32, 1, True), ("bf16-1", xbf, -1, True)]:
+            out[tag] = (x, F.cast(x, name, axis=axis), F.dequantize(F.quantize(x, name, axis=axis, pack=pack)))
+        out["vmap"] = (x32, jax.vmap(lambda r: F.cast(r, name))(x32), F.cast(x32, name))
+        out["grad"] = jax.grad(lambda x: jnp.sum(F.cast(x, name) * 3.0))(x32)
+        return out
 
-@pytest.mark.parametrize("name", ALL)
-def test_jit_vmap_grad(name):
-    f = jax.jit(lambda x: F.cast(x, name, axis=-1))
-    y = f(X)
-    np.testing.assert_array_equal(y, F.cast(X, name))
-    yv = jax.vmap(lambda x: F.cast(x, name, axis=-1))(X)
-    # per-example leading axis does not change blocks/rows along the last axis for non-tensor scales
-    if F.get(name).kind != "int" and F.get(name).kind != "fp8":
+    out = run(X, X.astype(jnp.bfloat16))
+    np.testing.assert_array_equal(out.pop("grad"), jnp.full_like(X, 3.0))  # straight-through
+    xv, yv, y = out.pop("vmap")
+    if F.get(name).kind in ("mx", "smx"):  # blocks along the last axis: vmap over rows changes nothing
         np.testing.assert_array_equal(yv, y)
-    g = jax.grad(lambda x: jnp.sum(F.cast(x, name) * 3.0))(X)
-    np.testing.assert_array_equal(g, jnp.full_like(X, 3.0))
+    for tag, (x, y, z) in out.items():
+        assert y.shape == x.shape and y.dtype == x.dtype and z.dtype == x.dtype, tag
+        np.testing.assert_array_equal(np.asarray(z, np.float32), np.asarray(y, np.float32), err_msg=tag)
+        # a real quantizer changes Gaussian data, but not by much relative to its size
+        assert not np.array_equal(np.asarray(y, np.float32), np.asarray(x, np.float32)), tag
+
+
+@pytest.mark.parametrize("name", ["int4", "mxfp4_e2m1", "mx6", "int3"])
+def test_packing_shrinks_storage(name):
+    qt = F.quantize(X, name, axis=-1)
+    qp = F.quantize(X, name, axis=-1, pack=True)
+    b = F.get(name).element_bits
+    assert qp.codes.dtype == jnp.uint8
+    assert qp.codes.shape[-1] == -(-X.shape[-1] * b // 8)
+    assert qp.nbytes < qt.nbytes
+    up = F.unpack(qp)
+    np.testing.assert_array_equal(up.codes, qt.codes)
+    assert up.codes.dtype == qt.codes.dtype
 
 
 def test_vmap_over_static_scales():
@@ -156,20 +166,33 @@ def test_vmap_over_static_scales():
 
 
 @pytest.mark.parametrize("name", ["int8", "int4", "fp8_e4m3", "fp8_e5m2"])
-@pytest.mark.parametrize("gran", ["tensor", "row", "input_channel", ("group", 16), ("group", 20)])
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_static_equals_dynamic_with_computed_scale(name, gran, symmetric):
-    kw = dict(granularity=gran[0], group_size=gran[1]) if isinstance(gran, tuple) else dict(granularity=gran)
-    if name.startswith("int"):
-        kw["symmetric"] = symmetric
-    elif not symmetric:
-        pytest.skip("fp8 is symmetric")
-    for axis in (-1, 0):
-        scale, zero = F.compute_scale(X, name, axis=axis, **kw)
-        dyn = F.cast(X, name, axis=axis, **kw)
-        np.testing.assert_array_equal(F.cast(X, name, axis=axis, scale=scale, zero=zero, **kw), dyn)
-        qt = F.quantize(X, name, axis=axis, **kw)
-        np.testing.assert_array_equal(qt.scale, scale)
+def test_static_equals_dynamic_with_computed_scale(name):
+    """Feeding compute_scale's (scale, zero) back as static parameters reproduces the dynamic cast."""
+    configs = []
+    for gran in ["tensor", "row", "input_channel", ("group", 16), ("group", 20)]:
+        kw = dict(granularity=gran[0], group_size=gran[1]) if isinstance(gran, tuple) else dict(granularity=gran)
+        for sym in ([True, False] if name.startswith("int") else [None]):
+            for axis in (-1, 0):
+                configs.append((dict(kw, **({} if sym is None else {"symmetric": sym})), axis))
+
+    @jax.jit
+    def run(x):
+        out = []
+        for kw, axis in configs:
+            scale, zero = F.compute_scale(x, name, axis=axis, **kw)
+            qt = F.quantize(x, name, axis=axis, **kw)
+            out.append((F.cast(x, name, axis=axis, **kw), F.cast(x, name, axis=axis, scale=scale, zero=zero, **kw),
+                        scale, qt.scale))
+        return out
+
+    for (kw, axis), (dyn, static, scale, qscale) in zip(configs, run(X)):
+        np.testing.assert_array_equal(static, dyn, err_msg=f"{kw} axis={axis}")
+        np.testing.assert_array_equal(qscale, scale)
+    # the static-scale shapes documented in jdq.formats.uniform
+    shapes = {"tensor": (), "row": (3, 5, 1), "input_channel": (1, 1, 48)}
+    for gran, shape in shapes.items():
+        assert F.compute_scale(X, name, granularity=gran)[0].shape == shape
+    assert F.compute_scale(X, name, granularity="group", group_size=20)[0].shape == (3, 5, 3)
 
 
 def test_scalar_input():
