@@ -335,91 +335,139 @@ def mixdit(linear_outliers: float = 0.05, attn_outliers: float = 0.20, weights: 
     return fmt
 
 
-def _meta_formats(meta) -> list:
-    """All format-describing entries in a transform's ``meta`` (recursing through chains)."""
-    found = []
-    if meta is None:
-        return found
+def _stages(meta, state):
+    """``(meta, state)`` of every stage of a composed transform, outermost first.
+
+    Follows :func:`jdq.quant.chain` (meta ``("chain", *metas)``, state tuple) and wrapped
+    transforms (a meta with ``inner``, and ``inner_state(state)`` to reach the wrapped state),
+    as :func:`jdq.quant.transform.map_stages` does; ``state`` may be ``None`` (meta only).
+    """
+    if isinstance(meta, tuple) and meta and meta[0] == "chain":
+        states = state if isinstance(state, (tuple, list)) and len(state) == len(meta) - 1 else [None] * (len(meta) - 1)
+        for m, st in zip(meta[1:], states):
+            yield from _stages(m, st)
+        return
+    yield meta, state
+    inner = getattr(meta, "inner", None)
+    if inner is not None:
+        inner_state = None
+        if state is not None and hasattr(meta, "inner_state"):
+            inner_state = meta.inner_state(state)
+        yield from _stages(inner, inner_state)
+
+
+def _spec_name(spec):
+    """A format name from a jdq.formats spec (``.name``) or a string."""
+    name = getattr(spec, "name", spec)
+    return name if isinstance(name, str) else None
+
+
+def _known(name):
+    try:
+        pe_format(name)
+        return True
+    except ValueError:
+        return False
+
+
+_FORMAT_KEYS = ("format", "fmt", "low", "lo", "low_format", "base_format")
+_HIGH_KEYS = ("high", "hi", "high_format", "outlier_format", "hi_format")
+_FRAC_KEYS = ("ratio", "outlier_ratio", "outlier_fraction", "fraction", "frac", "hi_frac")
+
+
+def _as_mapping(meta):
+    """A stage's meta as a dict of its fields (mappings, named tuples, dataclasses, flat key/value tuples)."""
     if isinstance(meta, Mapping):
-        found.append(dict(meta))
-        for v in meta.values():
-            if isinstance(v, (tuple, list, Mapping)) or hasattr(v, "_asdict") or dataclasses.is_dataclass(v):
-                found.extend(_meta_formats(v))
-        return found
+        return dict(meta)
     if hasattr(meta, "_asdict"):
-        return _meta_formats(meta._asdict())
+        return dict(meta._asdict())
     if dataclasses.is_dataclass(meta) and not isinstance(meta, type):
-        return _meta_formats({f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)})
-    if isinstance(meta, (tuple, list)):
-        # A ("key", value, "key", value) flat tuple or a chain ("chain", m1, m2, ...).
-        if len(meta) >= 2 and len(meta) % 2 == 0 and all(isinstance(x, str) for x in meta[0::2]) \
-                and meta[0] != "chain":
-            found.extend(_meta_formats(dict(zip(meta[0::2], meta[1::2]))))
-        else:
-            for v in meta:
-                found.extend(_meta_formats(v))
-        return found
-    return found
+        d = {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)}
+        if isinstance(getattr(meta, "kind", None), str):
+            d.setdefault("kind", meta.kind)
+        return d
+    if isinstance(meta, (tuple, list)) and len(meta) >= 2 and len(meta) % 2 == 0 \
+            and all(isinstance(x, str) for x in meta[0::2]):
+        return dict(zip(meta[0::2], meta[1::2]))
+    return {}
 
 
-_FORMAT_KEYS = ("format", "fmt", "low", "low_format", "base_format")
-_HIGH_KEYS = ("high", "high_format", "outlier_format", "hi_format", "hi")
-_FRAC_KEYS = ("ratio", "outlier_ratio", "outlier_fraction", "fraction", "frac", "hi_frac", "r")
+def _stage_format(meta, state):
+    """``(low name, high name or None, ratio or None)`` a stage casts to, or ``None`` if it casts nothing."""
+    d = _as_mapping(meta)
+    if not d:
+        return None
+    lo = next((_spec_name(d[k]) for k in _FORMAT_KEYS if k in d and _spec_name(d[k])), None)
+    if lo is None and d.get("spec") is not None:
+        lo = _spec_name(d["spec"])
+    if lo is None and isinstance(d.get("bits"), int) and not isinstance(d.get("bits"), bool):
+        lo = f"int{d['bits']}" if d["bits"] <= 8 else "fp16" if d["bits"] == 16 else None
+    if lo is None or not _known(lo):
+        return None
+    hi = next((_spec_name(d[k]) for k in _HIGH_KEYS if k in d and _spec_name(d[k])), None)
+    if hi is not None and not _known(hi):
+        hi = None
+    ratio = None
+    if isinstance(state, Mapping) and "ratio" in state:
+        ratio = float(np.asarray(state["ratio"]).reshape(-1)[0])
+    else:
+        ratio = next((float(d[k]) for k in _FRAC_KEYS if isinstance(d.get(k), (int, float))), None)
+    return lo, hi, ratio
 
 
-def format_of_transform(transform, default: OperandFormat = FLOAT16, key: str = "") -> OperandFormat:
+def format_of_transform(transform, default: OperandFormat = FLOAT16, key: str = "", state=None,
+                        measured: float | None = None) -> OperandFormat:
     """The :class:`OperandFormat` a quantization transform produces, read from its ``meta``.
 
-    Looks for a format name (keys ``format``/``fmt``/``low``, else an integer ``bits``: a
-    uniform ``int<bits>``), an outlier format (``high``, ``outlier_format``) and an outlier
-    fraction (``ratio``, ``outlier_ratio``, ``fraction``) in
-    the meta (mappings, named tuples, dataclasses or flat key/value tuples, recursing through
-    :func:`jdq.quant.chain`). The last cast in a chain wins. ``None`` transforms keep ``default``.
+    Walks the stages of :func:`jdq.quant.chain` and wrapped transforms; the last stage that casts
+    wins. A stage casts when its meta names a format (``fmt``/``format``/``lo``, a jdq.formats
+    spec's ``name``, or an integer ``bits``: ``int<bits>``), as :class:`jdq.quant.casts.CastMeta`
+    does; an outlier split (:class:`jdq.quant.outliers.OutlierMeta`, ``lo``/``hi``) also has an
+    outlier format, whose fraction comes from ``measured`` (a measured fraction), else the
+    stage's state ``state["ratio"]`` (the plan state), else a ``ratio`` in the meta.
+    ``None`` transforms keep ``default``.
     """
     if transform is None:
         return default
-    entries = _meta_formats(getattr(transform, "meta", None))
-    result = None
-    for e in entries:
-        name = next((e[k] for k in _FORMAT_KEYS if isinstance(e.get(k), str)), None)
-        if name is None and isinstance(e.get("bits"), int) and not isinstance(e.get("bits"), bool):
-            bits = e["bits"]
-            name = f"int{bits}" if bits <= 8 else "fp16" if bits == 16 else None
-        if name is None:
-            continue
-        try:
-            pe_format(name)
-        except ValueError:
-            continue
-        hi = next((e[k] for k in _HIGH_KEYS if isinstance(e.get(k), str)), None)
-        frac = next((float(e[k]) for k in _FRAC_KEYS if isinstance(e.get(k), (int, float))), 0.0)
-        result = OperandFormat(name, hi if frac > 0 else None, frac if hi is not None else 0.0)
-    if result is None:
-        raise ValueError(f"operand {key!r}: cannot read a format from its transform's meta "
-                         f"{getattr(transform, 'meta', None)!r}; give the cost model a format function instead")
-    return result
+    meta = getattr(transform, "meta", None)
+    found = None
+    for stage_meta, stage_state in _stages(meta, state):
+        f = _stage_format(stage_meta, stage_state)
+        if f is not None:
+            found = f
+    if found is None:
+        raise ValueError(f"operand {key!r}: cannot read a format from its transform's meta {meta!r}; "
+                         "give the cost model a format function instead")
+    lo, hi, ratio = found
+    if hi is None:
+        if measured:
+            raise ValueError(f"operand {key!r}: a measured outlier fraction was given but its format {lo!r} "
+                             "has no outlier format")
+        return OperandFormat(lo)
+    frac = measured if measured is not None else ratio
+    if frac is None:
+        raise ValueError(f"operand {key!r}: its outlier split ({lo}/{hi}) keeps the ratio in the plan state; "
+                         "pass state= (or measured outlier_fractions=) to from_plan")
+    return OperandFormat(lo, hi if frac > 0 else None, float(frac) if frac > 0 else 0.0)
 
 
-def from_plan(plan, outlier_fractions: Mapping[str, float] | None = None, default: OperandFormat = FLOAT16) -> FormatFn:
+def from_plan(plan, state: Mapping[str, Any] | None = None, outlier_fractions: Mapping[str, float] | None = None,
+              default: OperandFormat = FLOAT16) -> FormatFn:
     """A format function reading each operand's transform ``meta`` in a :class:`jdq.quant.Plan`.
 
-    ``outlier_fractions``: measured outlier fractions per operand key (``"site:role"``), which
-    replace the fraction the meta states (e.g. a calibrated top-k threshold gives a different
-    realized fraction per site). Operands kept in float (or not covered) use ``default``.
+    ``state``: the plan's state (``plan.init(stats)``), where outlier splits keep their ratio.
+    ``outlier_fractions``: measured outlier fractions per operand key (``"site:role"``, e.g.
+    from :func:`jdq.quant.outliers.outlier_fraction` on calibration data), which take precedence.
+    Operands kept in float (or not covered) use ``default``.
     """
     measured = dict(outlier_fractions or {})
+    state = state or {}
 
     def fmt(op):
         key = f"{op.site}:{op.role}"
-        f = format_of_transform(plan.transform_for(key), default, key)
-        if key in measured:
-            frac = float(measured[key])
-            hi = f.hi_name
-            if hi is None and frac > 0:
-                raise ValueError(f"operand {key!r}: a measured outlier fraction was given but its format "
-                                 f"{f.name!r} has no outlier format")
-            f = OperandFormat(f.name, hi, frac)
-        return f
+        m = measured.get(key)
+        return format_of_transform(plan.transform_for(key), default, key, state.get(key),
+                                   None if m is None else float(m))
 
     return fmt
 

@@ -114,6 +114,33 @@ def test_from_plan_reads_transform_meta(operands):
         W.from_operands(operands, W.from_plan(bad))
 
 
+def test_from_plan_with_jdq_quant_casts_and_outlier_split(operands):
+    from jdq.quant.casts import cast
+    from jdq.quant.outliers import outlier_split
+
+    plan = quant.resolve([
+        quant.rule("*", outlier_split(0.05, "mx9", "mx6"), roles=("act", "post_gelu")),
+        quant.rule("*", outlier_split(0.2, "mx9", "mx6"), roles=("q", "k", "v", "attn_prob")),
+        quant.rule("*", cast("mx6"), roles=("weight",)),
+    ], operands)
+    state = plan.init({})
+    wl = W.from_operands(operands, W.from_plan(plan, state, outlier_fractions={"blk.attn.pv:v": 0.3}))
+    idx = {n: i for i, n in enumerate(wl.names)}
+    i, qk, pv = idx["blk.mlp.fc2"], idx["blk.attn.qk"], idx["blk.attn.pv"]
+    assert (H.PE_FORMATS[int(wl.a_fmt[i])], H.PE_FORMATS[int(wl.a_hi_fmt[i])]) == ("mx6", "mx9")
+    assert float(wl.a_hi_frac[i]) == pytest.approx(0.05) and H.PE_FORMATS[int(wl.b_fmt[i])] == "mx6"
+    assert float(wl.a_hi_frac[qk]) == pytest.approx(0.2) and float(wl.b_hi_frac[pv]) == pytest.approx(0.3)
+    # The same plan through the named cost-model plan gives the same cost.
+    hw = H.presets.mixdit_like()
+    named = W.from_operands(operands, W.named_plan("mixdit", linear_outliers=0.05, attn_outliers=0.2))
+    plain = W.from_operands(operands, W.from_plan(plan, state))
+    assert float(H.latency(hw, named)) == pytest.approx(float(H.latency(hw, plain)), rel=1e-6)
+    assert float(H.latency(hw, wl)) > float(H.latency(hw, plain))  # 30 % MX9 in V is slower than 20 %
+    # Without the state the ratio is unknown, and the error says where to find it.
+    with pytest.raises(ValueError, match="pass state="):
+        W.from_operands(operands, W.from_plan(plan))
+
+
 def test_errors_name_the_problem(operands):
     lonely = [o for o in operands if not (o.site == "blk.mlp.fc1" and o.role == "weight")]
     with pytest.raises(ValueError, match="site 'blk.mlp.fc1'"):
