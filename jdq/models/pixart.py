@@ -32,8 +32,9 @@ site                                                   what                     
 ``proj_out``                                            tokens → patches                     ``act``
 =====================================================  ==================================  ============
 
-The text mask is a boolean mask (masked keys get probability 0); diffusers adds a −10000 bias,
-the same softmax in float32 unless every token of a row is masked.
+The text mask is applied as a boolean mask (masked keys get probability 0). diffusers adds a
+−10000 bias instead: the same softmax, except that a sample whose tokens are all masked attends
+to all of them (the constant bias cancels); jdq does the same for such a sample.
 """
 
 from __future__ import annotations
@@ -383,7 +384,13 @@ class PixArtTransformer(nnx.Module):
         text = text_emb.astype(dtype)
         if self.caption_projection is not None:
             text = self.caption_projection(text, quant)
-        text_mask = None if mask is None else (jnp.asarray(mask) > 0.5)[:, None, None, :]  # (B, 1, 1, L)
+        text_mask = None
+        if mask is not None:
+            keep = jnp.asarray(mask) > 0.5
+            # diffusers adds a -10000 bias to masked keys; with every key of a row masked the bias
+            # cancels in the softmax and the row attends to all tokens. Reproduce that.
+            keep = keep | ~jnp.any(keep, axis=-1, keepdims=True)
+            text_mask = keep[:, None, None, :]  # (B, 1, 1, L)
 
         for block in self.transformer_blocks:
             h = block(h, text, text_mask, t6, quant)
