@@ -1,0 +1,47 @@
+"""Per-device block sizes of the GPU kernels, with a default; measured by ``benchmarks/kernels.py``.
+
+A table maps ``device_kind`` (``jax.devices()[0].device_kind``, e.g. ``"NVIDIA H200"``) to a
+list of ``(max_m, config kwargs)`` rows per op: the first row whose ``max_m`` is at least the
+GEMM's M is used. Unknown devices use ``"default"``. The numbers behind each entry are in
+``jdq/kernels/NOTES.md``.
+"""
+
+from __future__ import annotations
+
+from jdq.kernels._mgpu import device_kind, num_sms
+
+INF = 1 << 62
+
+# W8A8 (jdq.kernels.w8a8.gpu.Config). H200, jax 0.11.2, DiT-XL/2 shapes (NOTES.md, run 1): the
+# warp-specialised persistent kernel with two 128x64 warpgroup tiles (CTA 128x128) was best or
+# within 3% of best on every tuned shape.
+W8A8 = {
+    "default": [(INF, dict(kind="ws", tile_m=128, tile_n=64, tile_k=128, stages=4, wg_dim="n"))],
+    "NVIDIA H200": [(INF, dict(kind="ws", tile_m=128, tile_n=64, tile_k=128, stages=4, wg_dim="n"))],
+    "NVIDIA H100 80GB HBM3": [(INF, dict(kind="ws", tile_m=128, tile_n=64, tile_k=128, stages=4, wg_dim="n"))],
+}
+
+# Weight-only W8A16 / W4A16 (jdq.kernels.weight_only.gpu.Config).
+WEIGHT_ONLY = {
+    "default": [(INF, dict(tile_m=64, tile_n=128, tile_k=128, stages=4))],
+}
+
+TABLES = {"w8a8": W8A8, "weight_only": WEIGHT_ONLY}
+
+
+def lookup(op: str, m: int, device: str | None = None) -> dict:
+    """Config kwargs of ``op`` for a GEMM with ``m`` rows on ``device`` (default: the current one)."""
+    if op not in TABLES:
+        raise KeyError(f"no tuning table for op {op!r}; known: {sorted(TABLES)}")
+    table = TABLES[op]
+    rows = table.get(device or device_kind(), table["default"])
+    for max_m, kw in rows:
+        if m <= max_m:
+            out = dict(kw)
+            if op == "w8a8" and out.get("kind") == "ws":
+                out.setdefault("num_sms", num_sms())
+            return out
+    return dict(rows[-1][1])
+
+
+__all__ = ["TABLES", "W8A8", "WEIGHT_ONLY", "lookup"]

@@ -1,0 +1,148 @@
+"""Weight-only W8A16 / W4A16 GEMM for Hopper in Mosaic GPU: integer weights dequantized in the kernel.
+
+Computes :func:`jdq.kernels.weight_only.ref.weight_only_matmul` for ``x`` (M, K) bf16 and int8
+codes (N, K) (or int4 packed (N, K/2), the layout of :func:`~jdq.kernels.weight_only.ref.pack_int4`)
+with float32 scales (N, G). XLA cannot fuse the dequantization into its GEMM (it writes a bf16
+copy of the weight first); here the weight crosses HBM once, in its packed form.
+
+Per K step (``tile_k`` = 128) the pipeline brings an x tile and a code tile to shared memory by
+TMA; the warpgroup loads the codes to registers, sign-extends (int4: two arithmetic shifts of the
+16-bit upcast give the two contiguous 64-wide halves), converts to bf16 (exact: |code| ≤ 127),
+stores the bf16 tile to a swizzled shared buffer and runs a bf16 WGMMA against it (transposed
+view: K-major B is allowed for 16-bit types). Scales are not applied to the weight tile:
+
+* per channel (``G == 1``): one float32 accumulator over all of K, scaled in the epilogue;
+* per group (``group_size`` a multiple of ``tile_k``): each group's partial product is
+  accumulated separately and added, times its scales, into a float32 register carry.
+
+The epilogue adds the bias, casts, and stores through shared memory by TMA. Differences from the
+reference are float rounding only (bf16 products are exact in the f32 accumulator; the order of
+the sums differs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jdq.kernels._mgpu import interpret_params, load_vec, pl, plgpu, rhs_kmajor, smem_transforms
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Block sizes of the weight-only GPU kernel."""
+
+    tile_m: int = 64
+    tile_n: int = 128
+    tile_k: int = 128
+    stages: int = 4
+
+    def supports(self, n: int, k: int, group_size: int, bits: int) -> bool:
+        """Whether N, K and the group size fit this config's tiles."""
+        return n % self.tile_n == 0 and k % self.tile_k == 0 and group_size % self.tile_k == 0 and (bits == 8 or self.tile_k == 128)
+
+
+def weight_only_matmul_gpu(x, codes, scale, b, bits: int, group_size: int, out_dtype=jnp.bfloat16,
+                           config: Config = Config(), interpret=False):
+    """``x (M, K) · Ŵᵀ + b`` with int8 / packed-int4 codes and per-channel or per-group scales."""
+    m, k = x.shape
+    n = codes.shape[0]
+    tm, tn, tk = config.tile_m, config.tile_n, config.tile_k
+    if bits not in (4, 8):
+        raise ValueError(f"weight-only GPU kernel: bits must be 4 or 8, got {bits}")
+    kc = tk if bits == 8 else tk // 2
+    if codes.shape != (n, k if bits == 8 else k // 2):
+        raise ValueError(f"weight-only: codes shape {codes.shape} does not fit x {x.shape} with bits={bits}")
+    if m % tm or not config.supports(n, k, group_size, bits):
+        raise ValueError(f"weight-only: M={m} N={n} K={k} group_size={group_size} do not fit {config}")
+    groups = k // group_size
+    scale = jnp.asarray(scale, jnp.float32).reshape(n, groups)
+    b = jnp.zeros((n,), jnp.float32) if b is None else jnp.asarray(b, jnp.float32)
+    x = x.astype(jnp.bfloat16)
+    out_dtype = jnp.dtype(out_dtype)
+    x_tr = smem_transforms(tk, jnp.bfloat16, interpret)
+    c_tr = smem_transforms(kc, jnp.int8, interpret)
+    o_tr = smem_transforms(tn, out_dtype, interpret)
+    steps_per_group = group_size // tk
+    # interpret mode reads B untransposed: the dequantized tile is stored (tk, tn) there
+    wd_shape = (tk, tn) if interpret else (tn, tk)
+
+    def dequant_to_smem(c_s, wd_s):
+        c = c_s[...]
+        if interpret:
+            c = c.T
+        if bits == 8:
+            wd_s[...] = c.astype(jnp.bfloat16)
+            return
+        c16 = c.astype(jnp.int16)
+        lo = lax.shift_right_arithmetic(lax.shift_left(c16, jnp.int16(12)), jnp.int16(12)).astype(jnp.bfloat16)
+        hi = lax.shift_right_arithmetic(c16, jnp.int16(4)).astype(jnp.bfloat16)
+        if interpret:
+            wd_s[: tk // 2, :] = lo
+            wd_s[tk // 2 :, :] = hi
+        else:
+            wd_s[:, : tk // 2] = lo
+            wd_s[:, tk // 2 :] = hi
+
+    def body(x_g, c_g, s_g, b_g, o_g, wd_s, o_s):
+        mi = lax.axis_index("m")
+        ni = lax.axis_index("n")
+        specs = [
+            plgpu.BlockSpec((tm, tk), lambda kk: (mi, kk), transforms=x_tr),
+            plgpu.BlockSpec((tn, kc), lambda kk: (ni, kk), transforms=c_tr),
+        ]
+
+        def mma(acc, x_s, c_s):
+            dequant_to_smem(c_s, wd_s)
+            plgpu.commit_smem()
+            plgpu.wgmma(acc, x_s, rhs_kmajor(wd_s, interpret))
+            plgpu.wgmma_wait(0)
+
+        if groups == 1:
+            def scope(acc):
+                plgpu.emit_pipeline(lambda _, x_s, c_s: mma(acc, x_s, c_s), grid=(k // tk,), in_specs=specs,
+                                    max_concurrent_steps=config.stages)(x_g, c_g)
+                return acc[...]
+
+            y = pl.run_scoped(scope, plgpu.ACC((tm, tn), jnp.float32))
+            y = y * lax.broadcast_in_dim(load_vec(s_g.at[0], ni * tn, tn, 1, interpret), (tm, tn), [1])
+        else:
+            def group_step(idx, x_s, c_s, carry):
+                (kk,) = idx
+
+                def part_scope(acc):
+                    mma(acc, x_s, c_s)
+                    return acc[...]
+
+                part = pl.run_scoped(part_scope, plgpu.ACC((tm, tn), jnp.float32))
+                g = kk // steps_per_group
+                s = load_vec(s_g.at[g], ni * tn, tn, 1, interpret)
+                return carry + part * lax.broadcast_in_dim(s, (tm, tn), [1])
+
+            init = jnp.zeros((tm, tn), jnp.float32)
+            if not interpret:
+                init = plgpu.layout_cast(init, plgpu.Layout.WGMMA)
+            y = plgpu.emit_pipeline(group_step, grid=(k // tk,), in_specs=specs, max_concurrent_steps=config.stages,
+                                    init_carry=init)(x_g, c_g)
+        y = y + lax.broadcast_in_dim(load_vec(b_g, ni * tn, tn, 1, interpret), (tm, tn), [1])
+        o_s[...] = y.astype(out_dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_s, o_g.at[pl.ds(mi * tm, tm), pl.ds(ni * tn, tn)])
+        plgpu.wait_smem_to_gmem(0)
+
+    d_tr = smem_transforms(wd_shape[1], jnp.bfloat16, interpret)
+    return plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(m // tm, n // tn),
+        grid_names=("m", "n"),
+        scratch_types=[plgpu.SMEM(wd_shape, jnp.bfloat16, transforms=d_tr), plgpu.SMEM((tm, tn), out_dtype, transforms=o_tr)],
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        interpret=interpret_params(interpret),
+    )(x, codes, scale.T, b)
+
+
+__all__ = ["Config", "weight_only_matmul_gpu"]

@@ -1,0 +1,111 @@
+"""W8A8: reference semantics vs jdq.formats and the fake-quant path; GPU kernels in Pallas GPU
+interpret mode (bit-exact integer accumulation); the real GPU variants lower to Mosaic GPU."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jdq.kernels.w8a8 import ref
+from jdq.kernels.w8a8.gpu import Config, w8a8_matmul_gpu
+
+
+def _operands(key, m, k, n, pow2=True):
+    k1, k2, k3, k4, k5 = jax.random.split(key, 5)
+    xq = jax.random.randint(k1, (m, k), -127, 128, jnp.int8)
+    wq = jax.random.randint(k2, (n, k), -127, 128, jnp.int8)
+    if pow2:  # power-of-two scales and a dyadic bias: the float epilogue is exact, so bit-exact
+        xs = 2.0 ** jax.random.randint(k3, (m,), -12, -4).astype(jnp.float32)
+        ws = 2.0 ** jax.random.randint(k4, (n,), -12, -4).astype(jnp.float32)
+        b = jnp.round(jax.random.normal(k5, (n,)) * 64) / 64
+    else:
+        xs = jax.random.uniform(k3, (m,), jnp.float32, 1e-3, 2e-2)
+        ws = jax.random.uniform(k4, (n,), jnp.float32, 1e-3, 2e-2)
+        b = jax.random.normal(k5, (n,))
+    return xq, xs, wq, ws, b
+
+
+def test_quantize_per_token_matches_formats():
+    from jdq import formats
+
+    x = jax.random.normal(jax.random.key(0), (64, 96)) * jnp.linspace(0.1, 30, 96)
+    x = x.at[3].set(0.0)  # an all-zero row: scale clamps, codes are zero
+    q, s = ref.quantize_per_token(x)
+    qt = formats.quantize(x, "int8", axis=-1, granularity="row")
+    np.testing.assert_array_equal(np.asarray(q), np.asarray(qt.codes))
+    deq = q.astype(jnp.float32) * s[:, None]
+    np.testing.assert_array_equal(np.asarray(deq), np.asarray(formats.cast(x, "int8", axis=-1, granularity="row")))
+    assert int(jnp.abs(q).max()) == 127 and not bool(jnp.any(q[3]))
+
+
+def test_reference_equals_fake_quant_path():
+    k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(k1, (48, 256)) * 3
+    w = jax.random.normal(k2, (256, 128)) / 16  # (K, N), the model layout
+    b = jax.random.normal(k3, (128,))
+    wq, ws = ref.quantize_per_channel(w.T, axis=-1)
+    got = ref.w8a8_linear(x, wq, ws, b)
+    from jdq import formats
+
+    fake = formats.cast(x, "int8", axis=-1, granularity="row") @ formats.cast(w, "int8", axis=-2, granularity="row") + b
+    np.testing.assert_allclose(np.asarray(got), np.asarray(fake), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(ref.fake_quant_linear(x, wq, ws, b)), np.asarray(fake), rtol=2e-5, atol=2e-5)
+
+
+CONFIGS = [
+    Config("pipe", 64, 64, 128, 2),
+    Config("pipe", 128, 128, 128, 3, wgmma_wait=1),
+    Config("ws", 64, 64, 128, 2, wg_dim="m", num_sms=3),
+    Config("ws", 64, 64, 128, 3, wg_dim="n", num_sms=2, grid_minor="m"),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.kind}-{c.tile_m}x{c.tile_n}-{c.wg_dim}")
+def test_gpu_kernel_interpret_bit_exact(cfg):
+    m, k, n = 128, 384, 256
+    xq, xs, wq, ws, b = _operands(jax.random.key(2), m, k, n)
+    got = w8a8_matmul_gpu(xq, xs, wq, ws, b, jnp.float32, cfg, interpret=True)
+    want = ref.w8a8_matmul(xq, xs, wq, ws, b, jnp.float32)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_gpu_kernel_interpret_random_scales_bf16():
+    xq, xs, wq, ws, b = _operands(jax.random.key(3), 128, 256, 128, pow2=False)
+    got = w8a8_matmul_gpu(xq, xs, wq, ws, b, jnp.bfloat16, Config("pipe", 64, 64, 128, 2), interpret=True)
+    want = ref.w8a8_matmul(xq, xs, wq, ws, b, jnp.float32)
+    got = np.asarray(got, np.float32)
+    want_bf = np.asarray(want.astype(jnp.bfloat16), np.float32)
+    # FMA contraction may move a value across a bf16 rounding boundary: at most one bf16 ulp
+    ulp = np.abs(want_bf) * 2.0**-7 + 1e-30
+    assert np.all(np.abs(got - want_bf) <= ulp)
+    assert np.mean(got != want_bf) < 1e-3
+
+
+@pytest.mark.parametrize("cfg", [Config("pipe", 128, 128, 128, 3), Config("ws", 128, 64, 128, 4, wg_dim="n")],
+                         ids=["pipe", "ws"])
+def test_gpu_kernel_lowers_to_mosaic_gpu(cfg):
+    """The real (non-interpreted) kernel, with transposed K-major B and swizzled tiles, lowers."""
+    m, k, n = 512, 1152, 1152
+    shapes = [((m, k), jnp.int8), ((m,), jnp.float32), ((n, k), jnp.int8), ((n,), jnp.float32), ((n,), jnp.float32)]
+    args = [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
+    f = jax.jit(functools.partial(w8a8_matmul_gpu, out_dtype=jnp.bfloat16, config=cfg))
+    text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+def test_bad_shapes_raise():
+    xq, xs, wq, ws, b = _operands(jax.random.key(4), 128, 256, 128)
+    with pytest.raises(ValueError, match="disagree on K"):
+        w8a8_matmul_gpu(xq, xs, wq[:, :128], ws, b, jnp.float32, Config("pipe", 64, 64, 128, 2), interpret=True)
+    with pytest.raises(ValueError, match="not a multiple"):
+        w8a8_matmul_gpu(xq[:100], xs[:100], wq, ws, b, jnp.float32, Config("pipe", 64, 64, 128, 2), interpret=True)
+
+
+def test_tpu_kernel_interpret_bit_exact():
+    from jdq.kernels.w8a8.tpu import w8a8_matmul_tpu
+
+    xq, xs, wq, ws, b = _operands(jax.random.key(5), 256, 512, 256)
+    got = w8a8_matmul_tpu(xq, xs, wq, ws, b, jnp.float32, tm=128, tn=128, tk=256, interpret=True)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref.w8a8_matmul(xq, xs, wq, ws, b, jnp.float32)))
