@@ -428,7 +428,10 @@ def render(val_rows, val_why, same_gemm_s, speed, models, device, quick):
              "attention matmuls (traced abstractly from the jdq models with `jdq.quant.trace_operands`); no text "
              "encoder, no VAE, no element-wise ops. Plans: `fp16` (no quantization), `w8a8` (INT8), `mx6` "
              "(everything MX6), `mixdit` (MX6 with 5 % MX9 outliers in linear inputs and 20 % in attention "
-             "operands, MX6 weights). GPU presets are ideal rooflines (100 % of datasheet peak) unless stated.\n")
+             "operands, MX6 weights). GPU presets are ideal rooflines (100 % of datasheet peak) unless stated. "
+             "Energy: the accelerator's from its per-MAC, per-byte and per-conversion model (45 nm-class "
+             "relative values, see the assumptions); a GPU's is board power (TDP) × time, an upper bound, so "
+             "the energy ratios are indicative only.\n")
     for name, res in models.items():
         if "error" in res:
             L.append(f"### {name}\n\nNot costed: {res['error']}\n")
