@@ -159,7 +159,7 @@ def _validate_sampler(model, args, defaults):
     aliases = ("dpm-solver++", "dpmpp2m", "flow-euler")
     if name is not None and name not in SAMPLERS + aliases:
         raise CliError(f"unknown sampler {name!r}; known samplers: {', '.join(SAMPLERS)}")
-    steps = args.steps or defaults.get("steps")
+    steps = args.steps if args.steps is not None else defaults.get("steps")
     if steps is not None and steps < 1:
         raise CliError(f"--steps must be >= 1, got {steps}")
     if args.eta < 0:
