@@ -138,7 +138,7 @@ def test_f32_with_additional_conditions_and_affine_norms():
 
 def test_bf16_within_bound(plain):
     model = jdq_model(plain)
-    model16 = model.replace(config=model.config.replace(dtype="bfloat16")).astype(jnp.bfloat16)
+    model16 = model.with_dtype(jnp.bfloat16)
     x, t, text, mask = inputs(seed=2)
     got = model16(x, t, text, mask)
     assert got.dtype == jnp.bfloat16
