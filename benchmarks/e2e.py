@@ -134,15 +134,20 @@ def main(argv=None):
         mem[label] = weight_bytes(model.params, lower(plan, model.params, check=False))
     res["weight_bytes"] = mem
     for k, v in mem.items():
+        packed = (f"; packed sites {v['lowered_bytes'] / 2**20:.1f} MiB vs bf16 {v['lowered_dense_bytes'] / 2**20:.1f} MiB: "
+                  f"{v['lowered_dense_bytes'] / v['lowered_bytes']:.2f}x") if v["lowered_bytes"] else ""
         print(f"weights {k:10s} {v['bytes'] / 2**20:9.1f} MiB  ({mem['bf16']['bytes'] / v['bytes']:.2f}x smaller than bf16, "
-              f"{v['lowered_sites']} sites packed)", flush=True)
+              f"{v['lowered_sites']} sites packed{packed})", flush=True)
 
     if args.w4_speed:
         xb, tb, yb = x[:1], t[:1], y[:1]
+        wall, dev = timed(lambda x, t, y: step(model.params, None, x, t, y), (xb, tb, yb), args.iters)
+        res["times"]["b1_bf16"] = {"wall_ms": wall, "kernel_ms": dev}
+        print(f"batch-1 step bf16         wall {wall:8.2f} ms kernels {dev if dev is None else round(dev, 2)} ms", flush=True)
         for label, wc in [("w8a16", cast("int8", granularity="row")), ("w4a16_g128", cast("int4", granularity="group", group_size=128))]:
             plan = make_plan(model, full_inputs, wc, None, TOKEN_LINEARS)
             q = lower(plan, model.params)
-            for nm, qq in [(label, q), ("bf16", None)]:
+            for nm, qq in [(label, q)]:
                 wall, dev = timed(lambda x, t, y, q=qq: step(model.params, q, x, t, y), (xb, tb, yb), args.iters)
                 res["times"][f"b1_{nm}"] = {"wall_ms": wall, "kernel_ms": dev}
                 print(f"batch-1 step {nm:12s} wall {wall:8.2f} ms kernels {dev if dev is None else round(dev, 2)} ms", flush=True)

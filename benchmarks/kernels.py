@@ -169,7 +169,10 @@ def main(argv=None):
     p.add_argument("--rotate", type=int, default=4)
     p.add_argument("--budget-s", type=float, default=400.0, help="stop starting new work after this long")
     p.add_argument("--tune-batches", default="16,64")
-    p.add_argument("--ops", default="w8a8", help="comma list: w8a8")
+    p.add_argument("--ops", default="w8a8,wo", help="comma list: w8a8 (W8A8 table), wo (weight-only table)")
+    p.add_argument("--skip-tune", action="store_true", help="use the tuning table instead of sweeping configs")
+    p.add_argument("--table-batches", default="1,2,4,8,16,32,64")
+    p.add_argument("--wo-batches", default="1,2,4")
     args = p.parse_args(argv)
     t_start = time.time()
     results = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "rows": [], "tune": [], "checks": []}
@@ -197,12 +200,19 @@ def main(argv=None):
         sets = make_w8a8_inputs(key, 256, 256, 256, 2)
         for name, (fn, ss) in baselines(sets).items():
             print(f"smoke: {name} {time_ms(fn, ss, 3):.3f} ms")
+        args.rotate, args.iters = 1, 1
+        weight_only_table(results, key, [], args, t_start, lambda: None, [("tiny", 64, 256, 128)], interpret=True)
+        print_wo_table(results)
         return 0
 
     from jdq.kernels.w8a8.gpu import w8a8_matmul_gpu
     from jdq.kernels.w8a8.ref import quantize_per_token
 
-    cands = w8a8_candidates(nsm)
+    from jdq.kernels import tuning
+    from jdq.kernels.w8a8.gpu import Config
+
+    cands = [Config(**tuning.lookup("w8a8", 4096))] if args.skip_tune else w8a8_candidates(nsm)
+    ops = args.ops.split(",")
     # 1. correctness of every candidate on the device, before any timing
     ok = []
     for cfg in cands:
@@ -222,7 +232,7 @@ def main(argv=None):
     save()
 
     # 2. tune: every passing candidate on the tuning shapes
-    tune_b = [int(b) for b in args.tune_batches.split(",")]
+    tune_b = [] if args.skip_tune else [int(b) for b in args.tune_batches.split(",")]
     best = {}
     for label, m, k, n in shapes("dit", tune_b):
         if time.time() - t_start > args.budget_s * 0.5:
@@ -251,14 +261,16 @@ def main(argv=None):
         totals.setdefault(key_c, {}).update({r["shape"]: r["ms"]})
     nshapes = max((len(v) for v in totals.values()), default=0)
     full = {c: sum(v.values()) for c, v in totals.items() if len(v) == nshapes}
-    from jdq.kernels.w8a8.gpu import Config
-
     glob = Config(**json.loads(min(full, key=full.get))) if full else (ok[0] if ok else None)
+    if "w8a8" not in ops:
+        glob = None
     results["best_config"] = None if glob is None else dataclasses.asdict(glob)
     print("best config:", glob, flush=True)
 
     # 3. the table: baselines and the best config on every shape
-    for label, m, k, n in shapes("all"):
+    table_b = [int(b) for b in args.table_batches.split(",")]
+    w8_shapes = shapes("dit", table_b) + shapes("pixart") if "w8a8" in ops else []
+    for label, m, k, n in w8_shapes:
         if time.time() - t_start > args.budget_s:
             print("budget reached", flush=True)
             break
@@ -281,8 +293,78 @@ def main(argv=None):
         fl = 2 * m * n * k
         cells = "  ".join(f"{c}={fl / row[c] / 1e9:6.0f}" for c in row if c not in ("shape", "m", "k", "n") and row[c])
         print(f"{label:18s} TFLOP/s: {cells}", flush=True)
+    if "wo" in ops:
+        weight_only_table(results, key, [int(b) for b in args.wo_batches.split(",")], args, t_start, save)
     print_table(results)
+    print_wo_table(results)
     return 0
+
+
+def weight_only_table(results, key, batches, args, t_start, save, shape_list=None, interpret=False):
+    """W8A16 / W4A16 kernels vs XLA bf16 dot and XLA dequantize-then-dot, with a device check first."""
+    from jdq.kernels.weight_only import ref as wref
+    from jdq.kernels.weight_only.gpu import Config, weight_only_matmul_gpu
+
+    cfg = Config()
+    variants = [("w8a16", 8, None), ("w4a16_ch", 4, None), ("w4a16_g128", 4, 128)]
+    results["wo_rows"] = []
+    results["wo_checks"] = []
+    for label, m, k, n in shape_list or shapes("dit", batches):
+        if time.time() - t_start > args.budget_s:
+            print("budget reached (weight-only)", flush=True)
+            break
+        row = {"shape": label, "m": m, "k": k, "n": n}
+        xs_, ws_ = [], []
+        for i in range(args.rotate * 4):  # 16 weight sets: more than the L2 holds
+            k1, k2 = jax.random.split(jax.random.fold_in(key, 1000 + i))
+            xs_.append(jax.random.normal(k1, (m, k), jnp.float32).astype(jnp.bfloat16))
+            ws_.append(jax.random.normal(k2, (k, n), jnp.float32) / np.sqrt(k))
+        bf = [(x, w.astype(jnp.bfloat16)) for x, w in zip(xs_, ws_)]
+        row["xla_bf16"] = time_ms(lambda x, w: jnp.dot(x, w), bf, args.iters)
+        for name, bits, g in variants:
+            from jdq import formats
+
+            opts = dict(granularity="group", group_size=g) if g else dict(granularity="row")
+            sets = []
+            for x, w in zip(xs_, ws_):
+                qt = formats.quantize(w, f"int{bits}", axis=-2, **opts)
+                codes = qt.codes.T
+                sc = jnp.maximum(qt.scale, 2.0**-126).reshape(-1, n).T if g else qt.scale.reshape(n, 1)
+                sets.append((x, wref.pack_int4(codes) if bits == 4 else codes, sc))
+            gs = g or k
+            try:
+                x0, c0, s0 = sets[0]
+                got = weight_only_matmul_gpu(x0, c0, s0, None, bits, gs, jnp.float32, cfg, interpret=interpret)
+                want = wref.weight_only_matmul(x0, c0, s0, None, bits, gs, jnp.float32)
+                rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+                results["wo_checks"].append({"shape": label, "variant": name, "relerr": rel})
+                if not rel < 1e-4:
+                    print(f"  {label} {name}: CHECK FAILED relerr {rel}", flush=True)
+                    continue
+                row[name] = time_ms(lambda x, c, s, bits=bits, gs=gs: weight_only_matmul_gpu(x, c, s, None, bits, gs, jnp.bfloat16, cfg, interpret=interpret), sets, args.iters)
+                row[name + "_xla"] = time_ms(
+                    lambda x, c, s, bits=bits, gs=gs: jnp.dot(x, wref.dequantize(c, s, bits, gs).astype(jnp.bfloat16).T), sets, args.iters)
+            except Exception as e:  # noqa: BLE001
+                print(f"  {label} {name} failed: {type(e).__name__} {str(e)[:300]}", flush=True)
+        results["wo_rows"].append(row)
+        save()
+        print(f"{label:16s} " + "  ".join(f"{c}={row[c] * 1e3:.1f}us" for c in row if c not in ("shape", "m", "k", "n")), flush=True)
+
+
+def print_wo_table(results):
+    """Markdown table: weight-only kernels, microseconds and speedup vs XLA bf16."""
+    if not results.get("wo_rows"):
+        return
+    cols = ["w8a16", "w4a16_ch", "w4a16_g128"]
+    print("\n| shape | M | XLA bf16 us | " + " | ".join(f"{c} us (×bf16) | XLA deq+dot {c} us" for c in cols) + " |")
+    print("|---|---|---|" + "---|---|" * len(cols))
+    for r in results["wo_rows"]:
+        cells = []
+        for c in cols:
+            t, tx = r.get(c), r.get(c + "_xla")
+            cells.append(f"{t * 1e3:.1f} ({r['xla_bf16'] / t:.2f})" if t else "-")
+            cells.append(f"{tx * 1e3:.1f}" if tx else "-")
+        print(f"| {r['shape']} | {r['m']} | {r['xla_bf16'] * 1e3:.1f} | " + " | ".join(cells) + " |")
 
 
 def print_table(results):

@@ -197,16 +197,23 @@ def lower(plan: Plan, params, state: Mapping[str, Any] | None = None, *, impl: s
 
 
 def weight_bytes(params, quant: LoweredQuantizer | None = None, dtype=jnp.bfloat16) -> dict[str, int]:
-    """Bytes of the linear weights (``*.kernel``, 2-D) stored in ``dtype``, or packed where ``quant`` lowered them."""
+    """Bytes of the linear weights (``*.kernel``, 2-D) stored in ``dtype``, or packed where ``quant`` lowered them.
+
+    Returns ``bytes`` (all linear weights), ``lowered_sites``, ``lowered_bytes`` (the packed
+    ones) and ``lowered_dense_bytes`` (the same weights stored in ``dtype``).
+    """
     flat = _flat(params)
-    total = lowered = 0
+    total = lowered = packed = dense = 0
     for name, w in flat.items():
         if not name.endswith(".kernel") or np.ndim(w) != 2:
             continue
         lw = None if quant is None else quant.lowered(name[: -len(".kernel")])
+        size = int(np.prod(np.shape(w))) * jnp.dtype(dtype).itemsize
         if lw is not None:
             total += lw.nbytes
             lowered += 1
+            packed += lw.nbytes
+            dense += size
         else:
-            total += int(np.prod(np.shape(w))) * jnp.dtype(dtype).itemsize
-    return {"bytes": total, "lowered_sites": lowered}
+            total += size
+    return {"bytes": total, "lowered_sites": lowered, "lowered_bytes": packed, "lowered_dense_bytes": dense}
