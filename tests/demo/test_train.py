@@ -1,0 +1,61 @@
+"""Pieces of the embedded model's training: the hybrid diffusion loss and adaLN-Zero."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jdq.demo import train
+from jdq.sampling import ddpm
+
+TAB = train.diffusion_tables()
+
+
+def test_tables_match_the_sampler_at_1000_steps():
+    s = ddpm(1000)  # no respacing: step i is timestep 999 - i
+    for ours, theirs in (("coef_x0", "coef_x0"), ("coef_xt", "coef_xt"), ("post_log_var", "min_log"),
+                         ("log_betas", "max_log"), ("sqrt_recip_ac", "sqrt_recip_ac")):
+        np.testing.assert_allclose(np.asarray(TAB[ours]), s.tables[theirs][::-1], rtol=1e-6)
+
+
+def test_normal_kl_against_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    m1, m2 = rng.standard_normal(50), rng.standard_normal(50)
+    lv1, lv2 = rng.uniform(-3, 1, 50), rng.uniform(-3, 1, 50)
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(torch.tensor(m1), torch.tensor(np.exp(lv1 / 2))),
+                                            torch.distributions.Normal(torch.tensor(m2), torch.tensor(np.exp(lv2 / 2))))
+    np.testing.assert_allclose(np.asarray(train.normal_kl(m1, lv1, m2, lv2)), ref.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mean, log_scale", [(0.1, np.log(0.05)), (-0.95, np.log(0.3)), (0.7, np.log(1.2))])
+def test_discretized_likelihood_sums_to_one_over_the_256_levels(mean, log_scale):
+    levels = jnp.asarray(np.arange(256) / 127.5 - 1.0, jnp.float32)
+    p = jnp.exp(-train.discretized_gaussian_nll(levels, jnp.float32(mean), jnp.float32(log_scale)))
+    np.testing.assert_allclose(float(p.sum()), 1.0, rtol=2e-3)
+
+
+def test_hybrid_loss_vanishes_for_the_true_noise_and_posterior_variance():
+    key = jax.random.key(0)
+    x0 = jnp.clip(jax.random.normal(key, (4, 6, 6, 1)), -1, 1)
+    eps = jax.random.normal(jax.random.key(1), x0.shape)
+    t = jnp.array([5, 100, 500, 999])
+    x_t = train._bcast(TAB["sqrt_ac"][t], x0) * x0 + train._bcast(TAB["sqrt_1m_ac"][t], x0) * eps
+    perfect = jnp.concatenate([eps, -jnp.ones_like(eps)], axis=-1)  # v = -1: the posterior variance
+    np.testing.assert_allclose(np.asarray(train.hybrid_loss(perfect, x0, x_t, eps, t, TAB)), 0.0, atol=1e-4)
+    wrong_var = jnp.concatenate([eps, jnp.ones_like(eps)], axis=-1)
+    assert float(train.hybrid_loss(wrong_var, x0, x_t, eps, t, TAB)[0]) > 1e-3  # at small t, β_t differs from β̃_t
+
+
+def test_adaln_zero_makes_a_fresh_dit_output_zero():
+    from jdq.models import dit
+
+    cfg = dit.Config(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=3)
+    model = dit.from_config(cfg, key=0)
+    params = train.adaln_zero(model.params)
+    x = jax.random.normal(jax.random.key(2), (2, 8, 8, 1))
+    out = model.apply(params, x, jnp.array([3.0, 700.0]), jnp.array([0, 3]))
+    np.testing.assert_array_equal(np.asarray(out), 0.0)
+    assert float(jnp.abs(model.apply(model.params, x, jnp.array([3.0, 700.0]), jnp.array([0, 3]))).max()) > 0
+    # only the modulations and the final linear were zeroed
+    np.testing.assert_array_equal(params["blocks"][0]["mlp"]["fc1"]["kernel"], model.params["blocks"][0]["mlp"]["fc1"]["kernel"])
