@@ -59,3 +59,34 @@ def test_adaln_zero_makes_a_fresh_dit_output_zero():
     assert float(jnp.abs(model.apply(model.params, x, jnp.array([3.0, 700.0]), jnp.array([0, 3]))).max()) > 0
     # only the modulations and the final linear were zeroed
     np.testing.assert_array_equal(params["blocks"][0]["mlp"]["fc1"]["kernel"], model.params["blocks"][0]["mlp"]["fc1"]["kernel"])
+
+
+def test_install_chooses_the_best_cheap_sampler_and_copies_a_run(tmp_path):
+    import json
+
+    from jdq.demo import classifier as clf
+    from jdq.demo import install
+    from jdq.models import base, dit, load
+
+    metrics = {"sample_accuracy": [
+        {"sampler": "ddpm", "steps": 250, "guidance": 2.0, "accuracy": 0.99},
+        {"sampler": "ddpm", "steps": 50, "guidance": 2.0, "accuracy": 0.95},
+        {"sampler": "ddim", "steps": 50, "guidance": 4.0, "accuracy": 0.95},
+        {"sampler": "ddim", "steps": 50, "guidance": 1.0, "accuracy": 0.60}]}
+    assert install.choose_sampling(metrics) == {"sampler": "ddpm", "steps": 50, "guidance": 2.0}
+    run = tmp_path / "run"
+    cfg = dit.Config(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+    base.save(dit.from_config(cfg, key=0), run / "dit")
+    clf.save(clf.init(jax.random.key(0)), run / "classifier.safetensors")
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(FileNotFoundError, match="samples.png"):
+        install.install(run, tmp_path / "assets", tmp_path / "docs")
+    (run / "samples.png").write_bytes(b"png")
+    chosen = install.install(run, tmp_path / "assets", tmp_path / "docs")
+    assert chosen["steps"] == 50
+    model, _ = load(tmp_path / "assets" / "animal_dit")
+    assert model.config == cfg
+    sampling = json.loads((tmp_path / "assets" / "animal_dit" / "sampling.json").read_text())
+    assert sampling["pixel_space"] and len(sampling["class_names"]) == 10 and sampling["sampler"] == "ddpm"
+    assert (tmp_path / "docs" / "samples.png").read_bytes() == b"png"
+    assert set(clf.load(tmp_path / "assets" / "animal_classifier.safetensors")) == set(clf.init(jax.random.key(0)))
