@@ -255,17 +255,22 @@ class Model:
         return getattr(module, method)(*inputs, quant=quant, **kwargs)
 
     def call(self, method: str, *inputs, quant=None, **kwargs):
-        """Run ``method`` with the model's params, under ``jax.jit`` (``kwargs`` are static)."""
+        """Run ``method`` with the model's params, under ``jax.jit``.
+
+        Array keyword arguments are traced; other keyword arguments are static (hashable).
+        """
         if quant is not None and not _is_pytree(quant):
             return self.apply(self.params, *inputs, quant=quant, method=method, **kwargs)
-        cache_key = (method, tuple(sorted(kwargs.items())))
+        arrays = {k: v for k, v in kwargs.items() if isinstance(v, (jax.Array, np.ndarray))}
+        static = tuple(sorted((k, v) for k, v in kwargs.items() if k not in arrays))
+        cache_key = (method, static)
         fn = self._jitted.get(cache_key)
         if fn is None:
-            def fn(params, inputs, quant):
-                return self.apply(params, *inputs, quant=quant, method=method, **kwargs)
+            def fn(params, inputs, arrays, quant):
+                return self.apply(params, *inputs, quant=quant, method=method, **dict(static), **arrays)
 
             fn = self._jitted[cache_key] = jax.jit(fn)
-        return fn(self.params, inputs, quant)
+        return fn(self.params, inputs, arrays, quant)
 
     def __call__(self, *inputs, quant=None, **kwargs):
         """The forward pass with the model's own params, jitted."""

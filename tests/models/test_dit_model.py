@@ -108,3 +108,11 @@ def test_bad_inputs_and_configs(model):
     assert dit.Config.from_dict(CFG.to_dict()) == CFG
     assert dit.Config.variant("B/4", 512) == dit.Config(input_size=64, patch_size=4, hidden_size=768, depth=12,
                                                         num_heads=12)
+
+
+def test_array_keyword_arguments_are_traced(model):
+    x, t, y = batch()
+    np.testing.assert_array_equal(model(x, t, y=y), model(x, t, y))
+    np.testing.assert_array_equal(model(x, t, y=y + 1), model(x, t, y + 1))
+    assert model._jitted[("__call__", ())]._cache_size() >= 1
+    assert len([k for k in model._jitted if k[0] == "__call__"]) == 1  # one jitted function for both kwarg calls
