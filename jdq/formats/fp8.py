@@ -1,10 +1,11 @@
 """Scaled FP8 (OCP E4M3 "fn" and E5M2) with a float32 scale per tensor, row, group or channel.
 
-``v = x / s`` is rounded onto the FP8 grid (round-half-to-even by default, ``rounding='away'``
+``v = x * (1 / s)`` is rounded onto the FP8 grid (round-half-to-even by default, ``rounding='away'``
 available), FP8 subnormals kept, **saturating** at ``±max`` (448 for E4M3, 57344 for E5M2; no Inf
 or NaN is produced from finite or infinite input), and the value is ``q * s``.
 
-* Dynamic scale: ``s = amax / max`` over the scale group (amax/448 or amax/57344), so the group's
+* Dynamic scale: ``s = amax * float32(1 / max)`` over the scale group (amax/448 or amax/57344; the
+  arithmetic is spelled as reciprocal-multiplies for the reason given in :mod:`.uniform`), so the group's
   largest magnitude maps onto the largest FP8 value. Scales below ``2**-126`` are applied as
   ``2**-126`` (all-zero groups give zeros). NaN or Inf in a group makes the group NaN.
 * Static scale: ``scale=`` broadcastable to the shape listed in :mod:`jdq.formats.uniform`.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 
 from . import _bits, uniform
 
@@ -100,7 +102,7 @@ def _params(x, fmt, axis, scale):
         return xf, None
     xw, red = uniform.working_layout(xf, fmt.granularity, fmt.group_size, axis)
     if scale is None:
-        scale = jnp.max(jnp.abs(xw), axis=red, keepdims=True) / fmt.max_normal
+        scale = jnp.max(jnp.abs(xw), axis=red, keepdims=True) * np.float32(1.0 / fmt.max_normal)
     else:
         scale = uniform.to_working(scale, x.shape, fmt.granularity, fmt.group_size, axis, "scale")
     return xw, scale
@@ -117,8 +119,8 @@ def fake_quantize(x, fmt: FP8Format, axis, scale=None):
     xw, scale = _params(x, fmt, axis, scale)
     if scale is None:
         return _round(xw, fmt).astype(x.dtype)
-    s = jnp.maximum(scale, uniform.MIN_SCALE)
-    out = _round(xw / s, fmt) * s
+    s, r = uniform.reciprocal(scale)
+    out = _round(xw * r, fmt) * s
     return _finish(out, x, fmt, axis).astype(x.dtype)
 
 
@@ -127,7 +129,7 @@ def quantize(x, fmt: FP8Format, axis, scale=None):
     xw, scale = _params(x, fmt, axis, scale)
     if scale is None:
         return _encode(_round(xw, fmt), fmt), None
-    q = _round(xw / jnp.maximum(scale, uniform.MIN_SCALE), fmt)
+    q = _round(xw * uniform.reciprocal(scale)[1], fmt)
     codes = _finish(_encode(q, fmt), x, fmt, axis)
     return codes, uniform.to_public(scale, fmt.granularity, axis)
 
@@ -138,7 +140,7 @@ def dequantize(codes, scale, fmt: FP8Format, axis, dtype):
         return _decode(codes, fmt).astype(dtype)
     n = codes.shape[axis]
     cw, _ = uniform.working_layout(codes, fmt.granularity, fmt.group_size, axis)
-    s = jnp.maximum(uniform.to_working(scale, codes.shape, fmt.granularity, fmt.group_size, axis, "scale"), uniform.MIN_SCALE)
+    s, _ = uniform.reciprocal(uniform.to_working(scale, codes.shape, fmt.granularity, fmt.group_size, axis, "scale"))
     out = _decode(cw, fmt) * s
     if fmt.granularity == "group":
         out = _bits.from_blocks(out, axis, n)

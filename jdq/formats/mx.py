@@ -20,7 +20,9 @@ What this module does, exactly:
 * **Inf.** ``amax = Inf`` is treated as ``floor(log2 amax) = 128`` (the exponent field of Inf, as
   torchao's FLOOR mode does): the Inf elements saturate to ``±max_normal`` times the block scale
   ``2**(128 - emax)``, which overflows float32, so ±Inf stays ±Inf; the finite elements of that
-  block, tiny relative to the scale, flush to 0. (The stored codes are ``±max_normal``.)
+  block are quantized with that scale (0 unless huge; a huge one can round up to ±Inf). The
+  stored codes are ``±max_normal``; nothing becomes NaN. MXINT8 (emax 0) is the exception: its
+  scale clamps to ``2**127`` and Inf saturates to the finite ``±(127/64) * 2**127``.
 * **Scale code 0.** The spec decodes byte 0 as ``2**-127`` and so do we, in both directions.
   torchao quantizes those blocks with ``2**-126`` but decodes with ``2**-127`` (off by 2x);
   ``tests/formats/test_formats_torchao.py::test_scale_code_zero_follows_spec`` pins the difference.

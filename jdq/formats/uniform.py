@@ -2,13 +2,16 @@
 
 Definitions (``b`` bits, ``x`` the input, ``s`` the scale, ``z`` the zero point):
 
-* **Symmetric** (default, ``symmetric=True``): signed codes ``q = clamp(round(x / s), -Q, Q)``
+* **Symmetric** (default, ``symmetric=True``): signed codes ``q = clamp(round(x * r), -Q, Q)``
   with ``Q = 2**(b-1) - 1`` (the range is symmetric, ``-2**(b-1)`` is never used), value ``q * s``.
-  Dynamic scale ``s = amax / Q``.
+  Dynamic scale ``s = amax * float32(1 / Q)``.
 * **Asymmetric** (``symmetric=False``, ViDiT-Q style): unsigned codes
-  ``q = clamp(round(x / s) + z, 0, 2**b - 1)``, value ``(q - z) * s``. Dynamic parameters from the
+  ``q = clamp(round(x * r) + z, 0, 2**b - 1)``, value ``(q - z) * s``. Dynamic parameters from the
   min/max with ``x_min`` clipped to ``<= 0`` and ``x_max`` to ``>= 0``:
-  ``s = (x_max - x_min) / (2**b - 1)``, ``z = round(-x_min / s)``.
+  ``s = (x_max - x_min) * float32(1 / (2**b - 1))``, ``z = round(-x_min * r)``.
+* ``r = 1 / s`` is the float32 reciprocal of the scale, computed once per scale. Spelling the
+  arithmetic as reciprocal-multiplies is deliberate: XLA rewrites ``x / s`` into ``x * (1 / s)`` on
+  its own in some fusions, so only this form gives the same bits everywhere (and in a kernel).
 * ``round`` is round-half-to-even (``rounding='even'``, default) or ties away from zero
   (``rounding='away'``); the zero point uses the same rounding.
 * A scale below ``2**-126`` (e.g. an all-zero group) is replaced by ``2**-126`` when applied, so an
@@ -174,19 +177,26 @@ def to_public(param, granularity, axis):
 
 def dynamic_params(xw, fmt: IntFormat, reduce_axes):
     """Min-max scale (and zero point) of the working-layout float32 array ``xw``."""
+    inv_qmax = np.float32(1.0 / fmt.qmax)
     if fmt.symmetric:
         amax = jnp.max(jnp.abs(xw), axis=reduce_axes, keepdims=True)
-        return amax / fmt.qmax, None
+        return amax * inv_qmax, None
     lo = jnp.minimum(jnp.min(xw, axis=reduce_axes, keepdims=True), 0.0)
     hi = jnp.maximum(jnp.max(xw, axis=reduce_axes, keepdims=True), 0.0)
-    scale = (hi - lo) / fmt.qmax
-    zero = _bits.round_half(-lo / jnp.maximum(scale, MIN_SCALE), fmt.rounding)
+    scale = (hi - lo) * inv_qmax
+    zero = _bits.round_half(-lo * reciprocal(scale)[1], fmt.rounding)
     return scale, zero
 
 
-def _codes(xw, fmt, scale, zero):
+def reciprocal(scale):
+    """The applied scale ``max(scale, 2**-126)`` and its float32 reciprocal."""
     s = jnp.maximum(scale, MIN_SCALE)
-    q = _bits.round_half(xw / s, fmt.rounding)
+    return s, 1.0 / s
+
+
+def _codes(xw, fmt, scale, zero):
+    s, r = reciprocal(scale)
+    q = _bits.round_half(xw * r, fmt.rounding)
     if fmt.symmetric:
         return jnp.clip(q, -fmt.qmax, fmt.qmax), s
     return jnp.clip(q + zero, 0, fmt.qmax), s
@@ -239,7 +249,7 @@ def dequantize(codes, scale, zero, fmt: IntFormat, axis, dtype):
     """Values ``(code - zero) * scale`` (inverse of :func:`quantize`)."""
     n = codes.shape[axis]
     qw, _ = working_layout(codes.astype(jnp.float32), fmt.granularity, fmt.group_size, axis)
-    s = jnp.maximum(to_working(scale, codes.shape, fmt.granularity, fmt.group_size, axis, "scale"), MIN_SCALE)
+    s, _ = reciprocal(to_working(scale, codes.shape, fmt.granularity, fmt.group_size, axis, "scale"))
     if zero is not None:
         zero = to_working(zero, codes.shape, fmt.granularity, fmt.group_size, axis, "zero")
     out = _values(qw, s, zero, fmt)
