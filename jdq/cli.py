@@ -120,7 +120,9 @@ def _resolve_model(arg):
     folder = DEFAULT_MODEL if arg is None else Path(arg)
     if not folder.exists():
         if arg is None:
-            raise CliError(f"the embedded model is missing from {folder} (a broken installation?)")
+            raise CliError(f"the embedded model is not installed in {folder}: train it with "
+                           f"`python -m jdq.demo.train --out RUN` and install it with `python -m jdq.demo.install RUN`, "
+                           f"or give a model folder")
         raise CliError(f"model folder {folder} does not exist")
     if not folder.is_dir():
         raise CliError(f"{folder} is not a folder (expected a jdq model folder from `jdq convert`)")
