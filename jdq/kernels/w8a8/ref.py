@@ -10,9 +10,10 @@
   the epilogue is ``float32(acc) * s_x * s_w + b`` (in that order: two roundings), then cast to the
   output dtype.
 
-Activation quantization follows :mod:`jdq.formats.uniform` (``int8``, granularity ``'row'``,
-symmetric, dynamic): ``s = max(amax / 127, 2^-126)``, ``q = clip(round_half_even(x / s), ±127)``
-computed in float32, so the lowered path and the fake-quant path see the same codes.
+Quantization *is* :func:`jdq.formats.quantize` (``int8``, symmetric, granularity ``'row'``,
+dynamic, round-half-even; at the time of writing ``s = amax·float32(1/127)``, codes
+``clip(round(x·(1/s)), ±127)`` in float32), with the applied scale ``max(s, 2^-126)``: the
+lowered path and the fake-quant path see the same codes and scales bit for bit.
 """
 
 from __future__ import annotations
@@ -25,22 +26,21 @@ QMAX = 127
 MIN_SCALE = 2.0**-126
 
 
-def quantize_per_token(x, qmax: int = QMAX):
-    """Dynamic symmetric per-row quantization of ``x`` (…, K): int8 codes and float32 scales (…,)."""
-    xf = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
-    s = jnp.maximum(amax / qmax, MIN_SCALE)
-    q = jnp.clip(lax.round(xf / s, lax.RoundingMethod.TO_NEAREST_EVEN), -qmax, qmax)
-    return q.astype(jnp.int8), s[..., 0]
+def _int8_rows(x, axis):
+    from jdq import formats
+
+    qt = formats.quantize(x, "int8", axis=axis, granularity="row")
+    return qt.codes, jnp.squeeze(jnp.maximum(jnp.asarray(qt.scale, jnp.float32), MIN_SCALE), axis)
 
 
-def quantize_per_channel(w, axis: int = -1, qmax: int = QMAX):
-    """Symmetric per-channel quantization of ``w`` reducing over ``axis``: int8 codes, float32 scales."""
-    wf = w.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(wf), axis=axis, keepdims=True)
-    s = jnp.maximum(amax / qmax, MIN_SCALE)
-    q = jnp.clip(lax.round(wf / s, lax.RoundingMethod.TO_NEAREST_EVEN), -qmax, qmax)
-    return q.astype(jnp.int8), jnp.squeeze(s, axis)
+def quantize_per_token(x):
+    """Dynamic symmetric per-row int8 quantization of ``x`` (…, K): codes (…, K) and float32 scales (…,)."""
+    return _int8_rows(x, -1)
+
+
+def quantize_per_channel(w, axis: int = -1):
+    """Symmetric int8 quantization of ``w`` with one scale per slice along ``axis``: codes, float32 scales."""
+    return _int8_rows(w, axis)
 
 
 def int8_accumulate(xq, wq):
