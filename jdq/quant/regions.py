@@ -28,6 +28,7 @@ time-grouped (TQ-DiT TGQ groups the post-softmax quantizer) and swept with ``jax
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar
 
 import jax
@@ -96,14 +97,18 @@ def two_sided_quantize(x, delta_pos, bits: int = 8):
     return _ste(x, out.astype(jnp.result_type(x)))
 
 
+@functools.partial(jax.jit, static_argnames=("bits", "mode", "candidates"))
 def split_errors(x, bits: int = 8, mode: str = "regions", candidates=SPLIT_CANDIDATES):
     """Mean squared error of :func:`two_region_quantize` on ``x`` for each candidate split (shape ``[K]``)."""
     xf = jnp.asarray(x, jnp.float32)
-    return jnp.stack([jnp.mean((two_region_quantize(xf, s, bits, mode) - xf) ** 2) for s in candidates])
+    # lax.map: one candidate at a time, so memory stays at one copy of x
+    return jax.lax.map(lambda s: jnp.mean((two_region_quantize(xf, s, bits, mode) - xf) ** 2),
+                       jnp.asarray(candidates, jnp.float32))
 
 
 def search_split(x, bits: int = 8, mode: str = "regions", candidates=SPLIT_CANDIDATES) -> jax.Array:
     """The candidate split with the smallest mean squared error on samples ``x`` (MSE objective)."""
+    candidates = tuple(float(c) for c in candidates)
     return jnp.asarray(candidates, jnp.float32)[jnp.argmin(split_errors(x, bits, mode, candidates))]
 
 
@@ -114,6 +119,8 @@ def split_stats(bits: int = 8, mode: str = "regions", candidates=SPLIT_CANDIDATE
     smallest; use it with ``roles=("attn_prob",)``.
     """
     from jdq.quant.transform import operand_stats
+
+    candidates = tuple(float(c) for c in candidates)
 
     def stat_fn(x, axis):
         return dict(operand_stats(x, axis), split_mse=split_errors(x, bits, mode, candidates))
@@ -127,11 +134,14 @@ def search_delta_pos(x, bits: int = 8, multipliers=DELTA_POS_MULTIPLIERS) -> jax
     Candidates are ``m · max(x) / (q - 0.5)`` for ``m`` in ``multipliers`` (TQ-DiT's grid;
     TQ-DiT scores them with a Hessian-weighted output error, ``jdq.quant.search`` does that).
     """
-    q = _check_bits(bits, "search_delta_pos")
-    xf = jnp.asarray(x, jnp.float32)
-    base = jnp.max(xf) / (q - 0.5)
-    cands = jnp.asarray(multipliers, jnp.float32) * base
-    errs = jnp.stack([jnp.mean((two_sided_quantize(xf, c, bits) - xf) ** 2) for c in cands])
+    _check_bits(bits, "search_delta_pos")
+    return _search_delta_pos(jnp.asarray(x, jnp.float32), bits, tuple(float(m) for m in multipliers))
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "multipliers"))
+def _search_delta_pos(xf, bits, multipliers):
+    cands = jnp.asarray(multipliers, jnp.float32) * (jnp.max(xf) / (2 ** (bits - 1) - 0.5))
+    errs = jax.lax.map(lambda c: jnp.mean((two_sided_quantize(xf, c, bits) - xf) ** 2), cands)
     return cands[jnp.argmin(errs)]
 
 

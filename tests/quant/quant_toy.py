@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jdq.models.layers import attention, qlinear
 
@@ -33,20 +34,31 @@ def toy_block(p, x, quant=None):
     return x + qlinear(h, p["fc2_w"], p["fc2_b"], site="mlp.fc2", quant=quant, act_role="post_gelu")
 
 
-def make_params(key):
-    """Random parameters of :func:`toy_block` with a few large activation channels (outliers)."""
-    ks = jax.random.split(key, 8)
-    n = jax.random.normal
-    g1 = 1.0 + 0.1 * n(ks[6], (DIM,))
-    g1 = g1.at[jnp.array([3, 17])].set(12.0)  # channel outliers after LN, as in DiTs
-    return {
-        "ln1_g": g1, "ln1_b": 0.1 * n(ks[7], (DIM,)),
-        "qkv_w": n(ks[0], (DIM, 3 * DIM)) / DIM**0.5, "qkv_b": jnp.zeros(3 * DIM),
-        "proj_w": n(ks[1], (DIM, DIM)) / DIM**0.5, "proj_b": jnp.zeros(DIM),
-        "ln2_g": jnp.ones(DIM), "ln2_b": jnp.zeros(DIM),
-        "fc1_w": n(ks[2], (DIM, HIDDEN)) / DIM**0.5, "fc1_b": 0.1 * n(ks[3], (HIDDEN,)),
-        "fc2_w": n(ks[4], (HIDDEN, DIM)) / HIDDEN**0.5, "fc2_b": jnp.zeros(DIM),
+def make_params(seed=0):
+    """Random parameters of :func:`toy_block` with a few large activation channels (outliers).
+
+    Drawn with numpy (jax.random would compile a kernel per shape, slow on a busy CPU).
+    """
+    rng = np.random.default_rng(seed)
+    n = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    g1 = 1.0 + 0.1 * n(DIM)
+    g1[[3, 17]] = 12.0  # channel outliers after LN, as in DiTs
+    p = {
+        "ln1_g": g1, "ln1_b": 0.1 * n(DIM),
+        "qkv_w": n(DIM, 3 * DIM) / DIM**0.5, "qkv_b": np.zeros(3 * DIM, np.float32),
+        "proj_w": n(DIM, DIM) / DIM**0.5, "proj_b": np.zeros(DIM, np.float32),
+        "ln2_g": np.ones(DIM, np.float32), "ln2_b": np.zeros(DIM, np.float32),
+        "fc1_w": n(DIM, HIDDEN) / DIM**0.5, "fc1_b": 0.1 * n(HIDDEN),
+        "fc2_w": n(HIDDEN, DIM) / HIDDEN**0.5, "fc2_b": np.zeros(DIM, np.float32),
     }
+    return {k: jnp.asarray(v) for k, v in p.items()}
+
+
+def heavy(seed, shape):
+    """Heavy-tailed data (Student-t, ν = 3) with log-normal channel scales along the last axis."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_t(3.0, shape) * np.exp(rng.standard_normal(shape[-1:]))
+    return jnp.asarray(x, jnp.float32)
 
 
 #: Which parameter is the weight of which linear site.
@@ -55,6 +67,5 @@ WEIGHT_OF = {"attn.qkv": "qkv_w", "attn.proj": "proj_w", "mlp.fc1": "fc1_w", "ml
 
 def toy():
     """(params, input) of the toy block: batch 2, 8 tokens, width 32."""
-    p = make_params(jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (2, 8, DIM))
-    return p, x
+    x = np.random.default_rng(1).standard_normal((2, 8, DIM)).astype(np.float32)
+    return make_params(0), jnp.asarray(x)
