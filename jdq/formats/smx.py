@@ -116,32 +116,43 @@ def _unlayout(xs, axis, n):
     return _bits.from_blocks(xb, axis, n)
 
 
+def _pair_max(a, k2_axis, k2):
+    """Max over the (small) sub-block axis as elementwise maxima of slices, keepdims.
+
+    Written without a reduce so XLA fuses it into the elementwise pass instead of materialising
+    a per-sub-block array.
+    """
+    parts = [lax.slice_in_dim(a, i, i + 1, axis=k2_axis) for i in range(k2)]
+    out = parts[0]
+    for p in parts[1:]:
+        out = jnp.maximum(out, p)
+    return out
+
+
 def _quantize_blocks(x, fmt, axis):
     """Integer-valued float32 codes q, step exponents, block exponents E, micro bits, NaN mask."""
-    m = fmt.mantissa_bits
+    m, k2 = fmt.mantissa_bits, fmt.sub_block_size
     xs = _layout(x.astype(jnp.float32), fmt, axis)
-    ab = _bits.abs_bits(xs)
-    nonfinite = ab >= _bits.F32_EXP_MASK
-    # flush float32 subnormals; NaN/Inf count as 0 when choosing the exponents
-    ab = jnp.where(nonfinite | (ab < 0x00800000), 0, ab)
-    xs = jnp.where(ab == 0, 0.0, xs)
-    e_elem = (ab >> 23) - 127  # -127 for zeros
     sub_axis, k2_axis = axis + 1, axis + 2
-    e_sub = jnp.max(e_elem, axis=k2_axis, keepdims=True)
-    e_blk = jnp.max(e_sub, axis=sub_axis, keepdims=True)
-    bad = jnp.any(nonfinite, axis=(sub_axis, k2_axis), keepdims=True)
+    ab = _bits.abs_bits(xs)
+    # one reduction per block: the max |x| bit pattern orders like |x| (NaN > Inf > finite), so it
+    # gives both the NaN/Inf flag and E = floor(log2 max|x|) (-127 when all |x| < 2**-126)
+    amax_bits = jnp.max(ab, axis=(sub_axis, k2_axis), keepdims=True)
+    bad = amax_bits >= _bits.F32_EXP_MASK
+    e_blk = (amax_bits >> 23) - 127
+    tiny = ab < 0x00800000  # float32 subnormals and zeros: flushed to +0
+    xs = jnp.where(tiny, 0.0, xs)
+    e_elem = jnp.where(tiny, -127, (ab >> 23) - 127)
     if fmt.shared_exponent == "rounded":
-        amax_bits = jnp.max(ab, axis=(sub_axis, k2_axis), keepdims=True)
         amax = lax.bitcast_convert_type(amax_bits, jnp.float32)
         top = _bits.round_half(_bits.mul_pow2(amax, (m - 1) - jnp.maximum(e_blk, -126)), fmt.rounding)
         e_blk = jnp.minimum(e_blk + (top > fmt.qmax).astype(jnp.int32), 127)
     e_calc = jnp.maximum(e_blk, -126)
     if fmt.microexponent == "exponent":
-        shift = (e_sub < e_blk).astype(jnp.int32)
+        shift = (_pair_max(e_elem, k2_axis, k2) < e_blk).astype(jnp.int32)
     else:
         fine = _bits.round_half(_bits.mul_pow2(xs, (m - 1) - (e_calc - 1)), fmt.rounding)
-        fits = jnp.max(jnp.abs(fine), axis=k2_axis, keepdims=True) <= fmt.qmax
-        shift = fits.astype(jnp.int32)
+        shift = (_pair_max(jnp.abs(fine), k2_axis, k2) <= fmt.qmax).astype(jnp.int32)
     step = e_calc - shift - (m - 1)
     q = jnp.clip(_bits.round_half(_bits.mul_pow2(xs, -step), fmt.rounding), -fmt.qmax, fmt.qmax)
     return q, step, e_blk, shift, bad
