@@ -52,7 +52,7 @@ class Preset:
     depth: int = 8
     heads: int = 4
     patch: int = 4
-    steps: int = 30_000
+    steps: int = 20_000
     batch: int = 256
     lr: float = 3e-4
     warmup: int = 1_000
@@ -62,7 +62,7 @@ class Preset:
     clf_batch: int = 256
     clf_lr: float = 2e-3
     eval_per_class: int = 100
-    eval_samplers: tuple = (("ddpm", 50), ("ddim", 50), ("ddpm", 250))
+    eval_samplers: tuple = (("ddpm", 50), ("ddim", 50), ("ddpm", 100))
     eval_guidance: tuple = (1.0, 2.0, 4.0)
     chunk: int = 500
 
@@ -264,8 +264,9 @@ def evaluate_samples(model, clf_params, sampler_name, steps, guidance, per_class
     from jdq.sampling.generate import generate_classes
 
     labels = np.repeat(np.arange(data.NUM_CLASSES), per_class).astype(np.int32)
+    # one batch size for every call, so the grid reuses the evaluation's compiled sampler
     samples = generate_classes(model, labels, sampler=sampler_name, steps=steps, guidance=guidance, seed=seed,
-                               batch_size=min(len(labels), 1000), clip_denoised=clip, quant=quant, progress=False)
+                               batch_size=1000, clip_denoised=clip, quant=quant, progress=False)
     return clf.accuracy(clf_params, samples, labels), samples, labels
 
 
