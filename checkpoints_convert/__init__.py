@@ -58,6 +58,8 @@ def convert_dit_checkpoint(in_path, out_dir, num_heads: int | None = None, dtype
 def convert_diffusers_state(config: dict, state_dict: dict):
     """Dispatch a diffusers ``(config, state_dict)`` on ``_class_name``; returns ``(family, params, Config)``."""
     name = config.get("_class_name")
+    if name == "Transformer2DModel" and config.get("norm_type") == "ada_norm_single":
+        name = "PixArtTransformer2DModel"  # how diffusers' own PixArt conversion script labels its output
     if name not in DIFFUSERS_CLASSES:
         raise CheckpointError(f"diffusers config has _class_name={name!r}; supported: {sorted(DIFFUSERS_CLASSES)}")
     family, module, fn = DIFFUSERS_CLASSES[name]

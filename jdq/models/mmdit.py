@@ -53,7 +53,7 @@ from flax import nnx
 from jdq.models import layers
 from jdq.models.base import ConfigBase, Model, random_params
 from jdq.models.layers import Linear, PatchEmbed, layer_norm, unpatchify
-from jdq.models.pixart import Attention, FeedForward, TwoLayer, abstract_model, head_norm, merge_heads, split_heads
+from jdq.models.pixart import Attention, FeedForward, TwoLayer, head_norm, merge_heads, split_heads
 
 FAMILY = "sd3"
 
@@ -329,5 +329,5 @@ def build(config: Config | Mapping[str, Any], rngs: nnx.Rngs) -> SD3Transformer:
 def from_config(config: Config, key=None, abstract: bool = False) -> Model:
     """A :class:`~jdq.models.base.Model` of ``config``: random params from ``key``, or abstract ones."""
     cfg = config if isinstance(config, Config) else Config.from_dict(config)
-    model = abstract_model(cfg, build)
+    model = Model.abstract(cfg, build)
     return model if abstract else model.replace(params=random_params(model.params, key))
