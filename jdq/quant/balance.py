@@ -51,7 +51,7 @@ import jax.numpy as jnp
 
 from jdq.quant.casts import along_axis
 from jdq.quant.timegroup import STEP_KEY
-from jdq.quant.transform import ACTIVATION_ROLES, Plan, QuantTransform, identity, map_stages, operand_key
+from jdq.quant.transform import ACTIVATION_ROLES, Plan, QuantTransform, map_stages, operand_key
 
 SALIENCE_REDUCTIONS = ("max", "mean", "ema", "ssc")
 #: Statistic added by :func:`link_stats` to an activation's statistics (the weight's per-input-channel |max|).
@@ -134,15 +134,18 @@ class ChannelBalance:
         w = jnp.maximum(w, self.eps)
         return a**self.alpha / w ** (1.0 - self.alpha)
 
-    def act(self, inner: QuantTransform | None = None) -> QuantTransform:
+    def act(self, inner: QuantTransform) -> QuantTransform:
         """Activation side: ``inner(x / s)``; state ``{"s": [C] or None (folded), "inner": ...}``.
 
+        Wrap the activation's quantizer (``balance.act(cast(...))``) rather than chaining
+        ``chain(balance.act(identity()), cast(...))``: only the wrapper hands ``inner`` the statistics
+        of ``x / s`` (a chain gives every part the raw statistics, so a static scale would be wrong).
         ``init`` reads ``"absmax_channel"`` and ``"weight_absmax_channel"`` (see :func:`link_stats`).
         """
         return _balanced(self, "act", inner)
 
-    def weight(self, inner: QuantTransform | None = None) -> QuantTransform:
-        """Weight side: ``inner(W · s)`` along the contraction axis; state like :meth:`act`.
+    def weight(self, inner: QuantTransform) -> QuantTransform:
+        """Weight side: ``inner(W · s)`` along the contraction axis; state like :meth:`act` (wrap, don't chain).
 
         ``init`` reads ``"absmax_channel"`` and ``"act_absmax_channel"`` (see :func:`link_stats`).
         """
@@ -192,7 +195,6 @@ def _rescale_stats(stats, s, divide: bool):
 
 
 def _balanced(balance: ChannelBalance, side: str, inner):
-    inner = identity() if inner is None else inner
     if not isinstance(inner, QuantTransform):
         raise TypeError(f"ChannelBalance.{side}: inner must be a QuantTransform, got {type(inner).__name__}")
     act_key, w_key = ("absmax_channel", WEIGHT_SALIENCE_KEY) if side == "act" else (ACT_SALIENCE_KEY, "absmax_channel")

@@ -12,9 +12,10 @@ Scaling (``meta.scaling``):
   weight does not change, so its per-output-channel (``granularity="row"``) scale is a constant
   that the kernel lowering computes once. Use it for per-output-channel / per-group weights.
 * ``"static"``: the scale (and zero point) come from calibration statistics, fixed at ``init``:
-  ``granularity="tensor"`` uses the operand's calibrated ``min``/``max``, ``"input_channel"``
-  its per-contraction-index ``min_channel``/``max_channel``; the steps are reduced by ``reduce``
-  (``"max"``: the widest range seen, ``"mean"``: the mean of the per-step min and max). The scale
+  ``granularity="tensor"`` uses the operand's calibrated ``absmax`` (symmetric int, fp8) or
+  ``min``/``max`` (asymmetric int), ``"input_channel"`` the per-contraction-index
+  ``absmax_channel`` or ``min_channel``/``max_channel``; the steps are reduced by ``reduce``
+  (``"max"``: the widest range seen, ``"mean"``: the mean over steps of each statistic). The scale
   is exactly what :func:`jdq.formats.compute_scale` returns for data with that range (symmetric:
   ``max|x| / Q``; asymmetric: ``(max−min)/(2^b−1)`` with ``min ≤ 0 ≤ max`` and a rounded zero
   point; FP8: ``max|x| / max_normal``). Row and group scales follow each row's data and cannot
@@ -122,10 +123,15 @@ def cast(fmt, *, static: bool = False, reduce: str = "max", **options) -> QuantT
         return QuantTransform(lambda stats: (), apply, meta)
 
     per_channel = granularity == "input_channel"
-    lo_key, hi_key = ("min_channel", "max_channel") if per_channel else ("min", "max")
+    suffix = "_channel" if per_channel else ""
+    symmetric = getattr(spec, "symmetric", True)
 
     def init(stats):
-        lo, hi = _reduce(stats, lo_key, reduce), _reduce(stats, hi_key, reduce)
+        if symmetric:  # the |max| per step (reduce="mean" averages it), as a range [-a, a]
+            hi = _reduce(stats, "absmax" + suffix, reduce)
+            lo = -hi
+        else:
+            lo, hi = _reduce(stats, "min" + suffix, reduce), _reduce(stats, "max" + suffix, reduce)
         scale, zero = formats.compute_scale(jnp.stack([lo, hi]), spec, axis=-1 if per_channel else 0)
         if per_channel:
             scale = scale.reshape(-1)

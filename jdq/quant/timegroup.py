@@ -159,10 +159,15 @@ def unstack_state(state: Any, index) -> Any:
     return jax.tree.map(lambda a: a[index], state)
 
 
-def split_stats_by_group(stats, groups: TimeGroups) -> list[dict]:
+def _num_steps(stats) -> int:
+    return next((int(np.shape(v)[0]) for k, v in stats.items() if k != STEP_KEY and np.ndim(v)), 0)
+
+
+def split_stats_by_group(stats, groups: TimeGroups, allow_empty: bool = False) -> list[dict | None]:
     """Split statistics with a leading step axis into one statistics dict per time group.
 
-    Raises ``ValueError`` naming the group when a group has no calibration step.
+    A group with no calibration step raises ``ValueError`` naming it (or, with ``allow_empty``,
+    is ``None``).
     """
     stats = dict(stats)
     steps = stats.pop(STEP_KEY, None)
@@ -182,6 +187,9 @@ def split_stats_by_group(stats, groups: TimeGroups) -> list[dict]:
     for g in range(groups.num_groups):
         idx = np.nonzero(group_of == g)[0]
         if stats and idx.size == 0:
+            if allow_empty:
+                out.append(None)
+                continue
             raise ValueError(
                 f"time_grouped: group {g} of {groups.num_groups} has no calibration statistics "
                 f"(observed steps {steps.tolist()}); calibrate at least one step of every group"
@@ -212,7 +220,20 @@ def time_grouped(inner: QuantTransform, groups: TimeGroups | None = None, **grou
         raise TypeError(f"time_grouped: pass either groups or its fields, not both ({sorted(group_kwargs)})")
 
     def init(stats):
-        return stack_states([inner.init(s) for s in split_stats_by_group(stats, groups)])
+        states = []
+        for g, sub in enumerate(split_stats_by_group(stats, groups, allow_empty=True)):
+            if sub is not None:
+                states.append(inner.init(sub))
+                continue
+            try:  # a group no calibration step reached: fine if the inner transform needs no statistics
+                states.append(inner.init({}))
+            except KeyError:
+                raise ValueError(
+                    f"time_grouped: group {g} of {groups.num_groups} has no calibration statistics "
+                    f"(observed steps {np.asarray(stats.get(STEP_KEY, np.arange(_num_steps(stats)))).tolist()}); "
+                    "calibrate at least one step of every group"
+                ) from None
+        return stack_states(states)
 
     def apply(x, state, ctx: Context):
         if ctx.step is None:

@@ -96,15 +96,15 @@ def test_inner_transforms_see_statistics_of_the_balanced_operand():
     np.testing.assert_allclose(w_state["s"], s, rtol=1e-6)  # both sides agree on s
     np.testing.assert_allclose(w_state["inner"]["absmax"][0], jnp.abs(p["qkv_w"] * s[:, None]).max(), rtol=1e-5)
     with pytest.raises(KeyError, match="weight_absmax_channel"):
-        bal.act().init(Q.stack_stats([one_step_stats()])["attn.qkv:act"])
+        bal.act(Q.identity()).init(Q.stack_stats([one_step_stats()])["attn.qkv:act"])
 
 
 def balanced_plan(p, x, balance, sites=("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")):
     ops = Q.trace_operands(toy_block, p, x)
     pattern = "re:" + "|".join(s.replace(".", r"\.") for s in sites)
     rules = [
-        Q.rule(pattern, balance.act(), roles=Q.ACTIVATION_ROLES),
-        Q.rule(pattern, balance.weight(), roles="weight"),
+        Q.rule(pattern, balance.act(Q.identity()), roles=Q.ACTIVATION_ROLES),
+        Q.rule(pattern, balance.weight(Q.identity()), roles="weight"),
     ]
     return Q.resolve(rules, ops)
 
@@ -171,8 +171,8 @@ def test_timestep_aware_balancing_has_one_s_per_group_and_refuses_to_fold():
     bal = ChannelBalance(alpha=0.5)
     ops = Q.trace_operands(toy_block, p, x)
     rules = [
-        Q.rule("mlp.fc1", time_grouped(bal.act(), num_groups=2, group_len=2), roles="act"),
-        Q.rule("mlp.fc1", time_grouped(bal.weight(), num_groups=2, group_len=2), roles="weight"),
+        Q.rule("mlp.fc1", time_grouped(bal.act(Q.identity()), num_groups=2, group_len=2), roles="act"),
+        Q.rule("mlp.fc1", time_grouped(bal.weight(Q.identity()), num_groups=2, group_len=2), roles="weight"),
     ]
     plan = Q.resolve(rules, ops)
     state = plan.init(stats)

@@ -138,7 +138,8 @@ def test_vmap_over_eight_outlier_ratios_in_one_jit_equals_eight_calls():
     assert many.shape == (8,) + x.shape and len(traces) == 1
     single = jax.jit(run)
     for r, s, out in zip(ratios, states, many):
-        np.testing.assert_allclose(out, single(s), rtol=1e-6, atol=1e-6, err_msg=f"ratio {r}")
+        # batched vs unbatched matmuls may sum in another order (~1e-6); a different code would be >1e-3
+        np.testing.assert_allclose(out, single(s), rtol=1e-5, atol=1e-5, err_msg=f"ratio {r}")
     assert len(traces) == 2  # the 8 single calls compiled once too: the ratio is state, not static
     err = [float(jnp.mean((o - toy_block(p, x)) ** 2)) for o in many]
     assert err[-1] < err[0]  # all MX9 is more accurate than all MX6
