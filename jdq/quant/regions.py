@@ -64,8 +64,11 @@ def _check_bits(bits, who):
 
 
 def _ste(x, xq):
-    """Value ``xq`` with the gradient of the identity (straight-through estimator)."""
-    return x + jax.lax.stop_gradient(xq - x)
+    """Value ``xq`` with the gradient of the identity (straight-through estimator).
+
+    ``(x - sg(x)) + sg(xq)`` is exactly ``xq`` in any dtype (``x + sg(xq - x)`` may round in bf16).
+    """
+    return (x - jax.lax.stop_gradient(x)) + jax.lax.stop_gradient(xq)
 
 
 def two_region_quantize(x, split, bits: int = 8, mode: str = "regions"):

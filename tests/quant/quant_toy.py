@@ -1,5 +1,7 @@
 """A tiny transformer block built from jdq.models.layers, shared by the jdq.quant tests."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,3 +71,12 @@ def toy():
     """(params, input) of the toy block: batch 2, 8 tokens, width 32."""
     x = np.random.default_rng(1).standard_normal((2, 8, DIM)).astype(np.float32)
     return make_params(0), jnp.asarray(x)
+
+
+@functools.cache
+def toy_stats():
+    """Per-operand statistics of one forward pass of the toy block (no step axis; computed once)."""
+    from jdq.quant import collect_stats
+
+    p, x = toy()
+    return collect_stats(toy_block, p, x)[1]

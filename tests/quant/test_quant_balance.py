@@ -1,7 +1,5 @@
 """Channel balancing: the smoothing formula, statistics hand-off, and re-parameterisation equivalence."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,19 +18,12 @@ from jdq.quant.balance import (
 )
 from jdq.quant.timegroup import time_grouped
 
-from quant_toy import WEIGHT_OF, layer_norm, toy, toy_block
-
-
-@functools.cache
-def one_step_stats():
-    """Statistics of one forward pass of the toy block (computed once per module)."""
-    p, x = toy()
-    return Q.collect_stats(toy_block, p, x)[1]
+from quant_toy import WEIGHT_OF, layer_norm, toy, toy_block, toy_stats
 
 
 def calib_stats(factors):
     """Linked statistics over 'steps': at step i the activations' statistics are scaled by ``factors[i]``."""
-    st = one_step_stats()
+    st = toy_stats()
     scaled = lambda f: {k: v if k.endswith(":weight") else jax.tree.map(lambda a: a * f, v) for k, v in st.items()}
     return link_stats(Q.stack_stats([scaled(f) for f in factors]))
 
@@ -96,7 +87,7 @@ def test_inner_transforms_see_statistics_of_the_balanced_operand():
     np.testing.assert_allclose(w_state["s"], s, rtol=1e-6)  # both sides agree on s
     np.testing.assert_allclose(w_state["inner"]["absmax"][0], jnp.abs(p["qkv_w"] * s[:, None]).max(), rtol=1e-5)
     with pytest.raises(KeyError, match="weight_absmax_channel"):
-        bal.act(Q.identity()).init(Q.stack_stats([one_step_stats()])["attn.qkv:act"])
+        bal.act(Q.identity()).init(Q.stack_stats([toy_stats()])["attn.qkv:act"])
 
 
 def balanced_plan(p, x, balance, sites=("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")):

@@ -7,7 +7,7 @@ import pytest
 
 from jdq import quant as Q
 
-from quant_toy import toy, toy_block
+from quant_toy import toy, toy_block, toy_stats
 
 
 def mixed_rules():
@@ -38,7 +38,7 @@ def test_plan_reports_unmatched_rules_and_uncovered_operands():
 def test_stages_expose_formats_and_state_to_lowering_and_cost_model():
     p, x = toy()
     plan = Q.resolve(mixed_rules(), Q.trace_operands(toy_block, p, x))
-    _, one = Q.collect_stats(toy_block, p, x)
+    one = toy_stats()
     state = plan.init(Q.link_stats(Q.stack_stats([one, one])))
     casts = Q.find_stages(plan.transform_for("attn.qkv:act").meta, state["attn.qkv:act"], "cast")
     (meta, st, stacked), = casts
@@ -57,7 +57,7 @@ def test_stages_expose_formats_and_state_to_lowering_and_cost_model():
 def test_a_whole_recipe_compiles_once_and_steps_through_a_scan():
     p, x = toy()
     plan = Q.resolve(mixed_rules(), Q.trace_operands(toy_block, p, x))
-    _, one = Q.collect_stats(toy_block, p, x)
+    one = toy_stats()
     state = plan.init(Q.link_stats(Q.stack_stats([one] * 6)))
     state["attn.pv:attn_prob"] = Q.stack_states([{"split": jnp.float32(2.0**-2)}, {"split": jnp.float32(2.0**-8)}])
     traces = []

@@ -106,7 +106,10 @@ def test_delta_pos_search_beats_the_minmax_initialisation():
 
 def test_regions_keep_dtype_and_pass_gradients_straight_through():
     a = jnp.asarray(softmax_probs(1), jnp.bfloat16)
-    assert R.two_region_quantize(a, 2.0**-4, 8).dtype == jnp.bfloat16
+    got = R.two_region_quantize(a, 2.0**-4, 8)
+    assert got.dtype == jnp.bfloat16
+    ref = np_two_region(np.asarray(a, np.float32), np.float32(2.0**-4), 8)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(jnp.asarray(ref, jnp.bfloat16), np.float32))
     g = jax.grad(lambda v: jnp.sum(R.two_sided_quantize(v, 0.05, 8) * 3.0))(jnp.linspace(-0.1, 1.0, 7))
     np.testing.assert_allclose(g, 3.0)
 
