@@ -74,6 +74,29 @@ def rhs_kmajor(ref, interpret=None):
     return plgpu.transpose_ref(ref, (1, 0))
 
 
+def promise_in_bounds() -> dict:
+    """``copy_gmem_to_smem`` kwargs that let a contiguous row-block copy use one bulk copy.
+
+    With the default out-of-bounds mode (zero fill) every GMEM->SMEM copy is a tiled TMA copy,
+    limited to 256 elements per dimension; a slice of whole rows promised in bounds is sent as a
+    single ``cp.async.bulk`` of any length.
+    """
+    mode = getattr(plgpu, "OOBFillMode", None)
+    return {} if mode is None else {"oob_mode": mode.PROMISE_IN_BOUNDS}
+
+
+def row_layout():
+    """A register layout for (4·r, 128·c) tiles: warps own rows, each lane 4 consecutive elements.
+
+    Row reductions (``axis=1``) then stay inside a warp. ``Layout.TILED`` of the Mosaic GPU
+    ``TiledLayout`` tiling ``(4, 128)(4,)``: warp dim = row in the 4-row tile, lane dim = 32
+    groups of 4 columns, vector dim = the 4 columns.
+    """
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+
+    return plgpu.Layout.TILED(fa.Tiling(((4, 128), (4,))), warp_dims=(-3,), lane_dims=(-2,), vector_dim=-1)
+
+
 def num_sms(default: int = 132) -> int:
     """Streaming multiprocessors of the default GPU (``default`` when none is attached)."""
     try:
@@ -91,5 +114,6 @@ def device_kind() -> str:
         return "cpu"
 
 
-__all__ = ["HAVE_PLGPU", "interpret_params", "smem_transforms", "load_vec", "rhs_kmajor", "num_sms", "device_kind"]
+__all__ = ["HAVE_PLGPU", "interpret_params", "smem_transforms", "load_vec", "rhs_kmajor", "promise_in_bounds", "row_layout",
+           "num_sms", "device_kind"]
 del functools

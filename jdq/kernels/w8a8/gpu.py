@@ -1,4 +1,4 @@
-"""W8A8 int8 GEMM for Hopper in Mosaic GPU (``plgpu``): int8 WGMMA, int32 accumulator, fused epilogue.
+"""W8A8 GEMM for Hopper in Mosaic GPU (``plgpu``): int8 or FP8 E4M3 WGMMA, fused dequantization epilogue.
 
 Computes :func:`jdq.kernels.w8a8.ref.w8a8_matmul`: ``xq`` (M, K) int8 row-major, ``wq`` (N, K)
 int8 K-major (Hopper's 8-bit WGMMA reads its B operand only K-major, so the weight is stored
@@ -6,6 +6,9 @@ transposed by :func:`jdq.quant.lower`), per-row ``xs`` (M,) and per-channel ``ws
 scales, bias ``b`` (N,) float32. The epilogue converts the int32 tile to float32, multiplies by
 the row and column scales, adds the bias, casts to the output dtype, and stores through shared
 memory with TMA.
+
+FP8: the same kernels with ``float8_e4m3fn`` operands on both sides run the E4M3 WGMMA with a
+float32 accumulator (no conversion in the epilogue); everything else is identical.
 
 Two variants (``Config.kind``):
 
@@ -63,8 +66,8 @@ class Config:
 def _check(xq, xs, wq, ws, b, cfg):
     m, k = xq.shape
     n, k2 = wq.shape
-    if xq.dtype != jnp.int8 or wq.dtype != jnp.int8:
-        raise TypeError(f"w8a8 GPU kernel needs int8 operands, got xq {xq.dtype}, wq {wq.dtype}")
+    if xq.dtype != wq.dtype or xq.dtype not in (jnp.int8, jnp.float8_e4m3fn):
+        raise TypeError(f"w8a8 GPU kernel needs int8 or float8_e4m3fn operands (both alike), got xq {xq.dtype}, wq {wq.dtype}")
     if k != k2:
         raise ValueError(f"w8a8: xq {xq.shape} and wq {wq.shape} (N, K) disagree on K")
     if xs.shape != (m,) or ws.shape != (n,) or b.shape != (n,):
@@ -74,10 +77,14 @@ def _check(xq, xs, wq, ws, b, cfg):
     return m, n, k
 
 
+def _acc_dtype(xq):
+    return jnp.int32 if xq.dtype == jnp.int8 else jnp.float32
+
+
 def _pipe_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret):
     m, n, k = _check(xq, xs, wq, ws, b, cfg)
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
-    x_tr = smem_transforms(tk, jnp.int8, interpret)
+    x_tr = smem_transforms(tk, xq.dtype, interpret)
     o_tr = smem_transforms(tn, out_dtype, interpret)
     delay = 1 if cfg.wgmma_wait else 0
 
@@ -103,7 +110,7 @@ def _pipe_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret):
             )(x_g, w_g)
             return acc_ref[...]
 
-        acc = pl.run_scoped(scope, plgpu.ACC((tm, tn), jnp.int32))
+        acc = pl.run_scoped(scope, plgpu.ACC((tm, tn), _acc_dtype(xq)))
         y = _epilogue(acc, xs_g, ws_g, b_g, mi * tm, ni * tn, tm, tn, interpret)
         o_s[...] = y.astype(out_dtype)
         plgpu.commit_smem()
@@ -135,9 +142,10 @@ def _ws_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret):
     cta_m, cta_n = cfg.cta_tile()
     epi_m, epi_n = min(cfg.epi_m, tm), min(cfg.epi_n, tn)
     m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // tk
-    x_tr = smem_transforms(tk, jnp.int8, interpret)
+    x_tr = smem_transforms(tk, xq.dtype, interpret)
     o_tr = smem_transforms(epi_n, out_dtype, interpret)
     n_slots = min(2, (tm * tn) // (epi_m * epi_n))
+    acc_dtype = _acc_dtype(xq)
 
     def get_pipeline(body, ctx):
         w_spec = (
@@ -184,7 +192,7 @@ def _ws_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret):
                     row0, col0 = mi * cta_m, ni * cta_n + wg * tn
 
                 def ctx(eval_pipeline):
-                    @functools.partial(pl.run_scoped, acc=plgpu.ACC((tm, tn), jnp.int32))
+                    @functools.partial(pl.run_scoped, acc=plgpu.ACC((tm, tn), acc_dtype))
                     def _(acc):
                         eval_pipeline(acc)
                         y = _epilogue(acc[...], xs_g, ws_g, b_g, row0, col0, tm, tn, interpret).astype(out_dtype)
@@ -223,7 +231,7 @@ def _ws_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret):
 
 
 def w8a8_matmul_gpu(xq, xs, wq, ws, b=None, out_dtype=jnp.bfloat16, config: Config = Config(), interpret=False):
-    """W8A8 GEMM ``(M, K) int8 × (N, K) int8 -> (M, N) out_dtype`` with the fused dequant epilogue."""
+    """W8A8 GEMM ``(M, K) × (N, K) -> (M, N) out_dtype`` (int8 or E4M3 codes) with the fused dequant epilogue."""
     if b is None:
         b = jnp.zeros((wq.shape[0],), jnp.float32)
     xs, ws, b = (jnp.asarray(v, jnp.float32) for v in (xs, ws, b))

@@ -1,4 +1,4 @@
-"""W8A8 int8 GEMM, pure jnp reference: the semantics every W8A8 kernel must reproduce.
+"""W8A8 GEMM (int8 or FP8 E4M3 operands), pure jnp reference: the semantics every W8A8 kernel reproduces.
 
 ``y = (x_q · w_qᵀ) * s_x[:, None] * s_w[None, :] + b`` where
 
@@ -14,6 +14,12 @@ Quantization *is* :func:`jdq.formats.quantize` (``int8``, symmetric, granularity
 dynamic, round-half-even; at the time of writing ``s = amax·float32(1/127)``, codes
 ``clip(round(x·(1/s)), ±127)`` in float32), with the applied scale ``max(s, 2^-126)``: the
 lowered path and the fake-quant path see the same codes and scales bit for bit.
+
+**FP8 E4M3** (``jnp.float8_e4m3fn`` codes on both sides, scales ``amax · float32(1/448)``, see
+:mod:`jdq.kernels.token_quant.ref`): the same formula with a float32 accumulation of the exact
+E4M3 products (``|acc|`` is then exact only while the partial sums fit 24 bits, so kernels and
+this reference agree to float32 rounding; Hopper's FP8 tensor cores add fewer bits than float32
+inside one WGMMA, see ``jdq/kernels/NOTES.md``).
 """
 
 from __future__ import annotations
@@ -44,8 +50,28 @@ def quantize_per_channel(w, axis: int = -1):
 
 
 def int8_accumulate(xq, wq):
-    """Exact ``xq (M, K) · wq (N, K)ᵀ`` in int32."""
-    return lax.dot_general(xq, wq, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    """``xq (M, K) · wq (N, K)ᵀ``: exact in int32 for int8 codes, float32 for FP8 E4M3 codes."""
+    if xq.dtype != wq.dtype or xq.dtype not in (jnp.int8, jnp.float8_e4m3fn):
+        raise TypeError(f"w8a8: operands must both be int8 or both float8_e4m3fn, got {xq.dtype} and {wq.dtype}")
+    acc = jnp.int32 if xq.dtype == jnp.int8 else jnp.float32
+    return lax.dot_general(xq, wq, (((1,), (1,)), ((), ())), preferred_element_type=acc,
+                           precision=lax.Precision.HIGHEST)
+
+
+def quantize_per_token_fp8(x):
+    """Dynamic per-row FP8 E4M3 quantization of ``x`` (…, K): codes (float8_e4m3fn) and float32 scales."""
+    from jdq.kernels.token_quant.ref import quantize_rows
+
+    return quantize_rows(x, "fp8_e4m3")
+
+
+def quantize_per_channel_fp8(w, axis: int = -1):
+    """FP8 E4M3 quantization of ``w`` with one scale per slice along ``axis``: codes, float32 scales."""
+    from jdq import formats
+
+    qt = formats.quantize(w, "fp8_e4m3", axis=axis, granularity="row")
+    codes = lax.bitcast_convert_type(qt.codes, jnp.float8_e4m3fn)
+    return codes, jnp.squeeze(jnp.maximum(jnp.asarray(qt.scale, jnp.float32), MIN_SCALE), axis)
 
 
 def epilogue(acc, xs, ws, b, out_dtype):
@@ -62,10 +88,11 @@ def w8a8_matmul(xq, xs, wq, ws, b=None, out_dtype=jnp.bfloat16):
 
 
 def w8a8_linear(x, wq, ws, b=None, out_dtype=None):
-    """Reference W8A8 linear layer: quantize ``x`` (…, K) per token, then :func:`w8a8_matmul`."""
+    """Reference W8A8 linear layer: quantize ``x`` (…, K) per token (int8 or E4M3 like ``wq``), then :func:`w8a8_matmul`."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
     lead = x.shape[:-1]
-    xq, xs = quantize_per_token(x.reshape(-1, x.shape[-1]))
+    quant = quantize_per_token if wq.dtype == jnp.int8 else quantize_per_token_fp8
+    xq, xs = quant(x.reshape(-1, x.shape[-1]))
     y = w8a8_matmul(xq, xs, wq, ws, b, out_dtype)
     return y.reshape(*lead, wq.shape[0])
 
@@ -73,7 +100,7 @@ def w8a8_linear(x, wq, ws, b=None, out_dtype=None):
 def fake_quant_linear(x, wq, ws, b=None, out_dtype=None):
     """The same layer computed the fake-quant way (dequantize both operands, float32 matmul)."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    xq, xs = quantize_per_token(x)
+    xq, xs = (quantize_per_token if wq.dtype == jnp.int8 else quantize_per_token_fp8)(x)
     xd = xq.astype(jnp.float32) * xs[..., None]
     wd = wq.astype(jnp.float32) * ws[:, None]
     y = jnp.matmul(xd, wd.T, precision=lax.Precision.HIGHEST)
@@ -82,5 +109,5 @@ def fake_quant_linear(x, wq, ws, b=None, out_dtype=None):
     return y.astype(out_dtype)
 
 
-__all__ = ["quantize_per_token", "quantize_per_channel", "int8_accumulate", "epilogue", "w8a8_matmul", "w8a8_linear", "fake_quant_linear"]
+__all__ = ["quantize_per_token", "quantize_per_channel", "quantize_per_token_fp8", "quantize_per_channel_fp8", "int8_accumulate", "epilogue", "w8a8_matmul", "w8a8_linear", "fake_quant_linear"]
 del jax
