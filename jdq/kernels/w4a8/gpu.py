@@ -1,0 +1,163 @@
+"""W4A8 GEMM for Hopper in Mosaic GPU: int4 weights unpacked in the kernel, int8 WGMMA, group scales.
+
+Computes :func:`jdq.kernels.w4a8.ref.w4a8_matmul`. One warpgroup per CTA, a (M/tile_m, N/tile_n)
+grid, ``emit_pipeline`` over K in steps of 128 features (one packed block of
+:func:`~jdq.kernels.weight_only.ref.pack_int4`: byte ``j`` holds feature ``j`` low and ``j + 64``
+high). Per step the TMA brings the two 64-wide halves of the int8 activation tile and the
+(tile_n, 64) packed weight tile; the warpgroup sign-extends the two nibbles (shifts of the 16-bit
+upcast: 8-bit arithmetic is not available in registers), stores the two int8 (tile_n, 64) halves
+K-major into swizzled shared memory, and issues two int8 WGMMAs (K = 64 each).
+
+Scales: per output channel (``G = 1``) one int32 accumulator covers all of K and the epilogue
+applies ``s_x · s_w``; with groups (``group_size`` 64 or a multiple of 128), each group's int32
+partial is converted and added, times its scale, into a float32 register carry, in group order
+(the reference's order). The epilogue multiplies by ``s_x``, adds the bias and stores by TMA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jdq.kernels._mgpu import interpret_params, load_vec, pl, plgpu, rhs_kmajor, smem_transforms
+
+HALF = 64  # features per nibble half of a packed 128-block
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Block sizes of the W4A8 GPU kernel (K is stepped by one packed 128-block)."""
+
+    tile_m: int = 128
+    tile_n: int = 128
+    stages: int = 3
+
+    def supports(self, m: int, n: int, k: int, group_size: int) -> bool:
+        """Whether the shape and the group size fit this config's tiles."""
+        return (m % self.tile_m == 0 and n % self.tile_n == 0 and k % 128 == 0
+                and (group_size == HALF or group_size % 128 == 0) and k % group_size == 0)
+
+
+def _unpack(c, interpret):
+    """Packed (tn, 64) int8 bytes -> the (lo, hi) int8 halves, sign-extended."""
+    c16 = c.astype(jnp.int16)
+    lo = lax.shift_right_arithmetic(lax.shift_left(c16, jnp.int16(12)), jnp.int16(12)).astype(jnp.int8)
+    hi = lax.shift_right_arithmetic(c16, jnp.int16(4)).astype(jnp.int8)
+    if interpret:  # the interpreter reads B untransposed: store (64, tn)
+        return lo.T, hi.T
+    return lo, hi
+
+
+def w4a8_matmul_gpu(xq, xs, wq_packed, ws, b=None, group_size: int | None = None, out_dtype=jnp.bfloat16,
+                    config: Config = Config(), interpret=False):
+    """W4A8 GEMM ``(M, K) int8 × packed int4 (N, K/2) -> (M, N)``, per-channel or per-group scales ``ws`` (N, G)."""
+    m, k = xq.shape
+    n = wq_packed.shape[0]
+    gs = k if group_size is None else group_size
+    if xq.dtype != jnp.int8 or wq_packed.dtype != jnp.int8:
+        raise TypeError(f"w4a8 GPU kernel needs int8 activations and int8-packed weights, got {xq.dtype}, {wq_packed.dtype}")
+    if wq_packed.shape != (n, k // 2):
+        raise ValueError(f"w4a8: packed weight {wq_packed.shape} does not fit activation {xq.shape} (want ({n}, {k // 2}))")
+    groups = k // gs
+    ws = jnp.asarray(ws, jnp.float32).reshape(n, -1)
+    if ws.shape[1] != groups or k % gs:
+        raise ValueError(f"w4a8: scales {ws.shape} do not fit K={k} in groups of {gs}")
+    if xs.shape != (m,):
+        raise ValueError(f"w4a8: xs shape {xs.shape}, want ({m},)")
+    if not config.supports(m, n, k, gs):
+        raise ValueError(f"w4a8: M={m} N={n} K={k} group_size={gs} do not fit {config}")
+    b = jnp.zeros((n,), jnp.float32) if b is None else jnp.asarray(b, jnp.float32)
+    xs = jnp.asarray(xs, jnp.float32)
+    out_dtype = jnp.dtype(out_dtype)
+    tm, tn = config.tile_m, config.tile_n
+    h_tr = smem_transforms(HALF, jnp.int8, interpret)
+    o_tr = smem_transforms(tn, out_dtype, interpret)
+    w_shape = (HALF, tn) if interpret else (tn, HALF)
+    steps = k // 128
+
+    def body(x_g, c_g, xs_g, ws_g, b_g, o_g, w_lo, w_hi, o_s):
+        mi = lax.axis_index("m")
+        ni = lax.axis_index("n")
+        specs = [
+            plgpu.BlockSpec((tm, HALF), lambda kk: (mi, 2 * kk), transforms=h_tr),
+            plgpu.BlockSpec((tm, HALF), lambda kk: (mi, 2 * kk + 1), transforms=h_tr),
+            plgpu.BlockSpec((tn, HALF), lambda kk: (ni, kk), transforms=h_tr),
+        ]
+
+        def unpack_to_smem(c_s):
+            lo, hi = _unpack(c_s[...], interpret)
+            w_lo[...] = lo
+            w_hi[...] = hi
+            plgpu.commit_smem()
+
+        def col_scale(g):
+            return lax.broadcast_in_dim(load_vec(ws_g.at[g], ni * tn, tn, 1, interpret), (tm, tn), [1])
+
+        if groups == 1:
+            def scope(acc):
+                def step(_, x0, x1, c_s):
+                    unpack_to_smem(c_s)
+                    plgpu.wgmma(acc, x0, rhs_kmajor(w_lo, interpret))
+                    plgpu.wgmma(acc, x1, rhs_kmajor(w_hi, interpret))
+                    plgpu.wgmma_wait(0)
+
+                plgpu.emit_pipeline(step, grid=(steps,), in_specs=specs, max_concurrent_steps=config.stages)(x_g, x_g, c_g)
+                return acc[...]
+
+            y = pl.run_scoped(scope, plgpu.ACC((tm, tn), jnp.int32)).astype(jnp.float32)
+            y = y * lax.broadcast_in_dim(load_vec(xs_g, mi * tm, tm, 0, interpret), (tm, tn), [0]) * col_scale(0)
+        else:
+            def part(x_s, w_s):
+                def scope(acc):
+                    plgpu.wgmma(acc, x_s, rhs_kmajor(w_s, interpret))
+                    plgpu.wgmma_wait(0)
+                    return acc[...]
+
+                return pl.run_scoped(scope, plgpu.ACC((tm, tn), jnp.int32)).astype(jnp.float32)
+
+            def step(idx, x0, x1, c_s, carry):
+                (kk,) = idx
+                unpack_to_smem(c_s)
+                if gs == HALF:
+                    carry = carry + part(x0, w_lo) * col_scale(2 * kk)
+                    return carry + part(x1, w_hi) * col_scale(2 * kk + 1)
+                g = (kk * 128) // gs
+
+                def scope(acc):
+                    plgpu.wgmma(acc, x0, rhs_kmajor(w_lo, interpret))
+                    plgpu.wgmma(acc, x1, rhs_kmajor(w_hi, interpret))
+                    plgpu.wgmma_wait(0)
+                    return acc[...]
+
+                p = pl.run_scoped(scope, plgpu.ACC((tm, tn), jnp.int32)).astype(jnp.float32)
+                return carry + p * col_scale(g)
+
+            init = jnp.zeros((tm, tn), jnp.float32)
+            if not interpret:
+                init = plgpu.layout_cast(init, plgpu.Layout.WGMMA)
+            y = plgpu.emit_pipeline(step, grid=(steps,), in_specs=specs, max_concurrent_steps=config.stages,
+                                    init_carry=init)(x_g, x_g, c_g)
+            y = y * lax.broadcast_in_dim(load_vec(xs_g, mi * tm, tm, 0, interpret), (tm, tn), [0])
+        y = y + lax.broadcast_in_dim(load_vec(b_g, ni * tn, tn, 1, interpret), (tm, tn), [1])
+        o_s[...] = y.astype(out_dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_s, o_g.at[pl.ds(mi * tm, tm), pl.ds(ni * tn, tn)])
+        plgpu.wait_smem_to_gmem(0)
+
+    w_tr = smem_transforms(w_shape[1], jnp.int8, interpret)
+    return plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(m // tm, n // tn),
+        grid_names=("m", "n"),
+        scratch_types=[plgpu.SMEM(w_shape, jnp.int8, transforms=w_tr), plgpu.SMEM(w_shape, jnp.int8, transforms=w_tr),
+                       plgpu.SMEM((tm, tn), out_dtype, transforms=o_tr)],
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        interpret=interpret_params(interpret),
+    )(xq, wq_packed, xs, ws.T, b)
+
+
+__all__ = ["Config", "w4a8_matmul_gpu"]
