@@ -46,7 +46,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Mapping
 
-import jax
 import jax.numpy as jnp
 
 from jdq.quant.casts import along_axis

@@ -40,7 +40,6 @@ import dataclasses
 import math
 from typing import Any, ClassVar, Mapping
 
-import jax
 import jax.numpy as jnp
 
 from jdq.quant.casts import along_axis, resolve_format
