@@ -26,7 +26,8 @@ of :func:`jdq.formats.dequantize`), ``packed``.
 
 Packing (``packed=True``): ``codes`` (and ``micro``) are bit-packed along ``axis`` into uint8:
 the b-bit codes of consecutive elements along the axis form a little-endian bit stream, element
-``i`` in bits ``[i*b, (i+1)*b)``; the axis is zero-padded to a whole number of bytes. For 4-bit
+``i`` in bits ``[i*b, (i+1)*b)``; the axis is zero-padded to a multiple of ``8 / gcd(8, b)``
+codes (a whole number of bytes: 2 codes for 4-bit, 4 for 6-bit, 8 for 3-bit). For 4-bit
 codes, byte ``j`` = ``code[2j] | code[2j+1] << 4``. Signed codes are stored as their low ``b``
 bits (two's complement) and sign-extended on unpacking. 8-bit codes are left as they are.
 """
