@@ -35,6 +35,7 @@ bits (two's complement) and sign-extended on unpacking. 8-bit codes are left as 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -74,6 +75,7 @@ jax.tree_util.register_dataclass(
 )
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def pack_bits(codes, bits, axis):
     """Pack the low ``bits`` bits of integer ``codes`` along ``axis`` into a uint8 bit stream."""
     c = jnp.moveaxis(codes, axis, -1)
@@ -89,6 +91,7 @@ def pack_bits(codes, bits, axis):
     return jnp.moveaxis(packed, -1, axis)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
 def unpack_bits(packed, bits, n, axis, signed=False):
     """Inverse of :func:`pack_bits`: ``n`` codes along ``axis`` (int8 if ``signed`` else uint8)."""
     p = jnp.moveaxis(packed, axis, -1).astype(jnp.int32)
@@ -104,6 +107,7 @@ def _signed(fmt) -> bool:
     return (fmt.kind == "int" and fmt.symmetric) or (fmt.kind == "mx" and fmt.element == "int8")
 
 
+@jax.jit
 def pack(qt: QTensor) -> QTensor:
     """Bit-pack ``codes`` (and SMX ``micro`` bits) along the axis; see the module docstring."""
     if qt.packed:
@@ -114,6 +118,7 @@ def pack(qt: QTensor) -> QTensor:
     return dataclasses.replace(qt, codes=codes, micro=micro, packed=True)
 
 
+@jax.jit
 def unpack(qt: QTensor) -> QTensor:
     """Undo :func:`pack` exactly."""
     if not qt.packed:
