@@ -199,3 +199,22 @@ def test_scalar_input():
     assert F.cast(jnp.float32(0.3), "int8", granularity="tensor") == pytest.approx(0.3)
     assert float(F.cast(jnp.float32(5.0), "mxfp4_e2m1")) == 4.0
     assert float(F.dequantize(F.quantize(jnp.float32(5.0), "mxfp4_e2m1"))) == 4.0
+
+
+@pytest.mark.parametrize("name", ["mxfp4_e2m1", "mx6", "int4"])
+def test_axis_not_divisible_is_zero_padded(name):
+    """Documented rule: the axis is zero-padded to whole blocks/groups; padding is dropped."""
+    kw = {"granularity": "group", "group_size": 32} if name == "int4" else {}
+    x = jax.random.normal(jax.random.key(2), (4, 70))
+    padded = jnp.pad(x, ((0, 0), (0, 26)))
+    f = jax.jit(lambda a, b: (F.cast(a, name, **kw), F.cast(b, name, **kw)))
+    y, yp = f(x, padded)
+    assert y.shape == (4, 70)
+    np.testing.assert_array_equal(y, yp[:, :70])
+
+
+def test_float16_input_keeps_dtype():
+    x = (X[0] * 10).astype(jnp.float16)
+    for name in ("mxfp8_e4m3", "mx9", "int8", "fp8_e5m2"):
+        y = F.cast(x, name)
+        assert y.dtype == jnp.float16 and bool(jnp.isfinite(y).all())
