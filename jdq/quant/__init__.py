@@ -70,3 +70,7 @@ from jdq.quant.outliers import (
     outlier_weight,
     set_outlier_ratio,
 )
+
+# Lowering to kernels. The function ``lower`` shadows the submodule of the same name on purpose:
+# ``jdq.quant.lower(plan, params)`` is the public entry point.
+from jdq.quant.lower import LoweredQuantizer, lower, lowerable_kind, weight_bytes  # noqa: E402
