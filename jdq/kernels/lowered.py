@@ -6,20 +6,36 @@ quantizes the activation the way the plan's activation transform does and runs t
 
 Kinds and layouts (``K`` in features, ``N`` out features):
 
-========  ==========================================  ============================================
-kind      arrays                                      semantics
-========  ==========================================  ============================================
-w8a8      ``codes`` (N, K) int8, ``scale`` (N,) f32   per-token dynamic int8 activations (see
-                                                      :mod:`jdq.kernels.w8a8.ref`)
-w8a16     ``codes`` (N, K) int8, ``scale`` (N, G) f32 bf16/f32 activations; ``G`` groups of
-                                                      ``group_size`` along K (``G = 1``: per channel)
-w4a16     ``codes`` (N, K/2) int8 packed, ``scale``   as w8a16 with 4-bit codes packed two per byte
-          (N, G) f32                                  (:mod:`jdq.kernels.weight_only.ref` layout)
-========  ==========================================  ============================================
+========  ==============================================  ========================================
+kind      arrays                                          semantics
+========  ==============================================  ========================================
+w8a8      ``codes`` (N, K) int8, ``scale`` (N,) f32       int8 per-token activations
+                                                          (:mod:`jdq.kernels.w8a8.ref`)
+fp8       ``codes`` (N, K) float8_e4m3fn, ``scale`` (N,)  E4M3 per-token activations, per-channel
+                                                          weights (same kernel and reference)
+w4a8      ``codes`` (N, K/2) packed int4, ``scale``       int8 per-token activations, int4 weights
+          (N, G), ``group_size``                          per channel or group
+                                                          (:mod:`jdq.kernels.w4a8.ref`)
+w8a16     ``codes`` (N, K) int8, ``scale`` (N, G) f32     bf16/f32 activations; ``G`` groups of
+                                                          ``group_size`` along K (``G = 1``: per
+                                                          channel)
+w4a16     ``codes`` (N, K/2) int8 packed, ``scale``       as w8a16 with 4-bit codes packed two per
+          (N, G) f32                                      byte (:mod:`jdq.kernels.weight_only.ref`)
+mixdit    ``codes`` (N, K_lo) E4M3, ``scale`` (N,),       MX9 outlier channels + MX6 rest
+          ``aux`` {``w_hi`` (N, K_hi) bf16, ``perm``      (:mod:`jdq.kernels.mixdit.ref`);
+          (K,) int32}, ``meta`` ``k_hi``                  ``k_hi`` outlier channels
+mxfp8     ``codes`` (N, K) E4M3, ``scale`` (K/32, N)      MXFP8 E4M3 activations and weights,
+          uint8 E8M0                                      blocks of 32 (:mod:`jdq.kernels.mx.ref`)
+mxint8    ``codes`` (N, K) int8, ``scale`` (K/32, N)      MXINT8 activations and weights
+          uint8 E8M0
+========  ==============================================  ========================================
 
-Implementations (``impl``): ``"auto"`` (the Mosaic GPU kernel on a GPU, XLA elsewhere), ``"xla"``
-(the reference in jnp: XLA's int8 dot for w8a8), ``"gpu"``, ``"gpu_interpret"`` (the GPU kernel in
-Pallas GPU interpret mode, on a CPU), ``"tpu"``, ``"tpu_interpret"``.
+Implementations (``impl``): ``"auto"`` (the Mosaic GPU kernels on a GPU, XLA elsewhere), ``"xla"``
+(the references in jnp: XLA's int8 / fp8 dots), ``"gpu"``, ``"gpu_interpret"`` (the GPU kernels in
+Pallas GPU interpret mode, on a CPU), ``"tpu"``, ``"tpu_interpret"`` (TPU kernels exist for w8a8;
+other kinds run their XLA reference there). On the GPU path the per-token activation
+quantization of w8a8 / fp8 / w4a8 runs in the one-pass kernel of :mod:`jdq.kernels.token_quant`;
+shapes a kernel cannot tile fall back to the XLA reference (same result).
 """
 
 from __future__ import annotations
@@ -30,13 +46,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-KINDS = ("w8a8", "w8a16", "w4a16")
+KINDS = ("w8a8", "fp8", "w4a8", "w8a16", "w4a16", "mixdit", "mxfp8", "mxint8")
 IMPLS = ("auto", "xla", "gpu", "gpu_interpret", "tpu", "tpu_interpret")
+MX_FORMAT = {"mxfp8": "mxfp8_e4m3", "mxint8": "mxint8"}
 
 
 @dataclasses.dataclass(frozen=True)
 class LoweredWeight:
-    """A packed weight: ``codes``/``scale`` arrays and static ``kind``, ``k``, ``n``, ``group_size``."""
+    """A packed weight: ``codes``/``scale`` (and ``aux``) arrays; static ``kind``, ``k``, ``n``, ``group_size``, ``meta``."""
 
     codes: jax.Array
     scale: jax.Array
@@ -44,14 +61,22 @@ class LoweredWeight:
     k: int
     n: int
     group_size: int | None = None
+    aux: Any = None  # dict of further arrays (kind-specific), or None
+    meta: tuple = ()  # static (name, value) pairs (kind-specific)
 
     @property
     def nbytes(self) -> int:
         """Bytes of the packed arrays as stored."""
-        return sum(int(a.size) * jnp.dtype(a.dtype).itemsize for a in (self.codes, self.scale))
+        arrays = [self.codes, self.scale] + jax.tree.leaves(self.aux)
+        return sum(int(a.size) * jnp.dtype(a.dtype).itemsize for a in arrays)
+
+    def get_meta(self, name: str):
+        """The static metadata entry ``name``."""
+        return dict(self.meta)[name]
 
 
-jax.tree_util.register_dataclass(LoweredWeight, data_fields=["codes", "scale"], meta_fields=["kind", "k", "n", "group_size"])
+jax.tree_util.register_dataclass(LoweredWeight, data_fields=["codes", "scale", "aux"],
+                                 meta_fields=["kind", "k", "n", "group_size", "meta"])
 
 
 def _interpret_w8a8_config():
@@ -69,24 +94,43 @@ def _resolve_impl(impl: str) -> str:
     return impl
 
 
+def _on_gpu(impl):
+    return impl in ("gpu", "gpu_interpret")
+
+
 def _pad_rows(a, multiple):
     m = a.shape[0]
     pad = (-m) % multiple
     return (jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)), m) if pad else (a, m)
 
 
+def quantize_tokens(x, fmt: str = "int8", impl: str = "auto", config=None):
+    """Per-token quantization of ``x`` (M, K) to ``fmt`` (``"int8"``/``"fp8_e4m3"``): the one-pass kernel or XLA."""
+    from jdq.kernels.token_quant.ref import quantize_rows
+
+    impl = _resolve_impl(impl)
+    if _on_gpu(impl) and x.ndim == 2 and x.dtype in (jnp.bfloat16, jnp.float32):
+        from jdq.kernels import tuning
+        from jdq.kernels.token_quant.gpu import Config, quantize_rows_gpu
+
+        cfg = config or Config(**tuning.lookup("token_quant", x.shape[0]))
+        if cfg.supports(x.shape[0], x.shape[1], jnp.dtype(x.dtype).itemsize):
+            return quantize_rows_gpu(x, fmt, cfg, interpret=impl == "gpu_interpret")
+    return quantize_rows(x, fmt)
+
+
 def w8a8_matmul(xq, xs, wq, ws, b, out_dtype, impl: str = "auto", config=None):
-    """Dispatch the W8A8 GEMM (already-quantized operands) to an implementation.
+    """Dispatch the W8A8 GEMM (int8 or E4M3 operands, already quantized) to an implementation.
 
     GPU kernels need K and N to be multiples of the tile; M is zero-padded. Shapes the kernel
-    cannot tile go to the XLA reference (same result: the integer accumulation is exact).
+    cannot tile go to the XLA reference (same result: int8 accumulation is exact).
     """
     from jdq.kernels.w8a8 import ref
 
     impl = _resolve_impl(impl)
     m, k = xq.shape
     n = wq.shape[0]
-    if impl in ("gpu", "gpu_interpret"):
+    if _on_gpu(impl):
         from jdq.kernels import tuning
         from jdq.kernels.w8a8.gpu import Config, w8a8_matmul_gpu
 
@@ -100,11 +144,30 @@ def w8a8_matmul(xq, xs, wq, ws, b, out_dtype, impl: str = "auto", config=None):
             bb = jnp.zeros((n,), jnp.float32) if b is None else b
             out = w8a8_matmul_gpu(xq_p, xs_p, wq, ws, bb, out_dtype, cfg, interpret=impl == "gpu_interpret")
             return out[:m0]
-    elif impl in ("tpu", "tpu_interpret"):
+    elif impl in ("tpu", "tpu_interpret") and xq.dtype == jnp.int8:
         from jdq.kernels.w8a8.tpu import w8a8_matmul_tpu
 
         return w8a8_matmul_tpu(xq, xs, wq, ws, b, out_dtype, interpret=impl == "tpu_interpret")
     return ref.w8a8_matmul(xq, xs, wq, ws, b, out_dtype)
+
+
+def w4a8_matmul(xq, xs, lw: "LoweredWeight", b, out_dtype, impl: str = "auto", config=None):
+    """Dispatch the W4A8 GEMM (int8 activation codes, packed int4 weight) to an implementation."""
+    from jdq.kernels.w4a8 import ref
+
+    impl = _resolve_impl(impl)
+    gs = lw.group_size or lw.k
+    if _on_gpu(impl):
+        from jdq.kernels import tuning
+        from jdq.kernels.w4a8.gpu import Config, w4a8_matmul_gpu
+
+        cfg = config or Config(**tuning.lookup("w4a8", xq.shape[0]))
+        if cfg.supports(cfg.tile_m, lw.n, lw.k, gs):
+            xq_p, m0 = _pad_rows(xq, cfg.tile_m)
+            xs_p, _ = _pad_rows(xs, cfg.tile_m)
+            out = w4a8_matmul_gpu(xq_p, xs_p, lw.codes, lw.scale, b, gs, out_dtype, cfg, interpret=impl == "gpu_interpret")
+            return out[:m0]
+    return ref.w4a8_matmul(xq, xs, lw.codes, lw.scale, b, gs, out_dtype)
 
 
 def weight_only_matmul(x, lw: LoweredWeight, b, out_dtype, impl: str = "auto", config=None):
@@ -113,7 +176,7 @@ def weight_only_matmul(x, lw: LoweredWeight, b, out_dtype, impl: str = "auto", c
 
     impl = _resolve_impl(impl)
     bits = 4 if lw.kind == "w4a16" else 8
-    if impl in ("gpu", "gpu_interpret"):
+    if _on_gpu(impl):
         from jdq.kernels import tuning
         from jdq.kernels.weight_only.gpu import Config, weight_only_matmul_gpu
 
@@ -126,11 +189,53 @@ def weight_only_matmul(x, lw: LoweredWeight, b, out_dtype, impl: str = "auto", c
     return ref.weight_only_matmul(x, lw.codes, lw.scale, b, bits, lw.group_size or lw.k, out_dtype)
 
 
+def mixdit_matmul(x, lw: LoweredWeight, b, out_dtype, impl: str = "auto", config=None):
+    """Quantize ``x`` (M, K) the MixDiT way and run the mixed GEMM (:mod:`jdq.kernels.mixdit`)."""
+    from jdq.kernels.mixdit import ref
+
+    impl = _resolve_impl(impl)
+    x_hi, x_lo, s_x = ref.quantize_activation(x, lw.aux["perm"], lw.get_meta("k_hi"), lw.get_meta("hi"), lw.get_meta("lo"))
+    w_hi = lw.aux["w_hi"]
+    if _on_gpu(impl):
+        from jdq.kernels import tuning
+        from jdq.kernels.mixdit.gpu import Config, mixdit_matmul_gpu
+
+        cfg = config or Config(**tuning.lookup("mixdit", x.shape[0]))
+        if cfg.supports(cfg.tile_m, lw.n):
+            (xh, m0), (xl, _), (sx, _) = (_pad_rows(a, cfg.tile_m) for a in (x_hi, x_lo, s_x))
+            out = mixdit_matmul_gpu(xh, xl, sx, w_hi, lw.codes, lw.scale, b, out_dtype, cfg,
+                                    interpret=impl == "gpu_interpret")
+            return out[:m0]
+    return ref.mixdit_matmul(x_hi, x_lo, s_x, w_hi, lw.codes, lw.scale, b, out_dtype)
+
+
+def mx_matmul(x, lw: LoweredWeight, b, out_dtype, impl: str = "auto", config=None):
+    """MX-quantize ``x`` (M, K) along K and run the block-scaled GEMM (:mod:`jdq.kernels.mx`)."""
+    from jdq.kernels.mx import ref
+
+    impl = _resolve_impl(impl)
+    fmt = MX_FORMAT[lw.kind]
+    xq, xs = ref.quantize_operand(x, fmt)
+    ws = ref.block_scales(lw.scale, fmt)
+    if _on_gpu(impl):
+        from jdq.kernels import tuning
+        from jdq.kernels.mx.gpu import Config, mx_matmul_gpu
+
+        cfg = config or Config(**tuning.lookup("mx", x.shape[0]))
+        if cfg.supports(cfg.tile_m, lw.n, lw.k):
+            xq_p, m0 = _pad_rows(xq, cfg.tile_m)
+            xs_p, _ = _pad_rows(xs.T, cfg.tile_m)
+            out = mx_matmul_gpu(xq_p, xs_p.T, lw.codes, ws, b, out_dtype, cfg, interpret=impl == "gpu_interpret")
+            return out[:m0]
+    return ref.mx_matmul(xq, xs, lw.codes, ws, b, out_dtype)
+
+
 def lowered_linear(x, lowered: LoweredWeight, b=None, *, site: str, quant: Any = None, act_role: str = "act"):
     """``qlinear``'s speed path: ``x @ W + b`` with ``W`` the packed weight of ``site``.
 
-    ``x`` is (…, K) in the model's compute dtype; the output has ``x``'s dtype. For ``w8a8`` the
-    activation is quantized per token here (the quantization the plan's activation cast does).
+    ``x`` is (…, K) in the model's compute dtype; the output has ``x``'s dtype. The activation is
+    quantized here, the way the plan's activation transform does (per token for w8a8 / fp8 /
+    w4a8, per block for the MX kinds, the outlier split for mixdit).
     """
     if not isinstance(lowered, LoweredWeight):
         raise TypeError(f"lowered_linear at {site!r}: expected a LoweredWeight, got {type(lowered).__name__}")
@@ -140,16 +245,23 @@ def lowered_linear(x, lowered: LoweredWeight, b=None, *, site: str, quant: Any =
     lead = x.shape[:-1]
     x2 = x.reshape(-1, lowered.k)
     bias = None if b is None else jnp.asarray(b, jnp.float32)
-    if lowered.kind == "w8a8":
-        from jdq.kernels.w8a8.ref import quantize_per_token
-
-        xq, xs = quantize_per_token(x2)
+    kind = lowered.kind
+    if kind in ("w8a8", "fp8"):
+        xq, xs = quantize_tokens(x2, "int8" if kind == "w8a8" else "fp8_e4m3", impl)
         y = w8a8_matmul(xq, xs, lowered.codes, lowered.scale, bias, x.dtype, impl)
-    elif lowered.kind in ("w8a16", "w4a16"):
+    elif kind == "w4a8":
+        xq, xs = quantize_tokens(x2, "int8", impl)
+        y = w4a8_matmul(xq, xs, lowered, bias, x.dtype, impl)
+    elif kind in ("w8a16", "w4a16"):
         y = weight_only_matmul(x2, lowered, bias, x.dtype, impl)
+    elif kind == "mixdit":
+        y = mixdit_matmul(x2, lowered, bias, x.dtype, impl)
+    elif kind in MX_FORMAT:
+        y = mx_matmul(x2, lowered, bias, x.dtype, impl)
     else:
-        raise ValueError(f"lowered_linear at {site!r}: unknown kind {lowered.kind!r}; known: {KINDS}")
+        raise ValueError(f"lowered_linear at {site!r}: unknown kind {kind!r}; known: {KINDS}")
     return y.reshape(*lead, lowered.n)
 
 
-__all__ = ["IMPLS", "KINDS", "LoweredWeight", "lowered_linear", "w8a8_matmul", "weight_only_matmul"]
+__all__ = ["IMPLS", "KINDS", "LoweredWeight", "lowered_linear", "mixdit_matmul", "mx_matmul", "quantize_tokens",
+           "w4a8_matmul", "w8a8_matmul", "weight_only_matmul"]

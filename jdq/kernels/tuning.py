@@ -26,7 +26,14 @@ WEIGHT_ONLY = {
     "default": [(INF, dict(tile_m=64, tile_n=128, tile_k=128, stages=4))],
 }
 
-TABLES = {"w8a8": W8A8, "weight_only": WEIGHT_ONLY}
+# Not yet tuned on a device (defaults from the shared-memory budget and the W8A8 results):
+# one-pass per-token quantization (jdq.kernels.token_quant.gpu.Config), W4A8, MixDiT and MX GEMMs.
+TOKEN_QUANT = {"default": [(INF, dict(smem_bytes=72 * 1024))]}
+W4A8 = {"default": [(INF, dict(tile_m=128, tile_n=128, stages=3))]}
+MIXDIT = {"default": [(INF, dict(tile_m=128, tile_n=128, stages=2))]}
+MX = {"default": [(INF, dict(tile_m=128, tile_n=128, blocks_per_step=4, stages=2))]}
+
+TABLES = {"w8a8": W8A8, "weight_only": WEIGHT_ONLY, "token_quant": TOKEN_QUANT, "w4a8": W4A8, "mixdit": MIXDIT, "mx": MX}
 
 
 def lookup(op: str, m: int, device: str | None = None) -> dict:
@@ -44,4 +51,4 @@ def lookup(op: str, m: int, device: str | None = None) -> dict:
     return dict(rows[-1][1])
 
 
-__all__ = ["TABLES", "W8A8", "WEIGHT_ONLY", "lookup"]
+__all__ = ["MIXDIT", "MX", "TABLES", "TOKEN_QUANT", "W4A8", "W8A8", "WEIGHT_ONLY", "lookup"]

@@ -109,3 +109,44 @@ def test_tpu_kernel_interpret_bit_exact():
     xq, xs, wq, ws, b = _operands(jax.random.key(5), 256, 512, 256)
     got = w8a8_matmul_tpu(xq, xs, wq, ws, b, jnp.float32, tm=128, tn=128, tk=256, interpret=True)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref.w8a8_matmul(xq, xs, wq, ws, b, jnp.float32)))
+
+
+def test_fp8_reference_equals_fake_quant_path():
+    from jdq import formats
+
+    k1, k2, k3 = jax.random.split(jax.random.key(6), 3)
+    x = jax.random.normal(k1, (48, 256)) * 3
+    w = jax.random.normal(k2, (256, 128)) / 16  # (K, N)
+    b = jax.random.normal(k3, (128,))
+    wq, ws = ref.quantize_per_channel_fp8(w.T, axis=-1)
+    assert wq.dtype == jnp.float8_e4m3fn
+    got = ref.w8a8_linear(x, wq, ws, b)
+    fake = formats.cast(x, "fp8_e4m3", axis=-1) @ formats.cast(w, "fp8_e4m3", axis=-2) + b
+    np.testing.assert_allclose(np.asarray(got), np.asarray(fake), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("cfg", [Config("pipe", 64, 64, 128, 2), Config("ws", 64, 64, 128, 2, wg_dim="n", num_sms=2)],
+                         ids=["pipe", "ws"])
+def test_fp8_gpu_kernel_interpret_bit_exact(cfg):
+    # small-integer E4M3 codes: every partial sum is an exact float32 integer, so any order is exact
+    k1, k2, k3, k4, k5 = jax.random.split(jax.random.key(7), 5)
+    m, k, n = 128, 256, 128
+    xq = jax.random.randint(k1, (m, k), -8, 9).astype(jnp.float8_e4m3fn)
+    wq = jax.random.randint(k2, (n, k), -8, 9).astype(jnp.float8_e4m3fn)
+    xs = 2.0 ** jax.random.randint(k3, (m,), -12, -4).astype(jnp.float32)
+    ws = 2.0 ** jax.random.randint(k4, (n,), -12, -4).astype(jnp.float32)
+    b = jnp.round(jax.random.normal(k5, (n,)) * 64) / 64
+    got = w8a8_matmul_gpu(xq, xs, wq, ws, b, jnp.float32, cfg, interpret=True)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref.w8a8_matmul(xq, xs, wq, ws, b, jnp.float32)))
+
+
+def test_fp8_gpu_kernel_lowers_to_mosaic_gpu():
+    m, k, n = 4096, 1152, 4608
+    shapes = [((m, k), jnp.float8_e4m3fn), ((m,), jnp.float32), ((n, k), jnp.float8_e4m3fn), ((n,), jnp.float32), ((n,), jnp.float32)]
+    args = [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
+    cfg = Config("ws", 128, 64, 128, 4, wg_dim="n")
+    f = jax.jit(functools.partial(w8a8_matmul_gpu, out_dtype=jnp.bfloat16, config=cfg))
+    assert "mosaic_gpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    with pytest.raises(TypeError, match="both alike"):
+        w8a8_matmul_gpu(jnp.zeros((128, 128), jnp.int8), jnp.ones(128), jnp.zeros((128, 128), jnp.float8_e4m3fn),
+                        jnp.ones(128), None, jnp.float32, Config("pipe", 64, 64, 128, 2), interpret=True)
