@@ -43,8 +43,8 @@ def test_lowerable_kinds(small_dit):
     assert lowerable_kind(plan, "blocks.0.adaLN_modulation")[0] is None
     plan4 = _plan(model, inputs, cast("int4", granularity="group", group_size=128))
     assert lowerable_kind(plan4, "blocks.0.attn.qkv")[0] == "w4a16"
-    plan_mx = _plan(model, inputs, cast("mxint8"), cast("mxint8"))
-    assert lowerable_kind(plan_mx, "blocks.0.attn.qkv")[0] is None  # no MX kernel path yet: fake-quant
+    plan_mx = _plan(model, inputs, cast("mxfp4_e2m1"), cast("mxfp4_e2m1"))
+    assert lowerable_kind(plan_mx, "blocks.0.attn.qkv")[0] is None  # no MXFP4 kernel: fake-quant
     plan_away = _plan(model, inputs, cast("int8", granularity="row"), cast("int8", granularity="row", rounding="away"))
     assert lowerable_kind(plan_away, "blocks.0.attn.proj")[0] is None
 
@@ -102,3 +102,70 @@ def test_lower_rejects_mismatched_weight(small_dit):
         lower(plan, {"blocks": {}})
     with pytest.raises(ValueError, match="impl"):
         lower(plan, model.params, impl="cuda")
+
+
+def _mixdit_plan_and_state(model, inputs):
+    from jdq.quant import collect_stats, stack_stats
+    from jdq.quant.balance import link_stats
+    from jdq.quant.outliers import outlier_split, outlier_weight
+
+    plan = _plan(model, inputs, outlier_weight(cast("mx6"), 0.05, channel_multiple=16),
+                 outlier_split(0.05, hi="mx9", lo="mx6", granularity="channel"))
+    _, stats = collect_stats(lambda *a, quant: model.apply(model.params, *a, quant=quant), *inputs)
+    return plan, plan.init(link_stats(stack_stats([stats])))
+
+
+NEW_KINDS = {
+    "fp8": (cast("fp8_e4m3"), cast("fp8_e4m3")),
+    "w4a8": (cast("int4", granularity="group", group_size=64), cast("int8", granularity="row")),
+    "mxfp8": (cast("mxfp8_e4m3"), cast("mxfp8_e4m3")),
+    "mxint8": (cast("mxint8"), cast("mxint8")),
+}
+
+
+@pytest.mark.parametrize("kind,impl", [("fp8", "xla"), ("w4a8", "xla"), ("w4a8", "gpu_interpret"), ("mxfp8", "xla"),
+                                       ("mxint8", "xla"), ("mixdit", "xla"), ("mixdit", "gpu_interpret")])
+def test_lowered_dit_equals_fake_quant_new_kinds(small_dit, kind, impl):
+    model, inputs = small_dit
+    if kind == "mixdit":
+        plan, state = _mixdit_plan_and_state(model, inputs)
+    else:
+        plan, state = _plan(model, inputs, *NEW_KINDS[kind]), None
+    assert lowerable_kind(plan, "blocks.0.mlp.fc2")[0] == kind
+    low_q = lower(plan, model.params, state, impl=impl)
+    assert {w.kind for w in low_q.weights.values()} == {kind} and len(low_q.weights) == 4, low_q.skipped
+    fake_q = plan.bind(plan.init() if state is None else state)
+    got = model.apply(model.params, *inputs, quant=low_q)
+    want = model.apply(model.params, *inputs, quant=fake_q)
+    plain = model.apply(model.params, *inputs)
+    err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+    assert err < 1e-5, err  # float rounding only
+    assert float(jnp.linalg.norm(plain - want) / jnp.linalg.norm(want)) > 100 * err
+
+
+def test_unsupported_variants_stay_fake_quant(small_dit):
+    model, inputs = small_dit
+    plan = _plan(model, inputs, cast("int4", granularity="group", group_size=32), cast("int8", granularity="row"))
+    kind, why = lowerable_kind(plan, "blocks.0.attn.qkv")
+    assert kind is None and "group size 32" in why
+    plan = _plan(model, inputs, cast("mxfp8_e4m3"), cast("mxint8"))
+    assert lowerable_kind(plan, "blocks.0.attn.qkv")[0] is None
+    plan = _plan(model, inputs, cast("fp8_e4m3"), cast("int8", granularity="row"))
+    assert "E4M3 per-token" in lowerable_kind(plan, "blocks.0.attn.qkv")[1]
+
+
+def test_w8a8_lowered_forward_cross_lowers_to_mosaic_gpu():
+    """The lowered model with the GPU kernels (token quantization + warp-specialised W8A8) lowers for CUDA."""
+    cfg = dit.Config(input_size=8, patch_size=2, hidden_size=1152, depth=1, num_heads=16, num_classes=10,
+                     dtype="bfloat16")
+    model = dit.from_config(cfg, key=0)
+    abstract = jax.eval_shape(lambda: model.params)
+    x = jnp.zeros((64, 8, 8, 4), jnp.bfloat16)
+    t = jnp.zeros((64,))
+    y = jnp.zeros((64,), jnp.int32)
+    plan = _plan(model, (x[:2], t[:2], y[:2]), *W8A8_RULES)
+    params = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), abstract)
+    low_q = lower(plan, params, impl="gpu", check=False)
+    fwd = jax.jit(lambda p, q, *a: model.apply(p, *a, quant=q))
+    text = fwd.trace(params, low_q, x, t, y).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 8  # 4 GEMMs + 4 token quantizations
