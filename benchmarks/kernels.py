@@ -1,73 +1,93 @@
-"""Kernel speed: jdq's Pallas GEMMs against XLA's bf16, int8 and fp8 dots, measured in one run.
+"""Kernel speed: jdq's Pallas kernels against XLA's bf16, int8 and fp8 dots, measured in one run.
 
-Run on a GPU: ``python benchmarks/kernels.py --device-run [--out DIR]``. On a CPU (no GPU) it
-runs a tiny smoke version (interpret mode) that checks the script end to end.
+Run on a GPU: ``python benchmarks/kernels.py --device-run [--out DIR] [--budget-s S]``. On a CPU
+(no GPU) it runs a tiny smoke version (Pallas interpret mode) of the same code paths.
 
-Times are the median over ``--iters`` CUPTI-measured iterations (``jax.experimental.mosaic.gpu
-.profiler.measure``: summed kernel time, no launch gaps); each iteration runs the op on
-``--rotate`` independent input sets (weights and activations) so that repeated runs do not hit in
-the L2 cache. Before timing, every jdq kernel is checked against its reference on the device.
+1. **Checks** (before any timing, in a child process so that a kernel that crashes or hangs the
+   GPU cannot take the run with it; a crash marks that kernel failed and the checks resume in a
+   fresh child): every GPU kernel against its reference on random, never-all-zero inputs, exact
+   where the arithmetic is exact (power-of-two scales; see each kernel's reference module).
+2. **Table**, in priority order until ``--budget-s`` is spent: DiT-XL/2-256 linears (qkv, proj,
+   fc1, fc2; M = 256·batch) at batch 16, 32, 64, PixArt-Σ-1024 (M = 4096), then batch 1, 4, 2, 8;
+   first the XLA baselines and W8A8, then FP8, W4A8, MixDiT, MXFP8 / MXINT8, weight-only
+   (batch ≤ 4). Only kernels that passed their check are timed.
+
+Times are the median over ``--iters`` CUPTI-measured iterations (summed kernel time, no launch
+gaps; ``jax.experimental.mosaic.gpu.profiler.measure``), each iteration over ``--rotate``
+independent input sets so that repeated runs do not hit in the L2 cache. Results go to
+``kernels.json`` and ``kernels.md`` under ``--out`` (default ``$OUT``, else
+``benchmarks/results``); the run ends with a short summary table.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# no up-front grab of 75% of GPU memory: the check child processes need memory while this one lives
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DIT_LAYERS = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}
-DIT_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+BATCH_ORDER = (16, 32, 64, "pixart", 1, 4, 2, 8)
 PIXART_TOKENS = 4096
+BASELINES = ("xla_bf16", "xla_int8", "xla_fp8")
+CORE = ("xla_w8a8", "jdq_w8a8", "jdq_w8a8_gemm", "xla_quant", "jdq_quant")
+EXTRA = ("jdq_fp8", "jdq_w4a8", "jdq_mixdit", "jdq_mxfp8", "jdq_mxint8")
+WEIGHT_ONLY = ("jdq_w8a16", "jdq_w4a16")
+LABELS = {
+    "xla_bf16": "XLA bf16 dot", "xla_int8": "XLA int8 dot", "xla_fp8": "XLA fp8 dot",
+    "xla_w8a8": "XLA W8A8 (quant + int8 dot + epilogue)", "jdq_w8a8": "jdq W8A8 linear (token-quant kernel + GEMM)",
+    "jdq_w8a8_gemm": "jdq W8A8 GEMM alone", "xla_quant": "XLA per-token int8 quant", "jdq_quant": "jdq one-pass quant",
+    "jdq_fp8": "jdq FP8 linear", "jdq_w4a8": "jdq W4A8 linear (g64)", "jdq_mixdit": "jdq MixDiT linear (5% MX9)",
+    "jdq_mxfp8": "jdq MXFP8 linear", "jdq_mxint8": "jdq MXINT8 linear", "jdq_w8a16": "jdq W8A16", "jdq_w4a16": "jdq W4A16 (g128)",
+}
 
 
-def shapes(kind="dit", batches=DIT_BATCHES):
-    """(label, M, K, N) of the benchmark shapes."""
-    out = []
-    if kind in ("dit", "all"):
-        for bsz in batches:
-            for name, (k, n) in DIT_LAYERS.items():
-                out.append((f"dit.{name}.b{bsz}", 256 * bsz, k, n))
-    if kind in ("pixart", "all"):
-        for name, (k, n) in DIT_LAYERS.items():
-            out.append((f"pixart.{name}.b1", PIXART_TOKENS, k, n))
-    return out
+def default_out():
+    """``$OUT`` when set (device runs), else ``benchmarks/results``; never the working directory."""
+    return os.environ.get("OUT") or RESULTS_DIR
+
+
+def write_json(path, obj):
+    """Atomic JSON write (temp file + rename)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def shapes_for(batch):
+    """(label, M, K, N) of the four linears at ``batch`` (or PixArt-Σ-1024 for ``"pixart"``)."""
+    m = PIXART_TOKENS if batch == "pixart" else 256 * batch
+    tag = "pixart" if batch == "pixart" else f"dit.b{batch}"
+    return [(f"{tag}.{name}", m, k, n) for name, (k, n) in DIT_LAYERS.items()]
 
 
 # ------------------------------------------------------------------------------------ timing
 
 
-def _measure_fn():
-    try:
-        from jax.experimental.mosaic.gpu import profiler
-
-        return profiler.measure
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def time_ms(fn, sets, iters=10):
+def time_ms(fn, sets, iters):
     """Median milliseconds of one ``fn(*args)`` call, averaged over the input ``sets``."""
     g = jax.jit(lambda ss: [fn(*a) for a in ss])
-    measure = _measure_fn()
-    if measure is not None and jax.default_backend() == "gpu":
-        try:
-            _, ts = measure(g, iterations=iters)(sets)
-            if ts:
-                return statistics.median(ts) / len(sets)
-        except Exception as e:  # noqa: BLE001
-            print("  (cupti measure failed, using wall clock:", type(e).__name__, str(e)[:100], ")")
+    if jax.default_backend() == "gpu":
+        from jax.experimental.mosaic.gpu import profiler
+
+        _, ts = profiler.measure(g, iterations=iters)(sets)
+        if ts:
+            return statistics.median(ts) / len(sets)
     jax.block_until_ready(g(sets))
     ts = []
     for _ in range(iters):
@@ -77,307 +97,424 @@ def time_ms(fn, sets, iters=10):
     return statistics.median(ts) / len(sets)
 
 
-# ------------------------------------------------------------------------------------ inputs
+# ------------------------------------------------------------------------------------ operands
 
 
-def make_w8a8_inputs(key, m, k, n, rotate):
-    """``rotate`` independent (x bf16, wq (N,K) int8, ws, b) sets (random, never zero)."""
-    from jdq.kernels.w8a8.ref import quantize_per_channel
-
+def base_sets(key, m, k, n, rotate):
+    """``rotate`` independent (x bf16 (M, K) with a few large channels, w float32 (K, N), bias) sets."""
     sets = []
+    col = jnp.where(jnp.arange(k) % 23 == 5, 12.0, 1.0)  # outlier channels (MixDiT's split has work to do)
     for i in range(rotate):
         k1, k2, k3 = jax.random.split(jax.random.fold_in(key, i), 3)
-        x = (jax.random.normal(k1, (m, k), jnp.float32) * 2).astype(jnp.bfloat16)
-        w = jax.random.normal(k2, (n, k), jnp.float32) / np.sqrt(k)
-        wq, ws = quantize_per_channel(w, axis=-1)
+        x = (jax.random.normal(k1, (m, k), jnp.float32) * col).astype(jnp.bfloat16)
+        w = jax.random.normal(k2, (k, n), jnp.float32) / np.sqrt(k)
         b = jax.random.normal(k3, (n,), jnp.float32) * 0.1
-        sets.append((x, wq, ws, b))
+        sets.append((x, w, b))
     return sets
 
 
-def baselines(sets):
-    """XLA reference ops on the same shapes: bf16 dot, int8 dot, fp8 dot, W8A8 through XLA."""
-    from jdq.kernels.w8a8 import ref
+def _lowered(kind, w, x_sample=None):
+    """A LoweredWeight of ``kind`` for the (K, N) weight ``w`` (MixDiT: outliers from ``x_sample``)."""
+    from jdq import formats
+    from jdq.kernels import LoweredWeight
+    from jdq.kernels.weight_only.ref import pack_int4
 
-    bf = [(x, (wq.astype(jnp.float32) * ws[:, None]).T.astype(jnp.bfloat16)) for x, wq, ws, b in sets]
-    i8 = [(ref.quantize_per_token(x)[0], wq) for x, wq, ws, b in sets]
-    f8 = [(x.astype(jnp.float8_e4m3fn), wq.astype(jnp.float8_e4m3fn)) for x, wq, ws, b in sets]
-    return {
-        "xla_bf16": (lambda x, w: jnp.dot(x, w), bf),
-        "xla_int8": (lambda a, w: lax.dot_general(a, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32), i8),
-        "xla_fp8": (lambda a, w: lax.dot_general(a, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16), f8),
-        "xla_w8a8": (lambda x, wq, ws, b: ref.w8a8_linear(x, wq, ws, b), sets),
-    }
+    k, n = w.shape
+    if kind in ("w4a8", "w4a16", "w8a16"):
+        bits, group = (8, None) if kind == "w8a16" else (4, 64 if kind == "w4a8" else 128)
+        opts = dict(granularity="group", group_size=group) if group else dict(granularity="row")
+        qt = formats.quantize(w, f"int{bits}", axis=-2, **opts)
+        scale = jnp.maximum(qt.scale, 2.0**-126)
+        scale = scale.T if group else scale.reshape(n, 1)
+        codes = pack_int4(qt.codes.T) if bits == 4 else qt.codes.T
+        return LoweredWeight(codes, scale, kind, k, n, group)
+    if kind in ("mxfp8", "mxint8"):
+        fmt = "mxfp8_e4m3" if kind == "mxfp8" else "mxint8"
+        qt = formats.quantize(w, fmt, axis=-2)
+        codes = qt.codes.T if kind == "mxint8" else lax.bitcast_convert_type(qt.codes.T, jnp.float8_e4m3fn)
+        return LoweredWeight(codes, qt.scale, kind, k, n)
+    if kind == "mixdit":
+        from jdq.kernels.mixdit.ref import pack_weight
+
+        perm = jnp.argsort(-jnp.abs(x_sample.astype(jnp.float32)).max(0), stable=True).astype(jnp.int32)
+        k_hi = int(round(0.05 * k / 16)) * 16
+        w_hi, w_lo, s_w, _ = pack_weight(w, perm, k_hi)
+        return LoweredWeight(w_lo, s_w, "mixdit", k, n, None, {"w_hi": w_hi, "perm": perm},
+                             (("k_hi", k_hi), ("hi", formats.get("mx9")), ("lo", formats.get("mx6"))))
+    raise ValueError(kind)
+
+
+def variant(name, sets, impl):
+    """``(fn, arg_sets)`` timing variant ``name`` on the base ``sets``."""
+    from jdq import kernels as K
+    from jdq.kernels.token_quant.ref import quantize_rows
+    from jdq.kernels.w8a8 import ref as w8
+
+    if name == "xla_bf16":
+        return (lambda x, w: jnp.dot(x, w)), [(x, w.astype(jnp.bfloat16)) for x, w, b in sets]
+    if name in ("xla_int8", "xla_fp8"):
+        dt, acc = (jnp.int8, jnp.int32) if name == "xla_int8" else (jnp.float8_e4m3fn, jnp.bfloat16)
+        fn = lambda a, c: lax.dot_general(a, c, (((1,), (1,)), ((), ())), preferred_element_type=acc)  # noqa: E731
+        if name == "xla_int8":
+            return fn, [(quantize_rows(x)[0], w8.quantize_per_channel(w.T)[0]) for x, w, b in sets]
+        return fn, [(x.astype(dt), w.T.astype(dt)) for x, w, b in sets]
+    int8_w = [(x,) + w8.quantize_per_channel(w.T) + (b,) for x, w, b in sets]
+    if name == "xla_w8a8":
+        return (lambda x, wq, ws, b: w8.w8a8_linear(x, wq, ws, b)), int8_w
+    if name == "xla_quant":
+        return (lambda x: quantize_rows(x, "int8")), [(x,) for x, w, b in sets]
+    if name == "jdq_quant":
+        return (lambda x: K.quantize_tokens(x, "int8", impl)), [(x,) for x, w, b in sets]
+    if name == "jdq_w8a8":
+        return (lambda x, wq, ws, b: K.w8a8_matmul(*K.quantize_tokens(x, "int8", impl), wq, ws, b, jnp.bfloat16, impl)), int8_w
+    if name == "jdq_w8a8_gemm":
+        q = [quantize_rows(x) + (wq, ws, b) for x, wq, ws, b in int8_w]
+        return (lambda xq, xs, wq, ws, b: K.w8a8_matmul(xq, xs, wq, ws, b, jnp.bfloat16, impl)), q
+    if name == "jdq_fp8":
+        f8 = [(x,) + w8.quantize_per_channel_fp8(w.T) + (b,) for x, w, b in sets]
+        return (lambda x, wq, ws, b: K.w8a8_matmul(*K.quantize_tokens(x, "fp8_e4m3", impl), wq, ws, b, jnp.bfloat16, impl)), f8
+    kind = name[len("jdq_"):]
+    lws = [(x, _lowered(kind, w, x), b) for x, w, b in sets]
+    if kind == "w4a8":
+        return (lambda x, lw, b: K.w4a8_matmul(*K.quantize_tokens(x, "int8", impl), lw, b, jnp.bfloat16, impl)), lws
+    if kind == "mixdit":
+        return (lambda x, lw, b: K.mixdit_matmul(x, lw, b, jnp.bfloat16, impl)), lws
+    if kind in ("mxfp8", "mxint8"):
+        return (lambda x, lw, b: K.mx_matmul(x, lw, b, jnp.bfloat16, impl)), lws
+    return (lambda x, lw, b: K.weight_only_matmul(x, lw, b, jnp.bfloat16, impl)), lws
 
 
 # ------------------------------------------------------------------------------------ checks
 
 
-def check_w8a8(cfg, m, k, n, interpret=False):
-    """(exact, relerr): exactness with power-of-two scales, and relative error with random scales."""
-    from jdq.kernels.w8a8 import ref
-    from jdq.kernels.w8a8.gpu import w8a8_matmul_gpu
+def _rel(a, b):
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    r = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+    return r if bool(jnp.all(jnp.isfinite(a))) else float("nan")
 
-    key = jax.random.key(m * 7 + n)
-    k1, k2, k3, k4 = jax.random.split(key, 4)
-    xq = jax.random.randint(k1, (m, k), -127, 128, jnp.int8)
-    wq = jax.random.randint(k2, (n, k), -127, 128, jnp.int8)
-    xs = 2.0 ** jax.random.randint(k3, (m,), -12, -4).astype(jnp.float32)
-    ws = 2.0 ** jax.random.randint(k4, (n,), -12, -4).astype(jnp.float32)
-    b = jnp.round(jax.random.normal(k4, (n,)) * 64) / 64
-    out = w8a8_matmul_gpu(xq, xs, wq, ws, b, jnp.float32, cfg, interpret=interpret)
-    want = ref.w8a8_matmul(xq, xs, wq, ws, b, jnp.float32)
-    exact = bool(jnp.all(out == want))
-    xs2 = jax.random.uniform(k3, (m,), jnp.float32, 1e-3, 2e-2)
-    ws2 = jax.random.uniform(k4, (n,), jnp.float32, 1e-3, 2e-2)
-    o2 = w8a8_matmul_gpu(xq, xs2, wq, ws2, b, jnp.bfloat16, cfg, interpret=interpret).astype(jnp.float32)
-    r2 = ref.w8a8_matmul(xq, xs2, wq, ws2, b, jnp.float32)
-    rel = float(jnp.linalg.norm(o2 - r2) / jnp.linalg.norm(r2))
-    if not bool(jnp.all(jnp.isfinite(o2))):
-        rel = float("nan")
-    return exact, rel
+
+def _eq(a, b):
+    return bool(jnp.all(jnp.asarray(a, jnp.float32) == jnp.asarray(b, jnp.float32)))
+
+
+def check_list(small: bool):
+    """``[(name, fn)]``: each ``fn(interpret) -> dict`` with ``ok`` (bool) and the measured facts."""
+    from jdq.kernels import tuning
+    from jdq.kernels.mixdit import ref as mref
+    from jdq.kernels.mixdit.gpu import Config as MCfg, mixdit_matmul_gpu
+    from jdq.kernels.mx import ref as xref
+    from jdq.kernels.mx.gpu import Config as XCfg, mx_matmul_gpu
+    from jdq.kernels.token_quant.gpu import Config as TCfg, quantize_rows_gpu
+    from jdq.kernels.token_quant.ref import quantize_rows
+    from jdq.kernels.w4a8 import ref as fref
+    from jdq.kernels.w4a8.gpu import Config as FCfg, w4a8_matmul_gpu
+    from jdq.kernels.w8a8 import ref as wref
+    from jdq.kernels.w8a8.gpu import Config as WCfg, w8a8_matmul_gpu
+    from jdq.kernels.weight_only import ref as oref
+    from jdq.kernels.weight_only.gpu import Config as OCfg, weight_only_matmul_gpu
+
+    m, k, n = (128, 256, 128) if small else (1024, 1152, 1536)
+    keys = jax.random.split(jax.random.key(42), 8)
+    pow2 = lambda kk, s: 2.0 ** jax.random.randint(kk, s, -12, -4).astype(jnp.float32)  # noqa: E731
+    bias = jnp.round(jax.random.normal(keys[7], (n,)) * 64) / 64
+    checks = []
+
+    def tq(fmt, dtype, kk):
+        def run(interp):
+            x = (jax.random.normal(keys[0], (m, kk)) * jnp.linspace(0.05, 40, kk)).astype(dtype).at[3].set(0)
+            cfg = TCfg(smem_bytes=8 * 1024) if small else TCfg(**tuning.lookup("token_quant", m))
+            q, s = quantize_rows_gpu(x, fmt, cfg, interpret=interp)
+            q2, s2 = quantize_rows(x, fmt)
+            diff = jnp.abs(q.astype(jnp.float32) - q2.astype(jnp.float32))
+            frac = float(jnp.mean((diff > 0).astype(jnp.float32)))
+            return {"ok": _eq(s, s2) and frac == 0.0, "scales_exact": _eq(s, s2), "code_mismatch_frac": frac}
+        return run
+    checks += [("token_quant.int8.bf16", tq("int8", jnp.bfloat16, k)), ("token_quant.fp8.bf16", tq("fp8_e4m3", jnp.bfloat16, k)),
+               ("token_quant.int8.K4608", tq("int8", jnp.bfloat16, 4 * k))]
+
+    def w8(cfg, fp8=False):
+        def run(interp):
+            if fp8:  # small-integer codes: exact float32 sums in any order
+                xq = jax.random.randint(keys[0], (m, k), -8, 9).astype(jnp.float8_e4m3fn)
+                wq = jax.random.randint(keys[1], (n, k), -8, 9).astype(jnp.float8_e4m3fn)
+            else:
+                xq = jax.random.randint(keys[0], (m, k), -127, 128, jnp.int8)
+                wq = jax.random.randint(keys[1], (n, k), -127, 128, jnp.int8)
+            xs, ws = pow2(keys[2], (m,)), pow2(keys[3], (n,))
+            got = w8a8_matmul_gpu(xq, xs, wq, ws, bias, jnp.float32, cfg, interpret=interp)
+            want = wref.w8a8_matmul(xq, xs, wq, ws, bias, jnp.float32)
+            xs2 = jax.random.uniform(keys[2], (m,), jnp.float32, 1e-3, 2e-2)
+            got2 = w8a8_matmul_gpu(xq, xs2, wq, ws, bias, jnp.bfloat16, cfg, interpret=interp)
+            rel = _rel(got2, wref.w8a8_matmul(xq, xs2, wq, ws, bias, jnp.float32))
+            exact = _eq(got, want)
+            return {"ok": (exact or fp8) and rel < 1e-2, "exact": exact, "relerr_bf16": rel}
+        return run
+    if small:
+        w8cfg = WCfg("pipe", 64, 64, 128, 2)
+        ws_cfg = WCfg("ws", 64, 64, 128, 2, wg_dim="n", num_sms=2)
+    else:
+        w8cfg = WCfg("pipe", 128, 128, 128, 2)
+        ws_cfg = WCfg(**tuning.lookup("w8a8", m))
+    checks += [("w8a8.int8.ws", w8(ws_cfg)), ("w8a8.int8.pipe", w8(w8cfg)), ("w8a8.fp8.ws", w8(ws_cfg, True)),
+               ("w8a8.fp8.pipe", w8(w8cfg, True))]
+
+    def w4(group):
+        def run(interp):
+            xq = jax.random.randint(keys[0], (m, k), -127, 128, jnp.int8)
+            packed = oref.pack_int4(jax.random.randint(keys[1], (n, k), -7, 8).astype(jnp.int8))
+            xs, ws = pow2(keys[2], (m,)), pow2(keys[3], (n, 1 if group is None else k // group))
+            cfg = FCfg(64, 128, 2) if small else FCfg(**tuning.lookup("w4a8", m))
+            got = w4a8_matmul_gpu(xq, xs, packed, ws, bias, group, jnp.float32, cfg, interpret=interp)
+            want = fref.w4a8_matmul(xq, xs, packed, ws, bias, group, jnp.float32)
+            return {"ok": _eq(got, want), "exact": _eq(got, want), "relerr": _rel(got, want)}
+        return run
+    checks += [("w4a8.channel", w4(None)), ("w4a8.g64", w4(64)), ("w4a8.g128", w4(128))]
+
+    def wo(bits, group):
+        def run(interp):
+            x = jax.random.normal(keys[0], (m, k)).astype(jnp.bfloat16)
+            qmax = 127 if bits == 8 else 7
+            codes = jax.random.randint(keys[1], (n, k), -qmax, qmax + 1).astype(jnp.int8)
+            packed = codes if bits == 8 else oref.pack_int4(codes)
+            scale = jax.random.uniform(keys[2], (n, k // group), jnp.float32, 0.01, 0.02)
+            cfg = OCfg(64, 128, 128, 2) if small else OCfg(**tuning.lookup("weight_only", m))
+            got = weight_only_matmul_gpu(x, packed, scale, bias, bits, group, jnp.float32, cfg, interpret=interp)
+            rel = _rel(got, oref.weight_only_matmul(x, packed, scale, bias, bits, group, jnp.float32))
+            return {"ok": rel < 1e-4, "relerr": rel}
+        return run
+    checks += [("weight_only.w8a16", wo(8, k)), ("weight_only.w4a16.g128", wo(4, 128))]
+
+    def mix(k_hi):
+        def run(interp):
+            x = jax.random.normal(keys[0], (m, k)) * jnp.where(jnp.arange(k) % 23 == 5, 12.0, 1.0)
+            w = jax.random.normal(keys[1], (k, n)) / 16
+            perm = jnp.argsort(-jnp.abs(x).max(0), stable=True)
+            x_hi, x_lo, s_x = mref.quantize_activation(x, perm, k_hi)
+            w_hi, w_lo, s_w, _ = mref.pack_weight(w, perm, k_hi)
+            cfg = MCfg(64, 128, 2) if small else MCfg(**tuning.lookup("mixdit", m))
+            got = mixdit_matmul_gpu(x_hi, x_lo, s_x, w_hi, w_lo, s_w, bias, jnp.float32, cfg, interpret=interp)
+            rel = _rel(got, mref.mixdit_matmul(x_hi, x_lo, s_x, w_hi, w_lo, s_w, bias, jnp.float32))
+            return {"ok": rel < 1e-3, "relerr": rel}
+        return run
+    checks += [("mixdit.k_hi64", mix(64)), ("mixdit.k_hi0", mix(0))]
+
+    def mx(fmt):
+        def run(interp):
+            x = jax.random.normal(keys[0], (m, k)) * (2.0 ** jax.random.randint(keys[4], (m, k // 32), -8, 8)).repeat(32, 1)
+            w = jax.random.normal(keys[1], (n, k))
+            xq, xs = xref.quantize_operand(x, fmt)
+            wq, ws = xref.quantize_operand(w, fmt)
+            cfg = XCfg(64, 128, 4, 2) if small else XCfg(**tuning.lookup("mx", m))
+            got = mx_matmul_gpu(xq, xs, wq, ws, bias, jnp.float32, cfg, interpret=interp)
+            want = xref.mx_matmul(xq, xs, wq, ws, bias, jnp.float32)
+            rel = _rel(got, want)
+            return {"ok": (_eq(got, want) if fmt == "mxint8" else rel < 1e-3), "exact": _eq(got, want), "relerr": rel}
+        return run
+    checks += [("mx.mxint8", mx("mxint8")), ("mx.mxfp8", mx("mxfp8_e4m3"))]
+    return checks
+
+
+def run_checks_child(out_dir, start, small):
+    """Child process: run checks from index ``start``, one JSON line per check (flushed) in checks.jsonl."""
+    interp = jax.default_backend() != "gpu"
+    path = os.path.join(out_dir, "checks.jsonl")
+    for i, (name, fn) in enumerate(check_list(small)):
+        if i < start:
+            continue
+        with open(path, "a") as f:
+            f.write(json.dumps({"index": i, "name": name, "started": True}) + "\n")
+        t0 = time.time()
+        if os.environ.get("JDQ_BENCH_CRASH") == name:  # exercises the crash recovery (CPU smoke test)
+            os._exit(3)
+        try:
+            res = fn(interp)
+        except Exception as e:  # noqa: BLE001
+            res = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:400]}", "trace": traceback.format_exc()[-1500:]}
+        res.update(index=i, name=name, seconds=round(time.time() - t0, 1))
+        with open(path, "a") as f:
+            f.write(json.dumps(res, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        print(f"check {name:24s} ok={res['ok']}  " + "  ".join(f"{k}={v}" for k, v in res.items()
+              if k not in ("ok", "index", "name", "trace")), flush=True)
+
+
+def run_checks(out_dir, budget_s, small):
+    """Run the checks in child processes (resuming after a crash); return ``{name: result}``."""
+    path = os.path.join(out_dir, "checks.jsonl")
+    if os.path.exists(path):
+        os.remove(path)
+    t_end = time.time() + budget_s
+    start = 0
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
+    results = {}
+    while time.time() < t_end:
+        cmd = [sys.executable, os.path.abspath(__file__), "--check-child", "--out", out_dir, "--start", str(start)]
+        if small:
+            cmd.append("--small")
+        try:
+            rc = subprocess.run(cmd, env=env, timeout=max(5.0, t_end - time.time())).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        lines = [json.loads(s) for s in open(path)] if os.path.exists(path) else []
+        done = {r["name"]: r for r in lines if "ok" in r}
+        started = [r for r in lines if r.get("started")]
+        results.update(done)
+        if rc == 0:
+            break
+        pending = [r for r in started if r["name"] not in done]
+        if not pending:
+            break
+        bad = pending[-1]
+        results[bad["name"]] = {"ok": False, "error": f"child process ended ({rc}) during this check", "index": bad["index"]}
+        print(f"check {bad['name']}: the child process ended ({rc}); resuming after it", flush=True)
+        start = bad["index"] + 1
+    return results
 
 
 # ------------------------------------------------------------------------------------ main
 
 
-def w8a8_candidates(num_sms):
-    """Configs tried by the W8A8 tuning sweep."""
-    from jdq.kernels.w8a8.gpu import Config
-
-    c = []
-    for st in (2, 3, 4):
-        c.append(Config("pipe", 128, 128, 128, st))
-    c.append(Config("pipe", 128, 128, 128, 3, wgmma_wait=1))
-    c.append(Config("pipe", 64, 128, 128, 3))
-    c.append(Config("pipe", 128, 64, 128, 4))
-    for st in (3, 4):
-        c.append(Config("ws", 128, 128, 128, st, wg_dim="m", num_sms=num_sms))
-    c.append(Config("ws", 128, 128, 64, 8, wg_dim="m", num_sms=num_sms))
-    c.append(Config("ws", 128, 128, 128, 4, wg_dim="m", num_sms=num_sms, grid_minor="m"))
-    c.append(Config("ws", 128, 64, 128, 4, wg_dim="n", num_sms=num_sms))
-    c.append(Config("ws", 64, 128, 128, 4, wg_dim="m", num_sms=num_sms))
-    c.append(Config("ws", 128, 128, 64, 6, wg_dim="m", num_sms=num_sms))
-    return c
+KERNEL_OF = {"jdq_w8a8": ("w8a8.int8.ws", "token_quant.int8.bf16"), "jdq_w8a8_gemm": ("w8a8.int8.ws",),
+             "jdq_quant": ("token_quant.int8.bf16", "token_quant.int8.K4608"),
+             "jdq_fp8": ("w8a8.fp8.ws", "token_quant.fp8.bf16"), "jdq_w4a8": ("w4a8.g64", "token_quant.int8.bf16"),
+             "jdq_mixdit": ("mixdit.k_hi64",), "jdq_mxfp8": ("mx.mxfp8",), "jdq_mxint8": ("mx.mxint8",),
+             "jdq_w8a16": ("weight_only.w8a16",), "jdq_w4a16": ("weight_only.w4a16.g128",)}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device-run", action="store_true", help="full run on a GPU")
-    p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON results")
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--rotate", type=int, default=4)
-    p.add_argument("--budget-s", type=float, default=400.0, help="stop starting new work after this long")
-    p.add_argument("--tune-batches", default="16,64")
-    p.add_argument("--ops", default="w8a8,wo", help="comma list: w8a8 (W8A8 table), wo (weight-only table)")
-    p.add_argument("--skip-tune", action="store_true", help="use the tuning table instead of sweeping configs")
-    p.add_argument("--table-batches", default="1,2,4,8,16,32,64")
-    p.add_argument("--wo-batches", default="1,2,4")
+    p.add_argument("--out", default=None, help="folder for results (default $OUT, else benchmarks/results)")
+    p.add_argument("--iters", type=int, default=8)
+    p.add_argument("--rotate", type=int, default=3)
+    p.add_argument("--budget-s", type=float, default=330.0, help="stop starting new work after this long (checks included)")
+    p.add_argument("--check-budget-s", type=float, default=110.0)
+    p.add_argument("--batches", default=",".join(map(str, BATCH_ORDER)), help="priority order, e.g. 16,32,64,pixart,1")
+    p.add_argument("--check-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--small", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    t_start = time.time()
-    results = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "rows": [], "tune": [], "checks": []}
-    print(f"jax {jax.__version__}  device {results['device']}  backend {jax.default_backend()}", flush=True)
-    on_gpu = jax.default_backend() == "gpu"
-    if not on_gpu and args.device_run:
-        raise SystemExit("--device-run needs a GPU")
-    from jdq.kernels._mgpu import num_sms
-
-    nsm = num_sms()
-    out_path = os.path.join(args.out, "kernels.json")
-
-    def save():
-        tmp = out_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=1, default=str)
-        os.replace(tmp, out_path)
-
-    key = jax.random.key(0)
-    if not on_gpu:  # CPU smoke: interpret-mode correctness at a tiny shape, XLA timing only
-        from jdq.kernels.w8a8.gpu import Config
-
-        ex, rel = check_w8a8(Config("pipe", 64, 64, 128, 2), 128, 256, 128, interpret=True)
-        print(f"smoke: w8a8 pipe interpret exact={ex} relerr={rel:.2e}")
-        sets = make_w8a8_inputs(key, 256, 256, 256, 2)
-        for name, (fn, ss) in baselines(sets).items():
-            print(f"smoke: {name} {time_ms(fn, ss, 3):.3f} ms")
-        args.rotate, args.iters = 1, 1
-        weight_only_table(results, key, [], args, t_start, lambda: None, [("tiny", 64, 256, 128)], interpret=True)
-        print_wo_table(results)
+    out_dir = args.out or default_out()
+    os.makedirs(out_dir, exist_ok=True)
+    if args.check_child:
+        run_checks_child(out_dir, args.start, args.small)
         return 0
-
-    from jdq.kernels.w8a8.gpu import w8a8_matmul_gpu
-    from jdq.kernels.w8a8.ref import quantize_per_token
-
-    from jdq.kernels import tuning
-    from jdq.kernels.w8a8.gpu import Config
-
-    cands = [Config(**tuning.lookup("w8a8", 4096))] if args.skip_tune else w8a8_candidates(nsm)
-    ops = args.ops.split(",")
-    # 1. correctness of every candidate on the device, before any timing
-    ok = []
-    for cfg in cands:
-        try:
-            ex, rel = check_w8a8(cfg, 1024, 1152, 1536)
-            good = ex and rel < 1e-2
-            results["checks"].append({"config": dataclasses.asdict(cfg), "exact": ex, "relerr": rel})
-            print(f"check {cfg.kind} {cfg.tile_m}x{cfg.tile_n}x{cfg.tile_k} st{cfg.stages} {cfg.wg_dim} {cfg.grid_minor} w{cfg.wgmma_wait}: exact={ex} relerr={rel:.2e}", flush=True)
-            if good:
-                ok.append(cfg)
-        except Exception as e:  # noqa: BLE001
-            msg = f"{type(e).__name__}: {str(e)[:300]}"
-            results["checks"].append({"config": dataclasses.asdict(cfg), "error": msg})
-            print(f"check {cfg} FAILED {msg}", flush=True)
-            if not any("error" in c for c in results["checks"][:-1]):
-                print(traceback.format_exc()[-2500:], flush=True)
-    save()
-
-    # 2. tune: every passing candidate on the tuning shapes
-    tune_b = [] if args.skip_tune else [int(b) for b in args.tune_batches.split(",")]
-    best = {}
-    for label, m, k, n in shapes("dit", tune_b):
-        if time.time() - t_start > args.budget_s * 0.5:
-            print("tuning budget reached", flush=True)
+    t_start = time.time()
+    on_gpu = jax.default_backend() == "gpu"
+    if args.device_run and not on_gpu:
+        raise SystemExit("--device-run needs a GPU")
+    small = not on_gpu
+    checks = run_checks(out_dir, args.check_budget_s if on_gpu else 600, small)
+    results = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "checks": checks, "rows": {}}
+    passed = {name for name, r in checks.items() if r.get("ok")}
+    print(f"jax {jax.__version__}  device {results['device']}  checks passed {len(passed)}/{len(checks)}"
+          f"  [{time.time() - t_start:.0f}s]", flush=True)
+    json_path = os.path.join(out_dir, "kernels.json")
+    write_json(json_path, results)
+    impl = "gpu" if on_gpu else "gpu_interpret"
+    if on_gpu:
+        batches = [b if b == "pixart" else int(b) for b in args.batches.split(",")]
+        phases = [(BASELINES + CORE, batches), (EXTRA, [b for b in batches if b in (16, 32, 64, "pixart")]),
+                  (WEIGHT_ONLY, [b for b in batches if b in (1, 2, 4)])]
+    else:  # smoke: one tiny shape, every variant once
+        args.rotate, args.iters = 1, 1
+        phases = [(BASELINES + CORE + EXTRA + WEIGHT_ONLY, ["tiny"])]
+    key = jax.random.key(0)
+    stop = False
+    for names, batch_list in phases:
+        for batch in batch_list:
+            shape_list = [("tiny", 128, 256, 128)] if batch == "tiny" else shapes_for(batch)
+            for label, m, k, n in shape_list:
+                if time.time() - t_start > args.budget_s:
+                    stop = True
+                    break
+                sets = base_sets(key, m, k, n, args.rotate)
+                row = results["rows"].setdefault(label, {"m": m, "k": k, "n": n})
+                for name in names:
+                    if any(c not in passed for c in KERNEL_OF.get(name, ())):
+                        continue
+                    try:
+                        fn, ss = variant(name, sets, impl)
+                        row[name] = time_ms(fn, ss, args.iters)
+                    except Exception as e:  # noqa: BLE001
+                        row[name + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                        print(f"  {label} {name} failed: {row[name + '_error']}", flush=True)
+                write_json(json_path, results)
+                fl = 2 * m * n * k
+                print(f"{label:16s} " + "  ".join(f"{c}={row[c] * 1e3:.1f}us({fl / row[c] / 1e9:.0f})" for c in names
+                                                  if isinstance(row.get(c), float)) + f"  [{time.time() - t_start:.0f}s]",
+                      flush=True)
+            if stop:
+                break
+        if stop:
+            print(f"budget of {args.budget_s:.0f}s reached", flush=True)
             break
-        sets = make_w8a8_inputs(key, m, k, n, args.rotate)
-        qsets = [quantize_per_token(x) + (wq, ws, b) for x, wq, ws, b in sets]
-        for cfg in ok:
-            if not cfg.supports(m, n, k):
-                continue
-            try:
-                t = time_ms(lambda xq, xs, wq, ws, b, cfg=cfg: w8a8_matmul_gpu(xq, xs, wq, ws, b, jnp.bfloat16, cfg), qsets, args.iters)
-            except Exception as e:  # noqa: BLE001
-                print(f"  tune {label} {cfg.kind} failed: {type(e).__name__} {str(e)[:200]}", flush=True)
-                continue
-            tops = 2 * m * n * k / t / 1e9
-            results["tune"].append({"shape": label, "m": m, "k": k, "n": n, "config": dataclasses.asdict(cfg), "ms": t, "tops": tops})
-            print(f"  tune {label:16s} {cfg.kind} {cfg.tile_m}x{cfg.tile_n}x{cfg.tile_k} st{cfg.stages} {cfg.wg_dim}{cfg.grid_minor} w{cfg.wgmma_wait}: {t*1e3:8.1f} us {tops:6.0f} TOP/s", flush=True)
-            if label not in best or t < best[label][1]:
-                best[label] = (cfg, t)
-        save()
-    # per-config total over tuning shapes -> one global best
-    totals = {}
-    for r in results["tune"]:
-        key_c = json.dumps(r["config"], sort_keys=True)
-        totals.setdefault(key_c, {}).update({r["shape"]: r["ms"]})
-    nshapes = max((len(v) for v in totals.values()), default=0)
-    full = {c: sum(v.values()) for c, v in totals.items() if len(v) == nshapes}
-    glob = Config(**json.loads(min(full, key=full.get))) if full else (ok[0] if ok else None)
-    if "w8a8" not in ops:
-        glob = None
-    results["best_config"] = None if glob is None else dataclasses.asdict(glob)
-    print("best config:", glob, flush=True)
-
-    # 3. the table: baselines and the best config on every shape
-    table_b = [int(b) for b in args.table_batches.split(",")]
-    w8_shapes = shapes("dit", table_b) + shapes("pixart") if "w8a8" in ops else []
-    for label, m, k, n in w8_shapes:
-        if time.time() - t_start > args.budget_s:
-            print("budget reached", flush=True)
-            break
-        sets = make_w8a8_inputs(key, m, k, n, args.rotate)
-        row = {"shape": label, "m": m, "k": k, "n": n}
-        for name, (fn, ss) in baselines(sets).items():
-            try:
-                row[name] = time_ms(fn, ss, args.iters)
-            except Exception as e:  # noqa: BLE001
-                row[name] = None
-                print(f"  {name} failed: {type(e).__name__} {str(e)[:200]}")
-        if glob is not None and glob.supports(m, n, k):
-            qsets = [quantize_per_token(x) + (wq, ws, b) for x, wq, ws, b in sets]
-            row["w8a8_gemm"] = time_ms(lambda xq, xs, wq, ws, b: w8a8_matmul_gpu(xq, xs, wq, ws, b, jnp.bfloat16, glob), qsets, args.iters)
-            row["w8a8_linear"] = time_ms(
-                lambda x, wq, ws, b: w8a8_matmul_gpu(*quantize_per_token(x), wq, ws, b, jnp.bfloat16, glob), sets, args.iters
-            )
-        results["rows"].append(row)
-        save()
-        fl = 2 * m * n * k
-        cells = "  ".join(f"{c}={fl / row[c] / 1e9:6.0f}" for c in row if c not in ("shape", "m", "k", "n") and row[c])
-        print(f"{label:18s} TFLOP/s: {cells}", flush=True)
-    if "wo" in ops:
-        weight_only_table(results, key, [int(b) for b in args.wo_batches.split(",")], args, t_start, save)
-    print_table(results)
-    print_wo_table(results)
+    results["seconds"] = time.time() - t_start
+    write_json(json_path, results)
+    md = render_markdown(results)
+    with open(os.path.join(out_dir, "kernels.md.tmp"), "w") as f:
+        f.write(md)
+    os.replace(os.path.join(out_dir, "kernels.md.tmp"), os.path.join(out_dir, "kernels.md"))
+    print(summary(results))
     return 0
 
 
-def weight_only_table(results, key, batches, args, t_start, save, shape_list=None, interpret=False):
-    """W8A16 / W4A16 kernels vs XLA bf16 dot and XLA dequantize-then-dot, with a device check first."""
-    from jdq.kernels.weight_only import ref as wref
-    from jdq.kernels.weight_only.gpu import Config, weight_only_matmul_gpu
-
-    cfg = Config()
-    variants = [("w8a16", 8, None), ("w4a16_ch", 4, None), ("w4a16_g128", 4, 128)]
-    results["wo_rows"] = []
-    results["wo_checks"] = []
-    for label, m, k, n in shape_list or shapes("dit", batches):
-        if time.time() - t_start > args.budget_s:
-            print("budget reached (weight-only)", flush=True)
-            break
-        row = {"shape": label, "m": m, "k": k, "n": n}
-        xs_, ws_ = [], []
-        for i in range(args.rotate * 4):  # 16 weight sets: more than the L2 holds
-            k1, k2 = jax.random.split(jax.random.fold_in(key, 1000 + i))
-            xs_.append(jax.random.normal(k1, (m, k), jnp.float32).astype(jnp.bfloat16))
-            ws_.append(jax.random.normal(k2, (k, n), jnp.float32) / np.sqrt(k))
-        bf = [(x, w.astype(jnp.bfloat16)) for x, w in zip(xs_, ws_)]
-        row["xla_bf16"] = time_ms(lambda x, w: jnp.dot(x, w), bf, args.iters)
-        for name, bits, g in variants:
-            from jdq import formats
-
-            opts = dict(granularity="group", group_size=g) if g else dict(granularity="row")
-            sets = []
-            for x, w in zip(xs_, ws_):
-                qt = formats.quantize(w, f"int{bits}", axis=-2, **opts)
-                codes = qt.codes.T
-                sc = jnp.maximum(qt.scale, 2.0**-126).reshape(-1, n).T if g else qt.scale.reshape(n, 1)
-                sets.append((x, wref.pack_int4(codes) if bits == 4 else codes, sc))
-            gs = g or k
-            try:
-                x0, c0, s0 = sets[0]
-                got = weight_only_matmul_gpu(x0, c0, s0, None, bits, gs, jnp.float32, cfg, interpret=interpret)
-                want = wref.weight_only_matmul(x0, c0, s0, None, bits, gs, jnp.float32)
-                rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
-                results["wo_checks"].append({"shape": label, "variant": name, "relerr": rel})
-                if not rel < 1e-4:
-                    print(f"  {label} {name}: CHECK FAILED relerr {rel}", flush=True)
-                    continue
-                row[name] = time_ms(lambda x, c, s, bits=bits, gs=gs: weight_only_matmul_gpu(x, c, s, None, bits, gs, jnp.bfloat16, cfg, interpret=interpret), sets, args.iters)
-                row[name + "_xla"] = time_ms(
-                    lambda x, c, s, bits=bits, gs=gs: jnp.dot(x, wref.dequantize(c, s, bits, gs).astype(jnp.bfloat16).T), sets, args.iters)
-            except Exception as e:  # noqa: BLE001
-                print(f"  {label} {name} failed: {type(e).__name__} {str(e)[:300]}", flush=True)
-        results["wo_rows"].append(row)
-        save()
-        print(f"{label:16s} " + "  ".join(f"{c}={row[c] * 1e3:.1f}us" for c in row if c not in ("shape", "m", "k", "n")), flush=True)
+# ------------------------------------------------------------------------------------ tables
 
 
-def print_wo_table(results):
-    """Markdown table: weight-only kernels, microseconds and speedup vs XLA bf16."""
-    if not results.get("wo_rows"):
-        return
-    cols = ["w8a16", "w4a16_ch", "w4a16_g128"]
-    print("\n| shape | M | XLA bf16 us | " + " | ".join(f"{c} us (×bf16) | XLA deq+dot {c} us" for c in cols) + " |")
-    print("|---|---|---|" + "---|---|" * len(cols))
-    for r in results["wo_rows"]:
-        cells = []
-        for c in cols:
-            t, tx = r.get(c), r.get(c + "_xla")
-            cells.append(f"{t * 1e3:.1f} ({r['xla_bf16'] / t:.2f})" if t else "-")
-            cells.append(f"{tx * 1e3:.1f}" if tx else "-")
-        print(f"| {r['shape']} | {r['m']} | {r['xla_bf16'] * 1e3:.1f} | " + " | ".join(cells) + " |")
+def _us(r, c):
+    return f"{r[c] * 1e3:.1f}" if isinstance(r.get(c), float) else "-"
 
 
-def print_table(results):
-    """Markdown table of TFLOP/s and ratios to the XLA baselines."""
-    print(f"\njax {results['jax']}, {results['device']}; TFLOP/s (TOP/s for int8), ratio = time(XLA) / time(jdq)")
-    print("| shape | M | K | N | XLA bf16 | XLA int8 | XLA fp8 | XLA W8A8 | jdq W8A8 GEMM | jdq W8A8 linear | ×bf16 | ×int8 | ×fp8 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in results["rows"]:
+def _x(r, base, c):
+    return f"{r[base] / r[c]:.2f}" if isinstance(r.get(base), float) and isinstance(r.get(c), float) else "-"
+
+
+def render_markdown(results):
+    """Full markdown tables: checks, then per shape µs, TFLOP/s and ratios to the XLA baselines."""
+    out = [f"jax {results['jax']}, {results['device']}. Times in µs (median of CUPTI iterations); "
+           "ratio = time(XLA) / time(jdq).", "", "## Device checks", "", "| kernel | ok | facts |", "|---|---|---|"]
+    for name, r in sorted(results["checks"].items(), key=lambda kv: kv[1].get("index", 0)):
+        facts = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("ok", "index", "name", "trace"))
+        out.append(f"| {name} | {r.get('ok')} | {facts} |")
+    rows = results["rows"]
+    cols = [c for c in BASELINES + CORE + EXTRA + WEIGHT_ONLY if any(isinstance(r.get(c), float) for r in rows.values())]
+    out += ["", "## Times (µs)", "", "| shape | M | K | N | " + " | ".join(LABELS[c] for c in cols) + " |",
+            "|---|---|---|---|" + "---|" * len(cols)]
+    for label, r in rows.items():
+        out.append(f"| {label} | {r['m']} | {r['k']} | {r['n']} | " + " | ".join(_us(r, c) for c in cols) + " |")
+    jcols = [c for c in cols if c.startswith("jdq_") and c != "jdq_quant"]
+    out += ["", "## Speed-up over XLA bf16 / int8 / fp8 dots (TFLOP/s of the jdq op in brackets)", "",
+            "| shape | " + " | ".join(LABELS[c] for c in jcols) + " |", "|---|" + "---|" * len(jcols)]
+    for label, r in rows.items():
         fl = 2 * r["m"] * r["n"] * r["k"]
-        tf = lambda c: f"{fl / r[c] / 1e9:.0f}" if r.get(c) else "-"  # noqa: E731
-        lin = r.get("w8a8_linear")
-        ratio = lambda c: f"{r[c] / lin:.2f}" if (lin and r.get(c)) else "-"  # noqa: E731
-        print(f"| {r['shape']} | {r['m']} | {r['k']} | {r['n']} | {tf('xla_bf16')} | {tf('xla_int8')} | {tf('xla_fp8')} | {tf('xla_w8a8')} | {tf('w8a8_gemm')} | {tf('w8a8_linear')} | {ratio('xla_bf16')} | {ratio('xla_int8')} | {ratio('xla_fp8')} |")
+        cells = []
+        for c in jcols:
+            if not isinstance(r.get(c), float):
+                cells.append("-")
+                continue
+            cells.append(f"{_x(r, 'xla_bf16', c)} / {_x(r, 'xla_int8', c)} / {_x(r, 'xla_fp8', c)} ({fl / r[c] / 1e9:.0f})")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    out += ["", "## Per-token quantization alone", "", "| shape | XLA µs | jdq one-pass µs | speed-up | jdq GB/s (x read + codes written) |",
+            "|---|---|---|---|---|"]
+    for label, r in rows.items():
+        if isinstance(r.get("jdq_quant"), float):
+            gbs = r["m"] * r["k"] * 3 / r["jdq_quant"] / 1e6
+            out.append(f"| {label} | {_us(r, 'xla_quant')} | {_us(r, 'jdq_quant')} | {_x(r, 'xla_quant', 'jdq_quant')} | {gbs:.0f} |")
+    return "\n".join(out) + "\n"
+
+
+def summary(results):
+    """A short table (printed last): check results, then ×bf16 of each jdq op per shape."""
+    bad = [n for n, r in results["checks"].items() if not r.get("ok")]
+    lines = ["", f"SUMMARY  jax {results['jax']}  {results['device']}  checks failed: {bad or 'none'}",
+             "shape            " + " ".join(f"{c[4:]:>9s}" for c in ("jdq_w8a8", "jdq_w8a8_gemm") + EXTRA + WEIGHT_ONLY)
+             + "   (speed-up over XLA bf16 dot)"]
+    for label, r in results["rows"].items():
+        cells = " ".join(f"{_x(r, 'xla_bf16', c):>9s}" for c in ("jdq_w8a8", "jdq_w8a8_gemm") + EXTRA + WEIGHT_ONLY)
+        lines.append(f"{label:16s} {cells}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
