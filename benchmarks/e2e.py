@@ -2,9 +2,13 @@
 model evaluations) in jdq bf16 vs W8A8 lowered to the Mosaic GPU kernel; weight memory of bf16,
 W8 and W4 models.
 
-Run on a GPU: ``python benchmarks/e2e.py --device-run``; on a CPU a tiny DiT runs as a smoke test.
-Random weights (speed and memory do not depend on the values). The lowered step is checked
-against the fake-quant step on the device before timing.
+Run on a GPU: ``python benchmarks/e2e.py --device-run [--budget-s S]``; on a CPU a tiny DiT runs as
+a smoke test. Random weights (speed and memory do not depend on the values). The lowered step is
+checked against the fake-quant step on the device before timing; each step is compiled once and
+then timed as the compiled function (wall clock and CUPTI kernel time). The lowered W8A8 step
+runs the one-pass token quantization kernel and the W8A8 GEMM kernel at every block linear.
+Optional further steps (``--extra``: FP8, W4A8 lowered) run while ``--budget-s`` lasts. Results go
+to ``e2e.json`` / ``e2e.md`` under ``--out`` (default ``$OUT``, else ``benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TOKEN_LINEARS = "re:blocks\\.\\d+\\.(attn\\.(qkv|proj)|mlp\\.fc[12])"
 ALL_BLOCK_LINEARS = "re:blocks\\.\\d+\\.(attn\\.(qkv|proj)|mlp\\.fc[12]|adaLN_modulation)"
 
@@ -73,9 +78,14 @@ def main(argv=None):
     p.add_argument("--device-run", action="store_true")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--out", default=None, help="folder for results (default $OUT, else benchmarks/results)")
+    p.add_argument("--budget-s", type=float, default=210.0, help="skip optional steps after this long")
+    p.add_argument("--extra", default="fp8,w4a8", help="further lowered steps to time if the budget allows")
     p.add_argument("--w4-speed", action="store_true", help="also time W4A16 / W8A16 steps at batch 1")
     args = p.parse_args(argv)
+    t_start = time.time()
+    out_dir = args.out or os.environ.get("OUT") or RESULTS_DIR
+    os.makedirs(out_dir, exist_ok=True)
     from jdq.models import dit
     from jdq.quant.casts import cast
     from jdq.quant.lower import lower, weight_bytes
@@ -120,11 +130,24 @@ def main(argv=None):
     step = jax.jit(lambda params, q, x, t, y: cfg_step(model, params, x, t, y, null, q))
     runs = {"bf16": None, "w8a8_lowered": q_w8a8, "w8a8_xla_int8": q_w8a8.with_impl("xla"),
             "w8a8_fake_quant": w8a8.bind(w8a8.init())}
+    extra_casts = {"fp8": (cast("fp8_e4m3"), cast("fp8_e4m3")),
+                   "w4a8": (cast("int4", granularity="group", group_size=64), cast("int8", granularity="row"))}
+    for name in [e for e in args.extra.split(",") if e]:
+        if name not in extra_casts:
+            raise SystemExit(f"--extra: unknown step {name!r}; known: {sorted(extra_casts)}")
+        plan_e = make_plan(model, full_inputs, *extra_casts[name])
+        runs[f"{name}_lowered"] = lower(plan_e, model.params)
     outs = {}
-    for name, q in runs.items():
+    res["compile_s"] = {}
+    for name, q in list(runs.items()):
+        if name.split("_")[0] in extra_casts and time.time() - t_start > args.budget_s * 0.6:
+            print(f"skipping {name}: budget", flush=True)
+            del runs[name]
+            continue
         t0 = time.time()
         outs[name] = jax.block_until_ready(step(model.params, q, x, t, y))
-        print(f"compiled+ran {name} in {time.time() - t0:.1f}s", flush=True)
+        res["compile_s"][name] = time.time() - t0
+        print(f"compiled+ran {name} in {time.time() - t0:.1f}s  [{time.time() - t_start:.0f}s]", flush=True)
     res["relerr_lowered_vs_fakequant"] = rel(outs["w8a8_lowered"], outs["w8a8_fake_quant"])
     res["relerr_lowered_vs_xla_int8"] = rel(outs["w8a8_lowered"], outs["w8a8_xla_int8"])
     res["relerr_fakequant_vs_bf16"] = rel(outs["w8a8_fake_quant"], outs["bf16"])
@@ -133,8 +156,14 @@ def main(argv=None):
           f"{res['relerr_lowered_vs_xla_int8']:.2e} (fake-quant vs bf16 {res['relerr_fakequant_vs_bf16']:.2e}), "
           f"finite={res['finite']}", flush=True)
 
+    for name in runs:
+        if name.endswith("_lowered") and name != "w8a8_lowered":
+            res[f"relerr_{name}_vs_bf16"] = rel(outs[name], outs["bf16"])
     res["times"] = {}
     for name, q in runs.items():
+        if name != "bf16" and name != "w8a8_lowered" and time.time() - t_start > args.budget_s:
+            print(f"skipping the timing of {name}: budget", flush=True)
+            continue
         wall, dev = timed(step, (model.params, q, x, t, y), args.iters)
         res["times"][name] = {"wall_ms": wall, "kernel_ms": dev}
         print(f"step {name:16s} wall {wall:8.2f} ms  kernels {dev if dev is None else round(dev, 2)} ms", flush=True)
@@ -144,6 +173,7 @@ def main(argv=None):
         v["speedup_kernel"] = (b["kernel_ms"] / v["kernel_ms"]) if (b["kernel_ms"] and v["kernel_ms"]) else None
 
     # weight memory: every linear of the blocks lowered (token linears + adaLN modulation)
+    write_json(os.path.join(out_dir, "e2e.json"), res)
     mem = {"bf16": weight_bytes(model.params)}
     for label, wc in [("w8", cast("int8", granularity="row")), ("w4_g128", cast("int4", granularity="group", group_size=128)),
                       ("w4_channel", cast("int4", granularity="row"))]:
@@ -169,17 +199,44 @@ def main(argv=None):
                 res["times"][f"b1_{nm}"] = {"wall_ms": wall, "kernel_ms": dev}
                 print(f"batch-1 step {nm:12s} wall {wall:8.2f} ms kernels {dev if dev is None else round(dev, 2)} ms", flush=True)
 
-    out = os.path.join(args.out, "e2e.json")
-    with open(out + ".tmp", "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(out + ".tmp", out)
-    print("\n| step (batch %d, CFG) | wall ms | kernel ms | speedup vs bf16 (wall / kernel) |" % bsz)
-    print("|---|---|---|---|")
-    for name, v in res["times"].items():
+    res["seconds"] = time.time() - t_start
+    write_json(os.path.join(out_dir, "e2e.json"), res)
+    md = render_markdown(res)
+    with open(os.path.join(out_dir, "e2e.md.tmp"), "w") as f:
+        f.write(md)
+    os.replace(os.path.join(out_dir, "e2e.md.tmp"), os.path.join(out_dir, "e2e.md"))
+    print("\n" + md)
+    return 0
+
+
+def write_json(path, obj):
+    """Atomic JSON write (temp file + rename)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
+
+
+def render_markdown(res):
+    """The step-time table and the weight-memory table."""
+    lines = [f"jax {res['jax']}, {res['device']}; DiT step batch {res['batch']} with CFG ({res['model_evals']} evaluations)",
+             "", "| step | wall ms | kernel ms (CUPTI) | speed-up vs bf16 (wall / kernel) |", "|---|---|---|---|"]
+    for name, v in res.get("times", {}).items():
         sk = f"{v['speedup_kernel']:.2f}" if v.get("speedup_kernel") else "-"
         sw = f"{v['speedup_wall']:.2f}" if v.get("speedup_wall") else "-"
-        print(f"| {name} | {v['wall_ms']:.2f} | {v['kernel_ms'] if v['kernel_ms'] is None else round(v['kernel_ms'], 2)} | {sw} / {sk} |")
-    return 0
+        km = "-" if v["kernel_ms"] is None else f"{v['kernel_ms']:.2f}"
+        lines.append(f"| {name} | {v['wall_ms']:.2f} | {km} | {sw} / {sk} |")
+    checks = {k: v for k, v in res.items() if k.startswith("relerr") or k in ("finite", "f32_depth2")}
+    lines += ["", "checks: " + ", ".join(f"{k}={v}" for k, v in checks.items())]
+    mem = res.get("weight_bytes", {})
+    if mem:
+        base = mem["bf16"]["bytes"]
+        lines += ["", "| weights | MiB (all linears) | × smaller than bf16 | packed sites | packed MiB vs bf16 MiB |",
+                  "|---|---|---|---|---|"]
+        for k, v in mem.items():
+            packed = (f"{v['lowered_bytes'] / 2**20:.1f} vs {v['lowered_dense_bytes'] / 2**20:.1f} "
+                      f"({v['lowered_dense_bytes'] / v['lowered_bytes']:.2f}×)") if v["lowered_bytes"] else "-"
+            lines.append(f"| {k} | {v['bytes'] / 2**20:.1f} | {base / v['bytes']:.2f} | {v['lowered_sites']} | {packed} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
