@@ -121,15 +121,22 @@ def main(argv=None):
         sp = make_plan(small, full_inputs, cast("int8", granularity="row"), cast("int8", granularity="row"))
         sq = lower(sp, small.params)
         fwd = jax.jit(lambda params, q, *a: small.apply(params, *a, quant=q))
-        o_gpu = fwd(small.params, sq, *full_inputs)
         o_xla = fwd(small.params, sq.with_impl("xla"), *full_inputs)
         o_fake = fwd(small.params, sp.bind(sp.init()), *full_inputs)
-        res["f32_depth2"] = {"gpu_vs_fakequant": rel(o_gpu, o_fake), "gpu_vs_xla": rel(o_gpu, o_xla),
+        res["f32_depth2"] = {"xla_vs_fakequant": rel(o_xla, o_fake),
                              "fakequant_vs_float": rel(o_fake, fwd(small.params, None, *full_inputs))}
+        for impl in ("gpu", "gpu_xla_quant"):
+            try:
+                o_gpu = fwd(small.params, sq.with_impl(impl), *full_inputs)
+                res["f32_depth2"][f"{impl}_vs_fakequant"] = rel(o_gpu, o_fake)
+            except Exception as e:  # noqa: BLE001
+                res["f32_depth2"][f"{impl}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         print(f"check (float32, depth 2): {res['f32_depth2']}  [{time.time() - t_begin:.0f}s]", flush=True)
     step = jax.jit(lambda params, q, x, t, y: cfg_step(model, params, x, t, y, null, q))
     runs = {"bf16": None, "w8a8_lowered": q_w8a8, "w8a8_xla_int8": q_w8a8.with_impl("xla"),
             "w8a8_fake_quant": w8a8.bind(w8a8.init())}
+    if on_gpu:  # the GEMM kernels with XLA's two-pass activation quantization: the token-quant kernel's share
+        runs["w8a8_lowered_xla_quant"] = q_w8a8.with_impl("gpu_xla_quant")
     extra_casts = {"fp8": (cast("fp8_e4m3"), cast("fp8_e4m3")),
                    "w4a8": (cast("int4", granularity="group", group_size=64), cast("int8", granularity="row"))}
     for name in [e for e in args.extra.split(",") if e]:
@@ -145,23 +152,30 @@ def main(argv=None):
             del runs[name]
             continue
         t0 = time.time()
-        outs[name] = jax.block_until_ready(step(model.params, q, x, t, y))
+        try:
+            outs[name] = jax.block_until_ready(step(model.params, q, x, t, y))
+        except Exception as e:  # noqa: BLE001  (a kernel that fails to build must not end the run)
+            res.setdefault("errors", {})[name] = f"{type(e).__name__}: {str(e)[:400]}"
+            print(f"FAILED {name}: {res['errors'][name]}", flush=True)
+            del runs[name]
+            continue
         res["compile_s"][name] = time.time() - t0
         print(f"compiled+ran {name} in {time.time() - t0:.1f}s  [{time.time() - t_start:.0f}s]", flush=True)
-    res["relerr_lowered_vs_fakequant"] = rel(outs["w8a8_lowered"], outs["w8a8_fake_quant"])
-    res["relerr_lowered_vs_xla_int8"] = rel(outs["w8a8_lowered"], outs["w8a8_xla_int8"])
+    main = "w8a8_lowered" if "w8a8_lowered" in outs else ("w8a8_lowered_xla_quant" if "w8a8_lowered_xla_quant" in outs else None)
+    if main is not None:
+        res["relerr_lowered_vs_fakequant"] = rel(outs[main], outs["w8a8_fake_quant"])
+        res["relerr_lowered_vs_xla_int8"] = rel(outs[main], outs["w8a8_xla_int8"])
+        res["finite"] = bool(jnp.all(jnp.isfinite(f32(outs[main]))))
     res["relerr_fakequant_vs_bf16"] = rel(outs["w8a8_fake_quant"], outs["bf16"])
-    res["finite"] = bool(jnp.all(jnp.isfinite(f32(outs["w8a8_lowered"]))))
-    print(f"check (bf16, depth {cfg.depth}): lowered vs fake-quant {res['relerr_lowered_vs_fakequant']:.2e}, vs XLA int8 "
-          f"{res['relerr_lowered_vs_xla_int8']:.2e} (fake-quant vs bf16 {res['relerr_fakequant_vs_bf16']:.2e}), "
-          f"finite={res['finite']}", flush=True)
+    print(f"check (bf16, depth {cfg.depth}): " + ", ".join(f"{k}={v}" for k, v in res.items() if k.startswith("relerr")
+                                                          or k == "finite"), flush=True)
 
     for name in runs:
-        if name.endswith("_lowered") and name != "w8a8_lowered":
+        if name.endswith("_lowered") and name != "w8a8_lowered" and name in outs:
             res[f"relerr_{name}_vs_bf16"] = rel(outs[name], outs["bf16"])
     res["times"] = {}
     for name, q in runs.items():
-        if name != "bf16" and name != "w8a8_lowered" and time.time() - t_start > args.budget_s:
+        if name not in ("bf16", "w8a8_lowered", "w8a8_lowered_xla_quant") and time.time() - t_start > args.budget_s:
             print(f"skipping the timing of {name}: budget", flush=True)
             continue
         wall, dev = timed(step, (model.params, q, x, t, y), args.iters)

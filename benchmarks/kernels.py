@@ -391,10 +391,14 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=330.0, help="stop starting new work after this long (checks included)")
     p.add_argument("--check-budget-s", type=float, default=110.0)
     p.add_argument("--batches", default=",".join(map(str, BATCH_ORDER)), help="priority order, e.g. 16,32,64,pixart,1")
+    p.add_argument("--summarize", metavar="DIR", help="print the short tables of kernels.json / e2e.json in DIR and exit")
     p.add_argument("--check-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--small", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.summarize:
+        print_summaries(args.summarize)
+        return 0
     out_dir = args.out or default_out()
     os.makedirs(out_dir, exist_ok=True)
     if args.check_child:
@@ -415,8 +419,13 @@ def main(argv=None):
     impl = "gpu" if on_gpu else "gpu_interpret"
     if on_gpu:
         batches = [b if b == "pixart" else int(b) for b in args.batches.split(",")]
-        phases = [(BASELINES + CORE, batches), (EXTRA, [b for b in batches if b in (16, 32, 64, "pixart")]),
-                  (WEIGHT_ONLY, [b for b in batches if b in (1, 2, 4)])]
+        big = [b for b in batches if b in (16, 32, 64)]
+        small_b = [b for b in batches if b in (1, 2, 4)]
+        rest = [b for b in batches if b not in big]
+        phases = [  # the issue's goals first: W8A8 at batch >= 16, MixDiT, W4A16 at batch 1-4
+            (BASELINES + CORE, big), (("jdq_mixdit", "jdq_fp8", "jdq_w4a8"), big), (("xla_bf16",) + WEIGHT_ONLY, small_b),
+            (BASELINES + CORE, rest), (("jdq_mxfp8", "jdq_mxint8"), big + [b for b in rest if b == "pixart"]),
+            (("jdq_mixdit", "jdq_fp8", "jdq_w4a8"), [b for b in rest if b == "pixart"])]
     else:  # smoke: one tiny shape, every variant once
         args.rotate, args.iters = 1, 1
         phases = [(BASELINES + CORE + EXTRA + WEIGHT_ONLY, ["tiny"])]
@@ -432,7 +441,7 @@ def main(argv=None):
                 sets = base_sets(key, m, k, n, args.rotate)
                 row = results["rows"].setdefault(label, {"m": m, "k": k, "n": n})
                 for name in names:
-                    if any(c not in passed for c in KERNEL_OF.get(name, ())):
+                    if name in row or any(c not in passed for c in KERNEL_OF.get(name, ())):
                         continue
                     try:
                         fn, ss = variant(name, sets, impl)
@@ -515,6 +524,29 @@ def summary(results):
         cells = " ".join(f"{_x(r, 'xla_bf16', c):>9s}" for c in ("jdq_w8a8", "jdq_w8a8_gemm") + EXTRA + WEIGHT_ONLY)
         lines.append(f"{label:16s} {cells}")
     return "\n".join(lines)
+
+
+def print_summaries(folder):
+    """The short kernel summary and the end-to-end table, from the JSON files of a run in ``folder``."""
+    kj, ej = os.path.join(folder, "kernels.json"), os.path.join(folder, "e2e.json")
+    if os.path.exists(kj):
+        print(summary(json.load(open(kj))))
+    else:
+        print(f"(no {kj})")
+    if os.path.exists(ej):
+        e = json.load(open(ej))
+        print(f"\nE2E  DiT-XL/2 step, batch {e.get('batch')} + CFG, {e.get('device')}, jax {e.get('jax')}")
+        for name, v in e.get("times", {}).items():
+            sk = v.get("speedup_kernel")
+            print(f"  {name:18s} wall {v['wall_ms']:8.2f} ms  kernels {v.get('kernel_ms') or float('nan'):8.2f} ms  "
+                  f"x bf16 wall {v.get('speedup_wall', float('nan')):.2f} kernel {sk if sk is None else round(sk, 2)}")
+        for k, v in e.get("weight_bytes", {}).items():
+            base = e["weight_bytes"]["bf16"]["bytes"]
+            print(f"  weights {k:10s} {v['bytes'] / 2**20:8.1f} MiB  {base / v['bytes']:.2f}x smaller than bf16")
+        print("  checks: " + ", ".join(f"{k}={v if not isinstance(v, float) else f'{v:.2e}'}" for k, v in e.items()
+                                       if k.startswith("relerr") or k == "finite"))
+    else:
+        print(f"(no {ej})")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ mxint8    ``codes`` (N, K) int8, ``scale`` (K/32, N)      MXINT8 activations and
 ========  ==============================================  ========================================
 
 Implementations (``impl``): ``"auto"`` (the Mosaic GPU kernels on a GPU, XLA elsewhere), ``"xla"``
-(the references in jnp: XLA's int8 / fp8 dots), ``"gpu"``, ``"gpu_interpret"`` (the GPU kernels in
+(the references in jnp: XLA's int8 / fp8 dots), ``"gpu"``, ``"gpu_xla_quant"`` (the GPU GEMM kernels
+with the per-token activation quantization left to XLA), ``"gpu_interpret"`` (the GPU kernels in
 Pallas GPU interpret mode, on a CPU), ``"tpu"``, ``"tpu_interpret"`` (TPU kernels exist for w8a8;
 other kinds run their XLA reference there). On the GPU path the per-token activation
 quantization of w8a8 / fp8 / w4a8 runs in the one-pass kernel of :mod:`jdq.kernels.token_quant`;
@@ -47,7 +48,7 @@ import jax
 import jax.numpy as jnp
 
 KINDS = ("w8a8", "fp8", "w4a8", "w8a16", "w4a16", "mixdit", "mxfp8", "mxint8")
-IMPLS = ("auto", "xla", "gpu", "gpu_interpret", "tpu", "tpu_interpret")
+IMPLS = ("auto", "xla", "gpu", "gpu_xla_quant", "gpu_interpret", "tpu", "tpu_interpret")
 MX_FORMAT = {"mxfp8": "mxfp8_e4m3", "mxint8": "mxint8"}
 
 
@@ -95,7 +96,7 @@ def _resolve_impl(impl: str) -> str:
 
 
 def _on_gpu(impl):
-    return impl in ("gpu", "gpu_interpret")
+    return impl in ("gpu", "gpu_xla_quant", "gpu_interpret")
 
 
 def _pad_rows(a, multiple):
@@ -109,7 +110,7 @@ def quantize_tokens(x, fmt: str = "int8", impl: str = "auto", config=None):
     from jdq.kernels.token_quant.ref import quantize_rows
 
     impl = _resolve_impl(impl)
-    if _on_gpu(impl) and x.ndim == 2 and x.dtype in (jnp.bfloat16, jnp.float32):
+    if impl in ("gpu", "gpu_interpret") and x.ndim == 2 and x.dtype in (jnp.bfloat16, jnp.float32):
         from jdq.kernels import tuning
         from jdq.kernels.token_quant.gpu import Config, quantize_rows_gpu
 
