@@ -109,6 +109,21 @@ def main(argv=None):
     res = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "batch": bsz, "model_evals": 2 * bsz}
     print(f"jax {jax.__version__} {res['device']}  DiT hidden {cfg.hidden_size} depth {cfg.depth}  batch {bsz} (x2 for CFG)", flush=True)
 
+    # weight memory: every linear of the blocks lowered (token linears + adaLN modulation)
+    mem = {"bf16": weight_bytes(model.params)}
+    for label, wc in [("w8", cast("int8", granularity="row")), ("w4_g128", cast("int4", granularity="group", group_size=128)),
+                      ("w4_channel", cast("int4", granularity="row"))]:
+        plan = make_plan(model, full_inputs, wc, None, ALL_BLOCK_LINEARS)
+        mem[label] = weight_bytes(model.params, lower(plan, model.params, check=False))
+    res["weight_bytes"] = mem
+    for k, v in mem.items():
+        packed = (f"; packed sites {v['lowered_bytes'] / 2**20:.1f} MiB vs bf16 {v['lowered_dense_bytes'] / 2**20:.1f} MiB: "
+                  f"{v['lowered_dense_bytes'] / v['lowered_bytes']:.2f}x") if v["lowered_bytes"] else ""
+        print(f"weights {k:10s} {v['bytes'] / 2**20:9.1f} MiB  ({mem['bf16']['bytes'] / v['bytes']:.2f}x smaller than bf16, "
+              f"{v['lowered_sites']} sites packed{packed})", flush=True)
+
+    write_json(os.path.join(out_dir, "e2e.json"), res)
+
     w8a8 = make_plan(model, full_inputs, cast("int8", granularity="row"), cast("int8", granularity="row"))
     t0 = time.time()
     q_w8a8 = lower(w8a8, model.params)
@@ -185,20 +200,6 @@ def main(argv=None):
     for name, v in res["times"].items():
         v["speedup_wall"] = b["wall_ms"] / v["wall_ms"]
         v["speedup_kernel"] = (b["kernel_ms"] / v["kernel_ms"]) if (b["kernel_ms"] and v["kernel_ms"]) else None
-
-    # weight memory: every linear of the blocks lowered (token linears + adaLN modulation)
-    write_json(os.path.join(out_dir, "e2e.json"), res)
-    mem = {"bf16": weight_bytes(model.params)}
-    for label, wc in [("w8", cast("int8", granularity="row")), ("w4_g128", cast("int4", granularity="group", group_size=128)),
-                      ("w4_channel", cast("int4", granularity="row"))]:
-        plan = make_plan(model, full_inputs, wc, None, ALL_BLOCK_LINEARS)
-        mem[label] = weight_bytes(model.params, lower(plan, model.params, check=False))
-    res["weight_bytes"] = mem
-    for k, v in mem.items():
-        packed = (f"; packed sites {v['lowered_bytes'] / 2**20:.1f} MiB vs bf16 {v['lowered_dense_bytes'] / 2**20:.1f} MiB: "
-                  f"{v['lowered_dense_bytes'] / v['lowered_bytes']:.2f}x") if v["lowered_bytes"] else ""
-        print(f"weights {k:10s} {v['bytes'] / 2**20:9.1f} MiB  ({mem['bf16']['bytes'] / v['bytes']:.2f}x smaller than bf16, "
-              f"{v['lowered_sites']} sites packed{packed})", flush=True)
 
     if args.w4_speed:
         xb, tb, yb = x[:1], t[:1], y[:1]

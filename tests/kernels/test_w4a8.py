@@ -43,7 +43,7 @@ def test_gpu_kernel_interpret_bit_exact(group):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref.w4a8_matmul(xq, xs, packed, ws, b, group, jnp.float32)))
 
 
-@pytest.mark.parametrize("group", [None, 64])
+@pytest.mark.parametrize("group", [None, 64, 128])
 def test_gpu_kernel_lowers_to_mosaic_gpu(group):
     m, k, n = 4096, 1152, 3456
     g = 1 if group is None else k // group
