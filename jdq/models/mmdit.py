@@ -51,7 +51,7 @@ import numpy as np
 from flax import nnx
 
 from jdq.models import layers
-from jdq.models.base import ConfigBase, Model, random_params
+from jdq.models.base import ConfigBase, Model
 from jdq.models.layers import Linear, PatchEmbed, layer_norm, unpatchify
 from jdq.models.pixart import Attention, FeedForward, TwoLayer, head_norm, merge_heads, split_heads
 
@@ -329,5 +329,4 @@ def build(config: Config | Mapping[str, Any], rngs: nnx.Rngs) -> SD3Transformer:
 def from_config(config: Config, key=None, abstract: bool = False) -> Model:
     """A :class:`~jdq.models.base.Model` of ``config``: random params from ``key``, or abstract ones."""
     cfg = config if isinstance(config, Config) else Config.from_dict(config)
-    model = Model.abstract(cfg, build)
-    return model if abstract else model.replace(params=random_params(model.params, key))
+    return Model.abstract(cfg, build) if abstract else Model.create(cfg, build, key)

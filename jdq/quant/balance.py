@@ -50,7 +50,7 @@ import jax.numpy as jnp
 
 from jdq.quant.casts import along_axis
 from jdq.quant.timegroup import STEP_KEY
-from jdq.quant.transform import ACTIVATION_ROLES, Plan, QuantTransform, map_stages, operand_key
+from jdq.quant.transform import ACTIVATION_ROLES, Plan, QuantTransform, WrapsInner, map_stages, operand_key
 
 SALIENCE_REDUCTIONS = ("max", "mean", "ema", "ssc")
 #: Statistic added by :func:`link_stats` to an activation's statistics (the weight's per-input-channel |max|).
@@ -152,23 +152,13 @@ class ChannelBalance:
 
 
 @dataclasses.dataclass(frozen=True)
-class BalanceMeta:
+class BalanceMeta(WrapsInner):
     """``meta`` of a balancing transform: side (``"act"``/``"weight"``), the balance, the inner meta."""
 
     kind: ClassVar[str] = "balance"
     side: str
     balance: ChannelBalance
     inner: Any
-
-    @staticmethod
-    def inner_state(state):
-        """The wrapped transform's state."""
-        return None if state is None else state["inner"]
-
-    @staticmethod
-    def replace_inner_state(state, inner_state):
-        """This stage's state with the wrapped transform's state replaced."""
-        return None if state is None else dict(state, inner=inner_state)
 
 
 _PER_CHANNEL = ("absmax_channel", "min_channel", "max_channel")

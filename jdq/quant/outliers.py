@@ -43,7 +43,7 @@ from typing import Any, ClassVar, Mapping
 import jax.numpy as jnp
 
 from jdq.quant.casts import along_axis, resolve_format
-from jdq.quant.transform import Plan, QuantTransform, identity, map_stages
+from jdq.quant.transform import Plan, QuantTransform, WrapsInner, identity, map_stages
 
 GRANULARITIES = ("element", "block", "channel")
 SCOPES = ("row", "tensor")
@@ -63,22 +63,12 @@ class OutlierMeta:
 
 
 @dataclasses.dataclass(frozen=True)
-class OutlierWeightMeta:
+class OutlierWeightMeta(WrapsInner):
     """``meta`` of :func:`outlier_weight`: the channel multiple and the wrapped weight transform."""
 
     kind: ClassVar[str] = "outlier_weight"
     channel_multiple: int
     inner: Any
-
-    @staticmethod
-    def inner_state(state):
-        """The wrapped transform's state."""
-        return None if state is None else state["inner"]
-
-    @staticmethod
-    def replace_inner_state(state, inner_state):
-        """This stage's state with the wrapped transform's state replaced."""
-        return None if state is None else dict(state, inner=inner_state)
 
 
 def _check_ratio(ratio, who):

@@ -441,6 +441,24 @@ def stack_stats(per_step: Sequence[Mapping[str, Stats]]) -> dict[str, dict[str, 
 # --------------------------------------------------------------------------------------------
 
 
+class WrapsInner:
+    """Mixin for the ``meta`` of a wrapper whose state is ``{"inner": <wrapped state>, ...}``.
+
+    Provides the ``inner_state`` / ``replace_inner_state`` pair :func:`map_stages` walks; the
+    dataclass using it declares an ``inner`` field (the wrapped transform's ``meta``).
+    """
+
+    @staticmethod
+    def inner_state(state):
+        """The wrapped transform's state."""
+        return None if state is None else state["inner"]
+
+    @staticmethod
+    def replace_inner_state(state, inner_state):
+        """This stage's state with the wrapped transform's state replaced."""
+        return None if state is None else dict(state, inner=inner_state)
+
+
 def map_stages(meta: Any, state: State, fn: Callable[[Any, State, bool], State], stacked: bool = False) -> State:
     """Rebuild ``state`` with ``fn(meta, state, stacked)`` applied to every stage, outermost first.
 
