@@ -109,97 +109,99 @@ def main(argv=None):
     res = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "batch": bsz, "model_evals": 2 * bsz}
     print(f"jax {jax.__version__} {res['device']}  DiT hidden {cfg.hidden_size} depth {cfg.depth}  batch {bsz} (x2 for CFG)", flush=True)
 
-    # weight memory: every linear of the blocks lowered (token linears + adaLN modulation)
-    mem = {"bf16": weight_bytes(model.params)}
-    for label, wc in [("w8", cast("int8", granularity="row")), ("w4_g128", cast("int4", granularity="group", group_size=128)),
-                      ("w4_channel", cast("int4", granularity="row"))]:
-        plan = make_plan(model, full_inputs, wc, None, ALL_BLOCK_LINEARS)
-        mem[label] = weight_bytes(model.params, lower(plan, model.params, check=False))
-    res["weight_bytes"] = mem
-    for k, v in mem.items():
-        packed = (f"; packed sites {v['lowered_bytes'] / 2**20:.1f} MiB vs bf16 {v['lowered_dense_bytes'] / 2**20:.1f} MiB: "
-                  f"{v['lowered_dense_bytes'] / v['lowered_bytes']:.2f}x") if v["lowered_bytes"] else ""
-        print(f"weights {k:10s} {v['bytes'] / 2**20:9.1f} MiB  ({mem['bf16']['bytes'] / v['bytes']:.2f}x smaller than bf16, "
-              f"{v['lowered_sites']} sites packed{packed})", flush=True)
-
-    write_json(os.path.join(out_dir, "e2e.json"), res)
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    rel = lambda a, b: float(jnp.linalg.norm(f32(a) - f32(b)) / jnp.linalg.norm(f32(b)))  # noqa: E731
+    over = lambda frac=1.0: time.time() - t_start > args.budget_s * frac  # noqa: E731
+    save = lambda: write_json(os.path.join(out_dir, "e2e.json"), res)  # noqa: E731
 
     w8a8 = make_plan(model, full_inputs, cast("int8", granularity="row"), cast("int8", granularity="row"))
     t0 = time.time()
     q_w8a8 = lower(w8a8, model.params)
     print(f"lowered {len(q_w8a8.weights)} W8A8 sites in {time.time() - t0:.1f}s", flush=True)
-    t_begin = time.time()
-    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
-    rel = lambda a, b: float(jnp.linalg.norm(f32(a) - f32(b)) / jnp.linalg.norm(f32(b)))  # noqa: E731
-    if on_gpu:  # exactness check in float32 on a 2-block model of XL width: kernel path == fake-quant path
-        small = dit.from_config(dit.Config.variant("XL/2", 256, depth=2), key=0)
-        sp = make_plan(small, full_inputs, cast("int8", granularity="row"), cast("int8", granularity="row"))
-        sq = lower(sp, small.params)
-        fwd = jax.jit(lambda params, q, *a: small.apply(params, *a, quant=q))
-        o_xla = fwd(small.params, sq.with_impl("xla"), *full_inputs)
-        o_fake = fwd(small.params, sp.bind(sp.init()), *full_inputs)
-        res["f32_depth2"] = {"xla_vs_fakequant": rel(o_xla, o_fake),
-                             "fakequant_vs_float": rel(o_fake, fwd(small.params, None, *full_inputs))}
-        for impl in ("gpu", "gpu_xla_quant"):
-            try:
-                o_gpu = fwd(small.params, sq.with_impl(impl), *full_inputs)
-                res["f32_depth2"][f"{impl}_vs_fakequant"] = rel(o_gpu, o_fake)
-            except Exception as e:  # noqa: BLE001
-                res["f32_depth2"][f"{impl}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        print(f"check (float32, depth 2): {res['f32_depth2']}  [{time.time() - t_begin:.0f}s]", flush=True)
     step = jax.jit(lambda params, q, x, t, y: cfg_step(model, params, x, t, y, null, q))
-    runs = {"bf16": None, "w8a8_lowered": q_w8a8, "w8a8_xla_int8": q_w8a8.with_impl("xla"),
-            "w8a8_fake_quant": w8a8.bind(w8a8.init())}
-    if on_gpu:  # the GEMM kernels with XLA's two-pass activation quantization: the token-quant kernel's share
-        runs["w8a8_lowered_xla_quant"] = q_w8a8.with_impl("gpu_xla_quant")
-    extra_casts = {"fp8": (cast("fp8_e4m3"), cast("fp8_e4m3")),
-                   "w4a8": (cast("int4", granularity="group", group_size=64), cast("int8", granularity="row"))}
-    for name in [e for e in args.extra.split(",") if e]:
-        if name not in extra_casts:
-            raise SystemExit(f"--extra: unknown step {name!r}; known: {sorted(extra_casts)}")
-        plan_e = make_plan(model, full_inputs, *extra_casts[name])
-        runs[f"{name}_lowered"] = lower(plan_e, model.params)
-    outs = {}
-    res["compile_s"] = {}
-    for name, q in list(runs.items()):
-        if name.split("_")[0] in extra_casts and time.time() - t_start > args.budget_s * 0.6:
-            print(f"skipping {name}: budget", flush=True)
-            del runs[name]
-            continue
+    outs, res["compile_s"], res["times"] = {}, {}, {}
+
+    def run(name, q, time_it=True):
+        """Compile + run the step with quantizer ``q``, then time the compiled step; False if it failed."""
         t0 = time.time()
         try:
             outs[name] = jax.block_until_ready(step(model.params, q, x, t, y))
         except Exception as e:  # noqa: BLE001  (a kernel that fails to build must not end the run)
             res.setdefault("errors", {})[name] = f"{type(e).__name__}: {str(e)[:400]}"
             print(f"FAILED {name}: {res['errors'][name]}", flush=True)
-            del runs[name]
-            continue
+            return False
         res["compile_s"][name] = time.time() - t0
         print(f"compiled+ran {name} in {time.time() - t0:.1f}s  [{time.time() - t_start:.0f}s]", flush=True)
-    main = "w8a8_lowered" if "w8a8_lowered" in outs else ("w8a8_lowered_xla_quant" if "w8a8_lowered_xla_quant" in outs else None)
-    if main is not None:
-        res["relerr_lowered_vs_fakequant"] = rel(outs[main], outs["w8a8_fake_quant"])
-        res["relerr_lowered_vs_xla_int8"] = rel(outs[main], outs["w8a8_xla_int8"])
-        res["finite"] = bool(jnp.all(jnp.isfinite(f32(outs[main]))))
-    res["relerr_fakequant_vs_bf16"] = rel(outs["w8a8_fake_quant"], outs["bf16"])
-    print(f"check (bf16, depth {cfg.depth}): " + ", ".join(f"{k}={v}" for k, v in res.items() if k.startswith("relerr")
-                                                          or k == "finite"), flush=True)
+        if time_it:
+            wall, dev = timed(step, (model.params, q, x, t, y), args.iters)
+            res["times"][name] = {"wall_ms": wall, "kernel_ms": dev}
+            b = res["times"].get("bf16")
+            v = res["times"][name]
+            if b:
+                v["speedup_wall"] = b["wall_ms"] / wall
+                v["speedup_kernel"] = (b["kernel_ms"] / dev) if (b["kernel_ms"] and dev) else None
+            print(f"step {name:24s} wall {wall:8.2f} ms  kernels {dev if dev is None else round(dev, 2)} ms", flush=True)
+        save()
+        return True
 
-    for name in runs:
-        if name.endswith("_lowered") and name != "w8a8_lowered" and name in outs:
-            res[f"relerr_{name}_vs_bf16"] = rel(outs[name], outs["bf16"])
-    res["times"] = {}
-    for name, q in runs.items():
-        if name not in ("bf16", "w8a8_lowered", "w8a8_lowered_xla_quant") and time.time() - t_start > args.budget_s:
-            print(f"skipping the timing of {name}: budget", flush=True)
+    # 1. the goal: bf16 vs W8A8 lowered (one-pass token quantization + W8A8 GEMM kernels)
+    run("bf16", None)
+    run("w8a8_lowered", q_w8a8)
+    if on_gpu:  # the same GEMM kernels with XLA's two-pass activation quantization: the token-quant kernel's share
+        run("w8a8_lowered_xla_quant", q_w8a8.with_impl("gpu_xla_quant"))
+    # 2. numerics of the lowered step against the fake-quant step
+    if run("w8a8_fake_quant", w8a8.bind(w8a8.init()), time_it=not over(0.5)):
+        main_name = next((n for n in ("w8a8_lowered", "w8a8_lowered_xla_quant") if n in outs), None)
+        if main_name is not None:
+            res["relerr_lowered_vs_fakequant"] = rel(outs[main_name], outs["w8a8_fake_quant"])
+            res["finite"] = bool(jnp.all(jnp.isfinite(f32(outs[main_name]))))
+        res["relerr_fakequant_vs_bf16"] = rel(outs["w8a8_fake_quant"], outs["bf16"])
+    if not over(0.5):
+        run("w8a8_xla_int8", q_w8a8.with_impl("xla"))
+        if "w8a8_lowered" in outs and "w8a8_xla_int8" in outs:
+            res["relerr_lowered_vs_xla_int8"] = rel(outs["w8a8_lowered"], outs["w8a8_xla_int8"])
+    print("check (bf16): " + ", ".join(f"{k}={v}" for k, v in res.items() if k.startswith("relerr") or k == "finite"),
+          flush=True)
+    # 3. float32 exactness on a 2-block model of XL width: kernel path == fake-quant path up to float rounding
+    if on_gpu and not over(0.6):
+        t0 = time.time()
+        small = dit.from_config(dit.Config.variant("XL/2", 256, depth=2), key=0)
+        sp = make_plan(small, full_inputs, cast("int8", granularity="row"), cast("int8", granularity="row"))
+        sq = lower(sp, small.params)
+        fwd = jax.jit(lambda params, q, *a: small.apply(params, *a, quant=q))
+        o_fake = fwd(small.params, sp.bind(sp.init()), *full_inputs)
+        res["f32_depth2"] = {"fakequant_vs_float": rel(o_fake, fwd(small.params, None, *full_inputs))}
+        for impl in ("gpu", "xla"):
+            try:
+                res["f32_depth2"][f"{impl}_vs_fakequant"] = rel(fwd(small.params, sq.with_impl(impl), *full_inputs), o_fake)
+            except Exception as e:  # noqa: BLE001
+                res["f32_depth2"][f"{impl}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(f"check (float32, depth 2): {res['f32_depth2']}  [{time.time() - t0:.0f}s]", flush=True)
+        save()
+    # 4. further lowered steps while the budget lasts
+    extra_casts = {"fp8": (cast("fp8_e4m3"), cast("fp8_e4m3")),
+                   "w4a8": (cast("int4", granularity="group", group_size=64), cast("int8", granularity="row"))}
+    for name in [e for e in args.extra.split(",") if e]:
+        if name not in extra_casts:
+            raise SystemExit(f"--extra: unknown step {name!r}; known: {sorted(extra_casts)}")
+        if over(0.7):
+            print(f"skipping {name}_lowered: budget", flush=True)
             continue
-        wall, dev = timed(step, (model.params, q, x, t, y), args.iters)
-        res["times"][name] = {"wall_ms": wall, "kernel_ms": dev}
-        print(f"step {name:16s} wall {wall:8.2f} ms  kernels {dev if dev is None else round(dev, 2)} ms", flush=True)
-    b = res["times"]["bf16"]
-    for name, v in res["times"].items():
-        v["speedup_wall"] = b["wall_ms"] / v["wall_ms"]
-        v["speedup_kernel"] = (b["kernel_ms"] / v["kernel_ms"]) if (b["kernel_ms"] and v["kernel_ms"]) else None
+        q = lower(make_plan(model, full_inputs, *extra_casts[name]), model.params)
+        if run(f"{name}_lowered", q):
+            res[f"relerr_{name}_lowered_vs_bf16"] = rel(outs[f"{name}_lowered"], outs["bf16"])
+    # 5. weight memory: every linear of the blocks lowered (token linears + adaLN modulation)
+    if not over(0.9):
+        mem = {"bf16": weight_bytes(model.params)}
+        for label, wc in [("w8", cast("int8", granularity="row")), ("w4_g128", cast("int4", granularity="group", group_size=128)),
+                          ("w4_channel", cast("int4", granularity="row"))]:
+            plan = make_plan(model, full_inputs, wc, None, ALL_BLOCK_LINEARS)
+            mem[label] = weight_bytes(model.params, lower(plan, model.params, check=False))
+        res["weight_bytes"] = mem
+        for k, v in mem.items():
+            print(f"weights {k:10s} {v['bytes'] / 2**20:9.1f} MiB  ({mem['bf16']['bytes'] / v['bytes']:.2f}x smaller than bf16, "
+                  f"{v['lowered_sites']} sites packed)", flush=True)
+    save()
 
     if args.w4_speed:
         xb, tb, yb = x[:1], t[:1], y[:1]
