@@ -114,7 +114,7 @@ def _is_token_cast(a_meta, fmt_kind, bits=None, element=None):
 
 
 def _mixdit_kind(w_t, a_t) -> tuple[str | None, str]:
-    from jdq.quant.outliers import OutlierMeta, OutlierWeightMeta
+    from jdq.quant.outliers import OutlierMeta
 
     a_meta, w_meta = a_t.meta, w_t.meta
     if not isinstance(a_meta, OutlierMeta):

@@ -34,9 +34,7 @@ K ranges are zero-padded to the kernel's K tiles (64 for bf16, 128 for E4M3); ze
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 HI_TILE = 64  # K tile of the bf16 (MX9) part
@@ -131,4 +129,3 @@ def mixdit_linear(x, perm, k_hi, w_hi, w_lo, s_w, b=None, out_dtype=None):
 
 __all__ = ["HI_TILE", "LO_TILE", "lo_is_exact", "mixdit_linear", "mixdit_matmul", "pack_weight",
            "quantize_activation", "to_e4m3_rows"]
-del np, jax
