@@ -8,7 +8,7 @@ checked against the fake-quant step on the device before timing; each step is co
 then timed as the compiled function (wall clock and CUPTI kernel time). The lowered W8A8 step
 runs the one-pass token quantization kernel and the W8A8 GEMM kernel at every block linear.
 Optional further steps (``--extra``: FP8, W4A8 lowered) run while ``--budget-s`` lasts. Results go
-to ``e2e.json`` / ``e2e.md`` under ``--out`` (default ``$OUT``, else ``benchmarks/results``).
+to ``e2e.json`` / ``e2e.md`` under ``--out`` (default ``$OUT``, else ``benchmarks/results/latest``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "latest")  # raw output; the curated tables are results/*.md
 TOKEN_LINEARS = "re:blocks\\.\\d+\\.(attn\\.(qkv|proj)|mlp\\.fc[12])"
 ALL_BLOCK_LINEARS = "re:blocks\\.\\d+\\.(attn\\.(qkv|proj)|mlp\\.fc[12]|adaLN_modulation)"
 
@@ -78,7 +78,7 @@ def main(argv=None):
     p.add_argument("--device-run", action="store_true")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--out", default=None, help="folder for results (default $OUT, else benchmarks/results)")
+    p.add_argument("--out", default=None, help="folder for results (default $OUT, else benchmarks/results/latest)")
     p.add_argument("--budget-s", type=float, default=210.0, help="skip optional steps after this long")
     p.add_argument("--extra", default="fp8,w4a8", help="further lowered steps to time if the budget allows")
     p.add_argument("--w4-speed", action="store_true", help="also time W4A16 / W8A16 steps at batch 1")

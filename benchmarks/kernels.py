@@ -16,7 +16,7 @@ Times are the median over ``--iters`` CUPTI-measured iterations (summed kernel t
 gaps; ``jax.experimental.mosaic.gpu.profiler.measure``), each iteration over ``--rotate``
 independent input sets so that repeated runs do not hit in the L2 cache. Results go to
 ``kernels.json`` and ``kernels.md`` under ``--out`` (default ``$OUT``, else
-``benchmarks/results``); the run ends with a short summary table.
+``benchmarks/results/latest``); the run ends with a short summary table.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "latest")  # raw output; the curated tables are results/*.md
 DIT_LAYERS = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}
 BATCH_ORDER = (16, 32, 64, "pixart", 1, 4, 2, 8)
 PIXART_TOKENS = 4096
@@ -57,7 +57,7 @@ LABELS = {
 
 
 def default_out():
-    """``$OUT`` when set (device runs), else ``benchmarks/results``; never the working directory."""
+    """``$OUT`` when set (device runs), else ``benchmarks/results/latest``; never the working directory."""
     return os.environ.get("OUT") or RESULTS_DIR
 
 
@@ -388,7 +388,7 @@ KERNEL_OF = {"jdq_w8a8": ("w8a8.int8.ws", "token_quant.int8.bf16"), "jdq_w8a8_ge
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device-run", action="store_true", help="full run on a GPU")
-    p.add_argument("--out", default=None, help="folder for results (default $OUT, else benchmarks/results)")
+    p.add_argument("--out", default=None, help="folder for results (default $OUT, else benchmarks/results/latest)")
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--rotate", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=330.0, help="stop starting new work after this long (checks included)")
