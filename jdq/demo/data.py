@@ -39,6 +39,7 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
     """An unpickler that can rebuild numpy arrays and refuses every other global."""
 
     def find_class(self, module, name):
+        """The numpy global ``module.name`` if it is allowed; anything else raises UnpicklingError."""
         if (module, name) in _ALLOWED_GLOBALS:
             if module.startswith("numpy.core"):  # numpy 2 moved numpy.core to numpy._core
                 module = "numpy._core.multiarray" if hasattr(np, "_core") else module

@@ -68,19 +68,23 @@ class LoweredQuantizer(Quantizer):
         self.skipped = dict(skipped)  # site -> why a lowerable site stayed fake-quant
 
     def tree_flatten(self):
+        """Children: state, step and packed weights; static: plan, settings, skipped sites."""
         aux = (self.plan, self.num_steps, self.strict, self.impl, tuple(sorted(self.skipped.items())))
         return (self.state, self.step, self.weights), aux
 
     @classmethod
     def tree_unflatten(cls, aux, children):
+        """Rebuild from :meth:`tree_flatten`'s output."""
         plan, num_steps, strict, impl, skipped = aux
         state, step, weights = children
         return cls(plan, state, weights, step, num_steps, strict, impl, skipped)
 
     def lowered(self, site):
+        """The packed weight of ``site``, or ``None`` when the site stays on the fake-quant path."""
         return self.weights.get(site)
 
     def at_step(self, step, num_steps=None):
+        """The same lowered quantizer at sampler step ``step``."""
         return LoweredQuantizer(self.plan, self.state, self.weights, step,
                                 num_steps if num_steps is not None else self.num_steps, self.strict, self.impl,
                                 self.skipped)

@@ -333,10 +333,12 @@ class Quantizer(QuantizerBase):
         self.strict = strict
 
     def tree_flatten(self):
+        """Children: the state and the step; static: the plan, the step count, strictness."""
         return (self.state, self.step), (self.plan, self.num_steps, self.strict)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
+        """Rebuild from :meth:`tree_flatten`'s output."""
         plan, num_steps, strict = aux
         state, step = children
         return cls(plan, state, step, num_steps, strict)
@@ -346,6 +348,7 @@ class Quantizer(QuantizerBase):
         return Quantizer(self.plan, self.state, step, num_steps if num_steps is not None else self.num_steps, self.strict)
 
     def quantizes(self, site, role):
+        """Whether the plan binds a transform to operand (``site``, ``role``)."""
         return self.plan.transform_for(operand_key(site, role)) is not None
 
     def __call__(self, x, site, role, axis=-1):

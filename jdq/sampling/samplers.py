@@ -60,6 +60,7 @@ class Sampler:
         return int(np.shape(self.timesteps)[0])
 
     def tree_flatten(self):
+        """Children: timesteps and coefficient tables; static: kind and settings."""
         keys = tuple(sorted(self.tables))
         children = (self.timesteps, tuple(self.tables[k] for k in keys))
         aux = (self.kind, keys, self.prediction, self.stochastic, self.clip_denoised, self.description)
@@ -67,6 +68,7 @@ class Sampler:
 
     @classmethod
     def tree_unflatten(cls, aux, children):
+        """Rebuild from :meth:`tree_flatten`'s output."""
         kind, keys, prediction, stochastic, clip, description = aux
         timesteps, values = children
         return cls(kind, timesteps, dict(zip(keys, values)), prediction, stochastic, clip, description)
