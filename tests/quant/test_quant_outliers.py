@@ -172,3 +172,19 @@ def test_bad_outlier_options_are_named():
         outlier_split(hi="mx10")
     with pytest.raises(KeyError, match="absmax_channel"):
         outlier_split(granularity="channel").init({})
+
+
+def test_pairwise_ranks_equal_sorted_ranks_with_ties_and_nan():
+    """Short rows are ranked by pairwise comparison; the result must equal the double argsort."""
+    from jdq.quant.outliers import _PAIRWISE_RANK_MAX, _ranks
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 40, _PAIRWISE_RANK_MAX, _PAIRWISE_RANK_MAX + 1):
+        v = np.abs(rng.standard_normal((4, n))).astype(np.float32)
+        v[:, ::3] = v[:, :1]  # ties, broken by position
+        if n > 3:
+            v[1, 2] = np.nan  # ranks last
+            v[2, 0] = 0.0
+        order = np.argsort(-v, axis=-1, kind="stable")
+        expected = np.argsort(order, axis=-1, kind="stable")
+        np.testing.assert_array_equal(np.asarray(_ranks(jnp.asarray(v))), expected)
