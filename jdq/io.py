@@ -1,0 +1,71 @@
+"""Atomic file writing: write a temporary file in the target's folder, then rename it over the target.
+
+A reader (or a crash, or Ctrl-C) never sees a half-written file: until the rename the old file
+(if any) is untouched, and the rename replaces it in one step (``os.replace``, atomic on POSIX
+within one file system, which a temporary file in the same folder guarantees). The temporary
+file is created with the usual permissions (``0o666`` minus the process umask, as ``open``
+gives), not ``tempfile.mkstemp``'s ``0o600``, keeps the target's extension (for writers that
+pick a format from it) and is removed when writing fails.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["atomic_write", "atomic_write_text"]
+
+
+def _check_target(path: Path, parents: bool) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a directory")
+    folder = path.parent
+    if parents:
+        folder.mkdir(parents=True, exist_ok=True)
+    elif not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise FileNotFoundError(f"cannot write {path}: folder {folder} {what}")
+
+
+def _create_temp(path: Path) -> Path:
+    """An empty new file next to ``path``; ``os.open`` with mode 0o666 applies the umask itself."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"cannot create a temporary file next to {path}")  # pragma: no cover
+
+
+def atomic_write(path, write_fn: Callable[[str], object], *, parents: bool = False) -> Path:
+    """Write ``path`` atomically: ``write_fn(tmp)`` writes a temporary file that is then renamed to ``path``.
+
+    ``tmp`` (a ``str``) is an empty file in the same folder with ``path``'s extension. If
+    ``write_fn`` raises, the temporary file is removed and ``path`` is left as it was.
+    ``parents=True`` creates missing folders; otherwise a missing folder raises
+    ``FileNotFoundError`` and a ``path`` that is a directory ``IsADirectoryError``, both before
+    ``write_fn`` runs. Returns ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    _check_target(path, parents)
+    tmp = _create_temp(path)
+    try:
+        write_fn(str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path, text: str, *, encoding: str = "utf-8", parents: bool = False) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
+    def write(tmp):
+        with open(tmp, "w", encoding=encoding) as f:
+            f.write(text)
+
+    return atomic_write(path, write, parents=parents)
