@@ -36,7 +36,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -44,6 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from jdq.io import atomic_write_text  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 RESULTS_MD = os.path.join(RESULTS_DIR, "cost_model.md")
@@ -64,21 +65,6 @@ QUICK_SHAPES = [VALIDATION_SHAPES[0][:4] + ([(8, 8), (32, 32), (16, 64)],),
                 VALIDATION_SHAPES[3][:4] + ([(128, 128)],)]
 
 MIXDIT_REPORTED = (2.10, 5.32)
-
-
-def write_atomically(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ============================================================================ 1. SCALE-Sim
@@ -332,7 +318,7 @@ def device_run(out_path, tiny=False, preset=None):
     )
     text = json.dumps(payload, indent=2)
     if out_path:
-        write_atomically(os.path.abspath(out_path), text)
+        atomic_write_text(out_path, text, parents=True)
     print(f"device {kind} vs preset {preset}: median |roofline error| {payload['median_abs_error']:.1%}; "
           f"fit measured = roofline/{payload['fit']['efficiency']} + {intercept:.4f} ms -> "
           f"median |error| {payload['fit']['median_abs_error']:.1%}")
@@ -522,7 +508,7 @@ def main(argv=None):
     else:
         val_rows, val_why = validate_against_scalesim(QUICK_SHAPES if args.quick else VALIDATION_SHAPES)
         if val_rows is not None and not args.quick:
-            write_atomically(SCALESIM_JSON, json.dumps(dict(version=val_why, rows=val_rows), indent=1))
+            atomic_write_text(SCALESIM_JSON, json.dumps(dict(version=val_why, rows=val_rows), indent=1), parents=True)
     same = time_same_gemms(val_rows) if val_rows else None
     print("2. speed", flush=True)
     designs, plans = sweep_inputs()
@@ -540,7 +526,7 @@ def main(argv=None):
     models = model_tables(args.models or list(W.MODELS), device_eff=eff)
     flags = " --quick" if args.quick else " --reuse-scalesim" if args.reuse_scalesim else ""
     text = render(val_rows, val_why, same, speed, models, device, flags)
-    write_atomically(RESULTS_MD, text)
+    atomic_write_text(RESULTS_MD, text, parents=True)
     print(text)
     return 0
 

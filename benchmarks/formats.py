@@ -29,7 +29,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -39,6 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jdq.formats as F  # noqa: E402
+from jdq.io import atomic_write_text  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 RESULTS_MD = os.path.join(RESULTS_DIR, "formats.md")
@@ -168,16 +168,6 @@ def render(rows, comparison, mx9, fp8_small, shape):
     return "\n".join(lines)
 
 
-def write_atomic(path, text):
-    """Write ``text`` to ``path`` via a temporary file and a rename."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------- timing
 
 
@@ -231,7 +221,7 @@ def main(argv=None):
         table = timing_table(shape, args.reps, args.inner)
         print(table)
         if args.timing_out:
-            write_atomic(os.path.abspath(args.timing_out), table + "\n")
+            atomic_write_text(args.timing_out, table + "\n", parents=True)
         return
     shape = (1024, 4096) if args.size == "full" else (64, 512)
     rows, data = sqnr_table(shape)
@@ -239,7 +229,7 @@ def main(argv=None):
     page = render(rows, comparison, mx9, fp8_small, shape)
     print(page)
     if args.size == "full":
-        write_atomic(RESULTS_MD, page + "\n")
+        atomic_write_text(RESULTS_MD, page + "\n", parents=True)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jdq.io import atomic_write_text  # noqa: E402
 from jdq.models import dit  # noqa: E402
 from jdq.models.layers import FUSED_ATTENTION_ENV  # noqa: E402
 from jdq.quant.transform import trace_operands  # noqa: E402
@@ -256,15 +257,10 @@ def main(argv=None):
         lines.append("- smoke size (no --device-run): not a performance result.")
     text = "\n".join(lines) + "\n"
     print(text)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, text, parents=True)
     out_dir = os.environ.get("OUT")
     if out_dir:
-        with open(os.path.join(out_dir, "models.md"), "w") as f:
-            f.write(text)
+        atomic_write_text(os.path.join(out_dir, "models.md"), text)
     return 0
 
 

@@ -33,8 +33,8 @@ The reference FP samples are drawn first; the ``fp`` row is a second FP run comp
 reference run). Rows listed in ``--reduced NAME=K`` sample only the first ``K`` per class (the
 classes stay balanced) and are compared with the first FP samples of the same seeds.
 
-The markdown file is written atomically; text below the line :data:`NOTES_MARKER` in an existing
-file (the hand-written interpretation) is kept.
+The markdown file is written atomically (:func:`jdq.io.atomic_write_text`); text below the line
+:data:`NOTES_MARKER` in an existing file (the hand-written interpretation) is kept.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -54,6 +53,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from jdq.io import atomic_write_text  # noqa: E402
 
 RESULTS_MD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "quality.md")
 NOTES_MARKER = "<!-- notes: text below this line is written by hand and kept by benchmarks/quality.py -->"
@@ -303,22 +304,6 @@ def report(rows, info, command: str, total_s: float, load_before, load_after) ->
     ])
 
 
-def write_atomic(path, text):
-    """Write ``text`` to ``path`` via a temporary file and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def kept_notes(path) -> str:
     """The hand-written notes below :data:`NOTES_MARKER` in an existing results file ('' if none)."""
     try:
@@ -478,7 +463,7 @@ def main(argv=None) -> int:
     text = report(rows, info, command, time.perf_counter() - t0, load_before, os.getloadavg())
     print(text)
     notes = kept_notes(args.out)
-    write_atomic(args.out, text + "\n" + NOTES_MARKER + "\n\n" + notes)
+    atomic_write_text(args.out, text + "\n" + NOTES_MARKER + "\n\n" + notes, parents=True)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -43,7 +43,7 @@ def test_fp_row_reproduces_reference_and_w8a8_differs(qb, tmp_path):
     text = qb.report(rows, info, "cmd", 1.0, (0.0,) * 3, (0.0,) * 3)
     assert "| FP (float32) | 20 |" in text and "| `w8a8` | 10 |" in text and "| ∞ |" in text
     out = tmp_path / "q.md"
-    qb.write_atomic(out, text + "\n" + qb.NOTES_MARKER + "\n\nhand-written\n")
+    qb.atomic_write_text(out, text + "\n" + qb.NOTES_MARKER + "\n\nhand-written\n")
     assert qb.kept_notes(out) == "hand-written\n"
 
 

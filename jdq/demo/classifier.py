@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdq.io import atomic_write
+
 CHANNELS = (32, 64, 128)
 
 
@@ -68,20 +70,10 @@ def accuracy(params, images, labels, batch_size: int = 500) -> float:
 
 def save(params, path) -> None:
     """Write params to a safetensors file atomically."""
-    import os
-    import tempfile
-
     from safetensors.numpy import save_file
 
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".classifier-", suffix=".tmp", dir=os.path.dirname(path) or ".")
-    os.close(fd)
-    try:
-        save_file({k: np.asarray(v) for k, v in params.items()}, tmp, metadata={"model": "jdq.demo.classifier"})
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    flat = {k: np.asarray(v) for k, v in params.items()}
+    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata={"model": "jdq.demo.classifier"}))
 
 
 def load(path) -> dict[str, jax.Array]:

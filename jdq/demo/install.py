@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from jdq.demo import data
+from jdq.io import atomic_write, atomic_write_text
 
 PACKAGE = Path(__file__).resolve().parents[1]
 REPO = PACKAGE.parent
@@ -34,12 +35,6 @@ def choose_sampling(metrics: dict, max_steps: int = 100) -> dict:
         raise ValueError(f"metrics.json has no evaluated sampler with at most {max_steps} steps")
     best = max(rows, key=lambda r: (round(r["accuracy"], 3), -r["steps"], -r["guidance"]))
     return {"sampler": best["sampler"], "steps": best["steps"], "guidance": best["guidance"]}
-
-
-def _copy_atomic(src: Path, dst: Path):
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dst)
 
 
 def install(run_dir, assets=None, docs=None, sampling: dict | None = None, max_steps: int = 100) -> dict:
@@ -72,15 +67,13 @@ def install(run_dir, assets=None, docs=None, sampling: dict | None = None, max_s
         (tmp / "sampling.json").write_text(json.dumps(defaults, indent=2) + "\n")
 
     write_folder_atomically(assets / "animal_dit", write_model, overwrite=True)
-    _copy_atomic(run / "classifier.safetensors", assets / "animal_classifier.safetensors")
+    atomic_write(assets / "animal_classifier.safetensors", lambda tmp: shutil.copyfile(run / "classifier.safetensors", tmp))
     summary = {k: metrics.get(k) for k in ("device", "jax", "seed", "preset", "config", "dit_params", "dit_steps_done",
                                           "dit_train_seconds", "classifier_train_seconds", "classifier_test_accuracy",
                                           "classifier_test_images", "sample_accuracy")}
     summary["default_sampling"] = chosen
-    tmp = assets / ".animal_training.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(assets / "animal_training.json")
-    _copy_atomic(run / "samples.png", docs / "samples.png")
+    atomic_write_text(assets / "animal_training.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write(docs / "samples.png", lambda tmp: shutil.copyfile(run / "samples.png", tmp))
     return chosen
 
 

@@ -37,6 +37,7 @@ import optax
 
 from jdq.demo import classifier as clf
 from jdq.demo import data
+from jdq.io import atomic_write_text
 from jdq.sampling import schedules
 
 # ----------------------------------------------------------------------------------------------
@@ -311,7 +312,7 @@ def main(argv=None):
 
     from jdq.models.base import save
     save(model, out / "dit", overwrite=True)
-    (out / "dit" / "sampling.json").write_text(json.dumps(DEFAULT_SAMPLING, indent=2) + "\n")
+    atomic_write_text(out / "dit" / "sampling.json", json.dumps(DEFAULT_SAMPLING, indent=2) + "\n")
     clf.save(clf_params, out / "classifier.safetensors")
 
     evals = []
@@ -334,8 +335,8 @@ def main(argv=None):
         "classifier_train_seconds": clf_seconds, "dit_loss_per_chunk": losses,
         "classifier_test_accuracy": test_acc, "classifier_test_images": int(len(test_idx)), "sample_accuracy": evals,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    (out / "train.log").write_text("\n".join(log_lines) + "\n")
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
+    atomic_write_text(out / "train.log", "\n".join(log_lines) + "\n")
     log(f"done: DiT {dit_seconds:.0f}s, classifier {clf_seconds:.0f}s, written to {out}")
 
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
+from pathlib import Path
 
 #: MixDiT's reported speedup range over an RTX 3090 (arXiv 2504.08398 abstract).
 MIXDIT_REPORTED = (2.10, 5.32)
@@ -114,17 +113,9 @@ def format_table(rows: list[dict]) -> str:
 
 def write_json_atomically(path: str, payload) -> None:
     """Write ``payload`` as JSON to ``path`` via a temporary file and a rename."""
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".jdq-cost-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from jdq.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 def run(args) -> int:
@@ -146,6 +137,12 @@ def run(args) -> int:
     for flag, value in (("--linear-outliers", args.linear_outliers), ("--attn-outliers", args.attn_outliers)):
         if not 0 <= value <= 1:
             problems.append(f"{flag} must be in [0, 1], got {value}")
+    if args.json is not None:  # checked now, not after the models were costed
+        target = Path(args.json)
+        if target.is_dir():
+            problems.append(f"--json {args.json} is a folder, not a file name")
+        elif not target.parent.is_dir():
+            problems.append(f"--json {args.json}: folder {target.parent} does not exist")
     if problems:
         for p in problems:
             print(f"jdq cost: error: {p}", file=sys.stderr)

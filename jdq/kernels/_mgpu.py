@@ -1,4 +1,4 @@
-"""Shared helpers for the Mosaic GPU (``plgpu``) kernels: interpret-mode switches, swizzles.
+"""Shared pieces of the Mosaic GPU (``plgpu``) kernels: interpret-mode switches, swizzles, operand specs, epilogue.
 
 Tested with jax 0.10.2 (CPU: GPU interpret mode and cross-lowering to Mosaic GPU) and run with
 jax 0.11.2 on an H100/H200. Version-specific API choices live here and nowhere else.
@@ -20,10 +20,9 @@ the output copies) is the code that runs on the GPU. Cross-lowering (``jax.jit(f
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 try:  # pragma: no cover - import guard for jax builds without Mosaic GPU
     import jax.experimental.pallas as pl
@@ -67,11 +66,76 @@ def load_vec(ref, start, size, axis: int, interpret=None):
     return plgpu.load(ref.at[sl], (), layout=layout, optimized=False)
 
 
+def bcast_vec(ref, start, shape, axis: int, interpret=None):
+    """:func:`load_vec` of ``shape[axis]`` values from ``start``, broadcast to the ``shape`` tile along ``axis``."""
+    return lax.broadcast_in_dim(load_vec(ref, start, shape[axis], axis, interpret), shape, [axis])
+
+
 def rhs_kmajor(ref, interpret=None):
     """A B-operand view for ``wgmma`` from a K-major (n, k) SMEM tile (interpret: already (k, n))."""
     if interpret:
         return ref
     return plgpu.transpose_ref(ref, (1, 0))
+
+
+def kmajor_operand(w, interpret=None):
+    """The (N, K) B operand as the kernel is given it: as is, or transposed to (K, N) when interpreting."""
+    return w.T if interpret else w
+
+
+def kmajor_spec(block_n: int, block_k: int, index_map, transforms=(), interpret=None, **kwargs):
+    """``BlockSpec`` of a (block_n, block_k) tile of a K-major B operand; ``index_map`` returns (n, k) block indices.
+
+    Interpreting, the operand is (K, N) (:func:`kmajor_operand`): the block and its indices are
+    swapped and the swizzle ``transforms`` dropped.
+    """
+    if interpret:
+        return plgpu.BlockSpec((block_k, block_n), lambda *idx: index_map(*idx)[::-1], **kwargs)
+    return plgpu.BlockSpec((block_n, block_k), index_map, transforms=transforms, **kwargs)
+
+
+def wgmma_partial(a_s, b_s, shape, acc_dtype, interpret=None):
+    """``a_s · b_sᵀ`` (B K-major) by one WGMMA into a fresh scoped accumulator; its value once complete."""
+
+    def scope(acc):
+        plgpu.wgmma(acc, a_s, rhs_kmajor(b_s, interpret))
+        plgpu.wgmma_wait(0)
+        return acc[...]
+
+    return pl.run_scoped(scope, plgpu.ACC(shape, acc_dtype))
+
+
+def zeros_carry(shape, interpret=None):
+    """A float32 zero tile in the WGMMA register layout: the initial carry of a rescaling pipeline."""
+    init = jnp.zeros(shape, jnp.float32)
+    return init if interpret else plgpu.layout_cast(init, plgpu.Layout.WGMMA)
+
+
+def store_tile(y, o_s, o_g, mi, ni):
+    """Cast ``y`` to ``o_s``'s dtype, stage it in shared memory ``o_s``, TMA-store it as tile (mi, ni) of ``o_g``; wait."""
+    tm, tn = o_s.shape
+    o_s[...] = y.astype(o_s.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_s, o_g.at[pl.ds(mi * tm, tm), pl.ds(ni * tn, tn)])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def tiled_kernel(body, m: int, n: int, tile_m: int, tile_n: int, out_dtype, scratch=(), interpret=None):
+    """``plgpu.kernel`` for one warpgroup per (tile_m, tile_n) output tile: grid (M/tile_m, N/tile_n) named ("m", "n").
+
+    The output is (M, N) ``out_dtype``; ``body`` receives the operands, the output, the ``scratch``
+    buffers and last the swizzled (tile_m, tile_n) shared-memory tile that :func:`store_tile` stages.
+    """
+    o_tr = smem_transforms(tile_n, out_dtype, interpret)
+    return plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(m // tile_m, n // tile_n),
+        grid_names=("m", "n"),
+        scratch_types=[*scratch, plgpu.SMEM((tile_m, tile_n), out_dtype, transforms=o_tr)],
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        interpret=interpret_params(interpret),
+    )
 
 
 def promise_in_bounds() -> dict:
@@ -114,6 +178,6 @@ def device_kind() -> str:
         return "cpu"
 
 
-__all__ = ["HAVE_PLGPU", "interpret_params", "smem_transforms", "load_vec", "rhs_kmajor", "promise_in_bounds", "row_layout",
-           "num_sms", "device_kind"]
-del functools
+__all__ = ["HAVE_PLGPU", "bcast_vec", "device_kind", "interpret_params", "kmajor_operand", "kmajor_spec", "load_vec",
+           "num_sms", "promise_in_bounds", "rhs_kmajor", "row_layout", "smem_transforms", "store_tile", "tiled_kernel",
+           "wgmma_partial", "zeros_carry"]

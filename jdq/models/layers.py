@@ -20,6 +20,11 @@ module tree, so the weight of site ``S`` lives at ``params`` path ``S + ".kernel
   numbered as in facebookresearch/DiT, where ``mlp.1`` is the SiLU);
 * ``x_embedder``: the patch embedding (:class:`PatchEmbed`, a linear over flattened patches).
 
+PixArt-Σ and SD3 keep diffusers' module paths instead (``attn1.to_q``, ``ff.net.0.proj``,
+``pos_embed.proj``), built from the diffusers-named blocks at the end of this module
+(:class:`Attention`, :class:`FeedForward`, :class:`TwoLayer`, :class:`PatchEmbedding`), so a
+rule written against a PyTorch model reads the same here.
+
 **Dtypes.** Parameters are stored in their own dtype (float32 by default); a matmul computes in
 the dtype of its activation (``qlinear`` casts the weight), so a model runs in bfloat16 by
 casting its input. Norms and softmax compute in float32 and return the input's dtype.
@@ -233,6 +238,13 @@ _ACTIVATIONS = {
 }
 
 
+def _check_activation(activation: str, what: str) -> str:
+    """``activation`` if known, else a ValueError naming ``what``; returns the role of its output."""
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"{what}: unknown activation {activation!r}; known: {sorted(_ACTIVATIONS)}")
+    return "post_gelu" if activation.startswith("gelu") else "act"
+
+
 class Mlp(nnx.Module):
     """Two-layer MLP ``fc2(act(fc1(x)))``; sites ``{site}.fc1`` and ``{site}.fc2``.
 
@@ -242,24 +254,38 @@ class Mlp(nnx.Module):
 
     def __init__(self, dim: int, hidden: int, out_dim: int | None = None, *, site: str, rngs: nnx.Rngs,
                  activation: str = "gelu_tanh", use_bias: bool = True, param_dtype=jnp.float32):
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"Mlp {site!r}: unknown activation {activation!r}; known: {sorted(_ACTIVATIONS)}")
+        role = _check_activation(activation, f"Mlp {site!r}")
         self.activation = activation
         self.fc1 = Linear(dim, hidden, site=f"{site}.fc1", rngs=rngs, use_bias=use_bias, param_dtype=param_dtype)
         self.fc2 = Linear(hidden, out_dim or dim, site=f"{site}.fc2", rngs=rngs, use_bias=use_bias,
-                          act_role="post_gelu" if activation.startswith("gelu") else "act", param_dtype=param_dtype)
+                          act_role=role, param_dtype=param_dtype)
 
     def __call__(self, x, quant: QuantizerBase | None = None):
         return self.fc2(_ACTIVATIONS[self.activation](self.fc1(x, quant)), quant)
+
+
+def head_norm(head_dim: int, kind: str | None, *, site: str = "", eps: float = 1e-6, param_dtype=jnp.float32):
+    """The per-head QK-norm of diffusers' ``Attention(qk_norm=kind)``, learned scale, or ``None``.
+
+    ``kind``: ``None``, ``"rms_norm"`` (SD3.5) or ``"layer_norm"``; ``site`` names the attention
+    in the error for any other value.
+    """
+    if kind is None:
+        return None
+    if kind == "rms_norm":
+        return RMSNorm(head_dim, eps=eps, param_dtype=param_dtype)
+    if kind == "layer_norm":
+        return LayerNorm(head_dim, eps=eps, affine=True, param_dtype=param_dtype)
+    raise ValueError(f"{site or 'attention'}: qk_norm must be None, 'rms_norm' or 'layer_norm', got {kind!r}")
 
 
 class SelfAttention(nnx.Module):
     """Multi-head self-attention with a fused ``qkv`` projection (timm/DiT layout) and ``proj``.
 
     Sites ``{site}.qkv`` (output features ordered ``[q | k | v]``, each ``[head0 | head1 | ...]``),
-    ``{site}.proj``, and the matmuls ``{site}.qk`` / ``{site}.pv``. ``qk_norm`` ``"rms"`` or
-    ``"layer"`` normalises q and k per head over the head dimension (SD3.5), with learned scales
-    ``norm_q.scale``/``norm_k.scale``.
+    ``{site}.proj``, and the matmuls ``{site}.qk`` / ``{site}.pv``. ``qk_norm`` (see
+    :func:`head_norm`: ``"rms_norm"`` or ``"layer_norm"``) normalises q and k per head over the
+    head dimension, with learned scales ``norm_q.scale``/``norm_k.scale``.
     """
 
     def __init__(self, dim: int, num_heads: int, *, site: str, rngs: nnx.Rngs, qkv_bias: bool = True,
@@ -272,16 +298,8 @@ class SelfAttention(nnx.Module):
         self.qkv = Linear(dim, 3 * dim, site=f"{site}.qkv", rngs=rngs, use_bias=qkv_bias, param_dtype=param_dtype)
         self.proj = Linear(dim, dim, site=f"{site}.proj", rngs=rngs, use_bias=proj_bias, param_dtype=param_dtype)
         head_dim = dim // num_heads
-        if qk_norm is None:
-            self.norm_q = self.norm_k = None
-        elif qk_norm == "rms":
-            self.norm_q = RMSNorm(head_dim, eps=qk_norm_eps, param_dtype=param_dtype)
-            self.norm_k = RMSNorm(head_dim, eps=qk_norm_eps, param_dtype=param_dtype)
-        elif qk_norm == "layer":
-            self.norm_q = LayerNorm(head_dim, eps=qk_norm_eps, affine=True, param_dtype=param_dtype)
-            self.norm_k = LayerNorm(head_dim, eps=qk_norm_eps, affine=True, param_dtype=param_dtype)
-        else:
-            raise ValueError(f"SelfAttention {site!r}: qk_norm must be None, 'rms' or 'layer', got {qk_norm!r}")
+        self.norm_q = head_norm(head_dim, qk_norm, site=site, eps=qk_norm_eps, param_dtype=param_dtype)
+        self.norm_k = head_norm(head_dim, qk_norm, site=site, eps=qk_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, x, quant: QuantizerBase | None = None, mask=None):
         b, n, d = x.shape
@@ -416,3 +434,113 @@ class TimestepEmbedder(nnx.Module):
         f = timestep_embedding(t, self.freq_dim, flip_sin_to_cos=self.flip_sin_to_cos,
                                freq_shift=self.freq_shift).astype(dtype)
         return self.mlp["2"](jax.nn.silu(self.mlp["0"](f, quant)), quant)
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks named as diffusers names them (PixArt-Σ, SD3): their paths are diffusers' module paths
+# --------------------------------------------------------------------------------------------
+
+
+def split_heads(x, heads: int):
+    """(B, L, H·D) → (B, L, H, D)."""
+    b, n, d = x.shape
+    return x.reshape(b, n, heads, d // heads)
+
+
+def merge_heads(x):
+    """(B, L, H, D) → (B, L, H·D)."""
+    b, n, h, d = x.shape
+    return x.reshape(b, n, h * d)
+
+
+class TwoLayer(nnx.Module):
+    """``linear_2(act(linear_1(x)))``: diffusers' ``TimestepEmbedding`` (SiLU) and ``PixArtAlphaTextProjection``.
+
+    ``act`` is an :class:`Mlp` activation name; after a GELU ``linear_2``'s input has role ``post_gelu``.
+    """
+
+    def __init__(self, din: int, dout: int, *, site: str, rngs: nnx.Rngs, act: str = "silu"):
+        role = _check_activation(act, f"TwoLayer {site!r}")
+        self.act = act
+        self.linear_1 = Linear(din, dout, site=f"{site}.linear_1", rngs=rngs)
+        self.linear_2 = Linear(dout, dout, site=f"{site}.linear_2", rngs=rngs, act_role=role)
+
+    def __call__(self, x, quant=None):
+        return self.linear_2(_ACTIVATIONS[self.act](self.linear_1(x, quant)), quant)
+
+
+class GeluProj(nnx.Module):
+    """diffusers' ``GELU`` activation module: ``gelu(proj(x))``."""
+
+    def __init__(self, din: int, dout: int, *, site: str, rngs: nnx.Rngs, approximate: bool = True):
+        self.approximate = approximate
+        self.proj = Linear(din, dout, site=f"{site}.proj", rngs=rngs)
+
+    def __call__(self, x, quant=None):
+        return jax.nn.gelu(self.proj(x, quant), approximate=self.approximate)
+
+
+class FeedForward(nnx.Module):
+    """diffusers' ``FeedForward`` with GELU: sites ``{site}.net.0.proj`` and ``{site}.net.2`` (post_gelu)."""
+
+    def __init__(self, dim: int, *, site: str, rngs: nnx.Rngs, mult: int = 4, approximate: bool = True):
+        inner = dim * mult
+        self.net = nnx.Dict({
+            "0": GeluProj(dim, inner, site=f"{site}.net.0", rngs=rngs, approximate=approximate),
+            "2": Linear(inner, dim, site=f"{site}.net.2", rngs=rngs, act_role="post_gelu"),
+        })
+
+    def __call__(self, x, quant=None):
+        return self.net["2"](self.net["0"](x, quant), quant)
+
+
+class Attention(nnx.Module):
+    """diffusers' ``Attention``: to_q/to_k/to_v → softmax(q·kᵀ/√d)·v (site ``{site}``) → ``to_out.0``.
+
+    ``kv_dim`` is the width of the keys' source (cross-attention); ``qk_norm`` (``"rms_norm"``
+    or ``"layer_norm"``, :func:`head_norm`) normalises q and k per head with learned weights
+    (``norm_q``/``norm_k``).
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, *, site: str, rngs: nnx.Rngs,
+                 kv_dim: int | None = None, bias: bool = True, qk_norm: str | None = None):
+        inner = heads * head_dim
+        kv_dim = dim if kv_dim is None else kv_dim
+        self.heads = heads
+        self.site = site
+        self.to_q = Linear(dim, inner, site=f"{site}.to_q", rngs=rngs, use_bias=bias)
+        self.to_k = Linear(kv_dim, inner, site=f"{site}.to_k", rngs=rngs, use_bias=bias)
+        self.to_v = Linear(kv_dim, inner, site=f"{site}.to_v", rngs=rngs, use_bias=bias)
+        self.to_out = nnx.Dict({"0": Linear(inner, dim, site=f"{site}.to_out.0", rngs=rngs)})
+        self.norm_q = head_norm(head_dim, qk_norm, site=site)
+        self.norm_k = head_norm(head_dim, qk_norm, site=site)
+
+    def project(self, x, context=None, quant=None):
+        """Per-head (q, k, v), each (B, L, H, D), q-/k-normalised if configured."""
+        context = x if context is None else context
+        q = split_heads(self.to_q(x, quant), self.heads)
+        k = split_heads(self.to_k(context, quant), self.heads)
+        v = split_heads(self.to_v(context, quant), self.heads)
+        if self.norm_q is not None:
+            q, k = self.norm_q(q), self.norm_k(k)
+        return q, k, v
+
+    def __call__(self, x, context=None, mask=None, quant=None):
+        q, k, v = self.project(x, context, quant)
+        out = attention(q, k, v, site=self.site, quant=quant, mask=mask)
+        return self.to_out["0"](merge_heads(out), quant)
+
+
+class PatchEmbedding(nnx.Module):
+    """diffusers' ``PatchEmbed`` without a stored table: ``{site}.proj`` (a :class:`PatchEmbed` site) + positions.
+
+    ``__call__(x, pos)`` adds the (tokens, dim) position table ``pos`` in float32 and returns
+    the dtype of ``x``; the families compute ``pos`` for the latent's grid.
+    """
+
+    def __init__(self, in_channels: int, patch_size: int, dim: int, *, rngs: nnx.Rngs, site: str = "pos_embed"):
+        self.proj = PatchEmbed(in_channels, patch_size, dim, site=f"{site}.proj", rngs=rngs)
+
+    def __call__(self, x, pos, quant=None):
+        h = self.proj(x, quant)
+        return (h.astype(jnp.float32) + jnp.asarray(pos, jnp.float32)[None]).astype(x.dtype)

@@ -52,8 +52,18 @@ from flax import nnx
 
 from jdq.models import layers
 from jdq.models.base import ConfigBase, Model
-from jdq.models.layers import Linear, PatchEmbed, layer_norm, unpatchify
-from jdq.models.pixart import Attention, FeedForward, TwoLayer, head_norm, merge_heads, split_heads
+from jdq.models.layers import (
+    Attention,
+    FeedForward,
+    Linear,
+    PatchEmbedding,
+    TwoLayer,
+    head_norm,
+    layer_norm,
+    merge_heads,
+    split_heads,
+    unpatchify,
+)
 
 FAMILY = "sd3"
 
@@ -186,8 +196,8 @@ class JointAttention(Attention):
         self.add_k_proj = Linear(dim, inner, site=f"{site}.add_k_proj", rngs=rngs)
         self.add_v_proj = Linear(dim, inner, site=f"{site}.add_v_proj", rngs=rngs)
         self.to_add_out = None if context_pre_only else Linear(inner, dim, site=f"{site}.to_add_out", rngs=rngs)
-        self.norm_added_q = head_norm(head_dim, qk_norm)
-        self.norm_added_k = head_norm(head_dim, qk_norm)
+        self.norm_added_q = head_norm(head_dim, qk_norm, site=site)
+        self.norm_added_k = head_norm(head_dim, qk_norm, site=site)
 
     def __call__(self, x, context, quant=None):
         q, k, v = self.project(x, quant=quant)
@@ -247,13 +257,6 @@ class JointBlock(nnx.Module):
         return x, c
 
 
-class PatchEmbedding(nnx.Module):
-    """diffusers' ``PatchEmbed``: ``proj`` (a quantization site); the position table is computed."""
-
-    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-        self.proj = PatchEmbed(cfg.in_channels, cfg.patch_size, cfg.inner_dim, site="pos_embed.proj", rngs=rngs)
-
-
 class TimeTextEmbed(nnx.Module):
     """diffusers' ``CombinedTimestepTextProjEmbeddings``: timestep MLP + pooled-text MLP, summed."""
 
@@ -274,7 +277,7 @@ class SD3Transformer(nnx.Module):
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         d, p = cfg.inner_dim, cfg.patch_size
         self.config = cfg
-        self.pos_embed = PatchEmbedding(cfg, rngs=rngs)
+        self.pos_embed = PatchEmbedding(cfg.in_channels, p, d, rngs=rngs)
         self.time_text_embed = TimeTextEmbed(cfg, rngs=rngs)
         self.context_embedder = Linear(cfg.joint_attention_dim, cfg.caption_projection_dim, site="context_embedder",
                                        rngs=rngs)
@@ -306,8 +309,7 @@ class SD3Transformer(nnx.Module):
             raise ValueError(f"SD3: pooled must be (B={b}, {cfg.pooled_projection_dim}), got {tuple(pooled.shape)}")
         gh, gw = hh // p, ww // p
 
-        h = self.pos_embed.proj(x.astype(dtype), quant)
-        h = (h.astype(jnp.float32) + self._positions(gh, gw)[None]).astype(dtype)
+        h = self.pos_embed(x.astype(dtype), self._positions(gh, gw), quant)
         t = jnp.broadcast_to(jnp.reshape(jnp.asarray(t, jnp.float32), (-1,)), (b,))
         temb = self.time_text_embed(t, pooled.astype(dtype), quant)
         c = self.context_embedder(text_emb.astype(dtype), quant)

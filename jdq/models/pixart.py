@@ -48,115 +48,9 @@ from flax import nnx
 
 from jdq.models import layers
 from jdq.models.base import ConfigBase, Model
-from jdq.models.layers import Linear, PatchEmbed, layer_norm, unpatchify
+from jdq.models.layers import Attention, FeedForward, Linear, PatchEmbedding, TwoLayer, layer_norm, unpatchify
 
 FAMILY = "pixart"
-
-# --------------------------------------------------------------------------------------------
-# Building blocks named as diffusers names them (shared with jdq.models.mmdit)
-# --------------------------------------------------------------------------------------------
-
-
-def head_norm(head_dim: int, kind: str | None):
-    """The per-head QK-norm of diffusers' ``Attention(qk_norm=kind)`` (eps 1e-6, learned weight), or ``None``."""
-    if kind is None:
-        return None
-    if kind == "rms_norm":
-        return layers.RMSNorm(head_dim, eps=1e-6)
-    if kind == "layer_norm":
-        return layers.LayerNorm(head_dim, eps=1e-6, affine=True)
-    raise ValueError(f"qk_norm must be None, 'rms_norm' or 'layer_norm', got {kind!r}")
-
-
-class TwoLayer(nnx.Module):
-    """``linear_2(act(linear_1(x)))``: diffusers' ``TimestepEmbedding`` (SiLU) and ``PixArtAlphaTextProjection``."""
-
-    def __init__(self, din: int, dout: int, *, site: str, rngs: nnx.Rngs, act: str = "silu"):
-        if act not in ("silu", "gelu_tanh"):
-            raise ValueError(f"{site}: activation must be 'silu' or 'gelu_tanh', got {act!r}")
-        self.act = act
-        self.linear_1 = Linear(din, dout, site=f"{site}.linear_1", rngs=rngs)
-        self.linear_2 = Linear(dout, dout, site=f"{site}.linear_2", rngs=rngs,
-                               act_role="post_gelu" if act == "gelu_tanh" else "act")
-
-    def __call__(self, x, quant=None):
-        h = self.linear_1(x, quant)
-        h = jax.nn.gelu(h, approximate=True) if self.act == "gelu_tanh" else jax.nn.silu(h)
-        return self.linear_2(h, quant)
-
-
-class GeluProj(nnx.Module):
-    """diffusers' ``GELU`` activation module: ``gelu(proj(x))``."""
-
-    def __init__(self, din: int, dout: int, *, site: str, rngs: nnx.Rngs, approximate: bool = True):
-        self.approximate = approximate
-        self.proj = Linear(din, dout, site=f"{site}.proj", rngs=rngs)
-
-    def __call__(self, x, quant=None):
-        return jax.nn.gelu(self.proj(x, quant), approximate=self.approximate)
-
-
-class FeedForward(nnx.Module):
-    """diffusers' ``FeedForward`` with GELU: sites ``{site}.net.0.proj`` and ``{site}.net.2`` (post_gelu)."""
-
-    def __init__(self, dim: int, *, site: str, rngs: nnx.Rngs, mult: int = 4, approximate: bool = True):
-        inner = dim * mult
-        self.net = nnx.Dict({
-            "0": GeluProj(dim, inner, site=f"{site}.net.0", rngs=rngs, approximate=approximate),
-            "2": Linear(inner, dim, site=f"{site}.net.2", rngs=rngs, act_role="post_gelu"),
-        })
-
-    def __call__(self, x, quant=None):
-        return self.net["2"](self.net["0"](x, quant), quant)
-
-
-def split_heads(x, heads: int):
-    """(B, L, H·D) → (B, L, H, D)."""
-    b, n, d = x.shape
-    return x.reshape(b, n, heads, d // heads)
-
-
-def merge_heads(x):
-    """(B, L, H, D) → (B, L, H·D)."""
-    b, n, h, d = x.shape
-    return x.reshape(b, n, h * d)
-
-
-class Attention(nnx.Module):
-    """diffusers' ``Attention``: to_q/to_k/to_v → softmax(q·kᵀ/√d)·v (site ``{site}``) → ``to_out.0``.
-
-    ``kv_dim`` is the width of the keys' source (cross-attention); ``qk_norm`` (``"rms_norm"``
-    or ``"layer_norm"``) normalises q and k per head with learned weights (``norm_q``/``norm_k``).
-    """
-
-    def __init__(self, dim: int, heads: int, head_dim: int, *, site: str, rngs: nnx.Rngs,
-                 kv_dim: int | None = None, bias: bool = True, qk_norm: str | None = None):
-        inner = heads * head_dim
-        kv_dim = dim if kv_dim is None else kv_dim
-        self.heads = heads
-        self.site = site
-        self.to_q = Linear(dim, inner, site=f"{site}.to_q", rngs=rngs, use_bias=bias)
-        self.to_k = Linear(kv_dim, inner, site=f"{site}.to_k", rngs=rngs, use_bias=bias)
-        self.to_v = Linear(kv_dim, inner, site=f"{site}.to_v", rngs=rngs, use_bias=bias)
-        self.to_out = nnx.Dict({"0": Linear(inner, dim, site=f"{site}.to_out.0", rngs=rngs)})
-        self.norm_q = head_norm(head_dim, qk_norm)
-        self.norm_k = head_norm(head_dim, qk_norm)
-
-    def project(self, x, context=None, quant=None):
-        """Per-head (q, k, v), each (B, L, H, D), q-/k-normalised if configured."""
-        context = x if context is None else context
-        q = split_heads(self.to_q(x, quant), self.heads)
-        k = split_heads(self.to_k(context, quant), self.heads)
-        v = split_heads(self.to_v(context, quant), self.heads)
-        if self.norm_q is not None:
-            q, k = self.norm_q(q), self.norm_k(k)
-        return q, k, v
-
-    def __call__(self, x, context=None, mask=None, quant=None):
-        q, k, v = self.project(x, context, quant)
-        out = layers.attention(q, k, v, site=self.site, quant=quant, mask=mask)
-        return self.to_out["0"](merge_heads(out), quant)
-
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -269,13 +163,6 @@ PIXART_SIGMA_XL_2_1024_MS = Config(
 # --------------------------------------------------------------------------------------------
 
 
-class PatchEmbedding(nnx.Module):
-    """diffusers' ``PatchEmbed`` without a stored table: ``proj`` (a quantization site) + sin-cos positions."""
-
-    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-        self.proj = PatchEmbed(cfg.in_channels, cfg.patch_size, cfg.inner_dim, site="pos_embed.proj", rngs=rngs)
-
-
 class PixArtBlock(nnx.Module):
     """diffusers' ``BasicTransformerBlock`` with ``norm_type='ada_norm_single'`` (PixArt)."""
 
@@ -338,7 +225,7 @@ class PixArtTransformer(nnx.Module):
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         d, p = cfg.inner_dim, cfg.patch_size
         self.config = cfg
-        self.pos_embed = PatchEmbedding(cfg, rngs=rngs)
+        self.pos_embed = PatchEmbedding(cfg.in_channels, p, d, rngs=rngs)
         self.adaln_single = AdaLNSingle(cfg, rngs=rngs)
         self.caption_projection = (TwoLayer(cfg.caption_channels, d, site="caption_projection", rngs=rngs,
                                             act="gelu_tanh") if cfg.caption_channels is not None else None)
@@ -368,8 +255,7 @@ class PixArtTransformer(nnx.Module):
 
         pos = layers.sincos_pos_embed_2d(cfg.inner_dim, gh, gw, base_size=cfg.sample_size // p,
                                          interpolation_scale=cfg.interpolation_scale)
-        h = self.pos_embed.proj(x.astype(dtype), quant)
-        h = (h.astype(jnp.float32) + pos[None]).astype(dtype)
+        h = self.pos_embed(x.astype(dtype), pos, quant)
 
         t = jnp.broadcast_to(jnp.reshape(jnp.asarray(t, jnp.float32), (-1,)), (b,))
         if cfg.use_additional_conditions:

@@ -2,32 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-
-def _atomic_write(path, write_fn, suffix):
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory, not a file name")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+from jdq.io import atomic_write
 
 
 def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2, pad_value: int = 0) -> np.ndarray:
@@ -53,7 +32,7 @@ def save_grid(path, images: np.ndarray, ncol: int | None = None, scale: int = 1)
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    return _atomic_write(path, lambda tmp: img.save(tmp, format="PNG"), ".png")
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def save_npz(path, **arrays) -> Path:
@@ -61,7 +40,7 @@ def save_npz(path, **arrays) -> Path:
     def write(tmp):
         with open(tmp, "wb") as f:
             np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
-    return _atomic_write(path, write, ".npz")
+    return atomic_write(path, write)
 
 
 def to_uint8(x: np.ndarray, lo: float = -1.0, hi: float = 1.0) -> np.ndarray:

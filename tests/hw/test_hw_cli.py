@@ -36,3 +36,12 @@ def test_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert status == 2 and not out.exists()
     assert "unknown model(s) ['dit-xl-9']" in err and "'tpu9' is not a preset" in err and "'w1a1' is not a plan" in err
+
+
+def test_bad_json_path_is_refused_before_costing(tmp_path, capsys):
+    missing = tmp_path / "no" / "cost.json"
+    assert cli.run(_parse("--models", "dit-xl-2", "--json", str(missing))) == 2
+    captured = capsys.readouterr()
+    assert f"folder {missing.parent} does not exist" in captured.err and captured.out == ""
+    assert cli.run(_parse("--models", "dit-xl-2", "--json", str(tmp_path))) == 2
+    assert "is a folder" in capsys.readouterr().err

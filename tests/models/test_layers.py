@@ -108,3 +108,16 @@ def test_every_linear_site_is_its_param_path():
         assert linears
         for path, m in linears:
             assert m.site == ".".join(str(k) for k in path)
+
+
+def test_self_attention_qk_norm_is_the_diffusers_head_norm():
+    """SelfAttention's QK-norm is :func:`layers.head_norm` (diffusers' spellings); others name the site."""
+    from flax import nnx
+
+    attn = layers.SelfAttention(16, 2, site="blocks.0.attn", rngs=nnx.Rngs(params=0), qk_norm="rms_norm")
+    assert isinstance(attn.norm_q, layers.RMSNorm) and attn.norm_q.scale.shape == (8,)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 16)), jnp.float32)
+    plain = layers.SelfAttention(16, 2, site="blocks.0.attn", rngs=nnx.Rngs(params=0))
+    assert not np.allclose(attn(x), plain(x))  # same weights, the norm changes q and k
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn.*qk_norm must be None, 'rms_norm' or 'layer_norm', got 'rms'"):
+        layers.SelfAttention(16, 2, site="blocks.0.attn", rngs=nnx.Rngs(params=0), qk_norm="rms")

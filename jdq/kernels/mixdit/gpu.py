@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jdq.kernels._mgpu import interpret_params, load_vec, pl, plgpu, rhs_kmajor, smem_transforms
+from jdq.kernels._mgpu import (bcast_vec, kmajor_operand, kmajor_spec, pl, plgpu, rhs_kmajor, smem_transforms,
+                               store_tile, tiled_kernel)
 from jdq.kernels.mixdit.ref import HI_TILE, LO_TILE
 
 
@@ -54,14 +54,9 @@ def mixdit_matmul_gpu(x_hi, x_lo, s_x, w_hi, w_lo, s_w, b=None, out_dtype=jnp.bf
     b = jnp.zeros((n,), jnp.float32) if b is None else jnp.asarray(b, jnp.float32)
     out_dtype = jnp.dtype(out_dtype)
     tm, tn = config.tile_m, config.tile_n
+    tile = (tm, tn)
     hi_tr = smem_transforms(HI_TILE, jnp.bfloat16, interpret)
     lo_tr = smem_transforms(LO_TILE, jnp.float8_e4m3fn, interpret)
-    o_tr = smem_transforms(tn, out_dtype, interpret)
-
-    def b_spec(tk, tr, ni):
-        if interpret:  # the interpreter reads B untransposed
-            return plgpu.BlockSpec((tk, tn), lambda kk: (kk, ni))
-        return plgpu.BlockSpec((tn, tk), lambda kk: (ni, kk), transforms=tr)
 
     def body(xh_g, xl_g, wh_g, wl_g, sx_g, sw_g, b_g, o_g, o_s):
         mi = lax.axis_index("m")
@@ -73,38 +68,28 @@ def mixdit_matmul_gpu(x_hi, x_lo, s_x, w_hi, w_lo, s_w, b=None, out_dtype=jnp.bf
                     plgpu.wgmma(acc, x_s, rhs_kmajor(w_s, interpret))
                     plgpu.wgmma_wait(0)
 
-                specs = [plgpu.BlockSpec((tm, tk), lambda kk: (mi, kk), transforms=tr), b_spec(tk, tr, ni)]
+                specs = [plgpu.BlockSpec((tm, tk), lambda kk: (mi, kk), transforms=tr),
+                         kmajor_spec(tn, tk, lambda kk: (ni, kk), tr, interpret)]
                 plgpu.emit_pipeline(step, grid=(x_g.shape[1] // tk,), in_specs=specs,
                                     max_concurrent_steps=config.stages)(x_g, w_g)
                 return acc[...]
 
-            return pl.run_scoped(scope, plgpu.ACC((tm, tn), acc_dtype))
+            return pl.run_scoped(scope, plgpu.ACC(tile, acc_dtype))
 
         y = run(xl_g, wl_g, LO_TILE, lo_tr)
-        y = y * lax.broadcast_in_dim(load_vec(sx_g, mi * tm, tm, 0, interpret), (tm, tn), [0])
-        y = y * lax.broadcast_in_dim(load_vec(sw_g, ni * tn, tn, 1, interpret), (tm, tn), [1])
+        y = y * bcast_vec(sx_g, mi * tm, tile, 0, interpret)
+        y = y * bcast_vec(sw_g, ni * tn, tile, 1, interpret)
         if k_hi:
             y = run(xh_g, wh_g, HI_TILE, hi_tr) + y
-        y = y + lax.broadcast_in_dim(load_vec(b_g, ni * tn, tn, 1, interpret), (tm, tn), [1])
-        o_s[...] = y.astype(out_dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_s, o_g.at[pl.ds(mi * tm, tm), pl.ds(ni * tn, tn)])
-        plgpu.wait_smem_to_gmem(0)
+        y = y + bcast_vec(b_g, ni * tn, tile, 1, interpret)
+        store_tile(y, o_s, o_g, mi, ni)
 
     if k_hi == 0:  # keep the operand list fixed: a dummy (never read) hi tile
         x_hi = jnp.zeros((m, HI_TILE), jnp.bfloat16)
         w_hi = jnp.zeros((n, HI_TILE), jnp.bfloat16)
-    wh = w_hi.T if interpret else w_hi
-    wl = w_lo.T if interpret else w_lo
-    return plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(m // tm, n // tn),
-        grid_names=("m", "n"),
-        scratch_types=[plgpu.SMEM((tm, tn), out_dtype, transforms=o_tr)],
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-        interpret=interpret_params(interpret),
-    )(x_hi, x_lo, wh, wl, jnp.asarray(s_x, jnp.float32), jnp.asarray(s_w, jnp.float32), b)
+    wh, wl = kmajor_operand(w_hi, interpret), kmajor_operand(w_lo, interpret)
+    return tiled_kernel(body, m, n, tm, tn, out_dtype, interpret=interpret)(
+        x_hi, x_lo, wh, wl, jnp.asarray(s_x, jnp.float32), jnp.asarray(s_w, jnp.float32), b)
 
 
 __all__ = ["Config", "mixdit_matmul_gpu"]

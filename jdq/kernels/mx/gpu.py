@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jdq.kernels._mgpu import interpret_params, load_vec, pl, plgpu, rhs_kmajor, smem_transforms
+from jdq.kernels._mgpu import (bcast_vec, kmajor_operand, kmajor_spec, plgpu, smem_transforms, store_tile, tiled_kernel,
+                               wgmma_partial, zeros_carry)
 from jdq.kernels.mx.ref import BLOCK
 
 
@@ -50,56 +50,34 @@ def mx_matmul_gpu(xq, xs, wq, ws, b=None, out_dtype=jnp.bfloat16, config: Config
     out_dtype = jnp.dtype(out_dtype)
     acc_dtype = jnp.int32 if xq.dtype == jnp.int8 else jnp.float32
     tm, tn, bps = config.tile_m, config.tile_n, config.blocks_per_step
+    tile = (tm, tn)
     tr = smem_transforms(BLOCK, xq.dtype, interpret)
-    o_tr = smem_transforms(tn, out_dtype, interpret)
 
     def body(x_g, w_g, xs_g, ws_g, b_g, o_g, o_s):
         mi = lax.axis_index("m")
         ni = lax.axis_index("n")
         x_specs = [plgpu.BlockSpec((tm, BLOCK), lambda kk, j=j: (mi, kk * bps + j), transforms=tr) for j in range(bps)]
-        if interpret:
-            w_specs = [plgpu.BlockSpec((BLOCK, tn), lambda kk, j=j: (kk * bps + j, ni)) for j in range(bps)]
-        else:
-            w_specs = [plgpu.BlockSpec((tn, BLOCK), lambda kk, j=j: (ni, kk * bps + j), transforms=tr) for j in range(bps)]
-
-        def block(x_s, w_s):
-            def scope(acc):
-                plgpu.wgmma(acc, x_s, rhs_kmajor(w_s, interpret))
-                plgpu.wgmma_wait(0)
-                return acc[...]
-
-            return pl.run_scoped(scope, plgpu.ACC((tm, tn), acc_dtype)).astype(jnp.float32)
+        w_specs = [kmajor_spec(tn, BLOCK, lambda kk, j=j: (ni, kk * bps + j), tr, interpret) for j in range(bps)]
 
         def step(idx, *refs):
             (kk,) = idx
             xs_refs, ws_refs, carry = refs[:bps], refs[bps:2 * bps], refs[-1]
             for j in range(bps):
                 gi = kk * bps + j
-                a = lax.broadcast_in_dim(load_vec(xs_g.at[gi], mi * tm, tm, 0, interpret), (tm, tn), [0])
-                c = lax.broadcast_in_dim(load_vec(ws_g.at[gi], ni * tn, tn, 1, interpret), (tm, tn), [1])
-                carry = carry + (block(xs_refs[j], ws_refs[j]) * a) * c
+                a = bcast_vec(xs_g.at[gi], mi * tm, tile, 0, interpret)
+                c = bcast_vec(ws_g.at[gi], ni * tn, tile, 1, interpret)
+                p = wgmma_partial(xs_refs[j], ws_refs[j], tile, acc_dtype, interpret).astype(jnp.float32)
+                carry = carry + (p * a) * c
             return carry
 
-        init = jnp.zeros((tm, tn), jnp.float32)
-        if not interpret:
-            init = plgpu.layout_cast(init, plgpu.Layout.WGMMA)
         y = plgpu.emit_pipeline(step, grid=(k // (BLOCK * bps),), in_specs=x_specs + w_specs,
-                                max_concurrent_steps=config.stages, init_carry=init)(*([x_g] * bps + [w_g] * bps))
-        y = y + lax.broadcast_in_dim(load_vec(b_g, ni * tn, tn, 1, interpret), (tm, tn), [1])
-        o_s[...] = y.astype(out_dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_s, o_g.at[pl.ds(mi * tm, tm), pl.ds(ni * tn, tn)])
-        plgpu.wait_smem_to_gmem(0)
+                                max_concurrent_steps=config.stages, init_carry=zeros_carry(tile, interpret))(
+                                    *([x_g] * bps + [w_g] * bps))
+        y = y + bcast_vec(b_g, ni * tn, tile, 1, interpret)
+        store_tile(y, o_s, o_g, mi, ni)
 
-    return plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(m // tm, n // tn),
-        grid_names=("m", "n"),
-        scratch_types=[plgpu.SMEM((tm, tn), out_dtype, transforms=o_tr)],
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-        interpret=interpret_params(interpret),
-    )(xq, wq.T if interpret else wq, jnp.asarray(xs, jnp.float32), jnp.asarray(ws, jnp.float32), b)
+    return tiled_kernel(body, m, n, tm, tn, out_dtype, interpret=interpret)(
+        xq, kmajor_operand(wq, interpret), jnp.asarray(xs, jnp.float32), jnp.asarray(ws, jnp.float32), b)
 
 
 __all__ = ["Config", "mx_matmul_gpu"]

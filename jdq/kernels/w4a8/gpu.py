@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jdq.kernels._mgpu import interpret_params, load_vec, pl, plgpu, rhs_kmajor, smem_transforms
+from jdq.kernels._mgpu import (bcast_vec, pl, plgpu, rhs_kmajor, smem_transforms, store_tile, tiled_kernel, wgmma_partial,
+                               zeros_carry)
 
 HALF = 64  # features per nibble half of a packed 128-block
 
@@ -73,8 +73,8 @@ def w4a8_matmul_gpu(xq, xs, wq_packed, ws, b=None, group_size: int | None = None
     xs = jnp.asarray(xs, jnp.float32)
     out_dtype = jnp.dtype(out_dtype)
     tm, tn = config.tile_m, config.tile_n
+    tile = (tm, tn)
     h_tr = smem_transforms(HALF, jnp.int8, interpret)
-    o_tr = smem_transforms(tn, out_dtype, interpret)
     w_shape = (HALF, tn) if interpret else (tn, HALF)
     steps = k // 128
 
@@ -94,7 +94,7 @@ def w4a8_matmul_gpu(xq, xs, wq_packed, ws, b=None, group_size: int | None = None
             plgpu.commit_smem()
 
         def col_scale(g):
-            return lax.broadcast_in_dim(load_vec(ws_g.at[g], ni * tn, tn, 1, interpret), (tm, tn), [1])
+            return bcast_vec(ws_g.at[g], ni * tn, tile, 1, interpret)
 
         if groups == 1:
             def scope(acc):
@@ -107,16 +107,11 @@ def w4a8_matmul_gpu(xq, xs, wq_packed, ws, b=None, group_size: int | None = None
                 plgpu.emit_pipeline(step, grid=(steps,), in_specs=specs, max_concurrent_steps=config.stages)(x_g, x_g, c_g)
                 return acc[...]
 
-            y = pl.run_scoped(scope, plgpu.ACC((tm, tn), jnp.int32)).astype(jnp.float32)
-            y = y * lax.broadcast_in_dim(load_vec(xs_g, mi * tm, tm, 0, interpret), (tm, tn), [0]) * col_scale(0)
+            y = pl.run_scoped(scope, plgpu.ACC(tile, jnp.int32)).astype(jnp.float32)
+            y = y * bcast_vec(xs_g, mi * tm, tile, 0, interpret) * col_scale(0)
         else:
             def part(x_s, w_s):
-                def scope(acc):
-                    plgpu.wgmma(acc, x_s, rhs_kmajor(w_s, interpret))
-                    plgpu.wgmma_wait(0)
-                    return acc[...]
-
-                return pl.run_scoped(scope, plgpu.ACC((tm, tn), jnp.int32)).astype(jnp.float32)
+                return wgmma_partial(x_s, w_s, tile, jnp.int32, interpret).astype(jnp.float32)
 
             def step(idx, x0, x1, c_s, carry):
                 (kk,) = idx
@@ -132,32 +127,18 @@ def w4a8_matmul_gpu(xq, xs, wq_packed, ws, b=None, group_size: int | None = None
                     plgpu.wgmma_wait(0)
                     return acc[...]
 
-                p = pl.run_scoped(scope, plgpu.ACC((tm, tn), jnp.int32)).astype(jnp.float32)
+                p = pl.run_scoped(scope, plgpu.ACC(tile, jnp.int32)).astype(jnp.float32)
                 return carry + p * col_scale(g)
 
-            init = jnp.zeros((tm, tn), jnp.float32)
-            if not interpret:
-                init = plgpu.layout_cast(init, plgpu.Layout.WGMMA)
             y = plgpu.emit_pipeline(step, grid=(steps,), in_specs=specs, max_concurrent_steps=config.stages,
-                                    init_carry=init)(x_g, x_g, c_g)
-            y = y * lax.broadcast_in_dim(load_vec(xs_g, mi * tm, tm, 0, interpret), (tm, tn), [0])
-        y = y + lax.broadcast_in_dim(load_vec(b_g, ni * tn, tn, 1, interpret), (tm, tn), [1])
-        o_s[...] = y.astype(out_dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_s, o_g.at[pl.ds(mi * tm, tm), pl.ds(ni * tn, tn)])
-        plgpu.wait_smem_to_gmem(0)
+                                    init_carry=zeros_carry(tile, interpret))(x_g, x_g, c_g)
+            y = y * bcast_vec(xs_g, mi * tm, tile, 0, interpret)
+        y = y + bcast_vec(b_g, ni * tn, tile, 1, interpret)
+        store_tile(y, o_s, o_g, mi, ni)
 
     w_tr = smem_transforms(w_shape[1], jnp.int8, interpret)
-    return plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(m // tm, n // tn),
-        grid_names=("m", "n"),
-        scratch_types=[plgpu.SMEM(w_shape, jnp.int8, transforms=w_tr), plgpu.SMEM(w_shape, jnp.int8, transforms=w_tr),
-                       plgpu.SMEM((tm, tn), out_dtype, transforms=o_tr)],
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-        interpret=interpret_params(interpret),
-    )(xq, wq_packed, xs, ws.T, b)
+    scratch = [plgpu.SMEM(w_shape, jnp.int8, transforms=w_tr), plgpu.SMEM(w_shape, jnp.int8, transforms=w_tr)]
+    return tiled_kernel(body, m, n, tm, tn, out_dtype, scratch, interpret)(xq, wq_packed, xs, ws.T, b)
 
 
 __all__ = ["Config", "w4a8_matmul_gpu"]

@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jdq.kernels._mgpu import interpret_params, load_vec, pl, plgpu, rhs_kmajor, smem_transforms
+from jdq.kernels._mgpu import (interpret_params, kmajor_operand, kmajor_spec, load_vec, pl, plgpu, rhs_kmajor,
+                               smem_transforms, store_tile, tiled_kernel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +86,6 @@ def _pipe_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret):
     m, n, k = _check(xq, xs, wq, ws, b, cfg)
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
     x_tr = smem_transforms(tk, xq.dtype, interpret)
-    o_tr = smem_transforms(tn, out_dtype, interpret)
     delay = 1 if cfg.wgmma_wait else 0
 
     def body(x_g, w_g, xs_g, ws_g, b_g, o_g, o_s):
@@ -97,35 +97,20 @@ def _pipe_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret):
                 plgpu.wgmma(acc_ref, x_s, rhs_kmajor(w_s, interpret))
                 plgpu.wgmma_wait(cfg.wgmma_wait)
 
-            w_spec = (
-                plgpu.BlockSpec((tk, tn), lambda kk: (kk, ni), delay_release=delay)
-                if interpret
-                else plgpu.BlockSpec((tn, tk), lambda kk: (ni, kk), transforms=x_tr, delay_release=delay)
-            )
             plgpu.emit_pipeline(
                 step,
                 grid=(k // tk,),
-                in_specs=[plgpu.BlockSpec((tm, tk), lambda kk: (mi, kk), transforms=x_tr, delay_release=delay), w_spec],
+                in_specs=[plgpu.BlockSpec((tm, tk), lambda kk: (mi, kk), transforms=x_tr, delay_release=delay),
+                          kmajor_spec(tn, tk, lambda kk: (ni, kk), x_tr, interpret, delay_release=delay)],
                 max_concurrent_steps=cfg.stages,
             )(x_g, w_g)
             return acc_ref[...]
 
         acc = pl.run_scoped(scope, plgpu.ACC((tm, tn), _acc_dtype(xq)))
         y = _epilogue(acc, xs_g, ws_g, b_g, mi * tm, ni * tn, tm, tn, interpret)
-        o_s[...] = y.astype(out_dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_s, o_g.at[pl.ds(mi * tm, tm), pl.ds(ni * tn, tn)])
-        plgpu.wait_smem_to_gmem(0)
+        store_tile(y, o_s, o_g, mi, ni)
 
-    return plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(m // tm, n // tn),
-        grid_names=("m", "n"),
-        scratch_types=[plgpu.SMEM((tm, tn), out_dtype, transforms=o_tr)],
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-        interpret=interpret_params(interpret),
-    )(xq, wq.T if interpret else wq, xs, ws, b)
+    return tiled_kernel(body, m, n, tm, tn, out_dtype, interpret=interpret)(xq, kmajor_operand(wq, interpret), xs, ws, b)
 
 
 def _epilogue(acc, xs_g, ws_g, b_g, row0, col0, tm, tn, interpret):
@@ -148,16 +133,12 @@ def _ws_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret):
     acc_dtype = _acc_dtype(xq)
 
     def get_pipeline(body, ctx):
-        w_spec = (
-            plgpu.BlockSpec((tk, cta_n), lambda kk: (kk, 0))
-            if interpret
-            else plgpu.BlockSpec((cta_n, tk), lambda kk: (0, kk), transforms=x_tr)
-        )
         return plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(k_iters,),
             memory_registers=40,
-            in_specs=[plgpu.BlockSpec((cta_m, tk), lambda kk: (0, kk), transforms=x_tr), w_spec],
+            in_specs=[plgpu.BlockSpec((cta_m, tk), lambda kk: (0, kk), transforms=x_tr),
+                      kmajor_spec(cta_n, tk, lambda kk: (0, kk), x_tr, interpret)],
             wg_axis="wg",
             num_compute_wgs=2,
             max_concurrent_steps=cfg.stages,
@@ -227,7 +208,7 @@ def _ws_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret):
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret_params(interpret),
-    )(xq, wq.T if interpret else wq, xs, ws, b)
+    )(xq, kmajor_operand(wq, interpret), xs, ws, b)
 
 
 def w8a8_matmul_gpu(xq, xs, wq, ws, b=None, out_dtype=jnp.bfloat16, config: Config = Config(), interpret=False):

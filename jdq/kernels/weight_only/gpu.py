@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jdq.kernels._mgpu import interpret_params, load_vec, pl, plgpu, rhs_kmajor, smem_transforms
+from jdq.kernels._mgpu import bcast_vec, pl, plgpu, rhs_kmajor, smem_transforms, store_tile, tiled_kernel, zeros_carry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +64,7 @@ def weight_only_matmul_gpu(x, codes, scale, b, bits: int, group_size: int, out_d
     out_dtype = jnp.dtype(out_dtype)
     x_tr = smem_transforms(tk, jnp.bfloat16, interpret)
     c_tr = smem_transforms(kc, jnp.int8, interpret)
-    o_tr = smem_transforms(tn, out_dtype, interpret)
+    tile = (tm, tn)
     steps_per_group = group_size // tk
     # interpret mode reads B untransposed: the dequantized tile is stored (tk, tn) there
     wd_shape = (tk, tn) if interpret else (tn, tk)
@@ -107,8 +106,8 @@ def weight_only_matmul_gpu(x, codes, scale, b, bits: int, group_size: int, out_d
                                     max_concurrent_steps=config.stages)(x_g, c_g)
                 return acc[...]
 
-            y = pl.run_scoped(scope, plgpu.ACC((tm, tn), jnp.float32))
-            y = y * lax.broadcast_in_dim(load_vec(s_g.at[0], ni * tn, tn, 1, interpret), (tm, tn), [1])
+            y = pl.run_scoped(scope, plgpu.ACC(tile, jnp.float32))
+            y = y * bcast_vec(s_g.at[0], ni * tn, tile, 1, interpret)
         else:
             def group_step(idx, x_s, c_s, carry):
                 (kk,) = idx
@@ -117,32 +116,18 @@ def weight_only_matmul_gpu(x, codes, scale, b, bits: int, group_size: int, out_d
                     mma(acc, x_s, c_s)
                     return acc[...]
 
-                part = pl.run_scoped(part_scope, plgpu.ACC((tm, tn), jnp.float32))
+                part = pl.run_scoped(part_scope, plgpu.ACC(tile, jnp.float32))
                 g = kk // steps_per_group
-                s = load_vec(s_g.at[g], ni * tn, tn, 1, interpret)
-                return carry + part * lax.broadcast_in_dim(s, (tm, tn), [1])
+                return carry + part * bcast_vec(s_g.at[g], ni * tn, tile, 1, interpret)
 
-            init = jnp.zeros((tm, tn), jnp.float32)
-            if not interpret:
-                init = plgpu.layout_cast(init, plgpu.Layout.WGMMA)
             y = plgpu.emit_pipeline(group_step, grid=(k // tk,), in_specs=specs, max_concurrent_steps=config.stages,
-                                    init_carry=init)(x_g, c_g)
-        y = y + lax.broadcast_in_dim(load_vec(b_g, ni * tn, tn, 1, interpret), (tm, tn), [1])
-        o_s[...] = y.astype(out_dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_s, o_g.at[pl.ds(mi * tm, tm), pl.ds(ni * tn, tn)])
-        plgpu.wait_smem_to_gmem(0)
+                                    init_carry=zeros_carry(tile, interpret))(x_g, c_g)
+        y = y + bcast_vec(b_g, ni * tn, tile, 1, interpret)
+        store_tile(y, o_s, o_g, mi, ni)
 
     d_tr = smem_transforms(wd_shape[1], jnp.bfloat16, interpret)
-    return plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(m // tm, n // tn),
-        grid_names=("m", "n"),
-        scratch_types=[plgpu.SMEM(wd_shape, jnp.bfloat16, transforms=d_tr), plgpu.SMEM((tm, tn), out_dtype, transforms=o_tr)],
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-        interpret=interpret_params(interpret),
-    )(x, codes, scale.T, b)
+    scratch = [plgpu.SMEM(wd_shape, jnp.bfloat16, transforms=d_tr)]
+    return tiled_kernel(body, m, n, tm, tn, out_dtype, scratch, interpret)(x, codes, scale.T, b)
 
 
 __all__ = ["Config", "weight_only_matmul_gpu"]
