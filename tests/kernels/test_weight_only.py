@@ -69,3 +69,41 @@ def test_gpu_kernel_lowers_to_mosaic_gpu(bits, group):
     args = [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
     f = jax.jit(functools.partial(weight_only_matmul_gpu, bits=bits, group_size=group))
     assert "mosaic_gpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+# tile configs of the benchmark's weight-only sweep (benchmarks/kernels.py --weight-only-tiles): tile_m 128 / 256
+# (fewer CTAs along M dequantizing the same weight tile) and tile_n 64
+@pytest.mark.parametrize("bits,group,tm,tn,stages", [(4, 128, 128, 64, 2), (8, 256, 256, 64, 2), (4, 128, 128, 128, 2)])
+def test_gpu_kernel_interpret_sweep_tiles(bits, group, tm, tn, stages):
+    m, k, n = 256, 256, 128
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(3), 4)
+    x = jax.random.normal(k1, (m, k)).astype(jnp.bfloat16)
+    qmax = 127 if bits == 8 else 7
+    codes = jax.random.randint(k2, (n, k), -qmax, qmax + 1).astype(jnp.int8)
+    packed = codes if bits == 8 else ref.pack_int4(codes)
+    scale = jax.random.uniform(k3, (n, k // group), jnp.float32, 0.01, 0.02)
+    b = jax.random.normal(k4, (n,))
+    got = weight_only_matmul_gpu(x, packed, scale, b, bits, group, jnp.float32, Config(tm, tn, 128, stages), interpret=True)
+    want = ref.weight_only_matmul(x, packed, scale, b, bits, group, jnp.float32)
+    rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+    assert rel < 1e-5, rel
+
+
+@pytest.mark.parametrize("tm,tn,stages", [(64, 64, 4), (128, 64, 4), (256, 64, 2), (64, 128, 4), (128, 128, 3)])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_sweep_tiles_lower_to_mosaic_gpu(bits, tm, tn, stages):
+    cfg = Config(tm, tn, 128, stages)
+    assert cfg.smem_bytes(bits) <= 220 * 1024  # the budget the benchmark picks stages by
+    m, k, n, group = 256, 4608, 1152, 128 if bits == 4 else 4608
+    shapes = [((m, k), jnp.bfloat16), ((n, k if bits == 8 else k // 2), jnp.int8), ((n, k // group), jnp.float32),
+              ((n,), jnp.float32)]
+    args = [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
+    f = jax.jit(functools.partial(weight_only_matmul_gpu, bits=bits, group_size=group, config=cfg))
+    assert "mosaic_gpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_config_smem_and_registers():
+    assert Config(64, 128, 128, 4).smem_bytes(8) == 4 * (64 * 128 * 2 + 128 * 128) + 128 * 128 * 2 + 64 * 128 * 2
+    assert Config(64, 128, 128, 4).smem_bytes(4) == 4 * (64 * 128 * 2 + 128 * 64) + 128 * 128 * 2 + 64 * 128 * 2
+    assert Config(128, 128).acc_registers(grouped=False) == 128
+    assert Config(128, 128).acc_registers(grouped=True) == 256

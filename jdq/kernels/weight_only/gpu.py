@@ -43,6 +43,16 @@ class Config:
         """Whether N, K and the group size fit this config's tiles."""
         return n % self.tile_n == 0 and k % self.tile_k == 0 and group_size % self.tile_k == 0 and (bits == 8 or self.tile_k == 128)
 
+    def smem_bytes(self, bits: int, out_itemsize: int = 2) -> int:
+        """Shared memory of the buffers: ``stages`` x and code tiles, the dequantized tile, the output tile."""
+        kc = self.tile_k if bits == 8 else self.tile_k // 2
+        return (self.stages * (self.tile_m * self.tile_k * 2 + self.tile_n * kc) + self.tile_n * self.tile_k * 2
+                + self.tile_m * self.tile_n * out_itemsize)
+
+    def acc_registers(self, grouped: bool) -> int:
+        """32-bit registers per thread that the float32 accumulator (and, with groups, the carry) occupy."""
+        return self.tile_m * self.tile_n // 128 * (2 if grouped else 1)
+
 
 def weight_only_matmul_gpu(x, codes, scale, b, bits: int, group_size: int, out_dtype=jnp.bfloat16,
                            config: Config = Config(), interpret=False):
