@@ -12,6 +12,19 @@ Run on a GPU: ``python benchmarks/kernels.py --device-run [--out DIR] [--budget-
    first the XLA baselines and W8A8, then FP8, W4A8, MixDiT, MXFP8 / MXINT8, weight-only
    (batch ≤ 4). Only kernels that passed their check are timed.
 
+Variants that split a linear into its parts: ``jdq_w8a8_gemm`` and ``jdq_mixdit_gemm`` (the GEMM
+kernel alone on pre-quantized / pre-split operands) next to ``jdq_w8a8`` / ``jdq_mixdit`` (the
+whole linear) and ``xla_mixdit_split`` (MixDiT's activation split alone, in XLA);
+``jdq_w4a8_channel`` (per-channel scales: no group rescale) next to ``jdq_w4a8`` (groups of 64).
+``--weight-only-tiles 64x128,128x64,...`` times W8A16 / W4A16 at batch ≤ 4 once per tile config
+(each checked on the device first; configs that do not fit a shape are skipped with the reason).
+``--variants`` and ``--layers`` restrict what is checked and timed.
+
+**Roofline.** The run measures the HBM copy bandwidth (``a + 1`` over a large float32 vector) and
+gives every timed variant its floor: max(bytes of its operands and output as stored / copy
+bandwidth, its GEMM ops / the dense tensor-core peak of its operand type), and the percentage of
+that floor it reached (``% of roofline``), with which bound applies.
+
 Times are the median over ``--iters`` CUPTI-measured iterations (summed kernel time, no launch
 gaps; ``jax.experimental.mosaic.gpu.profiler.measure``), each iteration over ``--rotate``
 independent input sets so that repeated runs do not hit in the L2 cache. Results go to
@@ -570,6 +583,35 @@ def kernel_of(name):
     return KERNEL_OF.get(name, ())
 
 
+def variant_filter(chosen, sweep):
+    """A ``keep(names)`` for :func:`plan_phases`: only the ``chosen`` variants (None: all); with a ``sweep``
+    (its variant names), each weight-only kernel is replaced by its sweep configs."""
+    def keep(names):
+        out = []
+        for nm in names:
+            if nm in WEIGHT_ONLY and sweep:
+                out += [sw for sw in sweep if sw.partition("@")[0] == nm and (chosen is None or nm in chosen)]
+            elif chosen is None or nm in chosen:
+                out.append(nm)
+        return tuple(out)
+    return keep
+
+
+def plan_phases(batches_arg, on_gpu, keep=tuple):
+    """``[(variant names, batches)]`` in timing order; ``keep`` filters (and expands) each name tuple."""
+    if not on_gpu:
+        return [(keep(BASELINES + CORE + EXTRA + WEIGHT_ONLY), ["tiny"])]
+    batches = [b if b == "pixart" else int(b) for b in batches_arg.split(",")]
+    big = [b for b in batches if b in (16, 32, 64)]
+    small_b = [b for b in batches if b in (1, 2, 4)]
+    rest = [b for b in batches if b not in big]
+    phases = [  # the issue's goals first: W8A8 at batch >= 16, MixDiT, W4A16 at batch 1-4
+        (BASELINES + CORE, big), (MID, big), (("xla_bf16",) + WEIGHT_ONLY, small_b),
+        (BASELINES + CORE, rest), (MX, big + [b for b in rest if b == "pixart"]),
+        (MID, [b for b in rest if b == "pixart"])]
+    return [(keep(names), bl) for names, bl in phases]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device-run", action="store_true", help="full run on a GPU")
@@ -612,34 +654,15 @@ def main(argv=None):
         raise SystemExit(f"--variants {args.variants!r}: unknown {sorted(set(chosen) - known) or 'none given'}; "
                          f"known: {sorted(known)}")
 
-    def keep(names):
-        """``names`` minus the unselected variants; with a sweep, the weight-only kernels run once per tile config."""
-        out = []
-        for nm in names:
-            if nm in WEIGHT_ONLY and sweep:
-                out += [sw for sw in sweep if sw.partition("@")[0] == nm and (chosen is None or nm in chosen)]
-            elif chosen is None or nm in chosen:
-                out.append(nm)
-        return tuple(out)
 
     t_start = time.time()
     on_gpu = jax.default_backend() == "gpu"
     if args.device_run and not on_gpu:
         raise SystemExit("--device-run needs a GPU")
     small = not on_gpu
-    if on_gpu:
-        batches = [b if b == "pixart" else int(b) for b in args.batches.split(",")]
-        big = [b for b in batches if b in (16, 32, 64)]
-        small_b = [b for b in batches if b in (1, 2, 4)]
-        rest = [b for b in batches if b not in big]
-        phases = [  # the issue's goals first: W8A8 at batch >= 16, MixDiT, W4A16 at batch 1-4
-            (BASELINES + CORE, big), (MID, big), (("xla_bf16",) + WEIGHT_ONLY, small_b),
-            (BASELINES + CORE, rest), (MX, big + [b for b in rest if b == "pixart"]),
-            (MID, [b for b in rest if b == "pixart"])]
-    else:  # smoke: one tiny shape, every variant once
+    if not on_gpu:  # smoke: one tiny shape, every variant once
         args.rotate, args.iters = 1, 1
-        phases = [(BASELINES + CORE + EXTRA + WEIGHT_ONLY, ["tiny"])]
-    phases = [(keep(names), bl) for names, bl in phases]
+    phases = plan_phases(args.batches, on_gpu, variant_filter(chosen, sweep))
     only = None
     if chosen is not None:
         only = {c for names, _ in phases for nm in names for c in kernel_of(nm)}
@@ -674,6 +697,9 @@ def main(argv=None):
                 for name in names:
                     if name in row or any(c not in passed for c in kernel_of(name)):
                         continue
+                    if time.time() - t_start > args.budget_s:  # a sweep shape holds many variants: stop between them
+                        stop = True
+                        break
                     if "@" in name:
                         why = sweep_invalid(name, m, k, n)
                         if why:

@@ -136,3 +136,25 @@ def test_smoke_run_with_sweep_and_a_crashing_check(tmp_path):
     assert "## Roofline" in md and "## Weight-only tile sweep" in md and "| tiny | jdq W4A16 (g128) | 128×64, 2 | 2 |" in md
     summ = subprocess.run([sys.executable, SCRIPT, "--summarize", out], capture_output=True, text=True, timeout=120)
     assert "% of roofline" in summ.stdout and "w4a16  best 128x64s2" in summ.stdout, summ.stdout
+
+
+def test_device_plan_of_the_issue5_command(kb):
+    """The phases and checks of the device command in the report (order = priority under the budget)."""
+    chosen = ("xla_bf16,jdq_w8a8,jdq_w8a8_gemm,jdq_mixdit,jdq_mixdit_gemm,xla_mixdit_split,jdq_w4a8,jdq_w4a8_channel,"
+              "jdq_w8a16,jdq_w4a16").split(",")
+    sweep = kb.sweep_names("64x64,128x64,256x64,64x128,128x128")
+    phases = [(n, b) for n, b in kb.plan_phases("32,1,4", True, kb.variant_filter(chosen, sweep)) if n and b]
+    assert phases[0] == (("xla_bf16", "jdq_w8a8", "jdq_w8a8_gemm"), [32])
+    assert phases[1] == (("jdq_mixdit", "jdq_mixdit_gemm", "xla_mixdit_split", "jdq_w4a8", "jdq_w4a8_channel"), [32])
+    assert phases[2] == (("xla_bf16",) + tuple(sw for sw in sweep if sw.startswith("jdq_w8a16"))
+                         + tuple(sw for sw in sweep if sw.startswith("jdq_w4a16")), [1, 4])
+    assert len(phases[2][0]) == 11 and "jdq_w4a16@256x64s2" in phases[2][0] and "jdq_w8a16@128x128s3" in phases[2][0]
+    checks = {c for names, _ in phases for nm in names for c in kb.kernel_of(nm)}
+    assert {"token_quant.int8.bf16", "w8a8.int8.ws", "w4a8.g64", "w4a8.channel", "mixdit.k_hi64"} < checks
+    assert len(checks) == 5 + 10
+    names = {nm for nm, _ in kb.check_list(False, "64x64,128x64,256x64,64x128,128x128")}
+    assert checks <= names  # every needed check exists, and the device check shape fits every sweep config:
+    assert all(kb.sweep_invalid(sw, 1024, 1152, 1536) is None for sw in sweep)
+    for m in (256, 1024):  # ... and every timed shape (b1, b4; qkv, fc2)
+        assert all(kb.sweep_invalid(sw, m, k, n) is None for sw in sweep for k, n in ((1152, 3456), (4608, 1152)))
+    assert [s for s in kb.shapes_for(32, ["qkv", "fc2"])] == [("dit.b32.qkv", 8192, 1152, 3456), ("dit.b32.fc2", 8192, 4608, 1152)]
