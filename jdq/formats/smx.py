@@ -117,7 +117,7 @@ def _unlayout(xs, axis, n):
 
 
 def _pair_max(a, k2_axis, k2):
-    """Max over the (small) sub-block axis as elementwise maxima of slices, keepdims.
+    """Max over a small axis as elementwise maxima of slices, keepdims.
 
     Written without a reduce so XLA fuses it into the elementwise pass instead of materialising
     a per-sub-block array.
@@ -129,37 +129,113 @@ def _pair_max(a, k2_axis, k2):
     return out
 
 
+def _block_exponent(amax_bits, fmt):
+    """(NaN/Inf flag, E, E clamped for arithmetic) of blocks from their max |x| bit pattern.
+
+    The max |x| bit pattern orders like |x| (NaN > Inf > finite), so one reduction gives both the
+    NaN/Inf flag and ``E = floor(log2 max|x|)`` (-127 when all |x| < 2**-126).
+    """
+    m = fmt.mantissa_bits
+    bad = amax_bits >= _bits.F32_EXP_MASK
+    e_blk = (amax_bits >> 23) - 127
+    if fmt.shared_exponent == "rounded":
+        amax = lax.bitcast_convert_type(amax_bits, jnp.float32)
+        top = _bits.round_half(_bits.mul_pow2(amax, (m - 1) - jnp.maximum(e_blk, -126)), fmt.rounding)
+        e_blk = jnp.minimum(e_blk + (top > fmt.qmax).astype(jnp.int32), 127)
+    return bad, e_blk, jnp.maximum(e_blk, -126)
+
+
+def _fits_finer(v, e_calc, fmt):
+    """|v| rounded at the micro-shifted (finer) step, for ``microexponent='fit'``."""
+    return jnp.abs(_bits.round_half(_bits.mul_pow2(v, (fmt.mantissa_bits - 1) - (e_calc - 1)), fmt.rounding))
+
+
+def _codes(v, step, fmt):
+    """Integer-valued float32 codes ``clamp(round(v / 2**step), ±qmax)``."""
+    return jnp.clip(_bits.round_half(_bits.mul_pow2(v, -step), fmt.rounding), -fmt.qmax, fmt.qmax)
+
+
 def _quantize_blocks(x, fmt, axis):
     """Integer-valued float32 codes q, step exponents, block exponents E, micro bits, NaN mask."""
     m, k2 = fmt.mantissa_bits, fmt.sub_block_size
     xs = _layout(x.astype(jnp.float32), fmt, axis)
     sub_axis, k2_axis = axis + 1, axis + 2
     ab = _bits.abs_bits(xs)
-    # one reduction per block: the max |x| bit pattern orders like |x| (NaN > Inf > finite), so it
-    # gives both the NaN/Inf flag and E = floor(log2 max|x|) (-127 when all |x| < 2**-126)
-    amax_bits = jnp.max(ab, axis=(sub_axis, k2_axis), keepdims=True)
-    bad = amax_bits >= _bits.F32_EXP_MASK
-    e_blk = (amax_bits >> 23) - 127
-    tiny = ab < 0x00800000  # float32 subnormals and zeros: flushed to +0
-    xs = jnp.where(tiny, 0.0, xs)
-    e_elem = jnp.where(tiny, -127, (ab >> 23) - 127)
-    if fmt.shared_exponent == "rounded":
-        amax = lax.bitcast_convert_type(amax_bits, jnp.float32)
-        top = _bits.round_half(_bits.mul_pow2(amax, (m - 1) - jnp.maximum(e_blk, -126)), fmt.rounding)
-        e_blk = jnp.minimum(e_blk + (top > fmt.qmax).astype(jnp.int32), 127)
-    e_calc = jnp.maximum(e_blk, -126)
+    bad, e_blk, e_calc = _block_exponent(jnp.max(ab, axis=(sub_axis, k2_axis), keepdims=True), fmt)
+    xs = _flush(xs, ab)
     if fmt.microexponent == "exponent":
-        shift = (_pair_max(e_elem, k2_axis, k2) < e_blk).astype(jnp.int32)
+        # a flushed element has exponent field 0 (-127), which is what its bits give anyway
+        shift = ((_pair_max(ab, k2_axis, k2) >> 23) - 127 < e_blk).astype(jnp.int32)
     else:
-        fine = _bits.round_half(_bits.mul_pow2(xs, (m - 1) - (e_calc - 1)), fmt.rounding)
-        shift = (_pair_max(jnp.abs(fine), k2_axis, k2) <= fmt.qmax).astype(jnp.int32)
+        shift = (_pair_max(_fits_finer(xs, e_calc, fmt), k2_axis, k2) <= fmt.qmax).astype(jnp.int32)
     step = e_calc - shift - (m - 1)
-    q = jnp.clip(_bits.round_half(_bits.mul_pow2(xs, -step), fmt.rounding), -fmt.qmax, fmt.qmax)
-    return q, step, e_blk, shift, bad
+    return _codes(xs, step, fmt), step, e_blk, shift, bad
+
+
+def _micro_shift(ab, ab_partner, v, v_partner, e_blk, e_calc, fmt):
+    """The 1-bit micro-exponent of each element's pair, elementwise from the element and its partner."""
+    if fmt.microexponent == "exponent":
+        # a flushed element has exponent field 0 (-127), which is what its bits give anyway
+        return ((jnp.maximum(ab, ab_partner) >> 23) - 127 < e_blk).astype(jnp.int32)
+    fine = jnp.maximum(_fits_finer(v, e_calc, fmt), _fits_finer(v_partner, e_calc, fmt))
+    return (fine <= fmt.qmax).astype(jnp.int32)
+
+
+def _flush(v, ab):
+    """Float32 subnormals and zeros flushed to +0."""
+    return jnp.where(ab < 0x00800000, 0.0, v)
+
+
+def _fake_quantize_words(x, fmt: SMXFormat):
+    """:func:`fake_quantize` along the last axis of a 16-bit float array (k2 = 2): one fused pass.
+
+    A sub-block is then one 32-bit word (a bit cast, no data movement), so its max and
+    micro-exponent are elementwise on the word's halves, and the block max is an unrolled max over
+    the block's words, which share a cache line. XLA fuses the whole cast into a single loop.
+    """
+    m, k1, nsub = fmt.mantissa_bits, fmt.block_size, fmt.block_size // 2
+    lead, n = x.shape[:-1], x.shape[-1]
+    w = lax.bitcast_convert_type(x.reshape(*lead, n // 2, 2), jnp.uint32).reshape(*lead, n // k1, nsub)
+    lo, hi = (lax.bitcast_convert_type(h.astype(jnp.uint16), x.dtype).astype(jnp.float32) for h in (w & 0xFFFF, w >> 16))
+    ab_lo, ab_hi = _bits.abs_bits(lo), _bits.abs_bits(hi)
+    bad, e_blk, e_calc = _block_exponent(_pair_max(jnp.maximum(ab_lo, ab_hi), x.ndim, nsub), fmt)
+    lo, hi = _flush(lo, ab_lo), _flush(hi, ab_hi)
+    step = e_calc - _micro_shift(ab_lo, ab_hi, lo, hi, e_blk, e_calc, fmt) - (m - 1)
+
+    def cast_half(v):
+        out = jnp.where(bad, jnp.nan, _bits.mul_pow2(_codes(v, step, fmt), step)).astype(x.dtype)
+        return lax.bitcast_convert_type(out, jnp.uint16).astype(jnp.uint32)
+
+    words = cast_half(lo) | (cast_half(hi) << 16)
+    return lax.bitcast_convert_type(words.reshape(*lead, n // 2), x.dtype).reshape(x.shape)
+
+
+def _fake_quantize_partner(x, fmt: SMXFormat, axis: int):
+    """:func:`fake_quantize` for k2 = 2 along any axis: a block-max reduction and one elementwise pass.
+
+    Each element reads its pair partner from the pair-reversed array (``lax.rev``, fused by XLA),
+    so the micro-exponent needs no per-sub-block intermediate; the general path materialises one
+    and reads the input three times.
+    """
+    m = fmt.mantissa_bits
+    xb = _bits.to_blocks(x.astype(jnp.float32), axis, fmt.block_size)
+    pairs = xb.shape[: axis + 1] + (fmt.block_size // 2, 2) + xb.shape[axis + 2 :]
+    partner = lax.rev(xb.reshape(pairs), (axis + 2,)).reshape(xb.shape)
+    ab, ab_partner = _bits.abs_bits(xb), _bits.abs_bits(partner)
+    bad, e_blk, e_calc = _block_exponent(jnp.max(ab, axis=axis + 1, keepdims=True), fmt)
+    v = _flush(xb, ab)
+    shift = _micro_shift(ab, ab_partner, v, _flush(partner, ab_partner), e_blk, e_calc, fmt)
+    step = e_calc - shift - (m - 1)
+    out = jnp.where(bad, jnp.nan, _bits.mul_pow2(_codes(v, step, fmt), step))
+    return _bits.from_blocks(out, axis, x.shape[axis]).astype(x.dtype)
 
 
 def fake_quantize(x, fmt: SMXFormat, axis: int):
     """Quantize-dequantize ``x`` along normalised ``axis``; same shape and dtype."""
+    if fmt.sub_block_size == 2:  # the default: faster formulations of the same arithmetic
+        if jnp.dtype(x.dtype).itemsize == 2 and axis == x.ndim - 1 and x.shape[axis] % fmt.block_size == 0:
+            return _fake_quantize_words(x, fmt)
+        return _fake_quantize_partner(x, fmt, axis)
     q, step, _, _, bad = _quantize_blocks(x, fmt, axis)
     out = jnp.where(bad, jnp.nan, _bits.mul_pow2(q, step))
     return _unlayout(out, axis, x.shape[axis]).astype(x.dtype)

@@ -1,0 +1,66 @@
+"""The fused SMX fake-quant formulations (pair words, pair partner) equal the general blocked path bit for bit.
+
+``smx.fake_quantize`` takes a one-pass formulation for k2 = 2 (the default) that XLA fuses; the
+general path (a per-sub-block reduction, also used by ``quantize``) is the definition. Inputs mix
+scales over 60 octaves with NaN, ±Inf, zeros, float32 subnormals and rounding ties.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jdq.formats import _bits, smx
+
+
+def _adversarial(shape, dtype, seed):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal(shape).astype(np.float32) * np.exp2(rng.integers(-30, 30, size=shape))
+    flat = a.reshape(-1)
+    idx = rng.choice(flat.size, min(flat.size, 120), replace=False)
+    specials = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-39, 2.0**-126, 2.0**-133, 0.9995, 127.5, 3e38, 1.0]
+    flat[idx] = rng.choice(specials, idx.size)
+    a[0] = 0.0  # an all-zero row: all-zero blocks along the last axis
+    return jnp.asarray(a).astype(dtype)
+
+
+def _general(x, fmt, axis):
+    q, step, _, _, bad = smx._quantize_blocks(x, fmt, axis)
+    out = jnp.where(bad, jnp.nan, _bits.mul_pow2(q, step))
+    return smx._unlayout(out, axis, x.shape[axis]).astype(x.dtype)
+
+
+OPTIONS = [{}, {"rounding": "away"}, {"shared_exponent": "rounded"}, {"microexponent": "fit"}, {"block_size": 32}]
+CASES = [  # (shape, axis, dtype): the word path needs a 16-bit dtype, the last axis and whole blocks
+    ((12, 64), 1, jnp.bfloat16),  # words
+    ((12, 64), 1, jnp.float16),  # words
+    ((12, 64), 1, jnp.float32),  # partner
+    ((64, 12), 0, jnp.bfloat16),  # partner, weight layout
+    ((6, 40, 3), 1, jnp.bfloat16),  # partner, padded middle axis
+    ((6, 50), 1, jnp.bfloat16),  # partner, padded last axis
+]
+
+
+@pytest.mark.parametrize("name", sorted(smx.NAMES))
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_fused_paths_equal_general_path(name, options):
+    fmt = smx.SMXFormat(name, smx.NAMES[name], **options)
+    for i, (shape, axis, dtype) in enumerate(CASES):
+        x = _adversarial(shape, dtype, seed=i)
+        fast = np.asarray(jax.jit(lambda v: smx.fake_quantize(v, fmt, axis))(x).astype(jnp.float32))
+        ref = np.asarray(_general(x, fmt, axis).astype(jnp.float32))
+        assert fast.shape == ref.shape
+        np.testing.assert_array_equal(fast, ref, err_msg=f"{shape} axis={axis} {jnp.dtype(dtype).name}")
+        np.testing.assert_array_equal(np.signbit(fast), np.signbit(ref))
+
+
+def test_word_path_keeps_pairs_apart_from_neighbours():
+    """A pair's micro-exponent depends on its own two elements only (word halves are not mixed up)."""
+    fmt = smx.SMXFormat("mx6", 4)  # m = 4; block max 1.0 -> E = 0, step 2**-3, shifted 2**-4
+    x2 = jnp.asarray([[1.0, 1.0] + [0.16, 0.16] * 7], jnp.bfloat16)  # pairs 1..7 shift: 0.16 -> 3/16
+    out2 = np.asarray(smx.fake_quantize(x2, fmt, 1).astype(jnp.float32))[0]
+    assert out2[0] == out2[1] == 1.0
+    np.testing.assert_array_equal(out2[2:], np.float32(0.1875))
+    x3 = jnp.asarray([[1.0, 0.16] + [0.16, 0.16] * 7], jnp.bfloat16)  # pair 0 is not shifted: 0.16 -> 0.125
+    out3 = np.asarray(smx.fake_quantize(x3, fmt, 1).astype(jnp.float32))[0]
+    assert out3[1] == 0.125 and np.all(out3[2:] == np.float32(0.1875))
