@@ -21,9 +21,16 @@ W8A8 = {
     "NVIDIA H100 80GB HBM3": [(INF, dict(kind="ws", tile_m=128, tile_n=64, tile_k=128, stages=4, wg_dim="n"))],
 }
 
-# Weight-only W8A16 / W4A16 (jdq.kernels.weight_only.gpu.Config).
+# Weight-only W8A16 / W4A16 (jdq.kernels.weight_only.gpu.Config). H200, jax 0.11.2, run 5 tile
+# sweep at DiT-XL/2 qkv and fc2 (benchmarks/results/kernels_device_run5.md): at M = 256 64x64
+# has the least qkv + fc2 time for both widths (fc2's 1152 columns give 64x128 only 36 CTAs for
+# 132 SMs); at M = 1024 256x64 (2 stages) is fastest on all four shapes (each CTA along M
+# dequantizes the same weight tile again, so fewer M tiles win). Larger M: not measured.
 WEIGHT_ONLY = {
     "default": [(INF, dict(tile_m=64, tile_n=128, tile_k=128, stages=4))],
+    "NVIDIA H200": [(256, dict(tile_m=64, tile_n=64, tile_k=128, stages=4)),
+                    (1024, dict(tile_m=256, tile_n=64, tile_k=128, stages=2)),
+                    (INF, dict(tile_m=64, tile_n=128, tile_k=128, stages=4))],
 }
 
 # Not yet tuned on a device (defaults from the shared-memory budget and the W8A8 results):

@@ -107,3 +107,21 @@ def test_config_smem_and_registers():
     assert Config(64, 128, 128, 4).smem_bytes(4) == 4 * (64 * 128 * 2 + 128 * 64) + 128 * 128 * 2 + 64 * 128 * 2
     assert Config(128, 128).acc_registers(grouped=False) == 128
     assert Config(128, 128).acc_registers(grouped=True) == 256
+
+
+def test_tuned_weight_only_configs_fit_the_device():
+    """Every tuned weight-only row is a valid config: tiles fit DiT-XL/2 shapes, buffers fit shared memory."""
+    from jdq.kernels import tuning
+    from jdq.kernels.weight_only.gpu import Config
+
+    hopper_smem = 232448  # bytes per block on H100/H200 (the Mosaic GPU limit in the device logs)
+    for device, rows in tuning.WEIGHT_ONLY.items():
+        for _, kw in rows:
+            cfg = Config(**kw)
+            for bits in (4, 8):
+                assert cfg.smem_bytes(bits) <= hopper_smem, (device, kw, bits)
+                for n, k in ((3456, 1152), (1152, 4608), (4608, 1152), (1152, 1152)):  # qkv, fc2, fc1, proj
+                    assert cfg.supports(n, k, 128, bits), (device, kw, n, k)
+    assert tuning.lookup("weight_only", 256, "NVIDIA H200")["tile_n"] == 64
+    assert tuning.lookup("weight_only", 1024, "NVIDIA H200")["tile_m"] == 256
+    assert tuning.lookup("weight_only", 8192, "NVIDIA H200") == tuning.lookup("weight_only", 8192, "unknown GPU")
