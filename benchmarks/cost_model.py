@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
@@ -333,7 +332,6 @@ def fmt_s(x):
 
 
 def render(val_rows, val_why, same_gemm_s, speed, models, device, quick):
-    import jdq.hw as H
     from jdq.hw import presets
 
     L = []

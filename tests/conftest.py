@@ -1,10 +1,13 @@
-"""Shared test configuration: float32 reference precision on CPU, deterministic hypothesis."""
+"""Shared test configuration: float32 reference precision on CPU, deterministic hypothesis, benchmark loading."""
 
+import importlib.util
 import os
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -15,3 +18,22 @@ try:
     settings.load_profile("jdq")
 except ImportError:  # pragma: no cover
     pass
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark(name)`` imports ``benchmarks/<name>.py`` (scripts, not a package) once per session."""
+    loaded = {}
+
+    def load(name: str):
+        if name not in loaded:
+            spec = importlib.util.spec_from_file_location(f"jdq_benchmark_{name}", BENCHMARKS / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            loaded[name] = module
+        return loaded[name]
+
+    return load

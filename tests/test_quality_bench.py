@@ -1,21 +1,13 @@
 """benchmarks/quality.py at a toy size: the FP row reproduces the reference, a quantized row differs."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
-
-
 @pytest.fixture(scope="module")
-def qb():
-    spec = importlib.util.spec_from_file_location("quality_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def qb(load_benchmark):
+    return load_benchmark("quality")
 
 
 def test_metrics_on_known_offsets(qb):

@@ -17,7 +17,6 @@ on the batch it is in, on the batch size, or on how the batch is split over devi
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax

@@ -2,7 +2,6 @@
 the roofline arithmetic, the tile-sweep options, and a tiny end-to-end smoke run (checks in child
 processes with crash recovery, timing, json / markdown / summary)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,11 +17,8 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "kernels.py")
 
 
 @pytest.fixture(scope="module")
-def kb():
-    spec = importlib.util.spec_from_file_location("jdq_bench_kernels", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def kb(load_benchmark):
+    return load_benchmark("kernels")
 
 
 @pytest.fixture(scope="module")

@@ -44,23 +44,6 @@ def test_reference_equals_fake_quant(fmt, group):
     np.testing.assert_allclose(np.asarray(got), np.asarray(fake), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("bits,group", [(8, 256), (4, 128)])
-def test_gpu_kernel_interpret(bits, group):
-    m, k, n = 64, 256, 128
-    k1, k2, k3, k4 = jax.random.split(jax.random.key(2), 4)
-    x = jax.random.normal(k1, (m, k)).astype(jnp.bfloat16)
-    qmax = 127 if bits == 8 else 7
-    codes = jax.random.randint(k2, (n, k), -qmax, qmax + 1).astype(jnp.int8)
-    packed = codes if bits == 8 else ref.pack_int4(codes)
-    scale = jax.random.uniform(k3, (n, k // group), jnp.float32, 0.01, 0.02)
-    b = jax.random.normal(k4, (n,))
-    got = weight_only_matmul_gpu(x, packed, scale, b, bits, group, jnp.float32, Config(64, 128, 128, 2), interpret=True)
-    want = ref.weight_only_matmul(x, packed, scale, b, bits, group, jnp.float32)
-    # bf16 x and integer codes multiply exactly; only the f32 summation order differs
-    rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
-    assert rel < 1e-5, rel
-
-
 @pytest.mark.parametrize("bits,group", [(8, 1152), (4, 1152), (4, 128)])
 def test_gpu_kernel_lowers_to_mosaic_gpu(bits, group):
     m, k, n = 256, 1152, 3456
@@ -71,10 +54,11 @@ def test_gpu_kernel_lowers_to_mosaic_gpu(bits, group):
     assert "mosaic_gpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-# tile configs of the benchmark's weight-only sweep (benchmarks/kernels.py --weight-only-tiles): tile_m 128 / 256
-# (fewer CTAs along M dequantizing the same weight tile) and tile_n 64
-@pytest.mark.parametrize("bits,group,tm,tn,stages", [(4, 128, 128, 64, 2), (8, 256, 256, 64, 2), (4, 128, 128, 128, 2)])
-def test_gpu_kernel_interpret_sweep_tiles(bits, group, tm, tn, stages):
+# the default tiles, and tile configs of the benchmark's weight-only sweep (benchmarks/kernels.py
+# --weight-only-tiles): tile_m 128 / 256 (fewer CTAs along M dequantizing the same weight tile) and tile_n 64
+@pytest.mark.parametrize("bits,group,tm,tn,stages", [(8, 256, 64, 128, 2), (4, 128, 64, 128, 2), (4, 128, 128, 64, 2),
+                                                     (8, 256, 256, 64, 2), (4, 128, 128, 128, 2)])
+def test_gpu_kernel_interpret(bits, group, tm, tn, stages):
     m, k, n = 256, 256, 128
     k1, k2, k3, k4 = jax.random.split(jax.random.key(3), 4)
     x = jax.random.normal(k1, (m, k)).astype(jnp.bfloat16)
@@ -85,6 +69,7 @@ def test_gpu_kernel_interpret_sweep_tiles(bits, group, tm, tn, stages):
     b = jax.random.normal(k4, (n,))
     got = weight_only_matmul_gpu(x, packed, scale, b, bits, group, jnp.float32, Config(tm, tn, 128, stages), interpret=True)
     want = ref.weight_only_matmul(x, packed, scale, b, bits, group, jnp.float32)
+    # bf16 x and integer codes multiply exactly; only the f32 summation order differs
     rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
     assert rel < 1e-5, rel
 

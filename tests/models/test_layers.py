@@ -3,7 +3,6 @@ patchify (a stride-p conv is a linear over patches), and the site naming contrac
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
