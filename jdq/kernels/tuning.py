@@ -1,9 +1,9 @@
 """Per-device block sizes of the GPU kernels, with a default; measured by ``benchmarks/kernels.py``.
 
 A table maps ``device_kind`` (``jax.devices()[0].device_kind``, e.g. ``"NVIDIA H200"``) to a
-list of ``(max_m, config kwargs)`` rows per op: the first row whose ``max_m`` is at least the
-GEMM's M is used. Unknown devices use ``"default"``. The numbers behind each entry are in
-``jdq/kernels/NOTES.md``.
+list of ``(max_m, config kwargs)`` or ``(max_m, min_n, config kwargs)`` rows per op: the first row
+whose ``max_m`` is at least the GEMM's M (and whose ``min_n``, if any, is at most its N) is used.
+Unknown devices use ``"default"``. The numbers behind each entry are in ``jdq/kernels/NOTES.md``.
 """
 
 from __future__ import annotations
@@ -22,13 +22,15 @@ W8A8 = {
 }
 
 # Weight-only W8A16 / W4A16 (jdq.kernels.weight_only.gpu.Config). H200, jax 0.11.2, run 5 tile
-# sweep at DiT-XL/2 qkv and fc2 (benchmarks/results/kernels_device_run5.md): at M = 256 64x64
-# has the least qkv + fc2 time for both widths (fc2's 1152 columns give 64x128 only 36 CTAs for
-# 132 SMs); at M = 1024 256x64 (2 stages) is fastest on all four shapes (each CTA along M
-# dequantizes the same weight tile again, so fewer M tiles win). Larger M: not measured.
+# sweep at DiT-XL/2 qkv (N = 3456) and fc2 (N = 1152) (benchmarks/results/kernels_device_run5.md):
+# at M = 256 128x64 is fastest for qkv (8.9 / 14.4 µs for W8A16 / W4A16) and 64x64 for fc2
+# (22.3 / 38.6 µs; fc2's 1152 columns give 64x128 only 36 CTAs for 132 SMs); at M = 1024 256x64
+# (2 stages) is fastest on all four shapes (each CTA along M dequantizes the same weight tile
+# again, so fewer M tiles win). Larger M, and N between 1152 and 3456: not measured.
 WEIGHT_ONLY = {
     "default": [(INF, dict(tile_m=64, tile_n=128, tile_k=128, stages=4))],
-    "NVIDIA H200": [(256, dict(tile_m=64, tile_n=64, tile_k=128, stages=4)),
+    "NVIDIA H200": [(256, 3456, dict(tile_m=128, tile_n=64, tile_k=128, stages=4)),
+                    (256, dict(tile_m=64, tile_n=64, tile_k=128, stages=4)),
                     (1024, dict(tile_m=256, tile_n=64, tile_k=128, stages=2)),
                     (INF, dict(tile_m=64, tile_n=128, tile_k=128, stages=4))],
 }
@@ -43,19 +45,24 @@ MX = {"default": [(INF, dict(tile_m=128, tile_n=128, blocks_per_step=4, stages=2
 TABLES = {"w8a8": W8A8, "weight_only": WEIGHT_ONLY, "token_quant": TOKEN_QUANT, "w4a8": W4A8, "mixdit": MIXDIT, "mx": MX}
 
 
-def lookup(op: str, m: int, device: str | None = None) -> dict:
-    """Config kwargs of ``op`` for a GEMM with ``m`` rows on ``device`` (default: the current one)."""
+def lookup(op: str, m: int, device: str | None = None, n: int | None = None) -> dict:
+    """Config kwargs of ``op`` for an (m, ·) x (·, n) GEMM on ``device`` (default: the current one).
+
+    Rows with a ``min_n`` apply only when ``n`` is given and at least ``min_n``.
+    """
     if op not in TABLES:
         raise KeyError(f"no tuning table for op {op!r}; known: {sorted(TABLES)}")
     table = TABLES[op]
     rows = table.get(device or device_kind(), table["default"])
-    for max_m, kw in rows:
-        if m <= max_m:
+    for row in rows:
+        max_m, kw = row[0], row[-1]
+        min_n = row[1] if len(row) == 3 else None
+        if m <= max_m and (min_n is None or (n is not None and n >= min_n)):
             out = dict(kw)
             if op == "w8a8" and out.get("kind") == "ws":
                 out.setdefault("num_sms", num_sms())
             return out
-    return dict(rows[-1][1])
+    return dict(rows[-1][-1])
 
 
 __all__ = ["MIXDIT", "MX", "TABLES", "TOKEN_QUANT", "W4A8", "W8A8", "WEIGHT_ONLY", "lookup"]
