@@ -30,6 +30,11 @@ Non-finite input (our choice; not storable otherwise): a block containing NaN or
 all NaN (its exponent byte is 0xFF, like OCP E8M0's NaN). Quark instead passes NaN/Inf through
 unchanged and quantizes the block's other elements as if they were 0.
 
+Speed: with k2 = 2 (the default) :func:`fake_quantize` uses one-pass formulations of the same
+arithmetic that XLA fuses (one loop along the last axis of a bf16/f16 array; elsewhere a block-max
+reduction plus one elementwise pass), bit-exact with the general blocked path that
+:func:`quantize` uses; ``benchmarks/results/formats_device.md`` has their GPU bandwidth.
+
 Exponent byte: ``E + 127`` (1..254), 0 for a block that is all zero after flushing, 0xFF for NaN.
 Element codes are sign-magnitude: ``code = (sign << m) | |q|`` (uint8).
 """
@@ -233,7 +238,8 @@ def _fake_quantize_partner(x, fmt: SMXFormat, axis: int):
 def fake_quantize(x, fmt: SMXFormat, axis: int):
     """Quantize-dequantize ``x`` along normalised ``axis``; same shape and dtype."""
     if fmt.sub_block_size == 2:  # the default: faster formulations of the same arithmetic
-        if jnp.dtype(x.dtype).itemsize == 2 and axis == x.ndim - 1 and x.shape[axis] % fmt.block_size == 0:
+        words = jnp.dtype(x.dtype).itemsize == 2 and axis == x.ndim - 1 and x.shape[axis] % fmt.block_size == 0
+        if words and fmt.block_size <= 32:  # the block max is unrolled over block_size / 2 words
             return _fake_quantize_words(x, fmt)
         return _fake_quantize_partner(x, fmt, axis)
     q, step, _, _, bad = _quantize_blocks(x, fmt, axis)
