@@ -49,6 +49,34 @@ def test_encodings_equal_the_fake_quant_split(operands):
     assert relerr(got, fake_x @ deq + b) < 1e-6
 
 
+@pytest.mark.parametrize("lo", ["mx6", "mx4", "mxfp6_e2m3"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_row_exponent_shortcut_gives_the_same_codes(lo, dtype):
+    """quantize_activation (row exponent from the input where that is exact) == E4M3 re-encoding of the cast values."""
+    from jdq import formats
+
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((24, 256)).astype(np.float32) * np.exp2(rng.integers(-40, 40, size=(24, 1)))
+    a *= np.exp2(rng.integers(-6, 6, size=(1, 256)))  # blocks several binades apart within a row
+    a[0] = 0.0  # all-zero row
+    a[1, :] = 1e-39  # all subnormal: flushed
+    a[2, 5], a[3, 9], a[4, 17] = np.nan, np.inf, -np.inf
+    a[5, :] = rng.choice([0.9995, -0.9999, 1.0, 127.5, 2.0**-126], 256)  # rounding near the binade edge
+    x = jnp.asarray(a).astype(dtype)
+    perm, k_hi = jnp.asarray(rng.permutation(256)), 32
+    x_hi, x_lo, s_x = jax.jit(ref.quantize_activation, static_argnums=(2, 3, 4))(x, perm, k_hi, "mx9", lo)
+    v = formats.cast(jnp.take(x, perm, axis=-1).astype(jnp.float32)[:, k_hi:], lo, axis=-1)
+    want_lo, want_s = ref.to_e4m3_rows(v)
+    finite = np.isfinite(np.asarray(x, np.float32)).all(axis=1)
+    assert finite.sum() == 21
+    np.testing.assert_array_equal(np.asarray(s_x)[finite], np.asarray(want_s)[finite])
+    got = np.asarray(x_lo[:, : 256 - k_hi].astype(jnp.float32))
+    np.testing.assert_array_equal(got[finite], np.asarray(want_lo.astype(jnp.float32))[finite])
+    # a row with NaN / ±Inf input holds a NaN code either way, so its GEMM output row is all NaN
+    assert np.isnan(np.concatenate([got, np.asarray(x_hi, np.float32)], axis=1)[~finite]).any(axis=1).all()
+    assert ref._row_exponent_is_the_inputs(lo) == (lo in ("mx6", "mx4"))
+
+
 def test_lo_exactness_condition():
     # a 4-bit magnitude whose last bit lies 2^-20 below the row max cannot be an E4M3 value at 2^-7 scale
     v = jnp.array([[1.0, 15 * 2.0**-20, 0.0], [1.0, 15 * 2.0**-16, 0.5]])
