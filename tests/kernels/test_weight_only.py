@@ -112,3 +112,13 @@ def test_tuned_weight_only_configs_fit_the_device():
     assert tuning.lookup("weight_only", 256, "NVIDIA H200")["tile_m"] == 64  # N unknown: the N-free row
     assert tuning.lookup("weight_only", 1024, "NVIDIA H200")["tile_m"] == 256
     assert tuning.lookup("weight_only", 8192, "NVIDIA H200") == tuning.lookup("weight_only", 8192, "unknown GPU")
+
+
+def test_int4_to_bf16_bit_trick_is_exact_for_every_nibble():
+    from jdq.kernels.weight_only.gpu import _int4_to_bf16
+
+    nibbles = jnp.arange(16, dtype=jnp.int16)
+    want = np.where(np.arange(16) < 8, np.arange(16), np.arange(16) - 16)  # two's complement int4
+    got = _int4_to_bf16(nibbles)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), want)

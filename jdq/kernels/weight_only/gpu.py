@@ -54,6 +54,12 @@ class Config:
         return self.tile_m * self.tile_n // 128 * (2 if grouped else 1)
 
 
+def _int4_to_bf16(nibble):
+    """bf16 values of two's-complement int4 ``nibble`` (int16 in [0, 15]), by bit arithmetic."""
+    bits = (nibble ^ jnp.int16(0x8)) | jnp.int16(0x4300)
+    return lax.bitcast_convert_type(bits, jnp.bfloat16) - jnp.bfloat16(136)
+
+
 def weight_only_matmul_gpu(x, codes, scale, b, bits: int, group_size: int, out_dtype=jnp.bfloat16,
                            config: Config = Config(), interpret=False):
     """``x (M, K) · Ŵᵀ + b`` with int8 / packed-int4 codes and per-channel or per-group scales."""
@@ -86,9 +92,11 @@ def weight_only_matmul_gpu(x, codes, scale, b, bits: int, group_size: int, out_d
         if bits == 8:
             wd_s[...] = c.astype(jnp.bfloat16)
             return
+        # int4 -> bf16 without an int -> float conversion: (nibble ^ 8) is the code + 8 in [0, 15];
+        # or-ed into the bits of bf16 128.0 (0x4300) it reads as 128 + code + 8, exactly
         c16 = c.astype(jnp.int16)
-        lo = lax.shift_right_arithmetic(lax.shift_left(c16, jnp.int16(12)), jnp.int16(12)).astype(jnp.bfloat16)
-        hi = lax.shift_right_arithmetic(c16, jnp.int16(4)).astype(jnp.bfloat16)
+        lo = _int4_to_bf16(c16 & jnp.int16(0xF))
+        hi = _int4_to_bf16(lax.shift_right_arithmetic(c16, jnp.int16(4)) & jnp.int16(0xF))
         if interpret:
             wd_s[: tk // 2, :] = lo
             wd_s[tk // 2 :, :] = hi
