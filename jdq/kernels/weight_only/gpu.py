@@ -6,8 +6,9 @@ with float32 scales (N, G). XLA cannot fuse the dequantization into its GEMM (it
 copy of the weight first); here the weight crosses HBM once, in its packed form.
 
 Per K step (``tile_k`` = 128) the pipeline brings an x tile and a code tile to shared memory by
-TMA; the warpgroup loads the codes to registers, sign-extends (int4: two arithmetic shifts of the
-16-bit upcast give the two contiguous 64-wide halves), converts to bf16 (exact: |code| ≤ 127),
+TMA; the warpgroup loads the codes to registers and converts them to bf16 (exact: |code| ≤ 127;
+int4: the two nibbles of the 16-bit upcast, the two contiguous 64-wide halves, become bf16 by bit
+arithmetic, :func:`_int4_to_bf16`),
 stores the bf16 tile to a swizzled shared buffer and runs a bf16 WGMMA against it (transposed
 view: K-major B is allowed for 16-bit types). Scales are not applied to the weight tile:
 
