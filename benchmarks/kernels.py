@@ -101,35 +101,39 @@ def mixdit_k_hi(k):
 
 
 def parse_tiles(spec):
-    """``"64x128,128x64s3,..."`` -> [(tile_m, tile_n, stages or None)]; a bare ``"256"`` is tile_m 256, tile_n 128."""
+    """``"64x128,128x64s3,256x64s2k4,..."`` -> [(tile_m, tile_n, stages or None, split_k)].
+
+    A bare ``"256"`` is tile_m 256, tile_n 128; ``kS`` at the end splits K over S CTAs (default 1).
+    """
     out = []
     for item in filter(None, (t.strip() for t in (spec or "").split(","))):
         try:
-            tiles, _, st = item.partition("s")
+            head, _, split = item.partition("k")
+            tiles, _, st = head.partition("s")
             dims = [int(v) for v in tiles.split("x")]
             tm, tn = (dims[0], 128) if len(dims) == 1 else dims
-            out.append((tm, tn, int(st) if st else None))
+            out.append((tm, tn, int(st) if st else None, int(split) if split else 1))
         except ValueError:
-            raise SystemExit(f"--weight-only-tiles: cannot parse {item!r}; want TMxTN or TMxTNsSTAGES, e.g. 128x64s3")
+            raise SystemExit(f"--weight-only-tiles: cannot parse {item!r}; want TMxTN[sSTAGES][kSPLIT], e.g. 128x64s3k2")
     return out
 
 
-def sweep_config(tm, tn, stages, bits):
+def sweep_config(tm, tn, stages, bits, split=1):
     """The weight-only Config for one sweep entry: ``stages`` as given, else the most (≤ 4) that fit shared memory."""
     from jdq.kernels.weight_only.gpu import Config
 
     if stages is None:
-        stages = next((s for s in (4, 3, 2) if Config(tm, tn, 128, s).smem_bytes(bits) <= SMEM_BUDGET), 2)
-    return Config(tm, tn, 128, stages)
+        stages = next((s for s in (4, 3, 2) if Config(tm, tn, 128, s, split).smem_bytes(bits) <= SMEM_BUDGET), 2)
+    return Config(tm, tn, 128, stages, split)
 
 
 def sweep_names(spec):
     """Variant names of the tile sweep: ``jdq_w8a16@TMxTNsS`` and ``jdq_w4a16@TMxTNsS`` per entry."""
     names = []
-    for tm, tn, st in parse_tiles(spec):
+    for tm, tn, st, split in parse_tiles(spec):
         for base, bits in (("jdq_w8a16", 8), ("jdq_w4a16", 4)):
-            c = sweep_config(tm, tn, st, bits)
-            names.append(f"{base}@{c.tile_m}x{c.tile_n}s{c.stages}")
+            c = sweep_config(tm, tn, st, bits, split)
+            names.append(f"{base}@{c.tile_m}x{c.tile_n}s{c.stages}" + (f"k{c.split_k}" if c.split_k > 1 else ""))
     return names
 
 
@@ -138,10 +142,11 @@ def sweep_parts(name):
     from jdq.kernels.weight_only.gpu import Config
 
     base, _, cfg = name.partition("@")
-    tiles, _, st = cfg.partition("s")
+    head, _, split = cfg.partition("k")
+    tiles, _, st = head.partition("s")
     tm, tn = (int(v) for v in tiles.split("x"))
     bits = 4 if base == "jdq_w4a16" else 8
-    return base, bits, (128 if bits == 4 else None), Config(tm, tn, 128, int(st))
+    return base, bits, (128 if bits == 4 else None), Config(tm, tn, 128, int(st), int(split) if split else 1)
 
 
 def sweep_invalid(name, m, k, n):

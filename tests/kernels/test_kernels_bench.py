@@ -71,7 +71,11 @@ def test_weight_only_sweep_variant_uses_its_tiles(kb, sets):
 
 
 def test_sweep_options(kb):
-    assert kb.parse_tiles("64x128, 128x64s3,256") == [(64, 128, None), (128, 64, 3), (256, 128, None)]
+    assert kb.parse_tiles("64x128, 128x64s3,256") == [(64, 128, None, 1), (128, 64, 3, 1), (256, 128, None, 1)]
+    assert kb.parse_tiles("256x64s2k3,64x64k4") == [(256, 64, 2, 3), (64, 64, None, 4)]  # split-K
+    assert kb.sweep_names("256x64s2k3") == ["jdq_w8a16@256x64s2k3", "jdq_w4a16@256x64s2k3"]
+    assert kb.sweep_parts("jdq_w4a16@256x64s2k3")[3].split_k == 3
+    assert "tile_k" in kb.sweep_invalid("jdq_w4a16@256x64s2k5", 256, 4608, 1152)  # 4608 / 128 steps do not split in 5
     with pytest.raises(SystemExit, match="cannot parse 'axb'"):
         kb.parse_tiles("axb")
     # stages: the most (<= 4) that fit the shared-memory budget, per weight width

@@ -44,21 +44,24 @@ def test_reference_equals_fake_quant(fmt, group):
     np.testing.assert_allclose(np.asarray(got), np.asarray(fake), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("bits,group", [(8, 1152), (4, 1152), (4, 128)])
-def test_gpu_kernel_lowers_to_mosaic_gpu(bits, group):
+@pytest.mark.parametrize("bits,group,split", [(8, 1152, 1), (4, 1152, 1), (4, 128, 1), (4, 128, 3), (8, 1152, 9)])
+def test_gpu_kernel_lowers_to_mosaic_gpu(bits, group, split):
     m, k, n = 256, 1152, 3456
     shapes = [((m, k), jnp.bfloat16), ((n, k if bits == 8 else k // 2), jnp.int8), ((n, k // group), jnp.float32),
               ((n,), jnp.float32)]
     args = [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
-    f = jax.jit(functools.partial(weight_only_matmul_gpu, bits=bits, group_size=group))
+    cfg = Config(64, 64, 128, 4, split_k=split)
+    f = jax.jit(functools.partial(weight_only_matmul_gpu, bits=bits, group_size=group, config=cfg))
     assert "mosaic_gpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 # the default tiles, and tile configs of the benchmark's weight-only sweep (benchmarks/kernels.py
 # --weight-only-tiles): tile_m 128 / 256 (fewer CTAs along M dequantizing the same weight tile) and tile_n 64
-@pytest.mark.parametrize("bits,group,tm,tn,stages", [(8, 256, 64, 128, 2), (4, 128, 64, 128, 2), (4, 128, 128, 64, 2),
-                                                     (8, 256, 256, 64, 2), (4, 128, 128, 128, 2)])
-def test_gpu_kernel_interpret(bits, group, tm, tn, stages):
+@pytest.mark.parametrize("bits,group,tm,tn,stages,split", [(8, 256, 64, 128, 2, 1), (4, 128, 64, 128, 2, 1),
+                                                           (4, 128, 128, 64, 2, 1), (8, 256, 256, 64, 2, 1),
+                                                           (4, 128, 128, 128, 2, 1),
+                                                           (8, 256, 64, 64, 2, 2), (4, 128, 64, 64, 2, 2)])  # split-K
+def test_gpu_kernel_interpret(bits, group, tm, tn, stages, split):
     m, k, n = 256, 256, 128
     k1, k2, k3, k4 = jax.random.split(jax.random.key(3), 4)
     x = jax.random.normal(k1, (m, k)).astype(jnp.bfloat16)
@@ -67,7 +70,8 @@ def test_gpu_kernel_interpret(bits, group, tm, tn, stages):
     packed = codes if bits == 8 else ref.pack_int4(codes)
     scale = jax.random.uniform(k3, (n, k // group), jnp.float32, 0.01, 0.02)
     b = jax.random.normal(k4, (n,))
-    got = weight_only_matmul_gpu(x, packed, scale, b, bits, group, jnp.float32, Config(tm, tn, 128, stages), interpret=True)
+    cfg = Config(tm, tn, 128, stages, split_k=split)
+    got = weight_only_matmul_gpu(x, packed, scale, b, bits, group, jnp.float32, cfg, interpret=True)
     want = ref.weight_only_matmul(x, packed, scale, b, bits, group, jnp.float32)
     # bf16 x and integer codes multiply exactly; only the f32 summation order differs
     rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))

@@ -39,14 +39,17 @@ class Config:
     tile_n: int = 128
     tile_k: int = 128
     stages: int = 4
+    split_k: int = 1  # K ranges run by separate CTAs; their float32 partial products are summed after
 
     def supports(self, n: int, k: int, group_size: int, bits: int) -> bool:
         """Whether N, K and the group size fit this config's tiles."""
-        return n % self.tile_n == 0 and k % self.tile_k == 0 and group_size % self.tile_k == 0 and (bits == 8 or self.tile_k == 128)
+        return (n % self.tile_n == 0 and k % (self.tile_k * self.split_k) == 0 and group_size % self.tile_k == 0
+                and (bits == 8 or self.tile_k == 128))
 
     def smem_bytes(self, bits: int, out_itemsize: int = 2) -> int:
         """Shared memory of the buffers: ``stages`` x and code tiles, the dequantized tile, the output tile."""
         kc = self.tile_k if bits == 8 else self.tile_k // 2
+        out_itemsize = 4 if self.split_k > 1 else out_itemsize  # split-K stages float32 partials
         return (self.stages * (self.tile_m * self.tile_k * 2 + self.tile_n * kc) + self.tile_n * self.tile_k * 2
                 + self.tile_m * self.tile_n * out_itemsize)
 
@@ -83,6 +86,8 @@ def weight_only_matmul_gpu(x, codes, scale, b, bits: int, group_size: int, out_d
     c_tr = smem_transforms(kc, jnp.int8, interpret)
     tile = (tm, tn)
     steps_per_group = group_size // tk
+    splits = config.split_k
+    k_steps = k // tk // splits  # K steps per CTA
     # interpret mode reads B untransposed: the dequantized tile is stored (tk, tn) there
     wd_shape = (tk, tn) if interpret else (tn, tk)
 
@@ -108,9 +113,10 @@ def weight_only_matmul_gpu(x, codes, scale, b, bits: int, group_size: int, out_d
     def body(x_g, c_g, s_g, b_g, o_g, wd_s, o_s):
         mi = lax.axis_index("m")
         ni = lax.axis_index("n")
+        k0 = lax.axis_index("k") * k_steps if splits > 1 else 0  # this CTA's first K step
         specs = [
-            plgpu.BlockSpec((tm, tk), lambda kk: (mi, kk), transforms=x_tr),
-            plgpu.BlockSpec((tn, kc), lambda kk: (ni, kk), transforms=c_tr),
+            plgpu.BlockSpec((tm, tk), lambda kk: (mi, k0 + kk), transforms=x_tr),
+            plgpu.BlockSpec((tn, kc), lambda kk: (ni, k0 + kk), transforms=c_tr),
         ]
 
         def mma(acc, x_s, c_s):
@@ -121,7 +127,7 @@ def weight_only_matmul_gpu(x, codes, scale, b, bits: int, group_size: int, out_d
 
         if groups == 1:
             def scope(acc):
-                plgpu.emit_pipeline(lambda _, x_s, c_s: mma(acc, x_s, c_s), grid=(k // tk,), in_specs=specs,
+                plgpu.emit_pipeline(lambda _, x_s, c_s: mma(acc, x_s, c_s), grid=(k_steps,), in_specs=specs,
                                     max_concurrent_steps=config.stages)(x_g, c_g)
                 return acc[...]
 
@@ -136,17 +142,23 @@ def weight_only_matmul_gpu(x, codes, scale, b, bits: int, group_size: int, out_d
                     return acc[...]
 
                 part = pl.run_scoped(part_scope, plgpu.ACC(tile, jnp.float32))
-                g = kk // steps_per_group
+                g = (k0 + kk) // steps_per_group
                 return carry + part * bcast_vec(s_g.at[g], ni * tn, tile, 1, interpret)
 
-            y = plgpu.emit_pipeline(group_step, grid=(k // tk,), in_specs=specs, max_concurrent_steps=config.stages,
+            y = plgpu.emit_pipeline(group_step, grid=(k_steps,), in_specs=specs, max_concurrent_steps=config.stages,
                                     init_carry=zeros_carry(tile, interpret))(x_g, c_g)
+        if splits > 1:  # a float32 partial product; the bias is added once, after the sum
+            store_tile(y, o_s, o_g.at[lax.axis_index("k")], mi, ni)
+            return
         y = y + bcast_vec(b_g, ni * tn, tile, 1, interpret)
         store_tile(y, o_s, o_g, mi, ni)
 
     d_tr = smem_transforms(wd_shape[1], jnp.bfloat16, interpret)
     scratch = [plgpu.SMEM(wd_shape, jnp.bfloat16, transforms=d_tr)]
-    return tiled_kernel(body, m, n, tm, tn, out_dtype, scratch, interpret)(x, codes, scale.T, b)
+    if splits == 1:
+        return tiled_kernel(body, m, n, tm, tn, out_dtype, scratch, interpret)(x, codes, scale.T, b)
+    parts = tiled_kernel(body, m, n, tm, tn, jnp.float32, scratch, interpret, splits=splits)(x, codes, scale.T, b)
+    return (parts.sum(axis=0) + b).astype(out_dtype)
 
 
 __all__ = ["Config", "weight_only_matmul_gpu"]
