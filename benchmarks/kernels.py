@@ -463,7 +463,7 @@ def check_list(small: bool, wo_tiles: str | None = None):
                     return {"ok": False, "skipped": why}
                 cfg = sweep_parts(sweep)[3]
             else:
-                cfg = OCfg(64, 128, 128, 2) if small else OCfg(**tuning.lookup("weight_only", m, n=n))
+                cfg = OCfg(64, 128, 128, 2) if small else OCfg(**tuning.lookup("weight_only", m, n=n, k=k))
             got = weight_only_matmul_gpu(x, packed, scale, bias, bits, group, jnp.float32, cfg, interpret=interp)
             rel = _rel(got, oref.weight_only_matmul(x, packed, scale, bias, bits, group, jnp.float32))
             return {"ok": rel < 1e-4, "relerr": rel}
@@ -723,7 +723,7 @@ def main(argv=None):
                         from jdq.kernels import tuning
 
                         base, _, _, cfg = sweep_parts(name)
-                        if dataclasses.asdict(cfg) == tuning.lookup("weight_only", m, n=n):
+                        if dataclasses.asdict(cfg) == tuning.lookup("weight_only", m, n=n, k=k):
                             row[base], roof[base] = row[name], roof[name]
                 write_json(json_path, results)
                 print(f"{label:16s} " + "  ".join(f"{c}={row[c] * 1e3:.1f}us({_pct(row, c)})" for c in names

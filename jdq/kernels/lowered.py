@@ -181,7 +181,7 @@ def weight_only_matmul(x, lw: LoweredWeight, b, out_dtype, impl: str = "auto", c
         from jdq.kernels import tuning
         from jdq.kernels.weight_only.gpu import Config, weight_only_matmul_gpu
 
-        cfg = config or Config(**tuning.lookup("weight_only", x.shape[0], n=lw.n))
+        cfg = config or Config(**tuning.lookup("weight_only", x.shape[0], n=lw.n, k=lw.k))
         if cfg.supports(lw.n, lw.k, lw.group_size or lw.k, bits):
             x_p, m0 = _pad_rows(x, cfg.tile_m)
             out = weight_only_matmul_gpu(x_p, lw.codes, lw.scale, b, bits, lw.group_size or lw.k, out_dtype, cfg,

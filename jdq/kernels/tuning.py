@@ -1,9 +1,10 @@
 """Per-device block sizes of the GPU kernels, with a default; measured by ``benchmarks/kernels.py``.
 
 A table maps ``device_kind`` (``jax.devices()[0].device_kind``, e.g. ``"NVIDIA H200"``) to a
-list of ``(max_m, config kwargs)`` or ``(max_m, min_n, config kwargs)`` rows per op: the first row
-whose ``max_m`` is at least the GEMM's M (and whose ``min_n``, if any, is at most its N) is used.
-Unknown devices use ``"default"``. The numbers behind each entry are in ``jdq/kernels/NOTES.md``.
+list of ``(max_m, config kwargs)`` or ``(max_m, {"min_n": .., "min_k": ..}, config kwargs)`` rows
+per op: the first row whose ``max_m`` is at least the GEMM's M (and whose ``min_n`` / ``min_k``,
+if any, are at most its N / K) is used. Unknown devices use ``"default"``. The numbers behind
+each entry are in ``jdq/kernels/NOTES.md``.
 """
 
 from __future__ import annotations
@@ -26,11 +27,16 @@ W8A8 = {
 # at M = 256 128x64 is fastest for qkv (8.9 / 14.4 µs for W8A16 / W4A16) and 64x64 for fc2
 # (22.3 / 38.6 µs; fc2's 1152 columns give 64x128 only 36 CTAs for 132 SMs); at M = 1024 256x64
 # (2 stages) is fastest on all four shapes (each CTA along M dequantizes the same weight tile
-# again, so fewer M tiles win). Larger M, and N between 1152 and 3456: not measured.
+# again, so fewer M tiles win). Run 9 (split-K sweep, kernels_device_run9.md): at fc2's K = 4608
+# a split of K over 3 CTAs is fastest at both M (M = 256: 128x64 k3, W4A16 30.6 -> 17.6 µs;
+# M = 1024: 256x64 k3, 62.7 -> 51.3 µs); at K = 1152 (qkv) every split was slower.
+# Larger M, N between 1152 and 3456, K between 1152 and 4608: not measured.
 WEIGHT_ONLY = {
     "default": [(INF, dict(tile_m=64, tile_n=128, tile_k=128, stages=4))],
-    "NVIDIA H200": [(256, 3456, dict(tile_m=128, tile_n=64, tile_k=128, stages=4)),
+    "NVIDIA H200": [(256, {"min_n": 3456}, dict(tile_m=128, tile_n=64, tile_k=128, stages=4)),
+                    (256, {"min_k": 4608}, dict(tile_m=128, tile_n=64, tile_k=128, stages=4, split_k=3)),
                     (256, dict(tile_m=64, tile_n=64, tile_k=128, stages=4)),
+                    (1024, {"min_k": 4608}, dict(tile_m=256, tile_n=64, tile_k=128, stages=2, split_k=3)),
                     (1024, dict(tile_m=256, tile_n=64, tile_k=128, stages=2)),
                     (INF, dict(tile_m=64, tile_n=128, tile_k=128, stages=4))],
 }
@@ -45,19 +51,20 @@ MX = {"default": [(INF, dict(tile_m=128, tile_n=128, blocks_per_step=4, stages=2
 TABLES = {"w8a8": W8A8, "weight_only": WEIGHT_ONLY, "token_quant": TOKEN_QUANT, "w4a8": W4A8, "mixdit": MIXDIT, "mx": MX}
 
 
-def lookup(op: str, m: int, device: str | None = None, n: int | None = None) -> dict:
-    """Config kwargs of ``op`` for an (m, ·) x (·, n) GEMM on ``device`` (default: the current one).
+def lookup(op: str, m: int, device: str | None = None, n: int | None = None, k: int | None = None) -> dict:
+    """Config kwargs of ``op`` for an (m, k) x (k, n) GEMM on ``device`` (default: the current one).
 
-    Rows with a ``min_n`` apply only when ``n`` is given and at least ``min_n``.
+    Rows with a ``min_n`` / ``min_k`` apply only when ``n`` / ``k`` is given and at least that.
     """
     if op not in TABLES:
         raise KeyError(f"no tuning table for op {op!r}; known: {sorted(TABLES)}")
     table = TABLES[op]
     rows = table.get(device or device_kind(), table["default"])
+    given = {"min_n": n, "min_k": k}
     for row in rows:
         max_m, kw = row[0], row[-1]
-        min_n = row[1] if len(row) == 3 else None
-        if m <= max_m and (min_n is None or (n is not None and n >= min_n)):
+        cond = row[1] if len(row) == 3 else {}
+        if m <= max_m and all(given[key] is not None and given[key] >= v for key, v in cond.items()):
             out = dict(kw)
             if op == "w8a8" and out.get("kind") == "ws":
                 out.setdefault("num_sms", num_sms())

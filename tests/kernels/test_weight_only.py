@@ -111,8 +111,10 @@ def test_tuned_weight_only_configs_fit_the_device():
                 assert cfg.smem_bytes(bits) <= hopper_smem, (device, kw, bits)
                 for n, k in ((3456, 1152), (1152, 4608), (4608, 1152), (1152, 1152)):  # qkv, fc2, fc1, proj
                     assert cfg.supports(n, k, 128, bits), (device, kw, n, k)
-    assert tuning.lookup("weight_only", 256, "NVIDIA H200", n=1152)["tile_m"] == 64  # fc2: more CTAs
-    assert tuning.lookup("weight_only", 256, "NVIDIA H200", n=3456)["tile_m"] == 128  # qkv
+    assert tuning.lookup("weight_only", 256, "NVIDIA H200", n=1152, k=1152)["tile_m"] == 64  # proj: more CTAs
+    assert tuning.lookup("weight_only", 256, "NVIDIA H200", n=3456, k=1152)["tile_m"] == 128  # qkv
+    assert tuning.lookup("weight_only", 256, "NVIDIA H200", n=1152, k=4608)["split_k"] == 3  # fc2: split K
+    assert tuning.lookup("weight_only", 1024, "NVIDIA H200", n=1152, k=4608)["split_k"] == 3
     assert tuning.lookup("weight_only", 256, "NVIDIA H200")["tile_m"] == 64  # N unknown: the N-free row
     assert tuning.lookup("weight_only", 1024, "NVIDIA H200")["tile_m"] == 256
     assert tuning.lookup("weight_only", 8192, "NVIDIA H200") == tuning.lookup("weight_only", 8192, "unknown GPU")
