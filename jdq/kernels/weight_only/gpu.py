@@ -19,6 +19,11 @@ view: K-major B is allowed for 16-bit types). Scales are not applied to the weig
 The epilogue adds the bias, casts, and stores through shared memory by TMA. Differences from the
 reference are float rounding only (bf16 products are exact in the f32 accumulator; the order of
 the sums differs).
+
+``Config.split_k`` > 1 (split-K) adds a grid axis: each CTA runs ``K / split_k`` of the K steps
+and stores a float32 partial product; XLA sums the partials and adds the bias. It pays where
+(M / tile_m) · (N / tile_n) CTAs leave SMs idle and K is long (DiT fc2 at batch 1–4, run 9 in
+``jdq/kernels/NOTES.md``).
 """
 
 from __future__ import annotations
