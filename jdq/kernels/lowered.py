@@ -182,6 +182,8 @@ def weight_only_matmul(x, lw: LoweredWeight, b, out_dtype, impl: str = "auto", c
         from jdq.kernels.weight_only.gpu import Config, weight_only_matmul_gpu
 
         cfg = config or Config(**tuning.lookup("weight_only", x.shape[0], n=lw.n, k=lw.k))
+        if cfg.split_k > 1 and not cfg.supports(lw.n, lw.k, lw.group_size or lw.k, bits):
+            cfg = dataclasses.replace(cfg, split_k=1)  # a tuned split that does not divide this K
         if cfg.supports(lw.n, lw.k, lw.group_size or lw.k, bits):
             x_p, m0 = _pad_rows(x, cfg.tile_m)
             out = weight_only_matmul_gpu(x_p, lw.codes, lw.scale, b, bits, lw.group_size or lw.k, out_dtype, cfg,

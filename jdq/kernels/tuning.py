@@ -30,12 +30,15 @@ W8A8 = {
 # again, so fewer M tiles win). Run 9 (split-K sweep, kernels_device_run9.md): at fc2's K = 4608
 # a split of K over 3 CTAs is fastest at both M (M = 256: 128x64 k3, W4A16 30.6 -> 17.6 µs;
 # M = 1024: 256x64 k3, 62.7 -> 51.3 µs); at K = 1152 (qkv) every split was slower.
-# Larger M, N between 1152 and 3456, K between 1152 and 4608: not measured.
+# Run 11 (fc1 / proj sweep, kernels_device_run11.md), M = 256: fc1 (N = 4608) 256x64 (W8A16 /
+# W4A16 12.5 / 19.2 µs vs 16.8 / 22.4 with 128x64), proj (N = K = 1152) 128x64 k3 (6.5 / 8.1 vs
+# 6.9 / 9.7 with 64x64). A split that does not divide a GEMM's K steps falls back to no split
+# (jdq.kernels.lowered). Larger M, N between 1152 and 3456, K between 1152 and 4608: not measured.
 WEIGHT_ONLY = {
     "default": [(INF, dict(tile_m=64, tile_n=128, tile_k=128, stages=4))],
-    "NVIDIA H200": [(256, {"min_n": 3456}, dict(tile_m=128, tile_n=64, tile_k=128, stages=4)),
-                    (256, {"min_k": 4608}, dict(tile_m=128, tile_n=64, tile_k=128, stages=4, split_k=3)),
-                    (256, dict(tile_m=64, tile_n=64, tile_k=128, stages=4)),
+    "NVIDIA H200": [(256, {"min_n": 4608}, dict(tile_m=256, tile_n=64, tile_k=128, stages=2)),
+                    (256, {"min_n": 3456}, dict(tile_m=128, tile_n=64, tile_k=128, stages=4)),
+                    (256, dict(tile_m=128, tile_n=64, tile_k=128, stages=4, split_k=3)),
                     (1024, {"min_k": 4608}, dict(tile_m=256, tile_n=64, tile_k=128, stages=2, split_k=3)),
                     (1024, dict(tile_m=256, tile_n=64, tile_k=128, stages=2)),
                     (INF, dict(tile_m=64, tile_n=128, tile_k=128, stages=4))],

@@ -111,11 +111,12 @@ def test_tuned_weight_only_configs_fit_the_device():
                 assert cfg.smem_bytes(bits) <= hopper_smem, (device, kw, bits)
                 for n, k in ((3456, 1152), (1152, 4608), (4608, 1152), (1152, 1152)):  # qkv, fc2, fc1, proj
                     assert cfg.supports(n, k, 128, bits), (device, kw, n, k)
-    assert tuning.lookup("weight_only", 256, "NVIDIA H200", n=1152, k=1152)["tile_m"] == 64  # proj: more CTAs
+    assert tuning.lookup("weight_only", 256, "NVIDIA H200", n=4608, k=1152)["tile_m"] == 256  # fc1
     assert tuning.lookup("weight_only", 256, "NVIDIA H200", n=3456, k=1152)["tile_m"] == 128  # qkv
     assert tuning.lookup("weight_only", 256, "NVIDIA H200", n=1152, k=4608)["split_k"] == 3  # fc2: split K
+    assert tuning.lookup("weight_only", 256, "NVIDIA H200", n=1152, k=1152)["split_k"] == 3  # proj
     assert tuning.lookup("weight_only", 1024, "NVIDIA H200", n=1152, k=4608)["split_k"] == 3
-    assert tuning.lookup("weight_only", 256, "NVIDIA H200")["tile_m"] == 64  # N unknown: the N-free row
+    assert tuning.lookup("weight_only", 256, "NVIDIA H200")["split_k"] == 3  # N, K unknown: the condition-free row
     assert tuning.lookup("weight_only", 1024, "NVIDIA H200")["tile_m"] == 256
     assert tuning.lookup("weight_only", 8192, "NVIDIA H200") == tuning.lookup("weight_only", 8192, "unknown GPU")
 
@@ -128,3 +129,32 @@ def test_int4_to_bf16_bit_trick_is_exact_for_every_nibble():
     got = _int4_to_bf16(nibbles)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(got, np.float32), want)
+
+
+def test_lowered_dispatch_drops_a_split_that_does_not_divide_k(monkeypatch):
+    """A tuned split-K that does not divide a GEMM's K steps runs the kernel unsplit (not the XLA fallback)."""
+    import types
+
+    from jdq.kernels import lowered
+    from jdq.kernels.weight_only import gpu
+
+    m, k, n = 64, 256, 128  # 2 K steps: a split of 3 does not fit
+    k1, k2, k3 = jax.random.split(jax.random.key(5), 3)
+    x = jax.random.normal(k1, (m, k)).astype(jnp.bfloat16)
+    codes = jax.random.randint(k2, (n, k), -7, 8).astype(jnp.int8)
+    scale = jax.random.uniform(k3, (n, k // 128), jnp.float32, 0.01, 0.02)
+    lw = types.SimpleNamespace(kind="w4a16", n=n, k=k, group_size=128, codes=ref.pack_int4(codes), scale=scale)
+    cfg = Config(64, 64, 128, 2, split_k=3)
+    assert not cfg.supports(n, k, 128, 4)
+    used = []
+    kernel = gpu.weight_only_matmul_gpu
+
+    def spy(*args, **kwargs):
+        used.append(args[7] if len(args) > 7 else kwargs["config"])
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(gpu, "weight_only_matmul_gpu", spy)
+    got = lowered.weight_only_matmul(x, lw, None, jnp.float32, impl="gpu_interpret", config=cfg)
+    assert [c.split_k for c in used] == [1]
+    want = ref.weight_only_matmul(x, lw.codes, scale, None, 4, 128, jnp.float32)
+    assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-5
