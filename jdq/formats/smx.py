@@ -121,13 +121,13 @@ def _unlayout(xs, axis, n):
     return _bits.from_blocks(xb, axis, n)
 
 
-def _pair_max(a, k2_axis, k2):
+def _unrolled_max(a, axis, size):
     """Max over a small axis as elementwise maxima of slices, keepdims.
 
     Written without a reduce so XLA fuses it into the elementwise pass instead of materialising
-    a per-sub-block array.
+    a per-sub-block (or per-block) array.
     """
-    parts = [lax.slice_in_dim(a, i, i + 1, axis=k2_axis) for i in range(k2)]
+    parts = [lax.slice_in_dim(a, i, i + 1, axis=axis) for i in range(size)]
     out = parts[0]
     for p in parts[1:]:
         out = jnp.maximum(out, p)
@@ -160,6 +160,11 @@ def _codes(v, step, fmt):
     return jnp.clip(_bits.round_half(_bits.mul_pow2(v, -step), fmt.rounding), -fmt.qmax, fmt.qmax)
 
 
+def _flush(v, ab):
+    """Float32 subnormals and zeros flushed to +0."""
+    return jnp.where(ab < 0x00800000, 0.0, v)
+
+
 def _quantize_blocks(x, fmt, axis):
     """Integer-valued float32 codes q, step exponents, block exponents E, micro bits, NaN mask."""
     m, k2 = fmt.mantissa_bits, fmt.sub_block_size
@@ -170,9 +175,9 @@ def _quantize_blocks(x, fmt, axis):
     xs = _flush(xs, ab)
     if fmt.microexponent == "exponent":
         # a flushed element has exponent field 0 (-127), which is what its bits give anyway
-        shift = ((_pair_max(ab, k2_axis, k2) >> 23) - 127 < e_blk).astype(jnp.int32)
+        shift = ((_unrolled_max(ab, k2_axis, k2) >> 23) - 127 < e_blk).astype(jnp.int32)
     else:
-        shift = (_pair_max(_fits_finer(xs, e_calc, fmt), k2_axis, k2) <= fmt.qmax).astype(jnp.int32)
+        shift = (_unrolled_max(_fits_finer(xs, e_calc, fmt), k2_axis, k2) <= fmt.qmax).astype(jnp.int32)
     step = e_calc - shift - (m - 1)
     return _codes(xs, step, fmt), step, e_blk, shift, bad
 
@@ -184,11 +189,6 @@ def _micro_shift(ab, ab_partner, v, v_partner, e_blk, e_calc, fmt):
         return ((jnp.maximum(ab, ab_partner) >> 23) - 127 < e_blk).astype(jnp.int32)
     fine = jnp.maximum(_fits_finer(v, e_calc, fmt), _fits_finer(v_partner, e_calc, fmt))
     return (fine <= fmt.qmax).astype(jnp.int32)
-
-
-def _flush(v, ab):
-    """Float32 subnormals and zeros flushed to +0."""
-    return jnp.where(ab < 0x00800000, 0.0, v)
 
 
 def _fake_quantize_words(x, fmt: SMXFormat):
@@ -203,7 +203,7 @@ def _fake_quantize_words(x, fmt: SMXFormat):
     w = lax.bitcast_convert_type(x.reshape(*lead, n // 2, 2), jnp.uint32).reshape(*lead, n // k1, nsub)
     lo, hi = (lax.bitcast_convert_type(h.astype(jnp.uint16), x.dtype).astype(jnp.float32) for h in (w & 0xFFFF, w >> 16))
     ab_lo, ab_hi = _bits.abs_bits(lo), _bits.abs_bits(hi)
-    bad, e_blk, e_calc = _block_exponent(_pair_max(jnp.maximum(ab_lo, ab_hi), x.ndim, nsub), fmt)
+    bad, e_blk, e_calc = _block_exponent(_unrolled_max(jnp.maximum(ab_lo, ab_hi), x.ndim, nsub), fmt)
     lo, hi = _flush(lo, ab_lo), _flush(hi, ab_hi)
     step = e_calc - _micro_shift(ab_lo, ab_hi, lo, hi, e_blk, e_calc, fmt) - (m - 1)
 
