@@ -1,10 +1,22 @@
-"""W8A8 int8 GEMM as a Pallas TPU kernel (MXU int8 × int8 -> int32), fused dequant epilogue.
+"""W8A8 GEMM as a Pallas TPU kernel: int8 (MXU int8 × int8 -> int32) or FP8 E4M3 (-> float32), fused dequant epilogue.
 
-Grid (M/tm, N/tn, K/tk), K innermost ("arbitrary"); an int32 VMEM accumulator is zeroed at the
-first K step and, at the last, multiplied by the row and column scales, biased and cast. The
-weight arrives K-major (N, K) as for the GPU kernel; the dot contracts the last dims of both
-tiles. Tested in Pallas TPU interpret mode on CPU (no TPU was available to time it); block sizes
-default to 256 (MXU-friendly on v5e/v6e), shrunk to the shape when smaller.
+Grid (M/tm, N/tn, K/tk), K innermost ("arbitrary"); a VMEM accumulator (int32 for int8 codes,
+float32 for E4M3 codes) is zeroed at the first K step and, at the last, multiplied by the row and
+column scales, biased and cast. The weight arrives K-major (N, K) as for the GPU kernel; the dot
+contracts the last dims of both tiles. Tested in Pallas TPU interpret mode on CPU (no TPU was
+available to time it); block sizes default to 256 (MXU-friendly on v5e/v6e), shrunk to the shape
+when smaller.
+
+**FP8 E4M3** (``float8_e4m3fn`` on both sides, :mod:`jdq.kernels.w8a8.ref`'s FP8 semantics): by
+default each E4M3 tile is upcast to bf16 in the kernel before the dot. That is exact (every E4M3
+value is a bf16 value) and so is each product (two 4-bit significands), and it is what TPUs
+before TPU7x need: jax 0.10.2's ``pltpu`` ``TpuInfo.is_matmul_supported`` lists E4M3FN operands
+as native only from generation 7 (v5e/v5p/v6e take ``float8_e5m2`` / ``float8_e4m3b11fnuz``,
+int8 and bf16). ``fp8_native=True`` feeds the E4M3 tiles to the dot as they are (for TPU7x; the
+same values). Only the float32 summation order differs from the reference (per K tile on the MXU,
+then tile after tile), so the result equals :func:`jdq.kernels.w8a8.ref.w8a8_matmul` bit for bit
+whenever every partial sum is exact in float32 (e.g. small-integer codes), and otherwise to
+float32 summation rounding (``|Δacc| ≤ 2·K·2⁻²⁴·Σ|x_q·w_q|``).
 """
 
 from __future__ import annotations
@@ -18,14 +30,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 
-def _kernel(xq_ref, wq_ref, xs_ref, ws_ref, b_ref, o_ref, acc_ref, *, k_steps):
+def _kernel(xq_ref, wq_ref, xs_ref, ws_ref, b_ref, o_ref, acc_ref, *, k_steps, dot_dtype):
     kk = pl.program_id(2)
 
     @pl.when(kk == 0)
     def _():
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
-    acc_ref[...] += lax.dot_general(xq_ref[...], wq_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    x, w = xq_ref[...], wq_ref[...]
+    if dot_dtype is not None:
+        x, w = x.astype(dot_dtype), w.astype(dot_dtype)
+    acc_ref[...] += lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=acc_ref.dtype)
 
     @pl.when(kk == k_steps - 1)
     def _():
@@ -33,20 +48,30 @@ def _kernel(xq_ref, wq_ref, xs_ref, ws_ref, b_ref, o_ref, acc_ref, *, k_steps):
         o_ref[...] = y.astype(o_ref.dtype)
 
 
-def w8a8_matmul_tpu(xq, xs, wq, ws, b=None, out_dtype=jnp.bfloat16, tm=256, tn=256, tk=512, interpret=False):
-    """W8A8 GEMM ``(M, K) int8 × (N, K) int8 -> (M, N)`` on TPU; shapes must tile (after shrinking)."""
+# jitted like the GPU kernels: identical calls in a model lower once.
+@functools.partial(jax.jit, static_argnames=("out_dtype", "tm", "tn", "tk", "interpret", "fp8_native"))
+def w8a8_matmul_tpu(xq, xs, wq, ws, b=None, out_dtype=jnp.bfloat16, tm=256, tn=256, tk=512, interpret=False,
+                    fp8_native=False):
+    """W8A8 GEMM ``(M, K) × (N, K) -> (M, N)`` on TPU, codes both int8 or both float8_e4m3fn; shapes must tile."""
+    if xq.dtype != wq.dtype or xq.dtype not in (jnp.int8, jnp.float8_e4m3fn):
+        raise TypeError(f"w8a8 TPU kernel: xq and wq must both be int8 or both float8_e4m3fn, got {xq.dtype}, {wq.dtype}")
     m, k = xq.shape
     n = wq.shape[0]
+    if wq.shape != (n, k):
+        raise ValueError(f"w8a8 TPU kernel: xq {xq.shape} and wq {wq.shape} disagree on K")
     tm, tn, tk = min(tm, m), min(tn, n), min(tk, k)
     if m % tm or n % tn or k % tk:
         raise ValueError(f"w8a8 TPU kernel: M={m} N={n} K={k} do not tile by ({tm}, {tn}, {tk})")
+    is_int = xq.dtype == jnp.int8
+    acc_dtype = jnp.int32 if is_int else jnp.float32
+    dot_dtype = None if is_int or fp8_native else jnp.bfloat16
     b = jnp.zeros((n,), jnp.float32) if b is None else b
     xs2 = jnp.asarray(xs, jnp.float32).reshape(m, 1)
     ws2 = jnp.asarray(ws, jnp.float32).reshape(1, n)
     b2 = jnp.asarray(b, jnp.float32).reshape(1, n)
     k_steps = k // tk
     return pl.pallas_call(
-        functools.partial(_kernel, k_steps=k_steps),
+        functools.partial(_kernel, k_steps=k_steps, dot_dtype=dot_dtype),
         out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
         grid=(m // tm, n // tn, k_steps),
         in_specs=[
@@ -57,7 +82,7 @@ def w8a8_matmul_tpu(xq, xs, wq, ws, b=None, out_dtype=jnp.bfloat16, tm=256, tn=2
             pl.BlockSpec((1, tn), lambda i, j, kk: (0, j)),
         ],
         out_specs=pl.BlockSpec((tm, tn), lambda i, j, kk: (i, j)),
-        scratch_shapes=[pltpu.VMEM((tm, tn), jnp.int32)],
+        scratch_shapes=[pltpu.VMEM((tm, tn), acc_dtype)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
     )(xq, wq, xs2, ws2, b2)
