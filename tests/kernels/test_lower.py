@@ -1,5 +1,7 @@
 """jdq.quant.lower: packing, routing through qlinear, and lowered DiT == fake-quant DiT."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -165,8 +167,9 @@ def test_unsupported_variants_stay_fake_quant(small_dit):
 
 
 def test_w8a8_lowered_forward_cross_lowers_to_mosaic_gpu():
-    """The lowered model with the GPU kernels (token quantization + warp-specialised W8A8) lowers for CUDA."""
-    cfg = dit.Config(input_size=8, patch_size=2, hidden_size=1152, depth=1, num_heads=16, num_classes=10,
+    """The lowered model with the GPU kernels (token quantization + warp-specialised W8A8) lowers for
+    CUDA, and each distinct kernel is lowered once however many sites call it (compile time)."""
+    cfg = dit.Config(input_size=8, patch_size=2, hidden_size=1152, depth=2, num_heads=16, num_classes=10,
                      dtype="bfloat16")
     model = dit.from_config(cfg, key=0)
     abstract = jax.eval_shape(lambda: model.params)
@@ -178,4 +181,7 @@ def test_w8a8_lowered_forward_cross_lowers_to_mosaic_gpu():
     low_q = lower(plan, params, impl="gpu", check=False)
     fwd = jax.jit(lambda p, q, *a: model.apply(p, *a, quant=q))
     text = fwd.trace(params, low_q, x, t, y).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("mosaic_gpu") >= 8  # 4 GEMMs + 4 token quantizations
+    assert len(re.findall(r"call @w8a8_matmul_gpu\w*\(", text)) == 8  # 2 blocks x (qkv, proj, fc1, fc2)
+    assert len(re.findall(r"call @quantize_rows_gpu\w*\(", text)) == 8
+    # 4 GEMM shapes + 2 token-quantization shapes (K = 1152 for qkv and proj, 4608 for fc2; fc1 reads 1152 too)
+    assert len(re.findall(r"stablehlo\.custom_call @mosaic_gpu", text)) == 4 + 2

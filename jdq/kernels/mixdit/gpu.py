@@ -11,7 +11,9 @@ casts and stores by TMA.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -33,6 +35,8 @@ class Config:
         return m % self.tile_m == 0 and n % self.tile_n == 0
 
 
+# jitted: identical calls in a model lower once (see jdq.kernels.w8a8.gpu).
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret"))
 def mixdit_matmul_gpu(x_hi, x_lo, s_x, w_hi, w_lo, s_w, b=None, out_dtype=jnp.bfloat16, config: Config = Config(),
                       interpret=False):
     """``x_hi·w_hiᵀ + (x_lo·w_loᵀ)·s_x·s_w + b`` with bf16 hi operands and E4M3 lo operands (see the module docstring)."""

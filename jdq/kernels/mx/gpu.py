@@ -12,7 +12,9 @@ the bias, casts and stores by TMA.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -35,6 +37,8 @@ class Config:
         return m % self.tile_m == 0 and n % self.tile_n == 0 and k % (BLOCK * self.blocks_per_step) == 0
 
 
+# jitted: identical calls in a model lower once (see jdq.kernels.w8a8.gpu).
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret"))
 def mx_matmul_gpu(xq, xs, wq, ws, b=None, out_dtype=jnp.bfloat16, config: Config = Config(), interpret=False):
     """MX GEMM ``(M, K) × (N, K) -> (M, N)`` with float32 block scales ``xs`` (K/32, M), ``ws`` (K/32, N)."""
     m, k = xq.shape

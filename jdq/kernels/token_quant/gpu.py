@@ -18,6 +18,7 @@ arithmetic).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,8 @@ class Config:
         return k % COLS == 0 and self.rows(m, k, itemsize) > 0
 
 
+# jitted: identical calls in a model lower once (see jdq.kernels.w8a8.gpu).
+@functools.partial(jax.jit, static_argnames=("fmt", "config", "interpret"))
 def quantize_rows_gpu(x, fmt: str = "int8", config: Config = Config(), interpret=False):
     """Per-row quantization of ``x`` (M, K) bf16/f32 in one pass: (codes (M, K), float32 scales (M,))."""
     check_format(fmt)

@@ -17,7 +17,9 @@ partial is converted and added, times its scale, into a float32 register carry, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -51,6 +53,8 @@ def _unpack(c, interpret):
     return lo, hi
 
 
+# jitted: identical calls in a model lower once (see jdq.kernels.w8a8.gpu).
+@functools.partial(jax.jit, static_argnames=("group_size", "out_dtype", "config", "interpret"))
 def w4a8_matmul_gpu(xq, xs, wq_packed, ws, b=None, group_size: int | None = None, out_dtype=jnp.bfloat16,
                     config: Config = Config(), interpret=False):
     """W4A8 GEMM ``(M, K) int8 × packed int4 (N, K/2) -> (M, N)``, per-channel or per-group scales ``ws`` (N, G)."""

@@ -211,6 +211,9 @@ def _ws_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret):
     )(xq, kmajor_operand(wq, interpret), xs, ws, b)
 
 
+# jitted so that a model calling the kernel at many sites of one shape lowers it once (JAX
+# dedupes identical jitted calls in a module); otherwise every site lowers its own copy (DiT-XL/2: 112).
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret"))
 def w8a8_matmul_gpu(xq, xs, wq, ws, b=None, out_dtype=jnp.bfloat16, config: Config = Config(), interpret=False):
     """W8A8 GEMM ``(M, K) × (N, K) -> (M, N) out_dtype`` (int8 or E4M3 codes) with the fused dequant epilogue."""
     if b is None:

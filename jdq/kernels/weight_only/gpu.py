@@ -29,7 +29,9 @@ and stores a float32 partial product; XLA sums the partials and adds the bias. I
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -69,6 +71,8 @@ def _int4_to_bf16(nibble):
     return lax.bitcast_convert_type(bits, jnp.bfloat16) - jnp.bfloat16(136)
 
 
+# jitted: identical calls in a model lower once (see jdq.kernels.w8a8.gpu).
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "out_dtype", "config", "interpret"))
 def weight_only_matmul_gpu(x, codes, scale, b, bits: int, group_size: int, out_dtype=jnp.bfloat16,
                            config: Config = Config(), interpret=False):
     """``x (M, K) · Ŵᵀ + b`` with int8 / packed-int4 codes and per-channel or per-group scales."""
