@@ -73,6 +73,36 @@ def timed(fn, args, iters):
     return statistics.median(ts), dev
 
 
+KERNEL_CATEGORIES = (  # (category, lower-case name fragments); first match wins
+    ("Pallas (jdq kernels)", ("mosaic", "w8a8", "quantize_rows", "w4a8", "weight_only", "mixdit", "mx_matmul")),
+    ("attention (cuDNN)", ("cudnn", "fmha", "flash", "attention")),
+    ("GEMM (cuBLAS / XLA dot)", ("nvjet", "gemm", "xmma", "cutlass", "sm90", "cublas", "dot")),
+)
+
+
+def kernel_category(name: str) -> str:
+    """The profile category of a GPU kernel, from its name (see ``KERNEL_CATEGORIES``)."""
+    low = name.lower()
+    return next((cat for cat, frags in KERNEL_CATEGORIES if any(f in low for f in frags)), "other (XLA fusions, copies)")
+
+
+def kernel_breakdown(fn, args, iters=3):
+    """Per-kernel CUPTI times of ``fn(*args)``: {"kernels": [[name, calls, ms]...], "categories": {cat: ms}} per step."""
+    from jax.experimental.mosaic.gpu import profiler
+
+    _, runs = profiler.measure(fn, aggregate=False, iterations=iters)(*args)
+    per = {}
+    for run in runs:
+        for name, ms in run:
+            c, t = per.get(name, (0, 0.0))
+            per[name] = (c + 1, t + ms)
+    kernels = sorted(([n, c / len(runs), t / len(runs)] for n, (c, t) in per.items()), key=lambda r: -r[2])
+    cats = {}
+    for name, _, ms in kernels:
+        cats[kernel_category(name)] = cats.get(kernel_category(name), 0.0) + ms
+    return {"kernels": kernels, "categories": cats}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device-run", action="store_true")
@@ -82,6 +112,7 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=210.0, help="skip optional steps after this long")
     p.add_argument("--extra", default="fp8,w4a8", help="further lowered steps to time if the budget allows")
     p.add_argument("--w4-speed", action="store_true", help="also time W4A16 / W8A16 steps at batch 1")
+    p.add_argument("--profile", action="store_true", help="per-kernel CUPTI breakdown of each timed step (GPU)")
     args = p.parse_args(argv)
     t_start = time.time()
     out_dir = args.out or os.environ.get("OUT") or RESULTS_DIR
@@ -141,6 +172,12 @@ def main(argv=None):
                 v["speedup_wall"] = b["wall_ms"] / wall
                 v["speedup_kernel"] = (b["kernel_ms"] / dev) if (b["kernel_ms"] and dev) else None
             print(f"step {name:24s} wall {wall:8.2f} ms  kernels {dev if dev is None else round(dev, 2)} ms", flush=True)
+            if args.profile and on_gpu:
+                try:
+                    prof = res.setdefault("profile", {})[name] = kernel_breakdown(step, (model.params, q, x, t, y))
+                    print("  " + ", ".join(f"{c} {ms:.2f} ms" for c, ms in prof["categories"].items()), flush=True)
+                except Exception as e:  # noqa: BLE001
+                    print("  profile failed:", type(e).__name__, str(e)[:200], flush=True)
         save()
         return True
 
@@ -242,6 +279,8 @@ def render_markdown(res):
         sw = f"{v['speedup_wall']:.2f}" if v.get("speedup_wall") else "-"
         km = "-" if v["kernel_ms"] is None else f"{v['kernel_ms']:.2f}"
         lines.append(f"| {name} | {v['wall_ms']:.2f} | {km} | {sw} / {sk} |")
+    if res.get("compile_s"):
+        lines += ["", "compile + first run (s): " + ", ".join(f"{k} {v:.1f}" for k, v in res["compile_s"].items())]
     checks = {k: v for k, v in res.items() if k.startswith("relerr") or k in ("finite", "f32_depth2")}
     lines += ["", "checks: " + ", ".join(f"{k}={v}" for k, v in checks.items())]
     mem = res.get("weight_bytes", {})
@@ -253,6 +292,17 @@ def render_markdown(res):
             packed = (f"{v['lowered_bytes'] / 2**20:.1f} vs {v['lowered_dense_bytes'] / 2**20:.1f} "
                       f"({v['lowered_dense_bytes'] / v['lowered_bytes']:.2f}×)") if v["lowered_bytes"] else "-"
             lines.append(f"| {k} | {v['bytes'] / 2**20:.1f} | {base / v['bytes']:.2f} | {v['lowered_sites']} | {packed} |")
+    prof = res.get("profile", {})
+    if prof:
+        cats = sorted({c for p in prof.values() for c in p["categories"]})
+        lines += ["", "Per-kernel CUPTI time per step (ms), by category:", "",
+                  "| step | " + " | ".join(cats) + " | total |", "|---|" + "---:|" * (len(cats) + 1)]
+        for name, p in prof.items():
+            vals = [p["categories"].get(c, 0.0) for c in cats]
+            lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in vals) + f" | {sum(vals):.2f} |")
+        for name, p in prof.items():
+            lines += ["", f"Top kernels of {name} (calls per step, ms per step):", ""]
+            lines += [f"- {ms:.3f} ms, {calls:g} calls: `{kname[:90]}`" for kname, calls, ms in p["kernels"][:12]]
     return "\n".join(lines) + "\n"
 
 

@@ -158,3 +158,18 @@ def test_device_plan_of_the_issue5_command(kb):
     for m in (256, 1024):  # ... and every timed shape (b1, b4; qkv, fc2)
         assert all(kb.sweep_invalid(sw, m, k, n) is None for sw in sweep for k, n in ((1152, 3456), (4608, 1152)))
     assert [s for s in kb.shapes_for(32, ["qkv", "fc2"])] == [("dit.b32.qkv", 8192, 1152, 3456), ("dit.b32.fc2", 8192, 4608, 1152)]
+
+
+def test_e2e_profile_categories_and_table(load_benchmark):
+    """benchmarks/e2e.py --profile: kernel names fall in the right category; the table sums them."""
+    e2e = load_benchmark("e2e")
+    cat = e2e.kernel_category
+    assert cat("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NNT") == cat("sm90_xmma_gemm_bf16bf16") == "GEMM (cuBLAS / XLA dot)"
+    assert cat("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention (cuDNN)"
+    assert cat("mosaic_gpu_kernel_w8a8_matmul_gpu") == "Pallas (jdq kernels)"
+    assert cat("loop_multiply_fusion_3") == "other (XLA fusions, copies)"
+    res = {"jax": "x", "device": "d", "batch": 1, "model_evals": 2, "compile_s": {"bf16": 3.25},
+           "profile": {"bf16": {"kernels": [["nvjet_a", 4.0, 2.0], ["fusion_1", 8.0, 0.5]],
+                                "categories": {"GEMM (cuBLAS / XLA dot)": 2.0, "other (XLA fusions, copies)": 0.5}}}}
+    md = e2e.render_markdown(res)
+    assert "| bf16 | 2.00 | 0.50 | 2.50 |" in md and "bf16 3.2" in md and "4 calls: `nvjet_a`" in md
