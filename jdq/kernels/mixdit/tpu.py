@@ -20,6 +20,11 @@ small integers), otherwise within ``2·K·2⁻²⁴·Σ|terms|`` of each other.
 E4M3 tiles are upcast to bf16 before the dot (exact; needed before TPU7x, see
 :mod:`jdq.kernels.w8a8.tpu`); ``fp8_native=True`` gives the dot the E4M3 tiles. Tested in Pallas
 TPU interpret mode on CPU only (no TPU was available to time it).
+
+Tiles on a TPU: the Pallas TPU lowering wants the last two dims of every block to be multiples of
+(8, 128) or the whole array (tm % 8, tn % 128, tk % 128 unless equal to M, N, K; 8-bit tiles are
+(32, 128), so tm % 32 avoids padding); interpret mode does not check this, the tests cross-lower
+one DiT-XL/2 shape to a Mosaic TPU custom call (JAX's side of the compile only).
 """
 
 from __future__ import annotations

@@ -22,6 +22,11 @@ E4M3 tiles are upcast to bf16 before the dot (exact; needed before TPU7x, see
 TPU interpret mode on CPU only. On a TPU the depth-32 dots fill a quarter (128-deep MXU, v5e) or
 an eighth (256-deep, v6e/TPU7x) of the systolic array, and the accumulator is read and written
 per K step (not timed: no TPU was available).
+
+Tiles on a TPU: the Pallas TPU lowering wants the last two dims of every block to be multiples of
+(8, 128) or the whole array (tm % 8, tn % 128, tk % 128 unless equal to M, N, K; 8-bit tiles are
+(32, 128), so tm % 32 avoids padding); interpret mode does not check this, the tests cross-lower
+one DiT-XL/2 shape to a Mosaic TPU custom call (JAX's side of the compile only).
 """
 
 from __future__ import annotations

@@ -10,13 +10,20 @@ when smaller.
 **FP8 E4M3** (``float8_e4m3fn`` on both sides, :mod:`jdq.kernels.w8a8.ref`'s FP8 semantics): by
 default each E4M3 tile is upcast to bf16 in the kernel before the dot. That is exact (every E4M3
 value is a bf16 value) and so is each product (two 4-bit significands), and it is what TPUs
-before TPU7x need: jax 0.10.2's ``pltpu`` ``TpuInfo.is_matmul_supported`` lists E4M3FN operands
-as native only from generation 7 (v5e/v5p/v6e take ``float8_e5m2`` / ``float8_e4m3b11fnuz``,
-int8 and bf16). ``fp8_native=True`` feeds the E4M3 tiles to the dot as they are (for TPU7x; the
+before TPU7x need: ``pltpu.TpuInfo.is_matmul_supported`` (jax 0.10.2) lists float8_e4m3fn
+operands as native only on generations 7 and 8; generations 5 and 6 (v5e, v5p, v6e) take bf16,
+float32, ``float8_e5m2``, ``float8_e4m3b11fnuz``, int8 × int8 and int4 × int4, generation 4 no
+8-bit float. (It lists no int8 × int8 on generations 7 and 8, so there the int8 path is not
+native either.) ``fp8_native=True`` feeds the E4M3 tiles to the dot as they are (for TPU7x; the
 same values). Only the float32 summation order differs from the reference (per K tile on the MXU,
 then tile after tile), so the result equals :func:`jdq.kernels.w8a8.ref.w8a8_matmul` bit for bit
 whenever every partial sum is exact in float32 (e.g. small-integer codes), and otherwise to
 float32 summation rounding (``|Δacc| ≤ 2·K·2⁻²⁴·Σ|x_q·w_q|``).
+
+Tiles on a TPU: the Pallas TPU lowering wants the last two dims of every block to be multiples of
+(8, 128) or the whole array (tm % 8, tn % 128, tk % 128 unless equal to M, N, K; 8-bit tiles are
+(32, 128), so tm % 32 avoids padding); interpret mode does not check this, the tests cross-lower
+one DiT-XL/2 shape to a Mosaic TPU custom call (JAX's side of the compile only).
 """
 
 from __future__ import annotations
