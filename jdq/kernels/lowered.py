@@ -120,11 +120,21 @@ def quantize_tokens(x, fmt: str = "int8", impl: str = "auto", config=None):
     return quantize_rows(x, fmt)
 
 
-def w8a8_matmul(xq, xs, wq, ws, b, out_dtype, impl: str = "auto", config=None):
+def _activate(y, activation):
+    if activation is None:
+        return y
+    from jdq.models.layers import ACTIVATIONS
+
+    return ACTIVATIONS[activation](y)
+
+
+def w8a8_matmul(xq, xs, wq, ws, b, out_dtype, impl: str = "auto", config=None, activation: str | None = None):
     """Dispatch the W8A8 GEMM (int8 or E4M3 operands, already quantized) to an implementation.
 
     GPU kernels need K and N to be multiples of the tile; M is zero-padded. Shapes the kernel
-    cannot tile go to the XLA reference (same result: int8 accumulation is exact).
+    cannot tile go to the XLA reference (same result: int8 accumulation is exact). ``activation``
+    (see ``jdq.models.layers.ACTIVATIONS``) runs in the GPU kernel's epilogue where it is in
+    :data:`jdq.kernels.w8a8.gpu.FUSED_ACTIVATIONS`, else on the output.
     """
     from jdq.kernels.w8a8 import ref
 
@@ -133,7 +143,7 @@ def w8a8_matmul(xq, xs, wq, ws, b, out_dtype, impl: str = "auto", config=None):
     n = wq.shape[0]
     if _on_gpu(impl):
         from jdq.kernels import tuning
-        from jdq.kernels.w8a8.gpu import Config, w8a8_matmul_gpu
+        from jdq.kernels.w8a8.gpu import FUSED_ACTIVATIONS, Config, w8a8_matmul_gpu
 
         if config is None and impl == "gpu_interpret":
             config = _interpret_w8a8_config()  # one warpgroup: far fewer simulated threads than "ws"
@@ -143,13 +153,15 @@ def w8a8_matmul(xq, xs, wq, ws, b, out_dtype, impl: str = "auto", config=None):
             xq_p, m0 = _pad_rows(xq, cm)
             xs_p, _ = _pad_rows(xs, cm)
             bb = jnp.zeros((n,), jnp.float32) if b is None else b
-            out = w8a8_matmul_gpu(xq_p, xs_p, wq, ws, bb, out_dtype, cfg, interpret=impl == "gpu_interpret")
-            return out[:m0]
+            fused = activation if activation in FUSED_ACTIVATIONS else None
+            out = w8a8_matmul_gpu(xq_p, xs_p, wq, ws, bb, out_dtype, cfg, interpret=impl == "gpu_interpret",
+                                  activation=fused)
+            return _activate(out[:m0], None if fused else activation)
     elif impl in ("tpu", "tpu_interpret") and xq.dtype == jnp.int8:
         from jdq.kernels.w8a8.tpu import w8a8_matmul_tpu
 
-        return w8a8_matmul_tpu(xq, xs, wq, ws, b, out_dtype, interpret=impl == "tpu_interpret")
-    return ref.w8a8_matmul(xq, xs, wq, ws, b, out_dtype)
+        return _activate(w8a8_matmul_tpu(xq, xs, wq, ws, b, out_dtype, interpret=impl == "tpu_interpret"), activation)
+    return _activate(ref.w8a8_matmul(xq, xs, wq, ws, b, out_dtype), activation)
 
 
 def w4a8_matmul(xq, xs, lw: "LoweredWeight", b, out_dtype, impl: str = "auto", config=None):
@@ -233,12 +245,15 @@ def mx_matmul(x, lw: LoweredWeight, b, out_dtype, impl: str = "auto", config=Non
     return ref.mx_matmul(xq, xs, lw.codes, ws, b, out_dtype)
 
 
-def lowered_linear(x, lowered: LoweredWeight, b=None, *, site: str, quant: Any = None, act_role: str = "act"):
-    """``qlinear``'s speed path: ``x @ W + b`` with ``W`` the packed weight of ``site``.
+def lowered_linear(x, lowered: LoweredWeight, b=None, *, site: str, quant: Any = None, act_role: str = "act",
+                   activation: str | None = None):
+    """``qlinear``'s speed path: ``act(x @ W + b)`` with ``W`` the packed weight of ``site``.
 
     ``x`` is (…, K) in the model's compute dtype; the output has ``x``'s dtype. The activation is
     quantized here, the way the plan's activation transform does (per token for w8a8 / fp8 /
-    w4a8, per block for the MX kinds, the outlier split for mixdit).
+    w4a8, per block for the MX kinds, the outlier split for mixdit). ``activation`` (a name in
+    ``jdq.models.layers.ACTIVATIONS``) is fused into the W8A8 / FP8 GPU kernel's epilogue where
+    it can be, else applied to the output.
     """
     if not isinstance(lowered, LoweredWeight):
         raise TypeError(f"lowered_linear at {site!r}: expected a LoweredWeight, got {type(lowered).__name__}")
@@ -251,7 +266,8 @@ def lowered_linear(x, lowered: LoweredWeight, b=None, *, site: str, quant: Any =
     kind = lowered.kind
     if kind in ("w8a8", "fp8"):
         xq, xs = quantize_tokens(x2, "int8" if kind == "w8a8" else "fp8_e4m3", impl)
-        y = w8a8_matmul(xq, xs, lowered.codes, lowered.scale, bias, x.dtype, impl)
+        y = w8a8_matmul(xq, xs, lowered.codes, lowered.scale, bias, x.dtype, impl, activation=activation)
+        activation = None  # applied by w8a8_matmul
     elif kind == "w4a8":
         xq, xs = quantize_tokens(x2, "int8", impl)
         y = w4a8_matmul(xq, xs, lowered, bias, x.dtype, impl)
@@ -263,7 +279,7 @@ def lowered_linear(x, lowered: LoweredWeight, b=None, *, site: str, quant: Any =
         y = mx_matmul(x2, lowered, bias, x.dtype, impl)
     else:
         raise ValueError(f"lowered_linear at {site!r}: unknown kind {kind!r}; known: {KINDS}")
-    return y.reshape(*lead, lowered.n)
+    return _activate(y, activation).reshape(*lead, lowered.n)
 
 
 __all__ = ["IMPLS", "KINDS", "LoweredWeight", "lowered_linear", "mixdit_matmul", "mx_matmul", "quantize_tokens",

@@ -47,21 +47,29 @@ from flax import nnx
 from jdq.quant.transform import QuantizerBase
 
 
-def qlinear(x, w, b=None, *, site: str, quant: QuantizerBase | None = None, act_role: str = "act"):
-    """``x @ w + b`` with the input (role ``act_role``) and weight (role ``weight``) quantized by ``quant``."""
+def qlinear(x, w, b=None, *, site: str, quant: QuantizerBase | None = None, act_role: str = "act",
+            activation: str | None = None):
+    """``act(x @ w + b)`` with the input (role ``act_role``) and weight (role ``weight``) quantized by ``quant``.
+
+    ``activation`` (a name in :data:`ACTIVATIONS`, default none) is applied to the output; a
+    lowered site may fuse it into its kernel's epilogue (computed in float32 before the output
+    cast, so it differs from the unfused path by the output dtype's rounding only).
+    """
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"qlinear at {site!r}: unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
     if quant is not None:
         lowered = quant.lowered(site)
         if lowered is not None:
             # The speed path: a packed weight and a Pallas kernel that quantizes x itself.
             from jdq.kernels import lowered_linear
 
-            return lowered_linear(x, lowered, b, site=site, quant=quant, act_role=act_role)
+            return lowered_linear(x, lowered, b, site=site, quant=quant, act_role=act_role, activation=activation)
         x = quant(x, site, act_role, -1)
         w = quant(w, site, "weight", -2)
     y = jnp.matmul(x, w.astype(x.dtype))
     if b is not None:
         y = y + b.astype(y.dtype)
-    return y
+    return y if activation is None else ACTIVATIONS[activation](y)
 
 
 def qmatmul(a, b, *, site: str, roles: tuple[str, str], quant: QuantizerBase | None = None):
@@ -157,9 +165,9 @@ class Linear(nnx.Module):
         self.site = site
         self.act_role = act_role
 
-    def __call__(self, x, quant: QuantizerBase | None = None):
+    def __call__(self, x, quant: QuantizerBase | None = None, activation: str | None = None):
         b = None if self.bias is None else self.bias[...]
-        return qlinear(x, self.kernel[...], b, site=self.site, quant=quant, act_role=self.act_role)
+        return qlinear(x, self.kernel[...], b, site=self.site, quant=quant, act_role=self.act_role, activation=activation)
 
 
 def layer_norm(x, scale=None, bias=None, *, eps: float = 1e-6):
@@ -231,7 +239,8 @@ def modulate(x, shift, scale):
     return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
-_ACTIVATIONS = {
+#: Activations by name (``Mlp``, ``qlinear(activation=)``, the W8A8 kernel epilogue).
+ACTIVATIONS = {
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "silu": jax.nn.silu,
@@ -240,8 +249,8 @@ _ACTIVATIONS = {
 
 def _check_activation(activation: str, what: str) -> str:
     """``activation`` if known, else a ValueError naming ``what``; returns the role of its output."""
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"{what}: unknown activation {activation!r}; known: {sorted(_ACTIVATIONS)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{what}: unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
     return "post_gelu" if activation.startswith("gelu") else "act"
 
 
@@ -261,7 +270,7 @@ class Mlp(nnx.Module):
                           act_role=role, param_dtype=param_dtype)
 
     def __call__(self, x, quant: QuantizerBase | None = None):
-        return self.fc2(_ACTIVATIONS[self.activation](self.fc1(x, quant)), quant)
+        return self.fc2(self.fc1(x, quant, activation=self.activation), quant)
 
 
 def head_norm(head_dim: int, kind: str | None, *, site: str = "", eps: float = 1e-6, param_dtype=jnp.float32):
@@ -466,7 +475,7 @@ class TwoLayer(nnx.Module):
         self.linear_2 = Linear(dout, dout, site=f"{site}.linear_2", rngs=rngs, act_role=role)
 
     def __call__(self, x, quant=None):
-        return self.linear_2(_ACTIVATIONS[self.act](self.linear_1(x, quant)), quant)
+        return self.linear_2(self.linear_1(x, quant, activation=self.act), quant)
 
 
 class GeluProj(nnx.Module):
@@ -477,7 +486,7 @@ class GeluProj(nnx.Module):
         self.proj = Linear(din, dout, site=f"{site}.proj", rngs=rngs)
 
     def __call__(self, x, quant=None):
-        return jax.nn.gelu(self.proj(x, quant), approximate=self.approximate)
+        return self.proj(x, quant, activation="gelu_tanh" if self.approximate else "gelu")
 
 
 class FeedForward(nnx.Module):

@@ -83,6 +83,30 @@ def test_lowered_dit_equals_fake_quant_w8a8(small_dit, impl):
     assert quant_err > 100 * err  # ...far below the quantization error itself
 
 
+def test_mlp_activation_is_fused_into_the_fc1_kernel(small_dit, monkeypatch):
+    """The DiT MLP's GELU reaches the W8A8 kernel's epilogue at fc1 (only there), and qlinear
+    rejects an unknown activation by name."""
+    import jdq.kernels.w8a8.gpu as gpu
+    from jdq.models.layers import qlinear
+
+    model, inputs = small_dit
+    plan = _plan(model, inputs, *W8A8_RULES)
+    low_q = lower(plan, model.params, impl="gpu_interpret")
+    seen = []
+    orig = gpu.w8a8_matmul_gpu
+
+    def spy(*a, **kw):
+        seen.append((a[2].shape, kw.get("activation")))
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(gpu, "w8a8_matmul_gpu", spy)
+    model.apply(model.params, *inputs, quant=low_q)
+    assert sorted(seen, key=str) == sorted([((384, 128), None), ((128, 128), None), ((512, 128), "gelu_tanh"),
+                                           ((128, 512), None)], key=str)
+    with pytest.raises(ValueError, match="qlinear at 'x': unknown activation 'relu6'"):
+        qlinear(jnp.ones((2, 4)), jnp.ones((4, 3)), site="x", activation="relu6")
+
+
 def test_lowered_dit_weight_only_and_jit(small_dit):
     model, inputs = small_dit
     plan = _plan(model, inputs, cast("int4", granularity="group", group_size=128))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from jdq.kernels.w8a8 import ref
-from jdq.kernels.w8a8.gpu import Config, w8a8_matmul_gpu
+from jdq.kernels.w8a8.gpu import FUSED_ACTIVATIONS, Config, w8a8_matmul_gpu
+from jdq.models.layers import ACTIVATIONS
 
 
 def _operands(key, m, k, n, pow2=True):
@@ -71,6 +72,19 @@ def test_gpu_kernel_interpret_bit_exact(cfg):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[-1]], ids=["pipe", "ws"])
+@pytest.mark.parametrize("act", FUSED_ACTIVATIONS)
+def test_gpu_kernel_interpret_fused_activation(cfg, act):
+    """``activation=`` in the epilogue is the activation of the float32 reference output (before the cast)."""
+    xq, xs, wq, ws, b = _operands(jax.random.key(5), 128, 384, 256)
+    got = np.asarray(w8a8_matmul_gpu(xq, xs, wq, ws, b, jnp.float32, cfg, interpret=True, activation=act))
+    plain = ref.w8a8_matmul(xq, xs, wq, ws, b, jnp.float32)
+    np.testing.assert_allclose(got, np.asarray(ACTIVATIONS[act](plain)), rtol=1e-5, atol=1e-6)
+    assert np.mean(np.abs(got - np.asarray(plain)) > 1e-3) > 0.3  # the activation did change the output
+    with pytest.raises(ValueError, match="'gelu' cannot be fused"):
+        w8a8_matmul_gpu(xq, xs, wq, ws, b, jnp.float32, cfg, interpret=True, activation="gelu")
+
+
 def test_gpu_kernel_interpret_random_scales_bf16():
     xq, xs, wq, ws, b = _operands(jax.random.key(3), 128, 256, 128, pow2=False)
     got = w8a8_matmul_gpu(xq, xs, wq, ws, b, jnp.bfloat16, Config("pipe", 64, 64, 128, 2), interpret=True)
@@ -93,6 +107,17 @@ def test_gpu_kernel_lowers_to_mosaic_gpu(cfg):
     f = jax.jit(functools.partial(w8a8_matmul_gpu, out_dtype=jnp.bfloat16, config=cfg))
     text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("act", FUSED_ACTIVATIONS)
+def test_fused_activation_lowers_to_mosaic_gpu(act):
+    """The epilogue's activation ops (tanh, logistic) lower in the warp-specialised kernel."""
+    m, k, n = 256, 256, 256
+    shapes = [((m, k), jnp.int8), ((m,), jnp.float32), ((n, k), jnp.int8), ((n,), jnp.float32), ((n,), jnp.float32)]
+    args = [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
+    cfg = Config("ws", 128, 64, 128, 4, wg_dim="n")
+    f = jax.jit(functools.partial(w8a8_matmul_gpu, out_dtype=jnp.bfloat16, config=cfg, activation=act))
+    assert "mosaic_gpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def test_bad_shapes_raise():

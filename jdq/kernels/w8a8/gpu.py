@@ -78,11 +78,26 @@ def _check(xq, xs, wq, ws, b, cfg):
     return m, n, k
 
 
+#: Activations the epilogue can apply (names of ``jdq.models.layers.ACTIVATIONS`` whose ops lower
+#: to Mosaic GPU); computed in float32 before the output cast.
+FUSED_ACTIVATIONS = ("gelu_tanh", "silu")
+
+
+def _activation_fn(activation):
+    if activation is None:
+        return None
+    if activation not in FUSED_ACTIVATIONS:
+        raise ValueError(f"w8a8 GPU kernel: activation {activation!r} cannot be fused; fusable: {FUSED_ACTIVATIONS}")
+    from jdq.models.layers import ACTIVATIONS
+
+    return ACTIVATIONS[activation]
+
+
 def _acc_dtype(xq):
     return jnp.int32 if xq.dtype == jnp.int8 else jnp.float32
 
 
-def _pipe_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret):
+def _pipe_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret, act=None):
     m, n, k = _check(xq, xs, wq, ws, b, cfg)
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
     x_tr = smem_transforms(tk, xq.dtype, interpret)
@@ -107,21 +122,22 @@ def _pipe_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret):
             return acc_ref[...]
 
         acc = pl.run_scoped(scope, plgpu.ACC((tm, tn), _acc_dtype(xq)))
-        y = _epilogue(acc, xs_g, ws_g, b_g, mi * tm, ni * tn, tm, tn, interpret)
+        y = _epilogue(acc, xs_g, ws_g, b_g, mi * tm, ni * tn, tm, tn, interpret, act)
         store_tile(y, o_s, o_g, mi, ni)
 
     return tiled_kernel(body, m, n, tm, tn, out_dtype, interpret=interpret)(xq, kmajor_operand(wq, interpret), xs, ws, b)
 
 
-def _epilogue(acc, xs_g, ws_g, b_g, row0, col0, tm, tn, interpret):
+def _epilogue(acc, xs_g, ws_g, b_g, row0, col0, tm, tn, interpret, act=None):
     xv = load_vec(xs_g, row0, tm, 0, interpret)
     wv = load_vec(ws_g, col0, tn, 1, interpret)
     bv = load_vec(b_g, col0, tn, 1, interpret)
     y = acc.astype(jnp.float32) * lax.broadcast_in_dim(xv, (tm, tn), [0])
-    return y * lax.broadcast_in_dim(wv, (tm, tn), [1]) + lax.broadcast_in_dim(bv, (tm, tn), [1])
+    y = y * lax.broadcast_in_dim(wv, (tm, tn), [1]) + lax.broadcast_in_dim(bv, (tm, tn), [1])
+    return y if act is None else act(y)
 
 
-def _ws_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret):
+def _ws_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret, act=None):
     m, n, k = _check(xq, xs, wq, ws, b, cfg)
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
     cta_m, cta_n = cfg.cta_tile()
@@ -176,7 +192,7 @@ def _ws_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret):
                     @functools.partial(pl.run_scoped, acc=plgpu.ACC((tm, tn), acc_dtype))
                     def _(acc):
                         eval_pipeline(acc)
-                        y = _epilogue(acc[...], xs_g, ws_g, b_g, row0, col0, tm, tn, interpret).astype(out_dtype)
+                        y = _epilogue(acc[...], xs_g, ws_g, b_g, row0, col0, tm, tn, interpret, act).astype(out_dtype)
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                         for ei in range(tm // epi_m):
                             for ej in range(tn // epi_n):
@@ -213,16 +229,17 @@ def _ws_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret):
 
 # jitted so that a model calling the kernel at many sites of one shape lowers it once (JAX
 # dedupes identical jitted calls in a module); otherwise every site lowers its own copy (DiT-XL/2: 112).
-@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret"))
-def w8a8_matmul_gpu(xq, xs, wq, ws, b=None, out_dtype=jnp.bfloat16, config: Config = Config(), interpret=False):
-    """W8A8 GEMM ``(M, K) × (N, K) -> (M, N) out_dtype`` (int8 or E4M3 codes) with the fused dequant epilogue."""
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret", "activation"))
+def w8a8_matmul_gpu(xq, xs, wq, ws, b=None, out_dtype=jnp.bfloat16, config: Config = Config(), interpret=False,
+                    activation: str | None = None):
+    """W8A8 GEMM ``act((M, K) × (N, K) -> (M, N))`` (int8 or E4M3 codes) with the fused dequant (+ activation) epilogue."""
     if b is None:
         b = jnp.zeros((wq.shape[0],), jnp.float32)
     xs, ws, b = (jnp.asarray(v, jnp.float32) for v in (xs, ws, b))
     fn = {"pipe": _pipe_kernel, "ws": _ws_kernel}.get(config.kind)
     if fn is None:
         raise ValueError(f"w8a8 GPU config.kind must be 'pipe' or 'ws', got {config.kind!r}")
-    return fn(xq, xs, wq, ws, b, jnp.dtype(out_dtype), config, interpret)
+    return fn(xq, xs, wq, ws, b, jnp.dtype(out_dtype), config, interpret, _activation_fn(activation))
 
 
-__all__ = ["Config", "w8a8_matmul_gpu"]
+__all__ = ["Config", "FUSED_ACTIVATIONS", "w8a8_matmul_gpu"]
