@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jdq.kernels.weight_only.tpu import check_tiles, unpack_int4_tile
+from jdq.kernels.weight_only.tpu import check_tiles, group_scales, unpack_int4_tile
 
 _DIMS = (((1,), (1,)), ((), ()))  # contract the last dims: xq (tm, tk) · w (tn, tk)ᵀ
 
@@ -48,8 +48,8 @@ def _kernel(xq_ref, c_ref, xs_ref, ws_ref, *refs, group_size, tk, k_steps, group
     def dot(xa, wa):
         return lax.dot_general(xa, wa, _DIMS, preferred_element_type=jnp.int32)
 
-    def scale(g):  # (1, tn) scales of group g
-        return ws_ref[pl.ds(g, 1), :]
+    def scale(r):  # (1, tn) scales of this step's r-th group
+        return ws_ref[r:r + 1, :]
 
     if groups == 1:
         (iacc_ref,) = scratch
@@ -70,7 +70,7 @@ def _kernel(xq_ref, c_ref, xs_ref, ws_ref, *refs, group_size, tk, k_steps, group
             per_step = tk // group_size
             for j in range(per_step):  # group order, one float32 rounding per group as in the reference
                 sl = slice(j * group_size, (j + 1) * group_size)
-                acc_ref[...] += dot(x[:, sl], w[:, sl]).astype(jnp.float32) * scale(kk * per_step + j)
+                acc_ref[...] += dot(x[:, sl], w[:, sl]).astype(jnp.float32) * scale(j)
         else:
             (part_ref,) = part
             steps = group_size // tk
@@ -83,7 +83,7 @@ def _kernel(xq_ref, c_ref, xs_ref, ws_ref, *refs, group_size, tk, k_steps, group
 
             @pl.when(lax.rem(kk, steps) == steps - 1)
             def _():
-                acc_ref[...] += part_ref[...].astype(jnp.float32) * scale(lax.div(kk, steps))
+                acc_ref[...] += part_ref[...].astype(jnp.float32) * scale(0)
 
     @pl.when(kk == k_steps - 1)
     def _():
@@ -96,6 +96,8 @@ def _kernel(xq_ref, c_ref, xs_ref, ws_ref, *refs, group_size, tk, k_steps, group
         o_ref[...] = y.astype(o_ref.dtype)
 
 
+# jitted like the other kernel entry points: identical calls in a model lower once.
+@functools.partial(jax.jit, static_argnames=("group_size", "out_dtype", "tm", "tn", "tk", "interpret"))
 def w4a8_matmul_tpu(xq, xs, codes, scale, b=None, group_size: int | None = None, out_dtype=jnp.bfloat16, tm=256,
                     tn=256, tk=512, interpret=False):
     """W4A8 GEMM ``(M, K) int8 × packed int4 (N, K/2) -> (M, N)`` on TPU; ``scale`` (N, G), ``group_size`` None: K."""
@@ -115,12 +117,13 @@ def w4a8_matmul_tpu(xq, xs, codes, scale, b=None, group_size: int | None = None,
         raise ValueError(f"w4a8 TPU kernel: xs shape {jnp.shape(xs)}, want ({m},)")
     tm, tn, tk = check_tiles("w4a8", m, n, k, tm, tn, tk, gs, 4)
     k_steps = k // tk
-    operands = [xq, codes, jnp.asarray(xs, jnp.float32).reshape(m, 1), scale.reshape(n, groups).T]
+    scales, scale_spec = group_scales(scale, n, groups, gs, tk, tn)
+    operands = [xq, codes, jnp.asarray(xs, jnp.float32).reshape(m, 1), scales]
     in_specs = [
         pl.BlockSpec((tm, tk), lambda i, j, kk: (i, kk)),
         pl.BlockSpec((tn, tk // 2), lambda i, j, kk: (j, kk)),
         pl.BlockSpec((tm, 1), lambda i, j, kk: (i, 0)),
-        pl.BlockSpec((groups, tn), lambda i, j, kk: (0, j)),  # all of a column block's scales stay resident
+        scale_spec,
     ]
     if b is not None:
         operands.append(jnp.asarray(b, jnp.float32).reshape(1, n))

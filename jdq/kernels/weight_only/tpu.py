@@ -43,15 +43,27 @@ _DIMS = (((1,), (1,)), ((), ()))  # contract the last dims: x (tm, tk) · w (tn,
 
 
 def unpack_int4_tile(p):
-    """Packed int8 tile (tn, tk/2) -> int32 codes (tn, tk) in feature order (``pack_int4`` layout)."""
+    """Packed int8 tile (tn, tk/2) -> int32 codes (tn, tk) in feature order (``pack_int4`` layout).
+
+    Each 128 packed lanes hold two pack blocks (bytes of block ``2c`` in lanes < 64, of ``2c + 1``
+    above); after the two shifts, a lane rotation by 64 and a select put each block's low and high
+    halves side by side, on whole 128-lane vectors. A trailing single block (``tk/2`` an odd
+    multiple of 64) is joined by a 64-lane concatenation instead.
+    """
     w = p.astype(jnp.int32)  # sign-extends the byte; shifts run on 32-bit lanes
     lo = lax.shift_right_arithmetic(lax.shift_left(w, 28), 28)
     hi = lax.shift_right_arithmetic(w, 4)
+    rows, kh = p.shape
     parts = []
-    for blk in range(p.shape[1] // _HALF):  # block b holds features b*128 + [0, 64) low, + [64, 128) high
-        sl = slice(blk * _HALF, (blk + 1) * _HALF)
-        parts += [lo[:, sl], hi[:, sl]]
-    return jnp.concatenate(parts, axis=1)
+    if kh >= 2 * _HALF:
+        first = lax.broadcasted_iota(jnp.int32, (rows, 2 * _HALF), 1) < _HALF
+    for c in range(kh // (2 * _HALF)):
+        sl = slice(c * 2 * _HALF, (c + 1) * 2 * _HALF)
+        l, h = lo[:, sl], hi[:, sl]
+        parts += [jnp.where(first, l, pltpu.roll(h, _HALF, 1)), jnp.where(first, pltpu.roll(l, _HALF, 1), h)]
+    if kh % (2 * _HALF):
+        parts += [lo[:, kh - _HALF:], hi[:, kh - _HALF:]]
+    return jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
 
 def check_tiles(name, m, n, k, tm, tn, tk, group_size, bits):
@@ -64,6 +76,18 @@ def check_tiles(name, m, n, k, tm, tn, tk, group_size, bits):
     if tk % group_size and group_size % tk:
         raise ValueError(f"{name} TPU kernel: group_size={group_size} and tk={tk} (K={k}): one must divide the other")
     return tm, tn, tk
+
+
+def group_scales(scale, n, groups, group_size, tk, tn):
+    """Scales (N, G) as (K/tk·…, r, N) with r groups per K step, and the BlockSpec bringing step ``kk``'s (r, tn) rows.
+
+    A group spanning several steps (``group_size > tk``) gives r = 1 and the same block for all of its steps.
+    The block index moves with ``kk``, so no row is picked by a dynamic sublane index in the kernel.
+    """
+    per_step = max(1, tk // group_size)
+    steps = max(1, group_size // tk)
+    s = scale.reshape(n, groups).T.reshape(groups // per_step, per_step, n)
+    return s, pl.BlockSpec((pl.Squeezed(), per_step, tn), lambda i, j, kk: (lax.div(kk, steps), 0, j))
 
 
 def _kernel(x_ref, c_ref, s_ref, *refs, bits, group_size, tk, k_steps, groups, has_bias, precision):
@@ -80,8 +104,8 @@ def _kernel(x_ref, c_ref, s_ref, *refs, bits, group_size, tk, k_steps, groups, h
     def dot(xa, wa):
         return lax.dot_general(xa, wa, _DIMS, precision=precision, preferred_element_type=jnp.float32)
 
-    def scale(g):  # (1, tn) scales of group g
-        return s_ref[pl.ds(g, 1), :]
+    def scale(r):  # (1, tn) scales of this step's r-th group
+        return s_ref[r:r + 1, :]
 
     @pl.when(kk == 0)
     def _():
@@ -93,7 +117,7 @@ def _kernel(x_ref, c_ref, s_ref, *refs, bits, group_size, tk, k_steps, groups, h
         per_step = tk // group_size
         for j in range(per_step):
             sl = slice(j * group_size, (j + 1) * group_size)
-            acc_ref[...] += dot(x[:, sl], w[:, sl]) * scale(kk * per_step + j)
+            acc_ref[...] += dot(x[:, sl], w[:, sl]) * scale(j)
     else:
         (part_ref,) = part
         steps = group_size // tk
@@ -106,7 +130,7 @@ def _kernel(x_ref, c_ref, s_ref, *refs, bits, group_size, tk, k_steps, groups, h
 
         @pl.when(lax.rem(kk, steps) == steps - 1)
         def _():
-            acc_ref[...] += part_ref[...] * scale(lax.div(kk, steps))
+            acc_ref[...] += part_ref[...] * scale(0)
 
     @pl.when(kk == k_steps - 1)
     def _():
@@ -118,6 +142,8 @@ def _kernel(x_ref, c_ref, s_ref, *refs, bits, group_size, tk, k_steps, groups, h
         o_ref[...] = y.astype(o_ref.dtype)
 
 
+# jitted like the other kernel entry points: identical calls in a model lower once.
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "out_dtype", "tm", "tn", "tk", "interpret"))
 def weight_only_matmul_tpu(x, codes, scale, b, bits: int, group_size: int, out_dtype=None, tm=256, tn=256, tk=512,
                            interpret=False):
     """``x (M, K) · Ŵᵀ (+ b)`` on TPU with int8 / packed-int4 codes and scales (N, G); ``out_dtype`` None: ``x.dtype``."""
@@ -137,11 +163,12 @@ def weight_only_matmul_tpu(x, codes, scale, b, bits: int, group_size: int, out_d
     kc = tk if bits == 8 else tk // 2
     k_steps = k // tk
     precision = None if x.dtype == jnp.bfloat16 else lax.Precision.HIGHEST
-    operands = [x, codes, scale.reshape(n, groups).T]
+    scales, scale_spec = group_scales(scale, n, groups, group_size, tk, tn)
+    operands = [x, codes, scales]
     in_specs = [
         pl.BlockSpec((tm, tk), lambda i, j, kk: (i, kk)),
         pl.BlockSpec((tn, kc), lambda i, j, kk: (j, kk)),
-        pl.BlockSpec((groups, tn), lambda i, j, kk: (0, j)),  # all of a column block's scales stay resident
+        scale_spec,
     ]
     if b is not None:
         operands.append(jnp.asarray(b, jnp.float32).reshape(1, n))
@@ -163,4 +190,4 @@ def weight_only_matmul_tpu(x, codes, scale, b, bits: int, group_size: int, out_d
     )(*operands)
 
 
-__all__ = ["weight_only_matmul_tpu", "unpack_int4_tile", "check_tiles"]
+__all__ = ["weight_only_matmul_tpu", "unpack_int4_tile", "check_tiles", "group_scales"]
