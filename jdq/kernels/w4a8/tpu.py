@@ -3,10 +3,10 @@
 Computes :func:`jdq.kernels.w4a8.ref.w4a8_matmul`: ``xq`` (M, K) int8 with per-token scales ``xs``
 (M,), weights packed (N, K/2) by :func:`~jdq.kernels.weight_only.ref.pack_int4`, float32 scales
 (N, G). Grid (M/tm, N/tn, K/tk), K innermost ("arbitrary"). Per K step the packed tile is
-sign-extended into int8 codes (two int32 shifts per byte, the two 64-wide halves of each 128-block
-laid side by side in feature order) and multiplied on the MXU, int8 × int8 -> int32.
+sign-extended into int8 codes (:func:`~jdq.kernels.weight_only.tpu.unpack_int4_tile`) and
+multiplied on the MXU, int8 × int8 -> int32.
 
-Scales follow the reference's arithmetic exactly:
+Scales follow the reference's arithmetic:
 
 * per channel (``G == 1``): one int32 accumulator over all of K; the epilogue computes
   ``float32(acc) · s_x · s_w``;
@@ -15,10 +15,18 @@ Scales follow the reference's arithmetic exactly:
   the step; ``tk`` dividing ``group_size``: an int32 accumulator collects the group over its steps);
   the epilogue multiplies by ``s_x``.
 
-The bias is added last and the result cast. Integer sums are exact and every float operation is
-the reference's, in its order, so the kernel **equals the reference bit for bit at every tile
-size it accepts** (``tk`` a multiple or a divisor of ``group_size``), with any float32 scales
-(tested in Pallas TPU interpret mode on CPU; no TPU was available to run it).
+The bias is added last and the result cast. **Equality with the reference**: integer sums are exact
+and every float operation is the reference's, in its order, at every tile size the kernel accepts
+(``tk`` a multiple or a divisor of ``group_size``). What is left to the compiler is whether it
+contracts a multiply and the following add (``c + float32(P_g)·s_g``, ``y·s_x + b``) into one FMA;
+XLA:CPU does in jitted code (the jitted reference differs from the eager one), so the two are equal
+bit for bit when those products are exact (power-of-two scales; tested at every tiling), and for
+any scales per channel without a bias (no add to contract; tested); otherwise within one float32
+rounding per contracted operation (tested against the bound).
+
+No TPU was available: tested in Pallas TPU interpret mode on CPU, and the Pallas -> Mosaic TPU
+lowering runs on CPU (block rules and tiles as in :mod:`jdq.kernels.weight_only.tpu`); what the
+Mosaic compiler in libtpu then accepts (e.g. the int32 -> int8 truncation of the codes) is unverified.
 """
 
 from __future__ import annotations

@@ -5,11 +5,12 @@ codes int8 (N, K) (``bits=8``) or int4 packed int8 (N, K/2) in the layout of
 :func:`~jdq.kernels.weight_only.ref.pack_int4` (``bits=4``), float32 scales (N, G).
 
 Grid (M/tm, N/tn, K/tk), K innermost ("arbitrary"), a float32 VMEM accumulator. Per K step the
-code tile is sign-extended (int4: two int32 shifts per byte, then the two 64-wide halves of each
-packed 128-block are laid side by side in feature order) and converted to the dot's operand type:
-bf16 for bf16 ``x`` (every code is exact in bf16, every bf16 × bf16 product exact in the float32
-accumulator: one native MXU pass), float32 at ``Precision.HIGHEST`` for any other ``x``.
-Scales are not applied to the weight tile but to the accumulated products, as the GPU kernel does:
+code tile is sign-extended (int4: :func:`unpack_int4_tile`, two 32-bit shifts, a 64-lane rotation
+and a select per 128 packed lanes) and converted to the dot's operand type: bf16 for bf16 ``x``
+(every code is exact in bf16, every bf16 × bf16 product exact in the float32 accumulator: one
+native MXU pass), float32 at ``Precision.HIGHEST`` for any other ``x``. Scales are not applied to
+the weight tile but to the accumulated products, as the GPU kernel does; each step's scale rows
+arrive as their own (r, tn) block (:func:`group_scales`):
 
 * per channel (``G == 1``): one accumulator over all of K, times the scale in the epilogue;
 * ``group_size`` dividing ``tk``: one dot per group inside the step, each added times its scale;
@@ -20,10 +21,17 @@ The epilogue adds the bias and casts. **Equality with the reference**: not bit-e
 The reference rounds ``code · scale`` to float32 and sums the products in XLA's order; the kernel
 sums ``x · code`` per group and multiplies by the scale afterwards, in tile order. Both are float32
 dot products of the same real numbers, each within ``γ_{K+2} = (K+2)·2⁻²⁴/(1 − (K+2)·2⁻²⁴)`` times
-``Σ_k |x_k| |Ŵ_nk|`` of the exact value, so they differ by at most twice that before the output
-cast (one more output ulp after a cast to bf16). They agree bit for bit when all of that
-arithmetic is exact (``x`` and the scales on coarse power-of-two grids; tested). No TPU was
-available: tested in Pallas TPU interpret mode on CPU and cross-lowered to Mosaic TPU.
+``Σ_k |x_k| |Ŵ_nk| + |b_n|`` of the exact value, so they differ by at most twice that before the
+output cast (one more output ulp after a cast to bf16). They agree bit for bit when all of that
+arithmetic is exact (``x`` and the scales on coarse power-of-two grids; tested).
+
+No TPU was available: tested in Pallas TPU interpret mode on CPU, and the Pallas -> Mosaic TPU
+lowering (which enforces the block rule below) runs on CPU; what the Mosaic compiler in libtpu then
+accepts is unverified. On a TPU, blocks need their last two dims to be multiples of (8, 128) or the
+whole dim: ``tn % 128 == 0``, ``tk % 128 == 0`` (int8) and ``tk % 256 == 0`` (int4, the packed
+block is ``tk/2`` wide) unless ``tk == K``. Two spots are likely unsupported there: the 64-lane
+concatenation of an int4 step whose ``tk/2`` is an odd multiple of 64 (e.g. K = 1152, whose only
+legal int4 tile is ``tk = K``), and the 64-lane slices of ``group_size = 64``.
 """
 
 from __future__ import annotations
@@ -79,7 +87,7 @@ def check_tiles(name, m, n, k, tm, tn, tk, group_size, bits):
 
 
 def group_scales(scale, n, groups, group_size, tk, tn):
-    """Scales (N, G) as (K/tk·…, r, N) with r groups per K step, and the BlockSpec bringing step ``kk``'s (r, tn) rows.
+    """Scales (N, G) as (G/r, r, N), r groups per K step, and the BlockSpec that brings step ``kk``'s (r, tn) block.
 
     A group spanning several steps (``group_size > tk``) gives r = 1 and the same block for all of its steps.
     The block index moves with ``kk``, so no row is picked by a dynamic sublane index in the kernel.
