@@ -33,8 +33,9 @@ mxint8    ``codes`` (N, K) int8, ``scale`` (K/32, N)      MXINT8 activations and
 Implementations (``impl``): ``"auto"`` (the Mosaic GPU kernels on a GPU, XLA elsewhere), ``"xla"``
 (the references in jnp: XLA's int8 / fp8 dots), ``"gpu"``, ``"gpu_xla_quant"`` (the GPU GEMM kernels
 with the per-token activation quantization left to XLA), ``"gpu_interpret"`` (the GPU kernels in
-Pallas GPU interpret mode, on a CPU), ``"tpu"``, ``"tpu_interpret"`` (TPU kernels exist for w8a8;
-other kinds run their XLA reference there). On the GPU path the per-token activation
+Pallas GPU interpret mode, on a CPU), ``"tpu"``, ``"tpu_interpret"`` (the Pallas TPU kernels of every
+kind, ``<op>/tpu.py``; tiles from ``tuning.TPU_GEMM`` shrunk to divide N and K, M zero-padded;
+tested in interpret mode only, no TPU was available). On the GPU path the per-token activation
 quantization of w8a8 / fp8 / w4a8 runs in the one-pass kernel of :mod:`jdq.kernels.token_quant`;
 shapes a kernel cannot tile fall back to the XLA reference (same result).
 """
@@ -99,6 +100,28 @@ def _on_gpu(impl):
     return impl in ("gpu", "gpu_xla_quant", "gpu_interpret")
 
 
+def _on_tpu(impl):
+    return impl in ("tpu", "tpu_interpret")
+
+
+def _largest_tile(dim: int, cap: int, multiple: int, ok=lambda t: True) -> int:
+    """The largest multiple of ``multiple`` that is ≤ ``cap``, divides ``dim`` and passes ``ok``; else ``dim``."""
+    for t in range(min(cap, dim) // multiple * multiple, 0, -multiple):
+        if dim % t == 0 and ok(t):
+            return t
+    return dim
+
+
+def _tpu_tiles(m: int, n: int, k: int, k_multiple: int = 128, group: int | None = None) -> dict:
+    """Tiles for a Pallas TPU GEMM: the tuning table's, shrunk so that tn / tk divide N / K (M is padded to tm)."""
+    from jdq.kernels import tuning
+
+    t = tuning.lookup("tpu_gemm", m)
+    fits_group = (lambda tk: tk % group == 0 or group % tk == 0) if group else (lambda tk: True)
+    return dict(tm=min(t["tm"], m), tn=_largest_tile(n, t["tn"], 128),
+                tk=_largest_tile(k, t["tk"], k_multiple, fits_group))
+
+
 def _pad_rows(a, multiple):
     m = a.shape[0]
     pad = (-m) % multiple
@@ -157,10 +180,13 @@ def w8a8_matmul(xq, xs, wq, ws, b, out_dtype, impl: str = "auto", config=None, a
             out = w8a8_matmul_gpu(xq_p, xs_p, wq, ws, bb, out_dtype, cfg, interpret=impl == "gpu_interpret",
                                   activation=fused)
             return _activate(out[:m0], None if fused else activation)
-    elif impl in ("tpu", "tpu_interpret") and xq.dtype == jnp.int8:
+    elif _on_tpu(impl):
         from jdq.kernels.w8a8.tpu import w8a8_matmul_tpu
 
-        return _activate(w8a8_matmul_tpu(xq, xs, wq, ws, b, out_dtype, interpret=impl == "tpu_interpret"), activation)
+        tiles = _tpu_tiles(m, n, k)
+        (xq_p, m0), (xs_p, _) = _pad_rows(xq, tiles["tm"]), _pad_rows(xs, tiles["tm"])
+        out = w8a8_matmul_tpu(xq_p, xs_p, wq, ws, b, out_dtype, interpret=impl == "tpu_interpret", **tiles)
+        return _activate(out[:m0], activation)
     return _activate(ref.w8a8_matmul(xq, xs, wq, ws, b, out_dtype), activation)
 
 
@@ -180,6 +206,13 @@ def w4a8_matmul(xq, xs, lw: "LoweredWeight", b, out_dtype, impl: str = "auto", c
             xs_p, _ = _pad_rows(xs, cfg.tile_m)
             out = w4a8_matmul_gpu(xq_p, xs_p, lw.codes, lw.scale, b, gs, out_dtype, cfg, interpret=impl == "gpu_interpret")
             return out[:m0]
+    elif _on_tpu(impl):
+        from jdq.kernels.w4a8.tpu import w4a8_matmul_tpu
+
+        tiles = _tpu_tiles(xq.shape[0], lw.n, lw.k, k_multiple=256, group=gs)
+        (xq_p, m0), (xs_p, _) = _pad_rows(xq, tiles["tm"]), _pad_rows(xs, tiles["tm"])
+        out = w4a8_matmul_tpu(xq_p, xs_p, lw.codes, lw.scale, b, gs, out_dtype, interpret=impl == "tpu_interpret", **tiles)
+        return out[:m0]
     return ref.w4a8_matmul(xq, xs, lw.codes, lw.scale, b, gs, out_dtype)
 
 
@@ -201,6 +234,15 @@ def weight_only_matmul(x, lw: LoweredWeight, b, out_dtype, impl: str = "auto", c
             out = weight_only_matmul_gpu(x_p, lw.codes, lw.scale, b, bits, lw.group_size or lw.k, out_dtype, cfg,
                                          interpret=impl == "gpu_interpret")
             return out[:m0]
+    elif _on_tpu(impl):
+        from jdq.kernels.weight_only.tpu import weight_only_matmul_tpu
+
+        gs = lw.group_size or lw.k
+        tiles = _tpu_tiles(x.shape[0], lw.n, lw.k, k_multiple=256 if bits == 4 else 128, group=gs)
+        x_p, m0 = _pad_rows(x, tiles["tm"])
+        out = weight_only_matmul_tpu(x_p, lw.codes, lw.scale, b, bits, gs, out_dtype, interpret=impl == "tpu_interpret",
+                                     **tiles)
+        return out[:m0]
     return ref.weight_only_matmul(x, lw.codes, lw.scale, b, bits, lw.group_size or lw.k, out_dtype)
 
 
@@ -221,6 +263,14 @@ def mixdit_matmul(x, lw: LoweredWeight, b, out_dtype, impl: str = "auto", config
             out = mixdit_matmul_gpu(xh, xl, sx, w_hi, lw.codes, lw.scale, b, out_dtype, cfg,
                                     interpret=impl == "gpu_interpret")
             return out[:m0]
+    elif _on_tpu(impl):
+        from jdq.kernels.mixdit.tpu import mixdit_matmul_tpu
+
+        tiles = _tpu_tiles(x.shape[0], lw.n, x_lo.shape[1])
+        (xh, m0), (xl, _), (sx, _) = (_pad_rows(a, tiles["tm"]) for a in (x_hi, x_lo, s_x))
+        out = mixdit_matmul_tpu(xh, xl, sx, w_hi, lw.codes, lw.scale, b, out_dtype, tm=tiles["tm"], tn=tiles["tn"],
+                                tk_lo=tiles["tk"], interpret=impl == "tpu_interpret")
+        return out[:m0]
     return ref.mixdit_matmul(x_hi, x_lo, s_x, w_hi, lw.codes, lw.scale, b, out_dtype)
 
 
@@ -242,6 +292,14 @@ def mx_matmul(x, lw: LoweredWeight, b, out_dtype, impl: str = "auto", config=Non
             xs_p, _ = _pad_rows(xs.T, cfg.tile_m)
             out = mx_matmul_gpu(xq_p, xs_p.T, lw.codes, ws, b, out_dtype, cfg, interpret=impl == "gpu_interpret")
             return out[:m0]
+    elif _on_tpu(impl):
+        from jdq.kernels.mx.tpu import mx_matmul_tpu
+
+        tiles = _tpu_tiles(x.shape[0], lw.n, lw.k, k_multiple=32)
+        xq_p, m0 = _pad_rows(xq, tiles["tm"])
+        xs_p, _ = _pad_rows(xs.T, tiles["tm"])
+        out = mx_matmul_tpu(xq_p, xs_p.T, lw.codes, ws, b, out_dtype, interpret=impl == "tpu_interpret", **tiles)
+        return out[:m0]
     return ref.mx_matmul(xq, xs, lw.codes, ws, b, out_dtype)
 
 

@@ -51,7 +51,13 @@ W4A8 = {"default": [(INF, dict(tile_m=128, tile_n=128, stages=3))]}
 MIXDIT = {"default": [(INF, dict(tile_m=128, tile_n=128, stages=2))]}
 MX = {"default": [(INF, dict(tile_m=128, tile_n=128, blocks_per_step=4, stages=2))]}
 
-TABLES = {"w8a8": W8A8, "weight_only": WEIGHT_ONLY, "token_quant": TOKEN_QUANT, "w4a8": W4A8, "mixdit": MIXDIT, "mx": MX}
+# Pallas TPU GEMMs (every kind): maximal tiles; jdq.kernels.lowered shrinks tn / tk to the largest
+# multiple of 128 (MX: of 32) that divides N / K (DiT K = 1152 -> tk 384) and pads M to tm. Not timed
+# (no TPU was available): 256 / 512 follow the MXU-friendly sizes of the Pallas TPU matmul guide.
+TPU_GEMM = {"default": [(INF, dict(tm=256, tn=256, tk=512))]}
+
+TABLES = {"w8a8": W8A8, "weight_only": WEIGHT_ONLY, "token_quant": TOKEN_QUANT, "w4a8": W4A8, "mixdit": MIXDIT, "mx": MX,
+          "tpu_gemm": TPU_GEMM}
 
 
 def lookup(op: str, m: int, device: str | None = None, n: int | None = None, k: int | None = None) -> dict:
@@ -75,4 +81,4 @@ def lookup(op: str, m: int, device: str | None = None, n: int | None = None, k: 
     return dict(rows[-1][-1])
 
 
-__all__ = ["MIXDIT", "MX", "TABLES", "TOKEN_QUANT", "W4A8", "W8A8", "WEIGHT_ONLY", "lookup"]
+__all__ = ["MIXDIT", "MX", "TABLES", "TOKEN_QUANT", "TPU_GEMM", "W4A8", "W8A8", "WEIGHT_ONLY", "lookup"]

@@ -179,6 +179,50 @@ def test_lowered_dit_equals_fake_quant_new_kinds(small_dit, mixdit_plan, float_o
     assert float(jnp.linalg.norm(float_out - want) / jnp.linalg.norm(want)) > 100 * err
 
 
+TPU_KERNELS = {"w8a8": ("w8a8", "w8a8_matmul_tpu"), "fp8": ("w8a8", "w8a8_matmul_tpu"),
+               "w4a8": ("w4a8", "w4a8_matmul_tpu"), "w8a16": ("weight_only", "weight_only_matmul_tpu"),
+               "w4a16": ("weight_only", "weight_only_matmul_tpu"), "mxfp8": ("mx", "mx_matmul_tpu"),
+               "mxint8": ("mx", "mx_matmul_tpu"), "mixdit": ("mixdit", "mixdit_matmul_tpu")}
+
+
+@pytest.mark.parametrize("kind", sorted(TPU_KERNELS))
+def test_lowered_dit_on_tpu_kernels(small_dit, mixdit_plan, kind, monkeypatch):
+    """impl="tpu_interpret": every lowered site runs its kind's Pallas TPU kernel (interpret mode),
+    and the DiT equals the fake-quant DiT up to float rounding."""
+    import importlib
+
+    model, inputs = small_dit
+    if kind == "mixdit":
+        plan, state, want = mixdit_plan
+    else:
+        casts = {"w8a8": W8A8_RULES, "w8a16": (cast("int8", granularity="row"),),
+                 "w4a16": (cast("int4", granularity="group", group_size=128),)}.get(kind) or NEW_KINDS[kind]
+        plan, state = _plan(model, inputs, *casts), None
+        want = model.apply(model.params, *inputs, quant=plan.bind(plan.init()))
+    module = importlib.import_module(f"jdq.kernels.{TPU_KERNELS[kind][0]}.tpu")
+    calls = []
+    orig = getattr(module, TPU_KERNELS[kind][1])
+    monkeypatch.setattr(module, TPU_KERNELS[kind][1], lambda *a, **kw: calls.append(kw) or orig(*a, **kw))
+    low_q = lower(plan, model.params, state, impl="tpu_interpret")
+    assert {w.kind for w in low_q.weights.values()} == {kind} and len(low_q.weights) == 4, low_q.skipped
+    got = model.apply(model.params, *inputs, quant=low_q)
+    assert len(calls) == 4 and all(c["interpret"] for c in calls)
+    err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+    assert err < 1e-5, err
+
+
+def test_tpu_tiles_divide_the_gemm():
+    """TPU tiles shrink to divisors of N and K (DiT-XL/2: K = 1152 -> 384) honouring int4 / MX / group rules."""
+    from jdq.kernels.lowered import _tpu_tiles
+
+    assert _tpu_tiles(16384, 3456, 1152) == dict(tm=256, tn=128, tk=384)
+    assert _tpu_tiles(8192, 1152, 4608) == dict(tm=256, tn=128, tk=512)
+    assert _tpu_tiles(64, 4608, 1152, k_multiple=256, group=128)["tk"] == 1152  # no multiple of 256 divides 1152
+    assert _tpu_tiles(64, 4608, 4608, k_multiple=256, group=128) == dict(tm=64, tn=256, tk=512)
+    assert _tpu_tiles(64, 1152, 1152, group=256)["tk"] == 128  # 384 does not fit the group of 256; 256 does not divide 1152
+    assert _tpu_tiles(64, 1152, 96, k_multiple=32)["tk"] == 96
+
+
 def test_unsupported_variants_stay_fake_quant(small_dit):
     model, inputs = small_dit
     plan = _plan(model, inputs, cast("int4", granularity="group", group_size=32), cast("int8", granularity="row"))
