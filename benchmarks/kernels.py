@@ -101,39 +101,43 @@ def mixdit_k_hi(k):
 
 
 def parse_tiles(spec):
-    """``"64x128,128x64s3,256x64s2k4,..."`` -> [(tile_m, tile_n, stages or None, split_k)].
+    """``"64x128,128x64s3,256x64s2k4,64x64s4r..."`` -> [(tile_m, tile_n, stages or None, split_k, kind)].
 
-    A bare ``"256"`` is tile_m 256, tile_n 128; ``kS`` at the end splits K over S CTAs (default 1).
+    A bare ``"256"`` is tile_m 256, tile_n 128; ``kS`` splits K over S CTAs (default 1); a final
+    ``r`` selects the register-A kernel (``Config.kind="rega"``; default ``"smem"``).
     """
     out = []
     for item in filter(None, (t.strip() for t in (spec or "").split(","))):
+        kind = "rega" if item.endswith("r") else "smem"
+        item = item[:-1] if kind == "rega" else item
         try:
             head, _, split = item.partition("k")
             tiles, _, st = head.partition("s")
             dims = [int(v) for v in tiles.split("x")]
             tm, tn = (dims[0], 128) if len(dims) == 1 else dims
-            out.append((tm, tn, int(st) if st else None, int(split) if split else 1))
+            out.append((tm, tn, int(st) if st else None, int(split) if split else 1, kind))
         except ValueError:
-            raise SystemExit(f"--weight-only-tiles: cannot parse {item!r}; want TMxTN[sSTAGES][kSPLIT], e.g. 128x64s3k2")
+            raise SystemExit(f"--weight-only-tiles: cannot parse {item!r}; want TMxTN[sSTAGES][kSPLIT][r], e.g. 128x64s3k2")
     return out
 
 
-def sweep_config(tm, tn, stages, bits, split=1):
+def sweep_config(tm, tn, stages, bits, split=1, kind="smem"):
     """The weight-only Config for one sweep entry: ``stages`` as given, else the most (≤ 4) that fit shared memory."""
     from jdq.kernels.weight_only.gpu import Config
 
     if stages is None:
-        stages = next((s for s in (4, 3, 2) if Config(tm, tn, 128, s, split).smem_bytes(bits) <= SMEM_BUDGET), 2)
-    return Config(tm, tn, 128, stages, split)
+        stages = next((s for s in (4, 3, 2) if Config(tm, tn, 128, s, split, kind).smem_bytes(bits) <= SMEM_BUDGET), 2)
+    return Config(tm, tn, 128, stages, split, kind)
 
 
 def sweep_names(spec):
     """Variant names of the tile sweep: ``jdq_w8a16@TMxTNsS`` and ``jdq_w4a16@TMxTNsS`` per entry."""
     names = []
-    for tm, tn, st, split in parse_tiles(spec):
+    for tm, tn, st, split, kind in parse_tiles(spec):
         for base, bits in (("jdq_w8a16", 8), ("jdq_w4a16", 4)):
-            c = sweep_config(tm, tn, st, bits, split)
-            names.append(f"{base}@{c.tile_m}x{c.tile_n}s{c.stages}" + (f"k{c.split_k}" if c.split_k > 1 else ""))
+            c = sweep_config(tm, tn, st, bits, split, kind)
+            names.append(f"{base}@{c.tile_m}x{c.tile_n}s{c.stages}" + (f"k{c.split_k}" if c.split_k > 1 else "")
+                         + ("r" if kind == "rega" else ""))
     return names
 
 
@@ -142,11 +146,13 @@ def sweep_parts(name):
     from jdq.kernels.weight_only.gpu import Config
 
     base, _, cfg = name.partition("@")
+    kind = "rega" if cfg.endswith("r") else "smem"
+    cfg = cfg[:-1] if kind == "rega" else cfg
     head, _, split = cfg.partition("k")
     tiles, _, st = head.partition("s")
     tm, tn = (int(v) for v in tiles.split("x"))
     bits = 4 if base == "jdq_w4a16" else 8
-    return base, bits, (128 if bits == 4 else None), Config(tm, tn, 128, int(st), int(split) if split else 1)
+    return base, bits, (128 if bits == 4 else None), Config(tm, tn, 128, int(st), int(split) if split else 1, kind)
 
 
 def sweep_invalid(name, m, k, n):
@@ -465,7 +471,12 @@ def check_list(small: bool, wo_tiles: str | None = None):
             else:
                 cfg = OCfg(64, 128, 128, 2) if small else OCfg(**tuning.lookup("weight_only", m, n=n, k=k))
             got = weight_only_matmul_gpu(x, packed, scale, bias, bits, group, jnp.float32, cfg, interpret=interp)
-            rel = _rel(got, oref.weight_only_matmul(x, packed, scale, bias, bits, group, jnp.float32))
+            want = oref.weight_only_matmul(x, packed, scale, bias, bits, group, jnp.float32)
+            if cfg.kind == "rega" and group < k:  # rega rounds the group-scaled weight to bf16 (its docstring)
+                w_bf = oref.dequantize(packed, scale, bits, group).astype(jnp.bfloat16).astype(jnp.float32)
+                want = jnp.matmul(x.astype(jnp.float32), w_bf.T, precision=jax.lax.Precision.HIGHEST)
+                want = want if bias is None else want + bias
+            rel = _rel(got, want)
             return {"ok": rel < 1e-4, "relerr": rel}
         return run
     checks += [("weight_only.w8a16", wo(8, k)), ("weight_only.w4a16.g128", wo(4, 128))]

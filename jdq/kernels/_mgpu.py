@@ -121,15 +121,17 @@ def store_tile(y, o_s, o_g, mi, ni):
 
 
 def tiled_kernel(body, m: int, n: int, tile_m: int, tile_n: int, out_dtype, scratch=(), interpret=None,
-                 splits: int = 1):
+                 splits: int = 1, warpgroup_semantics: bool = False):
     """``plgpu.kernel`` for one warpgroup per (tile_m, tile_n) output tile: grid (M/tile_m, N/tile_n) named ("m", "n").
 
     The output is (M, N) ``out_dtype``; ``body`` receives the operands, the output, the ``scratch``
     buffers and last the swizzled (tile_m, tile_n) shared-memory tile that :func:`store_tile` stages.
     ``splits > 1`` (split-K) adds a leading grid axis "k" and a leading output axis of that size:
-    one partial product per split, summed by the caller.
+    one partial product per split, summed by the caller. ``warpgroup_semantics``: lower with
+    Mosaic GPU's warpgroup semantics (register layouts inferred) instead of lane semantics.
     """
     o_tr = smem_transforms(tile_n, out_dtype, interpret)
+    sem = plgpu.LoweringSemantics.Warpgroup if warpgroup_semantics else plgpu.LoweringSemantics.Lane
     grid, names, shape = (m // tile_m, n // tile_n), ("m", "n"), (m, n)
     if splits > 1:
         grid, names, shape = (splits, *grid), ("k", *names), (splits, *shape)
@@ -139,7 +141,7 @@ def tiled_kernel(body, m: int, n: int, tile_m: int, tile_n: int, out_dtype, scra
         grid=grid,
         grid_names=names,
         scratch_types=[*scratch, plgpu.SMEM((tile_m, tile_n), out_dtype, transforms=o_tr)],
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=sem),
         interpret=interpret_params(interpret),
     )
 

@@ -68,11 +68,16 @@ def test_weight_only_sweep_variant_uses_its_tiles(kb, sets):
     got, _, _ = _run(kb, name, sets)
     want, _, _ = _run(kb, "jdq_w4a16", sets, impl="xla")
     assert _rel(got, want) < 1e-2
+    got_r, _, _ = _run(kb, "jdq_w4a16@128x64s2r", sets)  # the register-A kernel (interpret: A via shared memory)
+    assert kb.sweep_parts("jdq_w4a16@128x64s2r")[3].kind == "rega" and _rel(got_r, want) < 1e-2
 
 
 def test_sweep_options(kb):
-    assert kb.parse_tiles("64x128, 128x64s3,256") == [(64, 128, None, 1), (128, 64, 3, 1), (256, 128, None, 1)]
-    assert kb.parse_tiles("256x64s2k3,64x64k4") == [(256, 64, 2, 3), (64, 64, None, 4)]  # split-K
+    assert kb.parse_tiles("64x128, 128x64s3,256") == [(64, 128, None, 1, "smem"), (128, 64, 3, 1, "smem"),
+                                                       (256, 128, None, 1, "smem")]
+    assert kb.parse_tiles("256x64s2k3,64x64k4") == [(256, 64, 2, 3, "smem"), (64, 64, None, 4, "smem")]  # split-K
+    assert kb.parse_tiles("256x64s2k3r") == [(256, 64, 2, 3, "rega")]  # register-A kernel
+    assert kb.sweep_parts(kb.sweep_names("256x64s2k3r")[1])[3].kind == "rega"
     assert kb.sweep_names("256x64s2k3") == ["jdq_w8a16@256x64s2k3", "jdq_w4a16@256x64s2k3"]
     assert kb.sweep_parts("jdq_w4a16@256x64s2k3")[3].split_k == 3
     assert "tile_k" in kb.sweep_invalid("jdq_w4a16@256x64s2k5", 256, 4608, 1152)  # 4608 / 128 steps do not split in 5

@@ -91,6 +91,46 @@ def test_sweep_tiles_lower_to_mosaic_gpu(bits, tm, tn, stages):
     assert "mosaic_gpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
+@pytest.mark.parametrize("bits,group,split", [(8, 1152, 1), (4, 128, 1), (8, 128, 3), (4, 1152, 1)])
+def test_register_a_kernel_lowers_to_mosaic_gpu(bits, group, split):
+    """kind="rega" (dequantized weight as WGMMA's register A operand, warpgroup semantics) lowers."""
+    m, k, n = 256, 1152, 3456
+    shapes = [((m, k), jnp.bfloat16), ((n, k if bits == 8 else k // 2), jnp.int8), ((n, k // group), jnp.float32),
+              ((n,), jnp.float32)]
+    args = [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
+    cfg = Config(128, 64, 128, 4, split_k=split, kind="rega")
+    f = jax.jit(functools.partial(weight_only_matmul_gpu, bits=bits, group_size=group, config=cfg))
+    assert "mosaic_gpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("bits,group,tm,split", [(8, 256, 64, 1), (4, 256, 128, 1), (4, 128, 64, 2), (8, 128, 128, 1)])
+def test_register_a_kernel_interpret(bits, group, tm, split):
+    """kind="rega" computes yᵀ = Ŵ·xᵀ: per channel it equals the float32 reference up to summation order;
+    with groups it equals x · bf16(code · scale)ᵀ (the bf16 weight a bf16 fake-quant model uses).
+    (Interpreting, A goes through shared memory: the GPU interpreter's wgmma reads no register A.)"""
+    m, k, n = 128, 256, 128
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(7), 4)
+    x = jax.random.normal(k1, (m, k)).astype(jnp.bfloat16)
+    qmax = 127 if bits == 8 else 7
+    codes = jax.random.randint(k2, (n, k), -qmax, qmax + 1).astype(jnp.int8)
+    packed = codes if bits == 8 else ref.pack_int4(codes)
+    scale = jax.random.uniform(k3, (n, k // group), jnp.float32, 0.01, 0.02)
+    b = jax.random.normal(k4, (n,))
+    cfg = Config(tm, 64, 128, 2, split_k=split, kind="rega")
+    got = weight_only_matmul_gpu(x, packed, scale, b, bits, group, jnp.float32, cfg, interpret=True)
+    want = ref.weight_only_matmul(x, packed, scale, b, bits, group, jnp.float32)
+    if group < k:
+        w_bf = ref.dequantize(packed, scale, bits, group).astype(jnp.bfloat16).astype(jnp.float32)
+        want_bf = jnp.matmul(x.astype(jnp.float32), w_bf.T, precision=jax.lax.Precision.HIGHEST) + b
+        assert float(jnp.linalg.norm(want_bf - want) / jnp.linalg.norm(want)) > 1e-4  # the bf16 weight differs...
+        want = want_bf  # ...and is what the kernel multiplies by
+    rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+    assert rel < 1e-5, rel
+    with pytest.raises(ValueError, match="rega: tile_n a multiple of 64"):
+        weight_only_matmul_gpu(x, packed, scale, b, bits, group, jnp.float32, Config(tm, 32, 128, 2, kind="rega"),
+                               interpret=True)
+
+
 def test_config_smem_and_registers():
     assert Config(64, 128, 128, 4).smem_bytes(8) == 4 * (64 * 128 * 2 + 128 * 128) + 128 * 128 * 2 + 64 * 128 * 2
     assert Config(64, 128, 128, 4).smem_bytes(4) == 4 * (64 * 128 * 2 + 128 * 64) + 128 * 128 * 2 + 64 * 128 * 2

@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jdq.kernels._mgpu import bcast_vec, pl, plgpu, rhs_kmajor, smem_transforms, store_tile, tiled_kernel, zeros_carry
+from jdq.kernels._mgpu import (bcast_vec, kmajor_operand, kmajor_spec, pl, plgpu, rhs_kmajor, smem_transforms, store_tile,
+                               tiled_kernel, zeros_carry)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,17 +48,21 @@ class Config:
     tile_k: int = 128
     stages: int = 4
     split_k: int = 1  # K ranges run by separate CTAs; their float32 partial products are summed after
+    kind: str = "smem"  # "smem": dequantized tile via shared memory; "rega": WGMMA A operand from registers
 
     def supports(self, n: int, k: int, group_size: int, bits: int) -> bool:
         """Whether N, K and the group size fit this config's tiles."""
+        rega_ok = self.kind != "rega" or (self.tile_n % 64 == 0 and self.tile_m <= 256 and self.tile_m % 64 == 0)
         return (n % self.tile_n == 0 and k % (self.tile_k * self.split_k) == 0 and group_size % self.tile_k == 0
-                and (bits == 8 or self.tile_k == 128))
+                and (bits == 8 or self.tile_k == 128) and rega_ok)
 
     def smem_bytes(self, bits: int, out_itemsize: int = 2) -> int:
         """Shared memory of the buffers: ``stages`` x and code tiles, the dequantized tile, the output tile."""
         kc = self.tile_k if bits == 8 else self.tile_k // 2
         out_itemsize = 4 if self.split_k > 1 else out_itemsize  # split-K stages float32 partials
-        return (self.stages * (self.tile_m * self.tile_k * 2 + self.tile_n * kc) + self.tile_n * self.tile_k * 2
+        dequant = 0 if self.kind == "rega" else self.tile_n * self.tile_k * 2
+        scales = self.stages * self.tile_n * 4 if self.kind == "rega" else 0
+        return (self.stages * (self.tile_m * self.tile_k * 2 + self.tile_n * kc) + dequant + scales
                 + self.tile_m * self.tile_n * out_itemsize)
 
     def acc_registers(self, grouped: bool) -> int:
@@ -76,6 +81,10 @@ def _int4_to_bf16(nibble):
 def weight_only_matmul_gpu(x, codes, scale, b, bits: int, group_size: int, out_dtype=jnp.bfloat16,
                            config: Config = Config(), interpret=False):
     """``x (M, K) · Ŵᵀ + b`` with int8 / packed-int4 codes and per-channel or per-group scales."""
+    if config.kind == "rega":
+        return _rega_matmul(x, codes, scale, b, bits, group_size, jnp.dtype(out_dtype), config, interpret)
+    if config.kind != "smem":
+        raise ValueError(f"weight-only GPU config.kind must be 'smem' or 'rega', got {config.kind!r}")
     m, k = x.shape
     n = codes.shape[0]
     tm, tn, tk = config.tile_m, config.tile_n, config.tile_k
@@ -168,6 +177,97 @@ def weight_only_matmul_gpu(x, codes, scale, b, bits: int, group_size: int, out_d
         return tiled_kernel(body, m, n, tm, tn, out_dtype, scratch, interpret)(x, codes, scale.T, b)
     parts = tiled_kernel(body, m, n, tm, tn, jnp.float32, scratch, interpret, splits=splits)(x, codes, scale.T, b)
     return (parts.sum(axis=0) + b).astype(out_dtype)
+
+
+def _rega_matmul(x, codes, scale, b, bits, group_size, out_dtype, config, interpret):
+    """``kind="rega"``: yᵀ = Ŵ · xᵀ with the dequantized weight tile as WGMMA's A operand in registers.
+
+    No shared-memory round trip for the dequantized tile (JAX's ``hopper_mixed_type_matmul_mgpu``
+    structure): per K step the code tile (tile_n, K step) goes shared -> registers -> bf16 (group
+    scales applied there, in float32, then rounded to bf16: the bf16 weight a bf16 fake-quant model
+    multiplies by) and WGMMA multiplies it by the x tile read K-major from shared memory. The
+    accumulator is the (tile_n, tile_m) tile of yᵀ: per-channel scales and the bias are applied to
+    its rows; the (N, M) result is transposed by XLA (small at the batch sizes this kind is for).
+    Warpgroup lowering semantics (register layouts inferred).
+    """
+    m, k = x.shape
+    n = codes.shape[0]
+    tm, tn, tk = config.tile_m, config.tile_n, config.tile_k
+    if bits not in (4, 8):
+        raise ValueError(f"weight-only GPU kernel: bits must be 4 or 8, got {bits}")
+    kc = tk if bits == 8 else tk // 2
+    if codes.shape != (n, k if bits == 8 else k // 2):
+        raise ValueError(f"weight-only: codes shape {codes.shape} does not fit x {x.shape} with bits={bits}")
+    if m % tm or not config.supports(n, k, group_size, bits):
+        raise ValueError(f"weight-only: M={m} N={n} K={k} group_size={group_size} do not fit {config} "
+                         "(rega: tile_n a multiple of 64, tile_m of 64 up to 256)")
+    groups = k // group_size
+    scale = jnp.asarray(scale, jnp.float32).reshape(n, groups)
+    b = jnp.zeros((n,), jnp.float32) if b is None else jnp.asarray(b, jnp.float32)
+    x = x.astype(jnp.bfloat16)
+    splits = config.split_k
+    k_steps = k // tk // splits
+    steps_per_group = group_size // tk
+    half = tk // 2
+
+    def body(c_g, x_g, s_g, sc_g, b_g, o_g, *scratch):
+        *a_scratch, o_s = scratch
+        ni = lax.axis_index("m")  # the output is yᵀ (N, M): grid axis "m" walks N tiles, "n" walks M tiles
+        mi = lax.axis_index("n")
+        k0 = lax.axis_index("k") * k_steps if splits > 1 else 0
+        specs = [
+            plgpu.BlockSpec((tn, kc), lambda kk: (ni, k0 + kk), transforms=smem_transforms(kc, jnp.int8, interpret)),
+            kmajor_spec(tm, tk, lambda kk: (mi, k0 + kk), smem_transforms(tk, jnp.bfloat16, interpret), interpret),
+            plgpu.BlockSpec((1, tn), lambda kk: ((k0 + kk) // steps_per_group, ni)),
+        ]
+
+        def weight(c, s_s):
+            if groups == 1:
+                return c.astype(jnp.bfloat16)  # exact; the per-channel scale is applied to the accumulator
+            s = lax.broadcast_in_dim(s_s[0, :], c.shape, [0])
+            return (c.astype(jnp.float32) * s).astype(jnp.bfloat16)
+
+        def mma(acc, a, x_view):
+            if interpret:  # the GPU interpreter's wgmma reads A from shared memory only
+                a_scratch[0][...] = a
+                a = a_scratch[0]
+            plgpu.wgmma(acc, a, rhs_kmajor(x_view, interpret))
+
+        def step(_, c_s, x_s, s_s, acc):
+            c = c_s[...]
+            if bits == 8:
+                mma(acc, weight(c, s_s), x_s)
+            else:
+                c16 = c.astype(jnp.int16)
+                lo = (c16 << jnp.int16(12)) >> jnp.int16(12)
+                hi = c16 >> jnp.int16(4)
+                xs_lo, xs_hi = (x_s.at[:half], x_s.at[half:]) if interpret else (x_s.at[:, :half], x_s.at[:, half:])
+                mma(acc, weight(lo, s_s), xs_lo)
+                mma(acc, weight(hi, s_s), xs_hi)
+            plgpu.wgmma_wait(0)
+            return acc
+
+        def scope(acc):
+            plgpu.emit_pipeline(step, grid=(k_steps,), in_specs=specs, max_concurrent_steps=config.stages,
+                                init_carry=acc)(c_g, x_g, sc_g)
+            return acc[...]
+
+        y = pl.run_scoped(scope, plgpu.ACC((tn, tm), jnp.float32))
+        if groups == 1:
+            y = y * bcast_vec(s_g, ni * tn, (tn, tm), 0, interpret)
+        if splits > 1:
+            store_tile(y, o_s, o_g.at[lax.axis_index("k")], ni, mi)
+            return
+        y = y + bcast_vec(b_g, ni * tn, (tn, tm), 0, interpret)
+        store_tile(y, o_s, o_g, ni, mi)
+
+    args = (codes, kmajor_operand(x, interpret), scale[:, 0], scale.T, b)
+    scratch = [plgpu.SMEM((tn, kc), jnp.bfloat16)] if interpret else []
+    out_t = tiled_kernel(body, n, m, tn, tm, jnp.float32 if splits > 1 else out_dtype, scratch, interpret,
+                         splits=splits, warpgroup_semantics=True)(*args)
+    if splits > 1:
+        return (out_t.sum(axis=0).T + b).astype(out_dtype)
+    return out_t.T
 
 
 __all__ = ["Config", "weight_only_matmul_gpu"]
