@@ -104,13 +104,12 @@ def parse_tiles(spec):
     """``"64x128,128x64s3,256x64s2k4,64x64s4r..."`` -> [(tile_m, tile_n, stages or None, split_k, kind)].
 
     A bare ``"256"`` is tile_m 256, tile_n 128; ``kS`` splits K over S CTAs (default 1); a final
-    ``r`` selects the register-A kernel (``Config.kind="rega"``; default ``"smem"``), ``rw`` that
-    kernel with one WGMMA kept in flight (``wgmma_wait=1``).
+    ``r`` selects the register-A kernel (``Config.kind="rega"``; default ``"smem"``).
     """
     out = []
     for item in filter(None, (t.strip() for t in (spec or "").split(","))):
-        kind = {"rw": "rega_w1", "r": "rega"}.get(item[-2:] if item.endswith("rw") else item[-1:], "smem")
-        item = item[: len(item) - {"rega_w1": 2, "rega": 1, "smem": 0}[kind]]
+        kind = "rega" if item.endswith("r") else "smem"
+        item = item[:-1] if kind == "rega" else item
         try:
             head, _, split = item.partition("k")
             tiles, _, st = head.partition("s")
@@ -123,16 +122,12 @@ def parse_tiles(spec):
 
 
 def sweep_config(tm, tn, stages, bits, split=1, kind="smem"):
-    """The weight-only Config for one sweep entry: ``stages`` as given, else the most (≤ 4) that fit shared memory.
-
-    ``kind``: ``"smem"``, ``"rega"`` or ``"rega_w1"`` (rega with ``wgmma_wait=1``).
-    """
+    """The weight-only Config for one sweep entry: ``stages`` as given, else the most (≤ 4) that fit shared memory."""
     from jdq.kernels.weight_only.gpu import Config
 
-    kw = dict(kind="rega", wgmma_wait=1) if kind == "rega_w1" else dict(kind=kind)
     if stages is None:
-        stages = next((s for s in (4, 3, 2) if Config(tm, tn, 128, s, split, **kw).smem_bytes(bits) <= SMEM_BUDGET), 2)
-    return Config(tm, tn, 128, stages, split, **kw)
+        stages = next((s for s in (4, 3, 2) if Config(tm, tn, 128, s, split, kind).smem_bytes(bits) <= SMEM_BUDGET), 2)
+    return Config(tm, tn, 128, stages, split, kind)
 
 
 def sweep_names(spec):
@@ -142,7 +137,7 @@ def sweep_names(spec):
         for base, bits in (("jdq_w8a16", 8), ("jdq_w4a16", 4)):
             c = sweep_config(tm, tn, st, bits, split, kind)
             names.append(f"{base}@{c.tile_m}x{c.tile_n}s{c.stages}" + (f"k{c.split_k}" if c.split_k > 1 else "")
-                         + {"smem": "", "rega": "r", "rega_w1": "rw"}[kind])
+                         + ("r" if kind == "rega" else ""))
     return names
 
 
@@ -151,14 +146,13 @@ def sweep_parts(name):
     from jdq.kernels.weight_only.gpu import Config
 
     base, _, cfg = name.partition("@")
-    wait = 1 if cfg.endswith("rw") else 0
-    kind = "rega" if cfg.endswith(("r", "rw")) else "smem"
-    cfg = cfg[: len(cfg) - (wait + (kind == "rega"))]
+    kind = "rega" if cfg.endswith("r") else "smem"
+    cfg = cfg[:-1] if kind == "rega" else cfg
     head, _, split = cfg.partition("k")
     tiles, _, st = head.partition("s")
     tm, tn = (int(v) for v in tiles.split("x"))
     bits = 4 if base == "jdq_w4a16" else 8
-    return base, bits, (128 if bits == 4 else None), Config(tm, tn, 128, int(st), int(split) if split else 1, kind, wait)
+    return base, bits, (128 if bits == 4 else None), Config(tm, tn, 128, int(st), int(split) if split else 1, kind)
 
 
 def sweep_invalid(name, m, k, n):

@@ -78,9 +78,6 @@ def test_sweep_options(kb):
     assert kb.parse_tiles("256x64s2k3,64x64k4") == [(256, 64, 2, 3, "smem"), (64, 64, None, 4, "smem")]  # split-K
     assert kb.parse_tiles("256x64s2k3r") == [(256, 64, 2, 3, "rega")]  # register-A kernel
     assert kb.sweep_parts(kb.sweep_names("256x64s2k3r")[1])[3].kind == "rega"
-    assert kb.parse_tiles("128x64rw") == [(128, 64, None, 1, "rega_w1")]
-    cfg = kb.sweep_parts(kb.sweep_names("128x64k3rw")[0])[3]
-    assert (cfg.kind, cfg.wgmma_wait, cfg.split_k, cfg.tile_m) == ("rega", 1, 3, 128)
     assert kb.sweep_names("256x64s2k3") == ["jdq_w8a16@256x64s2k3", "jdq_w4a16@256x64s2k3"]
     assert kb.sweep_parts("jdq_w4a16@256x64s2k3")[3].split_k == 3
     assert "tile_k" in kb.sweep_invalid("jdq_w4a16@256x64s2k5", 256, 4608, 1152)  # 4608 / 128 steps do not split in 5

@@ -49,7 +49,6 @@ class Config:
     stages: int = 4
     split_k: int = 1  # K ranges run by separate CTAs; their float32 partial products are summed after
     kind: str = "smem"  # "smem": dequantized tile via shared memory; "rega": WGMMA A operand from registers
-    wgmma_wait: int = 0  # rega only: 1 keeps one K step's WGMMA in flight while the next tile is dequantized
 
     def supports(self, n: int, k: int, group_size: int, bits: int) -> bool:
         """Whether N, K and the group size fit this config's tiles."""
@@ -218,8 +217,7 @@ def _rega_matmul(x, codes, scale, b, bits, group_size, out_dtype, config, interp
         k0 = lax.axis_index("k") * k_steps if splits > 1 else 0
         specs = [
             plgpu.BlockSpec((tn, kc), lambda kk: (ni, k0 + kk), transforms=smem_transforms(kc, jnp.int8, interpret)),
-            kmajor_spec(tm, tk, lambda kk: (mi, k0 + kk), smem_transforms(tk, jnp.bfloat16, interpret), interpret,
-                        delay_release=1 if config.wgmma_wait else 0),  # an in-flight WGMMA still reads it
+            kmajor_spec(tm, tk, lambda kk: (mi, k0 + kk), smem_transforms(tk, jnp.bfloat16, interpret), interpret),
             plgpu.BlockSpec((1, tn), lambda kk: ((k0 + kk) // steps_per_group, ni)),
         ]
 
@@ -246,7 +244,7 @@ def _rega_matmul(x, codes, scale, b, bits, group_size, out_dtype, config, interp
                 xs_lo, xs_hi = (x_s.at[:half], x_s.at[half:]) if interpret else (x_s.at[:, :half], x_s.at[:, half:])
                 mma(acc, weight(lo, s_s), xs_lo)
                 mma(acc, weight(hi, s_s), xs_hi)
-            plgpu.wgmma_wait(config.wgmma_wait)
+            plgpu.wgmma_wait(0)
             return acc
 
         def scope(acc):
