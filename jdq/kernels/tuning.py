@@ -34,13 +34,18 @@ W8A8 = {
 # W4A16 12.5 / 19.2 µs vs 16.8 / 22.4 with 128x64), proj (N = K = 1152) 128x64 k3 (6.5 / 8.1 vs
 # 6.9 / 9.7 with 64x64). A split that does not divide a GEMM's K steps falls back to no split
 # (jdq.kernels.lowered). Larger M, N between 1152 and 3456, K between 1152 and 4608: not measured.
+# 2026-11-22 run 14 (same-run sweep of both kernels, benchmarks/results/kernels_device_run14.md): the
+# register-A kernel (kind="rega") is faster for W4A16 at M = 1024 on all four layers (-13 to -22 %)
+# and at M = 256 for fc1 / fc2 (-15 / -5 %), within +-5 % for W8A16 (fc2 -7 %); slower at M = 256
+# for qkv / proj (+6 / +11 % W4A16), which keep the shared-memory kernel.
 WEIGHT_ONLY = {
     "default": [(INF, dict(tile_m=64, tile_n=128, tile_k=128, stages=4))],
-    "NVIDIA H200": [(256, {"min_n": 4608}, dict(tile_m=256, tile_n=64, tile_k=128, stages=2)),
+    "NVIDIA H200": [(256, {"min_n": 4608}, dict(tile_m=256, tile_n=64, tile_k=128, stages=2, kind="rega")),
                     (256, {"min_n": 3456}, dict(tile_m=128, tile_n=64, tile_k=128, stages=4)),
+                    (256, {"min_k": 4608}, dict(tile_m=128, tile_n=64, tile_k=128, stages=4, split_k=3, kind="rega")),
                     (256, dict(tile_m=128, tile_n=64, tile_k=128, stages=4, split_k=3)),
-                    (1024, {"min_k": 4608}, dict(tile_m=256, tile_n=64, tile_k=128, stages=2, split_k=3)),
-                    (1024, dict(tile_m=256, tile_n=64, tile_k=128, stages=2)),
+                    (1024, {"min_k": 4608}, dict(tile_m=256, tile_n=64, tile_k=128, stages=2, split_k=3, kind="rega")),
+                    (1024, dict(tile_m=256, tile_n=64, tile_k=128, stages=2, kind="rega")),
                     (INF, dict(tile_m=64, tile_n=128, tile_k=128, stages=4))],
 }
 

@@ -148,13 +148,17 @@ def test_tuned_weight_only_configs_fit_the_device():
         for row in rows:
             cfg = Config(**row[-1])
             for bits in (4, 8):
-                assert cfg.smem_bytes(bits) <= hopper_smem, (device, kw, bits)
+                assert cfg.smem_bytes(bits) <= hopper_smem, (device, row, bits)
                 for n, k in ((3456, 1152), (1152, 4608), (4608, 1152), (1152, 1152)):  # qkv, fc2, fc1, proj
-                    assert cfg.supports(n, k, 128, bits), (device, kw, n, k)
+                    assert cfg.supports(n, k, 128, bits), (device, row, n, k)
     assert tuning.lookup("weight_only", 256, "NVIDIA H200", n=4608, k=1152)["tile_m"] == 256  # fc1
     assert tuning.lookup("weight_only", 256, "NVIDIA H200", n=3456, k=1152)["tile_m"] == 128  # qkv
     assert tuning.lookup("weight_only", 256, "NVIDIA H200", n=1152, k=4608)["split_k"] == 3  # fc2: split K
     assert tuning.lookup("weight_only", 256, "NVIDIA H200", n=1152, k=1152)["split_k"] == 3  # proj
+    # the register-A kernel where the run-13 sweep found it faster (fc1 / fc2 at M = 256, every layer at 1024)
+    kinds = {(m, n, k): tuning.lookup("weight_only", m, "NVIDIA H200", n=n, k=k).get("kind", "smem")
+             for m in (256, 1024) for n, k in ((3456, 1152), (1152, 4608), (4608, 1152), (1152, 1152))}
+    assert [key for key, kind in kinds.items() if kind == "smem"] == [(256, 3456, 1152), (256, 1152, 1152)]
     assert tuning.lookup("weight_only", 1024, "NVIDIA H200", n=1152, k=4608)["split_k"] == 3
     assert tuning.lookup("weight_only", 256, "NVIDIA H200")["split_k"] == 3  # N, K unknown: the condition-free row
     assert tuning.lookup("weight_only", 1024, "NVIDIA H200")["tile_m"] == 256

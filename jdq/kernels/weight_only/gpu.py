@@ -244,6 +244,8 @@ def _rega_matmul(x, codes, scale, b, bits, group_size, out_dtype, config, interp
                 xs_lo, xs_hi = (x_s.at[:half], x_s.at[half:]) if interpret else (x_s.at[:, :half], x_s.at[:, half:])
                 mma(acc, weight(lo, s_s), xs_lo)
                 mma(acc, weight(hi, s_s), xs_hi)
+            # wait(0): a WGMMA still reading its register A operand while the next tile is dequantized
+            # gave wrong W8A16 results on the H200 (wgmma_wait(1), kernels_device_run14.md checks)
             plgpu.wgmma_wait(0)
             return acc
 
