@@ -59,7 +59,8 @@ BATCH_ORDER = (16, 32, 64, "pixart", 1, 4, 2, 8)
 PIXART_TOKENS = 4096
 BASELINES = ("xla_bf16", "xla_int8", "xla_fp8")
 CORE = ("xla_w8a8", "jdq_w8a8", "jdq_w8a8_gemm", "xla_quant", "jdq_quant")
-MID = ("jdq_mixdit", "jdq_mixdit_gemm", "xla_mixdit_split", "jdq_fp8", "jdq_w4a8", "jdq_w4a8_channel")
+MID = ("jdq_mixdit", "jdq_mixdit_gemm", "xla_mixdit_split", "jdq_fp8", "jdq_w4a8", "jdq_w4a8_channel", "jdq_w4a8_rega",
+       "jdq_w4a8_channel_rega")
 MX = ("jdq_mxfp8", "jdq_mxint8")
 EXTRA = MID + MX
 WEIGHT_ONLY = ("jdq_w8a16", "jdq_w4a16")
@@ -68,6 +69,7 @@ LABELS = {
     "xla_w8a8": "XLA W8A8 (quant + int8 dot + epilogue)", "jdq_w8a8": "jdq W8A8 linear (token-quant kernel + GEMM)",
     "jdq_w8a8_gemm": "jdq W8A8 GEMM alone", "xla_quant": "XLA per-token int8 quant", "jdq_quant": "jdq one-pass quant",
     "jdq_fp8": "jdq FP8 linear", "jdq_w4a8": "jdq W4A8 linear (g64)", "jdq_w4a8_channel": "jdq W4A8 linear (per channel)",
+    "jdq_w4a8_rega": "jdq W4A8 linear (g64, register A)", "jdq_w4a8_channel_rega": "jdq W4A8 linear (per channel, register A)",
     "jdq_mixdit": "jdq MixDiT linear (5% MX9)", "jdq_mixdit_gemm": "jdq MixDiT GEMM alone (pre-split operands)",
     "xla_mixdit_split": "XLA MixDiT activation split (gather + MX9/MX6 + E4M3)",
     "jdq_mxfp8": "jdq MXFP8 linear", "jdq_mxint8": "jdq MXINT8 linear", "jdq_w8a16": "jdq W8A16", "jdq_w4a16": "jdq W4A16 (g128)",
@@ -76,7 +78,7 @@ LABELS = {
 # the outlier channels, fp8 on the rest)
 PEAK_CLASS = {"xla_bf16": "bf16", "xla_int8": "int8", "xla_fp8": "fp8", "xla_w8a8": "int8", "jdq_w8a8": "int8",
               "jdq_w8a8_gemm": "int8", "xla_quant": None, "jdq_quant": None, "jdq_fp8": "fp8", "jdq_w4a8": "int8",
-              "jdq_w4a8_channel": "int8", "jdq_mixdit": "mixdit", "jdq_mixdit_gemm": "mixdit", "xla_mixdit_split": None,
+              "jdq_w4a8_channel": "int8", "jdq_w4a8_rega": "int8", "jdq_w4a8_channel_rega": "int8", "jdq_mixdit": "mixdit", "jdq_mixdit_gemm": "mixdit", "xla_mixdit_split": None,
               "jdq_mxfp8": "fp8", "jdq_mxint8": "int8", "jdq_w8a16": "bf16", "jdq_w4a16": "bf16"}
 # dense tensor-core peaks (ops/s); unknown devices use the H200's (the json records which were used)
 PEAKS = {"NVIDIA H200": {"bf16": 989e12, "int8": 1979e12, "fp8": 1979e12},
@@ -227,6 +229,13 @@ def base_sets(key, m, k, n, rotate):
     return sets
 
 
+def w4a8_rega_config():
+    """The register-A W4A8 kernel config timed by the ``*_rega`` variants (untuned)."""
+    from jdq.kernels.w4a8.gpu import Config
+
+    return Config(tile_m=128, tile_n=64, stages=4, kind="rega")
+
+
 def _lowered(kind, w, x_sample=None):
     """A LoweredWeight of ``kind`` for the (K, N) weight ``w`` (MixDiT: outliers from ``x_sample``)."""
     from jdq import formats
@@ -291,12 +300,16 @@ def variant(name, sets, impl, cache=None):
         f8 = [(x,) + w8.quantize_per_channel_fp8(w.T) + (b,) for x, w, b in sets]
         return (lambda x, wq, ws, b: K.w8a8_matmul(*K.quantize_tokens(x, "fp8_e4m3", impl), wq, ws, b, jnp.bfloat16, impl)), f8
     base, _, cfg_name = name.partition("@")
+    rega = base.endswith("_rega")
+    base = base[: -len("_rega")] if rega else base
     kind = {"xla_mixdit_split": "mixdit", "jdq_mixdit_gemm": "mixdit"}.get(base, base[len("jdq_"):])
     if kind not in cache:
         cache[kind] = [(x, _lowered(kind, w, x), b) for x, w, b in sets]
     lws = cache[kind]
     if kind == "w4a8" or kind == "w4a8_channel":
-        return (lambda x, lw, b: K.w4a8_matmul(*K.quantize_tokens(x, "int8", impl), lw, b, jnp.bfloat16, impl)), lws
+        config = w4a8_rega_config() if rega else None
+        return (lambda x, lw, b: K.w4a8_matmul(*K.quantize_tokens(x, "int8", impl), lw, b, jnp.bfloat16, impl,
+                                               config)), lws
     if base == "xla_mixdit_split":
         from jdq.kernels.mixdit.ref import quantize_activation
 
@@ -444,17 +457,19 @@ def check_list(small: bool, wo_tiles: str | None = None):
     checks += [("w8a8.int8.ws", w8(ws_cfg)), ("w8a8.int8.pipe", w8(w8cfg)), ("w8a8.fp8.ws", w8(ws_cfg, True)),
                ("w8a8.fp8.pipe", w8(w8cfg, True))]
 
-    def w4(group):
+    def w4(group, config=None):
         def run(interp):
             xq = jax.random.randint(keys[0], (m, k), -127, 128, jnp.int8)
             packed = oref.pack_int4(jax.random.randint(keys[1], (n, k), -7, 8).astype(jnp.int8))
             xs, ws = pow2(keys[2], (m,)), pow2(keys[3], (n, 1 if group is None else k // group))
-            cfg = FCfg(64, 128, 2) if small else FCfg(**tuning.lookup("w4a8", m))
+            cfg = config or (FCfg(64, 128, 2) if small else FCfg(**tuning.lookup("w4a8", m)))
             got = w4a8_matmul_gpu(xq, xs, packed, ws, bias, group, jnp.float32, cfg, interpret=interp)
             want = fref.w4a8_matmul(xq, xs, packed, ws, bias, group, jnp.float32)
             return {"ok": _eq(got, want), "exact": _eq(got, want), "relerr": _rel(got, want)}
         return run
     checks += [("w4a8.channel", w4(None)), ("w4a8.g64", w4(64)), ("w4a8.g128", w4(128))]
+    if not small:
+        checks += [("w4a8.channel.rega", w4(None, w4a8_rega_config())), ("w4a8.g64.rega", w4(64, w4a8_rega_config()))]
 
     def wo(bits, group, sweep=None):
         def run(interp):
@@ -588,6 +603,8 @@ KERNEL_OF = {"jdq_w8a8": ("w8a8.int8.ws", "token_quant.int8.bf16"), "jdq_w8a8_ge
              "jdq_quant": ("token_quant.int8.bf16", "token_quant.int8.K4608"),
              "jdq_fp8": ("w8a8.fp8.ws", "token_quant.fp8.bf16"), "jdq_w4a8": ("w4a8.g64", "token_quant.int8.bf16"),
              "jdq_w4a8_channel": ("w4a8.channel", "token_quant.int8.bf16"),
+             "jdq_w4a8_rega": ("w4a8.g64.rega", "token_quant.int8.bf16"),
+             "jdq_w4a8_channel_rega": ("w4a8.channel.rega", "token_quant.int8.bf16"),
              "jdq_mixdit": ("mixdit.k_hi64",), "jdq_mixdit_gemm": ("mixdit.k_hi64",), "jdq_mxfp8": ("mx.mxfp8",),
              "jdq_mxint8": ("mx.mxint8",), "jdq_w8a16": ("weight_only.w8a16",), "jdq_w4a16": ("weight_only.w4a16.g128",)}
 

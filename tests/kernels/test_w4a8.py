@@ -30,8 +30,9 @@ def test_reference_equals_fake_quant(group):
     np.testing.assert_allclose(np.asarray(got), np.asarray(fake), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("kind", ["smem", "rega"])
 @pytest.mark.parametrize("group", [None, 64, 128])
-def test_gpu_kernel_interpret_bit_exact(group):
+def test_gpu_kernel_interpret_bit_exact(group, kind):
     k1, k2, k3, k4, k5 = jax.random.split(jax.random.key(2), 5)
     m, k, n = 64, 256, 128
     xq = jax.random.randint(k1, (m, k), -127, 128, jnp.int8)
@@ -39,15 +40,19 @@ def test_gpu_kernel_interpret_bit_exact(group):
     xs = pow2(k3, (m,))
     ws = pow2(k4, (n, 1 if group is None else k // group))
     b = dyadic(k5, (n,))
-    got = w4a8_matmul_gpu(xq, xs, packed, ws, b, group, jnp.float32, Config(64, 128, 2), interpret=True)
+    cfg = Config(64, 128, 2) if kind == "smem" else Config(64, 64, 2, kind="rega")  # rega computes yᵀ (N tiles of 64)
+    got = w4a8_matmul_gpu(xq, xs, packed, ws, b, group, jnp.float32, cfg, interpret=True)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref.w4a8_matmul(xq, xs, packed, ws, b, group, jnp.float32)))
 
 
+@pytest.mark.parametrize("kind", ["smem", "rega"])
 @pytest.mark.parametrize("group", [None, 64, 128])
-def test_gpu_kernel_lowers_to_mosaic_gpu(group):
+def test_gpu_kernel_lowers_to_mosaic_gpu(group, kind):
+    """Both kernels lower; "rega" issues int8 WGMMAs with the unpacked weight as the register A operand."""
     m, k, n = 4096, 1152, 3456
     g = 1 if group is None else k // group
-    f = functools.partial(w4a8_matmul_gpu, group_size=group)
+    cfg = Config() if kind == "smem" else Config(128, 64, 4, kind="rega")
+    f = functools.partial(w4a8_matmul_gpu, group_size=group, config=cfg)
     assert lowers_to_mosaic_gpu(f, ((m, k), jnp.int8), ((m,), jnp.float32), ((n, k // 2), jnp.int8),
                                 ((n, g), jnp.float32), ((n,), jnp.float32))
 

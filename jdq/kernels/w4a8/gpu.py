@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jdq.kernels._mgpu import (bcast_vec, pl, plgpu, rhs_kmajor, smem_transforms, store_tile, tiled_kernel, wgmma_partial,
-                               zeros_carry)
+from jdq.kernels._mgpu import (bcast_vec, kmajor_operand, kmajor_spec, pl, plgpu, rhs_kmajor, smem_transforms, store_tile,
+                               tiled_kernel, wgmma_partial, zeros_carry)
 
 HALF = 64  # features per nibble half of a packed 128-block
 
@@ -36,11 +36,13 @@ class Config:
     tile_m: int = 128
     tile_n: int = 128
     stages: int = 3
+    kind: str = "smem"  # "smem": unpacked halves via shared memory; "rega": WGMMA A operand from registers
 
     def supports(self, m: int, n: int, k: int, group_size: int) -> bool:
         """Whether the shape and the group size fit this config's tiles."""
+        rega_ok = self.kind != "rega" or (self.tile_n % 64 == 0 and self.tile_m <= 256 and self.tile_m % 64 == 0)
         return (m % self.tile_m == 0 and n % self.tile_n == 0 and k % 128 == 0
-                and (group_size == HALF or group_size % 128 == 0) and k % group_size == 0)
+                and (group_size == HALF or group_size % 128 == 0) and k % group_size == 0 and rega_ok)
 
 
 def _unpack(c, interpret):
@@ -76,6 +78,10 @@ def w4a8_matmul_gpu(xq, xs, wq_packed, ws, b=None, group_size: int | None = None
     b = jnp.zeros((n,), jnp.float32) if b is None else jnp.asarray(b, jnp.float32)
     xs = jnp.asarray(xs, jnp.float32)
     out_dtype = jnp.dtype(out_dtype)
+    if config.kind == "rega":
+        return _rega_matmul(xq, xs, wq_packed, ws, b, gs, out_dtype, config, interpret)
+    if config.kind != "smem":
+        raise ValueError(f"w4a8 GPU config.kind must be 'smem' or 'rega', got {config.kind!r}")
     tm, tn = config.tile_m, config.tile_n
     tile = (tm, tn)
     h_tr = smem_transforms(HALF, jnp.int8, interpret)
@@ -143,6 +149,92 @@ def w4a8_matmul_gpu(xq, xs, wq_packed, ws, b=None, group_size: int | None = None
     w_tr = smem_transforms(w_shape[1], jnp.int8, interpret)
     scratch = [plgpu.SMEM(w_shape, jnp.int8, transforms=w_tr), plgpu.SMEM(w_shape, jnp.int8, transforms=w_tr)]
     return tiled_kernel(body, m, n, tm, tn, out_dtype, scratch, interpret)(xq, wq_packed, xs, ws.T, b)
+
+
+def _rega_matmul(xq, xs, wq_packed, ws, b, gs, out_dtype, config, interpret):
+    """``kind="rega"``: yᵀ = Ŵ · xᵀ with the unpacked int4 halves as the int8 WGMMA's register A operand.
+
+    The structure of :func:`jdq.kernels.weight_only.gpu._rega_matmul`: no shared-memory store of the
+    unpacked weight, the int8 activation halves are the K-major B operand. Same float order as the
+    reference (group partials rescaled in group order, then ``s_x``, then the bias): bit-exact
+    with it where the shared-memory kernel is. The (N, M) result is transposed by XLA.
+    """
+    m, k = xq.shape
+    n = wq_packed.shape[0]
+    tm, tn = config.tile_m, config.tile_n
+    groups = k // gs
+    steps = k // 128
+    tile = (tn, tm)
+    h_tr = smem_transforms(HALF, jnp.int8, interpret)
+
+    def body(c_g, x_g, xs_g, ws_g, b_g, o_g, *scratch):
+        *a_scratch, o_s = scratch
+        ni = lax.axis_index("m")  # the output is yᵀ (N, M): grid axis "m" walks N tiles, "n" walks M tiles
+        mi = lax.axis_index("n")
+        specs = [
+            plgpu.BlockSpec((tn, HALF), lambda kk: (ni, kk), transforms=h_tr),
+            kmajor_spec(tm, HALF, lambda kk: (mi, 2 * kk), h_tr, interpret),
+            kmajor_spec(tm, HALF, lambda kk: (mi, 2 * kk + 1), h_tr, interpret),
+        ]
+
+        def halves(c_s):
+            c16 = c_s[...].astype(jnp.int16)
+            lo = lax.shift_right_arithmetic(lax.shift_left(c16, jnp.int16(12)), jnp.int16(12)).astype(jnp.int8)
+            return lo, lax.shift_right_arithmetic(c16, jnp.int16(4)).astype(jnp.int8)
+
+        def mma(acc, a, x_view):
+            if interpret:  # the GPU interpreter's wgmma reads A from shared memory only
+                a_scratch[0][...] = a
+                a = a_scratch[0]
+            plgpu.wgmma(acc, a, rhs_kmajor(x_view, interpret))
+
+        def row_scale(g):
+            return bcast_vec(ws_g.at[g], ni * tn, tile, 0, interpret)
+
+        if groups == 1:
+            def step(_, c_s, x0, x1, acc):
+                lo, hi = halves(c_s)
+                mma(acc, lo, x0)
+                mma(acc, hi, x1)
+                plgpu.wgmma_wait(0)
+                return acc
+
+            def scope(acc):
+                plgpu.emit_pipeline(step, grid=(steps,), in_specs=specs, max_concurrent_steps=config.stages,
+                                    init_carry=acc)(c_g, x_g, x_g)
+                return acc[...]
+
+            y = pl.run_scoped(scope, plgpu.ACC(tile, jnp.int32)).astype(jnp.float32)
+            y = y * bcast_vec(xs_g, mi * tm, tile, 1, interpret) * row_scale(0)  # the reference's order
+        else:
+            def part(*pairs):
+                def scope(acc):
+                    for a, x_view in pairs:
+                        mma(acc, a, x_view)
+                    plgpu.wgmma_wait(0)
+                    return acc[...]
+
+                return pl.run_scoped(scope, plgpu.ACC(tile, jnp.int32)).astype(jnp.float32)
+
+            def step(idx, c_s, x0, x1, carry):
+                (kk,) = idx
+                lo, hi = halves(c_s)
+                if gs == HALF:
+                    carry = carry + part((lo, x0)) * row_scale(2 * kk)
+                    return carry + part((hi, x1)) * row_scale(2 * kk + 1)
+                return carry + part((lo, x0), (hi, x1)) * row_scale((kk * 128) // gs)
+
+            init = jnp.zeros(tile, jnp.float32)
+            y = plgpu.emit_pipeline(step, grid=(steps,), in_specs=specs, max_concurrent_steps=config.stages,
+                                    init_carry=init)(c_g, x_g, x_g)
+            y = y * bcast_vec(xs_g, mi * tm, tile, 1, interpret)
+        y = y + bcast_vec(b_g, ni * tn, tile, 0, interpret)
+        store_tile(y, o_s, o_g, ni, mi)
+
+    scratch = [plgpu.SMEM((tn, HALF), jnp.int8)] if interpret else []
+    out_t = tiled_kernel(body, n, m, tn, tm, out_dtype, scratch, interpret, warpgroup_semantics=True)(
+        wq_packed, kmajor_operand(xq, interpret), xs, ws.T, b)
+    return out_t.T
 
 
 __all__ = ["Config", "w4a8_matmul_gpu"]
