@@ -50,9 +50,13 @@ WEIGHT_ONLY = {
 }
 
 # Not yet tuned on a device (defaults from the shared-memory budget and the W8A8 results):
-# one-pass per-token quantization (jdq.kernels.token_quant.gpu.Config), W4A8, MixDiT and MX GEMMs.
+# one-pass per-token quantization (jdq.kernels.token_quant.gpu.Config), MixDiT and MX GEMMs.
 TOKEN_QUANT = {"default": [(INF, dict(smem_bytes=72 * 1024))]}
-W4A8 = {"default": [(INF, dict(tile_m=128, tile_n=128, stages=3))]}
+# W4A8: run 15 (H200, b32, all four layers, kernels_device_run15.md): the register-A kernel halves the
+# g64 linear (qkv 463.5 -> 235.7 µs) and equals or beats the shared-memory one per channel (fc2
+# 250.9 -> 215.6 µs); its 128x64 (M x N) tile is untuned.
+W4A8 = {"default": [(INF, dict(tile_m=128, tile_n=128, stages=3))],
+        "NVIDIA H200": [(INF, dict(tile_m=128, tile_n=64, stages=4, kind="rega"))]}
 MIXDIT = {"default": [(INF, dict(tile_m=128, tile_n=128, stages=2))]}
 MX = {"default": [(INF, dict(tile_m=128, tile_n=128, blocks_per_step=4, stages=2))]}
 

@@ -63,3 +63,15 @@ def test_bad_shapes_raise():
         w4a8_matmul_gpu(xq, jnp.ones(64), jnp.zeros((128, 100), jnp.int8), jnp.ones((128, 1)), interpret=True)
     with pytest.raises(ValueError, match="do not fit"):
         w4a8_matmul_gpu(xq, jnp.ones(64), jnp.zeros((128, 128), jnp.int8), jnp.ones((128, 8)), group_size=32, interpret=True)
+
+
+def test_tuned_config_fits_dit_shapes():
+    """The H200 row (register-A kernel) fits every DiT-XL/2 linear at the group sizes the kernel takes."""
+    from jdq.kernels import tuning
+
+    cfg = Config(**tuning.lookup("w4a8", 8192, "NVIDIA H200"))
+    assert cfg.kind == "rega"
+    for n, k in ((3456, 1152), (1152, 4608), (4608, 1152), (1152, 1152)):
+        for group in (64, 128, k):
+            assert cfg.supports(8192, n, k, group), (n, k, group)
+    assert Config(**tuning.lookup("w4a8", 8192, "unknown GPU")).kind == "smem"
