@@ -105,6 +105,18 @@ def wgmma_partial(a_s, b_s, shape, acc_dtype, interpret=None):
     return pl.run_scoped(scope, plgpu.ACC(shape, acc_dtype))
 
 
+def wgmma_register_a(acc, a, b_kmajor, a_scratch=None, interpret=None):
+    """``acc += a · bᵀ``: ``a`` in registers (WGMMA's A operand), ``b_kmajor`` an (n, k) shared-memory tile.
+
+    Interpreting, ``a`` goes through the shared-memory ``a_scratch`` (the GPU interpreter's
+    ``wgmma`` reads no register operand) and ``b_kmajor`` is already (k, n) (:func:`rhs_kmajor`).
+    """
+    if interpret:
+        a_scratch[...] = a
+        a = a_scratch
+    plgpu.wgmma(acc, a, rhs_kmajor(b_kmajor, interpret))
+
+
 def zeros_carry(shape, interpret=None):
     """A float32 zero tile in the WGMMA register layout: the initial carry of a rescaling pipeline."""
     init = jnp.zeros(shape, jnp.float32)
@@ -188,4 +200,4 @@ def device_kind() -> str:
 
 __all__ = ["HAVE_PLGPU", "bcast_vec", "device_kind", "interpret_params", "kmajor_operand", "kmajor_spec", "load_vec",
            "num_sms", "promise_in_bounds", "rhs_kmajor", "row_layout", "smem_transforms", "store_tile", "tiled_kernel",
-           "wgmma_partial", "zeros_carry"]
+           "wgmma_partial", "wgmma_register_a", "zeros_carry"]

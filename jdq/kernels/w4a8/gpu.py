@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jdq.kernels._mgpu import (bcast_vec, kmajor_operand, kmajor_spec, pl, plgpu, rhs_kmajor, smem_transforms, store_tile,
-                               tiled_kernel, wgmma_partial, zeros_carry)
+                               tiled_kernel, wgmma_partial, wgmma_register_a, zeros_carry)
 
 HALF = 64  # features per nibble half of a packed 128-block
 
@@ -183,10 +183,7 @@ def _rega_matmul(xq, xs, wq_packed, ws, b, gs, out_dtype, config, interpret):
             return lo, lax.shift_right_arithmetic(c16, jnp.int16(4)).astype(jnp.int8)
 
         def mma(acc, a, x_view):
-            if interpret:  # the GPU interpreter's wgmma reads A from shared memory only
-                a_scratch[0][...] = a
-                a = a_scratch[0]
-            plgpu.wgmma(acc, a, rhs_kmajor(x_view, interpret))
+            wgmma_register_a(acc, a, x_view, a_scratch[0] if interpret else None, interpret)
 
         def row_scale(g):
             return bcast_vec(ws_g.at[g], ni * tn, tile, 0, interpret)

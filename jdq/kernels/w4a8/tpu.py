@@ -39,7 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jdq.kernels.weight_only.tpu import check_tiles, group_scales, unpack_int4_tile
+from jdq.kernels.weight_only.tpu import accumulate_groups, check_tiles, group_scales, unpack_int4_tile
 
 _DIMS = (((1,), (1,)), ((), ()))  # contract the last dims: xq (tm, tk) · w (tn, tk)ᵀ
 
@@ -74,24 +74,7 @@ def _kernel(xq_ref, c_ref, xs_ref, ws_ref, *refs, group_size, tk, k_steps, group
         def _():
             acc_ref[...] = jnp.zeros_like(acc_ref)
 
-        if tk % group_size == 0:
-            per_step = tk // group_size
-            for j in range(per_step):  # group order, one float32 rounding per group as in the reference
-                sl = slice(j * group_size, (j + 1) * group_size)
-                acc_ref[...] += dot(x[:, sl], w[:, sl]).astype(jnp.float32) * scale(j)
-        else:
-            (part_ref,) = part
-            steps = group_size // tk
-
-            @pl.when(lax.rem(kk, steps) == 0)
-            def _():
-                part_ref[...] = jnp.zeros_like(part_ref)
-
-            part_ref[...] += dot(x, w)
-
-            @pl.when(lax.rem(kk, steps) == steps - 1)
-            def _():
-                acc_ref[...] += part_ref[...].astype(jnp.float32) * scale(0)
+        accumulate_groups(acc_ref, part, dot, x, w, scale, kk, tk, group_size)
 
     @pl.when(kk == k_steps - 1)
     def _():

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jdq.kernels._mgpu import (bcast_vec, kmajor_operand, kmajor_spec, pl, plgpu, rhs_kmajor, smem_transforms, store_tile,
-                               tiled_kernel, zeros_carry)
+                               tiled_kernel, wgmma_register_a, zeros_carry)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +81,7 @@ def _int4_to_bf16(nibble):
 def weight_only_matmul_gpu(x, codes, scale, b, bits: int, group_size: int, out_dtype=jnp.bfloat16,
                            config: Config = Config(), interpret=False):
     """``x (M, K) · Ŵᵀ + b`` with int8 / packed-int4 codes and per-channel or per-group scales."""
-    if config.kind == "rega":
-        return _rega_matmul(x, codes, scale, b, bits, group_size, jnp.dtype(out_dtype), config, interpret)
-    if config.kind != "smem":
+    if config.kind not in ("smem", "rega"):
         raise ValueError(f"weight-only GPU config.kind must be 'smem' or 'rega', got {config.kind!r}")
     m, k = x.shape
     n = codes.shape[0]
@@ -94,12 +92,15 @@ def weight_only_matmul_gpu(x, codes, scale, b, bits: int, group_size: int, out_d
     if codes.shape != (n, k if bits == 8 else k // 2):
         raise ValueError(f"weight-only: codes shape {codes.shape} does not fit x {x.shape} with bits={bits}")
     if m % tm or not config.supports(n, k, group_size, bits):
-        raise ValueError(f"weight-only: M={m} N={n} K={k} group_size={group_size} do not fit {config}")
+        hint = " (rega: tile_n a multiple of 64, tile_m of 64 up to 256)" if config.kind == "rega" else ""
+        raise ValueError(f"weight-only: M={m} N={n} K={k} group_size={group_size} do not fit {config}{hint}")
     groups = k // group_size
     scale = jnp.asarray(scale, jnp.float32).reshape(n, groups)
     b = jnp.zeros((n,), jnp.float32) if b is None else jnp.asarray(b, jnp.float32)
     x = x.astype(jnp.bfloat16)
     out_dtype = jnp.dtype(out_dtype)
+    if config.kind == "rega":
+        return _rega_matmul(x, codes, scale, b, bits, group_size, out_dtype, config, interpret)
     x_tr = smem_transforms(tk, jnp.bfloat16, interpret)
     c_tr = smem_transforms(kc, jnp.int8, interpret)
     tile = (tm, tn)
@@ -188,23 +189,14 @@ def _rega_matmul(x, codes, scale, b, bits, group_size, out_dtype, config, interp
     multiplies by) and WGMMA multiplies it by the x tile read K-major from shared memory. The
     accumulator is the (tile_n, tile_m) tile of yᵀ: per-channel scales and the bias are applied to
     its rows; the (N, M) result is transposed by XLA (small at the batch sizes this kind is for).
-    Warpgroup lowering semantics (register layouts inferred).
+    Warpgroup lowering semantics (register layouts inferred). Operands as checked and normalised by
+    :func:`weight_only_matmul_gpu` (x bf16, scale (N, G) float32, b (N,) float32).
     """
     m, k = x.shape
     n = codes.shape[0]
     tm, tn, tk = config.tile_m, config.tile_n, config.tile_k
-    if bits not in (4, 8):
-        raise ValueError(f"weight-only GPU kernel: bits must be 4 or 8, got {bits}")
     kc = tk if bits == 8 else tk // 2
-    if codes.shape != (n, k if bits == 8 else k // 2):
-        raise ValueError(f"weight-only: codes shape {codes.shape} does not fit x {x.shape} with bits={bits}")
-    if m % tm or not config.supports(n, k, group_size, bits):
-        raise ValueError(f"weight-only: M={m} N={n} K={k} group_size={group_size} do not fit {config} "
-                         "(rega: tile_n a multiple of 64, tile_m of 64 up to 256)")
     groups = k // group_size
-    scale = jnp.asarray(scale, jnp.float32).reshape(n, groups)
-    b = jnp.zeros((n,), jnp.float32) if b is None else jnp.asarray(b, jnp.float32)
-    x = x.astype(jnp.bfloat16)
     splits = config.split_k
     k_steps = k // tk // splits
     steps_per_group = group_size // tk
@@ -228,10 +220,7 @@ def _rega_matmul(x, codes, scale, b, bits, group_size, out_dtype, config, interp
             return (c.astype(jnp.float32) * s).astype(jnp.bfloat16)
 
         def mma(acc, a, x_view):
-            if interpret:  # the GPU interpreter's wgmma reads A from shared memory only
-                a_scratch[0][...] = a
-                a = a_scratch[0]
-            plgpu.wgmma(acc, a, rhs_kmajor(x_view, interpret))
+            wgmma_register_a(acc, a, x_view, a_scratch[0] if interpret else None, interpret)
 
         def step(_, c_s, x_s, s_s, acc):
             c = c_s[...]

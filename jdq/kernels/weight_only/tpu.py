@@ -98,6 +98,31 @@ def group_scales(scale, n, groups, group_size, tk, tn):
     return s, pl.BlockSpec((pl.Squeezed(), per_step, tn), lambda i, j, kk: (lax.div(kk, steps), 0, j))
 
 
+def accumulate_groups(acc_ref, part, dot, x, w, scale, kk, tk: int, group_size: int):
+    """Add this K step's group partials ``dot(x, w)``, each times its ``scale(r)``, to the float32 ``acc_ref`` in group order.
+
+    Several groups per step: one dot per group. One group over several steps: the partial sums in
+    ``part[0]`` (zeroed at the group's first step) and is rescaled at its last.
+    """
+    if tk % group_size == 0:
+        for j in range(tk // group_size):  # group order, one float32 rounding per group as in the references
+            sl = slice(j * group_size, (j + 1) * group_size)
+            acc_ref[...] += dot(x[:, sl], w[:, sl]).astype(jnp.float32) * scale(j)
+        return
+    (part_ref,) = part
+    steps = group_size // tk
+
+    @pl.when(lax.rem(kk, steps) == 0)
+    def _():
+        part_ref[...] = jnp.zeros_like(part_ref)
+
+    part_ref[...] += dot(x, w)
+
+    @pl.when(lax.rem(kk, steps) == steps - 1)
+    def _():
+        acc_ref[...] += part_ref[...].astype(jnp.float32) * scale(0)
+
+
 def _kernel(x_ref, c_ref, s_ref, *refs, bits, group_size, tk, k_steps, groups, has_bias, precision):
     if has_bias:
         b_ref, o_ref, acc_ref, *part = refs
@@ -121,24 +146,8 @@ def _kernel(x_ref, c_ref, s_ref, *refs, bits, group_size, tk, k_steps, groups, h
 
     if groups == 1:
         acc_ref[...] += dot(x, w)
-    elif tk % group_size == 0:
-        per_step = tk // group_size
-        for j in range(per_step):
-            sl = slice(j * group_size, (j + 1) * group_size)
-            acc_ref[...] += dot(x[:, sl], w[:, sl]) * scale(j)
     else:
-        (part_ref,) = part
-        steps = group_size // tk
-
-        @pl.when(lax.rem(kk, steps) == 0)
-        def _():
-            part_ref[...] = jnp.zeros_like(part_ref)
-
-        part_ref[...] += dot(x, w)
-
-        @pl.when(lax.rem(kk, steps) == steps - 1)
-        def _():
-            acc_ref[...] += part_ref[...] * scale(0)
+        accumulate_groups(acc_ref, part, dot, x, w, scale, kk, tk, group_size)
 
     @pl.when(kk == k_steps - 1)
     def _():
@@ -198,4 +207,4 @@ def weight_only_matmul_tpu(x, codes, scale, b, bits: int, group_size: int, out_d
     )(*operands)
 
 
-__all__ = ["weight_only_matmul_tpu", "unpack_int4_tile", "check_tiles", "group_scales"]
+__all__ = ["weight_only_matmul_tpu", "unpack_int4_tile", "check_tiles", "group_scales", "accumulate_groups"]
