@@ -20,6 +20,11 @@ The epilogue adds the bias, casts, and stores through shared memory by TMA. Diff
 reference are float rounding only (bf16 products are exact in the f32 accumulator; the order of
 the sums differs).
 
+``Config.kind="rega"`` is a second kernel (:func:`_rega_matmul`): the dequantized weight goes from
+registers straight into the WGMMA as its A operand (yᵀ = Ŵ · xᵀ), the group scales applied before
+the bf16 rounding; faster for W4A16 at M = 1024 and on DiT's fc1 / fc2 at M = 256 (the H200
+tuning rows pick it there; ``jdq/kernels/NOTES.md``, "Fourth round").
+
 ``Config.split_k`` > 1 (split-K) adds a grid axis: each CTA runs ``K / split_k`` of the K steps
 and stores a float32 partial product; XLA sums the partials and adds the bias. It pays where
 (M / tile_m) · (N / tile_n) CTAs leave SMs idle and K is long (DiT fc2 at batch 1–4, run 9 in
