@@ -37,6 +37,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from jdq.kernels._tpu import tiled_gemm_call
+
 _DIMS = (((1,), (1,)), ((), ()))
 
 
@@ -115,16 +117,8 @@ def mixdit_matmul_tpu(x_hi, x_lo, s_x, w_hi, w_lo, s_w, b=None, out_dtype=jnp.bf
         args.append(jnp.asarray(b, jnp.float32).reshape(1, n))
     kernel = functools.partial(_kernel, hi_steps=hi_steps, lo_steps=lo_steps,
                                lo_dot_dtype=None if fp8_native else jnp.bfloat16, has_bias=b is not None)
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(m // tm, n // tn, hi_steps + lo_steps),
-        in_specs=in_specs,
-        out_specs=pl.BlockSpec((tm, tn), lambda i, j, kk: (i, j)),
-        scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)] * (2 if hi_steps else 1),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=interpret,
-    )(*args)
+    scratch = [pltpu.VMEM((tm, tn), jnp.float32)] * (2 if hi_steps else 1)
+    return tiled_gemm_call(kernel, m, n, tm, tn, hi_steps + lo_steps, in_specs, scratch, out_dtype, interpret)(*args)
 
 
 __all__ = ["mixdit_matmul_tpu"]

@@ -39,6 +39,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from jdq.kernels._tpu import tiled_gemm_call
+
 from jdq.kernels.mx.ref import BLOCK
 
 
@@ -99,16 +101,8 @@ def mx_matmul_tpu(xq, xs, wq, ws, b=None, out_dtype=jnp.bfloat16, tm=256, tn=256
         args.append(jnp.asarray(b, jnp.float32).reshape(1, n))
     kernel = functools.partial(_kernel, k_steps=k_steps, blocks=blocks, acc_dtype=jnp.int32 if is_int else jnp.float32,
                                dot_dtype=None if is_int or fp8_native else jnp.bfloat16, has_bias=has_bias)
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(m // tm, n // tn, k_steps),
-        in_specs=in_specs,
-        out_specs=pl.BlockSpec((tm, tn), lambda i, j, kk: (i, j)),
-        scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=interpret,
-    )(*args)
+    return tiled_gemm_call(kernel, m, n, tm, tn, k_steps, in_specs, [pltpu.VMEM((tm, tn), jnp.float32)], out_dtype,
+                           interpret)(*args)
 
 
 __all__ = ["mx_matmul_tpu"]

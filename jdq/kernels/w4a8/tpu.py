@@ -39,6 +39,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from jdq.kernels._tpu import tiled_gemm_call
+
 from jdq.kernels.weight_only.tpu import accumulate_groups, check_tiles, group_scales, unpack_int4_tile
 
 _DIMS = (((1,), (1,)), ((), ()))  # contract the last dims: xq (tm, tk) · w (tn, tk)ᵀ
@@ -126,16 +128,8 @@ def w4a8_matmul_tpu(xq, xs, codes, scale, b=None, group_size: int | None = None,
         if gs > tk:
             scratch.append(pltpu.VMEM((tm, tn), jnp.int32))
     kernel = functools.partial(_kernel, group_size=gs, tk=tk, k_steps=k_steps, groups=groups, has_bias=b is not None)
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(m // tm, n // tn, k_steps),
-        in_specs=in_specs,
-        out_specs=pl.BlockSpec((tm, tn), lambda i, j, kk: (i, j)),
-        scratch_shapes=scratch,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=interpret,
-    )(*operands)
+    return tiled_gemm_call(kernel, m, n, tm, tn, k_steps, in_specs, scratch, out_dtype,
+                           interpret)(*operands)
 
 
 __all__ = ["w4a8_matmul_tpu"]

@@ -36,6 +36,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from jdq.kernels._tpu import tiled_gemm_call
+
 
 def _kernel(xq_ref, wq_ref, xs_ref, ws_ref, b_ref, o_ref, acc_ref, *, k_steps, dot_dtype):
     kk = pl.program_id(2)
@@ -77,21 +79,16 @@ def w8a8_matmul_tpu(xq, xs, wq, ws, b=None, out_dtype=jnp.bfloat16, tm=256, tn=2
     ws2 = jnp.asarray(ws, jnp.float32).reshape(1, n)
     b2 = jnp.asarray(b, jnp.float32).reshape(1, n)
     k_steps = k // tk
-    return pl.pallas_call(
-        functools.partial(_kernel, k_steps=k_steps, dot_dtype=dot_dtype),
-        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(m // tm, n // tn, k_steps),
-        in_specs=[
+    return tiled_gemm_call(
+        functools.partial(_kernel, k_steps=k_steps, dot_dtype=dot_dtype), m, n, tm, tn, k_steps,
+        [
             pl.BlockSpec((tm, tk), lambda i, j, kk: (i, kk)),
             pl.BlockSpec((tn, tk), lambda i, j, kk: (j, kk)),
             pl.BlockSpec((tm, 1), lambda i, j, kk: (i, 0)),
             pl.BlockSpec((1, tn), lambda i, j, kk: (0, j)),
             pl.BlockSpec((1, tn), lambda i, j, kk: (0, j)),
         ],
-        out_specs=pl.BlockSpec((tm, tn), lambda i, j, kk: (i, j)),
-        scratch_shapes=[pltpu.VMEM((tm, tn), acc_dtype)],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=interpret,
+        [pltpu.VMEM((tm, tn), acc_dtype)], out_dtype, interpret,
     )(xq, wq, xs2, ws2, b2)
 
 

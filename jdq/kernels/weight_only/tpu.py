@@ -44,6 +44,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from jdq.kernels._tpu import tiled_gemm_call
+
 from jdq.kernels.weight_only.ref import PACK_BLOCK
 
 _HALF = PACK_BLOCK // 2
@@ -195,16 +197,8 @@ def weight_only_matmul_tpu(x, codes, scale, b, bits: int, group_size: int, out_d
         scratch.append(pltpu.VMEM((tm, tn), jnp.float32))
     kernel = functools.partial(_kernel, bits=bits, group_size=group_size, tk=tk, k_steps=k_steps, groups=groups,
                                has_bias=b is not None, precision=precision)
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(m // tm, n // tn, k_steps),
-        in_specs=in_specs,
-        out_specs=pl.BlockSpec((tm, tn), lambda i, j, kk: (i, j)),
-        scratch_shapes=scratch,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=interpret,
-    )(*operands)
+    return tiled_gemm_call(kernel, m, n, tm, tn, k_steps, in_specs, scratch, out_dtype,
+                           interpret)(*operands)
 
 
 __all__ = ["weight_only_matmul_tpu", "unpack_int4_tile", "check_tiles", "group_scales", "accumulate_groups"]
