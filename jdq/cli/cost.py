@@ -14,8 +14,13 @@ import json
 import sys
 from pathlib import Path
 
+from jdq.cli._common import COMMANDS
+
 #: MixDiT's reported speedup range over an RTX 3090 (arXiv 2504.08398 abstract).
 MIXDIT_REPORTED = (2.10, 5.32)
+
+NAME = "cost"
+HELP = COMMANDS[NAME][1]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -23,7 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from jdq.hw import presets, workload
 
     p = subparsers.add_parser(
-        "cost", help="latency/energy of a plan on a hardware preset (accelerator cost model)",
+        NAME, help=HELP,
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(workload.MODELS), metavar="MODEL",
                    help=f"models to cost (default: all of {list(workload.MODELS)})")
@@ -162,15 +167,3 @@ def run(args) -> int:
     if args.json:
         write_json_atomically(args.json, dict(rows=rows, errors=errors, mixdit_reported=MIXDIT_REPORTED))
     return 1 if errors else 0
-
-
-def main(argv=None) -> int:
-    """Stand-alone entry point: ``python -m jdq.hw.cli [args]``."""
-    parser = argparse.ArgumentParser(prog="jdq")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    return run(parser.parse_args(["cost", *(sys.argv[1:] if argv is None else argv)]))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,11 +1,11 @@
-"""``jdq cost`` (jdq.hw.cli): arguments, the table, the JSON file."""
+"""``jdq cost`` (jdq.cli.cost): arguments, the table, the JSON file."""
 
 import argparse
 import json
 
 import pytest
 
-from jdq.hw import cli
+from jdq.cli import cost as cli
 
 
 def _parse(*argv):

@@ -1,4 +1,4 @@
-"""The ``jdq`` command line: ``jdq sample``, ``jdq convert``, ``jdq cost``.
+"""``jdq sample``: sample a model (default: the embedded Animal-MNIST DiT) to a PNG grid and an .npz.
 
 ``jdq sample`` with no arguments samples the embedded default model (a small class-conditional
 DiT trained on Animal-MNIST, shipped in ``jdq/assets``) on the CPU and writes ``samples.png``
@@ -19,24 +19,15 @@ import sys
 import time
 from pathlib import Path
 
-#: Where the embedded default model lives (inside the installed package).
-ASSETS = Path(__file__).resolve().parent / "assets"
-DEFAULT_MODEL = ASSETS / "animal_dit"
-DEFAULT_CLASSIFIER = ASSETS / "animal_classifier.safetensors"
+from jdq.cli._common import COMMANDS, DEFAULT_CLASSIFIER, DEFAULT_MODEL, CliError
+
+NAME = "sample"
+HELP = COMMANDS[NAME][1]
 
 
-class CliError(Exception):
-    """A problem with the command's arguments or inputs; printed as one line, exit status 2."""
-
-
-# ----------------------------------------------------------------------------------------------
-# jdq sample
-# ----------------------------------------------------------------------------------------------
-
-
-def _add_sample_parser(sub):
-    p = sub.add_parser("sample", help="sample a model (default: the embedded Animal-MNIST DiT) to a PNG grid and .npz",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_parser(sub):
+    """Add ``jdq sample`` to an argparse sub-parser collection; return its parser."""
+    p = sub.add_parser(NAME, help=HELP, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=None,
                    help="a jdq model folder (from `jdq convert`); default: the embedded Animal-MNIST DiT")
     p.add_argument("--classes", type=int, nargs="+", default=None, metavar="C",
@@ -298,7 +289,7 @@ def _grid_images(model, samples, args, defaults):
     return to_uint8(np.concatenate(images))
 
 
-def cmd_sample(args) -> int:
+def run(args) -> int:
     """``jdq sample``: validate everything, sample, write PREFIX.png and PREFIX.npz."""
     t0 = time.time()
     if args.batch_size < 1:
@@ -364,78 +355,3 @@ def cmd_sample(args) -> int:
         line += f"; the classifier labels {agree:.0%} of the samples with their class"
     print(line)
     return 0
-
-
-# ----------------------------------------------------------------------------------------------
-# jdq convert
-# ----------------------------------------------------------------------------------------------
-
-
-def _add_convert_parser(sub):
-    p = sub.add_parser("convert", help="convert an official checkpoint (DiT .pt, diffusers folder) to a jdq folder",
-                       description="Convert a facebookresearch/DiT .pt file or a diffusers model folder (DiT, "
-                                   "PixArt-Σ, SD3 transformer, AutoencoderKL) to a jdq model folder.")
-    p.add_argument("source", help="a DiT .pt checkpoint or a diffusers model folder with config.json")
-    p.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--kind", choices=("dit", "diffusers"), default=None, help="source kind (default: guessed)")
-    p.add_argument("--num-heads", type=int, default=None, help="attention heads of a DiT .pt (default by width)")
-    p.add_argument("--dtype", default=None, help="store floating params as this dtype (default float32)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    return p
-
-
-def cmd_convert(args) -> int:
-    """``jdq convert``: the checkpoint conversions of :mod:`checkpoints_convert`."""
-    try:
-        from checkpoints_convert import CheckpointError, convert
-    except ImportError as e:
-        raise CliError(f"checkpoint conversion is unavailable ({e}); install jdq with the [torch] extra") from None
-    if not Path(args.source).exists():
-        raise CliError(f"source {args.source} does not exist")
-    try:
-        out = convert(args.source, args.out_dir, kind=args.kind, num_heads=args.num_heads, dtype=args.dtype,
-                      overwrite=args.overwrite)
-    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError, KeyError) as e:
-        raise CliError(str(e).strip("'\"")) from None
-    print(f"wrote {out}")
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------
-# main
-# ----------------------------------------------------------------------------------------------
-
-
-def build_parser(with_cost: bool = True) -> argparse.ArgumentParser:
-    """The ``jdq`` argument parser; ``with_cost=False`` defers importing ``jdq cost``'s options."""
-    parser = argparse.ArgumentParser(prog="jdq", description="Quantization of diffusion transformers in JAX.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{sample,convert,cost}")
-    _add_sample_parser(sub).set_defaults(run=cmd_sample)
-    _add_convert_parser(sub).set_defaults(run=cmd_convert)
-    if with_cost:
-        from jdq.hw import cli as hw_cli
-
-        hw_cli.add_parser(sub).set_defaults(run=hw_cli.run)
-    else:  # a stand-in, so `jdq --help` lists it without importing the cost model
-        sub.add_parser("cost", help="latency/energy of a plan on a hardware preset (accelerator cost model)",
-                       add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
-    return parser
-
-
-def main(argv=None) -> int:
-    """Entry point of the ``jdq`` console script; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(with_cost=bool(argv) and argv[0] == "cost")
-    args = parser.parse_args(argv)
-    try:
-        return int(args.run(args) or 0)
-    except CliError as e:
-        print(f"jdq {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"jdq {args.command}: interrupted; nothing was written", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

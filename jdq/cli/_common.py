@@ -1,0 +1,24 @@
+"""What every ``jdq`` sub-command shares: the error type and where the embedded model lives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: Where the embedded default model lives (inside the installed package).
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+DEFAULT_MODEL = ASSETS / "animal_dit"
+DEFAULT_CLASSIFIER = ASSETS / "animal_classifier.safetensors"
+
+
+class CliError(Exception):
+    """A problem with the command's arguments or inputs; printed as one line, exit status 2."""
+
+
+#: Sub-command name -> (module under ``jdq.cli``, one-line help shown without importing it).
+#: A new sub-command is a module ``jdq/cli/<module>.py`` (``add_parser(subparsers)``, ``run(args)``)
+#: plus one line here.
+COMMANDS = {
+    "sample": ("sample", "sample a model (default: the embedded Animal-MNIST DiT) to a PNG grid and .npz"),
+    "convert": ("convert", "convert an official checkpoint (DiT .pt, diffusers folder) to a jdq folder"),
+    "cost": ("cost", "latency/energy of a plan on a hardware preset (accelerator cost model)"),
+}
