@@ -23,7 +23,7 @@ own budget; call it once per group.
 
 Exactness: the objective is divided by its largest magnitude before solving, and HiGHS runs with
 ``mip_rel_gap = mip_abs_gap = 0``, so the returned choice is optimal up to HiGHS's feasibility
-tolerances (1e-7 relative to that scale); the chosen options are then checked in float64 against
+tolerances (1e-6 relative to that scale); the chosen options are then checked in float64 against
 every bound, and a bound the solver met only within its tolerance is tightened and solved again.
 Among equally good choices the solver's (deterministic) pick is returned.
 """

@@ -63,9 +63,9 @@ class EvolutionResult(NamedTuple):
     """Result of :func:`evolution_search`.
 
     ``best`` / ``best_fitness``: the best genome (values) and its fitness; ``top``: the final top-k
-    as ``(genome, fitness)`` best first; ``history``: one dict per generation (``generation``,
-    ``top`` as ``[(genome, fitness), …]``, ``evaluated``: evaluations so far); ``evaluations``:
-    every evaluated genome and its fitness, in evaluation order.
+    as ``(genome, fitness)`` best first; ``history``: one dict per generation (``generation``;
+    ``top``, its parents as ``[(genome, fitness), …]``, best first; ``evaluated``: the evaluations
+    before it); ``evaluations``: every evaluated genome and its fitness, in evaluation order.
     """
 
     best: tuple
@@ -296,22 +296,25 @@ class _Search:
         if not candidates and b["phase"] == "initial":
             raise ValueError("evolution_search: no genome satisfies the constraint (none found in "
                              f"{100 * self.settings['population']} random tries)")
-        self._evaluate(candidates)
         history = list(b["history"])
-        if b["phase"] != "initial":
-            history.append(self._record(len(history), top))
+        if b["phase"] != "initial":  # every genome proposed before is evaluated: len(b["seen"]) evaluations
+            history.append(self._record(len(history), top, len(b["seen"])))
+        self._evaluate(candidates)
         return dict(phase="generation", rng=rng.bit_generator.state, seen=sorted(list(g) for g in seen),
                     candidates=[list(g) for g in candidates], top=[list(g) for g in top], history=history)
 
-    def _record(self, generation, top):
+    def _record(self, generation, top, evaluated):
         return dict(generation=generation, top=[[list(self._values(g)), self.cache[g]] for g in top],
-                    evaluated=len(self.order))
+                    evaluated=evaluated)
 
     def run(self, generations, progress):
         # boundary phases: "initial" (nothing proposed), then after each step "generation" holding the
         # candidates of the last step; ``self.generation`` counts the steps taken after the initial one
         total = generations + 1
         done = 0 if self.boundary["phase"] == "initial" else self.generation + 1
+        if done > total:
+            raise ValueError(f"evolution_search: the state {self.path} holds {self.generation} generations, "
+                             f"more generations than the {generations} asked for")
         bar = None
         if progress:
             from tqdm.auto import tqdm
