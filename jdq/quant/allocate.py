@@ -79,7 +79,8 @@ def _bounds(name, bound):
         try:
             lo, hi = bound
         except (TypeError, ValueError):
-            raise ValueError(f"allocate: budget[{name!r}] must be an upper bound or a (lower, upper) pair, got {bound!r}") from None
+            raise ValueError(f"allocate: budget[{name!r}] must be an upper bound or a (lower, upper) pair, "
+                             f"got {bound!r}") from None
         lo = -math.inf if lo is None else float(lo)
         hi = math.inf if hi is None else float(hi)
     if math.isnan(lo) or math.isnan(hi) or lo > hi:
@@ -126,8 +127,8 @@ def allocate(scores: Sequence[Sequence[float]], costs: Mapping[str, Sequence[Seq
         least = sum(float(r.min()) for r in rows[name])
         most = sum(float(r.max()) for r in rows[name])
         if least > hi or most < lo:
-            raise InfeasibleAllocation(f"allocate: the summed {name} ranges over [{least:.6g}, {most:.6g}] for any choice, "
-                                       f"outside the budget [{lo:.6g}, {hi:.6g}]")
+            raise InfeasibleAllocation(f"allocate: the summed {name} ranges over [{least:.6g}, {most:.6g}] for any "
+                                       f"choice, outside the budget [{lo:.6g}, {hi:.6g}]")
 
     tighten = {name: 0.0 for name in bounds}
     for _ in range(3):
@@ -157,13 +158,14 @@ def allocate(scores: Sequence[Sequence[float]], costs: Mapping[str, Sequence[Seq
         if not violated:
             return Allocation(choice, totals[objective], totals)
         for name in violated:  # met only within the solver's tolerance: tighten and solve again
-            tighten[name] = 10 * tighten[name] if tighten[name] else _TIGHTEN * max(1.0, float(np.max(np.abs(flat[name]))))
+            scale = max(1.0, float(np.max(np.abs(flat[name]))))
+            tighten[name] = 10 * tighten[name] if tighten[name] else _TIGHTEN * scale
     raise RuntimeError(f"allocate: the solver's choice violates the budget of {violated} even after tightening")
 
 
 def allocate_bits(scores: Sequence[Sequence[float]], sizes: Sequence[float], candidates: Sequence[Sequence[int]],
                   avg_bits: float, tolerance: float = TOLERANCE, *, time_limit: float | None = None) -> tuple[int, ...]:
-    """Bit width per layer from ``candidates[i]`` maximising Σ ``scores[i][j]``, size-weighted mean within ``tolerance`` of ``avg_bits``.
+    """Bit widths from ``candidates[i]`` maximising Σ scores, size-weighted mean within ``tolerance`` of ``avg_bits``.
 
     MixDQ's integer program; raises :class:`InfeasibleAllocation` (naming the reachable range)
     when no choice has a mean within the tolerance.

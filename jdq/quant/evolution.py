@@ -208,7 +208,8 @@ class _Search:
         if self.batched:
             scores = list(self.fitness_fn([self._values(g) for g in todo]))
             if len(scores) != len(todo):
-                raise ValueError(f"evolution_search: batched fitness returned {len(scores)} values for {len(todo)} genomes")
+                raise ValueError(f"evolution_search: batched fitness returned {len(scores)} values "
+                                 f"for {len(todo)} genomes")
             for g, f in zip(todo, scores):
                 self.cache[g] = float(f)
                 self.order.append(g)
@@ -285,7 +286,8 @@ class _Search:
             for g in self.settings["initial"]:
                 g = tuple(g)
                 if self.constraint is not None and not self.constraint(self._values(g)):
-                    raise ValueError(f"evolution_search: initial genome {list(self._values(g))} violates the constraint")
+                    raise ValueError(f"evolution_search: initial genome {list(self._values(g))} "
+                                     "violates the constraint")
                 if g not in seen:
                     seen.add(g)
                     candidates.append(g)

@@ -138,7 +138,7 @@ def _quantize_rows(w, scale, zero, spec):
 
 
 def _row_params(rows, spec, granularity):
-    """Min-max (scale, zero) of a block of rows ``(r, out)``: per output channel ``(1, out)`` or per tensor ``(1, 1)``."""
+    """Min-max (scale, zero) of rows ``(r, out)``: per output channel ``(1, out)`` or per tensor ``(1, 1)``."""
     axes = (0, 1) if granularity == "tensor" else (0,)
     scale, zero = uniform.dynamic_params(rows, spec, axes)
     return scale, (jnp.zeros_like(scale) if zero is None else zero)

@@ -73,7 +73,7 @@ COSINE_EPS = 1e-8
 
 
 def interval_candidates(alpha: float = ALPHA, beta: float = BETA, n: int = NUM, endpoint: bool = False) -> np.ndarray:
-    """Multipliers ``α + i(β−α)/n`` of the initial interval, ``i = 0 … n−1`` (``… n`` with ``endpoint``), float32."""
+    """Multipliers ``α + i(β−α)/n`` of the initial interval, ``i = 0 … n−1`` (``… n`` with ``endpoint``)."""
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"interval_candidates: n must be a positive int, got {n!r}")
     if not 0 < alpha < beta:
@@ -83,7 +83,7 @@ def interval_candidates(alpha: float = ALPHA, beta: float = BETA, n: int = NUM, 
 
 
 def similarity(target: Array, output: Array, metric: str = "mse", grad: Array | None = None) -> Array:
-    """Score of ``output`` against the float ``target`` (higher is better): −MSE, mean cosine, or −E[(g ⊙ (O − Ô))²]."""
+    """Score of ``output`` against the float ``target`` (higher is better): −MSE, cosine or −E[(g ⊙ (O − Ô))²]."""
     if metric not in METRICS:
         raise ValueError(f"similarity: unknown metric {metric!r}; known: {METRICS}")
     target = jnp.asarray(target, jnp.float32)
@@ -102,11 +102,11 @@ def similarity(target: Array, output: Array, metric: str = "mse", grad: Array | 
 
 
 def denoising_loss(pred: Array, noise: Array) -> Array:
-    """Mean squared error of a channels-last noise prediction ``pred[..., :C]`` against the true noise (``C = noise.shape[-1]``)."""
+    """Mean squared error of the noise channels ``pred[..., :C]`` against the true noise (``C = noise.shape[-1]``)."""
     c = noise.shape[-1]
     if pred.shape[:-1] != noise.shape[:-1] or pred.shape[-1] < c:
-        raise ValueError(f"denoising_loss: prediction {tuple(pred.shape)} does not hold noise of shape {tuple(noise.shape)} "
-                         "in its first channels")
+        raise ValueError(f"denoising_loss: prediction {tuple(pred.shape)} does not hold noise of shape "
+                         f"{tuple(noise.shape)} in its first channels")
     err = jnp.asarray(pred[..., :c], jnp.float32) - jnp.asarray(noise, jnp.float32)
     return jnp.mean(err * err)
 
@@ -157,7 +157,8 @@ def search_scales(block: Callable[[Any, Any, Mapping[str, Array] | None], Array]
     keys = tuple(init_scales) if keys is None else tuple(keys)
     unknown = [k for k in keys if k not in init_scales]
     if unknown or len(set(keys)) != len(keys):
-        raise ValueError(f"search_scales: keys must be distinct keys of init_scales; unknown {unknown}, got {list(keys)}")
+        raise ValueError(f"search_scales: keys must be distinct keys of init_scales; unknown {unknown}, "
+                         f"got {list(keys)}")
     if not isinstance(rounds, (int, np.integer)) or rounds < 1:
         raise ValueError(f"search_scales: rounds must be a positive int, got {rounds!r}")
     if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):

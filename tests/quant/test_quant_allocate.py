@@ -77,7 +77,8 @@ def test_allocate_bits_equals_brute_force():
     infeasible = 0
     for _ in range(150):
         layers = int(rng.integers(1, 6))
-        candidates = [sorted(rng.choice([2, 4, 8], int(rng.integers(1, 4)), replace=False).tolist()) for _ in range(layers)]
+        candidates = [sorted(rng.choice([2, 4, 8], int(rng.integers(1, 4)), replace=False).tolist())
+                      for _ in range(layers)]
         scores = [rng.normal(0, 1, len(c)) for c in candidates]
         sizes = rng.uniform(1, 100, layers)
         avg = float(rng.uniform(2, 8))

@@ -31,7 +31,8 @@ def test_similarity_matches_numpy():
     oq[0, 0] = 0.0  # a zero row: the cosine uses eps as torch does
     np.testing.assert_allclose(similarity(o, oq, "mse"), -np.mean((o - oq) ** 2), rtol=1e-6)
     np.testing.assert_allclose(similarity(o, oq, "hessian", g), -np.mean((g * (o - oq)) ** 2), rtol=1e-6)
-    cos = np.sum(o * oq, -1) / (np.maximum(np.linalg.norm(o, axis=-1), 1e-8) * np.maximum(np.linalg.norm(oq, axis=-1), 1e-8))
+    norm = lambda a: np.maximum(np.linalg.norm(a, axis=-1), 1e-8)  # noqa: E731
+    cos = np.sum(o * oq, -1) / (norm(o) * norm(oq))
     np.testing.assert_allclose(similarity(o, oq, "cosine"), cos.mean(), rtol=1e-6)
     with pytest.raises(ValueError, match="needs grad"):
         similarity(o, oq, "hessian")
@@ -71,10 +72,10 @@ def toy(seed=0):
 
 
 def score_bound(metric, target, out, delta, grad):
-    """A bound on how much the score moves when ``out`` moves by at most ``delta`` elementwise (plus summation rounding)."""
+    """How much the score can move when ``out`` moves by at most ``delta`` elementwise (plus summation rounding)."""
     n = target.size
     d = np.abs(np.asarray(target, np.float64) - np.asarray(out, np.float64))
-    if metric == "cosine":  # |cos(a, b+δ) − cos(a, b)| ≤ ‖b/‖b‖ − (b+δ)/‖b+δ‖‖ ≤ 2‖δ‖/‖b‖ per row
+    if metric == "cosine":  # per row |cos(a, b+δ) − cos(a, b)| ≤ ‖b/‖b‖ − (b+δ)/‖b+δ‖‖ ≤ 2‖δ‖/‖b‖
         rows = np.linalg.norm(np.asarray(out, np.float64), axis=-1)
         return float(np.mean(2 * np.linalg.norm(delta, axis=-1) / rows)) + n * EPS32
     w = 1.0 if grad is None else np.asarray(grad, np.float64) ** 2
@@ -86,8 +87,8 @@ def test_search_beats_max_scale_and_equals_a_plain_loop(metric, batch_size):
     params, x, init, grad = toy()
     g = grad if metric == "hessian" else None
     res = Q.search_scales(linear_block, params, x, init, grad=g, metric=metric, keys=("weight", "act"),
-                          batch_size=batch_size)
-    assert res.scores.shape == (3, 2, 100)
+                          batch_size=batch_size, n=40)
+    assert res.scores.shape == (3, 2, 40)
     assert float(res.final_score) > float(res.initial_score)
     target = linear_block(params, x, None)
     np.testing.assert_allclose(res.final_score, similarity(target, linear_block(params, x, res.scales), metric, g),
@@ -109,7 +110,7 @@ def test_search_beats_max_scale_and_equals_a_plain_loop(metric, batch_size):
         wq = np.abs(np.asarray(fake(params[0], cand["weight"], "int4", -2), np.float64))
         return gamma * (xq @ wq + ba) + target_delta
 
-    mults = interval_candidates()
+    mults = interval_candidates(n=40)
     scales = dict(init)
     for r in range(3):
         for ki, key in enumerate(("weight", "act")):
@@ -154,7 +155,7 @@ FMTS = {f"blocks.{BLOCK}.mlp.fc1:weight": "int4", f"blocks.{BLOCK}.mlp.fc1:act":
 
 
 class ScaleQuant(Q.QuantizerBase):
-    """Per-tensor static int casts of the operands in ``FMTS``, intervals from ``scales``; records the float operands."""
+    """Per-tensor static int casts of the ``FMTS`` operands, intervals from ``scales``; records the float operands."""
 
     def __init__(self, scales):
         self.scales = scales
@@ -190,7 +191,8 @@ def real_setup():
         out = mod.blocks[BLOCK](h, c, quant=grab)
         rest = lambda o: animal_calib.tail(mod, o, c, BLOCK + 1)  # noqa: E731
         grad = Q.output_gradient(lambda o: Q.denoising_loss(rest(o), eps), out)
-        init = {k: formats.compute_scale(x, FMTS[k], axis, granularity="tensor")[0] for k, (x, axis) in grab.seen.items()}
+        init = {k: formats.compute_scale(x, FMTS[k], axis, granularity="tensor")[0]
+                for k, (x, axis) in grab.seen.items()}
         return (h, c), out, grad, rest(out), init
 
     inputs, out, grad, pred, init = setup(x_t, t, y)
