@@ -38,10 +38,11 @@ re-evaluating what was already scored, and returns exactly what an uninterrupted
 Asking for more ``generations`` than a finished state holds continues it. Genomes are stored as
 indices into ``choices``; a state written for other choices or settings is refused.
 
-Defaults (Q-DiT paper and ``scripts/evolution.sh``): population 50, top-k 10, 25 mutations with
+Defaults (Juanerx/Q-DiT ``scripts/evolution.sh``): population 50, top-k 10, 25 mutations with
 per-gene probability 0.1, crossover probability 0.5 per gene, 10 generations (``--max_epochs 10``;
-the argparse default is 20), seed 1234. Crossovers default to 25 as the paper states; the released
-``evolution.sh`` passes ``--crossover_num 15`` (so 10 random genomes per generation).
+the argparse default is 20), seed 1234. Crossovers default to 25, the count Q-DiT's method is
+described with (50 children per generation); the released ``evolution.sh`` passes
+``--crossover_num 15``, leaving 10 random genomes per generation: pass ``crossovers=15`` for that.
 """
 
 from __future__ import annotations
