@@ -85,12 +85,12 @@ def evolution_search(choices: Sequence[Sequence[Any]], fitness: Callable, *, con
                      initial: Sequence[Sequence[Any]] = (), generations: int = 10, population: int = 50,
                      top_k: int = 10, mutations: int = 25, mutation_prob: float = 0.1, crossovers: int = 25,
                      crossover_prob: float = 0.5, seed: int = 1234, minimize: bool = True, batched: bool = False,
-                     state_path: str | Path | None = None, progress: bool = False) -> EvolutionResult:
+                     state_path: str | Path | None = None, progress: bool = True) -> EvolutionResult:
     """Q-DiT's evolutionary search of one choice per gene: minimise (or maximise) ``fitness`` under ``constraint``.
 
     ``fitness(genome) -> float`` gets a tuple of values (``batched=True``: a list of genomes, returns
-    a list of floats); ``constraint(genome) -> bool``. NaN fitness ranks last. See the module
-    docstring for the algorithm, the resume rules and the defaults.
+    a list of floats); ``constraint(genome) -> bool``. NaN fitness ranks last; ``progress`` shows a
+    bar per generation. See the module docstring for the algorithm, the resume rules and the defaults.
     """
     choices = _check_choices(choices)
     for name, v, lo in (("generations", generations, 0), ("population", population, 1), ("top_k", top_k, 1),

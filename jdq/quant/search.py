@@ -146,7 +146,7 @@ def search_scales(block: Callable[[Any, Any, Mapping[str, Array] | None], Array]
     activation, as TQ-DiT does); keys left out keep their initial value. ``target`` defaults to
     ``block(params, inputs, None)``; ``grad`` (same shape as the output) is required by
     ``metric="hessian"``. ``batch_size`` candidates are scored at once (``None``: one at a time,
-    the least memory).
+    the least memory). ``block`` is static under jit: pass the same function to reuse the compilation.
     """
     if metric not in METRICS:
         raise ValueError(f"search_scales: unknown metric {metric!r}; known: {METRICS}")
