@@ -89,7 +89,7 @@ from jdq.quant.search import (  # noqa: E402
     similarity,
 )
 from jdq.quant.evolution import EvolutionResult, evolution_search, mean_at_least  # noqa: E402
-from jdq.quant.allocate import Allocation, InfeasibleAllocation, allocate, allocate_bits  # noqa: E402
 
-# ``gptq`` (the function) shadows its submodule on purpose, as ``lower`` does.
+# The functions ``allocate`` and ``gptq`` shadow their submodules on purpose, as ``lower`` does.
+from jdq.quant.allocate import Allocation, InfeasibleAllocation, allocate, allocate_bits  # noqa: E402
 from jdq.quant.gptq import GPTQResult, gptq  # noqa: E402
