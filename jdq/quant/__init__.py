@@ -10,6 +10,11 @@ The protocol (:mod:`jdq.quant.transform`) and a library of transforms:
   (:mod:`.regions`);
 * :class:`ChannelBalance` — SmoothQuant / ViDiT-Q / PTQ4DiT channel balancing with
   re-parameterisation into the weights (:mod:`.balance`).
+
+Searches and allocation: :func:`search_scales` (TQ-DiT interval search, MSE / cosine /
+Hessian-guided, :mod:`.search`), :func:`gptq` (:mod:`.gptq`), :func:`evolution_search` (Q-DiT,
+:mod:`.evolution`), :func:`allocate` / :func:`allocate_bits` (exact integer programming,
+:mod:`.allocate`).
 """
 
 from jdq.quant.transform import (
@@ -74,3 +79,17 @@ from jdq.quant.outliers import (
 # Lowering to kernels. The function ``lower`` shadows the submodule of the same name on purpose:
 # ``jdq.quant.lower(plan, params)`` is the public entry point.
 from jdq.quant.lower import LoweredQuantizer, lower, lowerable_kind, weight_bytes  # noqa: E402
+
+from jdq.quant.search import (  # noqa: E402
+    SearchResult,
+    denoising_loss,
+    interval_candidates,
+    output_gradient,
+    search_scales,
+    similarity,
+)
+from jdq.quant.evolution import EvolutionResult, evolution_search, mean_at_least  # noqa: E402
+
+# The functions ``allocate`` and ``gptq`` shadow their submodules on purpose, as ``lower`` does.
+from jdq.quant.allocate import Allocation, InfeasibleAllocation, allocate, allocate_bits  # noqa: E402
+from jdq.quant.gptq import GPTQResult, gptq  # noqa: E402
