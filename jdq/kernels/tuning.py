@@ -52,6 +52,8 @@ WEIGHT_ONLY = {
 # Not yet tuned on a device (defaults from the shared-memory budget and the W8A8 results):
 # one-pass per-token quantization (jdq.kernels.token_quant.gpu.Config), MixDiT and MX GEMMs.
 TOKEN_QUANT = {"default": [(INF, dict(smem_bytes=72 * 1024))]}
+# LayerNorm + modulation + per-token quantization (jdq.kernels.norm_quant.gpu.Config): token_quant's budget, untuned.
+NORM_QUANT = {"default": [(INF, dict(smem_bytes=72 * 1024))]}
 # W4A8: run 15 (H200, b32, all four layers, kernels_device_run15.md): the register-A kernel halves the
 # g64 linear (qkv 463.5 -> 235.7 µs) and equals or beats the shared-memory one per channel (fc2
 # 250.9 -> 215.6 µs); its 128x64 (M x N) tile is untuned.
@@ -65,7 +67,7 @@ MX = {"default": [(INF, dict(tile_m=128, tile_n=128, blocks_per_step=4, stages=2
 # (no TPU was available): 256 / 512 follow the MXU-friendly sizes of the Pallas TPU matmul guide.
 TPU_GEMM = {"default": [(INF, dict(tm=256, tn=256, tk=512))]}
 
-TABLES = {"w8a8": W8A8, "weight_only": WEIGHT_ONLY, "token_quant": TOKEN_QUANT, "w4a8": W4A8, "mixdit": MIXDIT, "mx": MX,
+TABLES = {"w8a8": W8A8, "weight_only": WEIGHT_ONLY, "token_quant": TOKEN_QUANT, "norm_quant": NORM_QUANT, "w4a8": W4A8, "mixdit": MIXDIT, "mx": MX,
           "tpu_gemm": TPU_GEMM}
 
 
@@ -90,4 +92,4 @@ def lookup(op: str, m: int, device: str | None = None, n: int | None = None, k: 
     return dict(rows[-1][-1])
 
 
-__all__ = ["MIXDIT", "MX", "TABLES", "TOKEN_QUANT", "TPU_GEMM", "W4A8", "W8A8", "WEIGHT_ONLY", "lookup"]
+__all__ = ["MIXDIT", "MX", "NORM_QUANT", "TABLES", "TOKEN_QUANT", "TPU_GEMM", "W4A8", "W8A8", "WEIGHT_ONLY", "lookup"]

@@ -235,13 +235,14 @@ def test_unsupported_variants_stay_fake_quant(small_dit):
 
 
 def test_w8a8_lowered_forward_cross_lowers_to_mosaic_gpu():
-    """The lowered model with the GPU kernels (token quantization + warp-specialised W8A8) lowers for
-    CUDA, and each distinct kernel is lowered once however many sites call it (compile time)."""
-    cfg = dit.Config(input_size=8, patch_size=2, hidden_size=1152, depth=2, num_heads=16, num_classes=10,
+    """The lowered model with the GPU kernels (LayerNorm + modulation + quantization for qkv / fc1,
+    token quantization for proj / fc2, warp-specialised W8A8 with split q/k/v outputs and fused gated
+    residuals) lowers for CUDA, and each distinct kernel is lowered once however many sites call it."""
+    cfg = dit.Config(input_size=32, patch_size=2, hidden_size=1152, depth=2, num_heads=16, num_classes=10,
                      dtype="bfloat16")
     model = dit.from_config(cfg, key=0)
     abstract = jax.eval_shape(lambda: model.params)
-    x = jnp.zeros((64, 8, 8, 4), jnp.bfloat16)
+    x = jnp.zeros((64, 32, 32, 4), jnp.bfloat16)
     t = jnp.zeros((64,))
     y = jnp.zeros((64,), jnp.int32)
     plan = _plan(model, (x[:2], t[:2], y[:2]), *W8A8_RULES)
@@ -250,6 +251,8 @@ def test_w8a8_lowered_forward_cross_lowers_to_mosaic_gpu():
     fwd = jax.jit(lambda p, q, *a: model.apply(p, *a, quant=q))
     text = fwd.trace(params, low_q, x, t, y).lower(lowering_platforms=("cuda",)).as_text()
     assert len(re.findall(r"call @w8a8_matmul_gpu\w*\(", text)) == 8  # 2 blocks x (qkv, proj, fc1, fc2)
-    assert len(re.findall(r"call @quantize_rows_gpu\w*\(", text)) == 8
-    # 4 GEMM shapes + 2 token-quantization shapes (K = 1152 for qkv and proj, 4608 for fc2; fc1 reads 1152 too)
-    assert len(re.findall(r"stablehlo\.custom_call @mosaic_gpu", text)) == 4 + 2
+    assert len(re.findall(r"call @quantize_rows_gpu\w*\(", text)) == 4  # proj, fc2
+    assert len(re.findall(r"call @norm_quantize_rows_gpu\w*\(", text)) == 4  # qkv, fc1
+    # 4 GEMMs (qkv split, proj + residual, fc1 + GELU, fc2 + residual) + token quantization at K = 1152 and
+    # 4608 + one LayerNorm-quantization shape
+    assert len(re.findall(r"stablehlo\.custom_call @mosaic_gpu", text)) == 4 + 2 + 1
