@@ -74,6 +74,13 @@ def parse_w8a8_config(spec):
     return Config(**kw)
 
 
+def norm_config(spec):
+    """``"40"`` -> the norm_quant ``Config`` with a 40 KiB shared-memory budget (which picks the rows per CTA)."""
+    from jdq.kernels.norm_quant.gpu import Config
+
+    return Config(smem_bytes=int(spec) * 1024)
+
+
 def kb_num_sms():
     from jdq.kernels._mgpu import num_sms
 
@@ -144,7 +151,7 @@ def variant(name, sets, tokens, impl, config=None):
             [(s["x"], wq, ws, s["b"], s["shift"], s["scale"]) for s, wq, ws in q8]
     if name == "jdq_norm_quant":
         def nq(x, sh, sc):
-            q = K.norm_quantize_tokens(x.reshape(-1, tokens, x.shape[-1]), Norm(sh, sc), "int8", impl)
+            q = K.norm_quantize_tokens(x.reshape(-1, tokens, x.shape[-1]), Norm(sh, sc), "int8", impl, config)
             if q is None:
                 raise ValueError("norm_quant kernel does not fit this shape")
             return q
@@ -305,12 +312,15 @@ def main(argv=None):
             names = list(PAIRS[layer])
             if layer in ("qkv", "fc2") and tag != "pixart":
                 names += [f"jdq_w8a8_gemm@{s}" for s in cfgs]
+            if layer == "qkv":  # rows per CTA of the norm kernel: 16 (shared-memory passes), 4 (registers)
+                names += ["jdq_norm_quant@72", "jdq_norm_quant@24"]
             for name in names:
                 base, _, spec = name.partition("@")
                 if base in needs and needs[base] not in passed:
                     continue
                 try:
-                    fn, ss = variant(base, sets, tokens, impl, cfgs.get(spec))
+                    cfg = norm_config(spec) if base == "jdq_norm_quant" and spec else cfgs.get(spec)
+                    fn, ss = variant(base, sets, tokens, impl, cfg)
                     ms = kb.time_ms(fn, ss, 1 if small else args.iters)
                 except Exception as e:  # noqa: BLE001
                     row.setdefault("errors", {})[name] = f"{type(e).__name__}: {str(e)[:200]}"

@@ -36,10 +36,13 @@ def test_reference_is_the_model_norm_in_float32():
     np.testing.assert_array_equal(np.asarray(s), np.asarray(s2))
 
 
-@pytest.mark.parametrize("fmt,dtype", [("int8", jnp.bfloat16), ("fp8_e4m3", jnp.bfloat16), ("int8", jnp.float32)])
-def test_gpu_kernel_interpret_matches_reference(fmt, dtype):
+@pytest.mark.parametrize("fmt,dtype,reg_elems", [("int8", jnp.bfloat16, 96), ("fp8_e4m3", jnp.bfloat16, 96),
+                                                 ("int8", jnp.float32, 96), ("int8", jnp.bfloat16, 0)])
+def test_gpu_kernel_interpret_matches_reference(fmt, dtype, reg_elems):
+    # 8 rows per CTA (4 CTAs, 2 samples); reg_elems=0: the shared-memory passes instead of registers
     x, shift, scale = _operands(32, 256, 16, dtype, key=1)
-    q, s = norm_quantize_rows_gpu(x, shift, scale, 16, fmt=fmt, config=Config(smem_bytes=8 * 1024), interpret=True)
+    cfg = Config(smem_bytes=8 * 1024, reg_elems=reg_elems)
+    q, s = norm_quantize_rows_gpu(x, shift, scale, 16, fmt=fmt, config=cfg, interpret=True)
     q2, s2 = norm_quantize_rows(x, shift, scale, 16, fmt=fmt)
     assert q.dtype == q2.dtype
     if dtype == jnp.bfloat16:  # h rounded to bf16 once: the float32 sums' order rarely moves it

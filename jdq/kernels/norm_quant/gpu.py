@@ -4,9 +4,12 @@ Computes :func:`jdq.kernels.norm_quant.ref.norm_quantize_rows`. Unfused, a W8A8 
 input costs XLA's LayerNorm + modulation fusion (read ``x``, write ``h`` in bf16) and then the
 token quantization (read ``h``, write the codes); here each CTA bulk-copies ``rows`` whole rows of
 ``x`` and its sample's modulation row (``1 + scale`` and ``shift``, float32) into shared memory,
-then runs four passes over shared memory — row sums (mean), squared deviations (variance),
-``h`` (written back in place, rounded to ``x``'s dtype) with its row max |h|, the codes — and
-bulk-stores codes and scales: HBM traffic is one read of ``x`` plus the codes.
+then runs four passes — row sums (mean), squared deviations (variance), ``h`` (rounded to ``x``'s
+dtype) with its row max |h|, the codes — and bulk-stores codes and scales: HBM traffic is one read
+of ``x`` plus the codes. When a CTA's rows fit in registers (at most ``Config.reg_elems`` elements
+per thread: 8 rows at K = 1152) they are read from shared memory once and the passes run on registers;
+otherwise each pass re-reads shared memory and ``h`` is written back in place. Same arithmetic,
+same order, either way (bit-identical results).
 
 Register layout as :mod:`jdq.kernels.token_quant.gpu` (warps own rows, each lane 4 consecutive
 columns: row reductions stay inside a warp); the modulation vectors are loaded in that layout
@@ -33,10 +36,12 @@ COLS = 128  # the layout's chunk width (elements): K must be a multiple
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Shared-memory budget per CTA (picks the rows per CTA) and the elements per thread per chunk."""
+    """Shared-memory budget per CTA (picks the rows per CTA), elements per thread per chunk, and the most
+    elements of ``x`` per thread kept in registers across the passes (more: shared-memory passes)."""
 
     smem_bytes: int = 72 * 1024
     elems_per_thread: int = 32
+    reg_elems: int = 96
 
     def rows(self, m: int, k: int, itemsize: int, group_rows: int | None = None) -> int:
         """Rows per CTA: the largest power of two >= 4 within the budget dividing ``m`` and ``group_rows`` (0: none)."""
@@ -71,6 +76,7 @@ def norm_quantize_rows_gpu(x, shift, scale, group_rows: int, eps: float = 1e-6, 
     while k % (cols * 2) == 0 and rows * cols * 2 <= config.elems_per_thread * 128:
         cols *= 2
     n_chunks = k // cols
+    in_regs = rows * k <= config.reg_elems * 128  # one warpgroup: 128 threads
     layout = None if interpret else row_layout()
     vec_layout = None if interpret else row_layout().reduce(0)
     inv_qmax, inv_k = np.float32(1.0 / qmax), np.float32(1.0 / k)
@@ -97,30 +103,35 @@ def norm_quantize_rows_gpu(x, shift, scale, group_rows: int, eps: float = 1e-6, 
         plgpu.copy_gmem_to_smem(x_g.at[pl.ds(i * rows, rows)], x_s, bar.at[0], **promise_in_bounds())
         plgpu.copy_gmem_to_smem(mod_g.at[pl.ds(g, 1)], m_s, bar.at[1], **promise_in_bounds())
         plgpu.barrier_wait(bar.at[0])
+        regs = [load(x_s, c) for c in range(n_chunks)] if in_regs else None
+        chunk = (lambda c: regs[c]) if in_regs else (lambda c: load(x_s, c))  # noqa: E731
         total = None
         for c in range(n_chunks):
-            part = jnp.sum(load(x_s, c), axis=1)
+            part = jnp.sum(chunk(c), axis=1)
             total = part if total is None else total + part
         mean = total * inv_k
         mean_b = row_vec(mean)
         sq = None
         for c in range(n_chunks):
-            d = load(x_s, c) - mean_b
+            d = chunk(c) - mean_b
             part = jnp.sum(d * d, axis=1)
             sq = part if sq is None else sq + part
         rstd_b = row_vec(lax.rsqrt(sq * inv_k + np.float32(eps)))
         plgpu.barrier_wait(bar.at[1])
         amax = None
         for c in range(n_chunks):
-            h = ((load(x_s, c) - mean_b) * rstd_b) * col_vec(m_s, 0, c) + col_vec(m_s, 1, c)
+            h = ((chunk(c) - mean_b) * rstd_b) * col_vec(m_s, 0, c) + col_vec(m_s, 1, c)
             h = h.astype(x.dtype)
-            x_s[:, pl.ds(c * cols, cols)] = h
+            if in_regs:
+                regs[c] = h.astype(jnp.float32)
+            else:
+                x_s[:, pl.ds(c * cols, cols)] = h
             a = jnp.max(jnp.abs(h.astype(jnp.float32)), axis=1)
             amax = a if amax is None else jnp.maximum(amax, a)
         s = jnp.maximum(amax * inv_qmax, np.float32(MIN_SCALE))
         r = row_vec(1.0 / s)
         for c in range(n_chunks):
-            v = load(x_s, c) * r
+            v = chunk(c) * r
             if fmt == "int8":
                 q = jnp.clip(lax.round(v, lax.RoundingMethod.TO_NEAREST_EVEN), -qmax, qmax)
             else:  # the conversion rounds to nearest even; clip first so it saturates

@@ -24,7 +24,8 @@ Fused epilogue extras (``ws`` only), for the DiT block around the linear:
 * ``residual`` (M, N) and ``gate`` (G, N): the output is ``residual + gate[r // (M/G)] · y`` (the
   adaLN-Zero gated residual, one gate row per sample of M/G tokens), with ``y`` rounded to the
   output dtype first (the unfused path materializes it) and the sum rounded once. The residual
-  sub-tile is brought into the output staging buffer by TMA and added there. A warpgroup tile must
+  tile is brought into the output staging buffer by TMA — issued before the tile's main loop when it
+  fits the buffer's slots, so the load overlaps the MMAs — and added there. A warpgroup tile must
   lie in one sample: M/G a multiple of ``tile_m``.
 * ``split`` = S > 1: the output is a tuple of S arrays (M, N/S), the column parts — ``qkv`` written
   as q, k and v, each its own buffer, so attention needs no slice copies (an XLA slice of one
@@ -179,6 +180,8 @@ def _ws_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret, act=None, residual=
     x_tr = smem_transforms(tk, xq.dtype, interpret)
     o_tr = smem_transforms(epi_n, out_dtype, interpret)
     n_slots = min(2, (tm * tn) // (epi_m * epi_n))
+    # a residual tile that fits the staging slots is loaded before the main loop (overlapped with it)
+    prefetch = group_rows is not None and (tm * tn) // (epi_m * epi_n) <= n_slots
     acc_dtype = _acc_dtype(xq)
 
     def get_pipeline(body, ctx):
@@ -234,7 +237,21 @@ def _ws_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret, act=None, residual=
                         else:
                             pl.when(part == p)(lambda dst=dst: plgpu.copy_smem_to_gmem(src, dst))
 
+                sub_tiles = [(slice(ei * epi_m, (ei + 1) * epi_m), slice(ej * epi_n, (ej + 1) * epi_n))
+                             for ei in range(tm // epi_m) for ej in range(tn // epi_n)]
+
+                def load_residual(j):
+                    es_m, es_n = sub_tiles[j]
+                    bar = r_bar.at[wg * n_slots + j % n_slots]
+                    plgpu.copy_gmem_to_smem(r_g.at[cm, cn].at[wm, wn].at[es_m, es_n], o_s.at[wg, j % n_slots], bar)
+                    return bar
+
                 def ctx(eval_pipeline):
+                    bars = {}
+                    if prefetch:  # the residual tile lands in the staging buffer while the main loop runs
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        bars = {j: load_residual(j) for j in range(len(sub_tiles))}
+
                     @functools.partial(pl.run_scoped, acc=plgpu.ACC((tm, tn), acc_dtype))
                     def _(acc):
                         eval_pipeline(acc)
@@ -242,22 +259,19 @@ def _ws_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret, act=None, residual=
                         if group_rows:  # gate * y in float32 (y already rounded: the unfused path stores it)
                             gv = load_vec(gate_g, (row0 // group_rows) * n + col0, tn, 1, interpret)
                             y = y.astype(jnp.float32) * lax.broadcast_in_dim(gv, (tm, tn), [1])
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        for ei in range(tm // epi_m):
-                            for ej in range(tn // epi_n):
-                                es_m = slice(ei * epi_m, (ei + 1) * epi_m)
-                                es_n = slice(ej * epi_n, (ej + 1) * epi_n)
-                                slot = (ei * (tn // epi_n) + ej) % n_slots
+                        if not prefetch:
+                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        for j, (es_m, es_n) in enumerate(sub_tiles):
+                            slot = j % n_slots
+                            if not prefetch:
                                 plgpu.wait_smem_to_gmem(n_slots - 1, wait_read_only=True)
-                                if group_rows:
-                                    bar = r_bar.at[wg * n_slots + slot]
-                                    plgpu.copy_gmem_to_smem(r_g.at[cm, cn].at[wm, wn].at[es_m, es_n], o_s.at[wg, slot], bar)
-                                    plgpu.barrier_wait(bar)
-                                    o_s[wg, slot] = (o_s[wg, slot].astype(jnp.float32) + y[es_m, es_n]).astype(out_dtype)
-                                else:
-                                    o_s[wg, slot] = y[es_m, es_n]
-                                plgpu.commit_smem()
-                                store(o_s.at[wg, slot], wm, wn, es_m, es_n)
+                            if group_rows:
+                                plgpu.barrier_wait(bars[j] if prefetch else load_residual(j))
+                                o_s[wg, slot] = (o_s[wg, slot].astype(jnp.float32) + y[es_m, es_n]).astype(out_dtype)
+                            else:
+                                o_s[wg, slot] = y[es_m, es_n]
+                            plgpu.commit_smem()
+                            store(o_s.at[wg, slot], wm, wn, es_m, es_n)
 
                 def mma(_, x_s, w_s, acc):
                     w_view = w_s.at[:, wn] if interpret else w_s.at[wn]
