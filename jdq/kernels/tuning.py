@@ -54,9 +54,10 @@ WEIGHT_ONLY = {
 # Not yet tuned on a device (defaults from the shared-memory budget and the W8A8 results):
 # one-pass per-token quantization (jdq.kernels.token_quant.gpu.Config), MixDiT and MX GEMMs.
 TOKEN_QUANT = {"default": [(INF, dict(smem_bytes=72 * 1024))]}
-# LayerNorm + modulation + per-token quantization (jdq.kernels.norm_quant.gpu.Config): a 40 KiB budget gives
-# 8 rows per CTA at K = 1152, whose rows stay in registers between the passes (see the kernel's docstring).
-NORM_QUANT = {"default": [(INF, dict(smem_bytes=40 * 1024))]}
+# LayerNorm + modulation + per-token quantization (jdq.kernels.norm_quant.gpu.Config). H200, 2026-12-01
+# (benchmarks/results/fused_device_run2.md), qkv input at b32 / PixArt-Sigma-1024: 16 rows per CTA with shared-memory
+# passes 23.3 / 11.3 µs, 8 rows in registers 16.9 / 9.4 µs, 4 rows in registers 15.8 / 9.0 µs (24 KiB budget).
+NORM_QUANT = {"default": [(INF, dict(smem_bytes=24 * 1024))]}
 # W4A8: run 15 (H200, b32, all four layers, kernels_device_run15.md): the register-A kernel halves the
 # g64 linear (qkv 463.5 -> 235.7 µs) and equals or beats the shared-memory one per channel (fc2
 # 250.9 -> 215.6 µs); its 128x64 (M x N) tile is untuned.
