@@ -29,6 +29,7 @@ from jax import lax
 
 from jdq.kernels._mgpu import interpret_params, pl, plgpu, promise_in_bounds, row_layout
 from jdq.kernels.norm_quant.ref import check_shapes, modulation_factors
+from jdq.kernels.token_quant.gpu import store_codes
 from jdq.kernels.token_quant.ref import FORMATS, MIN_SCALE, check_format
 
 COLS = 128  # the layout's chunk width (elements): K must be a multiple
@@ -129,19 +130,7 @@ def norm_quantize_rows_gpu(x, shift, scale, group_rows: int, eps: float = 1e-6, 
             a = jnp.max(jnp.abs(h.astype(jnp.float32)), axis=1)
             amax = a if amax is None else jnp.maximum(amax, a)
         s = jnp.maximum(amax * inv_qmax, np.float32(MIN_SCALE))
-        r = row_vec(1.0 / s)
-        for c in range(n_chunks):
-            v = chunk(c) * r
-            if fmt == "int8":
-                q = jnp.clip(lax.round(v, lax.RoundingMethod.TO_NEAREST_EVEN), -qmax, qmax)
-            else:  # the conversion rounds to nearest even; clip first so it saturates
-                q = jnp.clip(v, -qmax, qmax)
-            q_s[:, pl.ds(c * cols, cols)] = q.astype(code_dtype)
-        s_s[...] = s
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_s, q_g.at[pl.ds(i * rows, rows)])
-        plgpu.copy_smem_to_gmem(s_s, s_g.at[pl.ds(i * rows, rows)])
-        plgpu.wait_smem_to_gmem(0)
+        store_codes(chunk, n_chunks, cols, row_vec(1.0 / s), s, fmt, q_s, s_s, q_g, s_g, i * rows)
 
     return plgpu.kernel(
         body,
