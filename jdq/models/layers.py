@@ -48,9 +48,9 @@ from flax import nnx
 from jdq.quant.transform import QuantizerBase
 
 
-#: Environment variable: ``0`` computes ``qlinear``'s ``norm`` / ``residual`` / ``split`` as separate ops
-#: (one matmul, then slices) instead of handing them to the lowered kernels / splitting the matmul
-#: (default ``1``). Read at trace time; for A/B timing (``benchmarks/e2e.py``).
+#: Environment variable: ``0`` computes ``qlinear``'s ``norm`` / ``residual`` / ``split`` as separate XLA
+#: ops around a lowered site's kernel instead of handing them to its kernels (default ``1``; the
+#: unlowered path is the same either way). Read at trace time; for A/B timing (``benchmarks/e2e.py``).
 FUSED_BLOCK_ENV = "JDQ_FUSED_BLOCK"
 
 
