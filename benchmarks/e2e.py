@@ -113,11 +113,15 @@ def main(argv=None):
     p.add_argument("--extra", default="fp8,w4a8", help="further lowered steps to time if the budget allows")
     p.add_argument("--w4-speed", action="store_true", help="also time W4A16 / W8A16 steps at batch 1")
     p.add_argument("--profile", action="store_true", help="per-kernel CUPTI breakdown of each timed step (GPU)")
+    p.add_argument("--small-batches", default="", help="also time bf16 and W8A8 lowered steps at these batches, e.g. 1,2")
+    p.add_argument("--recipes", default="", help="time the fake-quant step of these recipes ('all': every registered one)")
+    p.add_argument("--xla-quant", action="store_true", help="also time the lowered step with XLA's activation quantization")
     args = p.parse_args(argv)
     t_start = time.time()
     out_dir = args.out or os.environ.get("OUT") or RESULTS_DIR
     os.makedirs(out_dir, exist_ok=True)
     from jdq.models import dit
+    from jdq.models.layers import FUSED_BLOCK_ENV
     from jdq.quant.casts import cast
     from jdq.quant.lower import lower, weight_bytes
 
@@ -149,24 +153,36 @@ def main(argv=None):
     t0 = time.time()
     q_w8a8 = lower(w8a8, model.params)
     print(f"lowered {len(q_w8a8.weights)} W8A8 sites in {time.time() - t0:.1f}s", flush=True)
-    step = jax.jit(lambda params, q, x, t, y: cfg_step(model, params, x, t, y, null, q))
+    # one jitted step per JDQ_FUSED_BLOCK setting (read at trace time): "1" hands the adaLN norm, the gated
+    # residual and the q/k/v split to the kernels / splits the qkv matmul, "0" runs them as separate ops
+    steps = {f: jax.jit(lambda params, q, x, t, y: cfg_step(model, params, x, t, y, null, q)) for f in ("1", "0")}
+    step = steps["1"]
     outs, res["compile_s"], res["times"] = {}, {}, {}
 
-    def run(name, q, time_it=True):
+    def run(name, q, time_it=True, fused=True, inputs=None):
         """Compile + run the step with quantizer ``q``, then time the compiled step; False if it failed."""
+        step = steps["1" if fused else "0"]
+        xa, ta, ya = inputs or (x, t, y)
         t0 = time.time()
+        old = os.environ.get(FUSED_BLOCK_ENV)
+        os.environ[FUSED_BLOCK_ENV] = "1" if fused else "0"
         try:
-            outs[name] = jax.block_until_ready(step(model.params, q, x, t, y))
+            outs[name] = jax.block_until_ready(step(model.params, q, xa, ta, ya))
         except Exception as e:  # noqa: BLE001  (a kernel that fails to build must not end the run)
             res.setdefault("errors", {})[name] = f"{type(e).__name__}: {str(e)[:400]}"
             print(f"FAILED {name}: {res['errors'][name]}", flush=True)
             return False
+        finally:
+            if old is None:
+                os.environ.pop(FUSED_BLOCK_ENV, None)
+            else:
+                os.environ[FUSED_BLOCK_ENV] = old
         res["compile_s"][name] = time.time() - t0
         print(f"compiled+ran {name} in {time.time() - t0:.1f}s  [{time.time() - t_start:.0f}s]", flush=True)
         if time_it:
-            wall, dev = timed(step, (model.params, q, x, t, y), args.iters)
+            wall, dev = timed(step, (model.params, q, xa, ta, ya), args.iters)
             res["times"][name] = {"wall_ms": wall, "kernel_ms": dev}
-            b = res["times"].get("bf16")
+            b = res["times"].get("bf16" if inputs is None else f"b{xa.shape[0]}_bf16")
             v = res["times"][name]
             if b:
                 v["speedup_wall"] = b["wall_ms"] / wall
@@ -174,18 +190,25 @@ def main(argv=None):
             print(f"step {name:24s} wall {wall:8.2f} ms  kernels {dev if dev is None else round(dev, 2)} ms", flush=True)
             if args.profile and on_gpu:
                 try:
-                    prof = res.setdefault("profile", {})[name] = kernel_breakdown(step, (model.params, q, x, t, y))
+                    prof = res.setdefault("profile", {})[name] = kernel_breakdown(step, (model.params, q, xa, ta, ya))
                     print("  " + ", ".join(f"{c} {ms:.2f} ms" for c, ms in prof["categories"].items()), flush=True)
                 except Exception as e:  # noqa: BLE001
                     print("  profile failed:", type(e).__name__, str(e)[:200], flush=True)
         save()
         return True
 
-    # 1. the goal: bf16 vs W8A8 lowered (one-pass token quantization + W8A8 GEMM kernels)
+    # 1. the goal: bf16 vs W8A8 lowered (LayerNorm+modulation+quantization and token quantization kernels, W8A8
+    #    GEMMs with split q/k/v outputs and fused gated residuals), and the lowered step with the block ops
+    #    unfused (XLA norm + slices + residual; the bf16 step computes them the same way either way)
     run("bf16", None)
     run("w8a8_lowered", q_w8a8)
-    if on_gpu:  # the same GEMM kernels with XLA's two-pass activation quantization: the token-quant kernel's share
-        run("w8a8_lowered_xla_quant", q_w8a8.with_impl("gpu_xla_quant"))
+    if on_gpu:
+        run("w8a8_lowered_unfused", q_w8a8, fused=False)
+        if args.xla_quant:  # the same GEMM kernels with XLA's two-pass activation quantization
+            run("w8a8_lowered_xla_quant", q_w8a8.with_impl("gpu_xla_quant"), fused=False)
+        for a_, b_ in (("w8a8_lowered", "w8a8_lowered_unfused"),):
+            if a_ in outs and b_ in outs:  # fused vs unfused block ops: the same function up to bf16 rounding
+                res[f"relerr_{a_}_vs_unfused"] = rel(outs[a_], outs[b_])
     # 2. numerics of the lowered step against the fake-quant step
     if run("w8a8_fake_quant", w8a8.bind(w8a8.init()), time_it=not over(0.5)):
         main_name = next((n for n in ("w8a8_lowered", "w8a8_lowered_xla_quant") if n in outs), None)
@@ -240,6 +263,19 @@ def main(argv=None):
                   f"{v['lowered_sites']} sites packed)", flush=True)
     save()
 
+    # 6. small batches (CFG doubles them): bf16 vs W8A8 lowered
+    for bs in [int(v) for v in args.small_batches.split(",") if v]:
+        if over(0.85):
+            print(f"skipping batch {bs}: budget", flush=True)
+            break
+        sub = (x[:bs], t[:bs], y[:bs])
+        run(f"b{bs}_bf16", None, inputs=sub)
+        run(f"b{bs}_w8a8_lowered", q_w8a8, inputs=sub)
+    # 7. fake-quant sampling steps of every registered recipe (the accuracy path), against the bf16 step
+    if args.recipes:
+        time_recipes(args.recipes, model, full_inputs, run, res, over)
+    save()
+
     if args.w4_speed:
         xb, tb, yb = x[:1], t[:1], y[:1]
         wall, dev = timed(step, (model.params, None, xb, tb, yb), args.iters)
@@ -261,6 +297,35 @@ def main(argv=None):
     os.replace(os.path.join(out_dir, "e2e.md.tmp"), os.path.join(out_dir, "e2e.md"))
     print("\n" + md)
     return 0
+
+
+def time_recipes(spec, model, inputs, run, res, over):
+    """Time the fake-quant CFG step of each recipe in ``spec`` ("all" or a comma list); calibrated ones get
+    statistics of one forward pass on ``inputs`` (random weights: speed does not depend on the values)."""
+    from jdq import recipes
+    from jdq.quant import trace_operands
+    from jdq.quant.transform import collect_stats, stack_stats
+
+    names = recipes.names() if spec == "all" else [n for n in spec.split(",") if n]
+    ops = trace_operands(lambda *a, quant: model.apply(model.params, *a, quant=quant), *inputs)
+    stats = None
+    for name in names:
+        if over(0.95):
+            print(f"skipping recipe {name}: budget", flush=True)
+            continue
+        t0 = time.time()
+        try:
+            plan = recipes.plan_for(name, ops)
+            if recipes.get(name).calibrated and stats is None:
+                stats = stack_stats([collect_stats(lambda *a, quant: model.apply(model.params, *a, quant=quant),
+                                                   *inputs)[1]])
+            q = plan.bind(plan.init(stats if recipes.get(name).calibrated else None))
+        except Exception as e:  # noqa: BLE001  (a recipe that needs more than statistics must not end the run)
+            res.setdefault("errors", {})[f"recipe_{name}"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"recipe {name}: not timed ({type(e).__name__}: {str(e)[:160]})", flush=True)
+            continue
+        res.setdefault("recipe_setup_s", {})[name] = time.time() - t0
+        run(f"recipe_{name}", q)
 
 
 def write_json(path, obj):

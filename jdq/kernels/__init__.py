@@ -1,7 +1,8 @@
 """Pallas GEMM kernels for quantized models: ``<op>/ref.py`` (pure jnp), ``<op>/gpu.py`` (Mosaic
 GPU, Hopper), ``<op>/tpu.py`` (Pallas TPU), block sizes in :mod:`jdq.kernels.tuning`.
 
-Ops: ``token_quant`` (one-pass per-token int8 / E4M3 quantization), ``w8a8`` (int8 or FP8 E4M3
+Ops: ``token_quant`` (one-pass per-token int8 / E4M3 quantization), ``norm_quant`` (LayerNorm + adaLN
+modulation + per-token quantization in one pass), ``w8a8`` (int8 or FP8 E4M3
 GEMM, per-token × per-channel scales), ``w4a8``, ``weight_only`` (W8A16 / W4A16), ``mixdit`` (MX9
 outliers + MX6 rest in one GEMM), ``mx`` (MXFP8 / MXINT8 block-scaled GEMM).
 
@@ -17,11 +18,13 @@ from jdq.kernels.lowered import (
     lowered_linear,
     mixdit_matmul,
     mx_matmul,
+    norm_quantize_tokens,
     quantize_tokens,
     w4a8_matmul,
     w8a8_matmul,
     weight_only_matmul,
 )
 
-__all__ = ["IMPLS", "KINDS", "LoweredWeight", "lowered_linear", "mixdit_matmul", "mx_matmul", "quantize_tokens",
+__all__ = ["IMPLS", "KINDS", "LoweredWeight", "lowered_linear", "mixdit_matmul", "mx_matmul", "norm_quantize_tokens",
+           "quantize_tokens",
            "w4a8_matmul", "w8a8_matmul", "weight_only_matmul"]

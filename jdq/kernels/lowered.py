@@ -143,6 +143,27 @@ def quantize_tokens(x, fmt: str = "int8", impl: str = "auto", config=None):
     return quantize_rows(x, fmt)
 
 
+def norm_quantize_tokens(x, norm, fmt: str = "int8", impl: str = "auto", config=None):
+    """Codes and scales of ``norm(x)`` for ``x`` (B, L, K) with the fused kernel, or ``None`` where it does not apply.
+
+    ``norm`` has ``shift`` / ``scale`` (B, K) and ``eps`` (``jdq.models.layers.AdaNorm``); the
+    kernel (:mod:`jdq.kernels.norm_quant`) runs for ``impl`` ``"gpu"`` / ``"gpu_interpret"`` when
+    the rows per CTA divide the L tokens of a sample.
+    """
+    impl = _resolve_impl(impl)
+    if impl not in ("gpu", "gpu_interpret") or x.ndim != 3 or x.dtype not in (jnp.bfloat16, jnp.float32):
+        return None
+    from jdq.kernels import tuning
+    from jdq.kernels.norm_quant.gpu import Config, norm_quantize_rows_gpu
+
+    b, l, k = x.shape
+    cfg = config or Config(**tuning.lookup("norm_quant", b * l))
+    if norm.shift.shape != (b, k) or not cfg.supports(b * l, k, jnp.dtype(x.dtype).itemsize, l):
+        return None
+    return norm_quantize_rows_gpu(x.reshape(b * l, k), norm.shift, norm.scale, l, float(norm.eps), fmt, cfg,
+                                  interpret=impl == "gpu_interpret")
+
+
 def _activate(y, activation):
     if activation is None:
         return y
@@ -151,43 +172,75 @@ def _activate(y, activation):
     return ACTIVATIONS[activation](y)
 
 
-def w8a8_matmul(xq, xs, wq, ws, b, out_dtype, impl: str = "auto", config=None, activation: str | None = None):
+def _interpret_ws_config():
+    from jdq.kernels.w8a8.gpu import Config
+
+    return Config("ws", 64, 64, 128, 2, wg_dim="n", num_sms=2)
+
+
+def _w8a8_extras_fit(cfg, m, n, residual, gate, split) -> bool:
+    """Whether the fused residual / split epilogue of the ``ws`` kernel applies to an (M, N) output."""
+    cm, cn = cfg.cta_tile()
+    if cfg.kind != "ws" or m % cm:
+        return False
+    if split > 1 and (n % split or (n // split) % cn):
+        return False
+    return residual is None or (m % gate.shape[0] == 0 and (m // gate.shape[0]) % cfg.tile_m == 0)
+
+
+def w8a8_matmul(xq, xs, wq, ws, b, out_dtype, impl: str = "auto", config=None, activation: str | None = None,
+                residual=None, gate=None, split: int = 1):
     """Dispatch the W8A8 GEMM (int8 or E4M3 operands, already quantized) to an implementation.
 
     GPU kernels need K and N to be multiples of the tile; M is zero-padded. Shapes the kernel
     cannot tile go to the XLA reference (same result: int8 accumulation is exact). ``activation``
     (see ``jdq.models.layers.ACTIVATIONS``) runs in the GPU kernel's epilogue where it is in
-    :data:`jdq.kernels.w8a8.gpu.FUSED_ACTIVATIONS`, else on the output.
+    :data:`jdq.kernels.w8a8.gpu.FUSED_ACTIVATIONS`, else on the output. ``residual`` (M, N) with
+    ``gate`` (G, N): the output is :func:`jdq.kernels.w8a8.ref.gated_residual` of it; ``split`` > 1:
+    a tuple of the column parts (:func:`~jdq.kernels.w8a8.ref.split_columns`); both in the GPU
+    epilogue where the ``ws`` kernel's tiles fit, else in XLA.
     """
     from jdq.kernels.w8a8 import ref
 
     impl = _resolve_impl(impl)
     m, k = xq.shape
     n = wq.shape[0]
+
+    def finish(y, act):
+        y = _activate(y, act)
+        if residual is not None:
+            y = ref.gated_residual(y, residual, gate, out_dtype)
+        return ref.split_columns(y, split) if split > 1 else y
+
     if _on_gpu(impl):
         from jdq.kernels import tuning
         from jdq.kernels.w8a8.gpu import FUSED_ACTIVATIONS, Config, w8a8_matmul_gpu
 
-        if config is None and impl == "gpu_interpret":
-            config = _interpret_w8a8_config()  # one warpgroup: far fewer simulated threads than "ws"
+        extras = residual is not None or split > 1
+        if config is None and impl == "gpu_interpret":  # one warpgroup ("pipe"): far fewer simulated threads
+            ws_cfg = _interpret_ws_config()
+            config = ws_cfg if extras and _w8a8_extras_fit(ws_cfg, m, n, residual, gate, split) else _interpret_w8a8_config()
         cfg = config or Config(**tuning.lookup("w8a8", m))
         cm, cn = cfg.cta_tile()
         if n % cn == 0 and k % cfg.tile_k == 0:
-            xq_p, m0 = _pad_rows(xq, cm)
-            xs_p, _ = _pad_rows(xs, cm)
             bb = jnp.zeros((n,), jnp.float32) if b is None else b
             fused = activation if activation in FUSED_ACTIVATIONS else None
-            out = w8a8_matmul_gpu(xq_p, xs_p, wq, ws, bb, out_dtype, cfg, interpret=impl == "gpu_interpret",
-                                  activation=fused)
-            return _activate(out[:m0], None if fused else activation)
+            interp = impl == "gpu_interpret"
+            if extras and fused == activation and _w8a8_extras_fit(cfg, m, n, residual, gate, split):
+                return w8a8_matmul_gpu(xq, xs, wq, ws, bb, out_dtype, cfg, interpret=interp, activation=fused,
+                                       residual=residual, gate=gate, split=split)
+            xq_p, m0 = _pad_rows(xq, cm)
+            xs_p, _ = _pad_rows(xs, cm)
+            out = w8a8_matmul_gpu(xq_p, xs_p, wq, ws, bb, out_dtype, cfg, interpret=interp, activation=fused)
+            return finish(out[:m0], None if fused else activation)
     elif _on_tpu(impl):
         from jdq.kernels.w8a8.tpu import w8a8_matmul_tpu
 
         tiles = _tpu_tiles(m, n, k)
         (xq_p, m0), (xs_p, _) = _pad_rows(xq, tiles["tm"]), _pad_rows(xs, tiles["tm"])
         out = w8a8_matmul_tpu(xq_p, xs_p, wq, ws, b, out_dtype, interpret=impl == "tpu_interpret", **tiles)
-        return _activate(out[:m0], activation)
-    return _activate(ref.w8a8_matmul(xq, xs, wq, ws, b, out_dtype), activation)
+        return finish(out[:m0], activation)
+    return finish(ref.w8a8_matmul(xq, xs, wq, ws, b, out_dtype), activation)
 
 
 def w4a8_matmul(xq, xs, lw: "LoweredWeight", b, out_dtype, impl: str = "auto", config=None):
@@ -304,14 +357,22 @@ def mx_matmul(x, lw: LoweredWeight, b, out_dtype, impl: str = "auto", config=Non
 
 
 def lowered_linear(x, lowered: LoweredWeight, b=None, *, site: str, quant: Any = None, act_role: str = "act",
-                   activation: str | None = None):
-    """``qlinear``'s speed path: ``act(x @ W + b)`` with ``W`` the packed weight of ``site``.
+                   activation: str | None = None, norm: Any = None, residual: Any = None, split: int = 1):
+    """``qlinear``'s speed path: ``residual(act(norm(x) @ W + b))`` with ``W`` the packed weight of ``site``.
 
     ``x`` is (…, K) in the model's compute dtype; the output has ``x``'s dtype. The activation is
     quantized here, the way the plan's activation transform does (per token for w8a8 / fp8 /
     w4a8, per block for the MX kinds, the outlier split for mixdit). ``activation`` (a name in
     ``jdq.models.layers.ACTIVATIONS``) is fused into the W8A8 / FP8 GPU kernel's epilogue where
     it can be, else applied to the output.
+
+    The ops around the linear in an adaLN block (``jdq.models.layers.AdaNorm`` /
+    ``GatedResidual``; any callable with the same attributes): ``norm`` (``shift``, ``scale`` (B, K),
+    ``eps``; ``x`` (B, L, K)) is computed inside the per-token quantization by
+    :mod:`jdq.kernels.norm_quant` for W8A8 / FP8 on the GPU, else called; ``residual`` (``x``
+    (B, L, N), ``gate`` (B, N)) is added in the W8A8 / FP8 GPU epilogue, else called; ``split``
+    > 1 returns the output's column parts as a tuple (written as separate buffers by the W8A8 / FP8
+    GPU kernel).
     """
     if not isinstance(lowered, LoweredWeight):
         raise TypeError(f"lowered_linear at {site!r}: expected a LoweredWeight, got {type(lowered).__name__}")
@@ -319,14 +380,24 @@ def lowered_linear(x, lowered: LoweredWeight, b=None, *, site: str, quant: Any =
         raise ValueError(f"lowered_linear at {site!r}: input has {x.shape[-1]} features, the weight expects {lowered.k}")
     impl = getattr(quant, "impl", "auto")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, lowered.k)
     bias = None if b is None else jnp.asarray(b, jnp.float32)
     kind = lowered.kind
     if kind in ("w8a8", "fp8"):
-        xq, xs = quantize_tokens(x2, "int8" if kind == "w8a8" else "fp8_e4m3", impl)
-        y = w8a8_matmul(xq, xs, lowered.codes, lowered.scale, bias, x.dtype, impl, activation=activation)
-        activation = None  # applied by w8a8_matmul
-    elif kind == "w4a8":
+        fmt = "int8" if kind == "w8a8" else "fp8_e4m3"
+        q = None if norm is None else norm_quantize_tokens(x, norm, fmt, impl)
+        if q is None:
+            x = x if norm is None else norm(x)
+            q = quantize_tokens(x.reshape(-1, lowered.k), fmt, impl)
+        res, gate = (None, None) if residual is None else (residual.x.reshape(-1, lowered.n), residual.gate)
+        y = w8a8_matmul(*q, lowered.codes, lowered.scale, bias, x.dtype, impl, activation=activation, residual=res,
+                        gate=gate, split=split)
+        if split > 1:
+            return tuple(part.reshape(*lead, lowered.n // split) for part in y)
+        return y.reshape(*lead, lowered.n)
+    if norm is not None:
+        x = norm(x)
+    x2 = x.reshape(-1, lowered.k)
+    if kind == "w4a8":
         xq, xs = quantize_tokens(x2, "int8", impl)
         y = w4a8_matmul(xq, xs, lowered, bias, x.dtype, impl)
     elif kind in ("w8a16", "w4a16"):
@@ -337,8 +408,11 @@ def lowered_linear(x, lowered: LoweredWeight, b=None, *, site: str, quant: Any =
         y = mx_matmul(x2, lowered, bias, x.dtype, impl)
     else:
         raise ValueError(f"lowered_linear at {site!r}: unknown kind {kind!r}; known: {KINDS}")
-    return _activate(y, activation).reshape(*lead, lowered.n)
+    y = _activate(y, activation).reshape(*lead, lowered.n)
+    y = y if residual is None else residual(y)
+    return tuple(jnp.split(y, split, axis=-1)) if split > 1 else y
 
 
-__all__ = ["IMPLS", "KINDS", "LoweredWeight", "lowered_linear", "mixdit_matmul", "mx_matmul", "quantize_tokens",
+__all__ = ["IMPLS", "KINDS", "LoweredWeight", "lowered_linear", "mixdit_matmul", "mx_matmul", "norm_quantize_tokens",
+           "quantize_tokens",
            "w4a8_matmul", "w8a8_matmul", "weight_only_matmul"]

@@ -18,7 +18,9 @@ INF = 1 << 62
 # within 3% of best on every tuned shape.
 W8A8 = {
     "default": [(INF, dict(kind="ws", tile_m=128, tile_n=64, tile_k=128, stages=4, wg_dim="n"))],
-    "NVIDIA H200": [(INF, dict(kind="ws", tile_m=128, tile_n=64, tile_k=128, stages=4, wg_dim="n"))],
+    # 2026-12-01 (benchmarks/results/fused_device_run1.md): 5 stages, fc2 b32 69.5 -> 65.1 µs, qkv 63.6 -> 63.2 µs;
+    # 128x128 warpgroup tiles, a 256-row CTA, m-minor tile order and the 2-stage "pipe" were slower or equal.
+    "NVIDIA H200": [(INF, dict(kind="ws", tile_m=128, tile_n=64, tile_k=128, stages=5, wg_dim="n"))],
     "NVIDIA H100 80GB HBM3": [(INF, dict(kind="ws", tile_m=128, tile_n=64, tile_k=128, stages=4, wg_dim="n"))],
 }
 
@@ -52,6 +54,10 @@ WEIGHT_ONLY = {
 # Not yet tuned on a device (defaults from the shared-memory budget and the W8A8 results):
 # one-pass per-token quantization (jdq.kernels.token_quant.gpu.Config), MixDiT and MX GEMMs.
 TOKEN_QUANT = {"default": [(INF, dict(smem_bytes=72 * 1024))]}
+# LayerNorm + modulation + per-token quantization (jdq.kernels.norm_quant.gpu.Config). H200, 2026-12-01
+# (benchmarks/results/fused_device_run2.md), qkv input at b32 / PixArt-Sigma-1024: 16 rows per CTA with shared-memory
+# passes 23.3 / 11.3 µs, 8 rows in registers 16.9 / 9.4 µs, 4 rows in registers 15.8 / 9.0 µs (24 KiB budget).
+NORM_QUANT = {"default": [(INF, dict(smem_bytes=24 * 1024))]}
 # W4A8: run 15 (H200, b32, all four layers, kernels_device_run15.md): the register-A kernel halves the
 # g64 linear (qkv 463.5 -> 235.7 µs) and equals or beats the shared-memory one per channel (fc2
 # 250.9 -> 215.6 µs); its 128x64 (M x N) tile is untuned.
@@ -65,7 +71,7 @@ MX = {"default": [(INF, dict(tile_m=128, tile_n=128, blocks_per_step=4, stages=2
 # (no TPU was available): 256 / 512 follow the MXU-friendly sizes of the Pallas TPU matmul guide.
 TPU_GEMM = {"default": [(INF, dict(tm=256, tn=256, tk=512))]}
 
-TABLES = {"w8a8": W8A8, "weight_only": WEIGHT_ONLY, "token_quant": TOKEN_QUANT, "w4a8": W4A8, "mixdit": MIXDIT, "mx": MX,
+TABLES = {"w8a8": W8A8, "weight_only": WEIGHT_ONLY, "token_quant": TOKEN_QUANT, "norm_quant": NORM_QUANT, "w4a8": W4A8, "mixdit": MIXDIT, "mx": MX,
           "tpu_gemm": TPU_GEMM}
 
 
@@ -90,4 +96,4 @@ def lookup(op: str, m: int, device: str | None = None, n: int | None = None, k: 
     return dict(rows[-1][-1])
 
 
-__all__ = ["MIXDIT", "MX", "TABLES", "TOKEN_QUANT", "TPU_GEMM", "W4A8", "W8A8", "WEIGHT_ONLY", "lookup"]
+__all__ = ["MIXDIT", "MX", "NORM_QUANT", "TABLES", "TOKEN_QUANT", "TPU_GEMM", "W4A8", "W8A8", "WEIGHT_ONLY", "lookup"]

@@ -42,6 +42,8 @@ from flax import nnx
 
 from jdq.models.base import ConfigBase, Model
 from jdq.models.layers import (
+    AdaNorm,
+    GatedResidual,
     Linear,
     Mlp,
     PatchEmbed,
@@ -149,10 +151,9 @@ class DiTBlock(nnx.Module):
     def __call__(self, x, c, quant=None):
         mod = self.adaLN_modulation(jax.nn.silu(c), quant)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-        h = modulate(layer_norm(x, eps=self.attn_norm_eps), shift_msa, scale_msa)
-        x = x + gate_msa[:, None, :] * self.attn(h, quant)
-        h = modulate(layer_norm(x, eps=self.mlp_norm_eps), shift_mlp, scale_mlp)
-        return x + gate_mlp[:, None, :] * self.mlp(h, quant)
+        # x + gate·attn(modulate(LN(x))): norm and gated residual passed in, so a lowered site can fuse them
+        x = self.attn(x, quant, norm=AdaNorm(shift_msa, scale_msa, self.attn_norm_eps), residual=GatedResidual(x, gate_msa))
+        return self.mlp(x, quant, norm=AdaNorm(shift_mlp, scale_mlp, self.mlp_norm_eps), residual=GatedResidual(x, gate_mlp))
 
 
 class FinalLayer(nnx.Module):

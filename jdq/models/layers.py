@@ -38,6 +38,7 @@ are for tests and benchmarks.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,29 +48,93 @@ from flax import nnx
 from jdq.quant.transform import QuantizerBase
 
 
+#: Environment variable: ``0`` computes ``qlinear``'s ``norm`` / ``residual`` / ``split`` as separate XLA
+#: ops around a lowered site's kernel instead of handing them to its kernels (default ``1``; the
+#: unlowered path is the same either way). Read at trace time; for A/B timing (``benchmarks/e2e.py``).
+FUSED_BLOCK_ENV = "JDQ_FUSED_BLOCK"
+
+
+def _fuse_block_ops() -> bool:
+    import os
+
+    choice = os.environ.get(FUSED_BLOCK_ENV, "1")
+    if choice not in ("0", "1"):
+        raise ValueError(f"{FUSED_BLOCK_ENV}={choice!r}; use 0 or 1")
+    return choice == "1"
+
+
+class AdaNorm(NamedTuple):
+    """A linear's pre-norm ``modulate(layer_norm(x, eps), shift, scale)`` (adaLN), for ``qlinear(norm=)``.
+
+    ``shift`` / ``scale``: (B, D), one row per sample of ``x`` (B, L, D). Calling it computes the
+    norm; a lowered W8A8 / FP8 site on the GPU computes it inside its activation quantization.
+    """
+
+    shift: jax.Array
+    scale: jax.Array
+    eps: float = 1e-6
+
+    def __call__(self, x):
+        return modulate(layer_norm(x, eps=self.eps), self.shift, self.scale)
+
+
+class GatedResidual(NamedTuple):
+    """A linear's gated residual ``x + gate[:, None, :] · y`` (adaLN-Zero), for ``qlinear(residual=)``.
+
+    ``x``: (B, L, N), ``gate``: (B, N). Calling it on ``y`` adds it; a lowered W8A8 / FP8 site on
+    the GPU adds it in its GEMM epilogue.
+    """
+
+    x: jax.Array
+    gate: jax.Array
+
+    def __call__(self, y):
+        return self.x + self.gate[:, None, :] * y
+
+
 def qlinear(x, w, b=None, *, site: str, quant: QuantizerBase | None = None, act_role: str = "act",
-            activation: str | None = None):
-    """``act(x @ w + b)`` with the input (role ``act_role``) and weight (role ``weight``) quantized by ``quant``.
+            activation: str | None = None, norm: AdaNorm | None = None, residual: GatedResidual | None = None,
+            split: int = 1):
+    """``residual(act(norm(x) @ w + b))`` with the input (role ``act_role``) and weight (role ``weight``) quantized.
 
     ``activation`` (a name in :data:`ACTIVATIONS`, default none) is applied to the output; a
     lowered site may fuse it into its kernel's epilogue (computed in float32 before the output
-    cast, so it differs from the unfused path by the output dtype's rounding only).
+    cast, so it differs from the unfused path by the output dtype's rounding only). ``norm``
+    (:class:`AdaNorm`) and ``residual`` (:class:`GatedResidual`), default none, are the ops around
+    the linear in an adaLN block; a lowered site may fuse them into its kernels (its quantized
+    input is ``norm(x)`` either way). ``split`` > 1 returns the output's ``split`` column parts as a
+    tuple (the fused ``qkv``: q, k, v): slices of one matmul here (three matmuls of a third of the
+    columns measured no faster with cuBLAS), separate buffers written by a lowered W8A8 kernel.
     """
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"qlinear at {site!r}: unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
+    if (norm is not None or residual is not None or split > 1) and not _fuse_block_ops():
+        y = qlinear(x if norm is None else norm(x), w, b, site=site, quant=quant, act_role=act_role,
+                    activation=activation)
+        y = y if residual is None else residual(y)
+        return tuple(jnp.split(y, split, axis=-1)) if split > 1 else y
+    if w.shape[-1] % split or (split > 1 and residual is not None):
+        raise ValueError(f"qlinear at {site!r}: {w.shape[-1]} output features do not split into {split} parts "
+                         f"(or split with a residual)")
     if quant is not None:
         lowered = quant.lowered(site)
         if lowered is not None:
             # The speed path: a packed weight and a Pallas kernel that quantizes x itself.
             from jdq.kernels import lowered_linear
 
-            return lowered_linear(x, lowered, b, site=site, quant=quant, act_role=act_role, activation=activation)
+            return lowered_linear(x, lowered, b, site=site, quant=quant, act_role=act_role, activation=activation,
+                                  norm=norm, residual=residual, split=split)
+    if norm is not None:
+        x = norm(x)
+    if quant is not None:
         x = quant(x, site, act_role, -1)
         w = quant(w, site, "weight", -2)
     y = jnp.matmul(x, w.astype(x.dtype))
     if b is not None:
         y = y + b.astype(y.dtype)
-    return y if activation is None else ACTIVATIONS[activation](y)
+    y = y if activation is None else ACTIVATIONS[activation](y)
+    y = y if residual is None else residual(y)
+    return tuple(jnp.split(y, split, axis=-1)) if split > 1 else y
 
 
 def qmatmul(a, b, *, site: str, roles: tuple[str, str], quant: QuantizerBase | None = None):
@@ -165,9 +230,11 @@ class Linear(nnx.Module):
         self.site = site
         self.act_role = act_role
 
-    def __call__(self, x, quant: QuantizerBase | None = None, activation: str | None = None):
+    def __call__(self, x, quant: QuantizerBase | None = None, activation: str | None = None, norm=None, residual=None,
+                 split: int = 1):
         b = None if self.bias is None else self.bias[...]
-        return qlinear(x, self.kernel[...], b, site=self.site, quant=quant, act_role=self.act_role, activation=activation)
+        return qlinear(x, self.kernel[...], b, site=self.site, quant=quant, act_role=self.act_role, activation=activation,
+                       norm=norm, residual=residual, split=split)
 
 
 def layer_norm(x, scale=None, bias=None, *, eps: float = 1e-6):
@@ -269,8 +336,10 @@ class Mlp(nnx.Module):
         self.fc2 = Linear(hidden, out_dim or dim, site=f"{site}.fc2", rngs=rngs, use_bias=use_bias,
                           act_role=role, param_dtype=param_dtype)
 
-    def __call__(self, x, quant: QuantizerBase | None = None):
-        return self.fc2(self.fc1(x, quant, activation=self.activation), quant)
+    def __call__(self, x, quant: QuantizerBase | None = None, norm: AdaNorm | None = None,
+                 residual: GatedResidual | None = None):
+        """``residual(fc2(act(fc1(norm(x)))))``; ``norm`` / ``residual`` (default none) as in :func:`qlinear`."""
+        return self.fc2(self.fc1(x, quant, activation=self.activation, norm=norm), quant, residual=residual)
 
 
 def head_norm(head_dim: int, kind: str | None, *, site: str = "", eps: float = 1e-6, param_dtype=jnp.float32):
@@ -310,14 +379,16 @@ class SelfAttention(nnx.Module):
         self.norm_q = head_norm(head_dim, qk_norm, site=site, eps=qk_norm_eps, param_dtype=param_dtype)
         self.norm_k = head_norm(head_dim, qk_norm, site=site, eps=qk_norm_eps, param_dtype=param_dtype)
 
-    def __call__(self, x, quant: QuantizerBase | None = None, mask=None):
+    def __call__(self, x, quant: QuantizerBase | None = None, mask=None, norm: AdaNorm | None = None,
+                 residual: GatedResidual | None = None):
+        """``residual(proj(attention(qkv(norm(x)))))``; ``norm`` / ``residual`` (default none) as in :func:`qlinear`."""
         b, n, d = x.shape
-        qkv = self.qkv(x, quant).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        heads = lambda t: t.reshape(b, n, self.num_heads, d // self.num_heads)  # noqa: E731
+        q, k, v = map(heads, self.qkv(x, quant, norm=norm, split=3))
         if self.norm_q is not None:
             q, k = self.norm_q(q), self.norm_k(k)
         out = attention(q, k, v, site=self.site, quant=quant, mask=mask)
-        return self.proj(out.reshape(b, n, d), quant)
+        return self.proj(out.reshape(b, n, d), quant, residual=residual)
 
 
 # --------------------------------------------------------------------------------------------

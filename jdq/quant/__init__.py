@@ -9,7 +9,8 @@ The protocol (:mod:`jdq.quant.transform`) and a library of transforms:
 * :func:`softmax_two_region` / :func:`post_gelu_two_sided` — TQ-DiT multi-region quantizers
   (:mod:`.regions`);
 * :class:`ChannelBalance` — SmoothQuant / ViDiT-Q / PTQ4DiT channel balancing with
-  re-parameterisation into the weights (:mod:`.balance`).
+  re-parameterisation into the weights (:mod:`.balance`);
+* :func:`center_tokens` — SageAttention's smoothing of K before a low-precision q·kᵀ (:mod:`.smoothing`).
 
 Searches and allocation: :func:`search_scales` (TQ-DiT interval search, MSE / cosine /
 Hessian-guided, :mod:`.search`), :func:`gptq` (:mod:`.gptq`), :func:`evolution_search` (Q-DiT,
@@ -75,6 +76,8 @@ from jdq.quant.outliers import (
     outlier_weight,
     set_outlier_ratio,
 )
+
+from jdq.quant.smoothing import CenterMeta, center_tokens  # noqa: E402
 
 # Lowering to kernels. The function ``lower`` shadows the submodule of the same name on purpose:
 # ``jdq.quant.lower(plan, params)`` is the public entry point.

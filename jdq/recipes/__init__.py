@@ -17,6 +17,8 @@ Built-in recipes (:func:`names`):
   (dynamic); attention matmuls in floating point (the naive W8A8 baseline).
 * ``w8a8-static`` — as ``w8a8`` but activations with one static per-tensor scale from
   calibration (max over steps); needs calibration.
+* ``w8a8-fp8attn`` — ``w8a8`` plus both attention matmuls in FP8 E4M3 (:func:`fp8_attention_rules`:
+  q and k per token with k centred over tokens first, probabilities per query row, v per channel).
 * ``w4a8`` — int4 weights in groups of 64 input channels, int8 per-token activations.
 * ``<mx format>`` for each OCP MX and shared-microexponent format (``mxfp8_e4m3``,
   ``mxfp8_e5m2``, ``mxfp6_e3m2``, ``mxfp6_e2m3``, ``mxfp4_e2m1``, ``mxint8``, ``mx9``, ``mx6``,
@@ -104,6 +106,21 @@ def _mx(fmt: str):
     return lambda: [Q.rule(BLOCKS, Q.cast(fmt), name=f"{fmt} operands")]
 
 
+#: The attention matmul sites of every family (``jdq.models.layers.attention``: ``<attn>.qk`` / ``<attn>.pv``).
+ATTENTION_SITES = BLOCKS[:-2] + r".*\.(qk|pv)"
+
+
+def fp8_attention_rules():
+    """FP8 E4M3 attention operands (SageAttention-style): q per token, k centred over tokens then per token,
+    the probabilities per query row, v per channel — all scales along the tokens / channels a kernel
+    applies outside its MMAs (:func:`jdq.quant.center_tokens`)."""
+    e4m3 = Q.cast("fp8_e4m3", granularity="row")
+    return [Q.rule(ATTENTION_SITES, e4m3, roles=("q",), name="q: E4M3 per token"),
+            Q.rule(ATTENTION_SITES, Q.chain(Q.center_tokens(), e4m3), roles=("k",),
+                   name="k: centred over tokens, E4M3 per token"),
+            Q.rule(ATTENTION_SITES, e4m3, roles=("attn_prob", "v"), name="p: E4M3 per query row; v: per channel")]
+
+
 def _mixdit(linear_ratio: float = 0.05, attn_ratio: float = 0.20):
     def rules():
         return [
@@ -119,6 +136,8 @@ def _mixdit(linear_ratio: float = 0.05, attn_ratio: float = 0.20):
 register(Recipe("w8a8", "int8 weights (per output channel) and activations (per token, dynamic)", _w8a8(False)))
 register(Recipe("w8a8-static", "int8 weights (per output channel), int8 activations (per tensor, calibrated)",
                 _w8a8(True), calibrated=True))
+register(Recipe("w8a8-fp8attn", "w8a8, and attention q·kᵀ / p·v in FP8 E4M3 with k centred over tokens (SageAttention-style)",
+                lambda: list(_w8a8(False)()) + fp8_attention_rules()))
 register(Recipe("w4a8", "int4 weights (groups of 64), int8 activations (per token, dynamic)", _w4a8))
 for _fmt in MX_FORMATS:
     register(Recipe(_fmt, f"every matmul operand in the blocks in {_fmt}", _mx(_fmt)))

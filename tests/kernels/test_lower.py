@@ -4,6 +4,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jdq.models import dit
@@ -235,13 +236,14 @@ def test_unsupported_variants_stay_fake_quant(small_dit):
 
 
 def test_w8a8_lowered_forward_cross_lowers_to_mosaic_gpu():
-    """The lowered model with the GPU kernels (token quantization + warp-specialised W8A8) lowers for
-    CUDA, and each distinct kernel is lowered once however many sites call it (compile time)."""
-    cfg = dit.Config(input_size=8, patch_size=2, hidden_size=1152, depth=2, num_heads=16, num_classes=10,
+    """The lowered model with the GPU kernels (LayerNorm + modulation + quantization for qkv / fc1,
+    token quantization for proj / fc2, warp-specialised W8A8 with split q/k/v outputs and fused gated
+    residuals) lowers for CUDA, and each distinct kernel is lowered once however many sites call it."""
+    cfg = dit.Config(input_size=32, patch_size=2, hidden_size=1152, depth=2, num_heads=16, num_classes=10,
                      dtype="bfloat16")
     model = dit.from_config(cfg, key=0)
     abstract = jax.eval_shape(lambda: model.params)
-    x = jnp.zeros((64, 8, 8, 4), jnp.bfloat16)
+    x = jnp.zeros((64, 32, 32, 4), jnp.bfloat16)
     t = jnp.zeros((64,))
     y = jnp.zeros((64,), jnp.int32)
     plan = _plan(model, (x[:2], t[:2], y[:2]), *W8A8_RULES)
@@ -250,6 +252,69 @@ def test_w8a8_lowered_forward_cross_lowers_to_mosaic_gpu():
     fwd = jax.jit(lambda p, q, *a: model.apply(p, *a, quant=q))
     text = fwd.trace(params, low_q, x, t, y).lower(lowering_platforms=("cuda",)).as_text()
     assert len(re.findall(r"call @w8a8_matmul_gpu\w*\(", text)) == 8  # 2 blocks x (qkv, proj, fc1, fc2)
-    assert len(re.findall(r"call @quantize_rows_gpu\w*\(", text)) == 8
-    # 4 GEMM shapes + 2 token-quantization shapes (K = 1152 for qkv and proj, 4608 for fc2; fc1 reads 1152 too)
-    assert len(re.findall(r"stablehlo\.custom_call @mosaic_gpu", text)) == 4 + 2
+    assert len(re.findall(r"call @quantize_rows_gpu\w*\(", text)) == 4  # proj, fc2
+    assert len(re.findall(r"call @norm_quantize_rows_gpu\w*\(", text)) == 4  # qkv, fc1
+    # 4 GEMMs (qkv split, proj + residual, fc1 + GELU, fc2 + residual) + token quantization at K = 1152 and
+    # 4608 + one LayerNorm-quantization shape
+    assert len(re.findall(r"stablehlo\.custom_call @mosaic_gpu", text)) == 4 + 2 + 1
+
+
+@pytest.fixture(scope="module")
+def dit64():
+    """A one-block DiT with 64 tokens per image: the fused W8A8 epilogue (split, residual) tiles it."""
+    cfg = dit.Config(input_size=16, patch_size=2, hidden_size=128, depth=1, num_heads=2, num_classes=10)
+    model = dit.from_config(cfg, key=3)
+    k1, k2 = jax.random.split(jax.random.key(4))
+    return model, (jax.random.normal(k1, (2, 16, 16, 4)), jnp.array([10.0, 500.0]), jnp.array([3, 10]))
+
+
+def _spy_w8a8(monkeypatch):
+    """Record the fused extras each W8A8 GPU kernel call receives."""
+    import jdq.kernels.w8a8.gpu as gpu
+
+    calls, orig = [], gpu.w8a8_matmul_gpu
+
+    def spy(*a, **kw):
+        calls.append(("split" if kw.get("split", 1) > 1 else "") + ("residual" if kw.get("residual") is not None else ""))
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(gpu, "w8a8_matmul_gpu", spy)
+    return calls
+
+
+@pytest.mark.parametrize("impl", ["xla", pytest.param("gpu_interpret", marks=pytest.mark.slow)])
+def test_fused_block_ops_equal_fake_quant(dit64, impl, monkeypatch):
+    """With norm / residual / split handed to lowered_linear (the norm_quant kernel, the split and
+    gated-residual epilogues on the GPU path), the lowered DiT still equals its fake-quant DiT."""
+    import jdq.kernels.norm_quant.gpu as nq
+
+    model, inputs = dit64
+    plan = _plan(model, inputs, *W8A8_RULES)
+    calls = _spy_w8a8(monkeypatch)
+    norm_calls = []
+    orig_nq = nq.norm_quantize_rows_gpu
+    monkeypatch.setattr(nq, "norm_quantize_rows_gpu", lambda *a, **kw: norm_calls.append(1) or orig_nq(*a, **kw))
+    got = model.apply(model.params, *inputs, quant=lower(plan, model.params, impl=impl))
+    want = model.apply(model.params, *inputs, quant=plan.bind(plan.init()))
+    if impl == "gpu_interpret":
+        assert sorted(calls) == ["", "residual", "residual", "split"] and len(norm_calls) == 2  # fc1; proj, fc2; qkv
+    # float32: the same arithmetic up to summation order (a code at a rounding tie may move one step)
+    assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-5
+
+
+def test_unfused_block_ops_match_fused(dit64, monkeypatch):
+    """JDQ_FUSED_BLOCK=0 computes norm, residual and the q/k/v split as separate ops: the same model."""
+    from jdq.models.layers import FUSED_BLOCK_ENV
+
+    model, inputs = dit64
+    plan = _plan(model, inputs, *W8A8_RULES)
+    low_q = lower(plan, model.params, impl="xla")
+    fused = model.apply(model.params, *inputs, quant=low_q)
+    plain = model.apply(model.params, *inputs)
+    monkeypatch.setenv(FUSED_BLOCK_ENV, "0")
+    np.testing.assert_allclose(np.asarray(model.apply(model.params, *inputs, quant=low_q)), np.asarray(fused), rtol=0,
+                               atol=1e-5 * float(jnp.abs(fused).max()))
+    np.testing.assert_array_equal(np.asarray(model.apply(model.params, *inputs)), np.asarray(plain))
+    monkeypatch.setenv(FUSED_BLOCK_ENV, "2")
+    with pytest.raises(ValueError, match="use 0 or 1"):
+        model.apply(model.params, *inputs)

@@ -175,3 +175,57 @@ def test_fp8_gpu_kernel_lowers_to_mosaic_gpu():
     with pytest.raises(TypeError, match="both alike"):
         w8a8_matmul_gpu(jnp.zeros((128, 128), jnp.int8), jnp.ones(128), jnp.zeros((128, 128), jnp.float8_e4m3fn),
                         jnp.ones(128), None, jnp.float32, Config("pipe", 64, 64, 128, 2), interpret=True)
+
+
+WS_SMALL = Config("ws", 64, 64, 128, 2, wg_dim="n", num_sms=2)
+
+
+def test_gpu_kernel_interpret_split_outputs():
+    xq, xs, wq, ws, b = _operands(jax.random.key(7), 128, 128, 384)
+    got = w8a8_matmul_gpu(xq, xs, wq, ws, b, jnp.float32, WS_SMALL, interpret=True, split=3)
+    want = ref.split_columns(ref.w8a8_matmul(xq, xs, wq, ws, b, jnp.float32), 3)
+    assert len(got) == 3
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_gpu_kernel_interpret_gated_residual():
+    xq, xs, wq, ws, b = _operands(jax.random.key(8), 128, 128, 128)
+    k1, k2 = jax.random.split(jax.random.key(9))
+    res = jax.random.normal(k1, (128, 128)).astype(jnp.bfloat16)
+    gate = jax.random.normal(k2, (2, 128)).astype(jnp.bfloat16)  # two samples of 64 tokens
+    got = w8a8_matmul_gpu(xq, xs, wq, ws, b, jnp.bfloat16, WS_SMALL, interpret=True, residual=res, gate=gate)
+    want = ref.gated_residual(ref.w8a8_matmul(xq, xs, wq, ws, b, jnp.bfloat16), res, gate)
+    # exact: y is rounded to bf16 as in the reference, then res + gate·y in float32 rounded once
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+
+
+def test_gated_residual_reference_is_the_model_residual():
+    k1, k2, k3 = jax.random.split(jax.random.key(10), 3)
+    y, x = jax.random.normal(k1, (2, 8, 16)), jax.random.normal(k2, (2, 8, 16))
+    gate = jax.random.normal(k3, (2, 16))
+    want = x + gate[:, None, :] * y  # jdq.models.layers.GatedResidual, float32
+    got = ref.gated_residual(y.reshape(16, 16), x.reshape(16, 16), gate)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want.reshape(16, 16)))
+
+
+def test_fused_extras_lower_to_mosaic_gpu():
+    from kernel_testutil import lowers_to_mosaic_gpu
+
+    cfg = Config(kind="ws", tile_m=128, tile_n=64, tile_k=128, stages=4, wg_dim="n")
+    qkv = functools.partial(w8a8_matmul_gpu, out_dtype=jnp.bfloat16, config=cfg, split=3)
+    assert lowers_to_mosaic_gpu(qkv, ((16384, 1152), jnp.int8), ((16384,), jnp.float32), ((3456, 1152), jnp.int8),
+                                ((3456,), jnp.float32), ((3456,), jnp.float32))
+    fc2 = lambda xq, xs, wq, ws, b, r, g: w8a8_matmul_gpu(xq, xs, wq, ws, b, jnp.bfloat16, cfg, residual=r, gate=g)  # noqa: E731
+    assert lowers_to_mosaic_gpu(fc2, ((16384, 4608), jnp.int8), ((16384,), jnp.float32), ((1152, 4608), jnp.int8),
+                                ((1152,), jnp.float32), ((1152,), jnp.float32), ((16384, 1152), jnp.bfloat16),
+                                ((64, 1152), jnp.bfloat16))
+
+
+def test_fused_extras_bad_shapes_raise():
+    xq, xs, wq, ws, b = _operands(jax.random.key(11), 128, 128, 128)
+    with pytest.raises(ValueError, match="multiple of the CTA tile"):
+        w8a8_matmul_gpu(xq, xs, wq, ws, b, jnp.float32, WS_SMALL, interpret=True, split=2)
+    with pytest.raises(ValueError, match="need Config"):
+        w8a8_matmul_gpu(xq, xs, wq, ws, b, jnp.float32, Config("pipe", 64, 64, 128, 2), interpret=True, split=1,
+                        residual=jnp.zeros((128, 128)), gate=jnp.zeros((2, 128)))

@@ -50,6 +50,26 @@ class Config:
         return k % COLS == 0 and self.rows(m, k, itemsize) > 0
 
 
+def store_codes(chunk, n_chunks: int, cols: int, inv_scale, s, fmt: str, q_s, s_s, q_g, s_g, row0):
+    """Codes of ``chunk(c) · inv_scale`` (c < ``n_chunks``, ``cols`` wide) into ``q_s``, scales ``s`` into
+    ``s_s``, then both bulk-stored at row ``row0`` of ``q_g`` / ``s_g`` (int8: round half to even and
+    clip; E4M3: clip, then the saturating conversion, which rounds to nearest even)."""
+    code_dtype, qmax = FORMATS[fmt]
+    for c in range(n_chunks):
+        v = chunk(c) * inv_scale
+        if fmt == "int8":
+            q = jnp.clip(lax.round(v, lax.RoundingMethod.TO_NEAREST_EVEN), -qmax, qmax)
+        else:
+            q = jnp.clip(v, -qmax, qmax)
+        q_s[:, pl.ds(c * cols, cols)] = q.astype(code_dtype)
+    s_s[...] = s
+    plgpu.commit_smem()
+    rows = q_s.shape[0]
+    plgpu.copy_smem_to_gmem(q_s, q_g.at[pl.ds(row0, rows)])
+    plgpu.copy_smem_to_gmem(s_s, s_g.at[pl.ds(row0, rows)])
+    plgpu.wait_smem_to_gmem(0)
+
+
 # jitted: identical calls in a model lower once (see jdq.kernels.w8a8.gpu).
 @functools.partial(jax.jit, static_argnames=("fmt", "config", "interpret"))
 def quantize_rows_gpu(x, fmt: str = "int8", config: Config = Config(), interpret=False):
@@ -90,19 +110,7 @@ def quantize_rows_gpu(x, fmt: str = "int8", config: Config = Config(), interpret
             a = jnp.max(jnp.abs(load(x_s, c)), axis=1)
             amax = a if amax is None else jnp.maximum(amax, a)
         s = jnp.maximum(amax * inv_qmax, np.float32(MIN_SCALE))
-        r = bcast(1.0 / s)
-        for c in range(k // cols):
-            v = load(x_s, c) * r
-            if fmt == "int8":
-                q = jnp.clip(lax.round(v, lax.RoundingMethod.TO_NEAREST_EVEN), -qmax, qmax)
-            else:  # the conversion rounds to nearest even; clip first so it saturates
-                q = jnp.clip(v, -qmax, qmax)
-            q_s[:, pl.ds(c * cols, cols)] = q.astype(code_dtype)
-        s_s[...] = s
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_s, q_g.at[pl.ds(i * rows, rows)])
-        plgpu.copy_smem_to_gmem(s_s, s_g.at[pl.ds(i * rows, rows)])
-        plgpu.wait_smem_to_gmem(0)
+        store_codes(lambda c: load(x_s, c), k // cols, cols, bcast(1.0 / s), s, fmt, q_s, s_s, q_g, s_g, i * rows)
 
     return plgpu.kernel(
         body,
@@ -120,4 +128,4 @@ def quantize_rows_gpu(x, fmt: str = "int8", config: Config = Config(), interpret
     )(x)
 
 
-__all__ = ["COLS", "Config", "quantize_rows_gpu"]
+__all__ = ["COLS", "Config", "quantize_rows_gpu", "store_codes"]

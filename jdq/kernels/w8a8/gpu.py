@@ -19,6 +19,18 @@ Two variants (``Config.kind``):
   CTA per SM loops over output tiles; a memory warpgroup issues TMA loads, two compute warpgroups
   each own a (tile_m, tile_n) accumulator (the CTA tile is doubled along ``wg_dim``).
 
+Fused epilogue extras (``ws`` only), for the DiT block around the linear:
+
+* ``residual`` (M, N) and ``gate`` (G, N): the output is ``residual + gate[r // (M/G)] · y`` (the
+  adaLN-Zero gated residual, one gate row per sample of M/G tokens), with ``y`` rounded to the
+  output dtype first (the unfused path materializes it) and the sum rounded once. The residual
+  tile is brought into the output staging buffer by TMA — issued before the tile's main loop when it
+  fits the buffer's slots, so the load overlaps the MMAs — and added there. A warpgroup tile must
+  lie in one sample: M/G a multiple of ``tile_m``.
+* ``split`` = S > 1: the output is a tuple of S arrays (M, N/S), the column parts — ``qkv`` written
+  as q, k and v, each its own buffer, so attention needs no slice copies (an XLA slice of one
+  output would be a copy). N/S must be a multiple of the CTA tile's N.
+
 Shapes must be multiples of the CTA tile (M: tile_m or 2·tile_m, N: tile_n or 2·tile_n, K: tile_k);
 :func:`jdq.kernels.w8a8.w8a8_matmul` pads M and falls back to XLA otherwise.
 """
@@ -137,8 +149,30 @@ def _epilogue(acc, xs_g, ws_g, b_g, row0, col0, tm, tn, interpret, act=None):
     return y if act is None else act(y)
 
 
-def _ws_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret, act=None):
+def _check_extras(m, n, cfg, residual, gate, split):
+    """Validate the fused epilogue extras; returns the rows per gate group (None without a gate)."""
+    if (residual is None) != (gate is None):
+        raise ValueError("w8a8: residual and gate go together (out = residual + gate * y)")
+    if split > 1 and residual is not None:
+        raise ValueError("w8a8: split outputs and a fused residual are not supported together")
+    if (split > 1 or residual is not None) and cfg.kind != "ws":
+        raise ValueError(f"w8a8: fused residual / split outputs need Config(kind='ws'), got {cfg.kind!r}")
+    cm, cn = cfg.cta_tile()
+    if split > 1 and (n % split or (n // split) % cn):
+        raise ValueError(f"w8a8: split={split} needs N/split a multiple of the CTA tile N {cn}; N={n}")
+    if residual is None:
+        return None
+    g = gate.shape[0]
+    if residual.shape != (m, n) or gate.shape != (g, n) or m % g or (m // g) % cfg.tile_m:
+        raise ValueError(f"w8a8: residual {residual.shape} must be ({m}, {n}) and gate {gate.shape} (G, {n}) with "
+                         f"M/G a multiple of tile_m {cfg.tile_m}")
+    return m // g
+
+
+def _ws_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret, act=None, residual=None, gate=None, split=1):
     m, n, k = _check(xq, xs, wq, ws, b, cfg)
+    group_rows = _check_extras(m, n, cfg, residual, gate, split)
+    n_part = n // split
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
     cta_m, cta_n = cfg.cta_tile()
     epi_m, epi_n = min(cfg.epi_m, tm), min(cfg.epi_n, tn)
@@ -146,6 +180,8 @@ def _ws_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret, act=None):
     x_tr = smem_transforms(tk, xq.dtype, interpret)
     o_tr = smem_transforms(epi_n, out_dtype, interpret)
     n_slots = min(2, (tm * tn) // (epi_m * epi_n))
+    # a residual tile that fits the staging slots is loaded before the main loop (overlapped with it)
+    prefetch = group_rows is not None and (tm * tn) // (epi_m * epi_n) <= n_slots
     acc_dtype = _acc_dtype(xq)
 
     def get_pipeline(body, ctx):
@@ -161,16 +197,18 @@ def _ws_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret, act=None):
             compute_context=ctx,
         )
 
-    def kernel(x_g, w_g, xs_g, ws_g, b_g, o_g):
+    def kernel(x_g, w_g, xs_g, ws_g, b_g, *rest):
+        r_g, gate_g, o_gs = (*rest[:2], rest[2:]) if group_rows else (None, None, rest)
         ignore = lambda *_, **__: None  # noqa: E731
 
         @functools.partial(
             pl.run_scoped,
             allocs=get_pipeline(ignore, ignore).get_allocations(x_g, w_g),
             o_s=plgpu.SMEM((2, n_slots, epi_m, epi_n), out_dtype, transforms=o_tr),
+            r_bar=None if group_rows is None else plgpu.Barrier(num_barriers=2 * n_slots),
             collective_axes="wg",
         )
-        def _scope(allocs, o_s):
+        def _scope(allocs, o_s, r_bar):
             wg = lax.axis_index("wg")
 
             @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
@@ -188,21 +226,52 @@ def _ws_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret, act=None):
                     wm, wn = slice(None), pl.ds(wg * tn, tn)
                     row0, col0 = mi * cta_m, ni * cta_n + wg * tn
 
+                part = (ni * cta_n) // n_part  # output p holds columns [p·N/S, (p+1)·N/S)
+                o_cols = pl.ds(ni * cta_n - part * n_part, cta_n)
+
+                def store(src, wm, wn, es_m, es_n):
+                    for p, o_g in enumerate(o_gs):
+                        dst = o_g.at[cm, o_cols].at[wm, wn].at[es_m, es_n]
+                        if split == 1:
+                            plgpu.copy_smem_to_gmem(src, dst)
+                        else:
+                            pl.when(part == p)(lambda dst=dst: plgpu.copy_smem_to_gmem(src, dst))
+
+                sub_tiles = [(slice(ei * epi_m, (ei + 1) * epi_m), slice(ej * epi_n, (ej + 1) * epi_n))
+                             for ei in range(tm // epi_m) for ej in range(tn // epi_n)]
+
+                def load_residual(j):
+                    es_m, es_n = sub_tiles[j]
+                    bar = r_bar.at[wg * n_slots + j % n_slots]
+                    plgpu.copy_gmem_to_smem(r_g.at[cm, cn].at[wm, wn].at[es_m, es_n], o_s.at[wg, j % n_slots], bar)
+                    return bar
+
                 def ctx(eval_pipeline):
+                    bars = {}
+                    if prefetch:  # the residual tile lands in the staging buffer while the main loop runs
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        bars = {j: load_residual(j) for j in range(len(sub_tiles))}
+
                     @functools.partial(pl.run_scoped, acc=plgpu.ACC((tm, tn), acc_dtype))
                     def _(acc):
                         eval_pipeline(acc)
                         y = _epilogue(acc[...], xs_g, ws_g, b_g, row0, col0, tm, tn, interpret, act).astype(out_dtype)
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        for ei in range(tm // epi_m):
-                            for ej in range(tn // epi_n):
-                                es_m = slice(ei * epi_m, (ei + 1) * epi_m)
-                                es_n = slice(ej * epi_n, (ej + 1) * epi_n)
-                                slot = (ei * (tn // epi_n) + ej) % n_slots
+                        if group_rows:  # gate * y in float32 (y already rounded: the unfused path stores it)
+                            gv = load_vec(gate_g, (row0 // group_rows) * n + col0, tn, 1, interpret)
+                            y = y.astype(jnp.float32) * lax.broadcast_in_dim(gv, (tm, tn), [1])
+                        if not prefetch:
+                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        for j, (es_m, es_n) in enumerate(sub_tiles):
+                            slot = j % n_slots
+                            if not prefetch:
                                 plgpu.wait_smem_to_gmem(n_slots - 1, wait_read_only=True)
+                            if group_rows:
+                                plgpu.barrier_wait(bars[j] if prefetch else load_residual(j))
+                                o_s[wg, slot] = (o_s[wg, slot].astype(jnp.float32) + y[es_m, es_n]).astype(out_dtype)
+                            else:
                                 o_s[wg, slot] = y[es_m, es_n]
-                                plgpu.commit_smem()
-                                plgpu.copy_smem_to_gmem(o_s.at[wg, slot], o_g.at[cm, cn].at[wm, wn].at[es_m, es_n])
+                            plgpu.commit_smem()
+                            store(o_s.at[wg, slot], wm, wn, es_m, es_n)
 
                 def mma(_, x_s, w_s, acc):
                     w_view = w_s.at[:, wn] if interpret else w_s.at[wn]
@@ -215,31 +284,40 @@ def _ws_kernel(xq, xs, wq, ws, b, out_dtype, cfg, interpret, act=None):
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+    extras = () if group_rows is None else (residual.astype(out_dtype), gate.astype(jnp.float32).reshape(-1))
     return plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        out_type=tuple(jax.ShapeDtypeStruct((m, n_part), out_dtype) for _ in range(split)) if split > 1
+        else jax.ShapeDtypeStruct((m, n), out_dtype),
         grid=(cfg.num_sms,),
         grid_names=("sm",),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret_params(interpret),
-    )(xq, kmajor_operand(wq, interpret), xs, ws, b)
+    )(xq, kmajor_operand(wq, interpret), xs, ws, b, *extras)
 
 
 # jitted so that a model calling the kernel at many sites of one shape lowers it once (JAX
 # dedupes identical jitted calls in a module); otherwise every site lowers its own copy (DiT-XL/2: 112).
-@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret", "activation"))
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret", "activation", "split"))
 def w8a8_matmul_gpu(xq, xs, wq, ws, b=None, out_dtype=jnp.bfloat16, config: Config = Config(), interpret=False,
-                    activation: str | None = None):
-    """W8A8 GEMM ``act((M, K) × (N, K) -> (M, N))`` (int8 or E4M3 codes) with the fused dequant (+ activation) epilogue."""
+                    activation: str | None = None, residual=None, gate=None, split: int = 1):
+    """W8A8 GEMM ``act((M, K) × (N, K) -> (M, N))`` (int8 or E4M3 codes) with the fused dequant (+ activation) epilogue.
+
+    ``residual`` / ``gate`` / ``split``: the fused extras of the module docstring (``ws`` only); with
+    ``split`` = S > 1 the result is a tuple of S arrays (M, N/S).
+    """
     if b is None:
         b = jnp.zeros((wq.shape[0],), jnp.float32)
     xs, ws, b = (jnp.asarray(v, jnp.float32) for v in (xs, ws, b))
-    fn = {"pipe": _pipe_kernel, "ws": _ws_kernel}.get(config.kind)
-    if fn is None:
+    if config.kind == "ws":
+        return _ws_kernel(xq, xs, wq, ws, b, jnp.dtype(out_dtype), config, interpret, _activation_fn(activation),
+                          residual, gate, split)
+    if config.kind != "pipe":
         raise ValueError(f"w8a8 GPU config.kind must be 'pipe' or 'ws', got {config.kind!r}")
-    return fn(xq, xs, wq, ws, b, jnp.dtype(out_dtype), config, interpret, _activation_fn(activation))
+    _check_extras(xq.shape[0], wq.shape[0], config, residual, gate, split)
+    return _pipe_kernel(xq, xs, wq, ws, b, jnp.dtype(out_dtype), config, interpret, _activation_fn(activation))
 
 
 __all__ = ["Config", "FUSED_ACTIVATIONS", "w8a8_matmul_gpu"]

@@ -87,6 +87,28 @@ def w8a8_matmul(xq, xs, wq, ws, b=None, out_dtype=jnp.bfloat16):
     return epilogue(int8_accumulate(xq, wq), xs, ws, b, out_dtype)
 
 
+def gated_residual(y, residual, gate, out_dtype=None):
+    """``residual + gate[r // (M/G)] · y`` for ``y`` (M, N), one ``gate`` row (G, N) per M/G rows.
+
+    ``y`` is rounded to ``out_dtype`` first (the unfused path stores the linear's output), the sum is
+    computed in float32 and rounded once: the fused residual epilogue of the W8A8 GPU kernel.
+    """
+    out_dtype = residual.dtype if out_dtype is None else out_dtype
+    m, g = y.shape[0], gate.shape[0]
+    if m % g:
+        raise ValueError(f"gated_residual: {m} rows are not a whole number of {g} gate groups")
+    gf = jnp.repeat(gate.astype(jnp.float32), m // g, axis=0)
+    yf = y.astype(out_dtype).astype(jnp.float32)
+    return (residual.astype(jnp.float32) + gf * yf).astype(out_dtype)
+
+
+def split_columns(y, split: int):
+    """``y`` (M, N) as a tuple of ``split`` column parts (M, N/split): the kernel's split output."""
+    if y.shape[-1] % split:
+        raise ValueError(f"split_columns: N={y.shape[-1]} is not divisible by split={split}")
+    return tuple(jnp.split(y, split, axis=-1))
+
+
 def w8a8_linear(x, wq, ws, b=None, out_dtype=None):
     """Reference W8A8 linear layer: quantize ``x`` (…, K) per token (int8 or E4M3 like ``wq``), then :func:`w8a8_matmul`."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
@@ -109,5 +131,5 @@ def fake_quant_linear(x, wq, ws, b=None, out_dtype=None):
     return y.astype(out_dtype)
 
 
-__all__ = ["quantize_per_token", "quantize_per_channel", "quantize_per_token_fp8", "quantize_per_channel_fp8", "int8_accumulate", "epilogue", "w8a8_matmul", "w8a8_linear", "fake_quant_linear"]
+__all__ = ["gated_residual", "split_columns", "quantize_per_token", "quantize_per_channel", "quantize_per_token_fp8", "quantize_per_channel_fp8", "int8_accumulate", "epilogue", "w8a8_matmul", "w8a8_linear", "fake_quant_linear"]
 del jax

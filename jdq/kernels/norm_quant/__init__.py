@@ -1,0 +1,3 @@
+"""LayerNorm + adaLN modulation + per-token quantization in one pass: reference (:mod:`.ref`), Mosaic GPU (:mod:`.gpu`)."""
+
+from jdq.kernels.norm_quant.ref import modulated_norm, norm_quantize_rows  # noqa: F401
