@@ -63,6 +63,12 @@ class Interval:
         return {"value": enc(self.value), "low": enc(self.low), "high": enc(self.high), "se": enc(self.se),
                 "level": self.level, "method": self.method, **({"bias": enc(self.bias)} if self.bias is not None else {})}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Interval":
+        """The interval written by :meth:`to_dict`."""
+        num = ("value", "low", "high", "se", "bias")
+        return cls(**{k: (float(v) if k in num and v is not None else v) for k, v in d.items()})
+
     def format(self, digits: int = 2, percent: bool = False) -> str:
         """``"12.34 [11.02, 13.66]"`` (``percent``: values ×100 with a ``%``)."""
         k, unit = (100.0, "%") if percent else (1.0, "")
@@ -73,9 +79,9 @@ class Interval:
 
 def t_quantile(level: float, dof: int) -> float:
     """Student's t quantile ``(1 + level)/2`` with ``dof`` degrees of freedom."""
-    from scipy import stats
+    from scipy.special import stdtrit  # scipy.special: not the seconds-long import of scipy.stats
 
-    return float(stats.t.ppf(0.5 + level / 2.0, dof))
+    return float(stdtrit(dof, 0.5 + level / 2.0))
 
 
 def contiguous_groups(n: int, groups: int = GROUPS) -> list[np.ndarray]:

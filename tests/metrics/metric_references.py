@@ -96,4 +96,17 @@ def pytorch_fid_frechet_distance():
             module = _exec("pytorch_fid.fid_score", root / "fid_score.py")
         finally:
             sys.modules.pop("pytorch_fid.fid_score", None)
+    import warnings
+
+    from scipy import linalg
+
+    def sqrtm(a, disp=True):
+        # pytorch-fid 0.3.0 unpacks sqrtm(..., disp=False) as (root, error); SciPy 1.17 deprecates disp= and
+        # returns the root alone for 1×1 input: give it the pair it expects, the root computed by SciPy
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            out = linalg.sqrtm(a, disp=disp)
+        return out if disp or isinstance(out, tuple) else (out, 0.0)
+
+    module.linalg = types.SimpleNamespace(sqrtm=sqrtm)
     return module.calculate_frechet_distance
