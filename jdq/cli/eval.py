@@ -490,9 +490,9 @@ def _first_images(out, plan, count):
 def run(args) -> int:
     """``jdq eval``: validate, sample (or resume) the shards, compute the metrics, write the results."""
     t_start = time.perf_counter()
+    pidx, pcount = _distributed(args)  # before anything touches a jax backend
     plan = _plan(args)
     out = Path(args.out)
-    pidx, pcount = _distributed(args)
     progress = not args.no_progress and pidx == 0
     reference = _reference(plan, args) if pidx == 0 else None  # before sampling: a bad file fails fast
     sampling_s = 0.0
