@@ -360,10 +360,17 @@ def _reference(plan, args):
         return None
     keys = ("animal",) if plan.protocol.features == "animal" else ("pool", "spatial")
     try:
-        return reference_from_batch(args.reference, plan.extractor.extract, keys=keys,
-                                    progress=not args.no_progress)
+        ref = reference_from_batch(args.reference, plan.extractor.extract, keys=keys, progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as e:
         raise CliError(str(e)) from None
+    wanted = {"fid": plan.extractor.main, "sfid": "spatial"}
+    for m in plan.metrics:  # fail before sampling, not after
+        if m in ("precision", "recall", "kid") and plan.extractor.main not in ref.features:
+            raise CliError(f"{args.reference} has no images: precision, recall and KID need the reference images "
+                           f"(arr_0) or their features; drop {m} from --metrics")
+        if m in wanted and wanted[m] not in ref.stats and wanted[m] not in ref.features:
+            raise CliError(f"{args.reference} has neither images nor statistics for {m}")
+    return ref
 
 
 def _versions() -> dict:

@@ -19,20 +19,21 @@ images) and a :class:`Reference`, and returns ``{metric: Interval}`` for the met
 
 Intervals: the grouped jackknife of :mod:`jdq.metrics.intervals` over contiguous groups of the
 generated samples (the reference fixed), except IS (mean ± t·std/√(splits − 1) over its splits).
-FID's leave-one-group-out statistics come from per-group :class:`GaussianStats` merged by
-prefix and suffix, so the jackknife costs ``G`` extra eigenvalue problems and no extra pass.
+FID's jackknife computes the reference's ``Σ^½`` once; each leave-one-group-out FID is then one
+symmetric eigenvalue problem (``n × n`` when the subset has fewer samples than features).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from jdq.metrics import intervals as I
 from jdq.metrics import paired, scores
-from jdq.metrics.fid import GaussianStats, as_features, fid_from_stats, frechet_distance
+from jdq.metrics.fid import GaussianStats, RankDeficientWarning, as_features, fid_to_reference, psd_sqrt
 
 METRICS = ("fid", "sfid", "is", "precision", "recall", "kid", "agreement", "psnr", "ssim", "mad")
 #: Metrics that need the FP model's images.
@@ -64,29 +65,18 @@ class Reference:
         return self.features[key]
 
 
-def _prefix_suffix(parts: Sequence[GaussianStats]) -> list[GaussianStats]:
-    """For each ``g``, the merge of every part except ``parts[g]``."""
-    width = parts[0].width
-    prefix = [GaussianStats.empty(width)]
-    for p in parts[:-1]:
-        prefix.append(prefix[-1].merge(p))
-    suffix = [GaussianStats.empty(width)]
-    for p in reversed(parts[1:]):
-        suffix.append(suffix[-1].merge(p))
-    suffix.reverse()
-    return [a.merge(b) for a, b in zip(prefix, suffix)]
-
-
 def fid_interval(features, reference: GaussianStats, groups: int = I.GROUPS) -> I.Interval:
     """FID of ``features`` ``[N, d]`` to ``reference`` with its grouped-jackknife interval."""
     x = as_features(features, "generated features")
     if x.shape[1] != reference.width:
         raise ValueError(f"feature widths differ: the generated features have {x.shape[1]}, "
                          f"the reference {reference.width}")
-    parts = [GaussianStats.of(x[idx]) for idx in I.contiguous_groups(x.shape[0], groups)]
-    full = fid_from_stats(GaussianStats.of(x), reference)
-    ref_sigma = reference.sigma
-    leave = [frechet_distance(s.mu, s.sigma, reference.mu, ref_sigma) for s in _prefix_suffix(parts)]
+    sqrt_ref = psd_sqrt(reference.sigma)
+    full = fid_to_reference(x, reference, sqrt_ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RankDeficientWarning)  # said once, for the full set
+        leave = [fid_to_reference(np.delete(x, idx, axis=0), reference, sqrt_ref)
+                 for idx in I.contiguous_groups(x.shape[0], groups)]
     return I.jackknife_from_values(full, leave, bounds=(0.0, np.inf))
 
 

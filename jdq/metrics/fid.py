@@ -5,11 +5,14 @@ covariance, as ``np.cov``) and returns the Fréchet distance between the two Gau
 
     ‖μ_a − μ_b‖² + tr Σ_a + tr Σ_b − 2 tr (Σ_a Σ_b)^½,
 
-in float64 whatever the input dtype. The trace of the matrix square root is the sum of the square
-roots of the eigenvalues of ``Σ_a Σ_b`` (real and non-negative in exact arithmetic, since the
-product is similar to the PSD ``Σ_a^½ Σ_b Σ_a^½``; rounding can leave tiny negative or complex
-ones, whose complex square root's real part is taken), which is what torch-fidelity computes and
-equals pytorch-fid's / the ADM evaluator's ``scipy.linalg.sqrtm`` trace for the same statistics.
+in float64 whatever the input dtype. ``tr (Σ_a Σ_b)^½`` is computed as the sum of the square roots
+of the eigenvalues of the symmetric PSD matrix ``Σ_b^½ Σ_a Σ_b^½`` (similar to ``Σ_a Σ_b``, so the
+same eigenvalues; negative rounding residue clipped to 0), with ``Σ_b^½`` from a symmetric
+eigendecomposition. This equals torch-fidelity's eigenvalues of ``Σ_a Σ_b`` and pytorch-fid's / the
+ADM evaluator's ``scipy.linalg.sqrtm`` trace (tests: 1e-6 relative, in practice ~1e-9 even for
+rank-deficient sets) and is cheaper: ``Σ_b^½`` of a reference is computed once
+(:func:`psd_sqrt`), and for a set of ``n < d`` samples the eigenvalues come from the ``n × n``
+matrix ``Y Yᵀ`` with ``Y = X_c Σ_b^½ / √(n − 1)`` (``X_c`` the centred rows) instead of ``d × d``.
 
 :class:`GaussianStats` accumulates ``(n, mean, M)`` (``M``: the sum of outer products of the
 deviations from the mean) over batches with the pairwise update of Chan, Golub & LeVeque, so
@@ -137,8 +140,23 @@ def _warn_rank(n: int, d: int, what: str):
                       RankDeficientWarning, stacklevel=3)
 
 
-def frechet_distance(mu_a, sigma_a, mu_b, sigma_b) -> float:
-    """Fréchet distance between N(mu_a, sigma_a) and N(mu_b, sigma_b), in float64."""
+def psd_sqrt(sigma) -> np.ndarray:
+    """The symmetric square root of a covariance (eigenvalues below 0, rounding residue, clipped)."""
+    w, v = np.linalg.eigh(np.asarray(sigma, np.float64))
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def _sum_sqrt_eigvalsh(m) -> float:
+    return float(np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2.0), 0.0, None))))
+
+
+def trace_sqrt_product(sigma_a, sqrt_b) -> float:
+    """``tr (Σ_a Σ_b)^½`` from ``Σ_a`` and ``Σ_b^½`` (:func:`psd_sqrt`)."""
+    return _sum_sqrt_eigvalsh(sqrt_b @ sigma_a @ sqrt_b)
+
+
+def frechet_distance(mu_a, sigma_a, mu_b, sigma_b, sqrt_b=None) -> float:
+    """Fréchet distance between N(mu_a, sigma_a) and N(mu_b, sigma_b), in float64 (``sqrt_b``: ``psd_sqrt(sigma_b)``)."""
     mu_a, mu_b = np.asarray(mu_a, np.float64), np.asarray(mu_b, np.float64)
     sigma_a, sigma_b = np.asarray(sigma_a, np.float64), np.asarray(sigma_b, np.float64)
     if mu_a.ndim != 1 or mu_b.ndim != 1:
@@ -153,9 +171,25 @@ def frechet_distance(mu_a, sigma_a, mu_b, sigma_b) -> float:
         if not np.all(np.isfinite(v)):
             raise ValueError(f"{name} contains NaN or Inf")
     diff = mu_a - mu_b
-    eig = np.linalg.eigvals(sigma_a @ sigma_b)
-    tr_covmean = float(np.sum(np.sqrt(eig.astype(np.complex128)).real))
+    tr_covmean = trace_sqrt_product(sigma_a, psd_sqrt(sigma_b) if sqrt_b is None else sqrt_b)
     return float(diff @ diff + np.trace(sigma_a) + np.trace(sigma_b) - 2.0 * tr_covmean)
+
+
+def fid_to_reference(features, reference: "GaussianStats", sqrt_ref=None) -> float:
+    """FID of feature rows ``[n, d]`` to reference statistics; ``n × n`` eigenvalues when ``n < d``."""
+    x = as_features(features, "generated features")
+    check_same_width(x, reference.mu[None], "the generated features", "the reference")
+    n, d = x.shape
+    _warn_rank(n, d, "generated set")
+    sqrt_ref = psd_sqrt(reference.sigma) if sqrt_ref is None else sqrt_ref
+    mean = x.mean(axis=0)
+    if n > d:
+        dev = x - mean
+        return frechet_distance(mean, dev.T @ dev / (n - 1), reference.mu, reference.sigma, sqrt_ref)
+    y = (x - mean) @ sqrt_ref / np.sqrt(n - 1)
+    diff = mean - reference.mu
+    tr_a = float(np.sum((x - mean) ** 2)) / (n - 1)
+    return float(diff @ diff + tr_a + np.trace(reference.sigma) - 2.0 * _sum_sqrt_eigvalsh(y @ y.T))
 
 
 def fid_from_stats(a: GaussianStats, b: GaussianStats) -> float:
@@ -170,7 +204,7 @@ def fid(features_a, features_b) -> float:
     a = as_features(features_a, "first set")
     b = as_features(features_b, "second set")
     check_same_width(a, b)
-    return fid_from_stats(GaussianStats.of(a), GaussianStats.of(b))
+    return fid_from_stats(GaussianStats.of(a), GaussianStats.of(b))  # (a, b) symmetric in exact arithmetic
 
 
 #: ADM's sFID: the first 7 channels of the ``mixed_6/conv`` feature map (17×17), flattened (2023 values).

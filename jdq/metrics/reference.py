@@ -38,6 +38,13 @@ def _members(z: zipfile.ZipFile) -> set[str]:
     return {n[:-4] for n in z.namelist() if n.endswith(".npy")}
 
 
+def _read_header(f):
+    """``(shape, fortran_order, dtype)`` of an open ``.npy`` stream (numpy's public header readers)."""
+    fmt = np.lib.format
+    major, _ = fmt.read_magic(f)
+    return fmt.read_array_header_1_0(f) if major == 1 else fmt.read_array_header_2_0(f)
+
+
 def read_statistics(path, num_samples: int | None = None) -> dict[str, GaussianStats]:
     """``{"pool": ..., "spatial": ...}`` statistics present in the file (checked: shapes, finite values)."""
     out = {}
@@ -62,8 +69,7 @@ def image_count(path) -> int | None:
         if IMAGES not in _members(z):
             return None
         with z.open(IMAGES + ".npy") as f:
-            version = np.lib.format.read_magic(f)
-            shape, _, _ = np.lib.format._read_array_header(f, version)
+            shape, _, _ = _read_header(f)
     return int(shape[0])
 
 
@@ -73,8 +79,7 @@ def iter_images(path, chunk: int = 500) -> Iterator[np.ndarray]:
         if IMAGES not in _members(z):
             raise ValueError(f"reference file {path} has no images ({IMAGES!r}); found {sorted(_members(z))}")
         with z.open(IMAGES + ".npy") as f:
-            version = np.lib.format.read_magic(f)
-            shape, fortran, dtype = np.lib.format._read_array_header(f, version)
+            shape, fortran, dtype = _read_header(f)
             if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3) or fortran:
                 raise ValueError(f"reference file {path}: {IMAGES} must be uint8 [N, H, W, 3] (C order), "
                                  f"found {dtype} {shape}")

@@ -309,17 +309,22 @@ def build(config: Config, rngs: nnx.Rngs | None = None) -> Inception:
     return Inception(config, rngs)
 
 
-def _positive_variances(params):
-    """Random params with every batch-norm ``var`` made positive (``1 + |v|``), so the network is defined."""
+def _he_init(params):
+    """Random params for a ReLU network: conv kernels ×√2 (He), batch norms the identity, so features stay O(1)."""
     def fix(path, x):
         name = getattr(path[-1], "key", None)
-        return 1.0 + jnp.abs(x) if name == "var" else x
+        parent = getattr(path[-2], "key", None) if len(path) > 1 else None
+        if parent == "conv":
+            return x * np.sqrt(2.0)
+        if parent == "bn":
+            return jnp.ones_like(x) if name in ("scale", "var") else jnp.zeros_like(x)
+        return x
     return jax.tree_util.tree_map_with_path(fix, params)
 
 
 def from_config(config: Config, key=None, abstract: bool = False) -> Model:
-    """A :class:`~jdq.models.base.Model` of ``config``: random params from ``key`` (positive variances), or abstract ones."""
+    """A :class:`~jdq.models.base.Model` of ``config``: random (He-initialised) params from ``key``, or abstract ones."""
     if abstract:
         return Model.abstract(config, build)
     model = Model.create(config, build, key)
-    return model.replace(params=_positive_variances(model.params))
+    return model.replace(params=_he_init(model.params))
