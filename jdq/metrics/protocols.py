@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 
 #: The Animal-MNIST protocol's sampler settings (see the module docstring for the choice).
-ANIMAL_STEPS = 20
+ANIMAL_STEPS = 15
 ANIMAL_GUIDANCE = 1.5
 
 
