@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import math
 import platform
@@ -91,11 +90,9 @@ def add_parser(sub):
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from jdq.io import sha256_file
+
+    return sha256_file(path)
 
 
 def _load_folder(path, what: str):
@@ -118,21 +115,14 @@ def _load_subject(arg):
     A ``QUANTIZED_DIR`` (``jdq quantize``, not yet written) will be recognised here and return its
     model with the stored quantizer; until then only model folders (+ ``--quant``) are accepted.
     """
-    folder = DEFAULT_MODEL if arg is None else Path(arg)
-    if arg is None and not folder.exists():
-        raise CliError(f"the embedded model is not installed in {folder}")
-    if (folder / "quantized.json").is_file():
-        raise CliError(f"{folder} is a quantized folder; jdq eval does not read those yet — give the model "
+    from jdq.cli.sample import _resolve_model
+
+    if arg is not None and (Path(arg) / "quantized.json").is_file():
+        raise CliError(f"{arg} is a quantized folder; jdq eval does not read those yet — give the model "
                        f"folder and --quant RECIPE")
-    model = _load_folder(folder, "model")
+    folder, model, defaults = _resolve_model(arg)
     if model.family != "dit":
         raise CliError(f"jdq eval samples class-conditional DiTs; {folder} is a {model.family} model")
-    defaults = {}
-    if (folder / "sampling.json").is_file():
-        try:
-            defaults = json.loads((folder / "sampling.json").read_text())
-        except json.JSONDecodeError as e:
-            raise CliError(f"{folder / 'sampling.json'}: not valid JSON ({e})") from None
     identity = {"path": str(folder.resolve()), "params_sha256": _sha256(folder / "params.safetensors")}
     return folder, model, defaults, identity
 
@@ -224,10 +214,12 @@ def _plan(args):
                            f"(or mark a pixel-space model with \"pixel_space\": true in its sampling.json)")
         vae = _load_folder(args.vae, "--vae")
     extractor = _extractor(proto.features, args)
+    from jdq.metrics.evaluate import PAIRED
+
     metrics = list(args.metrics) if args.metrics else list(proto.metrics) + (
-        ["psnr", "ssim", "mad"] if args.quant else [])
-    if args.quant is None and any(m in ("psnr", "ssim", "mad") for m in metrics):
-        raise CliError("psnr, ssim and mad compare a quantized model with the FP model: give --quant RECIPE")
+        (["dfid"] if "fid" in proto.metrics else []) + ["psnr", "ssim", "mad"] if args.quant else [])
+    if args.quant is None and any(m in PAIRED for m in metrics):
+        raise CliError(f"{', '.join(PAIRED)} compare a quantized model with the FP model: give --quant RECIPE")
     if "agreement" in metrics and proto.features != "animal":
         raise CliError("agreement needs a classifier of the model's classes (the embedded model's); "
                        "drop it from --metrics")
@@ -401,7 +393,7 @@ def _device(pcount: int) -> dict:
 
 METRIC_LABELS = {
     "fid": "FID", "sfid": "sFID", "is": "Inception Score", "precision": "precision", "recall": "recall",
-    "kid": "KID", "agreement": "class agreement", "psnr": "PSNR vs FP (dB)", "ssim": "SSIM vs FP",
+    "kid": "KID", "agreement": "class agreement", "dfid": "FID − FP's FID (paired)", "psnr": "PSNR vs FP (dB)", "ssim": "SSIM vs FP",
     "mad": "mean |Δ| vs FP (8-bit levels)",
 }
 PERCENT = ("precision", "recall", "agreement")
@@ -448,15 +440,18 @@ def _write_results(plan, args, out: Path, fp_dir, reference, t_start, sampling_s
     needs = {"labels"}
     for m in plan.metrics:
         needs |= {"fid": {main}, "precision": {main}, "recall": {main}, "kid": {main}, "sfid": {"spatial"},
-                  "is": {"logits"}, "agreement": {"animal_logits"}}.get(m, {"images"} if m in PAIRED else set())
+                  "is": {"logits"}, "agreement": {"animal_logits"}, "dfid": {main}}.get(
+            m, {"images"} if m in PAIRED else set())
     arrays = shards.load(out, plan.n, plan.shard, sorted(needs))
     if "animal_logits" in arrays:
         arrays["predicted"] = np.argmax(arrays.pop("animal_logits"), axis=-1)
-    fp_images = None
+    fp_arrays = None
     if any(m in PAIRED for m in plan.metrics):
-        fp_images = shards.load(fp_dir, plan.n, plan.shard, ["images"])["images"]
+        fp_keys = (["images"] if any(m in PAIRED and m != "dfid" for m in plan.metrics) else []) + (
+            [main] if "dfid" in plan.metrics else [])
+        fp_arrays = shards.load(fp_dir, plan.n, plan.shard, fp_keys)
     try:
-        metrics = evaluate(plan.metrics, reference, features=main, arrays=arrays, fp_images=fp_images,
+        metrics = evaluate(plan.metrics, reference, features=main, arrays=arrays, fp_arrays=fp_arrays,
                            groups=args.groups, is_split_size=plan.protocol.is_split_size)
     except (ValueError, KeyError) as e:
         raise CliError(str(e).strip("'\"")) from None
@@ -467,7 +462,7 @@ def _write_results(plan, args, out: Path, fp_dir, reference, t_start, sampling_s
         "seeds": f"sample j uses the noise key fold_in(key({plan.seed}), j); labels j mod {plan.model.config.num_classes}",
         "features": plan.extractor.identity["kind"],
         "reference": reference.name if reference is not None else "none",
-        "fp_run": str(Path(fp_dir).resolve()) if fp_images is not None else None,
+        "fp_run": str(Path(fp_dir).resolve()) if fp_arrays is not None else None,
         "metrics": {k: v.to_dict() for k, v in metrics.items()},
         "device": _device(pcount), "versions": _versions(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -504,7 +499,9 @@ def run(args) -> int:
     reference = _reference(plan, args) if pidx == 0 else None  # before sampling: a bad file fails fast
     sampling_s = 0.0
     fp_dir = None
-    if args.quant and any(m in ("psnr", "ssim", "mad") for m in plan.metrics):
+    from jdq.metrics.evaluate import PAIRED
+
+    if args.quant and any(m in PAIRED for m in plan.metrics):
         fp_dir = Path(args.fp_run) if args.fp_run else out / "fp"
         sampling_s += _sample_run(plan, fp_dir, None, args, pidx, pcount, progress)
     elif args.fp_run:

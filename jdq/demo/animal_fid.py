@@ -22,7 +22,6 @@ through exactly the same path. Computing the reference needs the ``animal-mnist`
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import jax
 import numpy as np
 
 from jdq.demo import classifier as clf
+from jdq.io import sha256_file as sha256
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 CLASSIFIER = ASSETS / "animal_classifier.safetensors"
@@ -39,15 +39,6 @@ FEATURES = "animal"
 BATCH = 500
 #: Real images per class whose features are shipped (precision / recall, KID).
 PR_PER_CLASS = 100
-
-
-def sha256(path) -> str:
-    """Hex SHA-256 of a file (streamed)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @jax.jit

@@ -12,10 +12,15 @@ images) and a :class:`Reference`, and returns ``{metric: Interval}`` for the met
 ``recall``
 ``kid``         the unbiased KID against the reference features (all samples)
 ``agreement``   fraction of samples a classifier labels with their conditioning class
+``dfid``        FID minus the FP model's FID (same noise, same reference), with a *paired* interval
 ``psnr``        paired with the FP model's images of the same noise: pooled PSNR (dB),
 ``ssim``        mean SSIM (window 7) and mean |Δ| (8-bit levels)
 ``mad``
 ==============  ====================================================================================
+
+``dfid`` separates recipes that the FID intervals alone cannot: the quantized and the FP samples
+share their noise, so most of the sampling noise cancels in the difference. Its jackknife leaves
+the same group out of both sets (a smooth function of the joint sample moments of the pairs).
 
 Intervals: the grouped jackknife of :mod:`jdq.metrics.intervals` over contiguous groups of the
 generated samples (the reference fixed), except IS (mean ± t·std/√(splits − 1) over its splits).
@@ -35,9 +40,9 @@ from jdq.metrics import intervals as I
 from jdq.metrics import paired, scores
 from jdq.metrics.fid import GaussianStats, RankDeficientWarning, as_features, fid_to_reference, psd_sqrt
 
-METRICS = ("fid", "sfid", "is", "precision", "recall", "kid", "agreement", "psnr", "ssim", "mad")
-#: Metrics that need the FP model's images.
-PAIRED = ("psnr", "ssim", "mad")
+METRICS = ("fid", "sfid", "is", "precision", "recall", "kid", "agreement", "dfid", "psnr", "ssim", "mad")
+#: Metrics that need the FP model's run of the same noise (its images; its features for ``dfid``).
+PAIRED = ("dfid", "psnr", "ssim", "mad")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +85,23 @@ def fid_interval(features, reference: GaussianStats, groups: int = I.GROUPS) -> 
     return I.jackknife_from_values(full, leave, bounds=(0.0, np.inf))
 
 
+def fid_delta_interval(features, fp_features, reference: GaussianStats, groups: int = I.GROUPS) -> I.Interval:
+    """``FID(features) − FID(fp_features)`` (paired rows: the same noise) with a paired grouped-jackknife interval."""
+    x = as_features(features, "generated features")
+    y = as_features(fp_features, "FP features")
+    if x.shape != y.shape:
+        raise ValueError(f"paired feature sets differ in shape: {x.shape} and {y.shape}")
+    sqrt_ref = psd_sqrt(reference.sigma)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RankDeficientWarning)
+        full = fid_to_reference(x, reference, sqrt_ref) - fid_to_reference(y, reference, sqrt_ref)
+        leave = [fid_to_reference(np.delete(x, idx, axis=0), reference, sqrt_ref)
+                 - fid_to_reference(np.delete(y, idx, axis=0), reference, sqrt_ref)
+                 for idx in I.contiguous_groups(x.shape[0], groups)]
+    return I.jackknife_from_values(full, leave, method=f"paired grouped jackknife ({groups} contiguous groups, "
+                                                       f"t_{groups - 1})")
+
+
 def precision_recall_intervals(real, generated, k: int = 3, groups: int = I.GROUPS) -> tuple[I.Interval, I.Interval]:
     """Precision and recall with grouped-jackknife intervals (the real k-NN radii computed once)."""
     real = as_features(real, "reference features")
@@ -103,14 +125,16 @@ def kid_interval(real, generated, groups: int = I.GROUPS) -> I.Interval:
 
 
 def evaluate(metrics: Sequence[str], reference: Reference | None = None, *, features: str = "pool",
-             arrays: Mapping[str, np.ndarray], fp_images: np.ndarray | None = None, groups: int = I.GROUPS,
+             arrays: Mapping[str, np.ndarray], fp_arrays: Mapping[str, np.ndarray] | None = None,
+             groups: int = I.GROUPS,
              k: int = 3, is_splits: int = 10, is_split_size: int | None = None,
              ssim_window: int = 7) -> dict[str, I.Interval]:
     """``{metric: Interval}`` for ``metrics`` of the generated set in ``arrays``.
 
     ``arrays``: ``features`` (the main features, e.g. ``"pool"``), ``"spatial"`` (sFID),
     ``"logits"`` (IS), ``"predicted"`` and ``"labels"`` (agreement), ``"images"`` (uint8, the
-    paired metrics against ``fp_images``). Missing inputs raise a ValueError naming them.
+    paired metrics against ``fp_arrays["images"]``; ``dfid`` against ``fp_arrays[features]``).
+    Missing inputs raise a ValueError naming them.
     """
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
@@ -147,9 +171,13 @@ def evaluate(metrics: Sequence[str], reference: Reference | None = None, *, feat
             hits = (np.asarray(need("predicted", m)) == np.asarray(need("labels", m))).astype(np.float64)
             out[m] = I.mean_interval(hits, groups, bounds=(0.0, 1.0))
         elif m in PAIRED:
-            if fp_images is None:
-                raise ValueError(f"metric {m!r} compares with the FP model's images: evaluate a quantized model")
-            images = need("images", m)
+            if fp_arrays is None:
+                raise ValueError(f"metric {m!r} compares with the FP model's run: evaluate a quantized model")
+            if m == "dfid":
+                out[m] = fid_delta_interval(need(features, m), fp_arrays[features], need_ref(m).stats_of(features),
+                                            groups)
+                continue
+            images, fp_images = need("images", m), fp_arrays["images"]
             if m == "psnr":
                 mse = paired.mse_per_image(images, fp_images)
                 full = paired.psnr_from_mse(float(mse.mean()))

@@ -131,6 +131,8 @@ def test_quantized_run_pairs_with_the_fp_run(reference_run, tmp_path):
     out = tmp_path / "w8a8"
     _run(out, "--quant", "w8a8", "--fp-run", reference_run)
     m = _metrics(out)
-    assert list(m) == ["fid", "precision", "recall", "agreement", "psnr", "ssim", "mad"]
+    assert list(m) == ["fid", "precision", "recall", "agreement", "dfid", "psnr", "ssim", "mad"]
+    assert m["dfid"]["value"] == pytest.approx(m["fid"]["value"] - _metrics(reference_run)["fid"]["value"], rel=1e-9)
+    assert "paired" in m["dfid"]["method"]
     assert 10 < m["psnr"]["value"] < 80 and 0 < m["mad"]["value"] < 50 and 0 < m["ssim"]["value"] < 1
     assert not (out / "fp").exists()  # the given FP run was used, not sampled again
