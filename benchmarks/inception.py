@@ -106,7 +106,7 @@ def main(argv=None) -> int:
              f"before, {load_after[0]:.1f} after (shared machine).", "",
              "| extractor | s / batch | features / s | × torch-fidelity |", "|---|---:|---:|---:|"]
     for label, t in rows:
-        lines.append(f"| {label} | {t:.2f} | {args.batch / t:.1f} | {t_torch / t:.2f} |")
+        lines.append(f"| {label} | {t:.2f} | {args.batch / t:.2f} | {t_torch / t:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     atomic_write_text(args.out, text, parents=True)
