@@ -4,12 +4,15 @@ Command line::
 
     python -m checkpoints_convert dit IN.pt OUT_DIR [--num-heads N] [--dtype bfloat16] [--overwrite]
     python -m checkpoints_convert diffusers IN_DIR OUT_DIR [--dtype bfloat16] [--overwrite]
+    python -m checkpoints_convert inception weights-inception-2015-12-05-6726825d.pth OUT_DIR
 
 Python: :func:`convert` (auto-detects the source kind; what ``jdq convert`` calls),
 :func:`convert_dit_checkpoint`, :func:`convert_diffusers_folder`, and the in-memory converters
 ``checkpoints_convert.dit.convert_dit_state_dict`` / ``convert_diffusers_dit``,
 ``checkpoints_convert.vae.convert_vae``, ``checkpoints_convert.pixart.convert_pixart``,
-``checkpoints_convert.sd3.convert_sd3`` (each ``(state_dict, config) -> (params, Config)``).
+``checkpoints_convert.sd3.convert_sd3`` (each ``(state_dict, config) -> (params, Config)``),
+``checkpoints_convert.inception.convert_inception`` (the FID Inception-v3 of torch-fidelity and
+pytorch-fid; a ``.pth`` file is recognised as one by its key names).
 
 Every source key is consumed and every shape checked (errors name the key and both shapes);
 unreadable files fail with a clear message; the output folder is written atomically (a failed
@@ -47,12 +50,22 @@ def _save(params, family: str, cfg, out_dir, dtype=None, overwrite: bool = False
     return save_params(out_dir, params, family, cfg, overwrite=overwrite)
 
 
-def convert_dit_checkpoint(in_path, out_dir, num_heads: int | None = None, dtype=None, overwrite: bool = False) -> Path:
-    """A facebookresearch/DiT ``.pt`` file -> jdq model folder ``out_dir``; returns its path."""
+def convert_dit_checkpoint(in_path, out_dir, num_heads: int | None = None, dtype=None, overwrite: bool = False,
+                           state=None) -> Path:
+    """A facebookresearch/DiT ``.pt`` file (or its already read ``state``) -> jdq model folder ``out_dir``."""
     from checkpoints_convert.dit import convert_dit_state_dict
 
-    params, cfg = convert_dit_state_dict(read_torch_checkpoint(in_path), num_heads=num_heads)
+    params, cfg = convert_dit_state_dict(read_torch_checkpoint(in_path) if state is None else state,
+                                         num_heads=num_heads)
     return _save(params, "dit", cfg, out_dir, dtype, overwrite)
+
+
+def convert_inception_checkpoint(in_path, out_dir, dtype=None, overwrite: bool = False, state=None) -> Path:
+    """torch-fidelity's / pytorch-fid's FID Inception-v3 ``.pth`` -> jdq model folder ``out_dir``."""
+    from checkpoints_convert.inception import convert_inception
+
+    params, cfg = convert_inception(read_torch_checkpoint(in_path) if state is None else state)
+    return _save(params, "inception", cfg, out_dir, dtype, overwrite)
 
 
 def convert_diffusers_state(config: dict, state_dict: dict):
@@ -76,16 +89,26 @@ def convert_diffusers_folder(in_dir, out_dir, dtype=None, overwrite: bool = Fals
 
 def convert(source, out_dir, *, kind: str | None = None, num_heads: int | None = None, dtype=None,
             overwrite: bool = False) -> Path:
-    """Convert ``source`` to a jdq model folder; ``kind`` ``"dit"``/``"diffusers"`` or ``None`` (guess).
+    """Convert ``source`` to a jdq model folder; ``kind`` ``"dit"``/``"inception"``/``"diffusers"`` or ``None`` (guess).
 
-    A file is read as a facebookresearch/DiT checkpoint, a folder with ``config.json`` as a
-    diffusers model folder. Returns the output folder, loadable with ``jdq.models.load``.
+    A file is read as a FID Inception-v3 ``.pth`` when its keys are Inception's, else as a
+    facebookresearch/DiT checkpoint; a folder with ``config.json`` as a diffusers model folder.
+    Returns the output folder, loadable with ``jdq.models.load``.
     """
     src = Path(source)
+    if kind is None and src.is_file():  # a .pt/.pth file: DiT or the FID Inception, told apart by its keys
+        from checkpoints_convert.inception import is_inception_state_dict
+
+        state = read_torch_checkpoint(src)
+        if is_inception_state_dict(state):
+            if num_heads is not None:
+                raise CheckpointError("num_heads applies to DiT checkpoints; this file is a FID Inception-v3")
+            return convert_inception_checkpoint(src, out_dir, dtype=dtype, overwrite=overwrite, state=state)
+        return convert_dit_checkpoint(src, out_dir, num_heads=num_heads, dtype=dtype, overwrite=overwrite, state=state)
+    if kind == "inception":
+        return convert_inception_checkpoint(src, out_dir, dtype=dtype, overwrite=overwrite)
     if kind is None:
-        if src.is_file():
-            kind = "dit"
-        elif (src / "config.json").is_file():
+        if (src / "config.json").is_file():
             kind = "diffusers"
         else:
             raise CheckpointError(f"{src}: neither a checkpoint file nor a diffusers folder with config.json")
@@ -95,8 +118,8 @@ def convert(source, out_dir, *, kind: str | None = None, num_heads: int | None =
         if num_heads is not None:
             raise CheckpointError("num_heads applies to facebookresearch/DiT .pt files only (diffusers configs name it)")
         return convert_diffusers_folder(src, out_dir, dtype=dtype, overwrite=overwrite)
-    raise CheckpointError(f"unknown source kind {kind!r}; use 'dit' or 'diffusers'")
+    raise CheckpointError(f"unknown source kind {kind!r}; use 'dit', 'inception' or 'diffusers'")
 
 
 __all__ = ["CheckpointError", "DIFFUSERS_CLASSES", "convert", "convert_diffusers_folder", "convert_diffusers_state",
-           "convert_dit_checkpoint", "read_diffusers_folder", "read_torch_checkpoint"]
+           "convert_dit_checkpoint", "convert_inception_checkpoint", "read_diffusers_folder", "read_torch_checkpoint"]

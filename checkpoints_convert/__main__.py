@@ -16,11 +16,15 @@ def main(argv=None) -> int:
     p_dit.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
     p_dit.add_argument("--num-heads", type=int, default=None,
                        help="attention heads (default by hidden size: 384→6, 768→12, 1024→16, 1152→16)")
+    p_inc = sub.add_parser("inception", help="torch-fidelity's / pytorch-fid's FID Inception-v3 .pth "
+                                              "(weights-inception-2015-12-05-6726825d.pth)")
+    p_inc.add_argument("input", help="the .pth file")
+    p_inc.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
     p_dif = sub.add_parser("diffusers", help="a diffusers model folder (config.json + *.safetensors): "
                                              "DiT, PixArt-Σ, SD3 transformer or AutoencoderKL")
     p_dif.add_argument("input", help="the model folder (e.g. .../transformer or .../vae)")
     p_dif.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
-    for p in (p_dit, p_dif):
+    for p in (p_dit, p_inc, p_dif):
         p.add_argument("--dtype", default=None, help="store floating params as this dtype (default float32)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)

@@ -15,7 +15,7 @@ import secrets
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_text", "sha256_file"]
 
 
 def _check_target(path: Path, parents: bool) -> None:
@@ -69,3 +69,14 @@ def atomic_write_text(path, text: str, *, encoding: str = "utf-8", parents: bool
             f.write(text)
 
     return atomic_write(path, write, parents=parents)
+
+
+def sha256_file(path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 4 MiB chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,46 +1,49 @@
-"""benchmarks/quality.py at a toy size: the FP row reproduces the reference, a quantized row differs."""
+"""benchmarks/quality.py: its tables from ``jdq eval`` results, resuming from finished runs, notes kept."""
 
-import math
+import json
 
-import numpy as np
 import pytest
+
 
 @pytest.fixture(scope="module")
 def qb(load_benchmark):
     return load_benchmark("quality")
 
 
-def test_metrics_on_known_offsets(qb):
-    ref = np.zeros((3, 4, 4, 1), np.float32)
-    # +0.2 in [-1, 1] is +0.1 in [0, 1]: MSE 0.01 -> 20 dB, |Δ| 0.1 * 255 levels
-    assert qb.psnr(ref + 0.2, ref) == pytest.approx(20.0)
-    assert qb.mean_abs_diff(ref + 0.2, ref) == pytest.approx(25.5)
-    assert math.isinf(qb.psnr(ref, ref)) and qb.mean_abs_diff(ref, ref) == 0.0
-    # values outside [-1, 1] are clipped like the images: 1.5 vs 1.0 is no difference
-    assert qb.mean_abs_diff(ref + 1.5, ref + 1.0) == 0.0
+def _results(fid, samples=1000, quant=True):
+    iv = lambda v, lo, hi: {"value": v, "low": lo, "high": hi, "se": (hi - lo) / 4, "level": 0.95,  # noqa: E731
+                            "method": "grouped jackknife (10 contiguous groups, t_9)"}
+    m = {"fid": iv(fid, fid - 1, fid + 1), "precision": iv(0.8, 0.75, 0.85), "recall": iv(0.5, 0.45, 0.55),
+         "agreement": iv(0.9, 0.88, 0.92)}
+    if quant:
+        m |= {"dfid": iv(5.0, 4.0, 6.0), "psnr": iv(20.0, 19.5, 20.5), "ssim": iv(0.8, 0.79, 0.81), "mad": iv(10.0, 9.5, 10.5)}
+    return {"metrics": m, "settings": {"samples": samples}, "timing": {"total_s": 12.0}}
 
 
-def test_fp_row_reproduces_reference_and_w8a8_differs(qb, tmp_path):
-    rows, info = qb.run(["fp", "w8a8"], steps=2, per_class=2, reduced={"w8a8": 1}, batch_size=10,
-                        log=lambda s: None)
-    fp, w8 = rows
-    assert (fp["n"], w8["n"]) == (20, 10)  # the reduced row keeps one seed per class
-    assert math.isinf(fp["psnr"]) and fp["mad"] == 0.0 and fp["same_label"] == 1.0
-    assert math.isfinite(w8["psnr"]) and w8["mad"] > 0.0
-    for r in rows:
-        assert 0.0 <= r["agreement"] <= 1.0
-        assert r["agreement_se"] == pytest.approx(math.sqrt(r["agreement"] * (1 - r["agreement"]) / r["n"]))
-    assert (info["sampler"], info["steps"], info["guidance"]) == ("ddpm", 2, 4.0)
+def test_table_has_every_metric_with_its_interval(qb):
+    text = qb.table([("FP (float32)", _results(30.0, quant=False)), ("`mx6`", _results(35.5))])
+    assert "| FP (float32) | 1000 | 30.00 [29.00, 31.00] | — | 80.0% [75.0, 85.0] |" in text
+    assert "90.0% [88.0, 92.0] | — | — | — | 12 |" in text  # the FP row has no paired metrics
+    assert "| `mx6` | 1000 | 35.50 [34.50, 36.50] | 5.00 [4.00, 6.00] |" in text
+    assert "20.00 [19.50, 20.50] | 0.8000 [0.7900, 0.8100] | 10.00 [9.50, 10.50]" in text
 
-    text = qb.report(rows, info, "cmd", 1.0, (0.0,) * 3, (0.0,) * 3)
-    assert "| FP (float32) | 20 |" in text and "| `w8a8` | 10 |" in text and "| ∞ |" in text
+
+def test_sweep_table_marks_the_lowest_fid(qb):
+    text = qb.sweep_table([(1.0, _results(40.0, quant=False)), (1.5, _results(25.0, quant=False)),
+                           (4.0, _results(80.0, quant=False))])
+    assert "| 1.5 (lowest) |" in text and "| 4 |" in text
+
+
+def test_finished_runs_are_read_back_not_rerun(qb, tmp_path):
+    run = tmp_path / "fp"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps(_results(33.0, quant=False)))
+    assert qb.eval_run(run, samples=10)["metrics"]["fid"]["value"] == 33.0  # no jdq eval call: no model run
+
+
+def test_notes_are_kept_and_unknown_recipes_named(qb, tmp_path):
     out = tmp_path / "q.md"
-    qb.atomic_write_text(out, text + "\n" + qb.NOTES_MARKER + "\n\nhand-written\n")
+    qb.atomic_write_text(out, "table\n" + qb.NOTES_MARKER + "\n\nhand-written\n")
     assert qb.kept_notes(out) == "hand-written\n"
-
-
-def test_unknown_recipe_and_bad_reduction_are_named(qb):
-    with pytest.raises(ValueError, match="unknown recipe 'nope'"):
-        qb.run(["fp", "nope"], steps=1, per_class=1, log=lambda s: None)
-    with pytest.raises(ValueError, match="w8a8=3"):
-        qb.run(["w8a8"], steps=1, per_class=2, reduced={"w8a8": 3}, log=lambda s: None)
+    with pytest.raises(SystemExit, match="unknown recipe 'nope'"):
+        qb.main(["--recipes", "nope", "--runs", str(tmp_path / "runs"), "--out", str(out)])

@@ -19,6 +19,7 @@ class CliError(Exception):
 #: plus one line here.
 COMMANDS = {
     "sample": ("sample", "sample a model (default: the embedded Animal-MNIST DiT) to a PNG grid and .npz"),
-    "convert": ("convert", "convert an official checkpoint (DiT .pt, diffusers folder) to a jdq folder"),
+    "convert": ("convert", "convert an official checkpoint (DiT .pt, Inception .pth, diffusers folder) to a jdq folder"),
+    "eval": ("eval", "sample quality (FID, precision/recall, PSNR/SSIM vs FP) with intervals, resumable"),
     "cost": ("cost", "latency/energy of a plan on a hardware preset (accelerator cost model)"),
 }

@@ -41,8 +41,11 @@ def _avg_pool2(x):
     return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
 
 
-def logits(params, images: jax.Array) -> jax.Array:
-    """Class logits ``[B, num_classes]`` of images ``[B, 28, 28, 1]`` in ``[-1, 1]``."""
+def features(params, images: jax.Array) -> jax.Array:
+    """The penultimate layer ``[B, 128]`` (global average of the last conv stage) of images in ``[-1, 1]``.
+
+    These are the features of the embedded model's "Animal-FID" (``jdq eval``).
+    """
     x = jnp.asarray(images, jnp.float32)
     for i in range(len(CHANNELS)):
         x = jax.lax.conv_general_dilated(x, params[f"conv{i}.kernel"], (1, 1), "SAME",
@@ -50,7 +53,12 @@ def logits(params, images: jax.Array) -> jax.Array:
         x = jax.nn.relu(x + params[f"conv{i}.bias"])
         if i < len(CHANNELS) - 1:
             x = _avg_pool2(x)
-    return x.mean(axis=(1, 2)) @ params["head.kernel"] + params["head.bias"]
+    return x.mean(axis=(1, 2))
+
+
+def logits(params, images: jax.Array) -> jax.Array:
+    """Class logits ``[B, num_classes]`` of images ``[B, 28, 28, 1]`` in ``[-1, 1]``."""
+    return features(params, images) @ params["head.kernel"] + params["head.bias"]
 
 
 @jax.jit

@@ -51,6 +51,7 @@ FAMILIES = {
     "pixart": "jdq.models.pixart",
     "sd3": "jdq.models.mmdit",
     "vae": "jdq.models.vae",
+    "inception": "jdq.models.inception",  # the FID Inception-v3 (a feature extractor, not a denoiser)
 }
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"

@@ -116,13 +116,15 @@ def _take(tree, idx):
 def generate(model, cond, *, uncond=None, sampler: Sampler | str | None = None, steps: int | None = None,
              guidance: float | None = None, seed: int = 0, batch_size: int = 16, quant=None,
              mesh=None, progress: bool = True, clip_denoised: bool = False, eta: float = 0.0,
-             shift: float | None = None, params=None) -> np.ndarray:
+             shift: float | None = None, params=None, first_index: int = 0) -> np.ndarray:
     """Samples ``[N, H, W, C]`` (float32 numpy) of ``model`` for the ``N`` conditions in ``cond``.
 
     ``uncond``: the unconditional input for guidance (DiT: the null class by default; PixArt-Σ and
     SD3: required when ``guidance > 1``). ``quant``: a quantizer (``plan.bind(state)``) or ``None``.
     ``mesh``: a :func:`jdq.sharding.batch_mesh` for data parallelism (``None``: one device).
-    ``params``: override the model's params (e.g. cast to bfloat16).
+    ``params``: override the model's params (e.g. cast to bfloat16). ``first_index``: the index
+    of ``cond``'s first sample in a larger run (sample ``j`` of ``cond`` uses the key of
+    ``first_index + j``), so a run sampled in pieces gets the same images as in one call.
     """
     d = FAMILY_DEFAULTS.get(model.family, {})
     guidance = d.get("guidance", 1.0) if guidance is None else float(guidance)
@@ -158,7 +160,7 @@ def generate(model, cond, *, uncond=None, sampler: Sampler | str | None = None, 
         for start in range(0, n, bs):
             idx = np.minimum(np.arange(start, start + bs), n - 1)  # pad the last batch by repeating
             c = sharding.shard_batch(jax.tree.map(jnp.asarray, _take(cond, idx)), mesh)
-            keys = sharding.shard_batch(sample_keys(seed, bs, start), mesh)
+            keys = sharding.shard_batch(sample_keys(seed, bs, first_index + start), mesh)
             step_hook = (lambda i: bar.update(1)) if (bar is not None and not multi) else None
             if step_hook is not None:
                 with step_progress(step_hook):
