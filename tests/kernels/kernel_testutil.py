@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def lowers_to_mosaic_gpu(fn, *shapes_dtypes) -> bool:
@@ -24,3 +25,18 @@ def relerr(a, b) -> float:
     """‖a − b‖ / ‖b‖ in float32."""
     a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def assert_within_reordering_bound(got, want, abs_terms_sum, n_terms: int):
+    """``got`` and ``want`` are float32 sums of the same ``n_terms`` terms in two summation orders.
+
+    Any order of a float32 sum lies within ``γ_n · Σ|terms|`` (``γ_n = n·u / (1 − n·u)``, ``u = 2⁻²⁴``)
+    of the exact sum, so two orders differ by at most twice that: the bound for a float reduction
+    whose order a compiler or backend chooses (Higham, Accuracy and Stability, §4.2).
+    """
+    u = 2.0**-24
+    gamma = n_terms * u / (1 - n_terms * u)
+    bound = 2 * gamma * np.asarray(abs_terms_sum, np.float64)
+    diff = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))
+    worst = np.max(diff - bound)
+    assert worst <= 0, f"{int(np.sum(diff > bound))} elements exceed the reordering bound (worst excess {worst:.3g})"

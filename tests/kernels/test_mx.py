@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_testutil import dyadic, lowers_to_mosaic_gpu, relerr
+from kernel_testutil import assert_within_reordering_bound, dyadic, lowers_to_mosaic_gpu, relerr
 
 from jdq import formats
 from jdq.kernels.mx import ref
@@ -32,12 +32,19 @@ def test_reference_equals_fake_quant(fmt):
 
 
 @pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "mxint8"])
-def test_gpu_kernel_interpret_bit_exact(fmt):
+def test_gpu_kernel_interpret_equals_reference(fmt):
     x, w, b = _operands()
     xq, xs = ref.quantize_operand(x, fmt)
     wq, ws = ref.quantize_operand(w, fmt)
     got = mx_matmul_gpu(xq, xs, wq, ws, b, jnp.float32, Config(64, 128, 4, 2), interpret=True)
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref.mx_matmul(xq, xs, wq, ws, b, jnp.float32)))
+    want = ref.mx_matmul(xq, xs, wq, ws, b, jnp.float32)
+    # Products are exact in float32, but the kernel and the reference add the K products (and the
+    # bias) in different orders, so they agree only to the reordering bound of a float sum.
+    x_abs = np.abs(np.asarray(formats.cast(x, fmt, axis=-1), np.float64))
+    w_abs = np.abs(np.asarray(formats.cast(w, fmt, axis=-1), np.float64))
+    abs_sum = x_abs @ w_abs.T + np.abs(np.asarray(b, np.float64))
+    assert_within_reordering_bound(got, want, abs_sum, x.shape[1] + 1)
+    assert relerr(got, want) < 1e-6
 
 
 @pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.int8])
