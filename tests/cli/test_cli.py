@@ -61,6 +61,7 @@ def test_sample_writes_grid_and_npz(dit_dir, tmp_path, capsys):
     assert "wrote" in out
 
 
+@pytest.mark.slow
 def test_same_seed_same_samples_and_quant_changes_them(dit_dir, tmp_path, capsys):
     runs = {}
     for name, extra in (("a", []), ("b", []), ("q", ["--quant", "mxfp4_e2m1"]), ("s", ["--quant", "w8a8-static"])):

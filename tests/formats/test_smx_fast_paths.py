@@ -42,7 +42,8 @@ CASES = [  # (shape, axis, dtype): the word path needs a 16-bit dtype, the last 
 ]
 
 
-@pytest.mark.parametrize("name", sorted(smx.NAMES))
+# MX4 has the most code words per pair: its cases take ~4x the others; they run with -m slow.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "mx4" else n for n in sorted(smx.NAMES)])
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
 def test_fused_paths_equal_general_path(name, options):
     fmt = smx.SMXFormat(name, smx.NAMES[name], **options)

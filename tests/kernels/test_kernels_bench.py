@@ -36,6 +36,7 @@ def _rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+@pytest.mark.slow
 def test_mixdit_gemm_and_split_compose_to_the_linear(kb, sets):
     cache = {}
     linear, _, _ = _run(kb, "jdq_mixdit", sets, cache=cache)
@@ -115,6 +116,7 @@ def test_roofline_arithmetic(kb):
     assert qf["ops"] == 0 and qf["bound"] == "memory" and qf["bytes"] == 4 * m * k
 
 
+@pytest.mark.slow
 def test_smoke_run_with_sweep_and_a_crashing_check(tmp_path):
     out = str(tmp_path)
     env = dict(os.environ, JDQ_BENCH_CRASH="weight_only.jdq_w4a16@64x128s4")

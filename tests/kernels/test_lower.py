@@ -51,6 +51,7 @@ def test_lowerable_kinds(small_dit):
     assert lowerable_kind(plan_away, "blocks.0.attn.proj")[0] is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["xla", "gpu_interpret"])
 def test_lowered_dit_equals_fake_quant_w8a8(small_dit, impl):
     model, inputs = small_dit
@@ -162,6 +163,7 @@ NEW_KINDS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,impl", [("fp8", "xla"), ("w4a8", "gpu_interpret"), ("mxfp8", "xla"),
                                        ("mxint8", "xla"), ("mixdit", "xla"), ("mixdit", "gpu_interpret")])
 def test_lowered_dit_equals_fake_quant_new_kinds(small_dit, mixdit_plan, float_out, kind, impl):
@@ -186,6 +188,7 @@ TPU_KERNELS = {"w8a8": ("w8a8", "w8a8_matmul_tpu"), "fp8": ("w8a8", "w8a8_matmul
                "mxint8": ("mx", "mx_matmul_tpu"), "mixdit": ("mixdit", "mixdit_matmul_tpu")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(TPU_KERNELS))
 def test_lowered_dit_on_tpu_kernels(small_dit, mixdit_plan, kind, monkeypatch):
     """impl="tpu_interpret": every lowered site runs its kind's Pallas TPU kernel (interpret mode),
@@ -235,6 +238,7 @@ def test_unsupported_variants_stay_fake_quant(small_dit):
     assert "E4M3 per-token" in lowerable_kind(plan, "blocks.0.attn.qkv")[1]
 
 
+@pytest.mark.slow
 def test_w8a8_lowered_forward_cross_lowers_to_mosaic_gpu():
     """The lowered model with the GPU kernels (LayerNorm + modulation + quantization for qkv / fc1,
     token quantization for proj / fc2, warp-specialised W8A8 with split q/k/v outputs and fused gated

@@ -46,6 +46,7 @@ CASES = [  # (shape, bias, fp8_native): every shape, bias / no bias, the bf16 up
     (SHAPES[0], True, False), (SHAPES[1], False, False), (SHAPES[2], True, True), (SHAPES[0], False, True)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,bias,fp8_native", CASES,
                          ids=[f"{s[0]}x{s[1]}x{s[2]}-{'bias' if b else 'nobias'}-{'native' if nat else 'upcast'}"
                               for s, b, nat in CASES])

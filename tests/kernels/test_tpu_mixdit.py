@@ -42,6 +42,7 @@ def _id(shape, bias, out_dtype, native):
                      jnp.dtype(out_dtype).name, "native" if native else "upcast"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,bias,out_dtype,fp8_native", CASES, ids=[_id(*c) for c in CASES])
 def test_bit_exact_when_sums_are_exact(shape, bias, out_dtype, fp8_native):
     m, k_hi, k_lo, n, tiles = shape

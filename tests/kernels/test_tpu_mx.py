@@ -55,6 +55,7 @@ def _id(shape, bias, out_dtype, *native):
     return "-".join([f"{shape[0]}x{shape[1]}x{shape[2]}", "bias" if bias else "nobias", jnp.dtype(out_dtype).name] + tail)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,bias,out_dtype", INT_CASES, ids=[_id(*c) for c in INT_CASES])
 def test_mxint8_bit_exact(shape, bias, out_dtype):
     m, k, n, tiles = shape

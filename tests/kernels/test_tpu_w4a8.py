@@ -46,6 +46,7 @@ def _magnitude(xq, xs, codes, ws, b, group):
 TILINGS = [(None, 128), (None, 512), (64, 256), (64, 128), (128, 128), (128, 512), (256, 128)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group,tk", TILINGS)
 def test_interpret_bit_exact_pow2_scales(group, tk):
     """Power-of-two scales make every float product exact: the kernel equals the reference bit for bit."""

@@ -63,6 +63,7 @@ CONFIGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.kind}-{c.tile_m}x{c.tile_n}-{c.wg_dim}")
 def test_gpu_kernel_interpret_bit_exact(cfg):
     m, k, n = 128, 384, 256
@@ -180,6 +181,7 @@ def test_fp8_gpu_kernel_lowers_to_mosaic_gpu():
 WS_SMALL = Config("ws", 64, 64, 128, 2, wg_dim="n", num_sms=2)
 
 
+@pytest.mark.slow
 def test_gpu_kernel_interpret_split_outputs():
     xq, xs, wq, ws, b = _operands(jax.random.key(7), 128, 128, 384)
     got = w8a8_matmul_gpu(xq, xs, wq, ws, b, jnp.float32, WS_SMALL, interpret=True, split=3)

@@ -91,6 +91,7 @@ def _close(ours, ref, what):
     assert err <= REL, f"{what}: relative error {err:.2e} > {REL}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size, batch, grey", [(28, 2, True), (64, 2, False), (299, 1, False)])
 def test_features_equal_torch_fidelity(converted, reference, size, batch, grey):
     rng = np.random.default_rng(size)

@@ -64,6 +64,7 @@ def test_quantizer_changes_output_and_state_does_not_recompile(model):
     assert jitted._cache_size() == 2  # quant=None and one for the plan, whatever its state
 
 
+@pytest.mark.slow
 def test_collect_stats_sees_every_operand(model):
     x, t, y = batch()
     out, stats = T.collect_stats(model.apply, model.params, x, t, y)
@@ -87,6 +88,7 @@ def test_save_load_round_trip(tmp_path, model):
     assert bf.params["x_embedder"]["kernel"].dtype == jnp.bfloat16
 
 
+@pytest.mark.slow
 def test_vmap_over_stacked_params(model):
     x, t, y = batch()
     stacked = jax.tree.map(lambda a: jnp.stack([a, 2 * a]), model.params)

@@ -107,6 +107,7 @@ def test_diffusers_folder_round_trip(tmp_path):
     assert rel_err(model(x, t, text, pooled), torch_out(m, x, t, text, pooled)) <= F32_TOL
 
 
+@pytest.mark.slow
 def test_bf16_within_bound(pair):
     m, model = pair
     assert model.family == "sd3"

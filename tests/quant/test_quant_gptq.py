@@ -179,6 +179,7 @@ def relative_error(X, W, Wq):
     return float(np.sum((X @ Wq.astype(np.float64) - ref) ** 2) / np.sum(ref**2))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("site,with_act_order", SITES)
 def test_gptq_beats_rtn_on_the_embedded_model(site, with_act_order):
     import animal_calib

@@ -47,6 +47,7 @@ def test_uncalibrated_recipes_quantize_only_the_blocks(name):
     assert 0 < _rel_err(name) < 0.5
 
 
+@pytest.mark.slow
 def test_error_grows_as_the_format_shrinks():
     assert _rel_err("mx9") < _rel_err("mx6") < _rel_err("mx4")
     assert _rel_err("mxfp8_e4m3") < _rel_err("mxfp4_e2m1")
