@@ -96,7 +96,8 @@ def convert(source, out_dir, *, kind: str | None = None, num_heads: int | None =
     A file is read as a FID Inception-v3 ``.pth`` when its keys are Inception's, else as a
     facebookresearch/DiT checkpoint; a folder with ``config.json`` as a diffusers model folder, or, when
     the config is transformers' (``model_type``, no ``_class_name``), a T5 / CLIP encoder folder
-    (:mod:`checkpoints_convert.transformers_text`, streamed tensor by tensor).
+    (:mod:`checkpoints_convert.transformers_text`, streamed tensor by tensor); a folder with
+    ``model_index.json`` as a PixArt-Σ / SD3 pipeline (:mod:`checkpoints_convert.pipelines`).
     Returns the output folder, loadable with ``jdq.models.load``.
     """
     src = Path(source)
@@ -111,6 +112,12 @@ def convert(source, out_dir, *, kind: str | None = None, num_heads: int | None =
         return convert_dit_checkpoint(src, out_dir, num_heads=num_heads, dtype=dtype, overwrite=overwrite, state=state)
     if kind == "inception":
         return convert_inception_checkpoint(src, out_dir, dtype=dtype, overwrite=overwrite)
+    if kind is None and (src / "model_index.json").is_file():  # a diffusers pipeline: every component
+        from checkpoints_convert.pipelines import convert_pipeline_folder
+
+        if num_heads is not None:
+            raise CheckpointError("num_heads applies to facebookresearch/DiT .pt files only")
+        return convert_pipeline_folder(src, out_dir, dtype=dtype, overwrite=overwrite)
     if kind is None:
         if (src / "config.json").is_file():
             from checkpoints_convert.transformers_text import is_transformers_config, read_transformers_config
