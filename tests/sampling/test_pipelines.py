@@ -170,3 +170,37 @@ def test_broken_pipeline_folders_are_clear_errors(pixart_pipe, tmp_path):
     shutil.copytree(other, src / "text_encoder")
     with pytest.raises(PipelineError, match=f"width 20 does not match.*{cfg['caption_channels']}"):
         TextToImage.load(src)
+
+
+@pytest.mark.slow  # ~35 s on 2 cores
+def test_cli_sample_and_encode_prompts(pixart_pipe, tmp_path, capsys):
+    """``jdq sample PIPELINE --prompt`` writes a PNG; ``jdq encode-prompts`` caches what the pipeline
+    computes, and sampling the transformer from that cache gives the same latents."""
+    from safetensors.numpy import load_file
+
+    from jdq.cli import main
+
+    folder = pixart_pipe[1]
+    out = tmp_path / "s"
+    assert main(["sample", str(folder), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--steps", "2",
+                 "--negative-prompt", "", "--out", str(out), "--no-progress"]) == 0
+    assert (tmp_path / "s.png").is_file()
+    lat = np.load(tmp_path / "s.npz")["samples"]
+    (tmp_path / "p.txt").write_text(PROMPTS[0] + "\n\n" + PROMPTS[1] + "\n")
+    cache = tmp_path / "c.safetensors"
+    assert main(["encode-prompts", str(folder), "--prompts", str(tmp_path / "p.txt"), "--negative-prompt", "",
+                 "--out", str(cache)]) == 0
+    arrays = load_file(str(cache))
+    assert arrays["text_emb"].shape == (2, 300, 16) and arrays["negative_text_emb"].shape == (1, 300, 16)
+    np.testing.assert_array_equal(arrays["text_emb"], TextToImage.load(folder).encode(PROMPTS)["text_emb"])
+    neg = tmp_path / "n.safetensors"
+    from safetensors.numpy import save_file
+
+    save_file({"text_emb": arrays["negative_text_emb"], "mask": arrays["negative_mask"]}, str(neg))
+    assert main(["sample", str(folder / "transformer"), "--embeddings", str(cache), "--negative-embeddings", str(neg),
+                 "--steps", "2", "--out", str(tmp_path / "t"), "--no-progress"]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "t.npz")["samples"], lat, rtol=0, atol=1e-5)
+    # bad input: prompts for a plain model folder, a missing prompts file
+    assert main(["sample", str(folder / "transformer"), "--prompt", "x", "--out", str(tmp_path / "u")]) == 2
+    assert main(["encode-prompts", str(folder), "--prompts", str(tmp_path / "nope.txt"), "--out", str(cache)]) == 2
+    assert "does not exist" in capsys.readouterr().err
