@@ -5,6 +5,7 @@ Command line::
     python -m checkpoints_convert dit IN.pt OUT_DIR [--num-heads N] [--dtype bfloat16] [--overwrite]
     python -m checkpoints_convert diffusers IN_DIR OUT_DIR [--dtype bfloat16] [--overwrite]
     python -m checkpoints_convert inception weights-inception-2015-12-05-6726825d.pth OUT_DIR
+    python -m checkpoints_convert transformers T5_OR_CLIP_DIR OUT_DIR [--dtype bfloat16]
 
 Python: :func:`convert` (auto-detects the source kind; what ``jdq convert`` calls),
 :func:`convert_dit_checkpoint`, :func:`convert_diffusers_folder`, and the in-memory converters
@@ -89,10 +90,14 @@ def convert_diffusers_folder(in_dir, out_dir, dtype=None, overwrite: bool = Fals
 
 def convert(source, out_dir, *, kind: str | None = None, num_heads: int | None = None, dtype=None,
             overwrite: bool = False) -> Path:
-    """Convert ``source`` to a jdq model folder; ``kind`` ``"dit"``/``"inception"``/``"diffusers"`` or ``None`` (guess).
+    """Convert ``source`` to a jdq model folder; ``kind`` ``"dit"``/``"inception"``/``"diffusers"``/``"transformers"``
+    or ``None`` (guess).
 
     A file is read as a FID Inception-v3 ``.pth`` when its keys are Inception's, else as a
-    facebookresearch/DiT checkpoint; a folder with ``config.json`` as a diffusers model folder.
+    facebookresearch/DiT checkpoint; a folder with ``config.json`` as a diffusers model folder, or, when
+    the config is transformers' (``model_type``, no ``_class_name``), a T5 / CLIP encoder folder
+    (:mod:`checkpoints_convert.transformers_text`, streamed tensor by tensor); a folder with
+    ``model_index.json`` as a PixArt-Σ / SD3 pipeline (:mod:`checkpoints_convert.pipelines`).
     Returns the output folder, loadable with ``jdq.models.load``.
     """
     src = Path(source)
@@ -107,9 +112,17 @@ def convert(source, out_dir, *, kind: str | None = None, num_heads: int | None =
         return convert_dit_checkpoint(src, out_dir, num_heads=num_heads, dtype=dtype, overwrite=overwrite, state=state)
     if kind == "inception":
         return convert_inception_checkpoint(src, out_dir, dtype=dtype, overwrite=overwrite)
+    if kind is None and (src / "model_index.json").is_file():  # a diffusers pipeline: every component
+        from checkpoints_convert.pipelines import convert_pipeline_folder
+
+        if num_heads is not None:
+            raise CheckpointError("num_heads applies to facebookresearch/DiT .pt files only")
+        return convert_pipeline_folder(src, out_dir, dtype=dtype, overwrite=overwrite)
     if kind is None:
         if (src / "config.json").is_file():
-            kind = "diffusers"
+            from checkpoints_convert.transformers_text import is_transformers_config, read_transformers_config
+
+            kind = "transformers" if is_transformers_config(read_transformers_config(src)) else "diffusers"
         else:
             raise CheckpointError(f"{src}: neither a checkpoint file nor a diffusers folder with config.json")
     if kind == "dit":
@@ -118,7 +131,13 @@ def convert(source, out_dir, *, kind: str | None = None, num_heads: int | None =
         if num_heads is not None:
             raise CheckpointError("num_heads applies to facebookresearch/DiT .pt files only (diffusers configs name it)")
         return convert_diffusers_folder(src, out_dir, dtype=dtype, overwrite=overwrite)
-    raise CheckpointError(f"unknown source kind {kind!r}; use 'dit', 'inception' or 'diffusers'")
+    if kind == "transformers":
+        if num_heads is not None:
+            raise CheckpointError("num_heads applies to facebookresearch/DiT .pt files only (transformers configs name it)")
+        from checkpoints_convert.transformers_text import convert_transformers_folder
+
+        return convert_transformers_folder(src, out_dir, dtype=dtype, overwrite=overwrite)
+    raise CheckpointError(f"unknown source kind {kind!r}; use 'dit', 'inception', 'diffusers' or 'transformers'")
 
 
 __all__ = ["CheckpointError", "DIFFUSERS_CLASSES", "convert", "convert_diffusers_folder", "convert_diffusers_state",

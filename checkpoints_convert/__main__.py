@@ -1,4 +1,4 @@
-"""``python -m checkpoints_convert {dit,diffusers} IN OUT_DIR``: see :mod:`checkpoints_convert`."""
+"""``python -m checkpoints_convert {dit,inception,diffusers,transformers} IN OUT_DIR``: see :mod:`checkpoints_convert`."""
 
 from __future__ import annotations
 
@@ -24,7 +24,12 @@ def main(argv=None) -> int:
                                              "DiT, PixArt-Σ, SD3 transformer or AutoencoderKL")
     p_dif.add_argument("input", help="the model folder (e.g. .../transformer or .../vae)")
     p_dif.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
-    for p in (p_dit, p_inc, p_dif):
+    p_tf = sub.add_parser("transformers", help="a transformers encoder folder (config.json + *.safetensors): "
+                                               "T5EncoderModel, CLIPTextModel(WithProjection), CLIPVisionModel"
+                                               "(WithProjection), CLIPModel")
+    p_tf.add_argument("input", help="the model folder (e.g. .../text_encoder_3)")
+    p_tf.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
+    for p in (p_dit, p_inc, p_dif, p_tf):
         p.add_argument("--dtype", default=None, help="store floating params as this dtype (default float32)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)

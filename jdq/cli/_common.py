@@ -21,5 +21,6 @@ COMMANDS = {
     "sample": ("sample", "sample a model (default: the embedded Animal-MNIST DiT) to a PNG grid and .npz"),
     "convert": ("convert", "convert an official checkpoint (DiT .pt, Inception .pth, diffusers folder) to a jdq folder"),
     "eval": ("eval", "sample quality (FID, precision/recall, PSNR/SSIM vs FP) with intervals, resumable"),
+    "encode-prompts": ("encode_prompts", "encode prompts with a pipeline's text encoders to a .safetensors cache"),
     "cost": ("cost", "latency/energy of a plan on a hardware preset (accelerator cost model)"),
 }

@@ -14,11 +14,12 @@ def add_parser(sub):
     """Add ``jdq convert`` to an argparse sub-parser collection; return its parser."""
     p = sub.add_parser(NAME, help=HELP,
                        description="Convert a facebookresearch/DiT .pt file, the FID Inception-v3 .pth of torch-fidelity "
-                                   "or pytorch-fid, or a diffusers model folder (DiT, PixArt-Σ, SD3 transformer, "
-                                   "AutoencoderKL) to a jdq model folder.")
+                                   "or pytorch-fid, a diffusers model folder (DiT, PixArt-Σ, SD3 transformer, "
+                                   "AutoencoderKL) or a transformers encoder folder (T5EncoderModel, CLIP text/vision, "
+                                   "CLIPModel) to a jdq model folder.")
     p.add_argument("source", help="a DiT .pt checkpoint, an Inception .pth, or a diffusers model folder with config.json")
     p.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--kind", choices=("dit", "inception", "diffusers"), default=None, help="source kind (default: guessed)")
+    p.add_argument("--kind", choices=("dit", "inception", "diffusers", "transformers"), default=None, help="source kind (default: guessed)")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads of a DiT .pt (default by width)")
     p.add_argument("--dtype", default=None, help="store floating params as this dtype (default float32)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

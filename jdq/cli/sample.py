@@ -40,6 +40,10 @@ def add_parser(sub):
                         "text_emb, and mask (PixArt-Σ) or pooled (SD3)")
     p.add_argument("--negative-embeddings", default=None, metavar="FILE",
                    help="unconditional embeddings for guidance (same keys; batch 1 or N)")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="a prompt for a text-to-image pipeline folder (PixArt-Σ / SD3 from `jdq convert`); repeatable")
+    p.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="the negative prompt of a pipeline folder (default: empty, as diffusers)")
     p.add_argument("--sampler", default=None, help="ddpm, ddim, dpm++2m or euler (default: the model family's)")
     p.add_argument("--steps", type=int, default=None, help="number of sampling steps (default: the family's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1: none)")
@@ -297,6 +301,13 @@ def run(args) -> int:
     if args.calib_samples < 1:
         raise CliError(f"--calib-samples must be >= 1, got {args.calib_samples}")
     png, npz = _output_paths(args.out)
+    if args.model is not None and (Path(args.model) / "pipeline.json").is_file():
+        from jdq.cli.sample_text import run_pipeline
+
+        return run_pipeline(args, png, npz)
+    if args.prompt or args.negative_prompt:
+        raise CliError("--prompt/--negative-prompt need a text-to-image pipeline folder (a converted PixArt-Σ or "
+                       "SD3 pipeline with pipeline.json)")
     if args.vae is not None and not Path(args.vae).is_dir():
         raise CliError(f"--vae folder {args.vae} does not exist")
     if args.quant is not None:

@@ -52,6 +52,8 @@ FAMILIES = {
     "sd3": "jdq.models.mmdit",
     "vae": "jdq.models.vae",
     "inception": "jdq.models.inception",  # the FID Inception-v3 (a feature extractor, not a denoiser)
+    "t5": "jdq.models.t5",  # text encoders (transformers' T5EncoderModel, CLIP text/vision towers)
+    "clip": "jdq.models.clip",
 }
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -398,20 +400,20 @@ def load(path: str | os.PathLike, dtype=None) -> tuple[Model, ConfigBase]:
     Every tensor is checked by name and shape against the family's abstract model. ``dtype``
     (e.g. ``jnp.bfloat16``) casts the floating params after loading.
     """
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    from jdq.models.streaming import SafetensorsReader
 
     family, config = read_config(path)
     mod = family_module(family)
     p = Path(path) / PARAMS_FILE
     if not p.is_file():
         raise FileNotFoundError(f"{path}: no {PARAMS_FILE}")
-    try:
-        flat = load_file(str(p))
-    except (SafetensorError, OSError, ValueError) as e:
+    try:  # tensor by tensor, each numpy buffer dropped once on the device: never two copies of a model
+        reader = SafetensorsReader(p)
+        flat = {k: jnp.asarray(reader[k]) for k in reader.keys()}
+    except (OSError, ValueError) as e:
         raise ValueError(f"{p}: cannot read safetensors file ({e}); is it truncated or corrupt?") from None
     abstract = mod.from_config(config, abstract=True)
-    params = unflatten_params({k: jnp.asarray(v) for k, v in flat.items()}, abstract.params)
+    params = unflatten_params(flat, abstract.params)
     model = abstract.replace(params=params)
     if dtype is not None:
         model = model.astype(dtype)

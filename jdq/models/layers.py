@@ -155,7 +155,7 @@ def qmatmul(a, b, *, site: str, roles: tuple[str, str], quant: QuantizerBase | N
 FUSED_ATTENTION_ENV = "JDQ_FUSED_ATTENTION"
 
 
-def _fused_attention(q, k, v, mask, scale):
+def _fused_attention(q, k, v, mask, scale, bias=None):
     """``jax.nn.dot_product_attention``, with cuDNN's fused kernel where it applies.
 
     XLA's implementation materialises the (B, H, Lq, Lk) logits in float32; on a GPU that memory
@@ -169,22 +169,24 @@ def _fused_attention(q, k, v, mask, scale):
     if choice not in ("auto", "xla", "cudnn"):
         raise ValueError(f"{FUSED_ATTENTION_ENV}={choice!r}; use auto, xla or cudnn")
     want_cudnn = choice == "cudnn" or (
-        choice == "auto" and mask is None and q.dtype in (jnp.bfloat16, jnp.float16)
+        choice == "auto" and mask is None and bias is None and q.dtype in (jnp.bfloat16, jnp.float16)
         and jax.default_backend() == "gpu")
     if want_cudnn:
         try:
-            return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+            return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="cudnn")
         except Exception:  # noqa: BLE001  (unsupported here: fall back to XLA unless cuDNN was demanded)
             if choice == "cudnn":
                 raise
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="xla")
 
 
-def attention(q, k, v, *, site: str, quant: QuantizerBase | None = None, mask=None, scale: float | None = None):
+def attention(q, k, v, *, site: str, quant: QuantizerBase | None = None, mask=None, scale: float | None = None,
+              bias=None):
     """Multi-head attention ``softmax(q·kᵀ·scale [+mask]) · v`` with both matmuls as quantization sites.
 
     ``q``: (B, Lq, H, D), ``k``/``v``: (B, Lk, H, D); returns (B, Lq, H, D). ``mask`` is a
-    boolean array broadcastable to (B, H, Lq, Lk), ``True`` where attention is allowed. The
+    boolean array broadcastable to (B, H, Lq, Lk), ``True`` where attention is allowed; ``bias``
+    (broadcastable to (B, H, Lq, Lk), e.g. T5's relative positions) is added to the scaled logits. The
     matmul sites are ``f"{site}.qk"`` (roles ``q``, ``k``) and ``f"{site}.pv"`` (roles
     ``attn_prob``, ``v``); the softmax scale is applied after q·kᵀ and the softmax runs in
     float32. When ``quant`` transforms none of the four operands, the fused
@@ -199,11 +201,13 @@ def attention(q, k, v, *, site: str, quant: QuantizerBase | None = None, mask=No
         or quant.quantizes(pv_site, "attn_prob") or quant.quantizes(pv_site, "v")
     )
     if not explicit:
-        return _fused_attention(q, k, v, mask, scale)
+        return _fused_attention(q, k, v, mask, scale, bias)
     qh = jnp.swapaxes(q, 1, 2)  # (B, H, Lq, D)
     kt = jnp.transpose(k, (0, 2, 3, 1))  # (B, H, D, Lk)
     vh = jnp.swapaxes(v, 1, 2)  # (B, H, Lk, D)
     logits = qmatmul(qh, kt, site=qk_site, roles=("q", "k"), quant=quant).astype(jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
@@ -235,6 +239,16 @@ class Linear(nnx.Module):
         b = None if self.bias is None else self.bias[...]
         return qlinear(x, self.kernel[...], b, site=self.site, quant=quant, act_role=self.act_role, activation=activation,
                        norm=norm, residual=residual, split=split)
+
+
+class Embedding(nnx.Module):
+    """A lookup table ``weight`` (rows, dim): no matmul, so no quantization site."""
+
+    def __init__(self, rows: int, dim: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        self.weight = nnx.Param(jax.random.normal(rngs.params(), (rows, dim), param_dtype))
+
+    def __call__(self, ids):
+        return jnp.take(self.weight[...], ids, axis=0)
 
 
 def layer_norm(x, scale=None, bias=None, *, eps: float = 1e-6):

@@ -1,0 +1,158 @@
+"""jdq's T5 encoder against transformers' ``T5EncoderModel`` (PyTorch) on tiny random configs.
+
+Float32 last hidden states agree to relative error 1e-5 (``max|jdq - ref| / max|ref|``; measured
+~1e-6: float32 sums in another order over a few layers). Weights come through the streaming
+converter from folders ``save_pretrained`` writes (one file and sharded).
+"""
+
+import json
+import warnings
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jdq.models  # noqa: E402
+from checkpoints_convert import convert  # noqa: E402
+from checkpoints_convert.common import CheckpointError  # noqa: E402
+from checkpoints_convert.transformers_text import convert_transformers_arrays  # noqa: E402
+from jdq.models import t5  # noqa: E402
+
+F32_TOL = 1e-5
+TINY = dict(vocab_size=40, d_model=16, d_kv=4, d_ff=24, num_layers=3, num_heads=4, feed_forward_proj="gated-gelu",
+            relative_attention_num_buckets=8, relative_attention_max_distance=10, decoder_start_token_id=0)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def randomize(m, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "layer_norm" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    return m.eval()
+
+
+def tiny_torch(seed=0, cls=None, **overrides):
+    cls = cls or transformers.T5EncoderModel
+    return randomize(cls(transformers.T5Config(**{**TINY, **overrides})), seed)
+
+
+def token_inputs(b=3, n=13, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(2, TINY["vocab_size"], (b, n))
+    mask = np.ones((b, n), np.int64)
+    for i, keep in enumerate([5, n, 9][:b]):  # masked tails of different lengths, padded with id 0
+        ids[i, keep:] = 0
+        mask[i, keep:] = 0
+    return ids, mask
+
+
+def torch_out(m, ids, mask=None):
+    with torch.no_grad():
+        return m(input_ids=torch.tensor(ids), attention_mask=None if mask is None else torch.tensor(mask)
+                 ).last_hidden_state.float().numpy()
+
+
+def test_relative_position_buckets_match_transformers():
+    """Every distance up to ±700 and several bucket settings, including the log-bucket boundaries."""
+    rel = torch.arange(700)[None, :] - torch.arange(700)[:, None]
+    ref = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket
+    for buckets, dist in [(32, 128), (8, 10), (16, 20), (64, 300)]:
+        want = ref(rel, bidirectional=True, num_buckets=buckets, max_distance=dist).numpy()
+        np.testing.assert_array_equal(t5.relative_position_buckets(700, 700, buckets, dist), want)
+
+
+@pytest.mark.parametrize("ff", ["gated-gelu", "relu"])
+def test_f32_with_masked_tails_matches_transformers(ff, tmp_path):
+    """Through save_pretrained -> jdq convert (sharded folder) -> jdq.models.load."""
+    m = tiny_torch(1, feed_forward_proj=ff)
+    src = tmp_path / "t5"
+    m.save_pretrained(src, max_shard_size="5KB")
+    assert list(src.glob("*.index.json")), "the folder should be sharded"
+    out = convert(src, tmp_path / "jdq")
+    model, cfg = jdq.models.load(out)
+    assert isinstance(cfg, t5.Config) and cfg.feed_forward_proj == ff and cfg.num_layers == 3
+    ids, mask = token_inputs()
+    want = torch_out(m, ids, mask)
+    got = model(jnp.asarray(ids), jnp.asarray(mask))
+    assert got.shape == want.shape == (3, 13, 16)
+    assert rel_err(got, want) <= F32_TOL
+    # The mask matters (so the comparison above tests it), and no mask keeps every token.
+    unmasked = torch_out(m, ids)
+    assert rel_err(unmasked, want) > 1e-3
+    assert rel_err(model(jnp.asarray(ids)), unmasked) <= F32_TOL
+
+
+def test_bf16_within_transformers_own_bf16_error():
+    """jdq computing in bf16 is as far from the float32 reference as transformers in bf16 is (×2 margin)."""
+    m = tiny_torch(2)
+    family, params, cfg = convert_transformers_arrays(m.state_dict(), m.config.to_dict())
+    model = t5.from_config(cfg, abstract=True).replace(params=params).with_dtype("bfloat16")
+    ids, mask = token_inputs(seed=3)
+    ref = torch_out(m, ids, mask)
+    torch_bf16 = rel_err(torch_out(m.to(torch.bfloat16), ids, mask), ref)
+    got = model(jnp.asarray(ids), jnp.asarray(mask))
+    assert got.dtype == jnp.bfloat16
+    assert rel_err(np.asarray(got, np.float32), ref) <= 2 * max(torch_bf16, 2 ** -8)
+
+
+def test_full_t5_converts_its_encoder_with_a_warning(tmp_path):
+    full = tiny_torch(4, cls=transformers.T5ForConditionalGeneration)
+    full.save_pretrained(tmp_path / "full")
+    with pytest.warns(UserWarning, match="encoder only"):
+        out = convert(tmp_path / "full", tmp_path / "jdq")
+    model, _ = jdq.models.load(out)
+    enc = transformers.T5EncoderModel(full.config)
+    enc.load_state_dict({k: v for k, v in full.state_dict().items() if k.startswith(("shared", "encoder"))},
+                        strict=False)
+    ids, mask = token_inputs(seed=5)
+    assert rel_err(model(jnp.asarray(ids), jnp.asarray(mask)), torch_out(enc.eval(), ids, mask)) <= F32_TOL
+
+
+def test_decoder_and_bad_folders_are_clear_errors(tmp_path):
+    m = tiny_torch(0)
+    m.save_pretrained(tmp_path / "t5")
+    cfg = json.loads((tmp_path / "t5" / "config.json").read_text())
+    (tmp_path / "dec").mkdir()
+    (tmp_path / "dec" / "config.json").write_text(json.dumps({**cfg, "is_decoder": True}))
+    with pytest.raises(CheckpointError, match="decoder"):
+        convert(tmp_path / "dec", tmp_path / "o1")
+    llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(llama))
+    with pytest.raises(CheckpointError, match="decoder"):
+        convert(tmp_path / "llama", tmp_path / "o2")
+    # A width that disagrees with the weights names the key and both shapes.
+    (tmp_path / "t5" / "config.json").write_text(json.dumps({**cfg, "d_ff": 30}))
+    with pytest.raises(CheckpointError, match=r"wi_0.weight.*\(24, 16\).*\(30, 16\)"):
+        convert(tmp_path / "t5", tmp_path / "o3")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
+
+
+def test_t5_xxl_shapes_and_quantization_sites():
+    """The published T5-XXL encoder's parameter count (transformers on the meta device) and its sites."""
+    with torch.device("meta"):
+        ref = transformers.T5EncoderModel(transformers.T5Config(
+            d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu"))
+    n_ref = sum(p.numel() for p in ref.parameters())
+    abstract = t5.from_config(t5.T5_V1_1_XXL, abstract=True)
+    assert abstract.num_params == n_ref == 4_762_310_656
+    from jdq.quant.transform import trace_operands
+
+    small = t5.from_config(t5.Config.from_transformers(TINY), key=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ops = trace_operands(lambda p, ids, quant: small.apply(p, ids, quant=quant), small.params, jnp.zeros((1, 5), jnp.int32))
+    sites = {o.site for o in ops}
+    assert "encoder.block.2.layer.1.DenseReluDense.wo" in sites
+    assert "encoder.block.0.layer.0.SelfAttention.qk" in sites
