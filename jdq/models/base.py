@@ -421,7 +421,9 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
 
     A conversion killed by SIGKILL (or a power cut) cannot clean up after itself; the next write
     of the same folder does. Only folders made on this host by a process that no longer exists
-    are removed (a live conversion's temporary folder is never touched). Returns what was removed.
+    are removed (a live conversion's temporary folder is never touched). Folders named the older
+    way (``.NAME.tmp-XXXXXXXX``, no host or PID) cannot be told apart from a live write and are
+    left for the user to delete. Returns what was removed.
     """
     removed = []
     for kind in ("tmp", "old"):

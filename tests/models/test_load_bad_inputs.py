@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,3 +151,28 @@ def test_folder_and_file_modes_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_killed_write_leaves_a_temporary_the_next_write_removes(tmp_path):
+    """End to end: SIGKILL a process in the middle of writing a model folder, then save there again."""
+    script = ("import sys, time\n"
+              "from pathlib import Path\n"
+              "from jdq.models.base import write_folder_atomically\n"
+              "def write(tmp):\n"
+              "    (tmp / 'params.safetensors').write_bytes(b'0' * 100000)\n"
+              "    print(tmp, flush=True)\n"
+              "    time.sleep(600)\n"
+              "write_folder_atomically(Path(sys.argv[1]), write)\n")
+    p = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "m")], stdout=subprocess.PIPE, text=True,
+                         cwd=Path(__file__).resolve().parents[2], env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    try:
+        left = Path(p.stdout.readline().strip())  # the writer is now inside write(): kill it there
+        p.kill()
+        p.wait()
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert left.is_dir() and left.parent == tmp_path and left.name.startswith(".m.tmp-")
+    assert not (tmp_path / "m").exists()
+    base.save(dit.from_config(CFG, key=0), tmp_path / "m")
+    assert not left.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
