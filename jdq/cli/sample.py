@@ -132,11 +132,36 @@ def _resolve_model(arg):
         raise CliError(f"cannot load model {folder}: {e}") from None
     defaults = {}
     if (folder / "sampling.json").is_file():
-        try:
-            defaults = json.loads((folder / "sampling.json").read_text())
-        except json.JSONDecodeError as e:
-            raise CliError(f"{folder / 'sampling.json'}: not valid JSON ({e})") from None
+        defaults = read_sampling_defaults(folder / "sampling.json")
     return folder, model, defaults
+
+
+#: The sampling.json keys jdq reads, with the types they must have (extra keys are kept, unread).
+SAMPLING_KEYS = {"sampler": (str,), "steps": (int,), "guidance": (int, float), "clip_denoised": (bool,),
+                 "pixel_space": (bool,), "class_names": (list,)}
+
+
+def read_sampling_defaults(path: Path) -> dict:
+    """A model folder's ``sampling.json``: a JSON object whose known keys have the right types (else CliError)."""
+    import math
+
+    try:
+        defaults = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CliError(f"{path}: not valid UTF-8 JSON ({e})") from None
+    if not isinstance(defaults, dict):
+        raise CliError(f"{path}: expected a JSON object of sampling defaults, found a JSON {type(defaults).__name__}")
+    for key, types in SAMPLING_KEYS.items():
+        v = defaults.get(key)
+        if v is None:
+            continue
+        ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
+        if ok and key == "guidance":
+            ok = math.isfinite(v)
+        if not ok:
+            want = " or ".join(t.__name__ for t in types)
+            raise CliError(f"{path}: {key} must be {'finite, ' if key == 'guidance' else ''}of type {want}, got {v!r}")
+    return defaults
 
 
 def _output_paths(prefix: str):
@@ -345,7 +370,7 @@ def run(args) -> int:
 
     guidance = args.guidance if args.guidance is not None else defaults.get(
         "guidance", FAMILY_DEFAULTS.get(model.family, {}).get("guidance", 1.0))
-    guidance = require_finite(float(guidance), "guidance (from sampling.json)" if args.guidance is None else "--guidance")
+    guidance = float(guidance)
     if guidance != 1.0 and model.family != "dit" and uncond is None:
         raise CliError(f"guidance {guidance:g} on a {model.family} model needs --negative-embeddings "
                        f"(or pass --guidance 1)")

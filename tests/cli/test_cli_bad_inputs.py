@@ -282,3 +282,16 @@ def test_eval_rejects_non_finite_guidance_and_vae_on_pixels(dit_dir, tmp_path, c
     assert code == 2 and "--guidance must be a finite number" in err, err
     code, _, err = _run(["eval", dit_dir, "--out", tmp_path / "r", "--vae", tmp_path], capsys)
     assert code == 2 and "--vae decodes latents" in err, err
+
+
+@pytest.mark.parametrize("text,message", [("[1]", "expected a JSON object of sampling defaults, found a JSON list"),
+                                          ('{"steps": "2"}', "steps must be of type int, got '2'"),
+                                          ('{"guidance": NaN}', "guidance must be finite, of type int or float, got nan"),
+                                          ('{"pixel_space": 1}', "pixel_space must be of type bool, got 1"),
+                                          (b'{"sampler": "\xff"}', "not valid UTF-8 JSON")])
+def test_malformed_sampling_json_names_the_file(tmp_path, text, message, capsys):
+    d = _model(tmp_path / "m")
+    (d / "sampling.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    for command in ("sample", "eval"):
+        code, _, err = _run([command, d, "--out", tmp_path / "o"], capsys)
+        assert code == 2 and message in err and str(d / "sampling.json") in err, err
