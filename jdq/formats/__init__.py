@@ -40,7 +40,7 @@ from .smx import SMXFormat
 from .uniform import IntFormat
 
 __all__ = [
-    "FP8Format", "IntFormat", "MXFormat", "QTensor", "SMXFormat", "cast", "compute_scale",
+    "FP8Format", "IntFormat", "MXFormat", "QTensor", "SMXFormat", "cast", "check_static_params", "compute_scale",
     "dequantize", "get", "names", "pack", "pack_bits", "quantize", "unpack", "unpack_bits",
 ]
 

@@ -130,3 +130,14 @@ def test_a_plan_of_casts_quantizes_the_toy_block_as_the_formats_do():
     ref = jax.jit(lambda pp: toy_block(pp, x, quant=Manual()))(dict(p, **q))
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)  # summation order only; a flipped code is >1e-3
     assert not np.allclose(got, toy_block(p, x), atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt,opts", [("int8", dict(granularity="tensor")), ("int6", dict(granularity="input_channel",
+                                                                                        symmetric=False)),
+                                      ("fp8_e4m3", dict(granularity="tensor"))])
+def test_static_init_refuses_non_finite_statistics(fmt, opts):
+    """A NaN or Inf seen in calibration is an error at plan.init, not an all-NaN model at sampling time."""
+    xs = [heavy(20, (4, 8, 32)), heavy(21, (4, 8, 32)).at[0, 0, 0].set(jnp.nan)]
+    with pytest.raises(ValueError, match="calibration statistics give an invalid scale"):
+        cast(fmt, static=True, **opts).init(steps_stats(xs))
+    cast(fmt, static=True, **opts).init(steps_stats(xs[:1]))  # finite statistics: fine
