@@ -107,8 +107,11 @@ def convert_inception_checkpoint(in_path, out_dir, dtype=None, overwrite: bool =
     return _save(params, "inception", cfg, out_dir, dtype, overwrite, source=in_path)
 
 
-def convert_diffusers_state(config: dict, state_dict: dict):
-    """Dispatch a diffusers ``(config, state_dict)`` on ``_class_name``; returns ``(family, params, Config)``."""
+def convert_diffusers_state(config: dict, state_dict: dict, where: str = "diffusers config"):
+    """Dispatch a diffusers ``(config, state_dict)`` on ``_class_name``; returns ``(family, params, Config)``.
+
+    ``where`` names the config in errors about its fields (e.g. the ``config.json`` path).
+    """
     name = config.get("_class_name")
     if name == "Transformer2DModel" and config.get("norm_type") == "ada_norm_single":
         name = "PixArtTransformer2DModel"  # how diffusers' own PixArt conversion script labels its output
@@ -117,13 +120,13 @@ def convert_diffusers_state(config: dict, state_dict: dict):
     family, module, fn = DIFFUSERS_CLASSES[name]
     for key, value in config.items():  # diffusers' string fields are names ("gelu", "ada_norm_zero"), never numbers
         if not key.startswith("_") and isinstance(value, str) and _is_number(value):
-            raise CheckpointError(f"diffusers config: {key} is the string {value!r}; a number is expected")
+            raise CheckpointError(f"{where}: {key} is the string {value!r}; a number is expected")
     try:
         params, cfg = getattr(importlib.import_module(module), fn)(state_dict, config)
     except CheckpointError:
         raise
     except (TypeError, ValueError) as e:  # a config field of the wrong type or value (e.g. "num_attention_heads": "2")
-        raise CheckpointError(f"diffusers config ({name}) does not describe a model jdq can build: {e}") from None
+        raise CheckpointError(f"{where} ({name}) does not describe a model jdq can build: {e}") from None
     return family, params, cfg
 
 
@@ -140,10 +143,7 @@ def convert_diffusers_folder(in_dir, out_dir, dtype=None, overwrite: bool = Fals
     storage_dtype(dtype)
     _check_output(in_dir, out_dir, overwrite)
     config, state = read_diffusers_folder(in_dir)
-    try:
-        family, params, cfg = convert_diffusers_state(config, state)
-    except CheckpointError as e:
-        raise CheckpointError(f"{Path(in_dir) / 'config.json'}: {e}") from None
+    family, params, cfg = convert_diffusers_state(config, state, where=str(Path(in_dir) / "config.json"))
     return _save(params, family, cfg, out_dir, dtype, overwrite, source=in_dir)
 
 
@@ -201,5 +201,6 @@ def convert(source, out_dir, *, kind: str | None = None, num_heads: int | None =
     raise CheckpointError(f"unknown source kind {kind!r}; use 'dit', 'inception', 'diffusers' or 'transformers'")
 
 
-__all__ = ["CheckpointError", "DIFFUSERS_CLASSES", "STORAGE_DTYPES", "storage_dtype", "convert", "convert_diffusers_folder", "convert_diffusers_state",
-           "convert_dit_checkpoint", "convert_inception_checkpoint", "read_diffusers_folder", "read_torch_checkpoint"]
+__all__ = ["CheckpointError", "DIFFUSERS_CLASSES", "STORAGE_DTYPES", "convert", "convert_diffusers_folder",
+           "convert_diffusers_state", "convert_dit_checkpoint", "convert_inception_checkpoint", "read_diffusers_folder",
+           "read_torch_checkpoint", "storage_dtype"]
