@@ -79,7 +79,8 @@ def _is_tuple_type(tp) -> bool:
 
 _SCALAR_CHECKS = {
     int: (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)), "an integer"),
-    float: (lambda v: isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)), "a number"),
+    float: (lambda v: isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and np.isfinite(v),
+            "a finite number"),
     bool: (lambda v: isinstance(v, (bool, np.bool_)), "true or false"),
     str: (lambda v: isinstance(v, str), "a string"),
 }
@@ -96,7 +97,8 @@ def _scalar_kinds(tp):
 
 
 def check_field_types(config) -> None:
-    """Raise ValueError naming the field if a scalar field (int/float/bool/str) holds another type.
+    """Raise ValueError naming the field if a scalar field (int/float/bool/str) holds another type
+    (or a float field NaN or Inf).
 
     A config read from JSON (``"num_heads": "2"``) otherwise fails later with an obscure TypeError,
     or, worse, computes with the wrong value (``"2" * 64`` is a string). Fields of other types

@@ -78,7 +78,8 @@ def test_undecodable_config_names_the_file(folder):
 
 
 @pytest.mark.parametrize("field,value,want", [("num_heads", "2", "an integer"), ("hidden_size", 32.0, "an integer"),
-                                              ("null_class", 1, "true or false"), ("mlp_ratio", "4", "a number"),
+                                              ("null_class", 1, "true or false"), ("mlp_ratio", "4", "a finite number"),
+                                              ("attn_norm_eps", float("nan"), "a finite number"),
                                               ("dtype", 32, "a string")])
 def test_wrong_typed_config_field_names_field_and_file(folder, field, value, want):
     raw = json.loads((folder / "config.json").read_text())
