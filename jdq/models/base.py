@@ -30,6 +30,7 @@ tensor's name and shape against the family's abstract model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import numbers
@@ -96,6 +97,15 @@ def _scalar_kinds(tp):
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _field_hints(cls) -> dict:
+    """``cls``'s resolved annotations; {} if one cannot be resolved (such a config is simply not checked)."""
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError, AttributeError):
+        return {}
+
+
 def check_field_types(config) -> None:
     """Raise ValueError naming the field if a scalar field (int/float/bool/str) holds another type
     (or a float field NaN or Inf).
@@ -105,7 +115,7 @@ def check_field_types(config) -> None:
     (tuples, nested values) are not checked here.
     """
     cls = type(config)
-    hints = typing.get_type_hints(cls)
+    hints = _field_hints(cls)
     for f in dataclasses.fields(config):
         kinds = _scalar_kinds(hints.get(f.name))
         if kinds is None:
