@@ -80,9 +80,11 @@ def _save(params, family: str, cfg, out_dir, dtype=None, overwrite: bool = False
 
 def _check_output(source, out_dir, overwrite: bool):
     """Fail before reading anything if ``out_dir`` exists and may not be replaced (see ``check_replaceable``)."""
-    from jdq.models.base import check_replaceable
+    from checkpoints_convert.pipelines import is_jdq_pipeline_folder
+    from jdq.models.base import check_replaceable, is_model_folder
 
-    check_replaceable(out_dir, overwrite, protect=(source,))
+    check_replaceable(out_dir, overwrite, protect=(source,),
+                      replaceable=lambda p: is_model_folder(p) or is_jdq_pipeline_folder(p))
 
 
 def convert_dit_checkpoint(in_path, out_dir, num_heads: int | None = None, dtype=None, overwrite: bool = False,

@@ -474,12 +474,12 @@ def _default_file_mode(folder: Path) -> int:
         probe.unlink()
 
 
-def check_replaceable(out: str | os.PathLike, overwrite: bool, protect=()) -> None:
+def check_replaceable(out: str | os.PathLike, overwrite: bool, protect=(), replaceable=None) -> None:
     """Raise unless writing the model folder ``out`` may go ahead (``overwrite``: replace an existing one).
 
     An existing ``out`` is replaced only if ``overwrite`` and it is a jdq model folder
-    (:func:`is_model_folder`) that neither is nor contains any path in ``protect`` (e.g. the
-    source of a conversion): ``--overwrite`` never deletes unrelated files.
+    (``replaceable(out)``, default :func:`is_model_folder`) that neither is nor contains any path
+    in ``protect`` (e.g. the source of a conversion): ``--overwrite`` never deletes unrelated files.
     """
     out = Path(out)
     if not (out.exists() or out.is_symlink()):
@@ -492,13 +492,13 @@ def check_replaceable(out: str | os.PathLike, overwrite: bool, protect=()) -> No
         if src == real or real in src.parents:
             raise FileExistsError(f"refusing to overwrite {out}: it {'is' if src == real else 'contains'} "
                                   f"the source {p}")
-    if not is_model_folder(out):
+    if not (replaceable or is_model_folder)(out):
         raise FileExistsError(f"refusing to overwrite {out}: it is not a jdq model folder (no {CONFIG_FILE} "
                               f"naming a jdq family); remove it yourself or choose another output folder")
 
 
 def write_folder_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False,
-                            protect=()) -> Path:
+                            protect=(), replaceable=None) -> Path:
     """Run ``write(tmp_dir)`` in a temporary sibling folder, then rename it to ``out_dir``.
 
     Nothing appears at ``out_dir`` unless ``write`` succeeds. An existing ``out_dir`` is an error
@@ -509,7 +509,7 @@ def write_folder_atomically(out_dir: str | os.PathLike, write: Callable[[Path], 
     (:func:`remove_stale_temporaries`).
     """
     out = Path(out_dir)
-    check_replaceable(out, overwrite, protect)
+    check_replaceable(out, overwrite, protect, replaceable)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     tmp = _make_sibling(out, "tmp")
