@@ -295,3 +295,23 @@ def test_malformed_sampling_json_names_the_file(tmp_path, text, message, capsys)
     for command in ("sample", "eval"):
         code, _, err = _run([command, d, "--out", tmp_path / "o"], capsys)
         assert code == 2 and message in err and str(d / "sampling.json") in err, err
+
+
+@needs_proc
+def test_encode_prompts_unwritable_output_fails_before_encoding(tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    code, _, err = _run(["encode-prompts", tmp_path, "--prompts", tmp_path / "prompts.txt",
+                         "--out", UNWRITABLE / "c.safetensors"], capsys)
+    assert code == 2 and "--out: cannot write /proc/c.safetensors" in err, err
+
+
+@pytest.mark.parametrize("args,message", [(["--per-class", "0"], "--per-class must be >= 1"),
+                                          (["--eta", "0.5"], "--eta does not apply to a pipeline folder"),
+                                          (["--shift", "2"], "--shift does not apply to a pipeline folder"),
+                                          (["--guidance", "nan"], "--guidance must be a finite number")])
+def test_pipeline_sample_rejects_what_does_not_apply(tmp_path, args, message, capsys):
+    pipe = tmp_path / "pipe"
+    pipe.mkdir()
+    (pipe / "pipeline.json").write_text('{"kind": "pixart"}')  # checked before the pipeline is loaded
+    code, _, err = _run(["sample", pipe, "--prompt", "a cat", "--out", tmp_path / "s", *args], capsys)
+    assert code == 2 and message in err, err
