@@ -18,6 +18,12 @@ pytorch-fid; a ``.pth`` file is recognised as one by its key names).
 Every source key is consumed and every shape checked (errors name the key and both shapes);
 unreadable files fail with a clear message; the output folder is written atomically (a failed
 conversion leaves nothing behind).
+
+Before anything is read: ``dtype`` must name a floating dtype (float32, bfloat16, float16), and an
+existing output folder is replaced (``overwrite=True``) only if it is a jdq model folder that
+neither is nor contains the source. A killed conversion's hidden ``.OUT.tmp-*`` folder is removed
+by the next conversion to the same ``OUT``. Converted weights must be finite (a NaN or Inf names
+the param).
 """
 
 from __future__ import annotations
@@ -37,18 +43,48 @@ DIFFUSERS_CLASSES = {
 }
 
 
-def _save(params, family: str, cfg, out_dir, dtype=None, overwrite: bool = False) -> Path:
+#: Storage dtypes ``--dtype`` accepts (what jdq computes in; integer or complex storage would be a different model).
+STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def storage_dtype(dtype):
+    """``dtype`` (a name or dtype) checked to be a floating storage dtype, or None; CheckpointError otherwise."""
+    if dtype is None:
+        return None
+    import jax.numpy as jnp
+
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        raise CheckpointError(f"dtype {dtype!r} is not a dtype; use one of {', '.join(STORAGE_DTYPES)}") from None
+    if dt.name not in STORAGE_DTYPES:
+        raise CheckpointError(f"dtype {dt.name!r} is not a floating storage dtype; use one of {', '.join(STORAGE_DTYPES)}")
+    return dt
+
+
+def _save(params, family: str, cfg, out_dir, dtype=None, overwrite: bool = False, source=None) -> Path:
+    import jax
     import numpy as np
 
-    from jdq.models.base import save_params
+    from jdq.models.base import check_param_values, flatten_params, save_params
 
-    if dtype is not None:
-        import jax.numpy as jnp
-        import jax
-
-        dt = jnp.dtype(dtype)
+    dt = storage_dtype(dtype)
+    if dt is not None:
         params = jax.tree.map(lambda a: np.asarray(a).astype(dt) if np.asarray(a).dtype.kind == "f" else a, params)
-    return save_params(out_dir, params, family, cfg, overwrite=overwrite)
+    try:
+        check_param_values({k: np.asarray(v) for k, v in flatten_params(params).items()}, f"converted {source or family}")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    return save_params(out_dir, params, family, cfg, overwrite=overwrite, protect=() if source is None else (source,))
+
+
+def _check_output(source, out_dir, overwrite: bool):
+    """Fail before reading anything if ``out_dir`` exists and may not be replaced (see ``check_replaceable``)."""
+    from checkpoints_convert.pipelines import is_jdq_pipeline_folder
+    from jdq.models.base import check_replaceable, is_model_folder
+
+    check_replaceable(out_dir, overwrite, protect=(source,),
+                      replaceable=lambda p: is_model_folder(p) or is_jdq_pipeline_folder(p))
 
 
 def convert_dit_checkpoint(in_path, out_dir, num_heads: int | None = None, dtype=None, overwrite: bool = False,
@@ -56,36 +92,61 @@ def convert_dit_checkpoint(in_path, out_dir, num_heads: int | None = None, dtype
     """A facebookresearch/DiT ``.pt`` file (or its already read ``state``) -> jdq model folder ``out_dir``."""
     from checkpoints_convert.dit import convert_dit_state_dict
 
+    storage_dtype(dtype)
+    _check_output(in_path, out_dir, overwrite)
     params, cfg = convert_dit_state_dict(read_torch_checkpoint(in_path) if state is None else state,
                                          num_heads=num_heads)
-    return _save(params, "dit", cfg, out_dir, dtype, overwrite)
+    return _save(params, "dit", cfg, out_dir, dtype, overwrite, source=in_path)
 
 
 def convert_inception_checkpoint(in_path, out_dir, dtype=None, overwrite: bool = False, state=None) -> Path:
     """torch-fidelity's / pytorch-fid's FID Inception-v3 ``.pth`` -> jdq model folder ``out_dir``."""
     from checkpoints_convert.inception import convert_inception
 
+    storage_dtype(dtype)
+    _check_output(in_path, out_dir, overwrite)
     params, cfg = convert_inception(read_torch_checkpoint(in_path) if state is None else state)
-    return _save(params, "inception", cfg, out_dir, dtype, overwrite)
+    return _save(params, "inception", cfg, out_dir, dtype, overwrite, source=in_path)
 
 
-def convert_diffusers_state(config: dict, state_dict: dict):
-    """Dispatch a diffusers ``(config, state_dict)`` on ``_class_name``; returns ``(family, params, Config)``."""
+def convert_diffusers_state(config: dict, state_dict: dict, where: str = "diffusers config"):
+    """Dispatch a diffusers ``(config, state_dict)`` on ``_class_name``; returns ``(family, params, Config)``.
+
+    ``where`` names the config in errors about its fields (e.g. the ``config.json`` path).
+    """
     name = config.get("_class_name")
     if name == "Transformer2DModel" and config.get("norm_type") == "ada_norm_single":
         name = "PixArtTransformer2DModel"  # how diffusers' own PixArt conversion script labels its output
     if name not in DIFFUSERS_CLASSES:
         raise CheckpointError(f"diffusers config has _class_name={name!r}; supported: {sorted(DIFFUSERS_CLASSES)}")
     family, module, fn = DIFFUSERS_CLASSES[name]
-    params, cfg = getattr(importlib.import_module(module), fn)(state_dict, config)
+    for key, value in config.items():  # diffusers' string fields are names ("gelu", "ada_norm_zero"), never numbers
+        if not key.startswith("_") and isinstance(value, str) and _is_number(value):
+            raise CheckpointError(f"{where}: {key} is the string {value!r}; a number is expected")
+    try:
+        params, cfg = getattr(importlib.import_module(module), fn)(state_dict, config)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError) as e:  # a config field of the wrong type or value (e.g. "num_attention_heads": "2")
+        raise CheckpointError(f"{where} ({name}) does not describe a model jdq can build: {e}") from None
     return family, params, cfg
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def convert_diffusers_folder(in_dir, out_dir, dtype=None, overwrite: bool = False) -> Path:
     """A diffusers model folder (config.json + safetensors) -> jdq model folder; returns its path."""
+    storage_dtype(dtype)
+    _check_output(in_dir, out_dir, overwrite)
     config, state = read_diffusers_folder(in_dir)
-    family, params, cfg = convert_diffusers_state(config, state)
-    return _save(params, family, cfg, out_dir, dtype, overwrite)
+    family, params, cfg = convert_diffusers_state(config, state, where=str(Path(in_dir) / "config.json"))
+    return _save(params, family, cfg, out_dir, dtype, overwrite, source=in_dir)
 
 
 def convert(source, out_dir, *, kind: str | None = None, num_heads: int | None = None, dtype=None,
@@ -101,6 +162,8 @@ def convert(source, out_dir, *, kind: str | None = None, num_heads: int | None =
     Returns the output folder, loadable with ``jdq.models.load``.
     """
     src = Path(source)
+    storage_dtype(dtype)  # before reading anything: a bad dtype or output fails in milliseconds
+    _check_output(src, out_dir, overwrite)
     if kind is None and src.is_file():  # a .pt/.pth file: DiT or the FID Inception, told apart by its keys
         from checkpoints_convert.inception import is_inception_state_dict
 
@@ -140,5 +203,6 @@ def convert(source, out_dir, *, kind: str | None = None, num_heads: int | None =
     raise CheckpointError(f"unknown source kind {kind!r}; use 'dit', 'inception', 'diffusers' or 'transformers'")
 
 
-__all__ = ["CheckpointError", "DIFFUSERS_CLASSES", "convert", "convert_diffusers_folder", "convert_diffusers_state",
-           "convert_dit_checkpoint", "convert_inception_checkpoint", "read_diffusers_folder", "read_torch_checkpoint"]
+__all__ = ["CheckpointError", "DIFFUSERS_CLASSES", "STORAGE_DTYPES", "convert", "convert_diffusers_folder",
+           "convert_diffusers_state", "convert_dit_checkpoint", "convert_inception_checkpoint", "read_diffusers_folder",
+           "read_torch_checkpoint", "storage_dtype"]

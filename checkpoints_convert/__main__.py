@@ -30,8 +30,9 @@ def main(argv=None) -> int:
     p_tf.add_argument("input", help="the model folder (e.g. .../text_encoder_3)")
     p_tf.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
     for p in (p_dit, p_inc, p_dif, p_tf):
-        p.add_argument("--dtype", default=None, help="store floating params as this dtype (default float32)")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+        p.add_argument("--dtype", default=None, help="store floating params as float32 (default), bfloat16 or float16")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (only a jdq model folder, "
+                        "never one that is or holds the source)")
     args = parser.parse_args(argv)
 
     from checkpoints_convert import CheckpointError, convert

@@ -52,11 +52,17 @@ def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     import argparse
     import pickle
 
-    import torch
-
     p = Path(path)
+    if p.is_dir():
+        raise CheckpointError(f"{p} is a folder; a DiT or Inception checkpoint is a .pt/.pth file "
+                              f"(a diffusers model folder converts with kind 'diffusers')")
     if not p.is_file():
         raise CheckpointError(f"{p}: no such file")
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"{p}: reading a PyTorch checkpoint needs PyTorch; install jdq with the [torch] extra "
+                              f"(pip install 'jdq[torch]')") from None
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
@@ -106,8 +112,11 @@ def read_diffusers_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], di
         raise CheckpointError(f"{d}: not a diffusers model folder (no config.json)")
     try:
         config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{cfg_path}: not valid UTF-8 JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object (a diffusers config), found a JSON "
+                              f"{type(config).__name__}")
     indices = sorted(d.glob("*.safetensors.index.json"))
     state: dict[str, np.ndarray] = {}
     if indices:
@@ -115,7 +124,9 @@ def read_diffusers_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], di
             raise CheckpointError(f"{d}: several shard indices {[i.name for i in indices]}; keep one")
         try:
             weight_map = json.loads(indices[0].read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+            if not isinstance(weight_map, dict):
+                raise KeyError("weight_map is not an object")
+        except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{indices[0]}: not a safetensors index (no weight_map: {e})") from None
         for shard in sorted(set(weight_map.values())):
             sp = d / shard

@@ -27,6 +27,18 @@ def is_pipeline_folder(folder) -> bool:
     return (Path(folder) / "model_index.json").is_file()
 
 
+def is_jdq_pipeline_folder(folder) -> bool:
+    """Whether ``folder`` is a converted jdq pipeline folder (its ``pipeline.json`` names a pipeline kind)."""
+    from jdq.sampling.pipelines import KINDS, PIPELINE_FILE
+
+    p = Path(folder) / PIPELINE_FILE
+    try:
+        meta = json.loads(p.read_text()) if p.is_file() else None
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("kind") in KINDS
+
+
 def _sampling_defaults(kind: str, src: Path) -> dict:
     sched = src / "scheduler" / "scheduler_config.json"
     cfg = json.loads(sched.read_text()) if sched.is_file() else {}
@@ -45,8 +57,10 @@ def convert_pipeline_folder(in_dir, out_dir, dtype=None, overwrite: bool = False
     src = Path(in_dir)
     try:
         index = json.loads((src / "model_index.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
         raise CheckpointError(f"{src}: cannot read model_index.json ({e})") from None
+    if not isinstance(index, dict):
+        raise CheckpointError(f"{src / 'model_index.json'}: expected a JSON object, found a JSON {type(index).__name__}")
     name = index.get("_class_name")
     if name not in PIPELINES:
         raise CheckpointError(f"{src}: pipeline {name!r} is not supported; supported: {sorted(PIPELINES)}")
@@ -66,4 +80,5 @@ def convert_pipeline_folder(in_dir, out_dir, dtype=None, overwrite: bool = False
                                                      "source": name}, indent=2) + "\n")
         (tmp / "sampling.json").write_text(json.dumps(_sampling_defaults(kind, src), indent=2) + "\n")
 
-    return write_folder_atomically(out_dir, write, overwrite=overwrite)
+    return write_folder_atomically(out_dir, write, overwrite=overwrite, protect=(src,),
+                                   replaceable=is_jdq_pipeline_folder)

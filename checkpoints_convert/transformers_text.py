@@ -336,9 +336,12 @@ def read_transformers_config(folder: str | os.PathLike) -> dict:
     if not p.is_file():
         raise CheckpointError(f"{folder}: not a transformers model folder (no config.json)")
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{p}: not valid JSON ({e})") from None
+        config = json.loads(p.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{p}: not valid UTF-8 JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{p}: expected a JSON object (a model config), found a JSON {type(config).__name__}")
+    return config
 
 
 def convert_transformers_folder(in_dir, out_dir, dtype=None, overwrite: bool = False) -> Path:

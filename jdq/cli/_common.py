@@ -24,3 +24,26 @@ COMMANDS = {
     "encode-prompts": ("encode_prompts", "encode prompts with a pipeline's text encoders to a .safetensors cache"),
     "cost": ("cost", "latency/energy of a plan on a hardware preset (accelerator cost model)"),
 }
+
+
+def require_writable(path, what: str, *, folder: bool = False):
+    """Raise :class:`CliError` now if ``path`` cannot be written (see :func:`jdq.io.check_writable`)."""
+    from jdq.io import check_writable
+
+    try:
+        return check_writable(path, folder=folder)
+    except OSError as e:
+        raise CliError(f"{what}: {e}") from None
+
+
+def require_finite(value, flag: str, *, minimum: float | None = None, strictly: bool = False):
+    """Raise :class:`CliError` unless ``value`` is None or a finite number (``>= minimum``, or ``>`` if ``strictly``)."""
+    import math
+
+    if value is None:
+        return value
+    if not math.isfinite(value):
+        raise CliError(f"{flag} must be a finite number, got {value}")
+    if minimum is not None and (value <= minimum if strictly else value < minimum):
+        raise CliError(f"{flag} must be {'>' if strictly else '>='} {minimum:g}, got {value:g}")
+    return value

@@ -21,8 +21,9 @@ def add_parser(sub):
     p.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--kind", choices=("dit", "inception", "diffusers", "transformers"), default=None, help="source kind (default: guessed)")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads of a DiT .pt (default by width)")
-    p.add_argument("--dtype", default=None, help="store floating params as this dtype (default float32)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--dtype", default=None, help="store floating params as float32 (default), bfloat16 or float16")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (only a jdq model folder, "
+                        "never one that is or holds the source)")
     return p
 
 

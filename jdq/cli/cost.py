@@ -148,6 +148,13 @@ def run(args) -> int:
             problems.append(f"--json {args.json} is a folder, not a file name")
         elif not target.parent.is_dir():
             problems.append(f"--json {args.json}: folder {target.parent} does not exist")
+        else:
+            from jdq.io import check_writable
+
+            try:
+                check_writable(target)
+            except OSError as e:
+                problems.append(f"--json: {e}")
     if problems:
         for p in problems:
             print(f"jdq cost: error: {p}", file=sys.stderr)

@@ -14,7 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from jdq.cli._common import COMMANDS, CliError
+from jdq.cli._common import COMMANDS, CliError, require_writable
 
 NAME = "encode-prompts"
 HELP = COMMANDS[NAME][1]
@@ -49,6 +49,7 @@ def run(args) -> int:
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise CliError(f"--out {out}: expected a .safetensors file")
+    require_writable(out, "--out")  # before the encoders run
     if not (Path(args.pipeline) / "pipeline.json").is_file():
         raise CliError(f"{args.pipeline} is not a pipeline folder (no pipeline.json; convert a diffusers "
                        f"PixArtSigmaPipeline / StableDiffusion3Pipeline folder with `jdq convert`)")

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from jdq.cli._common import COMMANDS, DEFAULT_CLASSIFIER, DEFAULT_MODEL, CliError
+from jdq.cli._common import COMMANDS, DEFAULT_CLASSIFIER, DEFAULT_MODEL, CliError, require_finite, require_writable
 
 NAME = "eval"
 HELP = COMMANDS[NAME][1]
@@ -198,7 +198,7 @@ def _plan(args):
                                   clip_denoised=bool(defaults.get("clip_denoised", False)))
     except ValueError as e:
         raise CliError(str(e)) from None
-    guidance = proto.guidance if args.guidance is None else args.guidance
+    guidance = proto.guidance if args.guidance is None else require_finite(args.guidance, "--guidance")
     if guidance != 1.0 and not model.config.null_class:
         raise CliError(f"guidance {guidance:g} needs a DiT with a null class; pass --guidance 1")
     seed = proto.seed if args.seed is None else args.seed
@@ -207,6 +207,8 @@ def _plan(args):
         raise CliError(f"--shard-size must be >= 1, got {shard}")
 
     pixel = bool(defaults.get("pixel_space"))
+    if pixel and args.vae is not None:
+        raise CliError(f"--vae decodes latents, but {folder} samples pixels (its sampling.json says pixel_space)")
     vae = None
     if not pixel:
         if args.vae is None:
@@ -493,8 +495,9 @@ def run(args) -> int:
     """``jdq eval``: validate, sample (or resume) the shards, compute the metrics, write the results."""
     t_start = time.perf_counter()
     pidx, pcount = _distributed(args)  # before anything touches a jax backend
-    plan = _plan(args)
     out = Path(args.out)
+    require_writable(out, "--out", folder=True)  # before loading anything, not after the sampling
+    plan = _plan(args)
     progress = not args.no_progress and pidx == 0
     reference = _reference(plan, args) if pidx == 0 else None  # before sampling: a bad file fails fast
     sampling_s = 0.0

@@ -7,8 +7,11 @@ DiT trained on Animal-MNIST, shipped in ``jdq/assets``) on the CPU and writes ``
 
 Errors in the arguments (a missing folder, an unknown sampler, format or recipe, a recipe that
 does not fit the model, a class out of range) print one line naming the problem and exit with
-status 2 before anything is computed; outputs are written atomically (a temporary file renamed
-into place), so an interrupted run never leaves a half-written file over a previous one.
+status 2 before anything is computed, and so does an output that cannot be written or an
+option that does not apply to the model (``--eta`` with a sampler other than DDIM, ``--shift``
+without a flow-matching sampler, ``--vae`` on a pixel-space model). The PNG and the .npz are
+written as a pair (both to temporary files, then both renamed), so an interrupted run never
+leaves a half-written file, nor a new .npz beside an old .png.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from jdq.cli._common import COMMANDS, DEFAULT_CLASSIFIER, DEFAULT_MODEL, CliError
+from jdq.cli._common import COMMANDS, DEFAULT_CLASSIFIER, DEFAULT_MODEL, CliError, require_finite, require_writable
 
 NAME = "sample"
 HELP = COMMANDS[NAME][1]
@@ -34,7 +37,7 @@ def add_parser(sub):
                    help="class labels to sample (DiT); default: every class of the embedded model, "
                         "or 8 random classes of another DiT")
     p.add_argument("--per-class", type=int, default=None, metavar="K",
-                   help="samples per listed class (default 2 for the embedded model, else 1)")
+                   help="samples per listed class, >= 1 (default 2 for the embedded model, else 1)")
     p.add_argument("--embeddings", default=None, metavar="FILE",
                    help="PixArt-Σ / SD3 text conditions: .npy (text_emb [N, L, D]) or .npz/.safetensors with "
                         "text_emb, and mask (PixArt-Σ) or pooled (SD3)")
@@ -46,9 +49,10 @@ def add_parser(sub):
                    help="the negative prompt of a pipeline folder (default: empty, as diffusers)")
     p.add_argument("--sampler", default=None, help="ddpm, ddim, dpm++2m or euler (default: the model family's)")
     p.add_argument("--steps", type=int, default=None, help="number of sampling steps (default: the family's)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1: none)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
-    p.add_argument("--shift", type=float, default=None, help="flow-matching time shift (SD3: 3.0)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, finite (1: none)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta >= 0 (default 0: deterministic); DDIM only")
+    p.add_argument("--shift", type=float, default=None,
+                   help="flow-matching time shift > 0 (SD3: 3.0); flow-matching (euler) sampler only")
     p.add_argument("--seed", type=int, default=0, help="random seed; sample j uses fold_in(key(seed), j)")
     p.add_argument("--batch-size", type=int, default=32, help="samples per compiled call")
     p.add_argument("--quant", default=None, metavar="NAME",
@@ -57,7 +61,8 @@ def add_parser(sub):
                    help="conditions used to calibrate a recipe that needs statistics (e.g. w8a8-static)")
     p.add_argument("--devices", type=int, default=None,
                    help="data-parallel over this many local devices (default: all)")
-    p.add_argument("--vae", default=None, metavar="DIR", help="a converted VAE folder to decode latents to images")
+    p.add_argument("--vae", default=None, metavar="DIR",
+                   help="a converted VAE folder to decode latents to images (latent models only)")
     p.add_argument("--out", default="samples", metavar="PREFIX",
                    help="write PREFIX.png (grid) and PREFIX.npz (samples); default 'samples'")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -127,11 +132,36 @@ def _resolve_model(arg):
         raise CliError(f"cannot load model {folder}: {e}") from None
     defaults = {}
     if (folder / "sampling.json").is_file():
-        try:
-            defaults = json.loads((folder / "sampling.json").read_text())
-        except json.JSONDecodeError as e:
-            raise CliError(f"{folder / 'sampling.json'}: not valid JSON ({e})") from None
+        defaults = read_sampling_defaults(folder / "sampling.json")
     return folder, model, defaults
+
+
+#: The sampling.json keys jdq reads, with the types they must have (extra keys are kept, unread).
+SAMPLING_KEYS = {"sampler": (str,), "steps": (int,), "guidance": (int, float), "clip_denoised": (bool,),
+                 "pixel_space": (bool,), "class_names": (list,)}
+
+
+def read_sampling_defaults(path: Path) -> dict:
+    """A model folder's ``sampling.json``: a JSON object whose known keys have the right types (else CliError)."""
+    import math
+
+    try:
+        defaults = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CliError(f"{path}: not valid UTF-8 JSON ({e})") from None
+    if not isinstance(defaults, dict):
+        raise CliError(f"{path}: expected a JSON object of sampling defaults, found a JSON {type(defaults).__name__}")
+    for key, types in SAMPLING_KEYS.items():
+        v = defaults.get(key)
+        if v is None:
+            continue
+        ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
+        if ok and key == "guidance":
+            ok = math.isfinite(v)
+        if not ok:
+            want = " or ".join(t.__name__ for t in types)
+            raise CliError(f"{path}: {key} must be {'finite, ' if key == 'guidance' else ''}of type {want}, got {v!r}")
+    return defaults
 
 
 def _output_paths(prefix: str):
@@ -145,6 +175,7 @@ def _output_paths(prefix: str):
     for p in (png, npz):
         if p.is_dir():
             raise CliError(f"output {p} is a folder")
+        require_writable(p, "--out")
     return png, npz
 
 
@@ -159,13 +190,19 @@ def _validate_sampler(model, args, defaults):
     steps = args.steps if args.steps is not None else defaults.get("steps")
     if steps is not None and steps < 1:
         raise CliError(f"--steps must be >= 1, got {steps}")
-    if args.eta < 0:
-        raise CliError(f"--eta must be >= 0, got {args.eta}")
+    require_finite(args.eta, "--eta", minimum=0)
+    require_finite(args.shift, "--shift", minimum=0, strictly=True)
     try:
-        return resolve_sampler(model, name, steps, eta=args.eta, shift=args.shift,
-                               clip_denoised=bool(defaults.get("clip_denoised", False)))
+        sampler = resolve_sampler(model, name, steps, eta=args.eta or 0.0, shift=args.shift,
+                                  clip_denoised=bool(defaults.get("clip_denoised", False)))
     except ValueError as e:
         raise CliError(str(e)) from None
+    # an option the sampler would ignore is an error: the user asked for something that cannot happen
+    if args.eta is not None and sampler.kind != "ddim":
+        raise CliError(f"--eta applies to the DDIM sampler only; this run uses {sampler.kind!r} (add --sampler ddim)")
+    if args.shift is not None and sampler.kind != "euler":
+        raise CliError(f"--shift applies to the flow-matching (euler) sampler only; this run uses {sampler.kind!r}")
+    return sampler
 
 
 def _conditions(model, args, defaults):
@@ -177,7 +214,7 @@ def _conditions(model, args, defaults):
         if args.embeddings or args.negative_embeddings:
             raise CliError("--embeddings/--negative-embeddings condition PixArt-Σ and SD3; a DiT takes --classes")
         k = model.config.num_classes
-        per = args.per_class or (2 if defaults.get("class_names") else 1)
+        per = _per_class(args, defaults)
         if per < 1:
             raise CliError(f"--per-class must be >= 1, got {per}")
         if args.classes is not None:
@@ -199,7 +236,9 @@ def _conditions(model, args, defaults):
             raise CliError(f"a {family} model needs --embeddings (jdq ships no text encoder; "
                            f"save the encoder's output as .npy/.npz/.safetensors)")
         cond = _text_condition(_load_arrays(args.embeddings, "--embeddings"), family, args.embeddings)
-        per = args.per_class or 1
+        per = _per_class(args, defaults)
+        if per < 1:
+            raise CliError(f"--per-class must be >= 1, got {per}")
         if per > 1:
             cond = {k: np.concatenate([v] * per) for k, v in cond.items()}
         uncond = None
@@ -217,6 +256,13 @@ def _conditions(model, args, defaults):
                                    f"the conditions {cond[key].shape[1:]}")
         return cond, uncond, None
     raise CliError(f"cannot sample a {family} model (a VAE?); give a DiT, PixArt-Σ or SD3 folder")
+
+
+def _per_class(args, defaults) -> int:
+    """``--per-class``, or its default (2 for the embedded model's named classes, else 1); 0 stays 0 (an error)."""
+    if args.per_class is not None:
+        return args.per_class
+    return 2 if defaults.get("class_names") else 1
 
 
 def _example_inputs(model, cond):
@@ -301,6 +347,7 @@ def run(args) -> int:
     if args.calib_samples < 1:
         raise CliError(f"--calib-samples must be >= 1, got {args.calib_samples}")
     png, npz = _output_paths(args.out)
+    require_finite(args.guidance, "--guidance")
     if args.model is not None and (Path(args.model) / "pipeline.json").is_file():
         from jdq.cli.sample_text import run_pipeline
 
@@ -315,12 +362,15 @@ def run(args) -> int:
         if args.quant not in recipes.names():
             raise CliError(f"unknown quantization recipe {args.quant!r}; known: {', '.join(recipes.names())}")
     folder, model, defaults = _resolve_model(args.model)
+    if args.vae is not None and defaults.get("pixel_space"):
+        raise CliError(f"--vae decodes latents, but {folder} samples pixels (its sampling.json says pixel_space)")
     sampler = _validate_sampler(model, args, defaults)
     cond, uncond, labels = _conditions(model, args, defaults)
     from jdq.sampling.generate import FAMILY_DEFAULTS
 
     guidance = args.guidance if args.guidance is not None else defaults.get(
         "guidance", FAMILY_DEFAULTS.get(model.family, {}).get("guidance", 1.0))
+    guidance = float(guidance)
     if guidance != 1.0 and model.family != "dit" and uncond is None:
         raise CliError(f"guidance {guidance:g} on a {model.family} model needs --negative-embeddings "
                        f"(or pass --guidance 1)")
@@ -347,17 +397,16 @@ def run(args) -> int:
                        batch_size=args.batch_size, quant=quantizer, mesh=mesh, progress=not args.no_progress)
     images = _grid_images(model, samples, args, defaults)
 
-    from jdq.sampling.images import save_grid, save_npz
+    from jdq.sampling.images import save_grid_and_npz
 
-    per = args.per_class or (2 if defaults.get("class_names") else 1)
+    per = _per_class(args, defaults)
     ncol = n // per if (labels is not None and per > 1 and n % per == 0) else None
     settings = dict(model=str(folder), family=model.family, sampler=sampler.kind, steps=sampler.num_steps,
                     guidance=guidance, seed=args.seed, quant=args.quant or "")
-    arrays = {"samples": samples, "images": images, "settings": np.asarray(json.dumps(settings))}
+    arrays = {"samples": samples, "images": images, "settings": np.asarray(json.dumps(settings, allow_nan=False))}
     if labels is not None:
         arrays["labels"] = labels
-    save_npz(npz, **arrays)
-    save_grid(png, images, ncol=ncol, scale=4 if images.shape[1] <= 64 else 1)
+    save_grid_and_npz(png, npz, images, arrays, ncol=ncol, scale=4 if images.shape[1] <= 64 else 1)
     line = f"wrote {png} and {npz} in {time.time() - t0:.1f}s"
     if args.model is None and labels is not None and DEFAULT_CLASSIFIER.is_file():
         from jdq.demo import classifier as clf

@@ -38,10 +38,15 @@ def run_pipeline(args, png, npz) -> int:
                        "with `jdq sample FOLDER/transformer --embeddings` (see `jdq encode-prompts`)")
     if args.steps is not None and args.steps < 1:
         raise CliError(f"--steps must be >= 1, got {args.steps}")
+    if args.per_class is not None and args.per_class < 1:
+        raise CliError(f"--per-class must be >= 1, got {args.per_class}")
+    for flag, value in (("--eta", args.eta), ("--shift", args.shift), ("--vae", args.vae)):
+        if value is not None:  # the pipeline brings its own scheduler settings and VAE
+            raise CliError(f"{flag} does not apply to a pipeline folder (it uses its own scheduler and VAE)")
     pipe = load_pipeline(args.model)
     import numpy as np
 
-    from jdq.sampling.images import save_grid, save_npz, to_uint8
+    from jdq.sampling.images import save_grid_and_npz, to_uint8
 
     prompts = list(args.prompt) * (args.per_class or 1)
     print(f"jdq sample: {len(prompts)} images of {pipe.kind} pipeline {args.model}", file=sys.stderr)
@@ -58,7 +63,7 @@ def run_pipeline(args, png, npz) -> int:
     images = to_uint8(images)
     settings = dict(model=str(args.model), family=pipe.kind, prompts=prompts, negative_prompt=args.negative_prompt or "",
                     guidance=args.guidance, steps=args.steps, seed=args.seed)
-    save_npz(npz, samples=latents, images=images, settings=np.asarray(json.dumps(settings)))
-    save_grid(png, images)
+    save_grid_and_npz(png, npz, images, dict(samples=latents, images=images,
+                                             settings=np.asarray(json.dumps(settings, allow_nan=False))))
     print(f"wrote {png} and {npz} in {time.time() - t0:.1f}s")
     return 0

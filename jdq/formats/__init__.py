@@ -16,6 +16,10 @@ module's docstring documents its exact rounding, saturation, NaN/Inf/zero and pa
 ``axis`` is the contraction axis of the operand: MX/SMX blocks and integer groups run along it
 (an activation ``(..., C)``: ``axis=-1``; a weight stored ``(in, out)``: ``axis=-2``). Inputs must
 have a real floating dtype; results have the input's shape and dtype (computation is float32).
+float64 is no exception to the float32 computation: without ``jax_enable_x64`` JAX turns a float64
+input into float32 on entry, so the result is float32; with it, the result is float64 holding the
+float32 computation's values. The quantized axis must not be empty (a ValueError), nor any axis of
+a ``'tensor'``/``'input_channel'``-granularity cast, whose scale reduces over them.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import _bits, fp8, mx, qtensor, smx, uniform
 from .fp8 import FP8Format
@@ -35,7 +40,7 @@ from .smx import SMXFormat
 from .uniform import IntFormat
 
 __all__ = [
-    "FP8Format", "IntFormat", "MXFormat", "QTensor", "SMXFormat", "cast", "compute_scale",
+    "FP8Format", "IntFormat", "MXFormat", "QTensor", "SMXFormat", "cast", "check_static_params", "compute_scale",
     "dequantize", "get", "names", "pack", "pack_bits", "quantize", "unpack", "unpack_bits",
 ]
 
@@ -91,7 +96,45 @@ def _prepare(x, fmt, axis, scale, zero, options):
         raise ValueError(f"scale=/zero= are for int and fp8 formats; {spec.name!r} computes its block scales from x")
     if zero is not None and spec.kind == "fp8":
         raise ValueError("zero= is only meaningful for asymmetric int formats")
+    check_nonempty(x, spec, axis)
+    check_static_params(scale, zero)
     return spec, x
+
+
+def check_nonempty(x, spec, axis):
+    """ValueError if the scale of ``spec`` along ``axis`` would reduce over no elements."""
+    if x.ndim == 0:
+        return
+    ax = _bits.normalize_axis(axis, x.ndim)
+    if x.shape[ax] == 0:
+        raise ValueError(f"cannot quantize along axis {axis}: it is empty (x has shape {tuple(x.shape)})")
+    if x.size == 0 and getattr(spec, "granularity", None) in ("tensor", "input_channel"):
+        raise ValueError(f"cannot compute a {spec.granularity!r} scale of an empty array (shape {tuple(x.shape)})")
+
+
+def _concrete(a):
+    """``a`` as a numpy array if its value is known now (not a tracer inside jit/vmap), else None."""
+    if a is None or isinstance(a, jax.core.Tracer):
+        return None
+    return np.asarray(a, np.float32)
+
+
+def check_static_params(scale, zero):
+    """ValueError for a concrete static scale that is NaN, Inf or negative, or a non-finite zero point.
+
+    0 is accepted: the scale of an all-zero group (applied as 2**-126, see :mod:`.uniform`). A
+    traced value (inside ``jax.jit``) cannot be inspected and is not checked.
+    """
+    s = _concrete(scale)
+    if s is not None:
+        bad = ~np.isfinite(s) | (s < 0)
+        if bad.any():
+            first = s[bad].flat[0]
+            raise ValueError(f"static scale has {int(bad.sum())} invalid value(s) of {s.size} (e.g. {first}); "
+                             f"a scale must be finite and >= 0")
+    z = _concrete(zero)
+    if z is not None and not np.isfinite(z).all():
+        raise ValueError(f"static zero point has {int((~np.isfinite(z)).sum())} NaN or Inf value(s); it must be finite")
 
 
 def _fake(x, scale, zero, spec, axis):
@@ -190,6 +233,7 @@ def compute_scale(x, fmt, axis=-1, **options):
     spec = get(fmt, **options)
     x = _bits.check_float_input(x)
     ax = _bits.normalize_axis(axis, x.ndim)
+    check_nonempty(x, spec, ax)
     if spec.kind not in ("int", "fp8"):
         raise ValueError(f"{spec.name!r} has per-block scales computed inside the cast; compute_scale is for int/fp8")
     return _compute_scale_jit(x, spec, ax)

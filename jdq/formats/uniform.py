@@ -16,7 +16,13 @@ Definitions (``b`` bits, ``x`` the input, ``s`` the scale, ``z`` the zero point)
   (``rounding='away'``); the zero point uses the same rounding.
 * A scale below ``2**-126`` (e.g. an all-zero group) is replaced by ``2**-126`` when applied, so an
   all-zero group gives zeros, never NaN. A NaN or Inf anywhere in a scale group makes its dynamic
-  scale non-finite, and the whole group dequantizes to NaN (never silently finite).
+  scale non-finite, and the whole group dequantizes to NaN (never silently finite). A finite range
+  wider than float32's largest value (``x_max - x_min`` overflows) still gets a finite scale.
+* A static ``scale`` (or ``zero``) given as a concrete array is checked when the cast is called: a
+  NaN, Inf or negative scale, or a non-finite zero point, is a ValueError. A scale of exactly 0 is
+  accepted (it is what :func:`compute_scale` returns for an all-zero group) and applied as
+  ``2**-126``. Inside ``jax.jit`` a traced scale cannot be checked; validate it where it is made
+  (a plan's ``init``).
 
 Granularity (which elements share one scale; ``axis`` is the contraction axis of the operand):
 
@@ -183,7 +189,12 @@ def dynamic_params(xw, fmt: IntFormat, reduce_axes):
         return amax * inv_qmax, None
     lo = jnp.minimum(jnp.min(xw, axis=reduce_axes, keepdims=True), 0.0)
     hi = jnp.maximum(jnp.max(xw, axis=reduce_axes, keepdims=True), 0.0)
-    scale = (hi - lo) * inv_qmax
+    span = hi - lo
+    # hi - lo overflows to Inf for a finite range wider than float32's max (e.g. ±3.4e38); then
+    # hi·c − lo·c (c = 1/qmax ≤ 1/3, each term finite) is the scale. Elsewhere the bits are unchanged,
+    # and a NaN or Inf input still gives a non-finite scale (hi or lo is not finite then).
+    fallback = jnp.isinf(span) & jnp.isfinite(hi) & jnp.isfinite(lo)
+    scale = jnp.where(fallback, hi * inv_qmax - lo * inv_qmax, span * inv_qmax)
     zero = _bits.round_half(-lo * reciprocal(scale)[1], fmt.rounding)
     return scale, zero
 
@@ -202,8 +213,14 @@ def _codes(xw, fmt, scale, zero):
     return jnp.clip(q + zero, 0, fmt.qmax), s
 
 
+F32_MAX = float(np.finfo(np.float32).max)
+
+
 def _values(q, s, zero, fmt):
-    return q * s if fmt.symmetric else (q - zero) * s
+    # clipping changes nothing but a value that rounded past float32's largest (a range near ±3.4e38);
+    # NaN (a group with a NaN or Inf input) stays NaN
+    v = q * s if fmt.symmetric else (q - zero) * s
+    return jnp.clip(v, -F32_MAX, F32_MAX)
 
 
 def _params(x, fmt, axis, scale, zero):

@@ -30,11 +30,14 @@ tensor's name and shape against the family's abstract model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
+import numbers
 import os
+import secrets
 import shutil
-import tempfile
+import socket
 import types
 import typing
 from pathlib import Path
@@ -75,9 +78,79 @@ def _is_tuple_type(tp) -> bool:
     return False
 
 
+_SCALAR_CHECKS = {
+    int: (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)), "an integer"),
+    float: (lambda v: isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and np.isfinite(v),
+            "a finite number"),
+    bool: (lambda v: isinstance(v, (bool, np.bool_)), "true or false"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _scalar_kinds(tp):
+    """The scalar types (int/float/bool/str, None) a field annotation allows, or None if it is not only scalars."""
+    if tp in _SCALAR_CHECKS or tp is type(None):
+        return (tp,)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        parts = [_scalar_kinds(a) for a in typing.get_args(tp)]
+        return None if any(p is None for p in parts) else tuple(k for p in parts for k in p)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _field_hints(cls) -> dict:
+    """``cls``'s resolved annotations; {} if one cannot be resolved (such a config is simply not checked)."""
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError, AttributeError):
+        return {}
+
+
+def check_field_types(config) -> None:
+    """Raise ValueError naming the field if a scalar field (int/float/bool/str) holds another type
+    (or a float field NaN or Inf).
+
+    A config read from JSON (``"num_heads": "2"``) otherwise fails later with an obscure TypeError,
+    or, worse, computes with the wrong value (``"2" * 64`` is a string). Fields of other types
+    (tuples, nested values) are not checked here.
+    """
+    cls = type(config)
+    hints = _field_hints(cls)
+    for f in dataclasses.fields(config):
+        kinds = _scalar_kinds(hints.get(f.name))
+        if kinds is None:
+            continue
+        v = getattr(config, f.name)
+        if v is None and type(None) in kinds:
+            continue
+        if not any(_SCALAR_CHECKS[k][0](v) for k in kinds if k in _SCALAR_CHECKS):
+            want = " or ".join(_SCALAR_CHECKS[k][1] for k in kinds if k in _SCALAR_CHECKS)
+            raise ValueError(f"{cls.__module__}.{cls.__qualname__}: field {f.name!r} must be {want}, "
+                             f"got {v!r} ({type(v).__name__})")
+
+
 @dataclasses.dataclass(frozen=True)
 class ConfigBase:
-    """Base of family configs: frozen dataclasses that round-trip through JSON-able dicts."""
+    """Base of family configs: frozen dataclasses that round-trip through JSON-able dicts.
+
+    Every subclass's scalar fields are type-checked (:func:`check_field_types`) before its own
+    ``__post_init__`` runs.
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is None:  # inherits a parent's (already checking) __post_init__, or ConfigBase's
+            return
+
+        def __post_init__(self):
+            check_field_types(self)
+            own(self)
+
+        cls.__post_init__ = __post_init__
+
+    def __post_init__(self):
+        check_field_types(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-able dict (tuples become lists)."""
@@ -330,21 +403,120 @@ class Model:
 # --------------------------------------------------------------------------------------------
 
 
-def write_folder_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+def is_model_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a jdq model folder: a folder whose ``config.json`` is an object naming a family."""
+    p = Path(path) / CONFIG_FILE
+    if not p.is_file():
+        return False
+    try:
+        raw = json.loads(p.read_text())
+    except (ValueError, OSError):
+        return False
+    return isinstance(raw, dict) and raw.get("family") in FAMILIES and "jdq_format" in raw
+
+
+_HOST = socket.gethostname().replace("-", "_") or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process (or a number we cannot ask about): leave its folder alone
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove ``out``'s hidden ``.NAME.tmp-HOST-PID-*`` / ``.NAME.old-…`` siblings left by dead processes.
+
+    A conversion killed by SIGKILL (or a power cut) cannot clean up after itself; the next write
+    of the same folder does. Only folders made on this host by a process that no longer exists
+    are removed (a live conversion's temporary folder is never touched). Folders named the older
+    way (``.NAME.tmp-XXXXXXXX``, no host or PID) cannot be told apart from a live write and are
+    left for the user to delete. Returns what was removed.
+    """
+    removed = []
+    for kind in ("tmp", "old"):
+        for d in out.parent.glob(f".{glob_escape(out.name)}.{kind}-{_HOST}-*"):
+            pid = d.name[len(f".{out.name}.{kind}-{_HOST}-"):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)) and d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob metacharacters escaped."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _make_sibling(out: Path, kind: str) -> Path:
+    """A new hidden folder ``.NAME.KIND-HOST-PID-RANDOM`` next to ``out``, mode 0o777 minus the umask."""
+    for _ in range(100):
+        d = out.parent / f".{out.name}.{kind}-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(d, 0o777)  # the umask applies (tempfile.mkdtemp would make it 0o700)
+        except FileExistsError:
+            continue
+        return d
+    raise FileExistsError(f"cannot create a temporary folder next to {out}")  # pragma: no cover
+
+
+def _default_file_mode(folder: Path) -> int:
+    """0o666 minus the process umask, read off a probe file (``os.umask`` would change process state)."""
+    probe = folder / f".mode-probe-{secrets.token_hex(4)}"
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        return probe.stat().st_mode & 0o777
+    finally:
+        probe.unlink()
+
+
+def check_replaceable(out: str | os.PathLike, overwrite: bool, protect=(), replaceable=None) -> None:
+    """Raise unless writing the model folder ``out`` may go ahead (``overwrite``: replace an existing one).
+
+    An existing ``out`` is replaced only if ``overwrite`` and it is a jdq model folder
+    (``replaceable(out)``, default :func:`is_model_folder`) that neither is nor contains any path
+    in ``protect`` (e.g. the source of a conversion): ``--overwrite`` never deletes unrelated files.
+    """
+    out = Path(out)
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace a jdq model folder)")
+    real = out.resolve()
+    for p in protect:
+        src = Path(p).resolve()
+        if src == real or real in src.parents:
+            raise FileExistsError(f"refusing to overwrite {out}: it {'is' if src == real else 'contains'} "
+                                  f"the source {p}")
+    if not (replaceable or is_model_folder)(out):
+        raise FileExistsError(f"refusing to overwrite {out}: it is not a jdq model folder (no {CONFIG_FILE} "
+                              f"naming a jdq family); remove it yourself or choose another output folder")
+
+
+def write_folder_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False,
+                            protect=(), replaceable=None) -> Path:
     """Run ``write(tmp_dir)`` in a temporary sibling folder, then rename it to ``out_dir``.
 
     Nothing appears at ``out_dir`` unless ``write`` succeeds. An existing ``out_dir`` is an error
-    unless ``overwrite``; then it is replaced only after the new folder is complete.
+    unless ``overwrite`` and it is a jdq model folder not holding a ``protect`` path (see
+    :func:`check_replaceable`); then it is replaced only after the new folder is complete. The
+    folder gets mode 0o777 minus the umask (0755 under the usual 022), its files 0o666 minus the
+    umask. Stale temporary siblings of dead processes are removed first
+    (:func:`remove_stale_temporaries`).
     """
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass overwrite=True to replace it)")
+    check_replaceable(out, overwrite, protect, replaceable)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temporaries(out)
+    tmp = _make_sibling(out, "tmp")
     try:
         write(tmp)
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = _make_sibling(out, "old")
             os.rename(out, old / out.name)
             os.rename(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -357,8 +529,11 @@ def write_folder_atomically(out_dir: str | os.PathLike, write: Callable[[Path], 
 
 
 def save_params(path: str | os.PathLike, params, family: str, config: Any,
-                overwrite: bool = False) -> Path:
-    """Write ``params`` and ``config`` as a jdq model folder (atomically); returns the folder."""
+                overwrite: bool = False, protect=()) -> Path:
+    """Write ``params`` and ``config`` as a jdq model folder (atomically); returns the folder.
+
+    ``overwrite`` replaces an existing jdq model folder only (see :func:`check_replaceable`).
+    """
     from safetensors.numpy import save_file
 
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
@@ -367,8 +542,9 @@ def save_params(path: str | os.PathLike, params, family: str, config: Any,
     def write(tmp: Path):
         save_file(flat, str(tmp / PARAMS_FILE), metadata={"family": family, "jdq_format": str(FORMAT_VERSION)})
         (tmp / CONFIG_FILE).write_text(json.dumps({"family": family, "jdq_format": FORMAT_VERSION, **cfg}, indent=2) + "\n")
+        os.chmod(tmp / PARAMS_FILE, _default_file_mode(tmp))  # safetensors creates its file 0o600
 
-    return write_folder_atomically(path, write, overwrite=overwrite)
+    return write_folder_atomically(path, write, overwrite=overwrite, protect=protect)
 
 
 def save(model: Model, path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -383,21 +559,28 @@ def read_config(path: str | os.PathLike) -> tuple[str, ConfigBase]:
         raise FileNotFoundError(f"{path} is not a jdq model folder: no {CONFIG_FILE}")
     try:
         raw = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: not valid JSON ({e})") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{p}: not valid UTF-8 JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{p}: expected a JSON object of config fields, found a JSON {type(raw).__name__}")
     if "family" not in raw:
         raise ValueError(f"{p}: no 'family' key (expected one of {sorted(FAMILIES)})")
     version = raw.get("jdq_format", FORMAT_VERSION)
     if version != FORMAT_VERSION:
         raise ValueError(f"{p}: jdq_format {version} is not supported (this jdq reads {FORMAT_VERSION})")
-    mod = family_module(raw["family"])
-    return raw["family"], mod.Config.from_dict(raw)
+    try:
+        mod = family_module(raw["family"])
+        return raw["family"], mod.Config.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{p}: {e}") from None
 
 
 def load(path: str | os.PathLike, dtype=None) -> tuple[Model, ConfigBase]:
     """``(model, config)`` from a converted folder (``config.json`` + ``params.safetensors``).
 
-    Every tensor is checked by name and shape against the family's abstract model. ``dtype``
+    Every tensor is checked by name and shape against the family's abstract model, and by value
+    (:func:`check_param_values`: floating, one floating dtype for all, no NaN or Inf), so a damaged
+    folder fails here, naming the tensor, rather than sampling NaN or calibrating on it. ``dtype``
     (e.g. ``jnp.bfloat16``) casts the floating params after loading.
     """
     from jdq.models.streaming import SafetensorsReader
@@ -412,9 +595,37 @@ def load(path: str | os.PathLike, dtype=None) -> tuple[Model, ConfigBase]:
         flat = {k: jnp.asarray(reader[k]) for k in reader.keys()}
     except (OSError, ValueError) as e:
         raise ValueError(f"{p}: cannot read safetensors file ({e}); is it truncated or corrupt?") from None
+    check_param_values(flat, p)
     abstract = mod.from_config(config, abstract=True)
     params = unflatten_params(flat, abstract.params)
     model = abstract.replace(params=params)
     if dtype is not None:
         model = model.astype(dtype)
     return model, config
+
+
+def check_param_values(flat: Mapping[str, Any], where) -> None:
+    """Raise ValueError naming the tensor unless every tensor is floating, of one dtype, and finite.
+
+    ``flat``: ``{dotted name: numpy array}`` as read from ``where`` (named in the message). A model
+    folder's params are all floating (integer or complex tensors mean a damaged or foreign file)
+    and share the dtype they were saved in (float32, or the ``--dtype`` of ``jdq convert``).
+    """
+    dtypes: dict[str, list[str]] = {}
+    for name, a in flat.items():
+        dt = np.dtype(a.dtype)
+        if not jnp.issubdtype(dt, jnp.floating):
+            raise ValueError(f"{where}: tensor {name!r} has dtype {dt.name}; model params must be floating "
+                             f"(float32, bfloat16 or float16)")
+        dtypes.setdefault(dt.name, []).append(name)
+    if len(dtypes) > 1:
+        common = max(dtypes, key=lambda k: len(dtypes[k]))
+        odd = sorted((n, k) for k, names in dtypes.items() if k != common for n in names)
+        raise ValueError(f"{where}: tensors of mixed dtypes: {len(dtypes[common])} are {common} but "
+                         f"{', '.join(f'{n!r} is {k}' for n, k in odd[:5])}{' ...' if len(odd) > 5 else ''}")
+    for name, a in flat.items():
+        finite = np.isfinite(np.asarray(a, np.float32) if np.dtype(a.dtype).itemsize < 4 else a)
+        if not finite.all():
+            bad = int(finite.size - np.count_nonzero(finite))
+            raise ValueError(f"{where}: tensor {name!r} has {bad} NaN or Inf value(s) of {finite.size}; "
+                             f"the weights are damaged (re-convert or re-train the model)")

@@ -133,6 +133,11 @@ def cast(fmt, *, static: bool = False, reduce: str = "max", **options) -> QuantT
         else:
             lo, hi = _reduce(stats, "min" + suffix, reduce), _reduce(stats, "max" + suffix, reduce)
         scale, zero = formats.compute_scale(jnp.stack([lo, hi]), spec, axis=-1 if per_channel else 0)
+        try:  # concrete at plan.init: a NaN/Inf statistic must not become a scale that NaNs every output
+            formats.check_static_params(scale, zero)
+        except ValueError as e:
+            raise ValueError(f"cast({spec.name!r}, static=True): the calibration statistics give an invalid "
+                             f"scale ({e}); were they collected on NaN or Inf values?") from None
         if per_channel:
             scale = scale.reshape(-1)
             zero = None if zero is None else zero.reshape(-1)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jdq.io import atomic_write
+from jdq.io import atomic_write, atomic_write_all
 
 
 def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2, pad_value: int = 0) -> np.ndarray:
@@ -24,23 +24,40 @@ def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2, pad_val
     return grid
 
 
-def save_grid(path, images: np.ndarray, ncol: int | None = None, scale: int = 1) -> Path:
-    """Write uint8 images ``[N, H, W, C]`` as one PNG grid (nearest-neighbour upscaled by ``scale``)."""
+def _png_writer(images: np.ndarray, ncol: int | None, scale: int):
     from PIL import Image
 
     grid = make_grid(images, ncol)
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    return lambda tmp: img.save(tmp, format="PNG")
+
+
+def _npz_writer(arrays):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+    return write
+
+
+def save_grid(path, images: np.ndarray, ncol: int | None = None, scale: int = 1) -> Path:
+    """Write uint8 images ``[N, H, W, C]`` as one PNG grid (nearest-neighbour upscaled by ``scale``)."""
+    return atomic_write(path, _png_writer(images, ncol, scale))
 
 
 def save_npz(path, **arrays) -> Path:
     """Write ``arrays`` to an ``.npz`` file atomically."""
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
-    return atomic_write(path, write)
+    return atomic_write(path, _npz_writer(arrays))
+
+
+def save_grid_and_npz(png, npz, images: np.ndarray, arrays: dict, ncol: int | None = None, scale: int = 1):
+    """Write the PNG grid and the ``.npz`` as a pair: both to temporary files, then both renamed.
+
+    An interrupt before the renames leaves both previous files as they were (never a new .npz
+    beside an old .png); see :func:`jdq.io.atomic_write_all`.
+    """
+    return atomic_write_all({png: _png_writer(images, ncol, scale), npz: _npz_writer(arrays)})
 
 
 def to_uint8(x: np.ndarray, lo: float = -1.0, hi: float = 1.0) -> np.ndarray:

@@ -100,7 +100,8 @@ def test_diverging_model_is_named_and_keeps_finished_shards(folders, tmp_path, c
     bad = tmp_path / "nan_dit"
     params = dict(model.params)
     params["final_layer"] = {**params["final_layer"], "linear": {**params["final_layer"]["linear"]}}
-    params["final_layer"]["linear"]["bias"] = params["final_layer"]["linear"]["bias"] * np.nan
+    # finite weights (a NaN weight is refused when the model is loaded) whose outputs overflow in sampling
+    params["final_layer"]["linear"]["bias"] = np.full_like(params["final_layer"]["linear"]["bias"], 3e38)
     base.save(model.replace(params=params), bad)
     (bad / "sampling.json").write_text(json.dumps({"pixel_space": True}))
     out = tmp_path / "nan_run"

@@ -25,7 +25,21 @@ def test_normal_kl_against_torch():
     lv1, lv2 = rng.uniform(-3, 1, 50), rng.uniform(-3, 1, 50)
     ref = torch.distributions.kl_divergence(torch.distributions.Normal(torch.tensor(m1), torch.tensor(np.exp(lv1 / 2))),
                                             torch.distributions.Normal(torch.tensor(m2), torch.tensor(np.exp(lv2 / 2))))
-    np.testing.assert_allclose(np.asarray(train.normal_kl(m1, lv1, m2, lv2)), ref.numpy(), rtol=1e-5, atol=1e-6)
+    got = np.asarray(train.normal_kl(m1, lv1, m2, lv2), np.float64)
+    # ours: float32 (inputs rounded by u relative each), torch: float64 (exact by comparison).
+    # First-order bound of ours: the exp's argument is off by u(|lv1| + |lv2| + |lv1 − lv2|) (+ 2 ulps of
+    # the exp itself); (m1 − m2)² by 2|Δm|·u(|m1| + |m2| + |Δm|) + 2u·Δm²; e^-lv2 by u|lv2| + 2u; the five-term
+    # sum by γ_5 of the sum of the terms' magnitudes; the 1/2 is exact.
+    u = 2.0**-24
+    e, dm = np.exp(lv1 - lv2), m1 - m2
+    q = dm**2 * np.exp(-lv2)
+    d_exp = e * (u * (np.abs(lv1) + np.abs(lv2) + np.abs(lv1 - lv2)) + 2 * u)
+    d_q = np.exp(-lv2) * (2 * np.abs(dm) * u * (np.abs(m1) + np.abs(m2) + np.abs(dm)) + 2 * u * dm**2) \
+        + q * (u * np.abs(lv2) + 2 * u)
+    terms = 1 + np.abs(lv2) + np.abs(lv1) + e + q
+    gamma_5 = 5 * u / (1 - 5 * u)
+    bound = 0.5 * (gamma_5 * terms + u * (np.abs(lv1) + np.abs(lv2)) + d_exp + d_q)
+    assert np.all(np.abs(got - ref.numpy()) <= bound)
 
 
 @pytest.mark.parametrize("mean, log_scale", [(0.1, np.log(0.05)), (-0.95, np.log(0.3)), (0.7, np.log(1.2))])

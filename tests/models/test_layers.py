@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jdq.models import layers
+from tests.kernels.kernel_testutil import U32, assert_within_reordering_bound, gamma, normalization_bound
 
 torch = pytest.importorskip("torch")
 
@@ -53,7 +54,9 @@ def test_pos_embed_matches_diffusers(gh, gw, base, scale):
                                        interpolation_scale=scale, output_type="pt").numpy()
     got = layers.sincos_pos_embed_2d(64, gh, gw, base_size=base, interpolation_scale=scale)
     assert got.shape == (gh * gw, 64) and got.dtype == np.float32
-    np.testing.assert_allclose(got, want, atol=1e-6)
+    # both compute sin/cos in float64 from the same float32 positions and round once to float32:
+    # float64 values ~1e-16 apart may round to neighbouring float32 values, one spacing at |v| <= 1
+    np.testing.assert_allclose(got, want, rtol=0, atol=float(np.spacing(np.float32(1))))
 
 
 def test_patch_embed_equals_conv():
@@ -63,8 +66,11 @@ def test_patch_embed_equals_conv():
     with torch.no_grad():
         want = conv(torch.from_numpy(x).permute(0, 3, 1, 2)).flatten(2).transpose(1, 2).numpy()
     w = conv.weight.detach().numpy().transpose(2, 3, 1, 0).reshape(4 * 4 * 3, 5)
-    got = layers.qlinear(layers.patchify(jnp.asarray(x), 4), w, conv.bias.detach().numpy(), site="x")
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    patches = layers.patchify(jnp.asarray(x), 4)
+    got = layers.qlinear(patches, w, conv.bias.detach().numpy(), site="x")
+    # the conv and the linear are the same 48-term dot products (+ bias) in two summation orders
+    abs_sum = np.abs(np.asarray(patches, np.float64)) @ np.abs(w.astype(np.float64)) + np.abs(conv.bias.detach().numpy())
+    assert_within_reordering_bound(got, want, abs_sum, 4 * 4 * 3 + 1)
     # unpatchify inverts patchify
     np.testing.assert_array_equal(layers.unpatchify(layers.patchify(jnp.asarray(x), 4), 4, 2, 3), x)
     with pytest.raises(ValueError, match="not divisible by patch size 5"):
@@ -76,13 +82,19 @@ def test_norms_match_torch():
     x = (rng.standard_normal((2, 5, 8, 16)) * 3 + 1).astype(np.float32)
     s, b = rng.standard_normal(16).astype(np.float32), rng.standard_normal(16).astype(np.float32)
     tx = torch.from_numpy(x)
+    # torch (Welford / its own reduction order and rsqrt) and XLA differ by float32 rounding only:
+    # within the first-order bound of two implementations of a normalisation (normalization_bound)
     want = torch.nn.functional.layer_norm(tx, (16,), torch.from_numpy(s), torch.from_numpy(b), eps=1e-5).numpy()
-    np.testing.assert_allclose(layers.layer_norm(x, s, b, eps=1e-5), want, atol=2e-5)
+    bound = normalization_bound(x, (-1,), s, b, eps=1e-5)
+    assert np.all(np.abs(np.asarray(layers.layer_norm(x, s, b, eps=1e-5), np.float64) - want) <= bound)
     want = torch.nn.functional.group_norm(tx.permute(0, 3, 1, 2), 4, torch.from_numpy(s), torch.from_numpy(b),
                                           eps=1e-6).permute(0, 2, 3, 1).numpy()
-    np.testing.assert_allclose(layers.group_norm(x, 4, s, b, eps=1e-6), want, atol=2e-5)
+    xg = x.reshape(2, 5, 8, 4, 4)  # (..., group, channel in group): statistics over H, W and the group's channels
+    bound = normalization_bound(xg, (1, 2, 4), s.reshape(4, 4), b.reshape(4, 4), eps=1e-6).reshape(x.shape)
+    assert np.all(np.abs(np.asarray(layers.group_norm(x, 4, s, b, eps=1e-6), np.float64) - want) <= bound)
     want = torch.nn.functional.rms_norm(tx, (16,), torch.from_numpy(s), eps=1e-6).numpy()
-    np.testing.assert_allclose(layers.rms_norm(x, s, eps=1e-6), want, atol=2e-5)
+    bound = normalization_bound(x, (-1,), s, eps=1e-6, center=False)
+    assert np.all(np.abs(np.asarray(layers.rms_norm(x, s, eps=1e-6), np.float64) - want) <= bound)
     y = layers.layer_norm(x.astype(jnp.bfloat16), eps=1e-6)
     assert y.dtype == jnp.bfloat16
 
@@ -101,7 +113,15 @@ def test_mlp_roles_and_gelu_tanh():
         ("blocks.0.mlp.fc2", "post_gelu"), ("blocks.0.mlp.fc2", "weight")]
     h = x @ mlp.fc1.kernel[...] + mlp.fc1.bias[...]
     tg = torch.nn.functional.gelu(torch.from_numpy(np.array(h)), approximate="tanh").numpy()
-    np.testing.assert_allclose(y, tg @ np.asarray(mlp.fc2.kernel[...]) + np.asarray(mlp.fc2.bias[...]), atol=1e-5)
+    w2, b2 = np.asarray(mlp.fc2.kernel[...], np.float64), np.asarray(mlp.fc2.bias[...], np.float64)
+    want = tg.astype(np.float64) @ w2 + b2
+    # h: the same 8-term dot in two orders; gelu: |gelu'| <= 1.13, plus ~8 roundings / ulps of the tanh
+    # form in each implementation; then the 32-term fc2 dot in two orders (float32 reordering bound)
+    w1, b1 = np.asarray(mlp.fc1.kernel[...], np.float64), np.asarray(mlp.fc1.bias[...], np.float64)
+    dh = 2 * gamma(9) * (np.abs(np.asarray(x, np.float64)) @ np.abs(w1) + np.abs(b1))
+    dg = 1.13 * dh + 2 * 8 * U32 * (np.abs(np.asarray(h, np.float64)) + np.abs(tg))
+    bound = dg @ np.abs(w2) + 2 * gamma(33) * (np.abs(tg) @ np.abs(w2) + np.abs(b2))
+    assert np.all(np.abs(np.asarray(y, np.float64) - want) <= bound)
 
 
 def test_every_linear_site_is_its_param_path():
