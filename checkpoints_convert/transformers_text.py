@@ -341,8 +341,19 @@ def read_transformers_config(folder: str | os.PathLike) -> dict:
         raise CheckpointError(f"{p}: not valid JSON ({e})") from None
 
 
+#: Tokenizer and image-processor files copied beside a converted encoder (what jdq's tokenizers and
+#: CLIP score read from the model folder).
+SIDE_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+              "vocab.json", "merges.txt", "preprocessor_config.json")
+
+
 def convert_transformers_folder(in_dir, out_dir, dtype=None, overwrite: bool = False) -> Path:
-    """A transformers encoder folder -> jdq model folder ``out_dir`` (streamed, atomically); returns it."""
+    """A transformers encoder folder -> jdq model folder ``out_dir`` (streamed, atomically); returns it.
+
+    Tokenizer / image-processor files in the folder (:data:`SIDE_FILES`) are copied beside the weights.
+    """
+    import shutil
+
     from jdq.models.base import CONFIG_FILE, FORMAT_VERSION, PARAMS_FILE, write_folder_atomically
     from jdq.models.streaming import write_safetensors
 
@@ -358,5 +369,8 @@ def convert_transformers_folder(in_dir, out_dir, dtype=None, overwrite: bool = F
                           metadata={"family": family, "jdq_format": str(FORMAT_VERSION)})
         (tmp / CONFIG_FILE).write_text(json.dumps({"family": family, "jdq_format": FORMAT_VERSION, **cfg.to_dict()},
                                                   indent=2) + "\n")
+        for name in SIDE_FILES:
+            if (Path(in_dir) / name).is_file():
+                shutil.copyfile(Path(in_dir) / name, tmp / name)
 
     return write_folder_atomically(out_dir, write, overwrite=overwrite)
