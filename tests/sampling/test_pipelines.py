@@ -204,3 +204,35 @@ def test_cli_sample_and_encode_prompts(pixart_pipe, tmp_path, capsys):
     assert main(["sample", str(folder / "transformer"), "--prompt", "x", "--out", str(tmp_path / "u")]) == 2
     assert main(["encode-prompts", str(folder), "--prompts", str(tmp_path / "nope.txt"), "--out", str(cache)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~25 s on 2 cores
+def test_cli_eval_clip_score(pixart_pipe, tmp_path):
+    """``jdq eval PIPELINE --metrics clip``: the score equals CLIPScorer on the pipeline's own images."""
+    import json
+
+    from jdq.cli import main
+    from jdq.metrics.clip_score import CLIPScorer
+    from jdq.sampling.images import to_uint8
+
+    tok = transformers.CLIPTokenizer.from_pretrained(str(make_clip_tokenizer(tmp_path / "tok")), model_max_length=77)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8), projection_dim=8)
+    torch.manual_seed(0)
+    transformers.CLIPModel(cfg).save_pretrained(tmp_path / "clip_src")
+    tok.save_pretrained(tmp_path / "clip_src")
+    clip_dir = convert(tmp_path / "clip_src", tmp_path / "clip")
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "run"
+    assert main(["eval", str(pixart_pipe[1]), "--metrics", "clip", "--prompts", str(tmp_path / "p.txt"),
+                 "--clip", str(clip_dir), "--steps", "2", "--out", str(out), "--no-progress"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    _, img = TextToImage.load(pixart_pipe[1]).generate(PROMPTS, "", steps=2, seed=0)
+    want = CLIPScorer.load(clip_dir)(to_uint8(img), PROMPTS)
+    assert abs(res["metrics"]["clip"]["value"] - want) <= 1e-3
+    assert (out / "samples.png").is_file() and (out / "results.md").is_file()
+    assert main(["eval", str(pixart_pipe[1]), "--metrics", "clip", "--clip", str(clip_dir), "--out", str(out)]) == 2
