@@ -9,8 +9,8 @@ CPU (this machine)::
    them), sharded in ~2 GB files with a ``model.safetensors.index.json`` as the published ones.
 2. In a fresh process each: converts it with :func:`checkpoints_convert.convert` (bf16 kept) and
    loads the result with :func:`jdq.models.load`; reports each process's peak resident set size
-   (``ru_maxrss``) beside the weights' size, and the baseline of a process that only imports
-   jdq and jax. Only the weights scale with ``--layers``, so a smaller run extrapolates
+   (``ru_maxrss``), its peak before the step (after the imports) and the growth, beside the
+   weights' size. Only the weights scale with ``--layers``, so a smaller run extrapolates
    linearly.
 
 Prints a Markdown table (and writes ``benchmarks/results/t5_memory.md`` unless ``--no-write``).
@@ -88,7 +88,10 @@ _CHILD = """
 import resource, sys, time, json
 t0 = time.time()
 import jax, jdq.models
+import checkpoints_convert.transformers_text, jdq.models.streaming, jax.numpy as jnp
+jnp.zeros(1).block_until_ready()
 what, src, out = sys.argv[1:4]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 if what == "convert":
     from checkpoints_convert import convert
     convert(src, out)
@@ -96,7 +99,8 @@ elif what == "load":
     model, _ = jdq.models.load(out)
     jax.block_until_ready(model.params)
     assert str(jax.tree.leaves(model.params)[0].dtype) == "bfloat16"
-print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "seconds": time.time() - t0}))
+print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "before": before,
+                  "seconds": time.time() - t0}))
 """
 
 
@@ -131,11 +135,12 @@ def main(argv=None) -> int:
             shutil.rmtree(out, ignore_errors=True)
     gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
     lines = [f"T5 v1.1 XXL encoder shapes, {args.layers} of 24 blocks, bf16: weights {gb(weights)}", "",
-             "| step | peak RSS | minus import baseline | / weights | seconds |", "|---|---|---|---|---|"]
-    for name, r in [("import jdq + jax (baseline)", base), ("jdq convert (streamed)", conv),
-                    ("jdq.models.load", load)]:
-        extra = r["peak_rss"] - base["peak_rss"]
-        lines.append(f"| {name} | {gb(r['peak_rss'])} | {gb(extra)} | {extra / weights:.2f} | {r['seconds']:.1f} |")
+             "| step | peak RSS | peak before the step (imports) | growth | growth / weights | seconds |",
+             "|---|---|---|---|---|---|"]
+    for name, r in [("imports only (baseline)", base), ("jdq convert (streamed)", conv), ("jdq.models.load", load)]:
+        extra = r["peak_rss"] - r["before"]
+        lines.append(f"| {name} | {gb(r['peak_rss'])} | {gb(r['before'])} | {gb(extra)} | {extra / weights:.3f} | "
+                     f"{r['seconds']:.1f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
