@@ -266,16 +266,23 @@ def plan_clip(source, config: Mapping[str, Any], arch: str):
 # --------------------------------------------------------------------------------------------
 
 
-def plan_source(source, config: Mapping[str, Any]):
-    """``(family, Config, abstract flat params, plan, skipped)`` for a transformers source and its config."""
+def family_of_config(config: Mapping[str, Any]) -> str:
+    """``"t5"`` or ``"clip"`` for a supported transformers config; a decoder or another model is an error."""
     arch = describe(config)
     _check_not_decoder(config, arch)
     if arch in T5_ARCHITECTURES or (config.get("model_type") in ("t5", "umt5") and arch not in CLIP_ARCHITECTURES):
-        return ("t5",) + plan_t5(source, config, arch)
+        return "t5"
     if arch in CLIP_ARCHITECTURES:
-        return ("clip",) + plan_clip(source, config, arch)
+        return "clip"
     raise CheckpointError(f"transformers architecture {arch!r} (model_type {config.get('model_type')!r}) is not a "
                           f"supported encoder; supported: {', '.join(T5_ARCHITECTURES + CLIP_ARCHITECTURES)}")
+
+
+def plan_source(source, config: Mapping[str, Any]):
+    """``(family, Config, abstract flat params, plan, skipped)`` for a transformers source and its config."""
+    family = family_of_config(config)
+    plan = plan_t5 if family == "t5" else plan_clip
+    return (family,) + plan(source, config, describe(config))
 
 
 def check_plan(source, flat, plan, skipped, cfg, what: str):
@@ -358,6 +365,7 @@ def convert_transformers_folder(in_dir, out_dir, dtype=None, overwrite: bool = F
     from jdq.models.streaming import write_safetensors
 
     config = read_transformers_config(in_dir)
+    family_of_config(config)  # a decoder or an unsupported model fails before any weight is read
     source = WeightsFolder(in_dir)
     family, cfg, flat, plan, skipped = plan_source(source, config)
     what = f"transformers {describe(config)} folder {in_dir}"

@@ -8,6 +8,7 @@ converter from folders ``save_pretrained`` writes (one file and sharded).
 import json
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -203,3 +204,17 @@ def test_weight_storage_per_recipe_from_abstract_shapes():
     assert weight_storage(model.params, plan)["bytes"] == pytest.approx(want, rel=1e-12)
     xxl = t5.from_config(t5.T5_V1_1_XXL, abstract=True)
     assert weight_storage(xxl.params, None)["bytes"] == 2 * 4_762_310_656
+
+
+def test_jdq_convert_command(tmp_path, capsys):
+    from jdq.cli import main
+
+    tiny_torch(0).save_pretrained(tmp_path / "t5")
+    assert main(["convert", str(tmp_path / "t5"), str(tmp_path / "out"), "--dtype", "bfloat16"]) == 0
+    model, _ = jdq.models.load(tmp_path / "out")
+    assert {str(x.dtype) for x in jax.tree.leaves(model.params)} == {"bfloat16"}
+    (tmp_path / "dec").mkdir()
+    cfg = json.loads((tmp_path / "t5" / "config.json").read_text())
+    (tmp_path / "dec" / "config.json").write_text(json.dumps({**cfg, "is_decoder": True}))
+    assert main(["convert", str(tmp_path / "dec"), str(tmp_path / "o2")]) == 2
+    assert "decoder" in capsys.readouterr().err
