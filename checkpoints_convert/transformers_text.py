@@ -100,15 +100,18 @@ class ArraySource:
         self.arrays = {k: np.asarray(v.detach().numpy() if hasattr(v, "detach") else v) for k, v in arrays.items()}
 
     def keys(self):
+        """All tensor names."""
         return list(self.arrays)
 
     def __contains__(self, key):
         return key in self.arrays
 
     def shape(self, key):
+        """Shape of ``key``."""
         return tuple(self.arrays[key].shape)
 
     def dtype(self, key):
+        """Dtype of ``key``."""
         return self.arrays[key].dtype
 
     def __getitem__(self, key):
