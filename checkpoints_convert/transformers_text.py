@@ -27,7 +27,7 @@ import numpy as np
 from checkpoints_convert.common import CheckpointError
 
 #: transformers ``architectures`` / ``model_type`` this module converts -> jdq family.
-T5_ARCHITECTURES = ("T5EncoderModel", "T5ForConditionalGeneration", "T5Model", "UMT5EncoderModel")
+T5_ARCHITECTURES = ("T5EncoderModel", "T5ForConditionalGeneration", "T5Model")
 CLIP_ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection", "CLIPVisionModel",
                       "CLIPVisionModelWithProjection", "CLIPModel")
 TEXT_MODEL_TYPES = ("t5", "clip", "clip_text_model", "clip_vision_model")
@@ -273,7 +273,7 @@ def family_of_config(config: Mapping[str, Any]) -> str:
     """``"t5"`` or ``"clip"`` for a supported transformers config; a decoder or another model is an error."""
     arch = describe(config)
     _check_not_decoder(config, arch)
-    if arch in T5_ARCHITECTURES or (config.get("model_type") in ("t5", "umt5") and arch not in CLIP_ARCHITECTURES):
+    if arch in T5_ARCHITECTURES or (config.get("model_type") == "t5" and arch not in CLIP_ARCHITECTURES):
         return "t5"
     if arch in CLIP_ARCHITECTURES:
         return "clip"

@@ -200,6 +200,11 @@ def test_cli_sample_and_encode_prompts(pixart_pipe, tmp_path, capsys):
     assert main(["sample", str(folder / "transformer"), "--embeddings", str(cache), "--negative-embeddings", str(neg),
                  "--steps", "2", "--out", str(tmp_path / "t"), "--no-progress"]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "t.npz")["samples"], lat, rtol=0, atol=1e-5)
+    # a recipe on the pipeline's transformer: close to the FP latents, not equal
+    assert main(["sample", str(folder), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--steps", "2",
+                 "--quant", "w8a8", "--out", str(tmp_path / "q"), "--no-progress"]) == 0
+    err = rel_err(np.load(tmp_path / "q.npz")["samples"], lat)
+    assert 1e-5 < err < 0.2, err
     # bad input: prompts for a plain model folder, a missing prompts file
     assert main(["sample", str(folder / "transformer"), "--prompt", "x", "--out", str(tmp_path / "u")]) == 2
     assert main(["encode-prompts", str(folder), "--prompts", str(tmp_path / "nope.txt"), "--out", str(cache)]) == 2
@@ -236,3 +241,23 @@ def test_cli_eval_clip_score(pixart_pipe, tmp_path):
     assert abs(res["metrics"]["clip"]["value"] - want) <= 1e-3
     assert (out / "samples.png").is_file() and (out / "results.md").is_file()
     assert main(["eval", str(pixart_pipe[1]), "--metrics", "clip", "--clip", str(clip_dir), "--out", str(out)]) == 2
+
+
+def test_sd3_encoder_width_mismatch_is_a_clear_error(sd3_pipe, tmp_path):
+    import shutil
+
+    import jdq.models
+    from jdq.models import t5
+
+    src = tmp_path / "p"
+    shutil.copytree(sd3_pipe[1], src)
+    enc, _ = jdq.models.load(src / "text_encoder_3")
+    shutil.rmtree(src / "text_encoder_3")
+    jdq.models.save(t5.from_config(enc.config.replace(d_model=24), key=0), src / "text_encoder_3")
+    with pytest.raises(PipelineError, match="T5.*width 24 does not match.*joint_attention_dim 32"):
+        TextToImage.load(src)
+    shutil.rmtree(src / "tokenizer_2")
+    from jdq.models.tokenizers import TokenizerError
+
+    with pytest.raises(TokenizerError, match="tokenizer_2 does not exist"):
+        TextToImage.load(src)
