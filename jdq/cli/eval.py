@@ -283,7 +283,8 @@ def _make_shard(plan, quant, mesh, progress):
 
     decode = None
     if plan.vae is not None:
-        decode = jax.jit(lambda p, z: plan.vae.apply(p, z, method="decode_latents"))
+        # decode_latents is the VAEModel's (jitted) method, not the NNX module's: Model.apply cannot reach it
+        decode = lambda p, z: plan.vae.decode_latents(jax.numpy.asarray(z))  # noqa: E731
 
     def make(start, stop):
         labels = plan.labels[start:stop]
