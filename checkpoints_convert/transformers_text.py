@@ -27,7 +27,7 @@ import numpy as np
 from checkpoints_convert.common import CheckpointError
 
 #: transformers ``architectures`` / ``model_type`` this module converts -> jdq family.
-T5_ARCHITECTURES = ("T5EncoderModel", "T5ForConditionalGeneration", "T5Model", "UMT5EncoderModel")
+T5_ARCHITECTURES = ("T5EncoderModel", "T5ForConditionalGeneration", "T5Model")
 CLIP_ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection", "CLIPVisionModel",
                       "CLIPVisionModelWithProjection", "CLIPModel")
 TEXT_MODEL_TYPES = ("t5", "clip", "clip_text_model", "clip_vision_model")
@@ -100,15 +100,18 @@ class ArraySource:
         self.arrays = {k: np.asarray(v.detach().numpy() if hasattr(v, "detach") else v) for k, v in arrays.items()}
 
     def keys(self):
+        """All tensor names."""
         return list(self.arrays)
 
     def __contains__(self, key):
         return key in self.arrays
 
     def shape(self, key):
+        """Shape of ``key``."""
         return tuple(self.arrays[key].shape)
 
     def dtype(self, key):
+        """Dtype of ``key``."""
         return self.arrays[key].dtype
 
     def __getitem__(self, key):
@@ -266,16 +269,23 @@ def plan_clip(source, config: Mapping[str, Any], arch: str):
 # --------------------------------------------------------------------------------------------
 
 
-def plan_source(source, config: Mapping[str, Any]):
-    """``(family, Config, abstract flat params, plan, skipped)`` for a transformers source and its config."""
+def family_of_config(config: Mapping[str, Any]) -> str:
+    """``"t5"`` or ``"clip"`` for a supported transformers config; a decoder or another model is an error."""
     arch = describe(config)
     _check_not_decoder(config, arch)
-    if arch in T5_ARCHITECTURES or (config.get("model_type") in ("t5", "umt5") and arch not in CLIP_ARCHITECTURES):
-        return ("t5",) + plan_t5(source, config, arch)
+    if arch in T5_ARCHITECTURES or (config.get("model_type") == "t5" and arch not in CLIP_ARCHITECTURES):
+        return "t5"
     if arch in CLIP_ARCHITECTURES:
-        return ("clip",) + plan_clip(source, config, arch)
+        return "clip"
     raise CheckpointError(f"transformers architecture {arch!r} (model_type {config.get('model_type')!r}) is not a "
                           f"supported encoder; supported: {', '.join(T5_ARCHITECTURES + CLIP_ARCHITECTURES)}")
+
+
+def plan_source(source, config: Mapping[str, Any]):
+    """``(family, Config, abstract flat params, plan, skipped)`` for a transformers source and its config."""
+    family = family_of_config(config)
+    plan = plan_t5 if family == "t5" else plan_clip
+    return (family,) + plan(source, config, describe(config))
 
 
 def check_plan(source, flat, plan, skipped, cfg, what: str):
@@ -344,12 +354,24 @@ def read_transformers_config(folder: str | os.PathLike) -> dict:
     return config
 
 
+#: Tokenizer and image-processor files copied beside a converted encoder (what jdq's tokenizers and
+#: CLIP score read from the model folder).
+SIDE_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+              "vocab.json", "merges.txt", "preprocessor_config.json")
+
+
 def convert_transformers_folder(in_dir, out_dir, dtype=None, overwrite: bool = False) -> Path:
-    """A transformers encoder folder -> jdq model folder ``out_dir`` (streamed, atomically); returns it."""
+    """A transformers encoder folder -> jdq model folder ``out_dir`` (streamed, atomically); returns it.
+
+    Tokenizer / image-processor files in the folder (:data:`SIDE_FILES`) are copied beside the weights.
+    """
+    import shutil
+
     from jdq.models.base import CONFIG_FILE, FORMAT_VERSION, PARAMS_FILE, write_folder_atomically
     from jdq.models.streaming import write_safetensors
 
     config = read_transformers_config(in_dir)
+    family_of_config(config)  # a decoder or an unsupported model fails before any weight is read
     source = WeightsFolder(in_dir)
     family, cfg, flat, plan, skipped = plan_source(source, config)
     what = f"transformers {describe(config)} folder {in_dir}"
@@ -361,5 +383,8 @@ def convert_transformers_folder(in_dir, out_dir, dtype=None, overwrite: bool = F
                           metadata={"family": family, "jdq_format": str(FORMAT_VERSION)})
         (tmp / CONFIG_FILE).write_text(json.dumps({"family": family, "jdq_format": FORMAT_VERSION, **cfg.to_dict()},
                                                   indent=2) + "\n")
+        for name in SIDE_FILES:
+            if (Path(in_dir) / name).is_file():
+                shutil.copyfile(Path(in_dir) / name, tmp / name)
 
     return write_folder_atomically(out_dir, write, overwrite=overwrite)

@@ -57,9 +57,11 @@ def add_parser(sub):
     p.add_argument("--protocol", default=None, choices=sorted(PROTOCOLS),
                    help="animal-mnist (default for the embedded model) or dit-imagenet256 (default otherwise)")
     p.add_argument("--samples", type=int, default=None, metavar="N", help="number of samples (default: the protocol's)")
-    p.add_argument("--metrics", nargs="+", default=None, metavar="M", choices=METRICS,
+    p.add_argument("--metrics", nargs="+", default=None, metavar="M", choices=METRICS + ("clip",),
                    help=f"metrics to report (default: the protocol's, plus psnr ssim mad with --quant); "
-                        f"any of {', '.join(METRICS)}")
+                        f"any of {', '.join(METRICS)}; or clip (a text-to-image pipeline, with --prompts and --clip)")
+    p.add_argument("--prompts", default=None, metavar="FILE", help="--metrics clip: one prompt per line")
+    p.add_argument("--clip", default=None, metavar="DIR", help="--metrics clip: a converted transformers CLIPModel folder")
     p.add_argument("--reference", default=None, metavar="FILE",
                    help="reference batch .npz (ADM: arr_0 images and/or mu, sigma, mu_s, sigma_s); "
                         "default for animal-mnist: the shipped Animal-FID reference")
@@ -283,7 +285,8 @@ def _make_shard(plan, quant, mesh, progress):
 
     decode = None
     if plan.vae is not None:
-        decode = jax.jit(lambda p, z: plan.vae.apply(p, z, method="decode_latents"))
+        # decode_latents is the VAEModel's (jitted) method, not the NNX module's: Model.apply cannot reach it
+        decode = lambda p, z: plan.vae.decode_latents(jax.numpy.asarray(z))  # noqa: E731
 
     def make(start, stop):
         labels = plan.labels[start:stop]
@@ -493,6 +496,10 @@ def _first_images(out, plan, count):
 
 def run(args) -> int:
     """``jdq eval``: validate, sample (or resume) the shards, compute the metrics, write the results."""
+    if args.metrics and "clip" in args.metrics:
+        from jdq.cli.eval_clip import run_clip
+
+        return run_clip(args)
     t_start = time.perf_counter()
     pidx, pcount = _distributed(args)  # before anything touches a jax backend
     out = Path(args.out)

@@ -334,8 +334,8 @@ def _grid_images(model, samples, args, defaults):
         vae, _ = load(args.vae)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise CliError(f"cannot load --vae {args.vae}: {e}") from None
-    decode = jax.jit(lambda p, z: vae.apply(p, z, method="decode_latents"))
-    images = [np.asarray(decode(vae.params, samples[i:i + 4])) for i in range(0, len(samples), 4)]
+    # decode_latents is the VAEModel's (jitted) method, not the NNX module's: Model.apply cannot reach it
+    images = [np.asarray(vae.decode_latents(jax.numpy.asarray(samples[i:i + 4]))) for i in range(0, len(samples), 4)]
     return to_uint8(np.concatenate(images))
 
 

@@ -2,7 +2,8 @@
 
 Called by :mod:`jdq.cli.sample` when its model folder has ``pipeline.json``
 (:mod:`jdq.sampling.pipelines`); the sampler options (``--sampler``, ``--steps``, ``--guidance``,
-``--seed``, ``--batch-size``, ``--out``) mean what they mean there.
+``--seed``, ``--batch-size``, ``--out``) and ``--quant`` (applied to the transformer; the text
+encoders run in floating point) mean what they mean there.
 """
 
 from __future__ import annotations
@@ -34,35 +35,46 @@ def run_pipeline(args, png, npz) -> int:
     if args.embeddings or args.negative_embeddings or args.classes:
         raise CliError("a pipeline folder takes --prompt/--negative-prompt, not --embeddings or --classes")
     if args.quant is not None:
-        raise CliError("--quant on a pipeline folder is not supported yet; quantize its transformer folder "
-                       "with `jdq sample FOLDER/transformer --embeddings` (see `jdq encode-prompts`)")
-    if args.steps is not None and args.steps < 1:
-        raise CliError(f"--steps must be >= 1, got {args.steps}")
+        from jdq import recipes
+
+        if args.quant not in recipes.names():
+            raise CliError(f"unknown quantization recipe {args.quant!r}; known: {', '.join(recipes.names())}")
     if args.per_class is not None and args.per_class < 1:
         raise CliError(f"--per-class must be >= 1, got {args.per_class}")
-    for flag, value in (("--eta", args.eta), ("--shift", args.shift), ("--vae", args.vae)):
-        if value is not None:  # the pipeline brings its own scheduler settings and VAE
-            raise CliError(f"{flag} does not apply to a pipeline folder (it uses its own scheduler and VAE)")
+    if args.vae is not None:  # the pipeline brings its own VAE; --eta / --shift are checked with the sampler
+        raise CliError("--vae does not apply to a pipeline folder (it decodes with its own VAE)")
     pipe = load_pipeline(args.model)
     import numpy as np
 
+    from jdq.cli.sample import _quantizer, _validate_sampler
+    from jdq.sampling.generate import FAMILY_DEFAULTS, generate
     from jdq.sampling.images import save_grid_and_npz, to_uint8
 
+    sampler = _validate_sampler(pipe.transformer, args, pipe.defaults)
+    guidance = args.guidance if args.guidance is not None else pipe.defaults.get(
+        "guidance", FAMILY_DEFAULTS[pipe.kind]["guidance"])
     prompts = list(args.prompt) * (args.per_class or 1)
-    print(f"jdq sample: {len(prompts)} images of {pipe.kind} pipeline {args.model}", file=sys.stderr)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
-            latents, images = pipe.generate(prompts, args.negative_prompt, guidance=args.guidance,
-                                            sampler=args.sampler, steps=args.steps, seed=args.seed,
-                                            batch_size=args.batch_size, progress=not args.no_progress)
-        except ValueError as e:
-            raise CliError(str(e)) from None
+        cond = pipe.encode(prompts)
+        uncond = pipe.encode([args.negative_prompt or ""], "negative prompt") if guidance != 1.0 else None
     for w in caught:
         print(f"jdq sample: warning: {w.message}", file=sys.stderr)
-    images = to_uint8(images)
+    quant = None
+    if args.quant is not None:  # the transformer's sites (the encoders run in floating point)
+        _, quant = _quantizer(pipe.transformer, args, sampler, cond, uncond, guidance, pipe.defaults)
+    print(f"jdq sample: {len(prompts)} images of {pipe.kind} pipeline {args.model}, {sampler.kind} "
+          f"{sampler.num_steps} steps, guidance {guidance:g}, {'quant ' + args.quant if args.quant else 'floating point'}",
+          file=sys.stderr)
+    try:
+        latents = generate(pipe.transformer, cond, uncond=uncond, sampler=sampler, guidance=guidance, seed=args.seed,
+                           batch_size=args.batch_size, quant=quant, progress=not args.no_progress)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    images = to_uint8(pipe.decode(latents))
     settings = dict(model=str(args.model), family=pipe.kind, prompts=prompts, negative_prompt=args.negative_prompt or "",
-                    guidance=args.guidance, steps=args.steps, seed=args.seed)
+                    sampler=sampler.kind, steps=sampler.num_steps, guidance=guidance, seed=args.seed,
+                    quant=args.quant or "")
     save_grid_and_npz(png, npz, images, dict(samples=latents, images=images,
                                              settings=np.asarray(json.dumps(settings, allow_nan=False))))
     print(f"wrote {png} and {npz} in {time.time() - t0:.1f}s")

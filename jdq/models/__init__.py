@@ -1,8 +1,10 @@
-"""Diffusion transformers (DiT, PixArt-Σ, SD3 MMDiT) and the SD VAE as pure functions of params.
+"""Diffusion transformers (DiT, PixArt-Σ, SD3 MMDiT), the SD VAE and the T5 / CLIP text encoders as pure
+functions of params.
 
 ``jdq.models.load(path)`` returns ``(model, config)`` from a folder written by
 ``checkpoints_convert`` (or :func:`save`); ``jdq.models.from_config(config)`` builds a model with
-random params. Families live in ``jdq.models.<family>`` (``dit``, ``pixart``, ``sd3``, ``vae``);
+random params. Families live in ``jdq.models.<family>`` (``dit``, ``pixart``, ``sd3``, ``vae``,
+``inception``, ``t5``, ``clip``; tokenizers in :mod:`jdq.models.tokenizers`);
 see :mod:`jdq.models.base` for the interface they share and :mod:`jdq.models.layers` for the
 quantization sites.
 """

@@ -6,7 +6,8 @@ and collects per-step operand statistics first, :func:`jdq.sampling.collect_samp
 
 Which operands a recipe quantizes: the matmuls inside the transformer blocks of every family
 (``blocks.*`` in DiT, ``transformer_blocks.*`` in PixArt-Σ and SD3, ``joint_transformer_blocks.*``
-/ ``single_transformer_blocks.*`` where present); the embedders, the adaLN-single / time MLPs
+/ ``single_transformer_blocks.*`` where present; the layers of the text encoders, ``encoder.block.*``
+in T5 and ``text_model.encoder.layers.*`` / ``vision_model.encoder.layers.*`` in CLIP); the embedders, the adaLN-single / time MLPs
 outside the blocks and the final layer stay in floating point (the common skip list of ViDiT-Q,
 Q-DiT and PTQ4DiT). Weights are cast along their contraction (input) axis, so an integer
 weight's ``"row"`` scale is per output channel.
@@ -38,7 +39,8 @@ from typing import Callable, Sequence
 from jdq import quant as Q
 
 #: The site pattern of the transformer blocks of every family.
-BLOCKS = r"re:(blocks|transformer_blocks|joint_transformer_blocks|single_transformer_blocks)\..*"
+BLOCKS = (r"re:(blocks|transformer_blocks|joint_transformer_blocks|single_transformer_blocks"
+          r"|encoder\.block|text_model\.encoder\.layers|vision_model\.encoder\.layers)\..*")
 LINEAR_ACTS = ("act", "post_gelu")
 MX_FORMATS = ("mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1", "mxint8", "mx9", "mx6", "mx4")
 

@@ -306,8 +306,7 @@ def test_encode_prompts_unwritable_output_fails_before_encoding(tmp_path, capsys
 
 
 @pytest.mark.parametrize("args,message", [(["--per-class", "0"], "--per-class must be >= 1"),
-                                          (["--eta", "0.5"], "--eta does not apply to a pipeline folder"),
-                                          (["--shift", "2"], "--shift does not apply to a pipeline folder"),
+                                          (["--vae", "vae"], "--vae does not apply to a pipeline folder"),
                                           (["--guidance", "nan"], "--guidance must be a finite number")])
 def test_pipeline_sample_rejects_what_does_not_apply(tmp_path, args, message, capsys):
     pipe = tmp_path / "pipe"

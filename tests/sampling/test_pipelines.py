@@ -198,9 +198,69 @@ def test_cli_sample_and_encode_prompts(pixart_pipe, tmp_path, capsys):
 
     save_file({"text_emb": arrays["negative_text_emb"], "mask": arrays["negative_mask"]}, str(neg))
     assert main(["sample", str(folder / "transformer"), "--embeddings", str(cache), "--negative-embeddings", str(neg),
-                 "--steps", "2", "--out", str(tmp_path / "t"), "--no-progress"]) == 0
+                 "--vae", str(folder / "vae"), "--steps", "2", "--out", str(tmp_path / "t"), "--no-progress"]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "t.npz")["samples"], lat, rtol=0, atol=1e-5)
+    # the --vae decode of a bare transformer folder gives the pipeline's images (uint8: at most one level off)
+    diff = np.abs(np.load(tmp_path / "t.npz")["images"].astype(int) - np.load(tmp_path / "s.npz")["images"].astype(int))
+    assert diff.max() <= 1
+    # a recipe on the pipeline's transformer: close to the FP latents, not equal
+    assert main(["sample", str(folder), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--steps", "2",
+                 "--quant", "w8a8", "--out", str(tmp_path / "q"), "--no-progress"]) == 0
+    err = rel_err(np.load(tmp_path / "q.npz")["samples"], lat)
+    assert 1e-5 < err < 0.2, err
     # bad input: prompts for a plain model folder, a missing prompts file
     assert main(["sample", str(folder / "transformer"), "--prompt", "x", "--out", str(tmp_path / "u")]) == 2
     assert main(["encode-prompts", str(folder), "--prompts", str(tmp_path / "nope.txt"), "--out", str(cache)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~25 s on 2 cores
+def test_cli_eval_clip_score(pixart_pipe, tmp_path):
+    """``jdq eval PIPELINE --metrics clip``: the score equals CLIPScorer on the pipeline's own images."""
+    import json
+
+    from jdq.cli import main
+    from jdq.metrics.clip_score import CLIPScorer
+    from jdq.sampling.images import to_uint8
+
+    tok = transformers.CLIPTokenizer.from_pretrained(str(make_clip_tokenizer(tmp_path / "tok")), model_max_length=77)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8), projection_dim=8)
+    torch.manual_seed(0)
+    transformers.CLIPModel(cfg).save_pretrained(tmp_path / "clip_src")
+    tok.save_pretrained(tmp_path / "clip_src")
+    clip_dir = convert(tmp_path / "clip_src", tmp_path / "clip")
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "run"
+    assert main(["eval", str(pixart_pipe[1]), "--metrics", "clip", "--prompts", str(tmp_path / "p.txt"),
+                 "--clip", str(clip_dir), "--steps", "2", "--out", str(out), "--no-progress"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    _, img = TextToImage.load(pixart_pipe[1]).generate(PROMPTS, "", steps=2, seed=0)
+    want = CLIPScorer.load(clip_dir)(to_uint8(img), PROMPTS)
+    assert abs(res["metrics"]["clip"]["value"] - want) <= 1e-3
+    assert (out / "samples.png").is_file() and (out / "results.md").is_file()
+    assert main(["eval", str(pixart_pipe[1]), "--metrics", "clip", "--clip", str(clip_dir), "--out", str(out)]) == 2
+
+
+def test_sd3_encoder_width_mismatch_is_a_clear_error(sd3_pipe, tmp_path):
+    import shutil
+
+    import jdq.models
+    from jdq.models import t5
+
+    src = tmp_path / "p"
+    shutil.copytree(sd3_pipe[1], src)
+    enc, _ = jdq.models.load(src / "text_encoder_3")
+    shutil.rmtree(src / "text_encoder_3")
+    jdq.models.save(t5.from_config(enc.config.replace(d_model=24), key=0), src / "text_encoder_3")
+    with pytest.raises(PipelineError, match="T5.*width 24 does not match.*joint_attention_dim 32"):
+        TextToImage.load(src)
+    shutil.rmtree(src / "tokenizer_2")
+    from jdq.models.tokenizers import TokenizerError
+
+    with pytest.raises(TokenizerError, match="tokenizer_2 does not exist"):
+        TextToImage.load(src)
