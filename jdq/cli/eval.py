@@ -128,15 +128,11 @@ def _load_subject(arg):
 
 
 def build_quantizer(model, recipe: str, sampler, labels, guidance: float, seed: int, calib_samples: int):
-    """The quantizer of ``recipe`` for ``model``, calibrated if the recipe needs it.
-
-    The one place jdq eval builds a quantizer: today through ``jdq sample``'s builder, later
-    through the public entry of :mod:`jdq.recipes`.
-    """
+    """The :class:`jdq.recipes.Quantized` of ``recipe`` for ``model`` (calibrated if the recipe needs it)."""
     from jdq.cli.sample import _quantizer
 
     args = SimpleNamespace(quant=recipe, calib_samples=calib_samples, seed=seed)
-    return _quantizer(model, args, sampler, labels, None, guidance, {})[1]
+    return _quantizer(model, args, sampler, labels, None, guidance, {})
 
 
 # ---------------------------------------------------------------------------- the run
@@ -286,8 +282,9 @@ def _make_shard(plan, quant, mesh, progress):
     def make(start, stop):
         labels = plan.labels[start:stop]
         x = generate(plan.model, labels, sampler=plan.sampler, guidance=plan.guidance, seed=plan.seed,
-                     batch_size=min(plan.settings["batch_size"], stop - start), quant=quant, mesh=mesh,
-                     progress=progress, first_index=start)
+                     batch_size=min(plan.settings["batch_size"], stop - start),
+                     quant=None if quant is None else quant.quantizer, params=None if quant is None else quant.params,
+                     mesh=mesh, progress=progress, first_index=start)
         if decode is not None:
             x = np.concatenate([np.asarray(decode(plan.vae.params, x[i:i + 8])) for i in range(0, len(x), 8)])
         if not np.all(np.isfinite(x)):
