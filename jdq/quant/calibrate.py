@@ -28,17 +28,15 @@ reductions updated inside the jitted sampler loop — never the activations them
 Statistics come out as ``{operand key: {name: [S, ...]}}`` with ``"step"`` (``[S]``, the sampler
 step of each slot; :mod:`jdq.quant.timegroup` reads it), except the pooled ``"hessian"`` / ``"rows"``.
 
-Memory bound (DiT-XL/2, 28 blocks, C = 1152, MLP 4608, 256 tokens, 16 heads; 32 samples × 250
-steps, every step observed): the accumulators hold no activation, so their size is independent of
-the number of samples. Per step, ``"range"`` keeps ``3·C_in + 3`` floats per operand: for the 4
-linear inputs, 4 weights and 4 attention operands of a block that is about
-``3·(4·1152 + 4608 + 3·1152 + 4608 + 2·72 + 256 + 72)·4 B ≈ 0.2 MB`` per block, ``≈ 6 MB`` for 28
-blocks, ``≈ 1.4 GB`` for 250 steps (a uniform subset of 25 steps: ``≈ 0.14 GB``); ``"hist"`` adds
-``12 · 160 · 4 B`` per block and step (``≈ 54 MB`` for 28 × 250); ``"hessian"`` is pooled:
-``(3·1152² + 4608²)·4 B ≈ 101 MB`` per block, ``≈ 2.8 GB`` for 28 blocks (accumulated in the
-loop's carry: on a GPU keep ``roles`` to the layers being GPTQ-ed, or calibrate in chunks of
-blocks); ``"ssc"`` keeps ``C + 1`` floats per balanced operand and step. The live activations
-are one sampler step of one batch (``batch_size`` samples, twice with guidance together).
+Memory bound (DiT-XL/2 at 256², 28 blocks, C = 1152, MLP 4608, 256 tokens; 32 samples × 250
+steps, every step observed): the accumulators hold no activation, so their size does not depend on
+the number of samples. Per slot, ``"range"`` keeps ``3·C + 3`` floats per operand (``C`` its
+contraction size); for the 14 operands of a block (4 weights, 4 linear inputs, the adaLN linear's
+2, q, k, v, p) over 28 blocks that is 6.1 MiB per step, **1.5 GiB for 250 steps** (0.15 GiB for a
+uniform 25). ``"hist"`` adds 60 MiB for 250 steps, ``"ssc"`` 0.25 GiB; ``"hessian"`` is pooled
+over the steps, ``Σ C²`` floats: 2.8 GiB for the 28 blocks (restrict ``roles`` or the sites on a
+small accelerator). The live activations are those of one sampler step of one chunk
+(``batch_size`` samples, doubled with guidance together), as in sampling.
 :func:`accumulator_bytes` computes this for any model abstractly.
 """
 

@@ -138,14 +138,15 @@ def calibration_stats(model, sampler, cond, *, uncond=None, guidance: float = 1.
     """
     from jdq.quant.calibrate import CalibrationSettings
     from jdq.sampling.calibrate import calibrate
-    from jdq.sampling.generate import null_condition
+    from jdq.sampling.generate import Denoiser, guided_channels, null_condition, sample_shape
 
     settings = settings or CalibrationSettings()
     unc = uncond
     if guidance != 1.0 and unc is None:
         unc = null_condition(model, cond)
-    return calibrate(model, sampler, cond, settings, uncond=unc if guidance != 1.0 else None, guidance=guidance,
-                     seed=seed + 1, path=path, progress=progress)
+    return calibrate(Denoiser(model, model.family), model.params, sampler, cond, sample_shape(model), settings,
+                     uncond=unc if guidance != 1.0 else None, guidance=guidance,
+                     guided_channels=guided_channels(model), seed=seed + 1, path=path, progress=progress)
 
 
 def quantize(model, name: str, *, sampler=None, cond=None, uncond=None, guidance: float = 1.0, seed: int = 0,

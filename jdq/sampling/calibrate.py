@@ -74,24 +74,23 @@ def _fingerprint(settings, sampler, cond, uncond, guidance, seed, params) -> str
     return h.hexdigest()[:16]
 
 
-def calibrate(model, sampler, cond, settings: C.CalibrationSettings | None = None, *, uncond=None,
-              guidance: float = 1.0, seed: int = 1, path=None, progress: bool = False, params=None):
-    """Statistics ``{operand key: {name: [S, ...], "step": [S]}}`` of ``model`` along the FP sampler's trajectories.
+def calibrate(fn, params, sampler, cond, shape, settings: C.CalibrationSettings | None = None, *, uncond=None,
+              guidance: float = 1.0, guided_channels: int | None = None, seed: int = 1, path=None,
+              progress: bool = False):
+    """Statistics ``{operand key: {name: [S, ...], "step": [S]}}`` of denoiser ``fn`` along the FP sampler's trajectories.
 
-    ``cond``: the calibration conditions (a pytree with a leading sample axis; the first
+    ``fn(params, x, t, cond, quant=)``: the denoiser (``jdq.sampling.generate.Denoiser``), ``shape``
+    the per-sample shape. ``cond``: the calibration conditions (a pytree with a leading sample axis; the first
     ``settings.samples`` are used); ``uncond``/``guidance``: classifier-free guidance (statistics
     of both halves, together or apart as ``settings.cfg`` says). ``path``: a safetensors file to
     save to after every chunk and resume from. ``progress``: a tqdm bar over chunks × steps.
     """
-    from jdq.sampling.generate import Denoiser, guided_channels, sample_shape
-
     settings = settings or C.CalibrationSettings()
     n_avail = int(np.shape(jax.tree.leaves(cond)[0])[0])
     n = min(settings.samples or n_avail, n_avail)
     cond = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)[:n]), cond)
     use_cfg = uncond is not None and guidance != 1.0
     uncond = jax.tree.map(jnp.asarray, uncond) if use_cfg else None
-    params = model.params if params is None else params
     s = sampler.num_steps
     mask = C.selection_mask(settings, s, n)
     steps = C.observed_steps(mask)
@@ -108,8 +107,6 @@ def calibrate(model, sampler, cond, settings: C.CalibrationSettings | None = Non
                              f"(fingerprint {meta.get('fingerprint')} ≠ {fp}); remove it or choose another file")
         done = int(meta["chunks_done"])
         acc = {k: {name: v for name, v in st.items() if name != C.STEP_KEY} for k, st in acc.items()}
-    fn = Denoiser(model, model.family)
-    shape = sample_shape(model)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -120,7 +117,7 @@ def calibrate(model, sampler, cond, settings: C.CalibrationSettings | None = Non
             a, b = chunks[c]
             keys = sample_keys(seed, b - a, a)
             cc = jax.tree.map(lambda v: v[a:b], cond)
-            kw = dict(shape=tuple(shape), guided=guided_channels(model), channel_axis=-1, settings=settings,
+            kw = dict(shape=tuple(shape), guided=guided_channels, channel_axis=-1, settings=settings,
                       num_slots=len(steps), progress=bar is not None)
             args = (fn, params, sampler, keys, cc, uncond, jnp.float32(guidance),
                     jnp.asarray(mask[:, a:b], jnp.float32), jnp.asarray(slots))
