@@ -23,7 +23,11 @@ reductions updated inside the jitted sampler loop — never the activations them
   sample ``i`` (one row of one step), ``x_i`` = max over tokens of ``|X_i|`` per channel and
   ``ρ_i`` its Spearman correlation with the weight's per-input-channel ``|max|``; the slot keeps
   ``ssc_num = Σ_i exp(−ρ_i) x_i`` and ``ssc_den = Σ_i exp(−ρ_i)``, so ``ssc_num / ssc_den`` over
-  all slots is the softmax(−ρ)-weighted salience of all samples (``ρ ∈ [−1, 1]``, so no overflow).
+  all slots is the softmax(−ρ)-weighted salience of all samples (``ρ ∈ [−1, 1]``, so no overflow);
+* ``"split"``: for attention probabilities, TQ-DiT's two-region split errors
+  (:func:`jdq.quant.regions.split_errors` at ``split_bits``): ``split_mse`` sums each observed
+  sample's mean squared error per candidate split, so its argmin over all slots is the split with
+  the least error over the whole calibration set.
 
 Statistics come out as ``{operand key: {name: [S, ...]}}`` with ``"step"`` (``[S]``, the sampler
 step of each slot; :mod:`jdq.quant.timegroup` reads it), except the pooled ``"hessian"`` / ``"rows"``.
@@ -57,7 +61,7 @@ Stats = Mapping[str, Array]
 
 STEP_KEY = "step"
 #: The statistic groups an :class:`Accumulator` can keep.
-STAT_GROUPS = ("range", "hist", "hessian", "ssc")
+STAT_GROUPS = ("range", "hist", "hessian", "ssc", "split")
 STEP_SELECTIONS = ("all", "uniform", "random")
 CFG_MODES = ("together", "apart")
 #: log2 bounds of the ``|x|`` histogram (values below the first edge count in bin 0, above the last in the last).
@@ -174,6 +178,7 @@ class CalibrationSettings:
     stats: tuple[str, ...] = ("range",)
     roles: tuple[str, ...] | None = None
     batch_size: int = 32
+    split_bits: int = 8
 
     def __post_init__(self):
         object.__setattr__(self, "stats", tuple(self.stats))
@@ -282,7 +287,7 @@ def _empty(name: str, shape, dtype=jnp.float32):
     return jnp.full(shape, _identity(name), dtype)
 
 
-def trajectory_stats(x, axis: int, role: str, weight_rows, groups: Sequence[str]) -> dict[str, Array]:
+def trajectory_stats(x, axis: int, role: str, weight_rows, groups: Sequence[str], split_bits: int = 8) -> dict[str, Array]:
     """One call's statistics of operand ``x`` with per-row weights ``weight_rows`` (``[B]`` 0/1, ``None`` for a weight).
 
     Returns the ``"range"``/``"hist"``/``"hessian"`` statistics (an unobserved row contributes
@@ -307,6 +312,11 @@ def trajectory_stats(x, axis: int, role: str, weight_rows, groups: Sequence[str]
         flat = (r * jnp.sqrt(m)[:, None, None]).reshape(-1, r.shape[-1])
         out["hessian"] = jnp.matmul(flat.T, flat, precision=jax.lax.Precision.HIGHEST)
         out["rows"] = jnp.sum(m) * r.shape[1]
+    if "split" in groups and role == "attn_prob":
+        from jdq.quant.regions import split_errors
+
+        per_sample = jax.vmap(lambda xi: split_errors(xi, split_bits))(jnp.asarray(x, jnp.float32))  # [B, K]
+        out["split_mse"] = jnp.sum(per_sample * m[:, None], axis=0)
     if "ssc" in groups and role in ACTIVATION_ROLES:
         out["sample_absmax"] = jnp.max(jnp.abs(r), axis=1)
         out["sample_weight"] = m
@@ -321,8 +331,9 @@ class TrajectoryCollector(QuantizerBase):
     statistics combined; :meth:`finish` returns the step's ``{key: stats}`` with the SSC sums.
     """
 
-    def __init__(self, groups: Sequence[str], roles: Sequence[str] | None = None):
+    def __init__(self, groups: Sequence[str], roles: Sequence[str] | None = None, split_bits: int = 8):
         self.groups = tuple(groups)
+        self.split_bits = split_bits
         self.roles = None if roles is None else tuple(roles)
         self.rows = None
         self.stats: dict[str, dict[str, Array]] = {}
@@ -330,7 +341,7 @@ class TrajectoryCollector(QuantizerBase):
     def __call__(self, x, site, role, axis=-1):
         if self.roles is None or role in self.roles or role == "weight" and "ssc" in self.groups:
             key = operand_key(site, role)
-            new = trajectory_stats(x, axis, role, self.rows, self.groups)
+            new = trajectory_stats(x, axis, role, self.rows, self.groups, self.split_bits)
             old = self.stats.get(key)
             if old is None:
                 self.stats[key] = new

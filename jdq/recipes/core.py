@@ -165,6 +165,8 @@ def quantize(model, name: str, *, sampler=None, cond=None, uncond=None, guidance
     import numpy as np
 
     recipe = get(name)
+    if "steps" in recipe.options and options.get("steps") is None and sampler is not None:
+        options = dict(options, steps=sampler.num_steps)  # recipes whose plan follows the sampler (time groups)
     opts = recipe.resolve_options(**options)
     if cond is None:
         raise RecipeError("quantize: give the conditions (cond) the operands are traced with")
@@ -186,9 +188,10 @@ def quantize(model, name: str, *, sampler=None, cond=None, uncond=None, guidance
         stats = calibration_stats(model, sampler, calib, uncond=uncond, guidance=guidance, seed=seed,
                                   settings=settings, path=stats_path, progress=progress)
         info["calibration_s"] = time.perf_counter() - t0
-        info["calibration"] = dict(settings.to_dict(), sampler=sampler.kind, steps=sampler.num_steps,
+        info["calibration"] = dict(settings.to_dict(), sampler=sampler.kind, sampler_steps=sampler.num_steps,
                                    guidance=float(guidance), seed=seed + 1)
     t0 = time.perf_counter()
-    state, params = recipe.prepare(plan, stats, model, **opts)
+    extra = {"sampler": sampler, "cond": cond} if recipe.prepare is not _default_prepare else {}
+    state, params = recipe.prepare(plan, stats, model, **opts, **extra)
     info["prepare_s"] = time.perf_counter() - t0
     return Quantized(plan, plan.bind(state), params, info)

@@ -25,7 +25,7 @@ from jdq.sampling.loop import _report_step, guided_output, initial_noise, sample
 
 
 def _step_stats(fn, params, x, t, cond, uncond, scale, rows, *, guided, channel_axis, settings):
-    collector = C.TrajectoryCollector(settings.stats, settings.roles)
+    collector = C.TrajectoryCollector(settings.stats, settings.roles, settings.split_bits)
     separate = settings.cfg == "apart"
     collector.rows = rows if (uncond is None or separate) else jnp.concatenate([rows, rows])
     out = guided_output(fn, params, x, t, cond, uncond, scale, quant=collector, guided_channels=guided,
