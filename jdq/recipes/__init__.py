@@ -8,7 +8,9 @@ This package is a face: the registry and the user flow live in :mod:`jdq.recipes
 * :mod:`.baselines` — round-to-nearest ``w8a8``, ``w8a8-static``, ``w8a8-fp8attn``, ``w4a8``;
 * :mod:`.mx` — one recipe per OCP MX / shared-microexponent format;
 * :mod:`.mixdit` — ``mixdit``;
-* :mod:`.tqdit` — ``tq-dit`` (TQ-DiT).
+* :mod:`.tqdit` — ``tq-dit`` (TQ-DiT);
+* :mod:`.ptq4dit` — ``ptq4dit`` (PTQ4DiT);
+* :mod:`.qdit` — ``q-dit`` (Q-DiT).
 
 Which operands a recipe quantizes: the matmuls inside the transformer blocks of every family
 (``blocks.*`` in DiT, ``transformer_blocks.*`` in PixArt-Σ and SD3, ``joint_transformer_blocks.*``
@@ -35,6 +37,6 @@ from jdq.recipes.core import (
     quantize,
     register,
 )
-from jdq.recipes import baselines, mx, mixdit, tqdit  # noqa: E402,F401  (registration order = names() order)
+from jdq.recipes import baselines, mx, mixdit, tqdit, ptq4dit, qdit  # noqa: E402,F401  (registration order = names() order)
 from jdq.recipes.baselines import fp8_attention_rules  # noqa: E402
 from jdq.recipes.mx import MX_FORMATS  # noqa: E402

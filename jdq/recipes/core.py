@@ -44,7 +44,9 @@ class Recipe:
     ``options``: the keyword options and their defaults (the paper's setting); ``version``: bumped
     when the state a recipe builds changes meaning (a saved quantized folder of another version is
     refused); ``calibration(**options)``: the calibration settings
-    (:class:`jdq.quant.calibrate.CalibrationSettings`) of a calibrated recipe.
+    (:class:`jdq.quant.calibrate.CalibrationSettings`) of a calibrated recipe;
+    ``tune(model, stats, sampler, cond, options) -> options``: a search run after calibration that
+    fixes options the plan depends on (Q-DiT's group sizes).
     """
 
     name: str
@@ -54,6 +56,7 @@ class Recipe:
     prepare: Callable[..., tuple[Any, Any]] = _default_prepare
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     calibration: Callable[..., Any] | None = None
+    tune: Callable[..., Any] | None = None
     version: int = 1
 
     def resolve_options(self, **options) -> dict[str, Any]:
@@ -167,10 +170,13 @@ def quantize(model, name: str, *, sampler=None, cond=None, uncond=None, guidance
     recipe = get(name)
     if "steps" in recipe.options and options.get("steps") is None and sampler is not None:
         options = dict(options, steps=sampler.num_steps)  # recipes whose plan follows the sampler (time groups)
+    if "depth" in recipe.options and options.get("depth") is None:
+        options = dict(options, depth=int(model.config.depth))  # recipes listing layers per block
     opts = recipe.resolve_options(**options)
     if cond is None:
         raise RecipeError("quantize: give the conditions (cond) the operands are traced with")
-    plan = plan_for(name, model_operands(model, cond), **opts)
+    operands = model_operands(model, cond)
+    plan_for(name, operands, **opts)  # a recipe that does not fit fails before calibrating
     info: dict[str, Any] = {"recipe": name, "version": recipe.version, "options": opts, "calibration": None,
                             "calibration_s": 0.0}
     if recipe.calibrated and stats is None:
@@ -183,6 +189,8 @@ def quantize(model, name: str, *, sampler=None, cond=None, uncond=None, guidance
         n = calib_samples if calib_samples is not None else (settings.samples or available)
         n = max(1, min(n, available))
         settings = dataclasses.replace(settings, samples=n)
+        if settings.steps == "random":  # at most every (step, sample) pair of a small calibration set
+            settings = dataclasses.replace(settings, pairs=min(settings.pairs, n * sampler.num_steps))
         calib = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)[:n]), cond)
         t0 = time.perf_counter()
         stats = calibration_stats(model, sampler, calib, uncond=uncond, guidance=guidance, seed=seed,
@@ -191,6 +199,10 @@ def quantize(model, name: str, *, sampler=None, cond=None, uncond=None, guidance
         info["calibration"] = dict(settings.to_dict(), sampler=sampler.kind, sampler_steps=sampler.num_steps,
                                    guidance=float(guidance), seed=seed + 1)
     t0 = time.perf_counter()
+    if recipe.tune is not None:
+        opts = recipe.tune(model, stats, sampler, cond, opts)
+        info["options"] = opts
+    plan = plan_for(name, operands, **opts)
     extra = {"sampler": sampler, "cond": cond} if recipe.prepare is not _default_prepare else {}
     state, params = recipe.prepare(plan, stats, model, **opts, **extra)
     info["prepare_s"] = time.perf_counter() - t0
