@@ -21,5 +21,6 @@ COMMANDS = {
     "sample": ("sample", "sample a model (default: the embedded Animal-MNIST DiT) to a PNG grid and .npz"),
     "convert": ("convert", "convert an official checkpoint (DiT .pt, Inception .pth, diffusers folder) to a jdq folder"),
     "eval": ("eval", "sample quality (FID, precision/recall, PSNR/SSIM vs FP) with intervals, resumable"),
+    "quantize": ("quantize", "calibrate a recipe (tq-dit, ptq4dit, q-dit, ...) and write the quantized model to a folder"),
     "cost": ("cost", "latency/energy of a plan on a hardware preset (accelerator cost model)"),
 }

@@ -29,7 +29,8 @@ def add_parser(sub):
     """Add ``jdq sample`` to an argparse sub-parser collection; return its parser."""
     p = sub.add_parser(NAME, help=HELP, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=None,
-                   help="a jdq model folder (from `jdq convert`); default: the embedded Animal-MNIST DiT")
+                   help="a jdq model folder (from `jdq convert`) or a quantized folder (from `jdq quantize`); "
+                        "default: the embedded Animal-MNIST DiT")
     p.add_argument("--classes", type=int, nargs="+", default=None, metavar="C",
                    help="class labels to sample (DiT); default: every class of the embedded model, "
                         "or 8 random classes of another DiT")
@@ -275,7 +276,21 @@ def run(args) -> int:
         from jdq import recipes
         if args.quant not in recipes.names():
             raise CliError(f"unknown quantization recipe {args.quant!r}; known: {', '.join(recipes.names())}")
-    folder, model, defaults = _resolve_model(args.model)
+    from jdq.recipes import saved
+
+    quantized = None
+    if saved.is_quantized_folder(args.model):
+        if args.quant is not None:
+            raise CliError(f"{args.model} is a quantized folder (it carries its recipe); drop --quant")
+        try:
+            manifest = saved.read_manifest(args.model)
+            folder, model, defaults = _resolve_model(manifest["model"]["path"])
+            _, quantized = saved.load(args.model, model)
+        except saved.SavedError as e:
+            raise CliError(str(e)) from None
+        args.quant = f"{manifest['recipe']} (from {args.model})"
+    else:
+        folder, model, defaults = _resolve_model(args.model)
     sampler = _validate_sampler(model, args, defaults)
     cond, uncond, labels = _conditions(model, args, defaults)
     from jdq.sampling.generate import FAMILY_DEFAULTS
@@ -297,8 +312,7 @@ def run(args) -> int:
         raise CliError(f"--devices {args.devices}: {ndev} local device(s) available")
     use = args.devices or ndev
     mesh = sharding.batch_mesh(num_devices=use) if use > 1 else None
-    quantized = None
-    if args.quant is not None:
+    if args.quant is not None and quantized is None:
         quantized = _quantizer(model, args, sampler, cond, uncond, guidance, defaults)
     n = int(np.shape(jax.tree.leaves(cond)[0])[0])
     what = f"{n} samples of {folder.name} ({model.family}), {sampler.kind} {sampler.num_steps} steps, " \

@@ -442,7 +442,7 @@ def save_stats(path, stats: Mapping[str, Mapping[str, Any]], metadata: Mapping[s
 
     from jdq.io import atomic_write
 
-    flat = {f"{key}/{name}": np.ascontiguousarray(np.asarray(v)) for key, st in stats.items() for name, v in st.items()}
+    flat = {f"{key}/{name}": np.array(v) for key, st in stats.items() for name, v in st.items()}
     meta = {"jdq_stats": json.dumps(dict(metadata or {}), sort_keys=True)}
     data = save(flat, metadata=meta)
 

@@ -38,5 +38,7 @@ from jdq.recipes.core import (
     register,
 )
 from jdq.recipes import baselines, mx, mixdit, tqdit, ptq4dit, qdit  # noqa: E402,F401  (registration order = names() order)
+from jdq.recipes import saved  # noqa: E402
+from jdq.recipes.saved import load, save  # noqa: E402
 from jdq.recipes.baselines import fp8_attention_rules  # noqa: E402
 from jdq.recipes.mx import MX_FORMATS  # noqa: E402
