@@ -52,15 +52,49 @@ FP = "fp"
 COLUMNS = ("fid", "dfid", "precision", "recall", "agreement", "psnr", "ssim", "mad")
 
 
+def parse_row(spec: str) -> tuple[str, dict]:
+    """``"tq-dit:wbits=6,abits=6"`` -> ``("tq-dit", {"wbits": 6, "abits": 6})`` (values as JSON, else strings)."""
+    name, _, rest = spec.partition(":")
+    opts = {}
+    for item in filter(None, rest.split(",")):
+        k, _, v = item.partition("=")
+        try:
+            opts[k] = json.loads(v)
+        except json.JSONDecodeError:
+            opts[k] = v
+    return name, opts
+
+
+def row_slug(spec: str) -> str:
+    """A folder-name form of a row spec."""
+    return spec.replace(":", "-").replace(",", "-").replace("=", "")
+
+
+def quantize_run(out: Path, name: str, options: dict, *, steps: int, guidance: float, progress: bool = True) -> dict:
+    """``jdq quantize`` of the embedded model into ``out`` (skipped when it holds a finished folder); its report."""
+    import subprocess
+
+    if not (out / "quantized.json").is_file():  # its own process, so its peak memory is its own
+        argv = ["quantize", "--recipe", name, "--out", str(out), "--sampler", "ddim", "--steps", str(steps),
+                "--guidance", str(guidance)] + [a for k, v in options.items() for a in ("--option", f"{k}={json.dumps(v)}")]
+        if not progress:
+            argv.append("--no-progress")
+        env = dict(os.environ, PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        code = subprocess.call([sys.executable, "-m", "jdq.cli"] + argv, env=env)
+        if code != 0:
+            raise SystemExit(f"jdq {' '.join(argv)} failed with status {code}")
+    return json.loads((out / "report.json").read_text())
+
+
 def eval_run(out: Path, *, quant: str | None = None, fp_run: Path | None = None, samples: int | None = None,
              steps: int | None = None, guidance: float | None = None, batch_size: int = 100,
-             progress: bool = True) -> dict:
-    """``jdq eval`` of the embedded model into ``out`` (skipped when ``out`` holds a finished run); its results.json."""
+             progress: bool = True, model: Path | None = None) -> dict:
+    """``jdq eval`` of the embedded model (or a quantized folder ``model``) into ``out`` (skipped when finished)."""
     from jdq import cli
 
     res = out / "results.json"
     if not res.is_file():
-        argv = ["eval", "--out", str(out), "--batch-size", str(batch_size)]
+        argv = ["eval"] + ([str(model)] if model is not None else []) + ["--out", str(out), "--batch-size", str(batch_size)]
         for flag, v in (("--quant", quant), ("--fp-run", fp_run), ("--samples", samples), ("--steps", steps),
                         ("--guidance", guidance)):
             if v is not None:
@@ -122,6 +156,18 @@ def table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def calibration_table(rows: list[tuple[str, dict]]) -> str:
+    """Calibration cost of the rows quantized through ``jdq quantize`` ('' if none)."""
+    lines = ["| recipe | calibration s | state building (search, GPTQ, folding) s | peak RSS MiB | quantized weights KiB |",
+             "|---|---:|---:|---:|---:|"]
+    for label, r in rows:
+        q = r.get("quantize_report")
+        if q:
+            lines.append(f"| {label} | {q['calibration_s'] or 0:.0f} | {q['prepare_s'] or 0:.0f} | {q['peak_rss_mib']:.0f} | "
+                         f"{q['quantized_weight_bytes'] / 1024:.0f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def sweep_table(rows: list[tuple[float, dict]]) -> str:
     """FP metrics against guidance."""
     lines = ["| guidance | Animal-FID ↓ | precision ↑ | recall ↑ | class agreement ↑ |", "|---:|---|---|---|---|"]
@@ -171,7 +217,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     names = list(recipes.names()) if args.recipes is None else list(args.recipes)
-    unknown = [n for n in names if n not in recipes.names()]
+    unknown = [n for n in names if parse_row(n)[0] not in recipes.names()]
     if unknown:
         raise SystemExit(f"unknown recipe {unknown[0]!r}; known: {', '.join(recipes.names())}")
     proto = protocols.get("animal-mnist")
@@ -195,10 +241,24 @@ def main(argv=None) -> int:
         fp_dir = runs / f"fp-{tag}"
         rows.append(("FP (float32)", eval_run(fp_dir, **common)))
         for name in names:
-            rows.append((f"`{name}`", eval_run(runs / f"{name}-{tag}", quant=name, fp_run=fp_dir, **common)))
+            recipe, options = parse_row(name)
+            if options or recipes.get(recipe).calibrated:  # through `jdq quantize` and its folder
+                qdir = runs / f"q-{row_slug(name)}-ddim{steps}-g{guidance:g}"
+                report = quantize_run(qdir, recipe, options, steps=steps, guidance=guidance,
+                                      progress=not args.no_progress)
+                r = eval_run(runs / f"{row_slug(name)}-{tag}", model=qdir, fp_run=fp_dir, **common)
+                r["quantize_report"] = {k: report.get(k) for k in ("calibration_s", "prepare_s", "total_s",
+                                                                   "peak_rss_mib", "quantized_weight_bytes")}
+                rows.append((f"`{name}`", r))
+            else:
+                rows.append((f"`{name}`", eval_run(runs / f"{name}-{tag}", quant=name, fp_run=fp_dir, **common)))
         parts += [f"Protocol `animal-mnist`: {samples} samples (classes in turn), DDIM {steps} steps, guidance "
                   f"{guidance:g}, seed 0; 95 % intervals: grouped jackknife over 10 contiguous groups.", "",
                   table(rows), ""]
+        cal = calibration_table(rows)
+        if cal:
+            parts += ["Calibration (`jdq quantize`, CPU, the same shared machine; peak RSS of the whole process):", "",
+                      cal, ""]
     argv_list = sys.argv[1:] if argv is None else list(argv)
     header = ["# Quantization recipes on the embedded Animal-MNIST DiT: `jdq eval` (CPU)", "",
               f"Generated by `python benchmarks/quality.py{' ' + shlex.join(argv_list) if argv_list else ''}` on "

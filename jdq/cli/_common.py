@@ -22,6 +22,7 @@ COMMANDS = {
     "convert": ("convert", "convert an official checkpoint (DiT .pt, Inception .pth, diffusers folder) to a jdq folder"),
     "eval": ("eval", "sample quality (FID, precision/recall, PSNR/SSIM vs FP) with intervals, resumable"),
     "encode-prompts": ("encode_prompts", "encode prompts with a pipeline's text encoders to a .safetensors cache"),
+    "quantize": ("quantize", "calibrate a recipe (tq-dit, ptq4dit, q-dit, ...) and write the quantized model to a folder"),
     "cost": ("cost", "latency/energy of a plan on a hardware preset (accelerator cost model)"),
 }
 

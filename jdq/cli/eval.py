@@ -20,8 +20,8 @@ Several processes: ``--num-processes P --process-id I --coordinator HOST:PORT`` 
 ``--distributed`` where ``jax.distributed.initialize()`` finds them itself, e.g. SLURM); each
 process samples its shards into the shared ``--out``, process 0 gathers them and writes the results.
 
-Inputs: a jdq model folder (``jdq convert``) — class-conditional DiTs; a ``QUANTIZED_DIR`` from
-``jdq quantize`` will plug in at :func:`_load_subject` once that command exists.
+Inputs: a jdq model folder (``jdq convert``) — class-conditional DiTs — or a quantized folder from
+``jdq quantize`` (evaluated with its stored state, paired with its model's FP run; no ``--quant``).
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ HELP = COMMANDS[NAME][1]
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 GRID_PNG = "samples.png"
+#: ``--quant`` value standing for a ``jdq quantize`` folder given as the model.
+SAVED_PREFIX = "saved:"
 
 
 def add_parser(sub):
@@ -114,14 +116,18 @@ def _load_folder(path, what: str):
 def _load_subject(arg):
     """``(folder, model, sampling defaults, identity)`` of the model to evaluate.
 
-    A ``QUANTIZED_DIR`` (``jdq quantize``, not yet written) will be recognised here and return its
-    model with the stored quantizer; until then only model folders (+ ``--quant``) are accepted.
+    A quantized folder (``jdq quantize``) stands for the model it was quantized from; :func:`_plan`
+    then evaluates its stored quantizer (``quant = "saved:<folder>"``).
     """
     from jdq.cli.sample import _resolve_model
 
-    if arg is not None and (Path(arg) / "quantized.json").is_file():
-        raise CliError(f"{arg} is a quantized folder; jdq eval does not read those yet — give the model "
-                       f"folder and --quant RECIPE")
+    from jdq.recipes import saved
+
+    if saved.is_quantized_folder(arg):
+        try:
+            arg = saved.read_manifest(arg)["model"]["path"]
+        except saved.SavedError as e:
+            raise CliError(str(e)) from None
     folder, model, defaults = _resolve_model(arg)
     if model.family != "dit":
         raise CliError(f"jdq eval samples class-conditional DiTs; {folder} is a {model.family} model")
@@ -130,15 +136,18 @@ def _load_subject(arg):
 
 
 def build_quantizer(model, recipe: str, sampler, labels, guidance: float, seed: int, calib_samples: int):
-    """The quantizer of ``recipe`` for ``model``, calibrated if the recipe needs it.
-
-    The one place jdq eval builds a quantizer: today through ``jdq sample``'s builder, later
-    through the public entry of :mod:`jdq.recipes`.
-    """
+    """The :class:`jdq.recipes.Quantized` of ``recipe`` for ``model`` (calibrated if the recipe needs it)."""
     from jdq.cli.sample import _quantizer
 
+    if recipe.startswith(SAVED_PREFIX):  # a jdq quantize folder: its stored state, no recalibration
+        from jdq.recipes import saved
+
+        try:
+            return saved.load(recipe[len(SAVED_PREFIX):], model)[1]
+        except saved.SavedError as e:
+            raise CliError(str(e)) from None
     args = SimpleNamespace(quant=recipe, calib_samples=calib_samples, seed=seed)
-    return _quantizer(model, args, sampler, labels, None, guidance, {})[1]
+    return _quantizer(model, args, sampler, labels, None, guidance, {})
 
 
 # ---------------------------------------------------------------------------- the run
@@ -185,6 +194,16 @@ def _plan(args):
         from jdq import recipes
         if args.quant not in recipes.names():
             raise CliError(f"unknown quantization recipe {args.quant!r}; known: {', '.join(recipes.names())}")
+    from jdq.recipes import saved
+
+    if saved.is_quantized_folder(args.model):
+        if args.quant is not None:
+            raise CliError(f"{args.model} is a quantized folder (it carries its recipe); drop --quant")
+        try:
+            saved.load(args.model)  # the checks (model, recipe version, files) before anything is sampled
+        except saved.SavedError as e:
+            raise CliError(str(e)) from None
+        args.quant = SAVED_PREFIX + str(Path(args.model).resolve())
     folder, model, defaults, identity = _load_subject(args.model)
     embedded = args.model is None or folder.resolve() == DEFAULT_MODEL.resolve()
     proto = protocols.get(args.protocol or ("animal-mnist" if embedded else "dit-imagenet256"))
@@ -291,8 +310,9 @@ def _make_shard(plan, quant, mesh, progress):
     def make(start, stop):
         labels = plan.labels[start:stop]
         x = generate(plan.model, labels, sampler=plan.sampler, guidance=plan.guidance, seed=plan.seed,
-                     batch_size=min(plan.settings["batch_size"], stop - start), quant=quant, mesh=mesh,
-                     progress=progress, first_index=start)
+                     batch_size=min(plan.settings["batch_size"], stop - start),
+                     quant=None if quant is None else quant.quantizer, params=None if quant is None else quant.params,
+                     mesh=mesh, progress=progress, first_index=start)
         if decode is not None:
             x = np.concatenate([np.asarray(decode(plan.vae.params, x[i:i + 8])) for i in range(0, len(x), 8)])
         if not np.all(np.isfinite(x)):

@@ -32,7 +32,8 @@ def add_parser(sub):
     """Add ``jdq sample`` to an argparse sub-parser collection; return its parser."""
     p = sub.add_parser(NAME, help=HELP, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=None,
-                   help="a jdq model folder (from `jdq convert`); default: the embedded Animal-MNIST DiT")
+                   help="a jdq model folder (from `jdq convert`) or a quantized folder (from `jdq quantize`); "
+                        "default: the embedded Animal-MNIST DiT")
     p.add_argument("--classes", type=int, nargs="+", default=None, metavar="C",
                    help="class labels to sample (DiT); default: every class of the embedded model, "
                         "or 8 random classes of another DiT")
@@ -265,52 +266,24 @@ def _per_class(args, defaults) -> int:
     return 2 if defaults.get("class_names") else 1
 
 
-def _example_inputs(model, cond):
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from jdq.sampling.generate import sample_shape
-
-    take = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)[:1]), cond)
-    x = jnp.zeros((1,) + sample_shape(model), jnp.float32)
-    return x, jnp.zeros((1,), jnp.float32), take
-
-
 def _quantizer(model, args, sampler, cond, uncond, guidance, defaults):
-    """The recipe's quantizer for this model (calibrated first if the recipe needs statistics)."""
+    """The recipe's :class:`jdq.recipes.Quantized` for this model (calibrated first if the recipe needs it)."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from jdq import quant as Q
     from jdq import recipes
-    from jdq.sampling.generate import Denoiser, guided_channels, null_condition, sample_shape
-    from jdq.sampling.loop import collect_sampler_stats, sample_keys
 
-    fn = Denoiser(model, model.family)
-    x, t, c1 = _example_inputs(model, cond)
-    operands = Q.trace_operands(fn, model.params, x, t, c1)
     try:
-        plan = recipes.plan_for(args.quant, operands)
+        recipe = recipes.get(args.quant)
+        if recipe.calibrated:
+            n = max(1, min(args.calib_samples, int(np.shape(jax.tree.leaves(cond)[0])[0])))
+            print(f"calibrating {args.quant} on {n} samples ({sampler.num_steps} steps)", file=sys.stderr)
+        return recipes.quantize(model, args.quant, sampler=sampler, cond=cond, uncond=uncond, guidance=guidance,
+                                seed=args.seed, calib_samples=args.calib_samples)
     except recipes.RecipeError as e:
         raise CliError(str(e)) from None
-    stats = None
-    if recipes.get(args.quant).calibrated:
-        n = max(1, min(args.calib_samples, int(np.shape(jax.tree.leaves(cond)[0])[0])))
-        calib = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)[:n]), cond)
-        unc = uncond
-        if guidance != 1.0 and unc is None:
-            unc = null_condition(model, cond)
-        print(f"calibrating {args.quant} on {n} samples ({sampler.num_steps} steps)", file=sys.stderr)
-        _, stats = collect_sampler_stats(fn, model.params, sampler, calib, sample_keys(args.seed + 1, n),
-                                         sample_shape(model), uncond=unc if guidance != 1.0 else None,
-                                         guidance=guidance, guided_channels=guided_channels(model))
-    try:
-        state = plan.init(stats)
     except (KeyError, ValueError) as e:
         raise CliError(f"recipe {args.quant!r}: {e}") from None
-    return plan, plan.bind(state)
 
 
 def _grid_images(model, samples, args, defaults):
@@ -361,7 +334,21 @@ def run(args) -> int:
         from jdq import recipes
         if args.quant not in recipes.names():
             raise CliError(f"unknown quantization recipe {args.quant!r}; known: {', '.join(recipes.names())}")
-    folder, model, defaults = _resolve_model(args.model)
+    from jdq.recipes import saved
+
+    quantized = None
+    if saved.is_quantized_folder(args.model):
+        if args.quant is not None:
+            raise CliError(f"{args.model} is a quantized folder (it carries its recipe); drop --quant")
+        try:
+            manifest = saved.read_manifest(args.model)
+            folder, model, defaults = _resolve_model(manifest["model"]["path"])
+            _, quantized = saved.load(args.model, model)
+        except saved.SavedError as e:
+            raise CliError(str(e)) from None
+        args.quant = f"{manifest['recipe']} (from {args.model})"
+    else:
+        folder, model, defaults = _resolve_model(args.model)
     if args.vae is not None and defaults.get("pixel_space"):
         raise CliError(f"--vae decodes latents, but {folder} samples pixels (its sampling.json says pixel_space)")
     sampler = _validate_sampler(model, args, defaults)
@@ -386,15 +373,16 @@ def run(args) -> int:
         raise CliError(f"--devices {args.devices}: {ndev} local device(s) available")
     use = args.devices or ndev
     mesh = sharding.batch_mesh(num_devices=use) if use > 1 else None
-    quantizer = None
-    if args.quant is not None:
-        _, quantizer = _quantizer(model, args, sampler, cond, uncond, guidance, defaults)
+    if args.quant is not None and quantized is None:
+        quantized = _quantizer(model, args, sampler, cond, uncond, guidance, defaults)
     n = int(np.shape(jax.tree.leaves(cond)[0])[0])
     what = f"{n} samples of {folder.name} ({model.family}), {sampler.kind} {sampler.num_steps} steps, " \
            f"guidance {guidance:g}, {'quant ' + args.quant if args.quant else 'floating point'}"
     print(f"jdq sample: {what}", file=sys.stderr)
     samples = generate(model, cond, uncond=uncond, sampler=sampler, guidance=guidance, seed=args.seed,
-                       batch_size=args.batch_size, quant=quantizer, mesh=mesh, progress=not args.no_progress)
+                       batch_size=args.batch_size, quant=None if quantized is None else quantized.quantizer,
+                       params=None if quantized is None else quantized.params, mesh=mesh,
+                       progress=not args.no_progress)
     images = _grid_images(model, samples, args, defaults)
 
     from jdq.sampling.images import save_grid_and_npz

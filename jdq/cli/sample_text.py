@@ -60,15 +60,16 @@ def run_pipeline(args, png, npz) -> int:
         uncond = pipe.encode([args.negative_prompt or ""], "negative prompt") if guidance != 1.0 else None
     for w in caught:
         print(f"jdq sample: warning: {w.message}", file=sys.stderr)
-    quant = None
+    quantized = None
     if args.quant is not None:  # the transformer's sites (the encoders run in floating point)
-        _, quant = _quantizer(pipe.transformer, args, sampler, cond, uncond, guidance, pipe.defaults)
+        quantized = _quantizer(pipe.transformer, args, sampler, cond, uncond, guidance, pipe.defaults)
     print(f"jdq sample: {len(prompts)} images of {pipe.kind} pipeline {args.model}, {sampler.kind} "
           f"{sampler.num_steps} steps, guidance {guidance:g}, {'quant ' + args.quant if args.quant else 'floating point'}",
           file=sys.stderr)
     try:
         latents = generate(pipe.transformer, cond, uncond=uncond, sampler=sampler, guidance=guidance, seed=args.seed,
-                           batch_size=args.batch_size, quant=quant, progress=not args.no_progress)
+                           batch_size=args.batch_size, quant=None if quantized is None else quantized.quantizer,
+                           params=None if quantized is None else quantized.params, progress=not args.no_progress)
     except ValueError as e:
         raise CliError(str(e)) from None
     images = to_uint8(pipe.decode(latents))

@@ -30,22 +30,18 @@ from jdq.quant.transform import (
     Quantizer,
     QuantizerBase,
     Rule,
-    StatsCollector,
     chain,
-    collect_stats,
     find_stages,
     identity,
     keep_float,
     map_stages,
     operand_key,
-    operand_stats,
-    reduce_steps,
     resolve,
     rule,
-    stack_stats,
     stateless,
     trace_operands,
 )
+from jdq.quant.calibrate import StatsCollector, collect_stats, operand_stats, reduce_steps, stack_stats
 from jdq.quant.casts import CastMeta, cast
 from jdq.quant.timegroup import TimeGroupMeta, TimeGroups, stack_states, time_grouped, unstack_state
 from jdq.quant.regions import (

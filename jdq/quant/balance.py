@@ -6,8 +6,8 @@ leaves the product unchanged: ``y = (x / s) @ (s[:, None] * W)``. Dividing the a
 
     s_j = a_j^α / w_j^(1−α),    a_j = salience of activation channel j,  w_j = max_k |W[j, k]|
 
-(SmoothQuant's and ViDiT-Q's formula, METHODS.md §3.3; PTQ4DiT's balanced salience
-``s̃_j = sqrt(a_j w_j)``, ``x' = x · s̃/a``, is the same with ``α = 1/2``, §7). A
+(SmoothQuant's and ViDiT-Q's formula; PTQ4DiT's ``s_j = sqrt(a_j / (w_j + 1e-8))`` is the same
+with ``α = 1/2``, up to the floor ``eps`` of ``a`` and ``w``). A
 :class:`ChannelBalance` fixes ``α`` and how ``a_j`` is aggregated over the calibration steps:
 
 * ``"max"``: max over steps (SmoothQuant);
@@ -15,9 +15,14 @@ leaves the product unchanged: ``y = (x / s) @ (s[:, None] * W)``. Dividing the a
 * ``"ema"``: exponential moving average in step order, ``a ← m·a + (1−m)·a_t``, first entry as
   start (ViDiT-Q, momentum ``m = 0.95``; ViDiT-Q averages the per-batch maxima, we use each
   step's max over the batch, what :func:`jdq.quant.operand_stats` records);
-* ``"ssc"``: PTQ4DiT's Spearman-ρ-guided salience calibration,
-  ``a = Σ_t η_t a_t`` with ``η_t ∝ 1/(1 + ρ_t)``, ``ρ_t`` the Spearman rank correlation of
-  ``a_t`` with ``w`` (METHODS.md marks this form as recalled, unverified).
+* ``"ssc"``: PTQ4DiT's Spearman-ρ-guided salience calibration as its released code
+  (adreamwu/PTQ4DiT, ``models.py``) computes it: for every calibration *sample* ``i``,
+  ``a_i`` = max over tokens of ``|X_i|`` per channel and ``ρ_i`` its Spearman rank correlation
+  with ``w``; ``η = softmax(−ρ)`` over the samples and ``a = Σ_i η_i a_i`` (samples whose
+  salience is complementary to the weight's weigh more). A trajectory calibration with the
+  ``"ssc"`` statistics (:mod:`jdq.quant.calibrate`) streams ``Σ exp(−ρ_i) a_i`` and
+  ``Σ exp(−ρ_i)`` over every (step, sample) it observes; without them the rows of the per-step
+  ``absmax_channel`` stand in for the samples.
 
 Its :meth:`~ChannelBalance.act` and :meth:`~ChannelBalance.weight` wrap the operand's own
 quantizer: ``act(inner)`` computes ``inner(x / s)``, ``weight(inner)`` computes ``inner(W · s)``
@@ -46,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Mapping
 
+import jax
 import jax.numpy as jnp
 
 from jdq.quant.casts import along_axis
@@ -57,6 +63,9 @@ SALIENCE_REDUCTIONS = ("max", "mean", "ema", "ssc")
 WEIGHT_SALIENCE_KEY = "weight_absmax_channel"
 #: Statistic added by :func:`link_stats` to a weight's statistics (the activation's per-channel |max|).
 ACT_SALIENCE_KEY = "act_absmax_channel"
+#: Streamed SSC sums (:mod:`jdq.quant.calibrate`) of an activation, and their copies on the weight (:func:`link_stats`).
+SSC_KEYS = ("ssc_num", "ssc_den")
+ACT_SSC_KEYS = ("act_ssc_num", "act_ssc_den")
 
 
 def spearman(a, b):
@@ -112,10 +121,10 @@ class ChannelBalance:
             for t in range(1, a.shape[0]):
                 out = m * out + (1 - m) * a[t]
             return out
-        rho = spearman(a, jnp.broadcast_to(self.weight_salience(w_absmax), a.shape))
-        eta = 1.0 / jnp.maximum(1.0 + rho, self.eps)
-        eta = eta / eta.sum()
-        return jnp.sum(eta[:, None] * a, axis=0)
+        rows = a.reshape(-1, a.shape[-1])
+        rho = spearman(rows, jnp.broadcast_to(self.weight_salience(w_absmax), rows.shape))
+        eta = jax.nn.softmax(-rho)
+        return jnp.sum(eta[:, None] * rows, axis=0)
 
     @staticmethod
     def weight_salience(w_absmax):
@@ -177,7 +186,7 @@ def _rescale_stats(stats, s, divide: bool):
         out["min"] = out["min_channel"].min(-1)
     if "max_channel" in out:
         out["max"] = out["max_channel"].max(-1)
-    for k in (STEP_KEY, WEIGHT_SALIENCE_KEY, ACT_SALIENCE_KEY):
+    for k in (STEP_KEY, WEIGHT_SALIENCE_KEY, ACT_SALIENCE_KEY) + SSC_KEYS + ACT_SSC_KEYS:
         if k in stats:
             out[k] = stats[k]
     return out
@@ -188,8 +197,13 @@ def _balanced(balance: ChannelBalance, side: str, inner):
         raise TypeError(f"ChannelBalance.{side}: inner must be a QuantTransform, got {type(inner).__name__}")
     act_key, w_key = ("absmax_channel", WEIGHT_SALIENCE_KEY) if side == "act" else (ACT_SALIENCE_KEY, "absmax_channel")
 
+    num_key, den_key = SSC_KEYS if side == "act" else ACT_SSC_KEYS
+
     def init(stats):
-        s = balance.scales(stats[act_key], stats[w_key])
+        act = stats[act_key]
+        if balance.salience == "ssc" and num_key in stats:  # streamed softmax(−ρ) sums over every sample
+            act = jnp.sum(stats[num_key], axis=0) / jnp.sum(stats[den_key])
+        s = balance.scales(act, stats[w_key])
         return {"s": s, "inner": inner.init(_rescale_stats(stats, s, divide=(side == "act")))}
 
     def apply(x, state, ctx):
@@ -222,6 +236,9 @@ def link_stats(stats: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, An
         if role in ACTIVATION_ROLES and w in stats:
             out[key][WEIGHT_SALIENCE_KEY] = stats[w]["absmax_channel"]
             out[w][ACT_SALIENCE_KEY] = stats[key]["absmax_channel"]
+            for k, wk in zip(SSC_KEYS, ACT_SSC_KEYS):
+                if k in stats[key]:
+                    out[w][wk] = stats[key][k]
     return out
 
 

@@ -17,10 +17,10 @@ static (hashable, safe to close over under ``jax.jit``); its state is a ``dict``
 key (``"site:role"``) to the transform's state, so a whole sampler with quantization inside
 compiles once, and ``jax.vmap`` over a stacked state runs a precision sweep in one call.
 
-Statistics (``stats``) are dicts of arrays. Those collected by :func:`collect_stats` carry a
-leading *step* axis (one entry per sampler step that was observed, at least one); transforms
-that do not care about time reduce it (:func:`reduce_steps`), time-grouped transforms
-(``jdq.quant.timegroup``) split it into groups.
+Statistics (``stats``) are dicts of arrays, collected by :mod:`jdq.quant.calibrate`; they carry
+a leading *step* axis (one entry per sampler step or step group that was observed, at least
+one); transforms that do not care about time reduce it (``calibrate.reduce_steps``),
+time-grouped transforms (``jdq.quant.timegroup``) split it into groups.
 """
 
 from __future__ import annotations
@@ -100,24 +100,6 @@ def chain(*transforms: QuantTransform) -> QuantTransform:
         return x
 
     return QuantTransform(init, apply, ("chain",) + tuple(t.meta for t in transforms))
-
-
-def reduce_steps(stats: Stats, how: str = "max") -> dict[str, Array]:
-    """Collapse the leading step axis of ``stats``: ``max``/``min`` keys by max/min, others by ``how``."""
-    out = {}
-    for name, value in stats.items():
-        value = jnp.asarray(value)
-        if name.startswith("min"):
-            out[name] = jnp.min(value, axis=0)
-        elif name.startswith(("max", "absmax")):
-            out[name] = jnp.max(value, axis=0)
-        elif how == "max":
-            out[name] = jnp.max(value, axis=0)
-        elif how == "mean":
-            out[name] = jnp.mean(value, axis=0)
-        else:
-            raise ValueError(f"reduce_steps: unknown how={how!r}; use 'max' or 'mean'")
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,64 +363,6 @@ def trace_operands(fn: Callable[..., Any], *args, **kwargs) -> tuple[Operand, ..
     return tuple(recorder.operands)
 
 
-def operand_stats(x: Array, axis: int) -> dict[str, Array]:
-    """Statistics of one operand: per-index-of-``axis`` and whole-tensor min, max and |max|."""
-    x = jnp.asarray(x, jnp.float32)
-    axis = axis % x.ndim
-    other = tuple(i for i in range(x.ndim) if i != axis)
-    return {
-        "absmax_channel": jnp.max(jnp.abs(x), axis=other),
-        "min_channel": jnp.min(x, axis=other),
-        "max_channel": jnp.max(x, axis=other),
-        "absmax": jnp.max(jnp.abs(x)),
-        "min": jnp.min(x),
-        "max": jnp.max(x),
-    }
-
-
-class StatsCollector(QuantizerBase):
-    """A pass-through quantizer that computes :func:`operand_stats` of every operand it sees.
-
-    Use it inside a traced function and return ``collector.stats`` from that same function (see
-    :func:`collect_stats`): the statistics are traced values of that trace.
-    """
-
-    def __init__(self, stat_fn: Callable[[Array, int], dict] = operand_stats, roles: Sequence[str] | None = None):
-        self.stats: dict[str, dict[str, Array]] = {}
-        self.stat_fn = stat_fn
-        self.roles = None if roles is None else tuple(roles)
-
-    def __call__(self, x, site, role, axis=-1):
-        if self.roles is None or role in self.roles:
-            key = operand_key(site, role)
-            if key in self.stats:
-                raise ValueError(f"operand {key!r} was seen twice in one forward pass")
-            self.stats[key] = self.stat_fn(x, axis)
-        return x
-
-
-def collect_stats(fn: Callable[..., Any], *args, stat_fn=operand_stats, roles=None, **kwargs):
-    """Run ``fn(*args, quant=collector, **kwargs)`` under jit; return ``(output, {key: stats})``.
-
-    The statistics of one call have no step axis; stack calls over steps with
-    :func:`stack_stats` to build the ``[steps, ...]`` statistics transforms' ``init`` expects.
-    """
-
-    def run(*a):
-        collector = StatsCollector(stat_fn, roles)
-        out = fn(*a, quant=collector, **kwargs)
-        return out, collector.stats
-
-    return jax.jit(run)(*args)
-
-
-def stack_stats(per_step: Sequence[Mapping[str, Stats]]) -> dict[str, dict[str, Array]]:
-    """Stack a list of per-step ``{key: stats}`` into ``{key: stats with a leading step axis}``."""
-    if not per_step:
-        raise ValueError("stack_stats: no statistics to stack")
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *per_step)
-
-
 # --------------------------------------------------------------------------------------------
 # Walking the stages of composed transforms
 # --------------------------------------------------------------------------------------------
@@ -492,3 +416,15 @@ def find_stages(meta: Any, state: State, kind: str | None = None) -> list[tuple[
 
     map_stages(meta, state, visit)
     return found
+
+
+#: Names that moved to :mod:`jdq.quant.calibrate`, still importable from here.
+_MOVED_TO_CALIBRATE = ("StatsCollector", "collect_stats", "stack_stats", "reduce_steps", "operand_stats")
+
+
+def __getattr__(name):
+    if name in _MOVED_TO_CALIBRATE:
+        from jdq.quant import calibrate
+
+        return getattr(calibrate, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,6 +6,7 @@ update rules; ``loop`` the compiled loop with classifier-free guidance and per-s
 """
 
 from jdq.sampling import schedules
+from jdq.sampling.calibrate import calibrate
 from jdq.sampling.loop import (
     at_step,
     collect_sampler_stats,

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdq.quant.transform import StatsCollector, operand_stats
+from jdq.quant.calibrate import StatsCollector, operand_stats
 from jdq.sampling.samplers import Sampler
 
 Array = jax.Array

@@ -59,13 +59,14 @@ def test_ptq4dit_balanced_salience_is_alpha_half_and_ssc_weights_by_spearman():
     # x' = x · s̃/a with s̃ = sqrt(a w)  <=>  x / s with s = sqrt(a / w)
     s = ChannelBalance(alpha=0.5).scales(a[:1], w)
     np.testing.assert_allclose(1 / s, np.sqrt(a[0] * w) / a[0], rtol=1e-5)
-    # SSC: eta_t ∝ 1/(1 + rho_t), rho_t = Spearman(a_t, w)
+    # SSC as adreamwu/PTQ4DiT's models.py computes it: eta = softmax(-rho) over the rows (samples),
+    # rho_i = scipy Spearman(a_i, w)
+    from scipy.special import softmax
     from scipy.stats import spearmanr
 
     rho = np.array([spearmanr(a[t], w).statistic for t in range(4)])
     np.testing.assert_allclose(spearman(a, np.broadcast_to(w, a.shape)), rho, rtol=1e-5, atol=1e-6)
-    eta = 1 / (1 + rho)
-    eta /= eta.sum()
+    eta = softmax(-rho)
     np.testing.assert_allclose(ChannelBalance(salience="ssc").act_salience(a, w), eta @ a, rtol=1e-5)
     ties = np.array([1.0, 2.0, 2.0, 3.0], np.float32)
     assert float(spearman(ties, ties[::-1])) == pytest.approx(spearmanr(ties, ties[::-1]).statistic, abs=1e-6)
@@ -185,3 +186,20 @@ def test_bad_balance_options_are_named():
         ChannelBalance(alpha=1.5)
     with pytest.raises(ValueError, match="salience"):
         ChannelBalance(salience="median")
+
+
+def test_ssc_reads_streamed_softmax_sums_when_calibration_provides_them():
+    rng = np.random.default_rng(3)
+    rows = rng.uniform(0.1, 5, (6, 10)).astype(np.float32)  # six calibration samples
+    w = rng.uniform(0.1, 5, (10,)).astype(np.float32)
+    rho = np.asarray(spearman(rows, np.broadcast_to(w, rows.shape)))
+    e = np.exp(-rho)
+    # the sums of two slots (steps) of three samples each, as jdq.quant.calibrate streams them
+    num = np.stack([(e[:3, None] * rows[:3]).sum(0), (e[3:, None] * rows[3:]).sum(0)])
+    den = np.array([e[:3].sum(), e[3:].sum()], np.float32)
+    stats = {"absmax_channel": rows.reshape(2, 3, 10).max(1), "weight_absmax_channel": np.stack([w, w]),
+             "ssc_num": num, "ssc_den": den}
+    bal = ChannelBalance(salience="ssc")
+    state = bal.act(Q.identity()).init(stats)
+    expect = bal.scales(ChannelBalance(salience="ssc").act_salience(rows, w), w)
+    np.testing.assert_allclose(state["s"], expect, rtol=1e-5)

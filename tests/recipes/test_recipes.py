@@ -40,7 +40,7 @@ def test_uncalibrated_recipes_quantize_only_the_blocks(name):
     roles = {k.split(":")[1] for k in keys}
     if name == "w8a8-fp8attn":  # w8a8 plus both attention matmuls in E4M3
         assert roles == {"weight", "act", "post_gelu", "q", "k", "v", "attn_prob"}
-    elif name.startswith(("w8", "w4")):
+    elif name.startswith(("w8", "w6", "w4")):
         assert roles == {"weight", "act", "post_gelu"}  # attention matmuls stay in floating point
     else:
         assert {"q", "k", "v", "attn_prob"} <= roles  # MX plans: every matmul operand in the blocks
