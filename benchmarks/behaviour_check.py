@@ -70,10 +70,10 @@ def _lowered_forward(recipe: str, seed: int) -> dict[str, np.ndarray]:
     t = jnp.array([10.0, 600.0])
     y = jnp.array([1, 4], jnp.int32)
     fn = lambda p, *a, quant=None: model.apply(p, *a, quant=quant)  # noqa: E731
-    operands = Q.trace_operands(lambda *a, quant: fn(model.params, *a, quant=quant), x, t, y)
+    operands = Q.trace_operands(fn, model.params, x, t, y)
     plan = recipes.plan_for(recipe, operands)
     if recipes.get(recipe).calibrated:
-        stats = Q.collect_stats(lambda *a, quant: fn(model.params, *a, quant=quant), x, t, y)[1]
+        stats = Q.collect_stats(fn, model.params, x, t, y)[1]
         state = plan.init(Q.stack_stats([stats]))
     else:
         state = plan.init()

@@ -123,7 +123,7 @@ def main(argv=None):
     from jdq.models import dit
     from jdq.models.layers import FUSED_BLOCK_ENV
     from jdq.quant.casts import cast
-    from jdq.quant.lower import lower, weight_bytes
+    from jdq.kernels.lower import lower, weight_bytes
 
     on_gpu = jax.default_backend() == "gpu"
     if args.device_run and not on_gpu:

@@ -6,8 +6,9 @@ modulation + per-token quantization in one pass), ``w8a8`` (int8 or FP8 E4M3
 GEMM, per-token × per-channel scales), ``w4a8``, ``weight_only`` (W8A16 / W4A16), ``mixdit`` (MX9
 outliers + MX6 rest in one GEMM), ``mx`` (MXFP8 / MXINT8 block-scaled GEMM).
 
-``lowered_linear`` is the entry point ``jdq.models.layers.qlinear`` calls for sites that
-:func:`jdq.quant.lower` packed; see :mod:`jdq.kernels.lowered` for kinds, layouts and ``impl``.
+``lower(plan, params)`` (:mod:`jdq.kernels.lower`) packs the weights of every site a kernel
+implements exactly; ``lowered_linear`` is the entry point ``jdq.models.layers.qlinear`` calls for
+those sites; see :mod:`jdq.kernels.lowered` for kinds, layouts and ``impl``.
 Notes on design, measurements and what is not done: ``jdq/kernels/NOTES.md``.
 """
 
@@ -25,6 +26,10 @@ from jdq.kernels.lowered import (
     weight_only_matmul,
 )
 
-__all__ = ["IMPLS", "KINDS", "LoweredWeight", "lowered_linear", "mixdit_matmul", "mx_matmul", "norm_quantize_tokens",
+# The function ``lower`` shadows the submodule of the same name on purpose:
+# ``jdq.kernels.lower(plan, params)`` is the public entry point.
+from jdq.kernels.lower import LoweredQuantizer, lower, lowerable_kind, weight_bytes  # noqa: E402
+
+__all__ = ["LoweredQuantizer", "lower", "lowerable_kind", "weight_bytes", "IMPLS", "KINDS", "LoweredWeight", "lowered_linear", "mixdit_matmul", "mx_matmul", "norm_quantize_tokens",
            "quantize_tokens",
            "w4a8_matmul", "w8a8_matmul", "weight_only_matmul"]

@@ -1,6 +1,6 @@
 """Packed weights for the kernels, and ``lowered_linear``: the speed path of ``qlinear``.
 
-A :class:`LoweredWeight` is what :func:`jdq.quant.lower` stores per lowered site: the packed
+A :class:`LoweredWeight` is what :func:`jdq.kernels.lower` stores per lowered site: the packed
 weight arrays in the layout its kernel reads, plus static metadata. :func:`lowered_linear`
 quantizes the activation the way the plan's activation transform does and runs the kernel.
 
@@ -47,6 +47,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from jdq.kernels.activations import activate
 
 KINDS = ("w8a8", "fp8", "w4a8", "w8a16", "w4a16", "mixdit", "mxfp8", "mxint8")
 IMPLS = ("auto", "xla", "gpu", "gpu_xla_quant", "gpu_interpret", "tpu", "tpu_interpret")
@@ -164,14 +166,6 @@ def norm_quantize_tokens(x, norm, fmt: str = "int8", impl: str = "auto", config=
                                   interpret=impl == "gpu_interpret")
 
 
-def _activate(y, activation):
-    if activation is None:
-        return y
-    from jdq.models.layers import ACTIVATIONS
-
-    return ACTIVATIONS[activation](y)
-
-
 def _interpret_ws_config():
     from jdq.kernels.w8a8.gpu import Config
 
@@ -194,7 +188,7 @@ def w8a8_matmul(xq, xs, wq, ws, b, out_dtype, impl: str = "auto", config=None, a
 
     GPU kernels need K and N to be multiples of the tile; M is zero-padded. Shapes the kernel
     cannot tile go to the XLA reference (same result: int8 accumulation is exact). ``activation``
-    (see ``jdq.models.layers.ACTIVATIONS``) runs in the GPU kernel's epilogue where it is in
+    (see ``jdq.kernels.activations.ACTIVATIONS``) runs in the GPU kernel's epilogue where it is in
     :data:`jdq.kernels.w8a8.gpu.FUSED_ACTIVATIONS`, else on the output. ``residual`` (M, N) with
     ``gate`` (G, N): the output is :func:`jdq.kernels.w8a8.ref.gated_residual` of it; ``split`` > 1:
     a tuple of the column parts (:func:`~jdq.kernels.w8a8.ref.split_columns`); both in the GPU
@@ -207,7 +201,7 @@ def w8a8_matmul(xq, xs, wq, ws, b, out_dtype, impl: str = "auto", config=None, a
     n = wq.shape[0]
 
     def finish(y, act):
-        y = _activate(y, act)
+        y = activate(y, act)
         if residual is not None:
             y = ref.gated_residual(y, residual, gate, out_dtype)
         return ref.split_columns(y, split) if split > 1 else y
@@ -363,7 +357,7 @@ def lowered_linear(x, lowered: LoweredWeight, b=None, *, site: str, quant: Any =
     ``x`` is (…, K) in the model's compute dtype; the output has ``x``'s dtype. The activation is
     quantized here, the way the plan's activation transform does (per token for w8a8 / fp8 /
     w4a8, per block for the MX kinds, the outlier split for mixdit). ``activation`` (a name in
-    ``jdq.models.layers.ACTIVATIONS``) is fused into the W8A8 / FP8 GPU kernel's epilogue where
+    ``jdq.kernels.activations.ACTIVATIONS``) is fused into the W8A8 / FP8 GPU kernel's epilogue where
     it can be, else applied to the output.
 
     The ops around the linear in an adaLN block (``jdq.models.layers.AdaNorm`` /
@@ -408,7 +402,7 @@ def lowered_linear(x, lowered: LoweredWeight, b=None, *, site: str, quant: Any =
         y = mx_matmul(x2, lowered, bias, x.dtype, impl)
     else:
         raise ValueError(f"lowered_linear at {site!r}: unknown kind {kind!r}; known: {KINDS}")
-    y = _activate(y, activation).reshape(*lead, lowered.n)
+    y = activate(y, activation).reshape(*lead, lowered.n)
     y = y if residual is None else residual(y)
     return tuple(jnp.split(y, split, axis=-1)) if split > 1 else y
 

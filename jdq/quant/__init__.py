@@ -75,10 +75,6 @@ from jdq.quant.outliers import (
 
 from jdq.quant.smoothing import CenterMeta, center_tokens  # noqa: E402
 
-# Lowering to kernels. The function ``lower`` shadows the submodule of the same name on purpose:
-# ``jdq.quant.lower(plan, params)`` is the public entry point.
-from jdq.quant.lower import LoweredQuantizer, lower, lowerable_kind, weight_bytes  # noqa: E402
-
 from jdq.quant.search import (  # noqa: E402
     SearchResult,
     denoising_loss,
@@ -89,6 +85,6 @@ from jdq.quant.search import (  # noqa: E402
 )
 from jdq.quant.evolution import EvolutionResult, evolution_search, mean_at_least  # noqa: E402
 
-# The functions ``allocate`` and ``gptq`` shadow their submodules on purpose, as ``lower`` does.
+# The functions ``allocate`` and ``gptq`` shadow their submodules on purpose.
 from jdq.quant.allocate import Allocation, InfeasibleAllocation, allocate, allocate_bits  # noqa: E402
 from jdq.quant.gptq import GPTQResult, gptq  # noqa: E402

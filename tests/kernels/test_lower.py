@@ -1,4 +1,4 @@
-"""jdq.quant.lower: packing, routing through qlinear, and lowered DiT == fake-quant DiT."""
+"""jdq.kernels.lower: packing, routing through qlinear, and lowered DiT == fake-quant DiT."""
 
 import re
 
@@ -10,7 +10,7 @@ import pytest
 from jdq.models import dit
 from jdq.quant import keep_float, resolve, rule, trace_operands
 from jdq.quant.casts import cast
-from jdq.quant.lower import LoweredQuantizer, lower, lowerable_kind, weight_bytes
+from jdq.kernels.lower import LoweredQuantizer, lower, lowerable_kind, weight_bytes
 
 LINEARS = "re:blocks\\.\\d+\\.(attn\\.(qkv|proj)|mlp\\.fc[12])"
 

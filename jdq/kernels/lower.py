@@ -1,6 +1,6 @@
 """Lowering a plan to kernels: pack weights once, route lowered sites to ``jdq.kernels``.
 
-``quant = jdq.quant.lower(plan, params)`` returns a :class:`LoweredQuantizer`: the plan bound to
+``quant = jdq.kernels.lower(plan, params)`` returns a :class:`LoweredQuantizer`: the plan bound to
 its state (a :class:`~jdq.quant.Quantizer`, so sites that are not lowered keep the fake-quant
 path) plus, for every linear site whose transforms a kernel implements exactly, a packed
 :class:`jdq.kernels.LoweredWeight`. ``qlinear`` asks ``quant.lowered(site)`` and sends those
@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdq.tree import flatten_params
 from jdq.quant.transform import ACTIVATION_ROLES, Context, Plan, Quantizer, find_stages, operand_key
 
 __all__ = ["LoweredQuantizer", "lower", "lowerable_kind", "weight_bytes"]
@@ -189,12 +190,6 @@ def lowerable_kind(plan: Plan, site: str) -> tuple[str | None, str]:
     return None, f"activation format {a_meta.fmt} ({a_meta.scaling}) has no kernel"
 
 
-def _flat(params) -> dict[str, Any]:
-    from jdq.models.base import flatten_params
-
-    return flatten_params(params)
-
-
 def _pack(site, kind, w, w_meta):
     """Pack the (K, N) weight ``w`` for ``kind``: ``(LoweredWeight, dequantized (K, N))`` or ``(None, reason)``."""
     from jdq import formats
@@ -270,7 +265,7 @@ def lower(plan: Plan, params, state: Mapping[str, Any] | None = None, *, impl: s
     if impl not in IMPLS:
         raise ValueError(f"lower: impl must be one of {IMPLS}, got {impl!r}")
     state = plan.init() if state is None else state
-    flat = _flat(params)
+    flat = flatten_params(params)
     candidates = sorted({o.site for o in plan.operands if o.role == "weight"})
     if sites is not None:
         unknown = sorted(set(sites) - set(candidates))
@@ -318,7 +313,7 @@ def weight_bytes(params, quant: LoweredQuantizer | None = None, dtype=jnp.bfloat
     Returns ``bytes`` (all linear weights), ``lowered_sites``, ``lowered_bytes`` (the packed
     ones) and ``lowered_dense_bytes`` (the same weights stored in ``dtype``).
     """
-    flat = _flat(params)
+    flat = flatten_params(params)
     total = lowered = packed = dense = 0
     for name, w in flat.items():
         if not name.endswith(".kernel") or np.ndim(w) != 2:
