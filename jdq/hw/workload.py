@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdq.hw.hardware import PE_FORMATS, pe_format
+from jdq.quant.reader import OperandPlan
 
 #: Kinds of GEMM a workload entry can be (the ``kind`` field).
 KINDS = ("linear", "attn_qk", "attn_pv")
@@ -36,38 +37,18 @@ _RIGHT_ROLES = ("weight", "k", "v")
 #: Roles whose operands are produced at run time (and so converted on the fly when quantized).
 _RUNTIME_ROLES = ("act", "post_gelu", "q", "k", "v", "attn_prob")
 
-# Storage bits of float formats and fallback bits of quantized formats (used only when
-# jdq.formats does not know the name). MX9/MX6/MX4: m + 2 bits per element with 16-element
-# blocks and 2-element sub-blocks (METHODS.md §1.2); OCP MX: element bits + 8/32 for the shared
-# E8M0 scale of a 32-element block (METHODS.md §1.1).
-_FALLBACK_BITS = {"fp32": 32.0, "fp16": 16.0, "bf16": 16.0, "fp8": 8.0, "int8": 8.0, "int4": 4.0,
-                  "mx9": 9.0, "mx6": 6.0, "mx4": 4.0, "mxfp8": 8.25, "mxfp6": 6.25, "mxfp4": 4.25,
-                  "mxint8": 8.25}
+#: Storage bits of the unquantized float formats (the PE classes jdq.formats has no spec for).
+FLOAT_BITS = {"fp32": 32.0, "fp16": 16.0, "bf16": 16.0}
 
 
 def format_bits(name: str) -> float:
-    """Storage bits per element of format ``name`` (from :mod:`jdq.formats` where it knows it)."""
-    try:
-        from jdq import formats as _formats
+    """Storage bits per element of format ``name``: :func:`jdq.formats.get`'s, or a float format's width."""
+    from jdq import formats
 
-        getter = getattr(_formats, "get", None)
-        if getter is not None:
-            try:
-                spec = getter(name)
-            except (KeyError, ValueError):
-                spec = None
-            if spec is not None and getattr(spec, "bits_per_element", None) is not None:
-                return float(spec.bits_per_element)
-    except ImportError:  # pragma: no cover - jdq.formats is part of the package
-        pass
     cls = pe_format(name)
-    if cls == "int4":
-        digits = "".join(ch for ch in name.split("_")[0] if ch.isdigit())
-        return float(digits) if digits else 4.0
-    if cls == "int8":
-        digits = "".join(ch for ch in name.split("_")[0] if ch.isdigit())
-        return float(digits) if digits else 8.0
-    return _FALLBACK_BITS[cls]
+    if cls in FLOAT_BITS:
+        return FLOAT_BITS[cls]
+    return float(formats.get(name).bits_per_element)
 
 
 class OperandFormat(NamedTuple):
@@ -335,120 +316,28 @@ def mixdit(linear_outliers: float = 0.05, attn_outliers: float = 0.20, weights: 
     return fmt
 
 
-def _stages(meta, state):
-    """``(meta, state)`` of every stage of a composed transform, outermost first.
+def format_of_operand(op: OperandPlan, default: OperandFormat = FLOAT16, measured: float | None = None) -> OperandFormat:
+    """The :class:`OperandFormat` of one operand as :func:`jdq.quant.describe` reads it from a plan.
 
-    Follows :func:`jdq.quant.chain` (meta ``("chain", *metas)``, state tuple) and wrapped
-    transforms (a meta with ``inner``, and ``inner_state(state)`` to reach the wrapped state),
-    as :func:`jdq.quant.transform.map_stages` does; ``state`` may be ``None`` (meta only).
+    An outlier split's fraction comes from ``measured`` (a measured fraction), else the plan
+    state's ratio; an operand the plan keeps in float uses ``default``.
     """
-    if isinstance(meta, tuple) and meta and meta[0] == "chain":
-        states = state if isinstance(state, (tuple, list)) and len(state) == len(meta) - 1 else [None] * (len(meta) - 1)
-        for m, st in zip(meta[1:], states):
-            yield from _stages(m, st)
-        return
-    yield meta, state
-    inner = getattr(meta, "inner", None)
-    if inner is not None:
-        inner_state = None
-        if state is not None and hasattr(meta, "inner_state"):
-            inner_state = meta.inner_state(state)
-        yield from _stages(inner, inner_state)
-
-
-def _spec_name(spec):
-    """A format name from a jdq.formats spec (``.name``) or a string."""
-    name = getattr(spec, "name", spec)
-    return name if isinstance(name, str) else None
-
-
-def _known(name):
-    try:
-        pe_format(name)
-        return True
-    except ValueError:
-        return False
-
-
-_FORMAT_KEYS = ("format", "fmt", "low", "lo", "low_format", "base_format")
-_HIGH_KEYS = ("high", "hi", "high_format", "outlier_format", "hi_format")
-_FRAC_KEYS = ("ratio", "outlier_ratio", "outlier_fraction", "fraction", "frac", "hi_frac")
-
-
-def _as_mapping(meta):
-    """A stage's meta as a dict of its fields (mappings, named tuples, dataclasses, flat key/value tuples)."""
-    if isinstance(meta, Mapping):
-        return dict(meta)
-    if hasattr(meta, "_asdict"):
-        return dict(meta._asdict())
-    if dataclasses.is_dataclass(meta) and not isinstance(meta, type):
-        d = {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)}
-        if isinstance(getattr(meta, "kind", None), str):
-            d.setdefault("kind", meta.kind)
-        return d
-    if isinstance(meta, (tuple, list)) and len(meta) >= 2 and len(meta) % 2 == 0 \
-            and all(isinstance(x, str) for x in meta[0::2]):
-        return dict(zip(meta[0::2], meta[1::2]))
-    return {}
-
-
-def _stage_format(meta, state):
-    """``(low name, high name or None, ratio or None)`` a stage casts to, or ``None`` if it casts nothing."""
-    d = _as_mapping(meta)
-    if not d:
-        return None
-    lo = next((_spec_name(d[k]) for k in _FORMAT_KEYS if k in d and _spec_name(d[k])), None)
-    if lo is None and d.get("spec") is not None:
-        lo = _spec_name(d["spec"])
-    if lo is None and isinstance(d.get("bits"), int) and not isinstance(d.get("bits"), bool):
-        lo = f"int{d['bits']}" if d["bits"] <= 8 else "fp16" if d["bits"] == 16 else None
-    if lo is None or not _known(lo):
-        return None
-    hi = next((_spec_name(d[k]) for k in _HIGH_KEYS if k in d and _spec_name(d[k])), None)
-    if hi is not None and not _known(hi):
-        hi = None
-    ratio = None
-    if isinstance(state, Mapping) and "ratio" in state:
-        ratio = float(np.asarray(state["ratio"]).reshape(-1)[0])
-    else:
-        ratio = next((float(d[k]) for k in _FRAC_KEYS if isinstance(d.get(k), (int, float))), None)
-    return lo, hi, ratio
-
-
-def format_of_transform(transform, default: OperandFormat = FLOAT16, key: str = "", state=None,
-                        measured: float | None = None) -> OperandFormat:
-    """The :class:`OperandFormat` a quantization transform produces, read from its ``meta``.
-
-    Walks the stages of :func:`jdq.quant.chain` and wrapped transforms; the last stage that casts
-    wins. A stage casts when its meta names a format (``fmt``/``format``/``lo``, a jdq.formats
-    spec's ``name``, or an integer ``bits``: ``int<bits>``), as :class:`jdq.quant.casts.CastMeta`
-    does; an outlier split (:class:`jdq.quant.outliers.OutlierMeta`, ``lo``/``hi``) also has an
-    outlier format, whose fraction comes from ``measured`` (a measured fraction), else the
-    stage's state ``state["ratio"]`` (the plan state), else a ``ratio`` in the meta.
-    ``None`` transforms keep ``default``.
-    """
-    if transform is None:
+    if not op.stages:
         return default
-    meta = getattr(transform, "meta", None)
-    found = None
-    for stage_meta, stage_state in _stages(meta, state):
-        f = _stage_format(stage_meta, stage_state)
-        if f is not None:
-            found = f
-    if found is None:
-        raise ValueError(f"operand {key!r}: cannot read a format from its transform's meta {meta!r}; "
+    if op.fmt is None:
+        raise ValueError(f"operand {op.key!r}: cannot read a format from its transform (stages {op.stages}: none casts); "
                          "give the cost model a format function instead")
-    lo, hi, ratio = found
-    if hi is None:
+    out = op.outliers
+    if out is None or out.weight:
         if measured:
-            raise ValueError(f"operand {key!r}: a measured outlier fraction was given but its format {lo!r} "
+            raise ValueError(f"operand {op.key!r}: a measured outlier fraction was given but its format {op.fmt!r} "
                              "has no outlier format")
-        return OperandFormat(lo)
-    frac = measured if measured is not None else ratio
+        return OperandFormat(op.fmt)
+    frac = measured if measured is not None else out.ratio_value
     if frac is None:
-        raise ValueError(f"operand {key!r}: its outlier split ({lo}/{hi}) keeps the ratio in the plan state; "
-                         "pass state= (or measured outlier_fractions=) to from_plan")
-    return OperandFormat(lo, hi if frac > 0 else None, float(frac) if frac > 0 else 0.0)
+        raise ValueError(f"operand {op.key!r}: its outlier split ({op.fmt}/{out.hi.name}) keeps the ratio in the plan "
+                         "state; pass state= (or measured outlier_fractions=) to from_plan")
+    return OperandFormat(op.fmt, out.hi.name if frac > 0 else None, float(frac) if frac > 0 else 0.0)
 
 
 def from_plan(plan, state: Mapping[str, Any] | None = None, outlier_fractions: Mapping[str, float] | None = None,
@@ -460,14 +349,15 @@ def from_plan(plan, state: Mapping[str, Any] | None = None, outlier_fractions: M
     from :func:`jdq.quant.outliers.outlier_fraction` on calibration data), which take precedence.
     Operands kept in float (or not covered) use ``default``.
     """
+    from jdq.quant import describe
+
     measured = dict(outlier_fractions or {})
-    state = state or {}
+    described = describe(plan, state)
 
     def fmt(op):
         key = f"{op.site}:{op.role}"
         m = measured.get(key)
-        return format_of_transform(plan.transform_for(key), default, key, state.get(key),
-                                   None if m is None else float(m))
+        return format_of_operand(described[key], default, None if m is None else float(m))
 
     return fmt
 

@@ -48,7 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdq.tree import flatten_params
-from jdq.quant.transform import ACTIVATION_ROLES, Context, Plan, Quantizer, find_stages, operand_key
+from jdq.quant.reader import OperandPlan, describe_transform
+from jdq.quant.transform import ACTIVATION_ROLES, Context, Plan, Quantizer, operand_key
 
 __all__ = ["LoweredQuantizer", "lower", "lowerable_kind", "weight_bytes"]
 
@@ -96,89 +97,81 @@ class LoweredQuantizer(Quantizer):
                                 self.skipped)
 
 
-def _single_cast(transform):
-    """The CastMeta of a transform that is exactly one format cast, else None."""
-    if transform is None:
-        return None
-    stages = find_stages(transform.meta, None)
-    if len(stages) != 1 or getattr(stages[0][0], "kind", None) != "cast":
-        return None
-    return stages[0][0]
-
-
-def _is_token_cast(a_meta, fmt_kind, bits=None, element=None):
-    """Whether an activation cast is a dynamic per-token (row) cast of the given int / fp8 format."""
-    a = a_meta.spec
-    if getattr(a, "kind", None) != fmt_kind or a_meta.scaling != "dynamic":
+def _is_token_cast(a: OperandPlan, fmt_kind, bits=None, element=None):
+    """Whether an activation is a dynamic per-token (row) cast of the given int / fp8 format."""
+    spec = a.spec
+    if getattr(spec, "kind", None) != fmt_kind or a.scaling != "dynamic":
         return False
-    if a.granularity != "row" or a.rounding != "even":
+    if spec.granularity != "row" or spec.rounding != "even":
         return False
     if fmt_kind == "int":
-        return a.bits == bits and a.symmetric
-    return a.element == element
+        return spec.bits == bits and spec.symmetric
+    return spec.element == element
 
 
-def _mixdit_kind(w_t, a_t) -> tuple[str | None, str]:
-    from jdq.quant.outliers import OutlierMeta
-
-    a_meta, w_meta = a_t.meta, w_t.meta
-    if not isinstance(a_meta, OutlierMeta):
+def _mixdit_kind(w: OperandPlan, a: OperandPlan | None) -> tuple[str | None, str]:
+    if a is None or a.stages != ("outlier_split",):
         return None, "weight is an outlier_weight but the activation is not an outlier_split"
-    inner = w_meta.inner
-    if isinstance(inner, tuple) and len(inner) == 2 and inner[0] == "chain":
-        inner = inner[1]
-    if a_meta.granularity != "channel":
-        return None, f"outlier split granularity {a_meta.granularity!r} has no kernel (needs 'channel')"
-    names = (getattr(a_meta.hi, "name", None), getattr(a_meta.lo, "name", None), getattr(getattr(inner, "spec", None), "name", None))
-    if names != ("mx9", "mx6", "mx6") or getattr(inner, "kind", None) != "cast":
+    if w.stages != ("outlier_weight", "cast"):
+        return None, "outlier_weight must wrap a single format cast"
+    ao, wo = a.outliers, w.outliers
+    if ao.granularity != "channel":
+        return None, f"outlier split granularity {ao.granularity!r} has no kernel (needs 'channel')"
+    names = (ao.hi.name, ao.lo.name, w.spec.name)
+    if names != ("mx9", "mx6", "mx6"):
         return None, f"outlier formats hi/lo/weight {names} have no kernel (needs mx9/mx6/mx6)"
-    specs = (a_meta.hi, a_meta.lo, inner.spec)
-    if any((s.block_size, s.sub_block_size) != (16, 2) for s in specs):
+    if any((s.block_size, s.sub_block_size) != (16, 2) for s in (ao.hi, ao.lo, w.spec)):
         return None, "MixDiT kernel needs SMX blocks of 16 with micro-exponent pairs"
-    if a_meta.channel_multiple != w_meta.channel_multiple or a_meta.channel_multiple % 16:
+    if ao.channel_multiple != wo.channel_multiple or ao.channel_multiple % 16:
         return None, "activation and weight channel multiples differ (or are not multiples of 16)"
     return "mixdit", "MX9 outlier channels + MX6 (FP8 tensor cores)"
 
 
-def lowerable_kind(plan: Plan, site: str) -> tuple[str | None, str]:
-    """``(kind, reason)``: the kernel kind for ``site`` (``None`` if it stays fake-quant) and why."""
-    from jdq.quant.outliers import OutlierWeightMeta
-
-    w_t = plan.transform_for(operand_key(site, "weight"))
-    if w_t is None:
-        return None, "weight not quantized"
+def _site_operands(plan: Plan, site: str, state=None) -> tuple[OperandPlan | None, OperandPlan | None]:
+    """``(weight, activation)`` of a linear site as :func:`jdq.quant.describe_transform` reads them (``None``: absent / float)."""
+    state = state or {}
+    w_key = operand_key(site, "weight")
+    w_t = plan.transform_for(w_key)
     acts = [o for o in plan.operands if o.site == site and o.role in ACTIVATION_ROLES]
     a_t = plan.transform_for(acts[0].key) if acts else None
-    if isinstance(w_t.meta, OutlierWeightMeta):
-        if a_t is None:
+    w = None if w_t is None else describe_transform(w_t, state.get(w_key), w_key)
+    a = None if a_t is None else describe_transform(a_t, state.get(acts[0].key), acts[0].key)
+    return w, a
+
+
+def lowerable_kind(plan: Plan, site: str) -> tuple[str | None, str]:
+    """``(kind, reason)``: the kernel kind for ``site`` (``None`` if it stays fake-quant) and why."""
+    w, a = _site_operands(plan, site)
+    if w is None:
+        return None, "weight not quantized"
+    if w.outliers is not None and w.outliers.weight:
+        if a is None:
             return None, "an outlier_weight needs an outlier_split activation"
-        return _mixdit_kind(w_t, a_t)
-    w_meta = _single_cast(w_t)
-    if w_meta is None:
+        return _mixdit_kind(w, a)
+    if not w.single_cast:
         return None, "weight transform is not a single format cast"
-    spec = w_meta.spec
-    a_meta = None if a_t is None else _single_cast(a_t)
-    if a_t is not None and a_meta is None:
+    spec = w.spec
+    if a is not None and not a.single_cast:
         return None, "activation transform is not a single format cast"
     if getattr(spec, "kind", None) == "mx":
-        if a_meta is None or a_meta.spec != spec:
-            return None, f"MX weight {w_meta.fmt} needs the same MX format on the activation"
+        if a is None or a.spec != spec:
+            return None, f"MX weight {w.fmt} needs the same MX format on the activation"
         if spec.name not in ("mxfp8_e4m3", "mxint8") or spec.block_size != 32 or spec.rounding != "even":
             return None, f"MX format {spec.name} (block {spec.block_size}) has no kernel (mxfp8_e4m3 / mxint8, block 32)"
         return ("mxfp8" if spec.name == "mxfp8_e4m3" else "mxint8"), "MX block-scaled"
     if getattr(spec, "kind", None) == "fp8":
-        if w_meta.scaling != "dynamic" or spec.element != "e4m3" or spec.granularity != "row" or spec.rounding != "even":
-            return None, f"fp8 weight {w_meta.fmt} ({spec.granularity}, {w_meta.scaling}) is not per-channel E4M3"
-        if a_meta is not None and _is_token_cast(a_meta, "fp8", element="e4m3"):
+        if w.scaling != "dynamic" or spec.element != "e4m3" or spec.granularity != "row" or spec.rounding != "even":
+            return None, f"fp8 weight {w.fmt} ({spec.granularity}, {w.scaling}) is not per-channel E4M3"
+        if a is not None and _is_token_cast(a, "fp8", element="e4m3"):
             return "fp8", "E4M3 per-token x E4M3 per-channel"
         return None, "fp8 weights need E4M3 per-token activations"
     if getattr(spec, "kind", None) != "int" or not spec.symmetric or spec.bits not in (4, 8):
-        return None, f"weight format {w_meta.fmt} is not symmetric int8/int4"
-    if w_meta.scaling != "dynamic" or spec.granularity not in ("row", "group"):
-        return None, f"weight scaling {w_meta.scaling}/{spec.granularity} is not per-channel or per-group"
-    if a_t is None:
+        return None, f"weight format {w.fmt} is not symmetric int8/int4"
+    if w.scaling != "dynamic" or spec.granularity not in ("row", "group"):
+        return None, f"weight scaling {w.scaling}/{spec.granularity} is not per-channel or per-group"
+    if a is None:
         return ("w8a16" if spec.bits == 8 else "w4a16"), "weight-only"
-    if _is_token_cast(a_meta, "int", bits=8):
+    if _is_token_cast(a, "int", bits=8):
         if spec.bits == 8 and spec.granularity == "row":
             return "w8a8", "int8 per-token x int8 per-channel"
         if spec.bits == 4:
@@ -187,16 +180,16 @@ def lowerable_kind(plan: Plan, site: str) -> tuple[str | None, str]:
                 return "w4a8", "int8 per-token x int4 per-channel/group"
             return None, f"int4 group size {gs} has no W4A8 kernel (64 or a multiple of 128)"
         return None, "int8 activations need int8 per-channel or int4 weights"
-    return None, f"activation format {a_meta.fmt} ({a_meta.scaling}) has no kernel"
+    return None, f"activation format {a.fmt} ({a.scaling}) has no kernel"
 
 
-def _pack(site, kind, w, w_meta):
+def _pack(site, kind, w, w_op: OperandPlan):
     """Pack the (K, N) weight ``w`` for ``kind``: ``(LoweredWeight, dequantized (K, N))`` or ``(None, reason)``."""
     from jdq import formats
     from jdq.kernels import LoweredWeight
     from jdq.kernels.weight_only.ref import PACK_BLOCK, pack_int4
 
-    spec = w_meta.spec
+    spec = w_op.spec
     k, n = w.shape
     if kind in ("mxfp8", "mxint8"):
         if k % 32:
@@ -229,25 +222,24 @@ def _pack(site, kind, w, w_meta):
     return lw, deq
 
 
-def _pack_mixdit(w, w_key, a_key, plan, state):
+def _pack_mixdit(w, site, plan, state):
     """MixDiT weight: kernel-order permutation, outlier count, bf16 hi / E4M3 lo parts; or (None, reason)."""
     from jdq.kernels import LoweredWeight
     from jdq.kernels.mixdit.ref import pack_weight
-    from jdq.quant.outliers import _count, channel_permutation
+    from jdq.quant.outliers import channel_permutation, outlier_count
 
-    w_meta, a_meta = plan.transform_for(w_key).meta, plan.transform_for(a_key).meta
-    w_st, a_st = state[w_key], state[a_key]
-    if np.ndim(w_st["ratio"]) != 0 or np.ndim(a_st["ratio"]) != 0:
+    w_op, a_op = _site_operands(plan, site, state)
+    wo, ao = w_op.outliers, a_op.outliers
+    if wo.ratio_per_group or ao.ratio_per_group:
         return None, "outlier ratio has a step axis (time groups): the kernel takes one permutation per site"
-    if float(w_st["ratio"]) != float(a_st["ratio"]) or not bool(jnp.all(w_st["rank"] == a_st["rank"])):
+    if float(wo.ratio) != float(ao.ratio) or not bool(jnp.all(wo.rank == ao.rank)):
         return None, "activation and weight outlier states differ (ratio or channel ranks): link their statistics"
     k, n = w.shape
-    perm = channel_permutation(w_st, w_meta.channel_multiple)
-    k_hi = int(_count(w_st["ratio"], k, w_meta.channel_multiple))
-    inner = w_meta.inner[1] if isinstance(w_meta.inner, tuple) else w_meta.inner
-    w_hi, w_lo, s_w, deq = pack_weight(w, perm, k_hi, inner.spec)
+    perm = channel_permutation({"ratio": wo.ratio, "rank": wo.rank}, wo.channel_multiple)
+    k_hi = int(outlier_count(wo.ratio, k, wo.channel_multiple))
+    w_hi, w_lo, s_w, deq = pack_weight(w, perm, k_hi, w_op.spec)
     lw = LoweredWeight(w_lo, s_w, "mixdit", k, n, None, {"w_hi": w_hi, "perm": perm.astype(jnp.int32)},
-                       (("k_hi", k_hi), ("hi", a_meta.hi), ("lo", a_meta.lo)))
+                       (("k_hi", k_hi), ("hi", ao.hi), ("lo", ao.lo)))
     return lw, deq
 
 
@@ -286,10 +278,9 @@ def lower(plan: Plan, params, state: Mapping[str, Any] | None = None, *, impl: s
         w_key = operand_key(site, "weight")
         w_t = plan.transform_for(w_key)
         if kind == "mixdit":
-            a_key = [o.key for o in plan.operands if o.site == site and o.role in ACTIVATION_ROLES][0]
-            lw, deq = _pack_mixdit(jnp.asarray(w), w_key, a_key, plan, state)
+            lw, deq = _pack_mixdit(jnp.asarray(w), site, plan, state)
         else:
-            lw, deq = _pack(site, kind, jnp.asarray(w), _single_cast(w_t))
+            lw, deq = _pack(site, kind, jnp.asarray(w), describe_transform(w_t, None, w_key))
         if lw is None:
             skipped[site] = deq
             continue

@@ -22,6 +22,7 @@ from jdq.quant.transform import (
     ACTIVATION_ROLES,
     ATTENTION_ROLES,
     ROLES,
+    ChainMeta,
     Context,
     Operand,
     OperandRecorder,
@@ -66,6 +67,7 @@ from jdq.quant.outliers import (
     OutlierMeta,
     OutlierWeightMeta,
     channel_permutation,
+    outlier_count,
     outlier_fraction,
     outlier_mask,
     outlier_split,
@@ -74,6 +76,9 @@ from jdq.quant.outliers import (
 )
 
 from jdq.quant.smoothing import CenterMeta, center_tokens  # noqa: E402
+
+# The one reader of a plan (lowering and the cost model use it).
+from jdq.quant.reader import OperandPlan, Outliers, describe, describe_transform  # noqa: E402
 
 from jdq.quant.search import (  # noqa: E402
     SearchResult,

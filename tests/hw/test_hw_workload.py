@@ -91,24 +91,26 @@ def test_bits_come_from_jdq_formats():
 
 
 def test_from_plan_reads_transform_meta(operands):
-    ident = lambda x, ctx: x  # noqa: E731
-    mx = quant.stateless(ident, meta={"kind": "cast", "format": "mx6"})
-    outl = quant.stateless(ident, meta={"kind": "outliers", "low": "mx6", "high": "mx9", "ratio": 0.05})
-    chained = quant.chain(quant.stateless(ident, meta={"kind": "smooth"}), outl)
-    regions = quant.stateless(ident, meta=("kind", "regions", "bits", 4))
+    from jdq.quant.casts import cast
+    from jdq.quant.outliers import outlier_split
+    from jdq.quant.regions import softmax_two_region
+
+    chained = quant.chain(quant.center_tokens(), outlier_split(0.05, "mx9", "mx6"))
     plan = quant.resolve([
         quant.rule("blk.attn.qkv", chained, roles=("act",)),
-        quant.rule("blk.attn.qk", regions, roles=("q",)),
+        quant.rule("blk.attn.qk", softmax_two_region(bits=4, split=0.5), roles=("q",)),
         quant.keep_float("blk.mlp.fc2"),
-        quant.rule("*", mx),
+        quant.rule("*", quant.time_grouped(cast("mx6"), num_groups=2, group_len=5)),
     ], operands)
-    wl = W.from_operands(operands, W.from_plan(plan, outlier_fractions={"blk.attn.qkv:act": 0.08}))
+    state = plan.init({})
+    wl = W.from_operands(operands, W.from_plan(plan, state, outlier_fractions={"blk.attn.qkv:act": 0.08}))
     idx = {n: i for i, n in enumerate(wl.names)}
     i = idx["blk.attn.qkv"]
     assert H.PE_FORMATS[int(wl.a_hi_fmt[i])] == "mx9" and float(wl.a_hi_frac[i]) == pytest.approx(0.08)
     assert H.PE_FORMATS[int(wl.b_fmt[i])] == "mx6"
     assert H.PE_FORMATS[int(wl.a_fmt[idx["blk.attn.qk"]])] == "int4"
     assert H.PE_FORMATS[int(wl.a_fmt[idx["blk.mlp.fc2"]])] == "bf16"
+    ident = lambda x, ctx: x  # noqa: E731
     bad = quant.resolve([quant.rule("*", quant.stateless(ident, meta={"kind": "mystery"}))], operands)
     with pytest.raises(ValueError, match="cannot read a format"):
         W.from_operands(operands, W.from_plan(bad))
