@@ -113,3 +113,16 @@ def test_no_import_cycles_between_modules():
         if node not in state:
             visit(node)
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def _mentions_family(node) -> bool:
+    return (isinstance(node, ast.Name) and node.id == "family") or (isinstance(node, ast.Attribute) and node.attr == "family")
+
+
+@pytest.mark.parametrize("path", [p for p in FILES if "models" not in p.relative_to(ROOT).parts[:1]],
+                         ids=lambda p: str(p.relative_to(ROOT.parent)))
+def test_no_family_comparisons_outside_models(path):
+    """A family's conventions live in its spec (jdq.models.spec): nothing outside jdq/models branches on its name."""
+    found = [node.lineno for node in ast.walk(ast.parse(path.read_text(), str(path)))
+             if isinstance(node, ast.Compare) and any(_mentions_family(n) for n in [node.left, *node.comparators])]
+    assert not found, f"{path.relative_to(ROOT.parent)} compares a model family at lines {found}; read its FamilySpec"

@@ -94,8 +94,10 @@ def _load_arrays(path: str, what: str) -> dict:
 def _text_condition(arrays: dict, family: str, path: str) -> dict:
     import numpy as np
 
-    need = {"pixart": ("text_emb",), "sd3": ("text_emb", "pooled")}[family]
-    allowed = {"pixart": ("text_emb", "mask"), "sd3": ("text_emb", "pooled")}[family]
+    from jdq.models.spec import spec_of
+
+    need, optional = spec_of(family).text_keys
+    allowed = need + optional
     missing = [k for k in need if k not in arrays]
     if missing:
         raise CliError(f"{path}: a {family} model needs arrays {list(need)}; missing {missing} (found {sorted(arrays)})")
@@ -106,13 +108,8 @@ def _text_condition(arrays: dict, family: str, path: str) -> dict:
     for k, v in cond.items():
         if v.shape[0] != n:
             raise CliError(f"{path}: {k} has batch {v.shape[0]} but text_emb has {n}")
-    if family == "pixart":
-        cond["text_emb"] = cond["text_emb"].astype(np.float32)
-        if "mask" in cond:
-            cond["mask"] = cond["mask"].astype(bool)
-    else:
-        cond = {k: v.astype(np.float32) for k, v in cond.items()}
-    return cond
+    # a text mask keeps booleans; embeddings are float32
+    return {k: v.astype(bool) if k == "mask" else v.astype(np.float32) for k, v in cond.items()}
 
 
 def _resolve_model(arg):
@@ -210,8 +207,14 @@ def _conditions(model, args, defaults):
     """``(cond, uncond, labels or None)`` for the model's family."""
     import numpy as np
 
+    from jdq.models.spec import spec_of
+
     family = model.family
-    if family == "dit":
+    try:
+        spec = spec_of(model)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    if spec.class_conditional:
         if args.embeddings or args.negative_embeddings:
             raise CliError("--embeddings/--negative-embeddings condition PixArt-Σ and SD3; a DiT takes --classes")
         k = model.config.num_classes
@@ -230,7 +233,7 @@ def _conditions(model, args, defaults):
         # the grid has one column per listed class and one row per repetition
         labels = np.tile(np.asarray(classes, np.int32), per)
         return labels, None, labels
-    if family in ("pixart", "sd3"):
+    else:
         if args.classes is not None:
             raise CliError(f"--classes conditions a DiT; a {family} model takes --embeddings")
         if args.embeddings is None:
@@ -256,7 +259,6 @@ def _conditions(model, args, defaults):
                     raise CliError(f"--negative-embeddings {key} has shape {uncond[key].shape[1:]} per sample, "
                                    f"the conditions {cond[key].shape[1:]}")
         return cond, uncond, None
-    raise CliError(f"cannot sample a {family} model (a VAE?); give a DiT, PixArt-Σ or SD3 folder")
 
 
 def _per_class(args, defaults) -> int:
@@ -353,12 +355,12 @@ def run(args) -> int:
         raise CliError(f"--vae decodes latents, but {folder} samples pixels (its sampling.json says pixel_space)")
     sampler = _validate_sampler(model, args, defaults)
     cond, uncond, labels = _conditions(model, args, defaults)
-    from jdq.sampling.generate import FAMILY_DEFAULTS
+    from jdq.models.spec import spec_of
 
-    guidance = args.guidance if args.guidance is not None else defaults.get(
-        "guidance", FAMILY_DEFAULTS.get(model.family, {}).get("guidance", 1.0))
+    spec = spec_of(model)
+    guidance = args.guidance if args.guidance is not None else defaults.get("guidance", spec.defaults.get("guidance", 1.0))
     guidance = float(guidance)
-    if guidance != 1.0 and model.family != "dit" and uncond is None:
+    if guidance != 1.0 and spec.null_condition is None and uncond is None:
         raise CliError(f"guidance {guidance:g} on a {model.family} model needs --negative-embeddings "
                        f"(or pass --guidance 1)")
 

@@ -10,8 +10,11 @@ shapes, different formats) for a ``jax.vmap`` over plans.
 
 Where the shapes come from: :func:`from_operands` turns the :class:`jdq.quant.Operand` list that
 :func:`jdq.quant.trace_operands` records (abstractly, under ``jax.eval_shape``) into GEMMs; a
-*format function* says how each operand is stored (:func:`uniform`, :func:`mixdit`,
-:func:`from_plan`).
+*format function* says how each operand is stored: :func:`from_plan` reads a
+:class:`jdq.quant.Plan` (a recipe's, ``jdq cost --plan``) through the plan reader
+(:func:`jdq.quant.describe`); :func:`uniform` and :func:`mixdit` describe hypothetical stores
+(every matmul in one format; MixDiT's outlier fractions) for what-if studies. The models by name
+are the families' named configs (:func:`jdq.models.spec.named_configs`).
 """
 
 from __future__ import annotations
@@ -362,111 +365,29 @@ def from_plan(plan, state: Mapping[str, Any] | None = None, outlier_fractions: M
     return fmt
 
 
-#: Named cost-model plans (format functions) for :func:`named_plan` and ``jdq cost --plan``.
-PLAN_NAMES = ("fp16", "bf16", "fp32", "w8a8", "fp8", "mx9", "mx6", "mixdit")
-
-
-def named_plan(name: str, *, linear_outliers: float = 0.05, attn_outliers: float = 0.20, weights: str | None = None,
-         keep_float: Sequence[str] = ()) -> FormatFn:
-    """A named format function: ``fp16``/``bf16``/``fp32`` (no quantization), ``w8a8`` (INT8
-    weights and activations, attention included), ``fp8`` (E4M3 everywhere), ``mx9``/``mx6``
-    (everything in that format), ``mixdit`` (MX6 with MX9 outliers, :func:`mixdit`). ``weights``
-    overrides the weight format; ``keep_float``: site globs left in BF16."""
-    if name == "mixdit":
-        return mixdit(linear_outliers, attn_outliers, weights=weights or "mx6", keep_float=keep_float)
-    base = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32", "w8a8": "int8", "fp8": "fp8_e4m3",
-            "mx9": "mx9", "mx6": "mx6"}
-    if name not in base:
-        raise KeyError(f"unknown plan {name!r}; known plans: {list(PLAN_NAMES)}")
-    return uniform(weights or base[name], base[name], keep_float=keep_float)
-
-
 # --------------------------------------------------------------------------------------------
-# The models jdq knows by name
+# The published models (jdq.models.spec.named_configs)
 # --------------------------------------------------------------------------------------------
-
-
-class ModelSpec(NamedTuple):
-    """How to trace one named model: its family module, config and abstract inputs for a batch.
-
-    ``steps``: the default number of denoising steps (a common sampler setting for the model);
-    ``batch`` in :func:`model_operands` counts model inputs per call (2 = one image with
-    classifier-free guidance's conditional and unconditional halves).
-    """
-
-    module: str
-    config: Callable[[], Any]
-    inputs: Callable[[Any, int], tuple]
-    steps: int
-    description: str
-
-
-def _sds(shape, dtype=jnp.float32):
-    return jax.ShapeDtypeStruct(tuple(shape), dtype)
-
-
-def _dit_config():
-    from jdq.models import dit
-
-    return dit.Config.variant("XL/2", 256)
-
-
-def _dit_inputs(cfg, b):
-    return (_sds((b, cfg.input_size, cfg.input_size, cfg.in_channels)), _sds((b,)), _sds((b,), jnp.int32))
-
-
-def _pixart_config():
-    from jdq.models import pixart
-
-    return pixart.PIXART_SIGMA_XL_2_1024_MS
-
-
-def _pixart_inputs(cfg, b):
-    return (_sds((b, cfg.sample_size, cfg.sample_size, cfg.in_channels)), _sds((b,)), _sds((b, 300, cfg.caption_channels)))
-
-
-def _sd3_config():
-    from jdq.models import mmdit
-
-    return mmdit.SD3_MEDIUM
-
-
-def _sd3_inputs(cfg, b):
-    # 333 text tokens: 77 CLIP-L/G tokens (padded to 4096 wide) + 256 T5-XXL tokens.
-    return (_sds((b, cfg.sample_size, cfg.sample_size, cfg.in_channels)), _sds((b,)),
-            _sds((b, 333, cfg.joint_attention_dim)), _sds((b, cfg.pooled_projection_dim)))
-
-
-MODELS: dict[str, ModelSpec] = {
-    "dit-xl-2": ModelSpec("jdq.models.dit", _dit_config, _dit_inputs, 50,
-                          "DiT-XL/2, 256x256 (latent 32x32x4, 256 tokens), class-conditional"),
-    "pixart-sigma": ModelSpec("jdq.models.pixart", _pixart_config, _pixart_inputs, 20,
-                              "PixArt-Sigma-XL/2, 1024x1024 (latent 128x128x4, 4096 tokens), 300 T5 tokens"),
-    "sd3-medium": ModelSpec("jdq.models.mmdit", _sd3_config, _sd3_inputs, 28,
-                            "SD3-medium MMDiT, 1024x1024 (latent 128x128x16, 4096 tokens), 333 text tokens"),
-}
 
 
 def model_operands(name: str, batch: int = 2, config=None) -> tuple:
-    """The matmul operands of one call of model ``name`` (a key of :data:`MODELS`), traced abstractly.
+    """The matmul operands of one call of the named model ``name`` (:func:`jdq.models.spec.named_config`), traced abstractly.
 
-    ``config`` replaces the model's default config (same family). No parameters are allocated
-    and no FLOPs run (:func:`jdq.quant.trace_operands` under ``jax.eval_shape``).
+    ``config`` replaces the model's default config (same family); the inputs come from the
+    family's :class:`~jdq.models.spec.FamilySpec` (``abstract_inputs``; ``batch`` counts model
+    inputs per call: 2 = one image with classifier-free guidance's two halves). No parameters are
+    allocated and no FLOPs run (:func:`jdq.quant.trace_operands` under ``jax.eval_shape``).
     """
-    import importlib
-
-    from jdq.models.base import Model
+    from jdq.models import from_config
+    from jdq.models.spec import named_config, spec_of
     from jdq.quant import trace_operands
 
-    if name not in MODELS:
-        raise KeyError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
+    named = named_config(name)
     if not (isinstance(batch, int) and batch >= 1):
         raise ValueError(f"batch must be a positive integer, got {batch!r}")
-    spec = MODELS[name]
-    family = importlib.import_module(spec.module)
-    cfg = spec.config() if config is None else config
-    model = Model.abstract(cfg, family.build)
-    return trace_operands(model.apply, model.params, *spec.inputs(cfg, batch))
+    cfg = named.config() if config is None else config
+    model = from_config(cfg, abstract=True)
+    return trace_operands(model.apply, model.params, *spec_of(named.family).abstract_inputs(cfg, batch))
 
 
 def model_workload(name: str, fmt: FormatFn | None = None, batch: int = 2, config=None, **kwargs) -> Workload:

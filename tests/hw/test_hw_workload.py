@@ -132,9 +132,9 @@ def test_from_plan_with_jdq_quant_casts_and_outlier_split(operands):
     assert (H.PE_FORMATS[int(wl.a_fmt[i])], H.PE_FORMATS[int(wl.a_hi_fmt[i])]) == ("mx6", "mx9")
     assert float(wl.a_hi_frac[i]) == pytest.approx(0.05) and H.PE_FORMATS[int(wl.b_fmt[i])] == "mx6"
     assert float(wl.a_hi_frac[qk]) == pytest.approx(0.2) and float(wl.b_hi_frac[pv]) == pytest.approx(0.3)
-    # The same plan through the named cost-model plan gives the same cost.
+    # The same plan as the what-if MixDiT stores gives the same cost.
     hw = H.presets.mixdit_like()
-    named = W.from_operands(operands, W.named_plan("mixdit", linear_outliers=0.05, attn_outliers=0.2))
+    named = W.from_operands(operands, W.mixdit(linear_outliers=0.05, attn_outliers=0.2))
     plain = W.from_operands(operands, W.from_plan(plan, state))
     assert float(H.latency(hw, named)) == pytest.approx(float(H.latency(hw, plain)), rel=1e-6)
     assert float(H.latency(hw, wl)) > float(H.latency(hw, plain))  # 30 % MX9 in V is slower than 20 %
@@ -149,15 +149,15 @@ def test_errors_name_the_problem(operands):
         W.from_operands(lonely, W.uniform())
     with pytest.raises(ValueError, match=r"outlier fraction must be in \[0, 1\]"):
         W.from_operands(operands, W.mixdit(linear_outliers=1.5))
-    with pytest.raises(KeyError, match="unknown plan"):
-        W.named_plan("w3a3")
+    with pytest.raises(KeyError, match="unknown model 'dit-xl-9'"):
+        W.model_operands("dit-xl-9")
     with pytest.raises(ValueError, match="non-negative integer"):
         W.pack([W.Gemm("g", -1, 2, 2, 1, W.FLOAT16, W.FLOAT16)])
 
 
 def test_stack_select_concat(operands):
-    a = W.from_operands(operands, W.named_plan("mx6"))
-    b = W.from_operands(operands, W.named_plan("mixdit"))
+    a = W.from_operands(operands, W.uniform("mx6"))
+    b = W.from_operands(operands, W.mixdit())
     s = W.stack([a, b])
     assert s.m.shape == (2, len(a)) and s.names == a.names
     sel = a.select(np.asarray(a.kind) == 0)
