@@ -46,9 +46,8 @@ def _imports(path: Path):
             else:
                 target = node.module
             yield node.lineno, target
-            if target == "jdq":  # ``from jdq import quant``: the names are the packages
-                for alias in node.names:
-                    yield node.lineno, f"jdq.{alias.name}"
+            for alias in node.names:  # ``from jdq import quant``, ``from . import uniform``: may name modules
+                yield node.lineno, f"{target}.{alias.name}"
 
 
 def _package(module: str) -> str | None:

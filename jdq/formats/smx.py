@@ -48,6 +48,7 @@ import numpy as np
 from jax import lax
 
 from . import _bits
+from ._registry import FormatKind, register
 
 NAMES = {"mx9": 7, "mx6": 4, "mx4": 2}
 SHARED_EXPONENTS = ("floor", "rounded")
@@ -279,3 +280,17 @@ def dequantize(codes, exp_byte, micro, fmt: SMXFormat, axis: int, dtype):
     step = jnp.maximum(e - 127, -126) - s - (m - 1)
     out = jnp.where(e == NAN_EXPONENT, jnp.nan, _bits.mul_pow2(q, step))
     return _unlayout(out, axis, n).astype(dtype)
+
+
+def _quantize_fields(x, spec, axis, scale, zero):
+    codes, exp_byte, micro = quantize(x, spec, axis)
+    return codes, exp_byte, None, micro
+
+
+register(FormatKind(
+    kind="smx", spec_type=SMXFormat, names=lambda: tuple(NAMES),
+    from_name=lambda name: SMXFormat(name, NAMES[name]) if name in NAMES else None,
+    fake=lambda x, spec, axis, scale, zero: fake_quantize(x, spec, axis),
+    quantize=_quantize_fields,
+    dequantize=lambda codes, scale, zero, micro, spec, axis, dtype: dequantize(codes, scale, micro, spec, axis, dtype),
+))
