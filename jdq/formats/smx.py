@@ -10,7 +10,7 @@ Two-level block floating point along ``axis`` (the contraction axis):
 
 Storage: ``(m + 1) + 8 / k1 + 1 / k2`` bits per element = 9, 6, 4 with the defaults.
 
-The default rules are those of AMD Quark's emulation (``fake_quantize_mx6_mx9``, METHODS.md §1.2):
+The default rules are those of AMD Quark's emulation (``fake_quantize_mx6_mx9``, docs/methods.md §1.2):
 
 1. ``|x| < 2**-126`` is flushed to +0 (float32 subnormals).
 2. ``E = floor(log2(max |x|))`` over the block, read from the float32 exponent field

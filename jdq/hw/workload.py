@@ -301,7 +301,7 @@ def mixdit(linear_outliers: float = 0.05, attn_outliers: float = 0.20, weights: 
     """MixDiT's plan: activations in ``low`` (MX6) with a fraction in ``high`` (MX9).
 
     ``linear_outliers``/``attn_outliers``: fraction of MX9 values in linear-layer inputs and in
-    attention operands (METHODS.md §2: 5 % and 20 %, unverified); ``outlier_fractions`` overrides
+    attention operands (docs/methods.md §2: 5 % and 20 %, unverified); ``outlier_fractions`` overrides
     them per operand key (``"site:role"``) with measured fractions. Weights use ``weights``
     (MixDiT's weight format is NOT FOUND; MX6 assumed). Sites matching ``keep_float`` stay BF16.
     """

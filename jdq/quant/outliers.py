@@ -1,7 +1,7 @@
 """Magnitude outlier split (MixDiT): the top-r fraction by magnitude in a high-precision format.
 
 MixDiT quantizes activations in mixed MX formats: magnitude outliers in MX9, the rest in MX6
-(METHODS.md §2; the paper body, and so its exact selection rule, was not available). An
+(docs/methods.md §2; the paper body, and so its exact selection rule, was not available). An
 :func:`outlier_split` keeps a fraction ``r`` of the operand, chosen by magnitude, in format
 ``hi`` and the rest in ``lo``. It is emulated as two casts that a mixed-precision GEMM would
 compute as two partial products::

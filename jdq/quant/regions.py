@@ -1,6 +1,6 @@
 """Multi-region quantizers of TQ-DiT (MRQ): post-softmax two-region and post-GELU two-sided.
 
-Both follow METHODS.md §5 and the released TQ-DiT code (a PTQ4ViT port), with ``q = 2^(b-1)``
+Both follow docs/methods.md §4 and the released TQ-DiT code (a PTQ4ViT port), with ``q = 2^(b-1)``
 levels per region (the most significant bit of a ``b``-bit code selects the region):
 
 * **post-softmax** (:func:`softmax_two_region`), for attention probabilities ``A ∈ [0, 1]`` and a
