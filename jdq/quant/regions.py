@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdq.quant.calibrate import reduce_steps
+from jdq.quant.stats import reduce_steps
 from jdq.quant.transform import QuantTransform
 
 #: Negative step numerator of the post-GELU quantizer (TQ-DiT / PTQ4ViT constant, |min GELU|).
@@ -122,7 +122,7 @@ def split_stats(bits: int = 8, mode: str = "regions", candidates=SPLIT_CANDIDATE
     ``init`` of :func:`softmax_two_region` averages it over the calibration steps and picks the
     smallest; use it with ``roles=("attn_prob",)``.
     """
-    from jdq.quant.calibrate import operand_stats
+    from jdq.quant.stats import operand_stats
 
     candidates = tuple(float(c) for c in candidates)
 

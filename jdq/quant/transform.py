@@ -434,15 +434,3 @@ def find_stages(meta: Any, state: State, kind: str | None = None) -> list[tuple[
 
     map_stages(meta, state, visit)
     return found
-
-
-#: Names that moved to :mod:`jdq.quant.calibrate`, still importable from here.
-_MOVED_TO_CALIBRATE = ("StatsCollector", "collect_stats", "stack_stats", "reduce_steps", "operand_stats")
-
-
-def __getattr__(name):
-    if name in _MOVED_TO_CALIBRATE:
-        from jdq.quant import calibrate
-
-        return getattr(calibrate, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
