@@ -164,10 +164,22 @@ SENSITIVITY = [
 ]
 
 
+def paper_stores(plan: str, linear_outliers: float = 0.05, attn_outliers: float = 0.20, weights: str | None = None):
+    """How MixDiT's comparison stores every matmul operand (embedders included): a float baseline,
+    int8 or MX6 everywhere, or MX6 with MX9 outliers (:func:`jdq.hw.workload.mixdit`)."""
+    from jdq.hw import workload as W
+
+    if plan == "mixdit":
+        return W.mixdit(linear_outliers, attn_outliers, weights=weights or "mx6")
+    fmt = {"fp16": "fp16", "w8a8": "int8", "mx6": "mx6"}[plan]
+    return W.uniform(weights or fmt, fmt)
+
+
 def model_tables(models, device_eff=None):
     """Per model: latency/energy on presets, MixDiT speedup with sensitivity rows."""
     import jdq.hw as H
     from jdq.hw import presets, workload as W
+    from jdq.models.spec import named_config
 
     sens = list(SENSITIVITY)
     if device_eff is not None:
@@ -182,24 +194,24 @@ def model_tables(models, device_eff=None):
             results[name] = dict(error=f"{type(e).__name__}: {e}")
             continue
         trace_s = time.perf_counter() - t0
-        steps = W.MODELS[name].steps
+        steps = named_config(name).steps
         per_preset = {}
         for plan in ("fp16", "w8a8", "mx6", "mixdit"):
-            wl = W.from_operands(ops, W.named_plan(plan))
+            wl = W.from_operands(ops, paper_stores(plan))
             for hw_name in presets.PRESETS:
                 c = jax.tree.map(float, H.evaluate(presets.get(hw_name), wl).total())
                 per_preset[(plan, hw_name)] = (c.seconds, c.energy_j, c.macs)
         rows = []
-        fp16 = W.from_operands(ops, W.named_plan("fp16"))
+        fp16 = W.from_operands(ops, paper_stores("fp16"))
         for label, accel_kw, plan_kw, gpu_kw in sens:
             accel = H.replace(presets.mixdit_like(), **accel_kw) if accel_kw else presets.mixdit_like()
             gpu = H.replace(presets.rtx3090(), **gpu_kw) if gpu_kw else presets.rtx3090()
-            wl = W.from_operands(ops, W.named_plan("mixdit", **plan_kw))
+            wl = W.from_operands(ops, paper_stores("mixdit", **plan_kw))
             ta, tg = float(H.latency(accel, wl)), float(H.latency(gpu, fp16))
             ea, eg = float(H.energy(accel, wl)), float(H.energy(gpu, fp16))
             rows.append((label, ta, tg, tg / ta, eg / ea))
         results[name] = dict(steps=steps, gemms=len(fp16), per_preset=per_preset, sensitivity=rows,
-                             trace_s=trace_s, desc=W.MODELS[name].description)
+                             trace_s=trace_s, desc=named_config(name).description)
     return results
 
 
@@ -492,7 +504,8 @@ def main(argv=None):
         device_run(args.out, tiny=args.tiny, preset=args.preset)
         return 0
 
-    from jdq.hw import workload as W
+    from jdq.hw import workload as W  # noqa: F401
+    from jdq.models.spec import named_configs
 
     print("1. SCALE-Sim validation", flush=True)
     if args.reuse_scalesim:
@@ -521,7 +534,7 @@ def main(argv=None):
     if device is not None and not device.get("tiny") and device.get("efficiency_compute_bound"):
         eff = min(1.0, float(device["efficiency_compute_bound"]))
     print("3. models", flush=True)
-    models = model_tables(args.models or list(W.MODELS), device_eff=eff)
+    models = model_tables(args.models or list(named_configs()), device_eff=eff)
     flags = " --quick" if args.quick else " --reuse-scalesim" if args.reuse_scalesim else ""
     text = render(val_rows, val_why, same, speed, models, device, flags)
     atomic_write_text(RESULTS_MD, text, parents=True)

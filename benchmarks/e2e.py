@@ -123,7 +123,7 @@ def main(argv=None):
     from jdq.models import dit
     from jdq.models.layers import FUSED_BLOCK_ENV
     from jdq.quant.casts import cast
-    from jdq.quant.lower import lower, weight_bytes
+    from jdq.kernels.lower import lower, weight_bytes
 
     on_gpu = jax.default_backend() == "gpu"
     if args.device_run and not on_gpu:
@@ -304,7 +304,7 @@ def time_recipes(spec, model, inputs, run, res, over):
     statistics of one forward pass on ``inputs`` (random weights: speed does not depend on the values)."""
     from jdq import recipes
     from jdq.quant import trace_operands
-    from jdq.quant.transform import collect_stats, stack_stats
+    from jdq.quant.calibrate import collect_stats, stack_stats
 
     names = recipes.names() if spec == "all" else [n for n in spec.split(",") if n]
     ops = trace_operands(lambda *a, quant: model.apply(model.params, *a, quant=quant), *inputs)

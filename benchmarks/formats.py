@@ -122,7 +122,7 @@ def paper_comparison(data):
 
 EXPLANATION = """\
 **MX9 vs FP8 E4M3.** The shared-microexponent paper (Rouhani et al., ISCA 2023) reports MX9 about
-16 dB above FP8 E4M3 in QSNR (second-hand, METHODS.md §1.2). We measure +{diff_g:.1f} dB on Gaussian
+16 dB above FP8 E4M3 in QSNR (second-hand, docs/methods.md §1.2). We measure +{diff_g:.1f} dB on Gaussian
 data against per-tensor scaled FP8 and +{diff_blk:.1f} dB against FP8 scaled per 32-element block by a
 power of two (MXFP8), so our numbers agree with the paper's ≈ 16 dB to within about 1 dB. The gap
 hardly depends on how the FP8 is scaled (table above) because a floating-point format's relative

@@ -1,10 +1,13 @@
 """``jdq cost``: end-to-end latency and energy of a plan on a hardware preset, and MixDiT's speedup.
 
-For each model (DiT-XL/2, PixArt-Σ, SD3-medium by default) it traces one denoising step's
-matmuls abstractly, prints latency and energy of ``--plan`` on ``--hw`` for ``--steps`` steps,
-and the speedup of that over ``--baseline-plan`` on ``--baseline`` (default: the MixDiT plan on
-the MixDiT-like accelerator over FP16 on an RTX 3090), beside MixDiT's reported 2.10–5.32×.
-Only the denoiser's GEMMs and attention matmuls are counted (see :mod:`jdq.hw.cost`).
+For each model (the families' named configs: DiT-XL/2, PixArt-Σ, SD3-medium by default) it traces
+one denoising step's matmuls abstractly, prints latency and energy of ``--plan`` on ``--hw`` for
+``--steps`` steps, and the speedup of that over ``--baseline-plan`` on ``--baseline`` (default:
+the ``mixdit`` recipe on the MixDiT-like accelerator over FP16 on an RTX 3090), beside MixDiT's
+reported 2.10–5.32×. A plan is a quantization recipe (:mod:`jdq.recipes`, as ``jdq sample
+--quant``; its operand formats read by :func:`jdq.hw.workload.from_plan`) or an unquantized
+``fp16`` / ``bf16`` / ``fp32``. Only the denoiser's GEMMs and attention matmuls are counted (see
+:mod:`jdq.hw.cost`).
 """
 
 from __future__ import annotations
@@ -19,26 +22,31 @@ from jdq.cli._common import COMMANDS
 #: MixDiT's reported speedup range over an RTX 3090 (arXiv 2504.08398 abstract).
 MIXDIT_REPORTED = (2.10, 5.32)
 
+#: Unquantized plans (every operand in that float format); every other plan is a recipe.
+FLOAT_PLANS = ("fp16", "bf16", "fp32")
+
 NAME = "cost"
 HELP = COMMANDS[NAME][1]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``cost`` sub-command to an ``argparse`` sub-parser collection; return its parser."""
-    from jdq.hw import presets, workload
+    from jdq.hw import presets
+    from jdq.models.spec import named_configs
 
     p = subparsers.add_parser(
         NAME, help=HELP,
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=list(workload.MODELS), metavar="MODEL",
-                   help=f"models to cost (default: all of {list(workload.MODELS)})")
+    p.add_argument("--models", nargs="+", default=list(named_configs()), metavar="MODEL",
+                   help=f"models to cost (default: all of {list(named_configs())})")
     p.add_argument("--hw", default="mixdit_like", help=f"hardware preset, one of {sorted(presets.PRESETS)}")
-    p.add_argument("--plan", default="mixdit", help=f"plan, one of {list(workload.PLAN_NAMES)}")
+    p.add_argument("--plan", default="mixdit", help="a recipe (as `jdq sample --quant`) or fp16 / bf16 / fp32")
     p.add_argument("--baseline", default="rtx3090", help="baseline hardware preset ('none' to skip)")
-    p.add_argument("--baseline-plan", default="fp16", help="baseline plan")
-    p.add_argument("--weights", default=None, help="weight format of --plan (e.g. mx6, mx9; default per plan)")
-    p.add_argument("--linear-outliers", type=float, default=0.05, help="MX9 fraction of linear inputs (mixdit)")
-    p.add_argument("--attn-outliers", type=float, default=0.20, help="MX9 fraction of attention operands (mixdit)")
+    p.add_argument("--baseline-plan", default="fp16", help="baseline plan (a recipe or fp16 / bf16 / fp32)")
+    p.add_argument("--linear-outliers", type=float, default=None,
+                   help="override the outlier (MX9) fraction of linear inputs of the plan's outlier splits")
+    p.add_argument("--attn-outliers", type=float, default=None,
+                   help="override the outlier (MX9) fraction of attention operands of the plan's outlier splits")
     p.add_argument("--batch", type=int, default=2, help="model inputs per call (2: one image with CFG)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: per model)")
     p.add_argument("--efficiency", type=float, default=None,
@@ -58,17 +66,41 @@ def _hardware(name: str, efficiency: float | None):
     return hw
 
 
+def _plan_names() -> tuple[str, ...]:
+    from jdq import recipes
+
+    return FLOAT_PLANS + tuple(recipes.names())
+
+
+def format_fn(name: str, operands, linear_outliers: float | None = None, attn_outliers: float | None = None):
+    """The cost model's format function of plan ``name`` on a model's ``operands``: a recipe's plan, read by
+    :func:`jdq.hw.workload.from_plan`, with its outlier ratios optionally overridden; or a float format."""
+    from jdq import quant as Q
+    from jdq import recipes
+    from jdq.hw import workload
+
+    if name in FLOAT_PLANS:
+        return workload.uniform(name)
+    plan = recipes.plan_for(name, operands)
+    if recipes.get(name).calibrated:
+        return workload.from_plan(plan)  # its static scales do not change how operands are stored
+    state = plan.init()
+    for roles, ratio in ((Q.ACTIVATION_ROLES, linear_outliers), (Q.ATTENTION_ROLES, attn_outliers)):
+        if ratio is not None:
+            keys = [k for k in plan.quantized_keys if plan.operand(k).role in roles]
+            state = Q.set_outlier_ratio(plan, state, ratio, keys)
+    return workload.from_plan(plan, state)
+
+
 def cost_rows(args) -> tuple[list[dict], list[str]]:
     """Evaluate every requested model; return (result rows, error messages)."""
     import jax
 
     from jdq.hw import evaluate, workload
+    from jdq.models.spec import named_config
 
     hw = _hardware(args.hw, args.efficiency)
     base = None if args.baseline in (None, "none") else _hardware(args.baseline, args.efficiency)
-    plan_kw = dict(linear_outliers=args.linear_outliers, attn_outliers=args.attn_outliers, weights=args.weights)
-    fmt = workload.named_plan(args.plan, **plan_kw)
-    base_fmt = workload.named_plan(args.baseline_plan)
     rows, errors = [], []
     for name in args.models:
         try:
@@ -76,14 +108,14 @@ def cost_rows(args) -> tuple[list[dict], list[str]]:
         except Exception as e:  # a model family that fails to build is reported, the others still run
             errors.append(f"{name}: could not trace the model ({type(e).__name__}: {e})")
             continue
-        steps = args.steps or workload.MODELS[name].steps
-        wl = workload.from_operands(ops, fmt)
+        steps = args.steps or named_config(name).steps
+        wl = workload.from_operands(ops, format_fn(args.plan, ops, args.linear_outliers, args.attn_outliers))
         cost = jax.tree.map(float, evaluate(hw, wl).total())
         row = dict(model=name, hw=args.hw, plan=args.plan, batch=args.batch, steps=steps, gemms=len(wl),
                    gmacs_per_step=cost.macs / 1e9, step_ms=cost.seconds * 1e3, total_s=cost.seconds * steps,
                    energy_j=cost.energy_j * steps, compute_ms=cost.compute_s * 1e3, memory_ms=cost.memory_s * 1e3)
         if base is not None:
-            bwl = workload.from_operands(ops, base_fmt)
+            bwl = workload.from_operands(ops, format_fn(args.baseline_plan, ops))
             bcost = jax.tree.map(float, evaluate(base, bwl).total())
             row.update(baseline=args.baseline, baseline_plan=args.baseline_plan,
                        baseline_step_ms=bcost.seconds * 1e3, baseline_total_s=bcost.seconds * steps,
@@ -125,22 +157,23 @@ def write_json_atomically(path: str, payload) -> None:
 
 def run(args) -> int:
     """Run ``jdq cost`` with parsed ``args``; print the table; return the exit status."""
-    from jdq.hw import presets, workload
+    from jdq.hw import presets
+    from jdq.models.spec import named_configs
 
     problems = []
-    unknown = [m for m in args.models if m not in workload.MODELS]
+    unknown = [m for m in args.models if m not in named_configs()]
     if unknown:
-        problems.append(f"unknown model(s) {unknown}; known: {list(workload.MODELS)}")
+        problems.append(f"unknown model(s) {unknown}; known: {list(named_configs())}")
     for flag, value in (("--hw", args.hw), ("--baseline", args.baseline)):
         if value != "none" and value.strip().lower().replace("-", "_") not in presets.PRESETS:
             problems.append(f"{flag} {value!r} is not a preset; known: {sorted(presets.PRESETS)}")
     for flag, value in (("--plan", args.plan), ("--baseline-plan", args.baseline_plan)):
-        if value not in workload.PLAN_NAMES:
-            problems.append(f"{flag} {value!r} is not a plan; known: {list(workload.PLAN_NAMES)}")
+        if value not in _plan_names():
+            problems.append(f"{flag} {value!r} is not a plan; known: {list(_plan_names())}")
     if args.batch < 1 or (args.steps is not None and args.steps < 1):
         problems.append("--batch and --steps must be >= 1")
     for flag, value in (("--linear-outliers", args.linear_outliers), ("--attn-outliers", args.attn_outliers)):
-        if not 0 <= value <= 1:
+        if value is not None and not 0 <= value <= 1:
             problems.append(f"{flag} must be in [0, 1], got {value}")
     if args.json is not None:  # checked now, not after the models were costed
         target = Path(args.json)

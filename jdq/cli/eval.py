@@ -129,7 +129,10 @@ def _load_subject(arg):
         except saved.SavedError as e:
             raise CliError(str(e)) from None
     folder, model, defaults = _resolve_model(arg)
-    if model.family != "dit":
+    from jdq.models.spec import find_spec
+
+    spec = find_spec(model)
+    if spec is None or not spec.class_conditional:
         raise CliError(f"jdq eval samples class-conditional DiTs; {folder} is a {model.family} model")
     identity = {"path": str(folder.resolve()), "params_sha256": _sha256(folder / "params.safetensors")}
     return folder, model, defaults, identity
@@ -276,7 +279,9 @@ def _extractor(kind: str, args):
         raise CliError("this protocol's metrics use the FID Inception-v3: give --inception DIR (convert "
                        "weights-inception-2015-12-05-6726825d.pth with `jdq convert`)")
     model = _load_folder(args.inception, "--inception")
-    if model.family != "inception":
+    from jdq.models import inception
+
+    if not isinstance(model.config, inception.Config):
         raise CliError(f"--inception {args.inception} is a {model.family} model, not the FID Inception-v3")
     return SimpleNamespace(kind=kind, main="pool", extract=lambda images: _inception_features(model, images),
                            identity={"kind": "inception-v3 (TF 2015-12-05 graph)",

@@ -142,7 +142,10 @@ def run(args) -> int:
     from jdq.metrics import protocols
 
     folder, model, defaults = _resolve_model(args.model)
-    if model.family != "dit":
+    from jdq.models.spec import find_spec
+
+    spec = find_spec(model)
+    if spec is None or not spec.class_conditional:
         raise CliError(f"jdq quantize calibrates class-conditional DiTs; {folder} is a {model.family} model")
     if args.model is None:  # the embedded model: the animal-mnist protocol's sampling
         proto = protocols.get("animal-mnist")

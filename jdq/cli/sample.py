@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from jdq.cli._common import COMMANDS, DEFAULT_CLASSIFIER, DEFAULT_MODEL, CliError, require_finite, require_writable
+from jdq.cli._sampling import quantizer as _quantizer, validate_sampler as _validate_sampler  # noqa: F401
 
 NAME = "sample"
 HELP = COMMANDS[NAME][1]
@@ -94,8 +95,10 @@ def _load_arrays(path: str, what: str) -> dict:
 def _text_condition(arrays: dict, family: str, path: str) -> dict:
     import numpy as np
 
-    need = {"pixart": ("text_emb",), "sd3": ("text_emb", "pooled")}[family]
-    allowed = {"pixart": ("text_emb", "mask"), "sd3": ("text_emb", "pooled")}[family]
+    from jdq.models.spec import spec_of
+
+    need, optional = spec_of(family).text_keys
+    allowed = need + optional
     missing = [k for k in need if k not in arrays]
     if missing:
         raise CliError(f"{path}: a {family} model needs arrays {list(need)}; missing {missing} (found {sorted(arrays)})")
@@ -106,13 +109,8 @@ def _text_condition(arrays: dict, family: str, path: str) -> dict:
     for k, v in cond.items():
         if v.shape[0] != n:
             raise CliError(f"{path}: {k} has batch {v.shape[0]} but text_emb has {n}")
-    if family == "pixart":
-        cond["text_emb"] = cond["text_emb"].astype(np.float32)
-        if "mask" in cond:
-            cond["mask"] = cond["mask"].astype(bool)
-    else:
-        cond = {k: v.astype(np.float32) for k, v in cond.items()}
-    return cond
+    # a text mask keeps booleans; embeddings are float32
+    return {k: v.astype(bool) if k == "mask" else v.astype(np.float32) for k, v in cond.items()}
 
 
 def _resolve_model(arg):
@@ -180,38 +178,18 @@ def _output_paths(prefix: str):
     return png, npz
 
 
-def _validate_sampler(model, args, defaults):
-    from jdq.sampling import SAMPLERS
-    from jdq.sampling.generate import resolve_sampler
-
-    name = args.sampler or defaults.get("sampler")
-    aliases = ("dpm-solver++", "dpmpp2m", "flow-euler")
-    if name is not None and name not in SAMPLERS + aliases:
-        raise CliError(f"unknown sampler {name!r}; known samplers: {', '.join(SAMPLERS)}")
-    steps = args.steps if args.steps is not None else defaults.get("steps")
-    if steps is not None and steps < 1:
-        raise CliError(f"--steps must be >= 1, got {steps}")
-    require_finite(args.eta, "--eta", minimum=0)
-    require_finite(args.shift, "--shift", minimum=0, strictly=True)
-    try:
-        sampler = resolve_sampler(model, name, steps, eta=args.eta or 0.0, shift=args.shift,
-                                  clip_denoised=bool(defaults.get("clip_denoised", False)))
-    except ValueError as e:
-        raise CliError(str(e)) from None
-    # an option the sampler would ignore is an error: the user asked for something that cannot happen
-    if args.eta is not None and sampler.kind != "ddim":
-        raise CliError(f"--eta applies to the DDIM sampler only; this run uses {sampler.kind!r} (add --sampler ddim)")
-    if args.shift is not None and sampler.kind != "euler":
-        raise CliError(f"--shift applies to the flow-matching (euler) sampler only; this run uses {sampler.kind!r}")
-    return sampler
-
-
 def _conditions(model, args, defaults):
     """``(cond, uncond, labels or None)`` for the model's family."""
     import numpy as np
 
+    from jdq.models.spec import spec_of
+
     family = model.family
-    if family == "dit":
+    try:
+        spec = spec_of(model)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    if spec.class_conditional:
         if args.embeddings or args.negative_embeddings:
             raise CliError("--embeddings/--negative-embeddings condition PixArt-Σ and SD3; a DiT takes --classes")
         k = model.config.num_classes
@@ -230,7 +208,7 @@ def _conditions(model, args, defaults):
         # the grid has one column per listed class and one row per repetition
         labels = np.tile(np.asarray(classes, np.int32), per)
         return labels, None, labels
-    if family in ("pixart", "sd3"):
+    else:
         if args.classes is not None:
             raise CliError(f"--classes conditions a DiT; a {family} model takes --embeddings")
         if args.embeddings is None:
@@ -256,7 +234,6 @@ def _conditions(model, args, defaults):
                     raise CliError(f"--negative-embeddings {key} has shape {uncond[key].shape[1:]} per sample, "
                                    f"the conditions {cond[key].shape[1:]}")
         return cond, uncond, None
-    raise CliError(f"cannot sample a {family} model (a VAE?); give a DiT, PixArt-Σ or SD3 folder")
 
 
 def _per_class(args, defaults) -> int:
@@ -264,26 +241,6 @@ def _per_class(args, defaults) -> int:
     if args.per_class is not None:
         return args.per_class
     return 2 if defaults.get("class_names") else 1
-
-
-def _quantizer(model, args, sampler, cond, uncond, guidance, defaults):
-    """The recipe's :class:`jdq.recipes.Quantized` for this model (calibrated first if the recipe needs it)."""
-    import jax
-    import numpy as np
-
-    from jdq import recipes
-
-    try:
-        recipe = recipes.get(args.quant)
-        if recipe.calibrated:
-            n = max(1, min(args.calib_samples, int(np.shape(jax.tree.leaves(cond)[0])[0])))
-            print(f"calibrating {args.quant} on {n} samples ({sampler.num_steps} steps)", file=sys.stderr)
-        return recipes.quantize(model, args.quant, sampler=sampler, cond=cond, uncond=uncond, guidance=guidance,
-                                seed=args.seed, calib_samples=args.calib_samples)
-    except recipes.RecipeError as e:
-        raise CliError(str(e)) from None
-    except (KeyError, ValueError) as e:
-        raise CliError(f"recipe {args.quant!r}: {e}") from None
 
 
 def _grid_images(model, samples, args, defaults):
@@ -353,12 +310,12 @@ def run(args) -> int:
         raise CliError(f"--vae decodes latents, but {folder} samples pixels (its sampling.json says pixel_space)")
     sampler = _validate_sampler(model, args, defaults)
     cond, uncond, labels = _conditions(model, args, defaults)
-    from jdq.sampling.generate import FAMILY_DEFAULTS
+    from jdq.models.spec import spec_of
 
-    guidance = args.guidance if args.guidance is not None else defaults.get(
-        "guidance", FAMILY_DEFAULTS.get(model.family, {}).get("guidance", 1.0))
+    spec = spec_of(model)
+    guidance = args.guidance if args.guidance is not None else defaults.get("guidance", spec.defaults.get("guidance", 1.0))
     guidance = float(guidance)
-    if guidance != 1.0 and model.family != "dit" and uncond is None:
+    if guidance != 1.0 and spec.null_condition is None and uncond is None:
         raise CliError(f"guidance {guidance:g} on a {model.family} model needs --negative-embeddings "
                        f"(or pass --guidance 1)")
 

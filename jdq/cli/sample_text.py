@@ -46,13 +46,14 @@ def run_pipeline(args, png, npz) -> int:
     pipe = load_pipeline(args.model)
     import numpy as np
 
-    from jdq.cli.sample import _quantizer, _validate_sampler
-    from jdq.sampling.generate import FAMILY_DEFAULTS, generate
+    from jdq.cli._sampling import quantizer as _quantizer, validate_sampler as _validate_sampler
+    from jdq.models.spec import spec_of
+    from jdq.sampling.generate import generate
     from jdq.sampling.images import save_grid_and_npz, to_uint8
 
     sampler = _validate_sampler(pipe.transformer, args, pipe.defaults)
     guidance = args.guidance if args.guidance is not None else pipe.defaults.get(
-        "guidance", FAMILY_DEFAULTS[pipe.kind]["guidance"])
+        "guidance", spec_of(pipe.kind).defaults["guidance"])
     prompts = list(args.prompt) * (args.per_class or 1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _bits, uniform
+from ._registry import FormatKind, register
 
 ELEMENTS = {"e4m3": (4, 3, 448.0), "e5m2": (5, 2, 57344.0)}
 NAMES = {"fp8_e4m3": "e4m3", "fp8_e5m2": "e5m2"}
@@ -153,3 +154,13 @@ def compute_scale(x, fmt: FP8Format, axis):
         raise ValueError("granularity=None is the unscaled FP8 cast: it has no scale")
     _, scale = _params(x, fmt, axis, None)
     return uniform.to_public(scale, fmt.granularity, axis)
+
+
+register(FormatKind(
+    kind="fp8", spec_type=FP8Format, names=lambda: tuple(NAMES),
+    from_name=lambda name: FP8Format(name, NAMES[name]) if name in NAMES else None,
+    fake=lambda x, spec, axis, scale, zero: fake_quantize(x, spec, axis, scale),
+    quantize=lambda x, spec, axis, scale, zero: (*quantize(x, spec, axis, scale), None, None),
+    dequantize=lambda codes, scale, zero, micro, spec, axis, dtype: dequantize(codes, scale, spec, axis, dtype),
+    compute_scale=lambda x, spec, axis: (compute_scale(x, spec, axis), None),
+))

@@ -43,6 +43,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from . import _bits
+from ._registry import FormatKind, register
 
 # element: (ebits, stored mantissa bits, emax, max_normal); ebits == 0 means MXINT8
 ELEMENTS = {
@@ -172,3 +173,13 @@ def dequantize(codes, scale, fmt: MXFormat, axis: int, dtype):
     s = jnp.expand_dims(scale.astype(jnp.int32), axis + 1)
     out = jnp.where(s == E8M0_NAN, jnp.nan, _bits.mul_pow2(p, s - 127))
     return _bits.from_blocks(out, axis, n).astype(dtype)
+
+
+register(FormatKind(
+    kind="mx", spec_type=MXFormat, names=lambda: tuple(NAMES),
+    from_name=lambda name: MXFormat(name, NAMES[name]) if name in NAMES else None,
+    fake=lambda x, spec, axis, scale, zero: fake_quantize(x, spec, axis),
+    quantize=lambda x, spec, axis, scale, zero: (*quantize(x, spec, axis), None, None),
+    dequantize=lambda codes, scale, zero, micro, spec, axis, dtype: dequantize(codes, scale, spec, axis, dtype),
+    signed_codes=lambda spec: spec.element == "int8",
+))

@@ -104,7 +104,9 @@ def unpack_bits(packed, bits, n, axis, signed=False):
 
 
 def _signed(fmt) -> bool:
-    return (fmt.kind == "int" and fmt.symmetric) or (fmt.kind == "mx" and fmt.element == "int8")
+    from ._registry import kind_of
+
+    return kind_of(fmt).signed_codes(fmt)
 
 
 @jax.jit

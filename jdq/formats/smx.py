@@ -10,7 +10,7 @@ Two-level block floating point along ``axis`` (the contraction axis):
 
 Storage: ``(m + 1) + 8 / k1 + 1 / k2`` bits per element = 9, 6, 4 with the defaults.
 
-The default rules are those of AMD Quark's emulation (``fake_quantize_mx6_mx9``, METHODS.md §1.2):
+The default rules are those of AMD Quark's emulation (``fake_quantize_mx6_mx9``, docs/methods.md §1.2):
 
 1. ``|x| < 2**-126`` is flushed to +0 (float32 subnormals).
 2. ``E = floor(log2(max |x|))`` over the block, read from the float32 exponent field
@@ -48,6 +48,7 @@ import numpy as np
 from jax import lax
 
 from . import _bits
+from ._registry import FormatKind, register
 
 NAMES = {"mx9": 7, "mx6": 4, "mx4": 2}
 SHARED_EXPONENTS = ("floor", "rounded")
@@ -279,3 +280,17 @@ def dequantize(codes, exp_byte, micro, fmt: SMXFormat, axis: int, dtype):
     step = jnp.maximum(e - 127, -126) - s - (m - 1)
     out = jnp.where(e == NAN_EXPONENT, jnp.nan, _bits.mul_pow2(q, step))
     return _unlayout(out, axis, n).astype(dtype)
+
+
+def _quantize_fields(x, spec, axis, scale, zero):
+    codes, exp_byte, micro = quantize(x, spec, axis)
+    return codes, exp_byte, None, micro
+
+
+register(FormatKind(
+    kind="smx", spec_type=SMXFormat, names=lambda: tuple(NAMES),
+    from_name=lambda name: SMXFormat(name, NAMES[name]) if name in NAMES else None,
+    fake=lambda x, spec, axis, scale, zero: fake_quantize(x, spec, axis),
+    quantize=_quantize_fields,
+    dequantize=lambda codes, scale, zero, micro, spec, axis, dtype: dequantize(codes, scale, micro, spec, axis, dtype),
+))

@@ -46,11 +46,13 @@ parameters are computed from ``x`` (dynamic, min-max).
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax.numpy as jnp
 import numpy as np
 
 from . import _bits
+from ._registry import FormatKind, register
 
 GRANULARITIES = ("tensor", "row", "group", "input_channel")
 GRANULARITY_ALIASES = {"token": "row", "output_channel": "row", "per_token": "row", "per_tensor": "tensor"}
@@ -280,3 +282,26 @@ def compute_scale(x, fmt: IntFormat, axis):
     xw, red = working_layout(x.astype(jnp.float32), fmt.granularity, fmt.group_size, axis)
     scale, zero = dynamic_params(xw, fmt, red)
     return to_public(scale, fmt.granularity, axis), None if zero is None else to_public(zero, fmt.granularity, axis)
+
+
+_INT_NAME = re.compile(r"int(\d+)$")
+
+
+def from_name(name: str) -> IntFormat | None:
+    """``intN`` (2 <= N <= 8) as an :class:`IntFormat`; ``None`` for other names; an error for other widths."""
+    match = _INT_NAME.match(name)
+    if not match:
+        return None
+    bits = int(match.group(1))
+    if not 2 <= bits <= 8:
+        raise ValueError(f"integer bit width must be in [2, 8], got {name!r}")
+    return IntFormat(name, bits)
+
+
+register(FormatKind(
+    kind="int", spec_type=IntFormat, names=lambda: tuple(f"int{b}" for b in range(8, 1, -1)), from_name=from_name,
+    fake=fake_quantize,
+    quantize=lambda x, spec, axis, scale, zero: (*quantize(x, spec, axis, scale, zero), None),
+    dequantize=lambda codes, scale, zero, micro, spec, axis, dtype: dequantize(codes, scale, zero, spec, axis, dtype),
+    compute_scale=compute_scale, accepts_zero=True, signed_codes=lambda spec: spec.symmetric,
+))

@@ -12,9 +12,9 @@
 Example::
 
     import jax, jdq
-    wl = jdq.hw.model_workload("dit-xl-2", jdq.hw.named_plan("mixdit"))   # one denoising step
+    wl = jdq.hw.model_workload("dit-xl-2", jdq.hw.workload.mixdit())   # one denoising step, MixDiT's stores
     seconds = jdq.hw.latency(jdq.hw.presets.get("mixdit_like"), wl)
-    # A plan resolved for any jdq model (with measured outlier fractions per operand key):
+    # A plan (a recipe's) resolved for any jdq model (with measured outlier fractions per operand key):
     ops = jdq.quant.trace_operands(model.apply, model.params, *inputs)
     wl = jdq.hw.from_operands(ops, jdq.hw.workload.from_plan(plan, outlier_fractions))
     # Designs x plans x layers in one call:
@@ -45,7 +45,6 @@ from jdq.hw.workload import (
     from_operands,
     model_operands,
     model_workload,
-    named_plan,
     pack,
 )
 
@@ -53,6 +52,6 @@ __all__ = [
     "Accelerator", "Cost", "DATAFLOWS", "GPU", "Gemm", "OperandFormat", "PE_FORMATS", "Workload",
     "accelerator", "accelerator_cost", "dataflow_index", "energy", "evaluate", "format_bits",
     "from_operands", "gemm_cycles", "gpu", "gpu_cost", "latency", "model_operands", "model_workload",
-    "named_plan", "pack", "pair_table", "pe_format",
+    "pack", "pair_table", "pe_format",
     "presets", "replace", "stack", "workload",
 ]

@@ -21,7 +21,7 @@ INT4 tensor path (INT4 runs as INT8). FP32 pairs use the non-tensor FP32 peak (3
 run at the rate of the path they are dequantized to (FP16/BF16) while being read from memory at
 their own width (a weight-/activation-dequantizing kernel).
 
-The MixDiT-like accelerator: the paper's configuration is not public (METHODS.md §2: PE array,
+The MixDiT-like accelerator: the paper's configuration is not public (docs/methods.md §2: PE array,
 multiplier design, conversion unit, clock, simulator are NOT FOUND). Every number of
 :func:`mixdit_like` is an assumption, listed in :data:`MIXDIT_ASSUMPTIONS`.
 """

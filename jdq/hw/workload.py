@@ -10,8 +10,11 @@ shapes, different formats) for a ``jax.vmap`` over plans.
 
 Where the shapes come from: :func:`from_operands` turns the :class:`jdq.quant.Operand` list that
 :func:`jdq.quant.trace_operands` records (abstractly, under ``jax.eval_shape``) into GEMMs; a
-*format function* says how each operand is stored (:func:`uniform`, :func:`mixdit`,
-:func:`from_plan`).
+*format function* says how each operand is stored: :func:`from_plan` reads a
+:class:`jdq.quant.Plan` (a recipe's, ``jdq cost --plan``) through the plan reader
+(:func:`jdq.quant.describe`); :func:`uniform` and :func:`mixdit` describe hypothetical stores
+(every matmul in one format; MixDiT's outlier fractions) for what-if studies. The models by name
+are the families' named configs (:func:`jdq.models.spec.named_configs`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdq.hw.hardware import PE_FORMATS, pe_format
+from jdq.quant.reader import OperandPlan
 
 #: Kinds of GEMM a workload entry can be (the ``kind`` field).
 KINDS = ("linear", "attn_qk", "attn_pv")
@@ -36,38 +40,18 @@ _RIGHT_ROLES = ("weight", "k", "v")
 #: Roles whose operands are produced at run time (and so converted on the fly when quantized).
 _RUNTIME_ROLES = ("act", "post_gelu", "q", "k", "v", "attn_prob")
 
-# Storage bits of float formats and fallback bits of quantized formats (used only when
-# jdq.formats does not know the name). MX9/MX6/MX4: m + 2 bits per element with 16-element
-# blocks and 2-element sub-blocks (METHODS.md §1.2); OCP MX: element bits + 8/32 for the shared
-# E8M0 scale of a 32-element block (METHODS.md §1.1).
-_FALLBACK_BITS = {"fp32": 32.0, "fp16": 16.0, "bf16": 16.0, "fp8": 8.0, "int8": 8.0, "int4": 4.0,
-                  "mx9": 9.0, "mx6": 6.0, "mx4": 4.0, "mxfp8": 8.25, "mxfp6": 6.25, "mxfp4": 4.25,
-                  "mxint8": 8.25}
+#: Storage bits of the unquantized float formats (the PE classes jdq.formats has no spec for).
+FLOAT_BITS = {"fp32": 32.0, "fp16": 16.0, "bf16": 16.0}
 
 
 def format_bits(name: str) -> float:
-    """Storage bits per element of format ``name`` (from :mod:`jdq.formats` where it knows it)."""
-    try:
-        from jdq import formats as _formats
+    """Storage bits per element of format ``name``: :func:`jdq.formats.get`'s, or a float format's width."""
+    from jdq import formats
 
-        getter = getattr(_formats, "get", None)
-        if getter is not None:
-            try:
-                spec = getter(name)
-            except (KeyError, ValueError):
-                spec = None
-            if spec is not None and getattr(spec, "bits_per_element", None) is not None:
-                return float(spec.bits_per_element)
-    except ImportError:  # pragma: no cover - jdq.formats is part of the package
-        pass
     cls = pe_format(name)
-    if cls == "int4":
-        digits = "".join(ch for ch in name.split("_")[0] if ch.isdigit())
-        return float(digits) if digits else 4.0
-    if cls == "int8":
-        digits = "".join(ch for ch in name.split("_")[0] if ch.isdigit())
-        return float(digits) if digits else 8.0
-    return _FALLBACK_BITS[cls]
+    if cls in FLOAT_BITS:
+        return FLOAT_BITS[cls]
+    return float(formats.get(name).bits_per_element)
 
 
 class OperandFormat(NamedTuple):
@@ -317,7 +301,7 @@ def mixdit(linear_outliers: float = 0.05, attn_outliers: float = 0.20, weights: 
     """MixDiT's plan: activations in ``low`` (MX6) with a fraction in ``high`` (MX9).
 
     ``linear_outliers``/``attn_outliers``: fraction of MX9 values in linear-layer inputs and in
-    attention operands (METHODS.md §2: 5 % and 20 %, unverified); ``outlier_fractions`` overrides
+    attention operands (docs/methods.md §2: 5 % and 20 %, unverified); ``outlier_fractions`` overrides
     them per operand key (``"site:role"``) with measured fractions. Weights use ``weights``
     (MixDiT's weight format is NOT FOUND; MX6 assumed). Sites matching ``keep_float`` stay BF16.
     """
@@ -335,120 +319,28 @@ def mixdit(linear_outliers: float = 0.05, attn_outliers: float = 0.20, weights: 
     return fmt
 
 
-def _stages(meta, state):
-    """``(meta, state)`` of every stage of a composed transform, outermost first.
+def format_of_operand(op: OperandPlan, default: OperandFormat = FLOAT16, measured: float | None = None) -> OperandFormat:
+    """The :class:`OperandFormat` of one operand as :func:`jdq.quant.describe` reads it from a plan.
 
-    Follows :func:`jdq.quant.chain` (meta ``("chain", *metas)``, state tuple) and wrapped
-    transforms (a meta with ``inner``, and ``inner_state(state)`` to reach the wrapped state),
-    as :func:`jdq.quant.transform.map_stages` does; ``state`` may be ``None`` (meta only).
+    An outlier split's fraction comes from ``measured`` (a measured fraction), else the plan
+    state's ratio; an operand the plan keeps in float uses ``default``.
     """
-    if isinstance(meta, tuple) and meta and meta[0] == "chain":
-        states = state if isinstance(state, (tuple, list)) and len(state) == len(meta) - 1 else [None] * (len(meta) - 1)
-        for m, st in zip(meta[1:], states):
-            yield from _stages(m, st)
-        return
-    yield meta, state
-    inner = getattr(meta, "inner", None)
-    if inner is not None:
-        inner_state = None
-        if state is not None and hasattr(meta, "inner_state"):
-            inner_state = meta.inner_state(state)
-        yield from _stages(inner, inner_state)
-
-
-def _spec_name(spec):
-    """A format name from a jdq.formats spec (``.name``) or a string."""
-    name = getattr(spec, "name", spec)
-    return name if isinstance(name, str) else None
-
-
-def _known(name):
-    try:
-        pe_format(name)
-        return True
-    except ValueError:
-        return False
-
-
-_FORMAT_KEYS = ("format", "fmt", "low", "lo", "low_format", "base_format")
-_HIGH_KEYS = ("high", "hi", "high_format", "outlier_format", "hi_format")
-_FRAC_KEYS = ("ratio", "outlier_ratio", "outlier_fraction", "fraction", "frac", "hi_frac")
-
-
-def _as_mapping(meta):
-    """A stage's meta as a dict of its fields (mappings, named tuples, dataclasses, flat key/value tuples)."""
-    if isinstance(meta, Mapping):
-        return dict(meta)
-    if hasattr(meta, "_asdict"):
-        return dict(meta._asdict())
-    if dataclasses.is_dataclass(meta) and not isinstance(meta, type):
-        d = {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)}
-        if isinstance(getattr(meta, "kind", None), str):
-            d.setdefault("kind", meta.kind)
-        return d
-    if isinstance(meta, (tuple, list)) and len(meta) >= 2 and len(meta) % 2 == 0 \
-            and all(isinstance(x, str) for x in meta[0::2]):
-        return dict(zip(meta[0::2], meta[1::2]))
-    return {}
-
-
-def _stage_format(meta, state):
-    """``(low name, high name or None, ratio or None)`` a stage casts to, or ``None`` if it casts nothing."""
-    d = _as_mapping(meta)
-    if not d:
-        return None
-    lo = next((_spec_name(d[k]) for k in _FORMAT_KEYS if k in d and _spec_name(d[k])), None)
-    if lo is None and d.get("spec") is not None:
-        lo = _spec_name(d["spec"])
-    if lo is None and isinstance(d.get("bits"), int) and not isinstance(d.get("bits"), bool):
-        lo = f"int{d['bits']}" if d["bits"] <= 8 else "fp16" if d["bits"] == 16 else None
-    if lo is None or not _known(lo):
-        return None
-    hi = next((_spec_name(d[k]) for k in _HIGH_KEYS if k in d and _spec_name(d[k])), None)
-    if hi is not None and not _known(hi):
-        hi = None
-    ratio = None
-    if isinstance(state, Mapping) and "ratio" in state:
-        ratio = float(np.asarray(state["ratio"]).reshape(-1)[0])
-    else:
-        ratio = next((float(d[k]) for k in _FRAC_KEYS if isinstance(d.get(k), (int, float))), None)
-    return lo, hi, ratio
-
-
-def format_of_transform(transform, default: OperandFormat = FLOAT16, key: str = "", state=None,
-                        measured: float | None = None) -> OperandFormat:
-    """The :class:`OperandFormat` a quantization transform produces, read from its ``meta``.
-
-    Walks the stages of :func:`jdq.quant.chain` and wrapped transforms; the last stage that casts
-    wins. A stage casts when its meta names a format (``fmt``/``format``/``lo``, a jdq.formats
-    spec's ``name``, or an integer ``bits``: ``int<bits>``), as :class:`jdq.quant.casts.CastMeta`
-    does; an outlier split (:class:`jdq.quant.outliers.OutlierMeta`, ``lo``/``hi``) also has an
-    outlier format, whose fraction comes from ``measured`` (a measured fraction), else the
-    stage's state ``state["ratio"]`` (the plan state), else a ``ratio`` in the meta.
-    ``None`` transforms keep ``default``.
-    """
-    if transform is None:
+    if not op.stages:
         return default
-    meta = getattr(transform, "meta", None)
-    found = None
-    for stage_meta, stage_state in _stages(meta, state):
-        f = _stage_format(stage_meta, stage_state)
-        if f is not None:
-            found = f
-    if found is None:
-        raise ValueError(f"operand {key!r}: cannot read a format from its transform's meta {meta!r}; "
+    if op.fmt is None:
+        raise ValueError(f"operand {op.key!r}: cannot read a format from its transform (stages {op.stages}: none casts); "
                          "give the cost model a format function instead")
-    lo, hi, ratio = found
-    if hi is None:
+    out = op.outliers
+    if out is None or out.weight:
         if measured:
-            raise ValueError(f"operand {key!r}: a measured outlier fraction was given but its format {lo!r} "
+            raise ValueError(f"operand {op.key!r}: a measured outlier fraction was given but its format {op.fmt!r} "
                              "has no outlier format")
-        return OperandFormat(lo)
-    frac = measured if measured is not None else ratio
+        return OperandFormat(op.fmt)
+    frac = measured if measured is not None else out.ratio_value
     if frac is None:
-        raise ValueError(f"operand {key!r}: its outlier split ({lo}/{hi}) keeps the ratio in the plan state; "
-                         "pass state= (or measured outlier_fractions=) to from_plan")
-    return OperandFormat(lo, hi if frac > 0 else None, float(frac) if frac > 0 else 0.0)
+        raise ValueError(f"operand {op.key!r}: its outlier split ({op.fmt}/{out.hi.name}) keeps the ratio in the plan "
+                         "state; pass state= (or measured outlier_fractions=) to from_plan")
+    return OperandFormat(op.fmt, out.hi.name if frac > 0 else None, float(frac) if frac > 0 else 0.0)
 
 
 def from_plan(plan, state: Mapping[str, Any] | None = None, outlier_fractions: Mapping[str, float] | None = None,
@@ -460,123 +352,42 @@ def from_plan(plan, state: Mapping[str, Any] | None = None, outlier_fractions: M
     from :func:`jdq.quant.outliers.outlier_fraction` on calibration data), which take precedence.
     Operands kept in float (or not covered) use ``default``.
     """
+    from jdq.quant import describe
+
     measured = dict(outlier_fractions or {})
-    state = state or {}
+    described = describe(plan, state)
 
     def fmt(op):
         key = f"{op.site}:{op.role}"
         m = measured.get(key)
-        return format_of_transform(plan.transform_for(key), default, key, state.get(key),
-                                   None if m is None else float(m))
+        return format_of_operand(described[key], default, None if m is None else float(m))
 
     return fmt
 
 
-#: Named cost-model plans (format functions) for :func:`named_plan` and ``jdq cost --plan``.
-PLAN_NAMES = ("fp16", "bf16", "fp32", "w8a8", "fp8", "mx9", "mx6", "mixdit")
-
-
-def named_plan(name: str, *, linear_outliers: float = 0.05, attn_outliers: float = 0.20, weights: str | None = None,
-         keep_float: Sequence[str] = ()) -> FormatFn:
-    """A named format function: ``fp16``/``bf16``/``fp32`` (no quantization), ``w8a8`` (INT8
-    weights and activations, attention included), ``fp8`` (E4M3 everywhere), ``mx9``/``mx6``
-    (everything in that format), ``mixdit`` (MX6 with MX9 outliers, :func:`mixdit`). ``weights``
-    overrides the weight format; ``keep_float``: site globs left in BF16."""
-    if name == "mixdit":
-        return mixdit(linear_outliers, attn_outliers, weights=weights or "mx6", keep_float=keep_float)
-    base = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32", "w8a8": "int8", "fp8": "fp8_e4m3",
-            "mx9": "mx9", "mx6": "mx6"}
-    if name not in base:
-        raise KeyError(f"unknown plan {name!r}; known plans: {list(PLAN_NAMES)}")
-    return uniform(weights or base[name], base[name], keep_float=keep_float)
-
-
 # --------------------------------------------------------------------------------------------
-# The models jdq knows by name
+# The published models (jdq.models.spec.named_configs)
 # --------------------------------------------------------------------------------------------
-
-
-class ModelSpec(NamedTuple):
-    """How to trace one named model: its family module, config and abstract inputs for a batch.
-
-    ``steps``: the default number of denoising steps (a common sampler setting for the model);
-    ``batch`` in :func:`model_operands` counts model inputs per call (2 = one image with
-    classifier-free guidance's conditional and unconditional halves).
-    """
-
-    module: str
-    config: Callable[[], Any]
-    inputs: Callable[[Any, int], tuple]
-    steps: int
-    description: str
-
-
-def _sds(shape, dtype=jnp.float32):
-    return jax.ShapeDtypeStruct(tuple(shape), dtype)
-
-
-def _dit_config():
-    from jdq.models import dit
-
-    return dit.Config.variant("XL/2", 256)
-
-
-def _dit_inputs(cfg, b):
-    return (_sds((b, cfg.input_size, cfg.input_size, cfg.in_channels)), _sds((b,)), _sds((b,), jnp.int32))
-
-
-def _pixart_config():
-    from jdq.models import pixart
-
-    return pixart.PIXART_SIGMA_XL_2_1024_MS
-
-
-def _pixart_inputs(cfg, b):
-    return (_sds((b, cfg.sample_size, cfg.sample_size, cfg.in_channels)), _sds((b,)), _sds((b, 300, cfg.caption_channels)))
-
-
-def _sd3_config():
-    from jdq.models import mmdit
-
-    return mmdit.SD3_MEDIUM
-
-
-def _sd3_inputs(cfg, b):
-    # 333 text tokens: 77 CLIP-L/G tokens (padded to 4096 wide) + 256 T5-XXL tokens.
-    return (_sds((b, cfg.sample_size, cfg.sample_size, cfg.in_channels)), _sds((b,)),
-            _sds((b, 333, cfg.joint_attention_dim)), _sds((b, cfg.pooled_projection_dim)))
-
-
-MODELS: dict[str, ModelSpec] = {
-    "dit-xl-2": ModelSpec("jdq.models.dit", _dit_config, _dit_inputs, 50,
-                          "DiT-XL/2, 256x256 (latent 32x32x4, 256 tokens), class-conditional"),
-    "pixart-sigma": ModelSpec("jdq.models.pixart", _pixart_config, _pixart_inputs, 20,
-                              "PixArt-Sigma-XL/2, 1024x1024 (latent 128x128x4, 4096 tokens), 300 T5 tokens"),
-    "sd3-medium": ModelSpec("jdq.models.mmdit", _sd3_config, _sd3_inputs, 28,
-                            "SD3-medium MMDiT, 1024x1024 (latent 128x128x16, 4096 tokens), 333 text tokens"),
-}
 
 
 def model_operands(name: str, batch: int = 2, config=None) -> tuple:
-    """The matmul operands of one call of model ``name`` (a key of :data:`MODELS`), traced abstractly.
+    """The matmul operands of one call of the named model ``name`` (:func:`jdq.models.spec.named_config`), traced abstractly.
 
-    ``config`` replaces the model's default config (same family). No parameters are allocated
-    and no FLOPs run (:func:`jdq.quant.trace_operands` under ``jax.eval_shape``).
+    ``config`` replaces the model's default config (same family); the inputs come from the
+    family's :class:`~jdq.models.spec.FamilySpec` (``abstract_inputs``; ``batch`` counts model
+    inputs per call: 2 = one image with classifier-free guidance's two halves). No parameters are
+    allocated and no FLOPs run (:func:`jdq.quant.trace_operands` under ``jax.eval_shape``).
     """
-    import importlib
-
-    from jdq.models.base import Model
+    from jdq.models import from_config
+    from jdq.models.spec import named_config, spec_of
     from jdq.quant import trace_operands
 
-    if name not in MODELS:
-        raise KeyError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
+    named = named_config(name)
     if not (isinstance(batch, int) and batch >= 1):
         raise ValueError(f"batch must be a positive integer, got {batch!r}")
-    spec = MODELS[name]
-    family = importlib.import_module(spec.module)
-    cfg = spec.config() if config is None else config
-    model = Model.abstract(cfg, family.build)
-    return trace_operands(model.apply, model.params, *spec.inputs(cfg, batch))
+    cfg = named.config() if config is None else config
+    model = from_config(cfg, abstract=True)
+    return trace_operands(model.apply, model.params, *spec_of(named.family).abstract_inputs(cfg, batch))
 
 
 def model_workload(name: str, fmt: FormatFn | None = None, batch: int = 2, config=None, **kwargs) -> Workload:

@@ -63,7 +63,9 @@ class CLIPScorer:
     """A converted CLIP model (both towers) with its tokenizer and preprocessing: ``scorer(images, prompts)``."""
 
     def __init__(self, model, tokenizer, size: int, crop: int, mean=CLIP_MEAN, std=CLIP_STD):
-        if model.family != "clip" or model.config.text is None or model.config.vision is None:
+        from jdq.models import clip
+
+        if not isinstance(model.config, clip.Config) or model.config.text is None or model.config.vision is None:
             raise ValueError("clip score needs a CLIP model with both towers (a converted transformers CLIPModel)")
         self.model, self.tokenizer = model, tokenizer
         self.size, self.crop, self.mean, self.std = size, crop, mean, std

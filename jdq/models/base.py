@@ -48,6 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jdq.tree import flatten_params, key_name
+
 #: Family name -> module implementing the family interface.
 FAMILIES = {
     "dit": "jdq.models.dit",
@@ -200,19 +202,6 @@ def family_of(config: ConfigBase) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _key_name(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def flatten_params(params) -> dict[str, Any]:
-    """``{"blocks.3.attn.qkv.kernel": array, ...}`` from a nested params pytree."""
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    return {".".join(_key_name(k) for k in path): leaf for path, leaf in leaves}
-
-
 def unflatten_params(flat: Mapping[str, Any], like) -> Params:
     """Nest dotted names into the structure of ``like`` (a params pytree or its abstract shapes).
 
@@ -230,7 +219,7 @@ def unflatten_params(flat: Mapping[str, Any], like) -> Params:
         if tuple(np.shape(flat[name])) != tuple(ref.shape):
             raise ValueError(f"param {name!r}: expected shape {tuple(ref.shape)}, found {tuple(np.shape(flat[name]))}")
     paths, treedef = jax.tree_util.tree_flatten_with_path(like)
-    return jax.tree_util.tree_unflatten(treedef, [flat[".".join(_key_name(k) for k in p)] for p, _ in paths])
+    return jax.tree_util.tree_unflatten(treedef, [flat[".".join(key_name(k) for k in p)] for p, _ in paths])
 
 
 def count_params(params) -> int:
@@ -281,7 +270,7 @@ def random_params(abstract, key: jax.Array | int | None = None):
     rng = np.random.default_rng(seed)
 
     def leaf(path, x):
-        name = _key_name(path[-1]) if path else ""
+        name = key_name(path[-1]) if path else ""
         if name == "scale":
             a = np.ones(x.shape, np.float32)
         elif name == "kernel":

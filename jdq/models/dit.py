@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdq.models.base import ConfigBase, Model
+from jdq.models.spec import FamilySpec, NamedConfig, abstract_array
 from jdq.models.layers import (
     AdaNorm,
     GatedResidual,
@@ -206,3 +207,38 @@ def build(config: Config, rngs: nnx.Rngs) -> DiT:
 def from_config(config: Config, key=None, abstract: bool = False) -> Model:
     """A :class:`~jdq.models.base.Model` of ``config``: random params from ``key``, or abstract ones."""
     return Model.abstract(config, build) if abstract else Model.create(config, build, key)
+
+
+# --------------------------------------------------------------------------------------------
+# The family's conventions (jdq.models.spec)
+# --------------------------------------------------------------------------------------------
+
+
+def _guided_channels(cfg: Config) -> int:
+    """facebookresearch/DiT's ``forward_with_cfg`` guides 3 of the 4 eps channels "for exact
+    reproducibility"; a DiT converted from it (``config.source``) keeps that. Other DiTs guide
+    their ``in_channels`` eps channels (diffusers' DiT pipeline)."""
+    if cfg.source == "facebookresearch/DiT" and cfg.in_channels == 4:
+        return 3
+    return cfg.in_channels
+
+
+def _null_condition(cfg: Config):
+    """The null class (``num_classes``), the unconditional input of classifier-free guidance."""
+    if not cfg.null_class:
+        raise ValueError("this DiT has no null class, so it cannot use classifier-free guidance (use guidance 1)")
+    return jnp.full((1,), cfg.num_classes, jnp.int32)
+
+
+SPEC = FamilySpec(
+    name=FAMILY,
+    denoise=lambda model, params, x, t, y, quant=None: model.apply(params, x, t, y, quant=quant),
+    sample_shape=lambda cfg: (cfg.input_size, cfg.input_size, cfg.in_channels),
+    defaults={"sampler": "ddpm", "steps": 250, "guidance": 4.0},
+    abstract_inputs=lambda cfg, b: (abstract_array((b, cfg.input_size, cfg.input_size, cfg.in_channels)),
+                                    abstract_array((b,)), abstract_array((b,), jnp.int32)),
+    guided_channels=_guided_channels,
+    null_condition=_null_condition,
+    configs={"dit-xl-2": NamedConfig(FAMILY, lambda: Config.variant("XL/2", 256), 50,
+                                     "DiT-XL/2, 256x256 (latent 32x32x4, 256 tokens), class-conditional")},
+)

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jdq.kernels.activations import ACTIVATIONS
 from jdq.quant.transform import QuantizerBase
 
 
@@ -318,14 +319,6 @@ class RMSNorm(nnx.Module):
 def modulate(x, shift, scale):
     """adaLN modulation ``x * (1 + scale) + shift`` with per-sample ``shift``/``scale`` (B, D) over tokens."""
     return x * (1 + scale[:, None, :]) + shift[:, None, :]
-
-
-#: Activations by name (``Mlp``, ``qlinear(activation=)``, the W8A8 kernel epilogue).
-ACTIVATIONS = {
-    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "silu": jax.nn.silu,
-}
 
 
 def _check_activation(activation: str, what: str) -> str:

@@ -52,6 +52,7 @@ from flax import nnx
 
 from jdq.models import layers
 from jdq.models.base import ConfigBase, Model
+from jdq.models.spec import FamilySpec, NamedConfig, abstract_array
 from jdq.models.layers import (
     Attention,
     FeedForward,
@@ -332,3 +333,22 @@ def from_config(config: Config, key=None, abstract: bool = False) -> Model:
     """A :class:`~jdq.models.base.Model` of ``config``: random params from ``key``, or abstract ones."""
     cfg = config if isinstance(config, Config) else Config.from_dict(config)
     return Model.abstract(cfg, build) if abstract else Model.create(cfg, build, key)
+
+
+#: Text tokens of an SD3 prompt for tracing a call: 77 CLIP-L/G tokens (padded to 4096 wide) + 256 T5-XXL tokens.
+TEXT_TOKENS = 333
+
+SPEC = FamilySpec(
+    name=FAMILY,
+    denoise=lambda model, params, x, t, cond, quant=None: model.apply(params, x, t, cond["text_emb"], cond["pooled"],
+                                                                      quant=quant),
+    sample_shape=lambda cfg: (cfg.sample_size, cfg.sample_size, cfg.in_channels),
+    defaults={"sampler": "euler", "steps": 28, "guidance": 7.0, "shift": 3.0},
+    abstract_inputs=lambda cfg, b: (abstract_array((b, cfg.sample_size, cfg.sample_size, cfg.in_channels)),
+                                    abstract_array((b,)), abstract_array((b, TEXT_TOKENS, cfg.joint_attention_dim)),
+                                    abstract_array((b, cfg.pooled_projection_dim))),
+    flow=True,
+    text_keys=(("text_emb", "pooled"), ()),
+    configs={"sd3-medium": NamedConfig(FAMILY, lambda: SD3_MEDIUM, 28,
+                                       "SD3-medium MMDiT, 1024x1024 (latent 128x128x16, 4096 tokens), 333 text tokens")},
+)

@@ -48,6 +48,7 @@ from flax import nnx
 
 from jdq.models import layers
 from jdq.models.base import ConfigBase, Model
+from jdq.models.spec import FamilySpec, NamedConfig, abstract_array
 from jdq.models.layers import Attention, FeedForward, Linear, PatchEmbedding, TwoLayer, layer_norm, unpatchify
 
 FAMILY = "pixart"
@@ -295,3 +296,20 @@ def from_config(config: Config, key=None, abstract: bool = False) -> Model:
     """A :class:`~jdq.models.base.Model` of ``config``: random params from ``key``, or abstract ones."""
     cfg = config if isinstance(config, Config) else Config.from_dict(config)
     return Model.abstract(cfg, build) if abstract else Model.create(cfg, build, key)
+
+
+#: Text tokens of a PixArt-Σ caption (T5-XXL, padded to 300), for tracing a call.
+TEXT_TOKENS = 300
+
+SPEC = FamilySpec(
+    name=FAMILY,
+    denoise=lambda model, params, x, t, cond, quant=None: model.apply(params, x, t, cond["text_emb"], cond.get("mask"),
+                                                                      quant=quant),
+    sample_shape=lambda cfg: (cfg.sample_size, cfg.sample_size, cfg.in_channels),
+    defaults={"sampler": "dpm++2m", "steps": 20, "guidance": 4.5},
+    abstract_inputs=lambda cfg, b: (abstract_array((b, cfg.sample_size, cfg.sample_size, cfg.in_channels)),
+                                    abstract_array((b,)), abstract_array((b, TEXT_TOKENS, cfg.caption_channels))),
+    text_keys=(("text_emb",), ("mask",)),
+    configs={"pixart-sigma": NamedConfig(FAMILY, lambda: PIXART_SIGMA_XL_2_1024_MS, 20,
+                                         "PixArt-Sigma-XL/2, 1024x1024 (latent 128x128x4, 4096 tokens), 300 T5 tokens")},
+)

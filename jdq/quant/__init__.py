@@ -22,6 +22,7 @@ from jdq.quant.transform import (
     ACTIVATION_ROLES,
     ATTENTION_ROLES,
     ROLES,
+    ChainMeta,
     Context,
     Operand,
     OperandRecorder,
@@ -66,6 +67,7 @@ from jdq.quant.outliers import (
     OutlierMeta,
     OutlierWeightMeta,
     channel_permutation,
+    outlier_count,
     outlier_fraction,
     outlier_mask,
     outlier_split,
@@ -75,9 +77,8 @@ from jdq.quant.outliers import (
 
 from jdq.quant.smoothing import CenterMeta, center_tokens  # noqa: E402
 
-# Lowering to kernels. The function ``lower`` shadows the submodule of the same name on purpose:
-# ``jdq.quant.lower(plan, params)`` is the public entry point.
-from jdq.quant.lower import LoweredQuantizer, lower, lowerable_kind, weight_bytes  # noqa: E402
+# The one reader of a plan (lowering and the cost model use it).
+from jdq.quant.reader import OperandPlan, Outliers, describe, describe_transform  # noqa: E402
 
 from jdq.quant.search import (  # noqa: E402
     SearchResult,
@@ -89,6 +90,6 @@ from jdq.quant.search import (  # noqa: E402
 )
 from jdq.quant.evolution import EvolutionResult, evolution_search, mean_at_least  # noqa: E402
 
-# The functions ``allocate`` and ``gptq`` shadow their submodules on purpose, as ``lower`` does.
+# The functions ``allocate`` and ``gptq`` shadow their submodules on purpose.
 from jdq.quant.allocate import Allocation, InfeasibleAllocation, allocate, allocate_bits  # noqa: E402
 from jdq.quant.gptq import GPTQResult, gptq  # noqa: E402

@@ -6,7 +6,7 @@ leaves the product unchanged: ``y = (x / s) @ (s[:, None] * W)``. Dividing the a
 
     s_j = a_j^α / w_j^(1−α),    a_j = salience of activation channel j,  w_j = max_k |W[j, k]|
 
-(SmoothQuant's and ViDiT-Q's formula; PTQ4DiT's ``s_j = sqrt(a_j / (w_j + 1e-8))`` is the same
+(SmoothQuant's and ViDiT-Q's formula, docs/methods.md §3; PTQ4DiT's ``s_j = sqrt(a_j / (w_j + 1e-8))`` is the same
 with ``α = 1/2``, up to the floor ``eps`` of ``a`` and ``w``). A
 :class:`ChannelBalance` fixes ``α`` and how ``a_j`` is aggregated over the calibration steps:
 

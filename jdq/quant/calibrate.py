@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdq.quant.stats import operand_stats, reduce_steps  # noqa: F401 - part of this module's API
 from jdq.quant.transform import ACTIVATION_ROLES, QuantizerBase, operand_key
 
 Array = jax.Array
@@ -69,39 +70,6 @@ HIST_RANGE = (-24.0, 16.0)
 #: Histogram bins (a quarter octave each over :data:`HIST_RANGE`).
 HIST_BINS = 160
 _POOLED = ("hessian", "rows")
-
-
-def reduce_steps(stats: Stats, how: str = "max") -> dict[str, Array]:
-    """Collapse the leading step axis of ``stats``: ``max``/``min`` keys by max/min, others by ``how``."""
-    out = {}
-    for name, value in stats.items():
-        value = jnp.asarray(value)
-        if name.startswith("min"):
-            out[name] = jnp.min(value, axis=0)
-        elif name.startswith(("max", "absmax")):
-            out[name] = jnp.max(value, axis=0)
-        elif how == "max":
-            out[name] = jnp.max(value, axis=0)
-        elif how == "mean":
-            out[name] = jnp.mean(value, axis=0)
-        else:
-            raise ValueError(f"reduce_steps: unknown how={how!r}; use 'max' or 'mean'")
-    return out
-
-
-def operand_stats(x: Array, axis: int) -> dict[str, Array]:
-    """Statistics of one operand: per-index-of-``axis`` and whole-tensor min, max and |max|."""
-    x = jnp.asarray(x, jnp.float32)
-    axis = axis % x.ndim
-    other = tuple(i for i in range(x.ndim) if i != axis)
-    return {
-        "absmax_channel": jnp.max(jnp.abs(x), axis=other),
-        "min_channel": jnp.min(x, axis=other),
-        "max_channel": jnp.max(x, axis=other),
-        "absmax": jnp.max(jnp.abs(x)),
-        "min": jnp.min(x),
-        "max": jnp.max(x),
-    }
 
 
 class StatsCollector(QuantizerBase):

@@ -1,7 +1,7 @@
 """Magnitude outlier split (MixDiT): the top-r fraction by magnitude in a high-precision format.
 
 MixDiT quantizes activations in mixed MX formats: magnitude outliers in MX9, the rest in MX6
-(METHODS.md §2; the paper body, and so its exact selection rule, was not available). An
+(docs/methods.md §2; the paper body, and so its exact selection rule, was not available). An
 :func:`outlier_split` keeps a fraction ``r`` of the operand, chosen by magnitude, in format
 ``hi`` and the rest in ``lo``. It is emulated as two casts that a mixed-precision GEMM would
 compute as two partial products::
@@ -77,7 +77,7 @@ def _check_ratio(ratio, who):
     return float(ratio)
 
 
-def _count(ratio, n, multiple=1):
+def outlier_count(ratio, n, multiple=1):
     """``round(ratio·n)`` to the nearest multiple of ``multiple`` (half up), clipped to ``[0, n]``."""
     k = jnp.floor(jnp.asarray(ratio, jnp.float32) * (n / multiple) + 0.5).astype(jnp.int32) * multiple
     return jnp.clip(k, 0, n)
@@ -110,7 +110,7 @@ def channel_ranks(absmax_channel):
 def channel_mask(state, multiple: int):
     """Boolean ``[C]``: the outlier channels of a channel-granularity state (``rank < k``)."""
     rank = state["rank"]
-    return rank < _count(state["ratio"], rank.shape[-1], multiple)
+    return rank < outlier_count(state["ratio"], rank.shape[-1], multiple)
 
 
 def channel_permutation(state, multiple: int):
@@ -136,7 +136,7 @@ def outlier_mask(meta: OutlierMeta, x, state, axis: int = -1):
             mag = jnp.pad(mag, [(0, 0)] * (mag.ndim - 1) + [(0, pad)])
         mag = mag.reshape(mag.shape[:-1] + ((n + pad) // bs, bs)).max(-1)
     flat = mag.reshape(1, -1) if meta.scope == "tensor" else mag
-    chosen = _ranks(flat) < _count(state["ratio"], flat.shape[-1])
+    chosen = _ranks(flat) < outlier_count(state["ratio"], flat.shape[-1])
     chosen = chosen.reshape(mag.shape)
     if meta.granularity == "block":
         chosen = jnp.repeat(chosen, meta.block_size, axis=-1)[..., :n]

@@ -1,6 +1,6 @@
 """Multi-region quantizers of TQ-DiT (MRQ): post-softmax two-region and post-GELU two-sided.
 
-Both follow METHODS.md §5 and the released TQ-DiT code (a PTQ4ViT port), with ``q = 2^(b-1)``
+Both follow docs/methods.md §4 and the released TQ-DiT code (a PTQ4ViT port), with ``q = 2^(b-1)``
 levels per region (the most significant bit of a ``b``-bit code selects the region):
 
 * **post-softmax** (:func:`softmax_two_region`), for attention probabilities ``A ∈ [0, 1]`` and a
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdq.quant.calibrate import reduce_steps
+from jdq.quant.stats import reduce_steps
 from jdq.quant.transform import QuantTransform
 
 #: Negative step numerator of the post-GELU quantizer (TQ-DiT / PTQ4ViT constant, |min GELU|).
@@ -122,7 +122,7 @@ def split_stats(bits: int = 8, mode: str = "regions", candidates=SPLIT_CANDIDATE
     ``init`` of :func:`softmax_two_region` averages it over the calibration steps and picks the
     smallest; use it with ``roles=("attn_prob",)``.
     """
-    from jdq.quant.calibrate import operand_stats
+    from jdq.quant.stats import operand_stats
 
     candidates = tuple(float(c) for c in candidates)
 

@@ -85,8 +85,26 @@ def identity() -> QuantTransform:
     return stateless(lambda x, ctx: x)
 
 
+class ChainMeta(tuple):
+    """``meta`` of :func:`chain`: the tuple ``("chain", *metas of the parts)`` (equal to, and hashed as, that tuple).
+
+    A chain's state is the plain tuple of its parts' states (as optax's ``chain``); a stateless
+    transform's state is ``()``.
+    """
+
+    kind = "chain"
+
+    def __new__(cls, parts=()):
+        return super().__new__(cls, ("chain",) + tuple(parts))
+
+    @property
+    def parts(self) -> tuple:
+        """The metas of the chained transforms, in order."""
+        return tuple(self[1:])
+
+
 def chain(*transforms: QuantTransform) -> QuantTransform:
-    """Compose transforms left to right; the state is the tuple of their states."""
+    """Compose transforms left to right; the state is the tuple of their states (meta: :class:`ChainMeta`)."""
     for i, t in enumerate(transforms):
         if not isinstance(t, QuantTransform):
             raise TypeError(f"chain() argument {i} is {type(t).__name__}, not a QuantTransform")
@@ -99,7 +117,7 @@ def chain(*transforms: QuantTransform) -> QuantTransform:
             x = t.apply(x, s, ctx)
         return x
 
-    return QuantTransform(init, apply, ("chain",) + tuple(t.meta for t in transforms))
+    return QuantTransform(init, apply, ChainMeta(t.meta for t in transforms))
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,15 +434,3 @@ def find_stages(meta: Any, state: State, kind: str | None = None) -> list[tuple[
 
     map_stages(meta, state, visit)
     return found
-
-
-#: Names that moved to :mod:`jdq.quant.calibrate`, still importable from here.
-_MOVED_TO_CALIBRATE = ("StatsCollector", "collect_stats", "stack_stats", "reduce_steps", "operand_stats")
-
-
-def __getattr__(name):
-    if name in _MOVED_TO_CALIBRATE:
-        from jdq.quant import calibrate
-
-        return getattr(calibrate, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -203,7 +203,10 @@ def load(folder, model=None) -> tuple[Any, Quantized]:
         flat = dict(flatten_params(params))
         flat.update({k: jnp.asarray(v) for k, v in over.items()})
         params = unflatten_params(flat, params)
-    labels = jnp.zeros((1,), jnp.int32) if model.family == "dit" else None
+    from jdq.models.spec import find_spec
+
+    spec = find_spec(model)
+    labels = jnp.zeros((1,), jnp.int32) if spec is not None and spec.class_conditional else None
     if labels is None:
         raise SavedError(f"{folder}: loading quantized {model.family} models is not supported yet (DiT only)")
     plan = plan_for(manifest["recipe"], model_operands(model, labels), **manifest["options"])

@@ -116,9 +116,9 @@ def _calibration(abits=8, **_):
 
 
 def _bias_names(params):
-    from jdq.models.base import _key_name
+    from jdq.tree import key_name
 
-    return {".".join(_key_name(k) for k in path): path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    return {".".join(key_name(k) for k in path): path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def calibration_points(model, sampler, cond, n: int, seed: int):

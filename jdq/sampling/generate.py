@@ -1,7 +1,7 @@
 """Sampling a jdq model end to end: family conventions, batching, data parallelism, progress.
 
 :func:`generate` takes a :class:`jdq.models.Model` and per-sample conditions and returns samples
-as numpy. It knows each family's conventions:
+as numpy. Each family's conventions come from its :class:`jdq.models.spec.FamilySpec`:
 
 ===========  =============================  ===================  ==========================================
 family       condition (``cond``)           default sampler      guidance
@@ -31,15 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdq import sharding
+from jdq.models.spec import spec_of
 from jdq.sampling.loop import sample, sample_keys, step_progress
 from jdq.sampling.samplers import Sampler, make_sampler
 
-#: Per-family defaults: sampler, steps, guidance scale (and flow shift).
-FAMILY_DEFAULTS = {
-    "dit": {"sampler": "ddpm", "steps": 250, "guidance": 4.0},
-    "pixart": {"sampler": "dpm++2m", "steps": 20, "guidance": 4.5},
-    "sd3": {"sampler": "euler", "steps": 28, "guidance": 7.0, "shift": 3.0},
-}
+def family_defaults(model) -> dict:
+    """The family's sampling defaults: ``sampler``, ``steps``, ``guidance`` (and ``shift``), from its spec."""
+    return dict(spec_of(model).defaults)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,48 +48,25 @@ class Denoiser:
     family: str
 
     def __call__(self, params, x, t, cond, quant=None):
-        if self.family == "dit":
-            return self.model.apply(params, x, t, cond, quant=quant)
-        if self.family == "pixart":
-            return self.model.apply(params, x, t, cond["text_emb"], cond.get("mask"), quant=quant)
-        if self.family == "sd3":
-            return self.model.apply(params, x, t, cond["text_emb"], cond["pooled"], quant=quant)
-        raise ValueError(f"cannot sample a model of family {self.family!r}")
+        return spec_of(self.family).denoise(self.model, params, x, t, cond, quant=quant)
 
 
 def sample_shape(model) -> tuple[int, int, int]:
     """The per-sample ``(H, W, C)`` the model denoises (latent or pixel)."""
-    cfg = model.config
-    family = model.family
-    if family == "dit":
-        return (cfg.input_size, cfg.input_size, cfg.in_channels)
-    if family in ("pixart", "sd3"):
-        return (cfg.sample_size, cfg.sample_size, cfg.in_channels)
-    raise ValueError(f"cannot sample a model of family {family!r}")
+    return tuple(spec_of(model).sample_shape(model.config))
 
 
 def guided_channels(model) -> int | None:
-    """How many leading output channels classifier-free guidance acts on (``None``: all).
-
-    facebookresearch/DiT's ``forward_with_cfg`` guides 3 of the 4 eps channels "for exact
-    reproducibility"; a DiT converted from it (``config.source``) keeps that. Other DiTs guide
-    their ``in_channels`` eps channels (diffusers' DiT pipeline); PixArt-Σ and SD3 guide all.
-    """
-    if model.family != "dit":
-        return None
-    cfg = model.config
-    if cfg.source == "facebookresearch/DiT" and cfg.in_channels == 4:
-        return 3
-    return cfg.in_channels
+    """How many leading output channels classifier-free guidance acts on (``None``: all), per the family's spec."""
+    return spec_of(model).guided_channels(model.config)
 
 
 def null_condition(model, cond):
-    """The unconditional input for guidance: DiT's null class (``num_classes``) for every sample."""
-    if model.family == "dit":
-        if not model.config.null_class:
-            raise ValueError("this DiT has no null class, so it cannot use classifier-free guidance (use guidance 1)")
-        return jnp.full((1,), model.config.num_classes, jnp.int32)
-    raise ValueError(f"a {model.family} model needs explicit unconditional (negative) embeddings for guidance")
+    """The unconditional input for guidance (DiT: its null class for every sample), per the family's spec."""
+    make = spec_of(model).null_condition
+    if make is None:
+        raise ValueError(f"a {model.family} model needs explicit unconditional (negative) embeddings for guidance")
+    return make(model.config)
 
 
 def resolve_sampler(model, sampler: Sampler | str | None = None, steps: int | None = None, *,
@@ -99,11 +74,11 @@ def resolve_sampler(model, sampler: Sampler | str | None = None, steps: int | No
     """A :class:`Sampler` from a name and step count, filling in the family's defaults."""
     if isinstance(sampler, Sampler):
         return sampler
-    d = FAMILY_DEFAULTS.get(model.family, {})
+    spec = spec_of(model)
+    d = spec.defaults
     name = sampler or d.get("sampler", "ddpm")
-    expects_flow = model.family == "sd3"
-    if expects_flow != (name in ("euler", "flow-euler")):
-        kind = "flow-matching (euler)" if expects_flow else "noise-prediction (ddpm, ddim, dpm++2m)"
+    if spec.flow != (name in ("euler", "flow-euler")):
+        kind = "flow-matching (euler)" if spec.flow else "noise-prediction (ddpm, ddim, dpm++2m)"
         raise ValueError(f"sampler {name!r} does not fit a {model.family} model: it needs a {kind} sampler")
     return make_sampler(name, steps or d.get("steps", 50), eta=eta, shift=shift or d.get("shift", 3.0),
                         clip_denoised=clip_denoised)
@@ -126,8 +101,7 @@ def generate(model, cond, *, uncond=None, sampler: Sampler | str | None = None, 
     of ``cond``'s first sample in a larger run (sample ``j`` of ``cond`` uses the key of
     ``first_index + j``), so a run sampled in pieces gets the same images as in one call.
     """
-    d = FAMILY_DEFAULTS.get(model.family, {})
-    guidance = d.get("guidance", 1.0) if guidance is None else float(guidance)
+    guidance = spec_of(model).defaults.get("guidance", 1.0) if guidance is None else float(guidance)
     smp = resolve_sampler(model, sampler, steps, eta=eta, shift=shift, clip_denoised=clip_denoised)
     leaves = jax.tree.leaves(cond)
     if not leaves:
@@ -182,7 +156,7 @@ def generate(model, cond, *, uncond=None, sampler: Sampler | str | None = None, 
 def generate_classes(model, labels, **kwargs) -> np.ndarray:
     """:func:`generate` for a class-conditional DiT: ``labels`` is an int array ``[N]``."""
     labels = np.asarray(labels, np.int32)
-    if model.family != "dit":
+    if not spec_of(model).class_conditional:
         raise ValueError(f"class labels condition a DiT; this model is a {model.family}")
     k = model.config.num_classes
     bad = labels[(labels < 0) | (labels >= k)]

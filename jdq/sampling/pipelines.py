@@ -93,16 +93,18 @@ class TextToImage:
 
     def check(self):
         """The encoders' widths fit the transformer's text inputs (else :class:`PipelineError`)."""
+        from jdq.models import clip, mmdit, pixart, t5
+
         tc = self.transformer.config
         if self.kind == "pixart":
-            if self.transformer.family != "pixart" or self.encoders[0].family != "t5":
+            if not isinstance(tc, pixart.Config) or not isinstance(self.encoders[0].config, t5.Config):
                 raise PipelineError("a PixArt-Σ pipeline needs a pixart transformer and a T5 text_encoder")
             want = tc.caption_channels or tc.cross_attention_dim
             if self.encoders[0].config.d_model != want:
                 raise PipelineError(f"text_encoder width {self.encoders[0].config.d_model} does not match the "
                                     f"transformer's caption projection input {want}")
             return
-        if self.transformer.family != "sd3" or [e.family for e in self.encoders] != ["clip", "clip", "t5"]:
+        if not isinstance(tc, mmdit.Config) or [type(e.config) for e in self.encoders] != [clip.Config, clip.Config, t5.Config]:
             raise PipelineError("an SD3 pipeline needs an sd3 transformer, two CLIP text encoders and a T5")
         clip_l, clip_g, t5 = (e.config for e in self.encoders)
         if t5.d_model != tc.joint_attention_dim:
@@ -141,9 +143,10 @@ class TextToImage:
                  guidance: float | None = None, sampler=None, steps: int | None = None, seed: int = 0,
                  batch_size: int = 16, quant=None, progress: bool = False, decode: bool = True):
         """``(latents, images or None)``: latents NHWC float32 and images in [-1, 1] (the VAE's output)."""
-        from jdq.sampling.generate import FAMILY_DEFAULTS, generate
+        from jdq.models.spec import spec_of
+        from jdq.sampling.generate import generate
 
-        fam = FAMILY_DEFAULTS[self.kind]
+        fam = spec_of(self.kind).defaults
         guidance = self.defaults.get("guidance", fam["guidance"]) if guidance is None else float(guidance)
         cond = self.encode(prompts)
         uncond = None

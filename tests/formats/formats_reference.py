@@ -1,7 +1,7 @@
 """Independent NumPy references for the jdq formats (float64 log2/rint math, ml_dtypes for FP8).
 
 Written from the specs (OCP MX v1.0; AMD Quark's MX9/MX6 emulation rules as recorded in
-METHODS.md §1.2; ViDiT-Q min-max integer quantizer) without using jdq code. Each function takes a
+docs/methods.md §1.2; ViDiT-Q min-max integer quantizer) without using jdq code. Each function takes a
 float32 array, quantizes along ``axis`` and returns ``(values, step, limit)``: the dequantized
 float32 values, the local grid step of each element and the saturation bound of its scale group
 (elements with ``|x| > limit`` must come out as ``±limit``).

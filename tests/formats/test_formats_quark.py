@@ -1,6 +1,6 @@
 """MX9 / MX6 / MX4 against AMD Quark's CPU PyTorch emulation (PyPI ``amd-quark``).
 
-Quark is the only runnable reference for the shared-microexponent formats (METHODS.md §1.2):
+Quark is the only runnable reference for the shared-microexponent formats (docs/methods.md §1.2):
 ``fake_quantize_mx6_mx9(x, axis, block_size=16, quant_bit=m+1, sub_block_size=2)``, which
 ``torch.ops.quark.non_scaled_fake_quantize(x, "mx9" | "mx6", ...)`` calls; MX4 is quant_bit=3.
 Install: ``pip install --no-deps amd-quark && pip install onnx onnxslim``. Skipped, with the
@@ -62,7 +62,7 @@ def test_bit_exact_with_quark(name):
 
 
 def test_shift_decided_before_rounding_saturates_like_quark():
-    """METHODS.md: a pair shifted on exponents alone can saturate (MX4: 0.9995 -> 0.75)."""
+    """docs/methods.md §1.2: a pair shifted on exponents alone can saturate (MX4: 0.9995 -> 0.75)."""
     x = np.zeros((1, 16), np.float32)
     x[0, :4] = [1.0, 0.0, 0.9995, 0.0]
     assert quark_cast(x, "mx4", -1)[0, 2] == 0.75

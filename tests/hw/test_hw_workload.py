@@ -91,24 +91,26 @@ def test_bits_come_from_jdq_formats():
 
 
 def test_from_plan_reads_transform_meta(operands):
-    ident = lambda x, ctx: x  # noqa: E731
-    mx = quant.stateless(ident, meta={"kind": "cast", "format": "mx6"})
-    outl = quant.stateless(ident, meta={"kind": "outliers", "low": "mx6", "high": "mx9", "ratio": 0.05})
-    chained = quant.chain(quant.stateless(ident, meta={"kind": "smooth"}), outl)
-    regions = quant.stateless(ident, meta=("kind", "regions", "bits", 4))
+    from jdq.quant.casts import cast
+    from jdq.quant.outliers import outlier_split
+    from jdq.quant.regions import softmax_two_region
+
+    chained = quant.chain(quant.center_tokens(), outlier_split(0.05, "mx9", "mx6"))
     plan = quant.resolve([
         quant.rule("blk.attn.qkv", chained, roles=("act",)),
-        quant.rule("blk.attn.qk", regions, roles=("q",)),
+        quant.rule("blk.attn.qk", softmax_two_region(bits=4, split=0.5), roles=("q",)),
         quant.keep_float("blk.mlp.fc2"),
-        quant.rule("*", mx),
+        quant.rule("*", quant.time_grouped(cast("mx6"), num_groups=2, group_len=5)),
     ], operands)
-    wl = W.from_operands(operands, W.from_plan(plan, outlier_fractions={"blk.attn.qkv:act": 0.08}))
+    state = plan.init({})
+    wl = W.from_operands(operands, W.from_plan(plan, state, outlier_fractions={"blk.attn.qkv:act": 0.08}))
     idx = {n: i for i, n in enumerate(wl.names)}
     i = idx["blk.attn.qkv"]
     assert H.PE_FORMATS[int(wl.a_hi_fmt[i])] == "mx9" and float(wl.a_hi_frac[i]) == pytest.approx(0.08)
     assert H.PE_FORMATS[int(wl.b_fmt[i])] == "mx6"
     assert H.PE_FORMATS[int(wl.a_fmt[idx["blk.attn.qk"]])] == "int4"
     assert H.PE_FORMATS[int(wl.a_fmt[idx["blk.mlp.fc2"]])] == "bf16"
+    ident = lambda x, ctx: x  # noqa: E731
     bad = quant.resolve([quant.rule("*", quant.stateless(ident, meta={"kind": "mystery"}))], operands)
     with pytest.raises(ValueError, match="cannot read a format"):
         W.from_operands(operands, W.from_plan(bad))
@@ -130,9 +132,9 @@ def test_from_plan_with_jdq_quant_casts_and_outlier_split(operands):
     assert (H.PE_FORMATS[int(wl.a_fmt[i])], H.PE_FORMATS[int(wl.a_hi_fmt[i])]) == ("mx6", "mx9")
     assert float(wl.a_hi_frac[i]) == pytest.approx(0.05) and H.PE_FORMATS[int(wl.b_fmt[i])] == "mx6"
     assert float(wl.a_hi_frac[qk]) == pytest.approx(0.2) and float(wl.b_hi_frac[pv]) == pytest.approx(0.3)
-    # The same plan through the named cost-model plan gives the same cost.
+    # The same plan as the what-if MixDiT stores gives the same cost.
     hw = H.presets.mixdit_like()
-    named = W.from_operands(operands, W.named_plan("mixdit", linear_outliers=0.05, attn_outliers=0.2))
+    named = W.from_operands(operands, W.mixdit(linear_outliers=0.05, attn_outliers=0.2))
     plain = W.from_operands(operands, W.from_plan(plan, state))
     assert float(H.latency(hw, named)) == pytest.approx(float(H.latency(hw, plain)), rel=1e-6)
     assert float(H.latency(hw, wl)) > float(H.latency(hw, plain))  # 30 % MX9 in V is slower than 20 %
@@ -147,15 +149,15 @@ def test_errors_name_the_problem(operands):
         W.from_operands(lonely, W.uniform())
     with pytest.raises(ValueError, match=r"outlier fraction must be in \[0, 1\]"):
         W.from_operands(operands, W.mixdit(linear_outliers=1.5))
-    with pytest.raises(KeyError, match="unknown plan"):
-        W.named_plan("w3a3")
+    with pytest.raises(KeyError, match="unknown model 'dit-xl-9'"):
+        W.model_operands("dit-xl-9")
     with pytest.raises(ValueError, match="non-negative integer"):
         W.pack([W.Gemm("g", -1, 2, 2, 1, W.FLOAT16, W.FLOAT16)])
 
 
 def test_stack_select_concat(operands):
-    a = W.from_operands(operands, W.named_plan("mx6"))
-    b = W.from_operands(operands, W.named_plan("mixdit"))
+    a = W.from_operands(operands, W.uniform("mx6"))
+    b = W.from_operands(operands, W.mixdit())
     s = W.stack([a, b])
     assert s.m.shape == (2, len(a)) and s.names == a.names
     sel = a.select(np.asarray(a.kind) == 0)

@@ -1,4 +1,4 @@
-"""jdq.quant.lower: packing, routing through qlinear, and lowered DiT == fake-quant DiT."""
+"""jdq.kernels.lower: packing, routing through qlinear, and lowered DiT == fake-quant DiT."""
 
 import re
 
@@ -10,7 +10,7 @@ import pytest
 from jdq.models import dit
 from jdq.quant import keep_float, resolve, rule, trace_operands
 from jdq.quant.casts import cast
-from jdq.quant.lower import LoweredQuantizer, lower, lowerable_kind, weight_bytes
+from jdq.kernels.lower import LoweredQuantizer, lower, lowerable_kind, weight_bytes
 
 LINEARS = "re:blocks\\.\\d+\\.(attn\\.(qkv|proj)|mlp\\.fc[12])"
 
@@ -217,7 +217,7 @@ def test_lowered_dit_on_tpu_kernels(small_dit, mixdit_plan, kind, monkeypatch):
 
 def test_tpu_tiles_divide_the_gemm():
     """TPU tiles shrink to divisors of N and K (DiT-XL/2: K = 1152 -> 384) honouring int4 / MX / group rules."""
-    from jdq.kernels.lowered import _tpu_tiles
+    from jdq.kernels.op import tpu_tiles as _tpu_tiles
 
     assert _tpu_tiles(16384, 3456, 1152) == dict(tm=256, tn=128, tk=384)
     assert _tpu_tiles(8192, 1152, 4608) == dict(tm=256, tn=128, tk=512)

@@ -184,7 +184,7 @@ def test_lowered_dispatch_drops_a_split_that_does_not_divide_k(monkeypatch):
     """A tuned split-K that does not divide a GEMM's K steps runs the kernel unsplit (not the XLA fallback)."""
     import types
 
-    from jdq.kernels import lowered
+    from jdq.kernels.weight_only import api
     from jdq.kernels.weight_only import gpu
 
     m, k, n = 64, 256, 128  # 2 K steps: a split of 3 does not fit
@@ -203,7 +203,7 @@ def test_lowered_dispatch_drops_a_split_that_does_not_divide_k(monkeypatch):
         return kernel(*args, **kwargs)
 
     monkeypatch.setattr(gpu, "weight_only_matmul_gpu", spy)
-    got = lowered.weight_only_matmul(x, lw, None, jnp.float32, impl="gpu_interpret", config=cfg)
+    got = api.weight_only_matmul(x, lw, None, jnp.float32, impl="gpu_interpret", config=cfg)
     assert [c.split_k for c in used] == [1]
     want = ref.weight_only_matmul(x, lw.codes, scale, None, 4, 128, jnp.float32)
     assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-5

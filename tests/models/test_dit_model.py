@@ -8,6 +8,7 @@ import pytest
 
 import jdq.models
 from jdq.models import dit
+from jdq.quant import calibrate
 from jdq.quant import transform as T
 
 CFG = dit.Config(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=4, num_classes=5)
@@ -67,12 +68,12 @@ def test_quantizer_changes_output_and_state_does_not_recompile(model):
 @pytest.mark.slow
 def test_collect_stats_sees_every_operand(model):
     x, t, y = batch()
-    out, stats = T.collect_stats(model.apply, model.params, x, t, y)
+    out, stats = calibrate.collect_stats(model.apply, model.params, x, t, y)
     np.testing.assert_allclose(out, model(x, t, y), rtol=1e-6, atol=1e-6)
     assert set(stats) == {o.key for o in T.trace_operands(model.apply, model.params, x, t, y)}
     assert stats["blocks.1.attn.pv:attn_prob"]["max"] <= 1.0
     # a non-pytree quantizer passed to the jitted __call__ runs inside the caller's trace
-    out2, stats2 = T.collect_stats(lambda *a, quant: model(*a, quant=quant), x, t, y)
+    out2, stats2 = calibrate.collect_stats(lambda *a, quant: model(*a, quant=quant), x, t, y)
     assert set(stats2) == set(stats)
 
 

@@ -17,6 +17,7 @@ nn = torch.nn
 import jdq.models  # noqa: E402
 from checkpoints_convert import convert_diffusers_folder, convert_dit_checkpoint  # noqa: E402
 from jdq.models import dit  # noqa: E402
+from torch_reference import randomize_dit as randomize, rel_err  # noqa: E402
 
 # Whole float32 forward passes against PyTorch (rel_err: max |Δ| / max |reference|). Worst-case bounds
 # (γ_K per layer) are too loose to test anything; independent roundings add in quadrature instead
@@ -26,11 +27,6 @@ from jdq.models import dit  # noqa: E402
 # ~1e-2, a third of BF16_TOL.
 F32_TOL = 1e-5
 BF16_TOL = 3e-2
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,18 +159,6 @@ class RefDiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, self.p, self.p, self.out_c)
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], self.out_c, h * self.p, w * self.p)
-
-
-def randomize(module, seed, std=0.3):
-    """Random weights everywhere (the training init zeroes adaLN, which would hide errors)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("pos_embed"):
-                continue
-            fan_in = p.shape[1] if p.ndim >= 2 and "embedding" not in name else 1
-            p.copy_(torch.randn(p.shape, generator=g) * (std if p.ndim < 2 else 1.0 / math.sqrt(fan_in)))
-    return module
 
 
 def inputs(b, size, c, num_classes, seed=0):

@@ -7,7 +7,6 @@ bfloat16 is 1.5–1.6e-2 from its float32 output on the same inputs). Weights co
 model through ``checkpoints_convert``.
 """
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,7 @@ from checkpoints_convert.common import CheckpointError  # noqa: E402
 from checkpoints_convert.sd3 import convert_sd3  # noqa: E402
 from jdq.models import flatten_params, mmdit  # noqa: E402
 from jdq.quant import transform as T  # noqa: E402
+from torch_reference import randomize, rel_err  # noqa: E402
 
 # Whole float32 forward passes against PyTorch (rel_err: max |Δ| / max |reference|). Worst-case bounds
 # (γ_K per layer) are too loose to test anything; independent roundings add in quadrature instead
@@ -38,25 +38,6 @@ TINY = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_
             pos_embed_max_size=12)
 # SD3.5-medium's additions: RMS QK-norm and dual attention in the first blocks.
 TINY35 = dict(TINY, qk_norm="rms_norm", dual_attention_layers=(0, 1))
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-def randomize(module, seed, std=0.3):
-    """Random weights everywhere, norm weights around 1 (defaults would hide swapped tensors)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1] * math.prod(p.shape[2:])))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + std * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=g))
-    return module
 
 
 def state_dict(m):

@@ -7,7 +7,6 @@ dict and a saved diffusers folder).
 """
 
 import copy
-import math
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +22,7 @@ from checkpoints_convert.common import CheckpointError  # noqa: E402
 from checkpoints_convert.pixart import convert_pixart  # noqa: E402
 from jdq.models import pixart  # noqa: E402
 from jdq.quant import transform as T  # noqa: E402
+from torch_reference import randomize, rel_err  # noqa: E402
 
 # Whole float32 forward passes against PyTorch (rel_err: max |Δ| / max |reference|). Worst-case bounds
 # (γ_K per layer) are too loose to test anything; independent roundings add in quadrature instead
@@ -36,25 +36,6 @@ BF16_TOL = 3e-2
 # heads × head_dim = 24 (divisible by 3 and 4: size embeddings and 2-D sin-cos positions).
 TINY = dict(num_attention_heads=3, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
             cross_attention_dim=24, caption_channels=12, sample_size=8, patch_size=2, norm_num_groups=1)
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-def randomize(module, seed, std=0.3):
-    """Random weights everywhere, norm weights around 1 (defaults would hide swapped tensors)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1] * math.prod(p.shape[2:])))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + std * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=g))
-    return module
 
 
 def tiny_torch(seed=0, **overrides):

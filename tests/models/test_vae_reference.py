@@ -12,6 +12,7 @@ diffusers = pytest.importorskip("diffusers")
 import jdq.models  # noqa: E402
 from checkpoints_convert import convert_diffusers_folder  # noqa: E402
 from jdq.models import vae  # noqa: E402
+from torch_reference import randomize_vae as randomize, rel_err  # noqa: E402
 
 # Whole float32 forward passes against PyTorch (rel_err: max |Δ| / max |reference|). Worst-case bounds
 # (γ_K per layer) are too loose to test anything; independent roundings add in quadrature instead
@@ -21,23 +22,6 @@ from jdq.models import vae  # noqa: E402
 # ~1e-2, a third of BF16_TOL.
 F32_TOL = 1e-5
 BF16_TOL = 3e-2
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-def randomize(m, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.ndim == 1:  # norms and biases: away from the (1, 0) init so errors show
-                p.copy_((1.0 if name.endswith("norm1.weight") or "norm" in name and name.endswith("weight") else 0.0)
-                        + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(p[0].numel()))
-    return m.eval()
 
 
 CONFIGS = {

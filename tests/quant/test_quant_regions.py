@@ -1,4 +1,4 @@
-"""TQ-DiT multi-region quantizers against a plain numpy reimplementation of METHODS.md §5."""
+"""TQ-DiT multi-region quantizers against a plain numpy reimplementation of docs/methods.md §4."""
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +12,7 @@ CTX = Q.Context("attn.pv", "attn_prob")
 
 
 def np_two_region_tqdit(a, s, bits):
-    """METHODS.md §5 verbatim: round(clamp(A,s,1)(q-1))/(q-1) + round(clamp(A,0,s)/Δlo)·Δlo (codes clamped)."""
+    """docs/methods.md §4 verbatim: round(clamp(A,s,1)(q-1))/(q-1) + round(clamp(A,0,s)/Δlo)·Δlo (codes clamped)."""
     q = 2 ** (bits - 1)
     lo = s / (q - 1)
     high = np.clip(np.round(np.clip(a, s, 1) * (q - 1)), 0, q - 1) / (q - 1)

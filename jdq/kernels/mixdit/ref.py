@@ -94,7 +94,7 @@ def pack_weight(w, perm, k_hi: int, fmt="mx6"):
     """Kernel weights from ``w`` (K, N): (w_hi (N, K_hi pad) bf16, w_lo (N, K_lo pad) E4M3, s_w (N,), ŵ (K, N)).
 
     ``ŵ`` is the dequantized weight in the original channel order (what the kernel multiplies
-    by), for the exactness check of :func:`jdq.quant.lower`.
+    by), for the exactness check of :func:`jdq.kernels.lower`.
     """
     from jdq import formats
 

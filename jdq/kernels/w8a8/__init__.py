@@ -9,3 +9,4 @@ from jdq.kernels.w8a8.ref import (  # noqa: F401
     w8a8_linear,
     w8a8_matmul,
 )
+from jdq.kernels.w8a8.api import IMPLEMENTATIONS, OP, pack, supports  # noqa: F401,E402

@@ -2,7 +2,7 @@
 
 Computes :func:`jdq.kernels.w8a8.ref.w8a8_matmul`: ``xq`` (M, K) int8 row-major, ``wq`` (N, K)
 int8 K-major (Hopper's 8-bit WGMMA reads its B operand only K-major, so the weight is stored
-transposed by :func:`jdq.quant.lower`), per-row ``xs`` (M,) and per-channel ``ws`` (N,) float32
+transposed by :func:`jdq.kernels.lower`), per-row ``xs`` (M,) and per-channel ``ws`` (N,) float32
 scales, bias ``b`` (N,) float32. The epilogue converts the int32 tile to float32, multiplies by
 the row and column scales, adds the bias, casts to the output dtype, and stores through shared
 memory with TMA.
@@ -90,7 +90,7 @@ def _check(xq, xs, wq, ws, b, cfg):
     return m, n, k
 
 
-#: Activations the epilogue can apply (names of ``jdq.models.layers.ACTIVATIONS`` whose ops lower
+#: Activations the epilogue can apply (names of ``jdq.kernels.activations.ACTIVATIONS`` whose ops lower
 #: to Mosaic GPU); computed in float32 before the output cast.
 FUSED_ACTIVATIONS = ("gelu_tanh", "silu")
 
@@ -100,7 +100,7 @@ def _activation_fn(activation):
         return None
     if activation not in FUSED_ACTIVATIONS:
         raise ValueError(f"w8a8 GPU kernel: activation {activation!r} cannot be fused; fusable: {FUSED_ACTIVATIONS}")
-    from jdq.models.layers import ACTIVATIONS
+    from jdq.kernels.activations import ACTIVATIONS
 
     return ACTIVATIONS[activation]
 

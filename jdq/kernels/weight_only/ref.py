@@ -10,7 +10,7 @@ Within each block of 128 input features, byte ``j`` (0 ≤ j < 64) holds feature
 nibble and feature ``j + 64`` in its high nibble (two's complement). A kernel unpacks a 128-wide
 K tile with two arithmetic shifts into its two contiguous halves, no interleaving. (This differs
 from :func:`jdq.formats.pack_bits`, which pairs neighbours ``2j``/``2j+1``; the layout is the
-kernel's and is produced only by :func:`jdq.quant.lower`.)
+kernel's and is produced only by :func:`jdq.kernels.lower`.)
 """
 
 from __future__ import annotations
