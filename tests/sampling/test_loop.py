@@ -49,7 +49,8 @@ def test_scan_equals_unrolled_loop_and_is_deterministic(make):
     a, b = _run(s), _run(s)
     np.testing.assert_array_equal(a, b)  # same seed -> identical, run to run
     # the scan and the unrolled loop: two float32 evaluations of one run (the order of the dots may differ)
-    assert_same_run(a, _reference_loop(s, sample_keys(0, 6), LABELS), _trajectory_bound(s, sample_keys(0, 6), LABELS)[1])
+    assert_same_run(a, _reference_loop(s, sample_keys(0, 6), LABELS),
+                    _trajectory_bound(s, sample_keys(0, 6), LABELS)[1])
     assert np.isfinite(a).all()
     assert not np.allclose(a, _run(s, keys=sample_keys(1, 6)))  # another seed, other samples
 
