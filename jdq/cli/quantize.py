@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from jdq.cli._common import COMMANDS, CliError
+from jdq.cli._common import COMMANDS, CliError, require_writable
 
 NAME = "quantize"
 HELP = COMMANDS[NAME][1]
@@ -131,6 +131,7 @@ def run(args) -> int:
     if out.is_dir() and any(out.iterdir()) and not (out / recipes.saved.MANIFEST).exists() \
             and not (out / recipes.saved.CALIBRATION).exists():
         raise CliError(f"--out {out} is a non-empty folder that is not a quantized model; choose another")
+    require_writable(out, "--out", folder=True)  # before calibrating, not after
     if args.calib_samples is not None and args.calib_samples < 1:
         raise CliError(f"--calib-samples must be >= 1, got {args.calib_samples}")
     options = parse_options(args.option)

@@ -314,3 +314,9 @@ def test_pipeline_sample_rejects_what_does_not_apply(tmp_path, args, message, ca
     (pipe / "pipeline.json").write_text('{"kind": "pixart"}')  # checked before the pipeline is loaded
     code, _, err = _run(["sample", pipe, "--prompt", "a cat", "--out", tmp_path / "s", *args], capsys)
     assert code == 2 and message in err, err
+
+
+@needs_proc
+def test_quantize_unwritable_out_fails_before_calibrating(capsys):
+    code, _, err = _run(["quantize", "--recipe", "w8a8", "--out", UNWRITABLE / "q"], capsys)
+    assert code == 2 and "--out: cannot write /proc/q" in err, err

@@ -48,58 +48,113 @@ def test_scan_equals_unrolled_loop_and_is_deterministic(make):
     s = make()
     a, b = _run(s), _run(s)
     np.testing.assert_array_equal(a, b)  # same seed -> identical, run to run
-    np.testing.assert_allclose(a, _reference_loop(s, sample_keys(0, 6), LABELS), rtol=1e-5, atol=1e-5)
+    # the scan and the unrolled loop: two float32 evaluations of one run (the order of the dots may differ)
+    assert_same_run(a, _reference_loop(s, sample_keys(0, 6), LABELS),
+                    _trajectory_bound(s, sample_keys(0, 6), LABELS)[1])
     assert np.isfinite(a).all()
     assert not np.allclose(a, _run(s, keys=sample_keys(1, 6)))  # another seed, other samples
 
 
-def _ddpm_trajectory_bound(sampler, keys, labels):
-    """``(x, e)``: the exact (float64) toy DDPM run and a componentwise bound ``e`` on ``|x̂ − x|`` for
-    any float32 evaluation of it.
+U = 2.0**-24
 
-    Running first-order error analysis (Higham §3) in float64 beside the exact trajectory: a k-term
-    dot product adds γ_k·Σ|terms| (any summation order), an elementwise op one rounding, tanh and
-    exp 8 ulps, and the errors already there propagate through the derivative of each step (|W|ᵀ for
-    the linears, 1 − tanh² for tanh). The noise is the same bits in every evaluation (exact integer
-    PRNG, elementwise transform); the float32 tables are the constants both sides use.
-    """
-    u = 2.0**-24
-    gam = lambda k: k * u / (1 - k * u)  # noqa: E731
+
+def _gam(k):
+    return k * U / (1 - k * U)
+
+
+def _lin(*terms):
+    """``Σ c·v`` and its error bound, for terms ``(c, v, e)`` (``c`` exact, ``v`` within ``e``): any order."""
+    val = sum(c * v for c, v, _ in terms)
+    err = sum(np.abs(c) * e for c, _, e in terms) + _gam(len(terms)) * sum(np.abs(c * v) for c, v, _ in terms)
+    return val, err
+
+
+def _toy_with_error(x, e, t, labels, act_scale=1.0):
+    """The toy denoiser in float64 on flat ``x`` (B, 16) within ``e``: ``(eps, e_eps, v, e_v)``."""
     P = {k: np.asarray(v, np.float64) for k, v in PARAMS.items()}
+    if act_scale != 1.0:  # a transform multiplying fc1's input: one more rounding
+        x, e = x * act_scale, np.abs(act_scale) * e + U * np.abs(x * act_scale)
+    h1 = x @ P["w1"] + P["b1"]
+    e_h1 = e @ np.abs(P["w1"]) + _gam(17) * (np.abs(x) @ np.abs(P["w1"]) + np.abs(P["b1"]))
+    temb = P["temb"] * (t / 1000.0)
+    a = h1 + temb + P["yemb"][labels]
+    e_a = e_h1 + _gam(3) * (np.abs(h1) + 2 * np.abs(temb) + np.abs(P["yemb"][labels]))
+    h = np.tanh(a)
+    e_h = (1 - h**2) * e_a + 8 * U * np.abs(h)  # tanh: |tanh'| = 1 − tanh², 8 ulps of its own
+    out = h @ P["w2"]
+    e_out = e_h @ np.abs(P["w2"]) + _gam(32) * (np.abs(h) @ np.abs(P["w2"]))
+    v = np.tanh(out[:, 16:])
+    return out[:, :16], e_out[:, :16], v, (1 - v**2) * e_out[:, 16:] + 8 * U * np.abs(v)
+
+
+def _guided(u, e_u, c, e_c, g):
+    """``u + g·(c − u)`` as computed (three roundings) and its error bound."""
+    val = u + g * (c - u)
+    err = np.abs(1 - g) * e_u + np.abs(g) * e_c + _gam(3) * (np.abs(u) + np.abs(g) * (np.abs(c) + np.abs(u)))
+    return val, err
+
+
+def _trajectory_bound(sampler, keys, labels, null=None, guidance=1.0, guided_channels=None, act_scales=None):
+    """``(x, e)``: the exact (float64) toy run of ``sampler`` and a componentwise bound ``e`` on ``|x̂ − x|``
+    for any float32 evaluation of it.
+
+    Running first-order error analysis (Higham §3) beside the exact trajectory: a k-term dot product or
+    linear combination adds γ_k·Σ|terms| (any summation order), a division one rounding, tanh and exp 8
+    ulps; the errors already present propagate through each step's derivative (|W|ᵀ for the linears,
+    1 − tanh² for tanh, the sampler's coefficients). The noise is the same bits in every evaluation
+    (exact integer PRNG, elementwise transform); the float32 tables are constants both sides use.
+    """
     c = {k: np.asarray(v, np.float64) for k, v in sampler.tables.items()}
     b = labels.shape[0]
     x = np.asarray(initial_noise(keys, toy.SHAPE), np.float64).reshape(b, -1)
     e = np.zeros_like(x)
+    carry, e_carry = np.zeros_like(x), np.zeros_like(x)
     for i in range(sampler.num_steps):
-        t = float(sampler.timesteps[i]) / 1000.0
-        h1 = x @ P["w1"] + P["b1"]
-        e_h1 = e @ np.abs(P["w1"]) + gam(17) * (np.abs(x) @ np.abs(P["w1"]) + np.abs(P["b1"]))
-        a = h1 + P["temb"] * t + P["yemb"][labels]
-        e_a = e_h1 + gam(3) * (np.abs(h1) + np.abs(P["temb"] * t) * 2 + np.abs(P["yemb"][labels]))
-        h = np.tanh(a)
-        e_h = (1 - h**2) * e_a + 8 * u * np.abs(h)
-        out = h @ P["w2"]
-        e_out = e_h @ np.abs(P["w2"]) + gam(32) * (np.abs(h) @ np.abs(P["w2"]))
-        eps, e_eps = out[:, :16], e_out[:, :16]
-        v = np.tanh(out[:, 16:])
-        e_v = (1 - v**2) * e_out[:, 16:] + 8 * u * np.abs(v)
+        t = float(sampler.timesteps[i])
+        s_act = 1.0 if act_scales is None else float(act_scales[i])
+        eps, e_eps, v, e_v = _toy_with_error(x, e, t, labels, s_act)
+        if null is not None and guidance != 1.0:
+            u_eps, e_ueps, u_v, e_uv = _toy_with_error(x, e, t, np.broadcast_to(null, labels.shape), s_act)
+            eps, e_eps = _guided(u_eps, e_ueps, eps, e_eps, guidance)
+            if guided_channels is None:
+                v, e_v = _guided(u_v, e_uv, v, e_v, guidance)
         k = {n: c[n][i] for n in c}
-        x0 = k["sqrt_recip_ac"] * x - k["sqrt_recipm1_ac"] * eps
-        e_x0 = k["sqrt_recip_ac"] * e + k["sqrt_recipm1_ac"] * e_eps + gam(3) * (
-            np.abs(k["sqrt_recip_ac"] * x) + np.abs(k["sqrt_recipm1_ac"] * eps))
-        mean = k["coef_x0"] * x0 + k["coef_xt"] * x
-        e_mean = k["coef_x0"] * e_x0 + k["coef_xt"] * e + gam(3) * (np.abs(k["coef_x0"] * x0) + np.abs(k["coef_xt"] * x))
-        frac = (v + 1) / 2
-        log_var = frac * k["max_log"] + (1 - frac) * k["min_log"]
-        e_frac = e_v / 2 + 2 * u * np.abs(frac)
-        e_lv = e_frac * abs(k["max_log"] - k["min_log"]) + gam(4) * (
-            np.abs(frac * k["max_log"]) + np.abs((1 - frac) * k["min_log"]) + abs(k["min_log"]))
-        sd = np.exp(0.5 * log_var) * k["nonzero"]
-        e_sd = sd * (0.5 * e_lv + 9 * u)
-        noise = np.asarray(step_noise(keys, i, toy.SHAPE), np.float64).reshape(b, -1)
-        x = mean + sd * noise
-        e = e_mean + e_sd * np.abs(noise) + gam(2) * (np.abs(mean) + np.abs(sd * noise))
+        noise = np.asarray(step_noise(keys, i, toy.SHAPE), np.float64).reshape(b, -1) if sampler.stochastic else None
+        if sampler.kind in ("ddpm", "ddim"):
+            x0, e_x0 = _lin((k["sqrt_recip_ac"], x, e), (-k["sqrt_recipm1_ac"], eps, e_eps))
+        if sampler.kind == "ddpm":
+            mean, e_mean = _lin((k["coef_x0"], x0, e_x0), (k["coef_xt"], x, e))
+            frac, e_frac = (v + 1) / 2, e_v / 2 + 2 * U * np.abs((v + 1) / 2)
+            log_var = frac * k["max_log"] + (1 - frac) * k["min_log"]
+            e_lv = e_frac * abs(k["max_log"] - k["min_log"]) + _gam(4) * (
+                np.abs(frac * k["max_log"]) + np.abs((1 - frac) * k["min_log"]) + abs(k["min_log"]))
+            sd = np.exp(0.5 * log_var) * k["nonzero"]
+            x, e = _lin((1.0, mean, e_mean), (noise, sd, sd * (0.5 * e_lv + 9 * U)))
+        elif sampler.kind == "ddim":
+            terms = [(k["coef_x0"], x0, e_x0), (k["coef_eps"], eps, e_eps)]
+            if sampler.stochastic:
+                terms.append((k["sigma"], noise, 0.0))
+            x, e = _lin(*terms)
+        elif sampler.kind == "dpm++2m":
+            num, e_num = _lin((1.0, x, e), (-k["sigma_s"], eps, e_eps))
+            x0, e_x0 = num / k["alpha_s"], e_num / k["alpha_s"] + U * np.abs(num / k["alpha_s"])
+            d, e_d = x0 - carry, e_x0 + e_carry + U * np.abs(x0 - carry)
+            x, e = _lin((k["coef_x"], x, e), (k["coef_d0"], x0, e_x0), (k["coef_d1"], d, e_d))
+            carry, e_carry = x0, e_x0
+        else:
+            raise ValueError(sampler.kind)
     return x.reshape((b,) + toy.SHAPE), e.reshape((b,) + toy.SHAPE)
+
+
+def assert_same_run(got, want, bound, *more):
+    """``got`` and ``want`` are float32 evaluations of the run whose bound is ``bound``: within ``2·bound``.
+
+    The bound must also stay below a tenth of the samples' scale (a different run differs by about
+    that scale), or the check would be vacuous.
+    """
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert np.all(np.abs(got - want) <= 2 * bound), f"max excess {np.max(np.abs(got - want) - 2 * bound):.3g}"
+    assert 2 * bound.max() < 0.1 * np.abs(want).max()
 
 
 def test_samples_do_not_depend_on_batch_composition():
@@ -108,10 +163,9 @@ def test_samples_do_not_depend_on_batch_composition():
     tail = _run(s, keys=sample_keys(7, 3, start=3), labels=LABELS[3:])
     # per-sample keys make the two runs the same arithmetic per sample, but a batch of 3 and one of
     # 6 may block the GEMMs' rows differently: equal up to two evaluations' rounding bounds
-    exact, bound = _ddpm_trajectory_bound(s, sample_keys(7, 3, start=3), np.asarray(LABELS[3:]))
+    exact, bound = _trajectory_bound(s, sample_keys(7, 3, start=3), np.asarray(LABELS[3:]))
     assert np.all(np.abs(tail - exact) <= bound) and np.all(np.abs(full[3:] - exact) <= bound)
-    assert np.all(np.abs(full[3:].astype(np.float64) - tail) <= 2 * bound)
-    assert 2 * bound.max() < 1e-2 * np.abs(tail).max()  # far below a different sample's distance
+    assert_same_run(full[3:], tail, bound)
 
 
 def test_guidance_one_is_unguided_and_dit_style_channels():
@@ -119,8 +173,8 @@ def test_guidance_one_is_unguided_and_dit_style_channels():
     np.testing.assert_array_equal(_run(s), _run(s, uncond=NULL, guidance=1.0))
     guided = _run(s, uncond=NULL, guidance=3.0, guided_channels=1)
     assert not np.allclose(guided, _run(s))
-    np.testing.assert_allclose(guided, _reference_loop(s, sample_keys(0, 6), LABELS, uncond=NULL, guidance=3.0,
-                                                       guided_channels=1), rtol=1e-4, atol=1e-4)
+    assert_same_run(guided, _reference_loop(s, sample_keys(0, 6), LABELS, uncond=NULL, guidance=3.0, guided_channels=1),
+                    _trajectory_bound(s, sample_keys(0, 6), LABELS, NULL, 3.0, guided_channels=1)[1])
 
 
 def test_guided_output_formula():
@@ -155,7 +209,8 @@ def test_step_index_reaches_the_transforms_inside_the_scan():
     scales = jnp.linspace(0.5, 1.5, s.num_steps)
     quantizer = plan.bind(plan.init({"fc1:act": {"scale": scales}}))
     got = _run(s, quant=quantizer)
-    np.testing.assert_allclose(got, _reference_loop(s, sample_keys(0, 6), LABELS, quantizer), rtol=1e-5, atol=1e-5)
+    assert_same_run(got, _reference_loop(s, sample_keys(0, 6), LABELS, quantizer),
+                    _trajectory_bound(s, sample_keys(0, 6), LABELS, act_scales=np.asarray(scales))[1])
     reversed_q = plan.bind(plan.init({"fc1:act": {"scale": scales[::-1]}}))
     assert not np.allclose(got, _run(s, quant=reversed_q), atol=1e-3)  # the step order matters
     ones = plan.bind(plan.init({"fc1:act": {"scale": jnp.ones(s.num_steps)}}))
@@ -183,15 +238,17 @@ def test_vmap_over_stacked_quantizer_state_is_a_sweep_in_one_call():
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
     keys = sample_keys(0, 6)
     swept = jax.vmap(lambda st: sample(toy.apply, PARAMS, s, LABELS, keys, toy.SHAPE, quant=plan.bind(st)))(stacked)
-    for k, st in enumerate(states):
-        np.testing.assert_allclose(np.asarray(swept[k]), _run(s, quant=plan.bind(st)), rtol=1e-5, atol=1e-5)
+    for k, (st, v) in enumerate(zip(states, (0.7, 1.3))):  # vmapped and single runs: the dots may be batched
+        assert_same_run(swept[k], _run(s, quant=plan.bind(st)),
+                        _trajectory_bound(s, keys, LABELS, act_scales=np.full(5, v, np.float32))[1])
 
 
 def test_collect_sampler_stats_has_a_step_axis_matching_each_step():
     s = ddim(5)
     keys = sample_keys(3, 6)
     samples, stats = collect_sampler_stats(toy.apply, PARAMS, s, LABELS, keys, toy.SHAPE, uncond=NULL, guidance=2.0)
-    np.testing.assert_allclose(np.asarray(samples), _run(s, keys=keys, uncond=NULL, guidance=2.0), rtol=1e-5, atol=1e-6)
+    assert_same_run(samples, _run(s, keys=keys, uncond=NULL, guidance=2.0),
+                    _trajectory_bound(s, keys, LABELS, NULL, 2.0)[1])
     assert set(stats) == {"fc1:act", "fc1:weight", "fc2:post_gelu", "fc2:weight"}
     assert stats["fc1:act"]["absmax"].shape == (5,)
     assert stats["fc1:act"]["absmax_channel"].shape == (5, 16)
