@@ -49,6 +49,8 @@ def add_parser(sub):
                    help="a prompt for a text-to-image pipeline folder (PixArt-Σ / SD3 from `jdq convert`); repeatable")
     p.add_argument("--negative-prompt", default=None, metavar="TEXT",
                    help="the negative prompt of a pipeline folder (default: empty, as diffusers)")
+    p.add_argument("--quant-text-encoders", default=None, metavar="NAME",
+                   help="a pipeline folder's text encoders quantized with this (uncalibrated) recipe, e.g. w8a8")
     p.add_argument("--sampler", default=None, help="ddpm, ddim, dpm++2m or euler (default: the model family's)")
     p.add_argument("--steps", type=int, default=None, help="number of sampling steps (default: the family's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, finite (1: none)")
@@ -282,8 +284,8 @@ def run(args) -> int:
         from jdq.cli.sample_text import run_pipeline
 
         return run_pipeline(args, png, npz)
-    if args.prompt or args.negative_prompt:
-        raise CliError("--prompt/--negative-prompt need a text-to-image pipeline folder (a converted PixArt-Σ or "
+    if args.prompt or args.negative_prompt or args.quant_text_encoders:
+        raise CliError("--prompt/--negative-prompt/--quant-text-encoders need a text-to-image pipeline folder (a converted PixArt-Σ or "
                        "SD3 pipeline with pipeline.json)")
     if args.vae is not None and not Path(args.vae).is_dir():
         raise CliError(f"--vae folder {args.vae} does not exist")

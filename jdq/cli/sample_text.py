@@ -43,7 +43,20 @@ def run_pipeline(args, png, npz) -> int:
         raise CliError(f"--per-class must be >= 1, got {args.per_class}")
     if args.vae is not None:  # the pipeline brings its own VAE; --eta / --shift are checked with the sampler
         raise CliError("--vae does not apply to a pipeline folder (it decodes with its own VAE)")
+    if args.quant_text_encoders is not None:
+        from jdq import recipes
+
+        if args.quant_text_encoders not in recipes.names():
+            raise CliError(f"unknown quantization recipe {args.quant_text_encoders!r}; known: "
+                           f"{', '.join(recipes.names())}")
     pipe = load_pipeline(args.model)
+    if args.quant_text_encoders is not None:
+        from jdq.sampling.pipelines import PipelineError
+
+        try:
+            pipe.encoder_quant = pipe.encoder_quantizers(args.quant_text_encoders)
+        except (PipelineError, ValueError) as e:
+            raise CliError(str(e)) from None
     import numpy as np
 
     from jdq.cli._sampling import quantizer as _quantizer, validate_sampler as _validate_sampler
@@ -76,7 +89,7 @@ def run_pipeline(args, png, npz) -> int:
     images = to_uint8(pipe.decode(latents))
     settings = dict(model=str(args.model), family=pipe.kind, prompts=prompts, negative_prompt=args.negative_prompt or "",
                     sampler=sampler.kind, steps=sampler.num_steps, guidance=guidance, seed=args.seed,
-                    quant=args.quant or "")
+                    quant=args.quant or "", quant_text_encoders=args.quant_text_encoders or "")
     save_grid_and_npz(png, npz, images, dict(samples=latents, images=images,
                                              settings=np.asarray(json.dumps(settings, allow_nan=False))))
     print(f"wrote {png} and {npz} in {time.time() - t0:.1f}s")

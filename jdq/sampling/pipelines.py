@@ -54,6 +54,7 @@ class TextToImage:
     tokenizers: list
     max_sequence_length: int
     defaults: dict
+    encoder_quant: list | None = None  # one quantizer (or None) per text encoder; see encoder_quantizers
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "TextToImage":
@@ -118,23 +119,53 @@ class TextToImage:
             raise PipelineError(f"the CLIP pooled widths add up to {pooled}, the transformer's "
                                 f"pooled_projection_dim is {tc.pooled_projection_dim}")
 
+    def token_lengths(self) -> list[int]:
+        """The padded prompt length of each text encoder."""
+        from jdq.models.tokenizers import CLIP_MAX_LENGTH
+
+        return [CLIP_MAX_LENGTH if e.family == "clip" else self.max_sequence_length for e in self.encoders]
+
+    def encoder_quantizers(self, recipe: str) -> list:
+        """Quantizers of recipe ``recipe`` for each text encoder (assign to :attr:`encoder_quant`).
+
+        The recipe's rules cover the encoders' blocks (``encoder.block.*``,
+        ``text_model.encoder.layers.*``); recipes that need calibration statistics are refused.
+        """
+        from jdq import recipes
+        from jdq.quant.transform import trace_operands
+
+        if recipes.get(recipe).calibrated:
+            raise PipelineError(f"recipe {recipe!r} needs calibration statistics; the text encoders take "
+                                f"uncalibrated recipes (e.g. w8a8, w4a8, an MX format)")
+        out = []
+        for enc, n in zip(self.encoders, self.token_lengths()):
+            ops = trace_operands(lambda p, ids, quant, enc=enc: enc.apply(p, ids, quant=quant), enc.params,
+                                 jnp.zeros((1, n), jnp.int32))
+            plan = recipes.plan_for(recipe, ops)
+            out.append(plan.bind(plan.init(None)))
+        return out
+
+    def _quant(self, i: int):
+        return None if self.encoder_quant is None else self.encoder_quant[i]
+
     def encode(self, prompts: list[str], what: str = "prompt") -> dict:
         """The transformer's conditions for ``prompts`` (numpy): ``text_emb`` + ``mask`` or ``pooled``."""
-        from jdq.models.tokenizers import CLIP_MAX_LENGTH, tokenize
+        from jdq.models.tokenizers import tokenize
 
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        lengths = self.token_lengths()
         if self.kind == "pixart":
-            ids, mask = tokenize(self.tokenizers[0], prompts, self.max_sequence_length, what)
-            emb = self.encoders[0](jnp.asarray(ids), jnp.asarray(mask))
+            ids, mask = tokenize(self.tokenizers[0], prompts, lengths[0], what)
+            emb = self.encoders[0](jnp.asarray(ids), jnp.asarray(mask), quant=self._quant(0))
             return {"text_emb": np.asarray(emb, np.float32), "mask": mask.astype(bool)}
         states, pooled = [], []
-        for enc, tok in zip(self.encoders[:2], self.tokenizers[:2]):
-            ids, _ = tokenize(tok, prompts, CLIP_MAX_LENGTH, what)
-            out = enc(jnp.asarray(ids))  # SD3 runs its CLIPs without the padding mask
+        for i in range(2):
+            ids, _ = tokenize(self.tokenizers[i], prompts, lengths[i], what)
+            out = self.encoders[i](jnp.asarray(ids), quant=self._quant(i))  # SD3 runs its CLIPs without the mask
             states.append(np.asarray(out["penultimate"], np.float32))
             pooled.append(np.asarray(out["pooled"], np.float32))
-        ids, _ = tokenize(self.tokenizers[2], prompts, self.max_sequence_length, what)
-        t5 = np.asarray(self.encoders[2](jnp.asarray(ids)), np.float32)
+        ids, _ = tokenize(self.tokenizers[2], prompts, lengths[2], what)
+        t5 = np.asarray(self.encoders[2](jnp.asarray(ids), quant=self._quant(2)), np.float32)
         clip = np.concatenate(states, axis=-1)
         clip = np.pad(clip, ((0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])))
         return {"text_emb": np.concatenate([clip, t5], axis=1), "pooled": np.concatenate(pooled, axis=-1)}

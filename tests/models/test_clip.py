@@ -152,3 +152,27 @@ def test_config_round_trip():
     assert clip.Config.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown key"):
         clip.Config.from_dict({**cfg.to_dict(), "colour": 1})
+
+
+def test_recipes_cover_both_towers_blocks():
+    """The recipes' block pattern covers every linear of the text and vision layers; the patch
+    embedding and the projections (outside the blocks) stay float, as the embedders do in the DiTs."""
+    from jdq import recipes
+    from jdq.quant.transform import trace_operands
+
+    cfg = clip.Config(text=clip.TextConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                           num_attention_heads=2, max_position_embeddings=12),
+                      vision=clip.VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                               num_attention_heads=2, image_size=8, patch_size=4),
+                      projection_dim=8, text_projection=True, visual_projection=True)
+    model = clip.from_config(cfg, key=0)
+
+    def both(p, ids, pixels, quant):
+        return model.apply(p, ids, quant=quant)["pooled"], model.apply(p, pixels, quant=quant, method="encode_image")
+
+    ops = trace_operands(both, model.params, jnp.zeros((1, 5), jnp.int32), jnp.zeros((1, 8, 8, 3)))
+    sites = {k.split(":")[0] for k in recipes.plan_for("w8a8", ops).quantized_keys}
+    want = {f"{tower}.encoder.layers.{i}.{name}" for tower in ("text_model", "vision_model") for i in range(2)
+            for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                         "mlp.fc1", "mlp.fc2")}
+    assert sites == want
