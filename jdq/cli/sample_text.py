@@ -51,11 +51,11 @@ def run_pipeline(args, png, npz) -> int:
                            f"{', '.join(recipes.names())}")
     pipe = load_pipeline(args.model)
     if args.quant_text_encoders is not None:
-        from jdq.sampling.pipelines import PipelineError
+        from jdq import recipes
 
         try:
-            pipe.encoder_quant = pipe.encoder_quantizers(args.quant_text_encoders)
-        except (PipelineError, ValueError) as e:
+            pipe.encoder_quant = recipes.encoder_quantizers(pipe, args.quant_text_encoders)
+        except ValueError as e:
             raise CliError(str(e)) from None
     import numpy as np
 

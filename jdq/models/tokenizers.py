@@ -68,3 +68,8 @@ def tokenize(tokenizer, prompts: list[str], max_length: int, what: str = "prompt
             warnings.warn(f"{what} {prompt[:40]!r}… has {len(ids)} tokens; only {max_length} fit, so it was "
                           f"truncated (dropped: {dropped!r})", stacklevel=2)
     return (np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], np.int32))
+
+
+def prompt_length(encoder, max_sequence_length: int) -> int:
+    """The padded prompt length a pipeline gives ``encoder``: 77 for CLIP, ``max_sequence_length`` for T5."""
+    return CLIP_MAX_LENGTH if encoder.family == "clip" else max_sequence_length

@@ -31,6 +31,7 @@ from jdq.recipes.core import (
     Recipe,
     RecipeError,
     calibration_stats,
+    encoder_quantizers,
     get,
     model_operands,
     names,

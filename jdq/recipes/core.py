@@ -208,3 +208,23 @@ def quantize(model, name: str, *, sampler=None, cond=None, uncond=None, guidance
     state, params = recipe.prepare(plan, stats, model, **opts, **extra)
     info["prepare_s"] = time.perf_counter() - t0
     return Quantized(plan, plan.bind(state), params, info)
+
+
+def encoder_quantizers(pipeline, name: str) -> list:
+    """Quantizers of recipe ``name`` for each text encoder of ``pipeline`` (assign to its ``encoder_quant``).
+
+    The recipe's rules cover the encoders' blocks (``encoder.block.*``, ``text_model.encoder.layers.*``);
+    recipes that need calibration statistics are refused (the encoders are not calibrated).
+    """
+    import jax.numpy as jnp
+
+    if get(name).calibrated:
+        raise RecipeError(f"recipe {name!r} needs calibration statistics; the text encoders take "
+                          f"uncalibrated recipes (e.g. w8a8, w4a8, an MX format)")
+    out = []
+    for enc, n in zip(pipeline.encoders, pipeline.token_lengths()):
+        ops = Q.trace_operands(lambda p, ids, quant, enc=enc: enc.apply(p, ids, quant=quant), enc.params,
+                               jnp.zeros((1, n), jnp.int32))
+        plan = plan_for(name, ops)
+        out.append(plan.bind(plan.init(None)))
+    return out

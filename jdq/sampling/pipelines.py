@@ -54,7 +54,7 @@ class TextToImage:
     tokenizers: list
     max_sequence_length: int
     defaults: dict
-    encoder_quant: list | None = None  # one quantizer (or None) per text encoder; see encoder_quantizers
+    encoder_quant: list | None = None  # one quantizer (or None) per text encoder; see jdq.recipes.encoder_quantizers
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "TextToImage":
@@ -121,29 +121,9 @@ class TextToImage:
 
     def token_lengths(self) -> list[int]:
         """The padded prompt length of each text encoder."""
-        from jdq.models.tokenizers import CLIP_MAX_LENGTH
+        from jdq.models.tokenizers import prompt_length
 
-        return [CLIP_MAX_LENGTH if e.family == "clip" else self.max_sequence_length for e in self.encoders]
-
-    def encoder_quantizers(self, recipe: str) -> list:
-        """Quantizers of recipe ``recipe`` for each text encoder (assign to :attr:`encoder_quant`).
-
-        The recipe's rules cover the encoders' blocks (``encoder.block.*``,
-        ``text_model.encoder.layers.*``); recipes that need calibration statistics are refused.
-        """
-        from jdq import recipes
-        from jdq.quant.transform import trace_operands
-
-        if recipes.get(recipe).calibrated:
-            raise PipelineError(f"recipe {recipe!r} needs calibration statistics; the text encoders take "
-                                f"uncalibrated recipes (e.g. w8a8, w4a8, an MX format)")
-        out = []
-        for enc, n in zip(self.encoders, self.token_lengths()):
-            ops = trace_operands(lambda p, ids, quant, enc=enc: enc.apply(p, ids, quant=quant), enc.params,
-                                 jnp.zeros((1, n), jnp.int32))
-            plan = recipes.plan_for(recipe, ops)
-            out.append(plan.bind(plan.init(None)))
-        return out
+        return [prompt_length(e, self.max_sequence_length) for e in self.encoders]
 
     def _quant(self, i: int):
         return None if self.encoder_quant is None else self.encoder_quant[i]

@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("sentencepiece")
 
 from checkpoints_convert import convert  # noqa: E402
+from jdq import recipes  # noqa: E402
 from jdq.sampling.loop import initial_noise, sample_keys  # noqa: E402
 from jdq.sampling.pipelines import PipelineError, TextToImage  # noqa: E402
 from tests.models.tiny_tokenizers import make_clip_tokenizer, make_t5_tokenizer  # noqa: E402
@@ -274,9 +275,9 @@ def test_quantized_text_encoders(pixart_pipe):
     """W8A8 on the T5 changes the conditions by int8 rounding (a few percent on this random T5)."""
     pipe = TextToImage.load(pixart_pipe[1])
     fp = pipe.encode(PROMPTS)["text_emb"]
-    pipe.encoder_quant = pipe.encoder_quantizers("w8a8")
+    pipe.encoder_quant = recipes.encoder_quantizers(pipe, "w8a8")
     q = pipe.encode(PROMPTS)["text_emb"]
     err = rel_err(q, fp)
     assert 1e-5 < err < 0.1, err
-    with pytest.raises(PipelineError, match="needs calibration"):
-        pipe.encoder_quantizers("w8a8-static")
+    with pytest.raises(recipes.RecipeError, match="needs calibration"):
+        recipes.encoder_quantizers(pipe, "w8a8-static")
