@@ -47,3 +47,15 @@ def test_notes_are_kept_and_unknown_recipes_named(qb, tmp_path):
     assert qb.kept_notes(out) == "hand-written\n"
     with pytest.raises(SystemExit, match="unknown recipe 'nope'"):
         qb.main(["--recipes", "nope", "--runs", str(tmp_path / "runs"), "--out", str(out)])
+
+
+def test_rows_with_options_and_their_calibration_table(qb):
+    assert qb.parse_row("tq-dit:wbits=6,abits=6,search=null,fitness=output-mse") == (
+        "tq-dit", {"wbits": 6, "abits": 6, "search": None, "fitness": "output-mse"})
+    assert qb.parse_row("w8a8") == ("w8a8", {})
+    assert qb.row_slug("q-dit:search=true,population=8") == "q-dit-searchtrue-population8"
+    r = dict(_results(31.0), quantize_report={"calibration_s": 12.4, "prepare_s": 3.0, "total_s": 16.0,
+                                              "peak_rss_mib": 900.0, "quantized_weight_bytes": 2048})
+    text = qb.calibration_table([("`tq-dit`", r), ("`w8a8`", _results(30.0))])
+    assert "| `tq-dit` | 12 | 3 | 900 | 2 |" in text and "w8a8" not in text
+    assert qb.calibration_table([("`w8a8`", _results(30.0))]) == ""
