@@ -11,6 +11,7 @@ def run(tmp_path, *extra):
     return cli.main(["sensitivity", "--out", str(tmp_path), "--samples", "2", "--steps", "2", *extra])
 
 
+@pytest.mark.slow
 def test_sensitivity_fast(tmp_path, capsys):
     argv = ("--recipe", "vidit-q", "--by", "layer", "--only", "blocks.0.mlp.fc1", "--weight-bits", "4",
             "--act-bits", "8", "--no-chart")
