@@ -173,3 +173,39 @@ def sqnr(reference, test) -> float:
     err = float(np.sum((ref - np.asarray(test, np.float64)) ** 2))
     sig = float(np.sum(ref**2))
     return float("inf") if err == 0.0 else 10.0 * np.log10(sig / err)
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectMeta:
+    """``meta`` of :func:`selectable`: the candidates' metas (index ``-1`` in the state: floating point)."""
+
+    kind: ClassVar[str] = "selectable"
+    options: tuple
+
+
+def selectable(options: Sequence[QuantTransform]) -> QuantTransform:
+    """One of ``options`` picked by the state's ``"pick"`` index (``-1``: the operand unchanged).
+
+    Every option is computed and one selected, so a search over per-layer choices (MixDQ's ranking
+    of candidate bit assignments) changes only the state, never the compiled sampler.
+    """
+    options = tuple(options)
+
+    def init(stats):
+        return {"pick": jnp.asarray(-1, jnp.int32), "options": tuple(o.init(stats) for o in options)}
+
+    def apply(x, state, ctx):
+        out = x
+        for i, (o, st) in enumerate(zip(options, state["options"])):
+            out = jnp.where(state["pick"] == i, o.apply(x, st, ctx).astype(x.dtype), out)
+        return out
+
+    return QuantTransform(init, apply, SelectMeta(tuple(o.meta for o in options)))
+
+
+def pick(plan: Plan, state, choice: dict[str, int]):
+    """``state`` of a plan of :func:`selectable` stages with site ``s`` set to option ``choice[s]`` (others ``-1``)."""
+    out = {}
+    for key, st in state.items():
+        out[key] = dict(st, pick=jnp.asarray(choice.get(plan.operand(key).site, -1), jnp.int32))
+    return out
