@@ -170,7 +170,6 @@ def rank_by_pixel_mse(model, sampler, cond, candidates: list[dict[str, int]], *,
     import jax.numpy as jnp
 
     from jdq.quant.sensitivity import linear_sites, pick, selectable
-    from jdq.recipes.core import model_operands
     from jdq.sampling.generate import generate
 
     cond = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)[:samples]), cond)
@@ -188,6 +187,18 @@ def rank_by_pixel_mse(model, sampler, cond, candidates: list[dict[str, int]], *,
         got = generate(model, cond, quant=plan.bind(state), **kw)
         mses.append(float(np.mean((got - fp) ** 2)))
     return int(np.argmin(mses)), mses
+
+
+def model_operands(model, cond):
+    """The matmul operands of ``model`` for one sample of ``cond`` (traced abstractly)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jdq.sampling.generate import Denoiser, sample_shape
+
+    take = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)[:1]), cond)
+    x = jnp.zeros((1,) + sample_shape(model), jnp.float32)
+    return Q.trace_operands(Denoiser(model, model.family), model.params, x, jnp.zeros((1,), jnp.float32), take)
 
 
 def tune(model, stats, sampler, cond, opts):
@@ -221,10 +232,9 @@ def prepare(plan, stats, model, *, sampler=None, cond=None, **opts):
                                      for k in plan.quantized_keys):
         import jax.numpy as jnp
 
-        from jdq.recipes.core import model_operands  # noqa: F401  (same tracing inputs)
-        from jdq.sampling.generate import Denoiser, sample_shape
-
         import jax
+
+        from jdq.sampling.generate import Denoiser, sample_shape
 
         one = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), cond)
         n = int(np.shape(jax.tree.leaves(one)[0])[0])
