@@ -37,9 +37,7 @@ import numpy as np
 
 from jdq import quant as Q
 from jdq.quant.bos import bos_aware_rules, bos_stats, merge_bos_stats
-
-#: The transformer blocks of every family (as :mod:`jdq.recipes`).
-BLOCKS = r"re:(blocks|transformer_blocks|joint_transformer_blocks|single_transformer_blocks)\..*"
+from jdq.recipes.core import BLOCKS, Recipe, model_operands, register
 CONTENT_W = (2, 4, 8)
 QUALITY_W = (4, 8)
 ACT_CANDIDATES = (4, 8)
@@ -189,18 +187,6 @@ def rank_by_pixel_mse(model, sampler, cond, candidates: list[dict[str, int]], *,
     return int(np.argmin(mses)), mses
 
 
-def model_operands(model, cond):
-    """The matmul operands of ``model`` for one sample of ``cond`` (traced abstractly)."""
-    import jax
-    import jax.numpy as jnp
-
-    from jdq.sampling.generate import Denoiser, sample_shape
-
-    take = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)[:1]), cond)
-    x = jnp.zeros((1,) + sample_shape(model), jnp.float32)
-    return Q.trace_operands(Denoiser(model, model.family), model.params, x, jnp.zeros((1,), jnp.float32), take)
-
-
 def tune(model, stats, sampler, cond, opts):
     """MixDQ's search: weight assignment (budget-split grid, pixel-MSE ranking), then the activation assignment."""
     opts = dict(opts)
@@ -246,3 +232,7 @@ def prepare(plan, stats, model, *, sampler=None, cond=None, **opts):
 
 DESCRIPTION = ("MixDQ: per-channel weights, static per-tensor inputs, BOS-aware cross-attention, metric-decoupled "
                "mixed precision by integer programming")
+
+
+register(Recipe("mixdq", DESCRIPTION, rules, calibrated=True, prepare=prepare, calibration=calibration, tune=tune,
+                options=OPTIONS))

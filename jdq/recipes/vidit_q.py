@@ -42,9 +42,7 @@ import numpy as np
 
 from jdq import quant as Q
 from jdq.quant.balance_timestep import DEFAULT_RANGES, MOMENTUM, range_groups, timestep_balance_pair
-
-#: The transformer blocks of every family (as :mod:`jdq.recipes`).
-BLOCKS = r"re:(blocks|transformer_blocks|joint_transformer_blocks|single_transformer_blocks)\..*"
+from jdq.recipes.core import BLOCKS, Recipe, register
 #: Kept in floating point inside the blocks: the adaLN modulation linears.
 FLOAT_IN_BLOCKS = r"re:.*\.(adaLN_modulation|norm1\.linear|norm1_context\.linear)"
 #: The paper's balancing per plan: (kind, α).
@@ -181,3 +179,7 @@ def prepare(plan, stats, model, **opts):
 
 DESCRIPTION = ("ViDiT-Q: asymmetric per-channel weights, per-token dynamic inputs, (timestep-aware) channel "
                "balancing, metric-decoupled mixed precision")
+
+
+register(Recipe("vidit-q", DESCRIPTION, rules, calibrated=True, prepare=prepare, calibration=calibration, tune=tune,
+                options=OPTIONS))
