@@ -15,8 +15,8 @@
   one exact integer program per group (:func:`jdq.quant.allocate_bits`, tolerance 0.02) with the
   budget split ``B̄_q = B̄(1 + r)/(k·r + 1)``, ``B̄_c = k·B̄_q`` (``r`` = content / quality
   parameters) over ``k ∈ linspace(0.46, 1.36, 10)`` and ``B̄ ∈ linspace(target − 0.3, target, 10)``,
-  splits with ``B̄_q ∉ [4, 8]`` or ``B̄_c ∉ [2, 8]`` dropped; the distinct solutions whose overall
-  mean is within the tolerance of the target are ranked by the pixel MSE of their images against
+  splits with ``B̄_q ∉ [4, 8]`` or ``B̄_c ∉ [2, 8]`` dropped; the distinct solutions (overall mean
+  at most the target plus the tolerance) are ranked by the pixel MSE of their images against
   the FP images (``rank_samples`` samples at guidance ``rank_guidance``, activations in float),
   the best kept (``weight_bits``, filled in by ``tune``);
 * ``act_budget`` (e.g. 7.77; ``None``: uniform ``abits``): activation candidates {4, 8}, one
@@ -107,7 +107,7 @@ def _scores(units, names, side, metric, candidates):
 
 
 def weight_candidates(sensitivity: dict, target: float, tolerance: float = TOLERANCE) -> list[dict[str, int]]:
-    """The distinct per-site weight assignments of MixDQ's budget-split grid whose overall mean is on target."""
+    """The distinct per-site weight assignments of MixDQ's budget-split grid (overall mean at most the target)."""
     units = sensitivity["units"]
     content = [n for n, u in units.items() if u["metric"] == "ssim"]
     quality = [n for n, u in units.items() if u["metric"] == "sqnr"]
@@ -127,11 +127,11 @@ def weight_candidates(sensitivity: dict, target: float, tolerance: float = TOLER
         total = sum(units[n]["weight_size"] for n in choice)
         mean = sum(b * units[n]["weight_size"] for n, b in choice.items()) / total
         key = tuple(sorted(choice.items()))
-        if abs(mean - target) <= tolerance and key not in seen:
+        if mean <= target + tolerance and key not in seen:  # the B̄ grid reaches 0.3 below the target
             seen.add(key)
             out.append({site: int(b) for n, b in choice.items() for site in units[n]["sites"]})
     if not out:
-        raise ValueError(f"mixdq: no budget split reaches a mean of {target} ± {tolerance} weight bits")
+        raise ValueError(f"mixdq: no budget split has a feasible allocation at a mean of at most {target} weight bits")
     return out
 
 
