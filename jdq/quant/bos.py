@@ -35,16 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdq.quant.transform import (
-    QuantizerBase,
-    QuantTransform,
-    Rule,
-    WrapsInner,
-    identity,
-    operand_key,
-    operand_stats,
-    rule,
-)
+from jdq.quant.stats import operand_stats
+from jdq.quant.transform import QuantizerBase, QuantTransform, Rule, WrapsInner, identity, operand_key, rule
 
 #: Prefix of the statistics of tokens 1… of a projection input (written by :func:`bos_stats`).
 REST_PREFIX = "rest:"
