@@ -87,6 +87,10 @@ def main(argv=None) -> int:
     def features(images):
         return animal_fid.extract(clf, images)[animal_fid.FEATURES]
 
+    def save():
+        atomic_write_text(out, json.dumps({"samples": args.samples, "sampler": f"ddim {ANIMAL_STEPS}", "guidance": g,
+                                           "calib": args.calib, "rows": rows}, indent=1) + "\n")
+
     def run(name, quant=None, info=None):
         if name in rows:
             print(f"{name}: read back", file=sys.stderr)
@@ -104,8 +108,7 @@ def main(argv=None) -> int:
         else:
             np.save(out.parent / "vidit_mixdq_fp_images.npy", img)
         rows[name] = row
-        atomic_write_text(out, json.dumps({"samples": args.samples, "sampler": f"ddim {ANIMAL_STEPS}", "guidance": g,
-                                           "calib": args.calib, "rows": rows}, indent=1) + "\n")
+        save()
         print(f"{name}: FID {row['fid']} dFID {row.get('dfid')} ({row['wall_s']:.0f} s)", file=sys.stderr)
 
     def plan_of(rules, prep=None, opts=None):
@@ -139,6 +142,23 @@ def main(argv=None) -> int:
         rules = [Q.rule(f"re:{s.replace('.', '[.]')}", mixdq.weight_cast(b), roles=("weight",)) for s, b in wb.items()]
         run("MixDQ MP 4.0 (A16)", plan_of(rules), {"candidates": len(cands), "rank_mse": mses, "mean_bits": mean,
                                                     "layers_per_bits": hist, "weight_bits": wb})
+    if "ranges" not in rows:  # why timestep-aware balancing does or does not differ: the per-range saliences
+        from jdq.quant.balance import ChannelBalance
+
+        table = np.asarray(vidit_q.range_groups(np.asarray(sampler.timesteps)).table)
+        ema = ChannelBalance(salience="ema")
+        ratios, drift = [], []
+        for key, v in stats().items():
+            site, _, role = key.rpartition(":")
+            if role in Q.ACTIVATION_ROLES and site.startswith("blocks") and "adaLN" not in site:
+                a = np.asarray(v["absmax_channel"])
+                e0, e1 = (np.asarray(ema.act_salience(a[table == r], None)) for r in (0, 1))
+                ratios.append(float(np.median(np.maximum(e0, e1) / np.maximum(np.minimum(e0, e1), 1e-6))))
+                drift.append(float(np.median(a.max(0) / np.maximum(a.min(0), 1e-6))))
+        rows["ranges"] = {"table": table.tolist(), "median_range_ratio": float(np.median(ratios)),
+                          "max_range_ratio": float(np.max(ratios)), "median_step_drift": float(np.median(drift))}
+        print(f"ranges: {rows['ranges']}", file=sys.stderr)
+        save()
     for wb_, ab in ((4, 8), (6, 6)):
         for bal in ("none", "static", "timestep"):
             name = f"ViDiT-Q W{wb_}A{ab} {bal}"
