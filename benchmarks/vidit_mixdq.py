@@ -29,12 +29,14 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jdq import quant as Q  # noqa: E402
 from jdq.io import atomic_write_text  # noqa: E402
+
+#: The FP row's images, for the paired metrics of a resumed run (an ignored folder: not results).
+FP_IMAGES = Path(__file__).resolve().parent / "results" / "quality_runs" / "vidit_mixdq_fp_images.npy"
 
 
 def main(argv=None) -> int:
@@ -101,12 +103,13 @@ def main(argv=None) -> int:
         f = features(img)
         row = {"fid": fid_interval(f, ref.stats_of(animal_fid.FEATURES)).to_dict(), "wall_s": time.time() - t0, "info": info or {}}
         if name != "FP":
-            fp = np.load(out.parent / "vidit_mixdq_fp_images.npy")
+            fp = np.load(FP_IMAGES)
             row["dfid"] = fid_delta_interval(f, features(fp), ref.stats_of(animal_fid.FEATURES)).to_dict()
             row["psnr"] = paired.psnr(img, fp)
             row["ssim"] = paired.ssim(img, fp)
         else:
-            np.save(out.parent / "vidit_mixdq_fp_images.npy", img)
+            FP_IMAGES.parent.mkdir(parents=True, exist_ok=True)
+            np.save(FP_IMAGES, img)
         rows[name] = row
         save()
         print(f"{name}: FID {row['fid']} dFID {row.get('dfid')} ({row['wall_s']:.0f} s)", file=sys.stderr)
