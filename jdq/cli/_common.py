@@ -24,6 +24,7 @@ COMMANDS = {
     "encode-prompts": ("encode_prompts", "encode prompts with a pipeline's text encoders to a .safetensors cache"),
     "quantize": ("quantize", "calibrate a recipe (tq-dit, ptq4dit, q-dit, ...) and write the quantized model to a folder"),
     "cost": ("cost", "latency/energy of a plan on a hardware preset (accelerator cost model)"),
+    "sensitivity": ("sensitivity", "per-layer, per-bit-width sensitivity (SSIM / SQNR vs FP) as JSON and a bar chart"),
 }
 
 

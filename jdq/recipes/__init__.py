@@ -10,7 +10,9 @@ This package is a face: the registry and the user flow live in :mod:`jdq.recipes
 * :mod:`.mixdit` — ``mixdit``;
 * :mod:`.tqdit` — ``tq-dit`` (TQ-DiT);
 * :mod:`.ptq4dit` — ``ptq4dit`` (PTQ4DiT);
-* :mod:`.qdit` — ``q-dit`` (Q-DiT).
+* :mod:`.qdit` — ``q-dit`` (Q-DiT);
+* :mod:`.vidit_q` — ``vidit-q`` (ViDiT-Q);
+* :mod:`.mixdq` — ``mixdq`` (MixDQ).
 
 Which operands a recipe quantizes: the matmuls inside the transformer blocks of every family
 (``blocks.*`` in DiT, ``transformer_blocks.*`` in PixArt-Σ and SD3, ``joint_transformer_blocks.*``
@@ -39,7 +41,7 @@ from jdq.recipes.core import (
     quantize,
     register,
 )
-from jdq.recipes import baselines, mx, mixdit, tqdit, ptq4dit, qdit  # noqa: E402,F401  (registration order = names() order)
+from jdq.recipes import baselines, mx, mixdit, tqdit, ptq4dit, qdit, vidit_q, mixdq  # noqa: E402,F401  (registration order = names() order)
 from jdq.recipes import saved  # noqa: E402
 from jdq.recipes.saved import load, save  # noqa: E402
 from jdq.recipes.baselines import fp8_attention_rules  # noqa: E402

@@ -1,0 +1,115 @@
+"""The ViDiT-Q and MixDQ recipe functions: plans, per-range balancing state, the budget-split search, act protection."""
+
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jdq
+from jdq import quant as Q
+from jdq.recipes import mixdq, vidit_q
+
+
+@functools.cache
+def embedded():
+    m, _ = jdq.models.load(Path(jdq.__file__).parent / "assets" / "animal_dit")
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 28, 28, 1)), jnp.float32)
+    args = (x, jnp.asarray([900.0, 100.0]), jnp.asarray([1, 2], jnp.int32))
+    ops = Q.trace_operands(m.apply, m.params, *args)
+    _, st = Q.collect_stats(m.apply, m.params, *args)
+    # two "steps": the second with 3x larger activations (weights unchanged)
+    scaled = {k: v if k.endswith(":weight") else jax.tree.map(lambda a: 3 * a, v) for k, v in st.items()}
+    return m, args, ops, Q.stack_stats([st, scaled])
+
+
+@pytest.mark.slow
+def test_vidit_q_plans_follow_the_paper():
+    m, args, ops, stats = embedded()
+    assert vidit_q.balance_of(8, 8, None, None)[0] == "none"
+    assert vidit_q.balance_of(6, 6, None, None) == ("static", 0.625)
+    assert vidit_q.balance_of(4, 8, None, None) == ("timestep", 0.11)
+    plan = Q.resolve(vidit_q.rules(wbits=4, abits=8, timesteps=(999.0, 0.0)) + [Q.keep_float("*")], ops)
+    assert plan.transform_for("blocks.0.adaLN_modulation:weight") is None  # the FP skip list
+    assert plan.transform_for("blocks.0.attn.qk:q") is None  # attention matmuls in float
+    state, params = vidit_q.prepare(plan, stats, m)
+    s = np.asarray(state["blocks.0.mlp.fc1:act"]["s"])
+    assert s.shape == (2, 160)  # one smoothing vector per time range
+    # range 1 (t = 999) saw 3x smaller activations than range 0 (t = 0): s scales by 3^alpha
+    np.testing.assert_allclose(s[0] / s[1], 3.0**0.11, rtol=1e-4)
+    q = plan.bind(state)
+    for step in (0, 1):  # a forward pass at either step runs and stays close to float (W4A8)
+        out = m.apply(params, *args, quant=q.at_step(step, 2))
+        ref = m.apply(params, *args)
+        assert float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)) < 0.3
+    plan8 = Q.resolve(vidit_q.rules() + [Q.keep_float("*")], ops)
+    assert not any(find for k in plan8.quantized_keys for find in Q.find_stages(plan8.transform_for(k).meta, None,
+                                                                                   "balance"))
+
+
+def sensitivity(n_content=6, n_quality=6, seed=0):
+    """A synthetic ``jdq sensitivity`` result: scores rise with bits, sensitivity varies per unit."""
+    rng = np.random.default_rng(seed)
+    units = {}
+    for i in range(n_content + n_quality):
+        content = i < n_content
+        name, metric = f"blocks.{i}.{'mlp.fc1' if content else 'attn.qkv'}", "ssim" if content else "sqnr"
+        sens = rng.uniform(0.1, 1.0)
+        score = (lambda b: 1 - sens * 2.0**-b) if content else (lambda b: 6.0 * b - 10 * sens)
+        units[name] = {"metric": metric, "group": "ffn" if content else "attention", "sites": [name],
+                       "weight_size": int(rng.integers(1, 10)) * 1000, "act_size": 100,
+                       "weight": {str(b): {metric: score(b)} for b in (2, 4, 8)},
+                       "act": {str(b): {metric: score(b) - sens} for b in (4, 8)}}
+    return {"units": units}
+
+
+def test_mixdq_budget_split_and_candidates():
+    r = 0.8
+    for bc, bq in mixdq.budget_splits(3.66, r):  # the split keeps the overall mean at B̄
+        assert 4 <= bq <= 8 and 2 <= bc <= 8
+        avg = (bc * r + bq) / (1 + r)
+        assert 3.36 - 1e-9 <= avg <= 3.66 + 1e-9
+    sens = sensitivity()
+    units = sens["units"]
+    cands = mixdq.weight_candidates(sens, 4.0)
+    assert cands
+    for c in cands:
+        sizes = {n: units[n]["weight_size"] for n in c}
+        assert 4.0 - 0.3 - 0.02 <= sum(c[n] * sizes[n] for n in c) / sum(sizes.values()) <= 4.0 + 0.02
+        for n, b in c.items():
+            assert b in ((2, 4, 8) if units[n]["metric"] == "ssim" else (4, 8))
+    assert len({tuple(sorted(c.items())) for c in cands}) == len(cands)  # distinct
+
+
+def test_mixdq_act_protect_and_allocation():
+    sens = sensitivity(n_content=10, n_quality=10)
+    budget = (2 * 4 + 7 * 8) / 9  # 9 equal layers left per group: two at 4 bits
+    got = mixdq.act_assignment(sens, budget, protect=0.01)
+    units = sens["units"]
+    for metric in ("ssim", "sqnr"):
+        names = [n for n, u in units.items() if u["metric"] == metric]
+        worst = min(names, key=lambda n: units[n]["act"]["8"][metric])
+        assert got[worst] == 0  # ceil(1 % of 10) = 1 layer of each group kept in float
+        rest = [n for n in names if n != worst]
+        mean = sum(got[n] * units[n]["act_size"] for n in rest) / sum(units[n]["act_size"] for n in rest)
+        assert abs(mean - budget) <= 0.02 and {got[n] for n in rest} <= {4, 8}
+
+
+@pytest.mark.slow
+def test_vidit_q_mp_assignment_respects_the_budget():
+    sens = sensitivity()
+    got = vidit_q.mp_assignment(sens, 6.0)
+    units = sens["units"]
+    for metric in ("ssim", "sqnr"):
+        names = [n for n, u in units.items() if u["metric"] == metric]
+        mean = sum(got[n] * units[n]["weight_size"] for n in names) / sum(units[n]["weight_size"] for n in names)
+        assert abs(mean - 6.0) <= 0.02 and {got[n] for n in names} <= {4, 8}
+    m, args, ops, stats = embedded()
+    wb = {"blocks.0.mlp.fc1": 8}
+    plan = Q.resolve(vidit_q.rules(wbits=4, abits=8, balance="none", weight_bits=wb) + [Q.keep_float("*")], ops)
+    assert plan.transform_for("blocks.0.mlp.fc1:weight").meta.spec.bits == 8
+    assert plan.transform_for("blocks.1.mlp.fc1:weight").meta.spec.bits == 4
+    with pytest.raises(ValueError, match="sensitivity="):
+        vidit_q.tune(m, stats, None, None, dict(vidit_q.OPTIONS, mp_budget=4.5))
