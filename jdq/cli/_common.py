@@ -24,6 +24,7 @@ COMMANDS = {
     "encode-prompts": ("encode_prompts", "encode prompts with a pipeline's text encoders to a .safetensors cache"),
     "quantize": ("quantize", "calibrate a recipe (tq-dit, ptq4dit, q-dit, ...) and write the quantized model to a folder"),
     "cost": ("cost", "latency/energy of a plan on a hardware preset (accelerator cost model)"),
+    "sweep": ("sweep", "precision sweep vmapped in one compiled sampler: quality vs latency, Pareto front, resumable"),
 }
 
 
