@@ -51,3 +51,43 @@ def site_costs(hardware, operands: Sequence[Q.Operand], formats: Sequence[hw.Ope
     sites = list(wl.names)
     table = np.stack(per_format, axis=1)  # [entries, formats]
     return {name: table[i] for i, name in enumerate(sites)}
+
+
+def allocate_latency(scores, costs, budget: float, *, objective: str = "score", score_floor: float | None = None,
+                     cost_name: str = "latency"):
+    """One option per layer maximising the summed score with the summed cost (latency or energy) ``<= budget``.
+
+    ``costs[i][j]``: the cost-model cost of layer ``i`` in option ``j`` (:func:`site_costs`); with
+    ``objective="latency"`` the summed cost is minimised instead, at a summed score ``>= score_floor``
+    (then ``budget`` may be ``None``). Exact (:func:`jdq.quant.allocate`); returns its :class:`~jdq.quant.Allocation`.
+    """
+    rows = [np.asarray(r, np.float64) for r in costs]
+    # jdq.quant.allocate's tolerances are absolute for quantities below 1, and a latency in seconds is
+    # ~1e-6: solve in units of the largest entry, so every bound keeps its full relative precision
+    unit = max(float(np.max(np.abs(r))) for r in rows) or 1.0
+    bounds = {}
+    if budget is not None:
+        bounds[cost_name] = float(budget) / unit
+    if score_floor is not None:
+        bounds["score"] = (float(score_floor), None)
+    res = Q.allocate(scores, {cost_name: [r / unit for r in rows]}, bounds,
+                     objective="score" if objective == "score" else cost_name)
+    totals = dict(res.totals)
+    totals[cost_name] = float(sum(r[j] for r, j in zip(rows, res.choice)))
+    return Q.Allocation(res.choice, totals[cost_name] if objective != "score" else res.objective, totals)
+
+
+def cost_constraint(costs, budget: float, choices=None):
+    """``constraint(genome) -> bool`` for :func:`jdq.quant.evolution_search`: the summed cost-model cost within ``budget``.
+
+    ``costs[i][j]`` is gene ``i``'s cost at its ``j``-th choice; ``choices`` (the search's choice
+    lists) map a genome's values back to indices (default: the genome holds indices).
+    """
+    rows = [np.asarray(r, np.float64) for r in costs]
+    lookup = None if choices is None else [{v: j for j, v in enumerate(c)} for c in choices]
+
+    def constraint(genome):
+        idx = genome if lookup is None else [lookup[i][v] for i, v in enumerate(genome)]
+        return float(sum(r[j] for r, j in zip(rows, idx))) <= budget
+
+    return constraint
