@@ -79,9 +79,9 @@ def point_metrics(names: Sequence[str], images: np.ndarray, fp_images: np.ndarra
         elif name == "ssim":
             out[name] = {"value": float(ssim(images, fp_images))}
         elif name == "animal-fid":
-            out[name] = E.fid_interval(feats, reference).to_dict()
+            out[name] = E.fid_interval(feats, reference, groups=min(10, len(feats))).to_dict()
         elif name == "dfid":
-            out[name] = E.fid_delta_interval(feats, fp_feats, reference).to_dict()
+            out[name] = E.fid_delta_interval(feats, fp_feats, reference, groups=min(10, len(feats))).to_dict()
         else:
             raise KeyError(f"unknown metric {name!r}; known: {list(METRICS)}")
     return out
@@ -104,6 +104,8 @@ def run_sweep(out, model, *, recipe: str | None, vary: Mapping[str, list], metri
     for m in metrics:
         if m not in METRICS:
             raise core.SweepError(f"unknown metric {m!r}; known: {', '.join(METRICS)}")
+    if samples < 2 and any(m in ("animal-fid", "dfid") for m in metrics):
+        raise core.SweepError("Animal-FID and its interval need at least 2 samples per point")
     presets = [latency.preset(h) for h in hardware]  # KeyError names the known presets
     if cost_model is not None and cost_model not in workload.MODELS:
         raise core.SweepError(f"unknown cost model {cost_model!r}; known: {', '.join(workload.MODELS)}")
