@@ -319,13 +319,14 @@ def run_group(spec: SamplerSpec, group: Group, *, chunk: int, mesh=None,
                     on_chunk(start, np.repeat(x, n, axis=0))
         return out
     run = vmapped_sampler(spec, group.plan)
+    inputs = sharding.replicate(spec.inputs, mesh)
     for start in range(0, len(group), chunk):
         if skip is not None and skip(start):
             continue
         n = min(chunk, len(group) - start)
         states = jax.tree.map(lambda a: a[start:start + n], group.states)
         states = sharding.shard_batch(_pad_points(states, chunk), mesh)
-        x = np.asarray(run(*spec.inputs, states))[:n]
+        x = np.asarray(run(*inputs, states))[:n]
         for j in range(n):
             out[start + j] = x[j]
         if on_chunk is not None:

@@ -99,3 +99,30 @@ def test_vmapped_equals_per_point_embedded():
     _check_vmapped(spec1, S.grid({"ratio": [0.0, 0.3]}), "mixdit", chunk=2, multi_step=False)
     spec3 = S.class_spec(model, labels, steps=3, guidance=4.0, defaults={"clip_denoised": True})
     _check_vmapped(spec3, S.grid({"ratio": [0.0, 0.1, 0.5]}), "mixdit", chunk=2, multi_step=True)
+
+
+_TWO_DEVICES = r"""
+import numpy as np, jax
+from jdq import sharding, sweep as S
+from jdq.models import dit
+assert jax.local_device_count() == 2
+cfg = dit.Config(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3)
+spec = S.class_spec(dit.from_config(cfg, key=1), np.array([0, 2]), steps=1, guidance=4.0)
+(g,) = S.build_groups(S.grid({"ratio": [0.0, 0.25, 0.5]}), S.spec_operands(spec), recipe="mixdit")
+got = S.run_group(spec, g, chunk=S.chunk_size(len(g), 1, budget=10, devices=2), mesh=sharding.batch_mesh())
+want = S.run_loop(spec, g)
+tol = 8 * np.finfo(np.float32).eps * max(1.0, max(np.max(np.abs(w)) for w in want))
+print(max(float(np.max(np.abs(a - b))) for a, b in zip(got, want)) <= tol)
+"""
+
+
+@pytest.mark.slow
+def test_points_split_over_two_devices():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", _TWO_DEVICES], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "True"
