@@ -71,15 +71,17 @@ def run(args) -> int:
     if bad:
         raise CliError(f"unknown metric(s) {bad}; known: {', '.join(runner.METRICS)}")
     hardware = [h.strip() for h in args.hardware.split(",") if h.strip()]
-    from jdq.hw import presets, workload
+    from jdq.hw import presets
+    from jdq.models.spec import named_configs
     bad = [h for h in hardware if h.lower().replace("-", "_") not in presets.PRESETS]
     if bad:
         raise CliError(f"unknown hardware preset(s) {bad}; known: {', '.join(sorted(presets.PRESETS))}")
-    if args.cost_model is not None and args.cost_model not in workload.MODELS:
-        raise CliError(f"unknown --cost-model {args.cost_model!r}; known: {', '.join(workload.MODELS)}")
+    if args.cost_model is not None and args.cost_model not in named_configs():
+        raise CliError(f"unknown --cost-model {args.cost_model!r}; known: {', '.join(named_configs())}")
     folder, model, defaults = _resolve_model(args.model)
-    if model.family != "dit":
-        raise CliError(f"jdq sweep samples class-conditional DiTs; {folder} is a {model.family} model")
+    from jdq.models.spec import spec_of
+    if not spec_of(model).class_conditional:
+        raise CliError(f"jdq sweep samples class-conditional models (DiT); {folder} is a {model.family} model")
     try:
         payload = runner.run_sweep(args.out, model, recipe=args.recipe, vary=vary, metrics=metrics, hardware=hardware,
                                    samples=args.samples, steps=args.steps, seed=args.seed, guidance=args.guidance,

@@ -95,6 +95,7 @@ def run_sweep(out, model, *, recipe: str | None, vary: Mapping[str, list], metri
     """Run (or resume) the sweep into folder ``out``; return the ``sweep.json`` payload (also written)."""
     from jdq import hw
     from jdq.hw import workload
+    from jdq.models.spec import named_configs
 
     out = Path(out)
     defaults = dict(defaults or {})
@@ -107,8 +108,8 @@ def run_sweep(out, model, *, recipe: str | None, vary: Mapping[str, list], metri
     if samples < 2 and any(m in ("animal-fid", "dfid") for m in metrics):
         raise core.SweepError("Animal-FID and its interval need at least 2 samples per point")
     presets = [latency.preset(h) for h in hardware]  # KeyError names the known presets
-    if cost_model is not None and cost_model not in workload.MODELS:
-        raise core.SweepError(f"unknown cost model {cost_model!r}; known: {', '.join(workload.MODELS)}")
+    if cost_model is not None and cost_model not in named_configs():
+        raise core.SweepError(f"unknown cost model {cost_model!r}; known: {', '.join(named_configs())}")
     k = model.config.num_classes
     spec = core.class_spec(model, np.arange(samples) % k, steps=steps, guidance=guidance, seed=seed, defaults=defaults)
     ops = core.spec_operands(spec)

@@ -8,15 +8,13 @@ import pytest
 from jdq import quant as Q
 from jdq.hw import OperandFormat, workload
 from jdq.models import dit
-from jdq.models.base import Model
 from jdq.sweep import latency as L
 
 
 def small_problem():
     """Per-site latency of a 2-block DiT's linear layers on the MixDiT-like accelerator, options mx9 / mx6 / mx4."""
     cfg = dit.Config(input_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2, num_classes=3)
-    model = Model.abstract(cfg, dit.build)
-    ops = Q.trace_operands(model.apply, model.params, *workload._dit_inputs(cfg, 2))
+    ops = workload.model_operands("dit-xl-2", batch=2, config=cfg)
     table = L.site_costs(L.preset("mixdit_like"), ops, [OperandFormat(f) for f in ("mx9", "mx6", "mx4")])
     sites = [s for s in table if s.startswith("blocks.") and s.endswith(("qkv", "proj", "fc1", "fc2"))]
     costs = np.stack([table[s] for s in sites])
