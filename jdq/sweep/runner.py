@@ -243,7 +243,7 @@ def run_sweep(out, model, *, recipe: str | None, vary: Mapping[str, list], metri
 
 
 def _num(v):
-    return float(v) if not isinstance(v, str) else float(v)
+    return float(v)  # Interval.to_dict writes inf / nan as strings, which float() reads back
 
 
 def _json_default(v):
