@@ -21,6 +21,7 @@ LAYERS = (
     ("sampling",),
     ("recipes", "metrics", "hw"),
     ("demo",),
+    ("sweep",),
     ("cli",),
 )
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}

@@ -25,6 +25,7 @@ COMMANDS = {
     "quantize": ("quantize", "calibrate a recipe (tq-dit, ptq4dit, q-dit, ...) and write the quantized model to a folder"),
     "cost": ("cost", "latency/energy of a plan on a hardware preset (accelerator cost model)"),
     "sensitivity": ("sensitivity", "per-layer, per-bit-width sensitivity (SSIM / SQNR vs FP) as JSON and a bar chart"),
+    "sweep": ("sweep", "precision sweep vmapped in one compiled sampler: quality vs latency, Pareto front, resumable"),
 }
 
 

@@ -1,0 +1,27 @@
+"""Precision sweeps vmapped through one compiled sampler, quality–latency Pareto fronts, latency-budgeted allocation.
+
+:mod:`jdq.sweep.core` builds stacked quantizer states from a grid of settings and runs them as
+``jax.vmap`` of the jitted sampler; :mod:`jdq.sweep.pareto` finds and plots Pareto fronts;
+:mod:`jdq.sweep.latency` prices plans with the accelerator cost model (:mod:`jdq.hw`) for
+allocation under a latency or energy budget. ``jdq sweep`` is the command line.
+"""
+
+from jdq.sweep.core import (
+    SETTINGS,
+    Group,
+    SamplerSpec,
+    Setting,
+    SweepError,
+    build_groups,
+    chunk_size,
+    class_spec,
+    grid,
+    parse_vary,
+    point_bytes,
+    point_label,
+    run_group,
+    run_loop,
+    spec_operands,
+    structure_report,
+    vmapped_sampler,
+)
