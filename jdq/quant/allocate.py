@@ -130,11 +130,14 @@ def allocate(scores: Sequence[Sequence[float]], costs: Mapping[str, Sequence[Seq
             raise InfeasibleAllocation(f"allocate: the summed {name} ranges over [{least:.6g}, {most:.6g}] for any "
                                        f"choice, outside the budget [{lo:.6g}, {hi:.6g}]")
 
+    # each bound is solved in units of its largest cost, so that costs of any magnitude (latencies in
+    # seconds are ~1e-6) sit well above HiGHS's absolute feasibility tolerance (1e-6)
+    unit = {name: float(np.max(np.abs(flat[name]))) or 1.0 for name in bounds}
     tighten = {name: 0.0 for name in bounds}
     for _ in range(3):
         constraints = [LinearConstraint(one_each, 1.0, 1.0)]
         for name, (lo, hi) in bounds.items():
-            scale = max(1.0, float(np.max(np.abs(flat[name]))))
+            scale = unit[name]
             constraints.append(LinearConstraint(flat[name][None, :] / scale, (lo + tighten[name]) / scale,
                                                 (hi - tighten[name]) / scale))
         options = {"mip_rel_gap": 0.0, "mip_abs_gap": 0.0}
@@ -158,8 +161,7 @@ def allocate(scores: Sequence[Sequence[float]], costs: Mapping[str, Sequence[Seq
         if not violated:
             return Allocation(choice, totals[objective], totals)
         for name in violated:  # met only within the solver's tolerance: tighten and solve again
-            scale = max(1.0, float(np.max(np.abs(flat[name]))))
-            tighten[name] = 10 * tighten[name] if tighten[name] else _TIGHTEN * scale
+            tighten[name] = 10 * tighten[name] if tighten[name] else _TIGHTEN * unit[name]
     raise RuntimeError(f"allocate: the solver's choice violates the budget of {violated} even after tightening")
 
 

@@ -60,6 +60,22 @@ def test_allocate_equals_brute_force(ties):
     assert 5 < infeasible < 100  # both kinds of problem were drawn
 
 
+
+@pytest.mark.parametrize("unit", [1e-6, 1e6])
+def test_allocate_is_exact_whatever_the_cost_unit(unit):
+    """Latencies in seconds (~1e-6) or cycles (~1e6): the same optimum as brute force."""
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        scores, latency = random_problem(rng)
+        latency = [r * unit for r in latency]
+        least, most = sum(r.min() for r in latency), sum(r.max() for r in latency)
+        cap = float(rng.uniform(least, most))
+        want = brute_force(scores, {"lat": latency}, {"lat": (-np.inf, cap)})
+        res = allocate(scores, {"lat": latency}, {"lat": cap})
+        assert res.totals["lat"] <= cap
+        got = sum(s[j] for s, j in zip(scores, res.choice))
+        assert -want - got <= OPT_TOL * max(np.max(np.abs(np.concatenate(scores))), 1e-300)
+
 def test_latency_as_objective_with_a_score_floor():
     rng = np.random.default_rng(5)
     for _ in range(100):
