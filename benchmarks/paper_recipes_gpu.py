@@ -129,12 +129,11 @@ def calibration_stage(b, model, sampler, labels, guidance):
               samples=b.args.calib_samples, recipes={})
     st["memory_before"] = memory_now()
     done = {}
-    for name in PAPER_RECIPES:
+    for name in b.calib_recipes:
         if name not in recipes.names():
             st["recipes"][name] = {"status": "skipped", "reason": "not registered"}
             continue
-        # a calibration needs roughly its share of what is left; the later stages need the rest
-        if b.left() < b.args.budget_s * 0.45 * (1 - PAPER_RECIPES.index(name) / len(PAPER_RECIPES)) * 0.5:
+        if b.left() < b.args.budget_s * 0.35:  # the steps and eval stages need the rest
             st["recipes"][name] = {"status": "skipped", "reason": f"budget: {b.left():.0f}s left"}
             b.log(f"skipping calibration of {name}: budget")
             b.save()
@@ -214,9 +213,10 @@ def steps_stage(b, model, sampler, labels, guidance, calibrated):
     run("bf16", model.params, None)
     b.save()
     one_step = samplers.ddpm(1)
-    per = None
-    for name in recipes.names():
-        if per is not None and b.left() < per * 1.2 + b.args.eval_reserve_s * (not b.args.skip_eval):
+    per = 0.0
+    order = [n for n in b.calib_recipes if n in b.step_recipes] + [n for n in b.step_recipes if n not in b.calib_recipes]
+    for name in order:  # the paper recipes first
+        if b.left() < per * 1.2 + b.args.eval_reserve_s * (not b.args.skip_eval):
             st["times"][name] = {"status": "skipped", "reason": f"budget: {b.left():.0f}s left"}
             b.log(f"skipping step {name}: budget")
             continue
@@ -235,7 +235,7 @@ def steps_stage(b, model, sampler, labels, guidance, calibrated):
         run(name, q.params, q.quantizer)
         if name in st["times"] and st["times"][name].get("status") == "done":
             st["times"][name]["setup_s"] = time.perf_counter() - t0 - st["times"][name]["compile_s"]
-        per = time.perf_counter() - t0 if per is None else max(per, time.perf_counter() - t0)
+        per = max(per, time.perf_counter() - t0)
         b.save()
     ratios = {k: v["ratio_vs_bf16"] for k, v in st["times"].items() if "ratio_vs_bf16" in v}
     if ratios:
@@ -257,6 +257,10 @@ def eval_stage(b, model, step_ms):
     tiny = b.args.tiny
     groups = 4 if tiny else 10
     n, steps = b.args.eval_samples, b.args.eval_steps
+    if b.left() <= 0:
+        st.update(status="skipped", reason=f"budget: {b.left():.0f}s left")
+        b.save()
+        return
     if step_ms and not tiny:  # shrink to fit: the sampling costs about n/batch * steps bf16 steps (plus the FP32 VAE etc.)
         per_sample_step_s = step_ms / 1e3 / b.args.batch
         fit = max(0.0, b.left() - 90.0) / 1.5  # folders, compile, VAE, Inception and metrics take the rest
@@ -366,6 +370,8 @@ def main(argv=None):
     p.add_argument("--eval-ref", type=int, default=None, help="made-up reference images (default 64; --tiny 8)")
     p.add_argument("--eval-reserve-s", type=float, default=150.0, help="budget kept for the eval stage")
     p.add_argument("--skip-eval", action="store_true", help="leave out the jdq eval stage")
+    p.add_argument("--calib-recipes", default=",".join(PAPER_RECIPES), help="recipes calibrated in stage 1 (comma list)")
+    p.add_argument("--recipes", default="all", help="recipes whose step stage 2 times ('all': every registered one)")
     args = p.parse_args(argv)
     on_gpu = jax.default_backend() == "gpu"
     if args.device_run and not on_gpu and not args.tiny:
@@ -385,7 +391,14 @@ def main(argv=None):
     os.makedirs(out_dir, exist_ok=True)
     from jdq.sampling import samplers
 
+    from jdq import recipes
+
     b = Bench(args, out_dir)
+    b.calib_recipes = [r for r in args.calib_recipes.split(",") if r]
+    b.step_recipes = list(recipes.names()) if args.recipes == "all" else [r for r in args.recipes.split(",") if r]
+    for r in b.calib_recipes + b.step_recipes:
+        if r not in recipes.names():
+            raise SystemExit(f"unknown recipe {r!r}; known: {', '.join(recipes.names())}")
     model = build_model(tiny)
     cfg = model.config
     b.res["model"] = {"hidden_size": cfg.hidden_size, "depth": cfg.depth, "input_size": cfg.input_size,
