@@ -16,7 +16,7 @@ budget it needs is spent (the JSON then says ``skipped`` and why):
 2. ``steps``: one guided denoiser evaluation at batch ``--batch`` (``2 × batch`` model evaluations), compiled
    once and timed as the compiled function (median wall ms): bf16 first, then every recipe of
    :func:`jdq.recipes.names` (paper recipes with their calibrated state; other calibrated recipes with a
-   one-sample, one-step calibration), with the ratio to bf16 (the goal: ≤ 1.5);
+   one-sample calibration), with the ratio to bf16 (the goal: ≤ 1.5);
 3. ``eval``: ``jdq eval --protocol dit-imagenet256`` in process on random-weight DiT-XL/2 + SD VAE + FID
    Inception folders and a made-up reference batch, ``--eval-samples`` samples at ``--eval-steps`` DDPM
    steps (fewer when the budget is short), timed and extrapolated to the protocol's 10,000 × 250 steps.
@@ -171,7 +171,7 @@ def calibration_stage(b, model, sampler, labels, guidance):
 def steps_stage(b, model, sampler, labels, guidance, calibrated):
     """Stage 2: the guided denoiser step at batch ``--batch``: bf16, then every recipe's fake-quant step."""
     from jdq import recipes
-    from jdq.sampling import loop, samplers
+    from jdq.sampling import loop
     from jdq.sampling.generate import Denoiser, guided_channels, null_condition, sample_shape
 
     st = b.res["stages"]["steps"]
@@ -212,7 +212,6 @@ def steps_stage(b, model, sampler, labels, guidance, calibrated):
 
     run("bf16", model.params, None)
     b.save()
-    one_step = samplers.ddpm(1)
     per = 0.0
     order = [n for n in b.calib_recipes if n in b.step_recipes] + [n for n in b.step_recipes if n not in b.calib_recipes]
     for name in order:  # the paper recipes first
@@ -224,10 +223,10 @@ def steps_stage(b, model, sampler, labels, guidance, calibrated):
         try:
             if name in calibrated:
                 q = calibrated[name]
-            else:  # speed does not depend on the statistics: a one-sample, one-step calibration
+            else:  # speed does not depend on the statistics: a one-sample calibration (same sampler: time groups)
                 opts = {"search_points": 1} if "search_points" in recipes.get(name).options else {}
-                q = recipes.quantize(model, name, sampler=one_step if recipes.get(name).calibrated else sampler,
-                                     cond=labels, guidance=guidance, calib_samples=1, **opts)
+                q = recipes.quantize(model, name, sampler=sampler, cond=labels, guidance=guidance, calib_samples=1,
+                                     **opts)
         except Exception as e:  # noqa: BLE001
             st["times"][name] = {"status": "failed", "error": f"quantize: {type(e).__name__}: {str(e)[:400]}"}
             b.log(f"FAILED quantize {name}: {st['times'][name]['error']}")
@@ -236,7 +235,7 @@ def steps_stage(b, model, sampler, labels, guidance, calibrated):
         run(name, q.params, q.quantizer)
         if name in st["times"]:
             st["times"][name]["state_from"] = "stage 1 calibration" if name in calibrated else (
-                "1 sample x 1 step calibration" if recipes.get(name).calibrated else "no calibration")
+                "1-sample calibration" if recipes.get(name).calibrated else "no calibration")
         if name in st["times"] and st["times"][name].get("status") == "done":
             st["times"][name]["setup_s"] = time.perf_counter() - t0 - st["times"][name]["compile_s"]
         per = max(per, time.perf_counter() - t0)
