@@ -7,8 +7,8 @@ Run on a GPU: ``python benchmarks/paper_recipes_gpu.py --device-run --budget-s 5
 budget it needs is spent (the JSON then says ``skipped`` and why):
 
 1. ``calibration``: each paper recipe (``ptq4dit``, ``q-dit``, ``tq-dit``, in that order; none starts
-   after 45 % of the budget) through :func:`jdq.recipes.quantize` along a real DDPM trajectory with classifier-free guidance, at the
-   recipe's own calibration settings but with fewer samples and sampler steps (``--calib-samples``
+   after ``--calib-share`` of the budget) through :func:`jdq.recipes.quantize` along a real DDPM
+   trajectory with classifier-free guidance, at the recipe's own calibration settings but with fewer samples and sampler steps (``--calib-samples``
    × ``--calib-steps``; recorded per recipe with the options used); wall time of calibration and of
    ``prepare`` (searches, GPTQ, folding), and the device's ``peak_bytes_in_use`` after it (process-wide and
    monotone: JAX has no peak reset, so a later recipe's peak is a maximum with the earlier ones; the
@@ -133,7 +133,7 @@ def calibration_stage(b, model, sampler, labels, guidance):
         if name not in recipes.names():
             st["recipes"][name] = {"status": "skipped", "reason": "not registered"}
             continue
-        if b.left() < b.args.budget_s * 0.55:  # the steps and eval stages need the rest
+        if b.elapsed() > b.args.budget_s * b.args.calib_share:  # the steps and eval stages need the rest
             st["recipes"][name] = {"status": "skipped", "reason": f"budget: {b.left():.0f}s left"}
             b.log(f"skipping calibration of {name}: budget")
             b.save()
@@ -371,7 +371,8 @@ def main(argv=None):
     p.add_argument("--eval-steps", type=int, default=None, help="jdq eval DDPM steps (default 250; --tiny 2)")
     p.add_argument("--eval-batch", type=int, default=None, help="jdq eval --batch-size (default 64; --tiny 8)")
     p.add_argument("--eval-ref", type=int, default=None, help="made-up reference images (default 64; --tiny 8)")
-    p.add_argument("--eval-reserve-s", type=float, default=150.0, help="budget kept for the eval stage")
+    p.add_argument("--eval-reserve-s", type=float, default=120.0, help="budget kept for the eval stage")
+    p.add_argument("--calib-share", type=float, default=0.3, help="no calibration starts after this share of the budget")
     p.add_argument("--skip-eval", action="store_true", help="leave out the jdq eval stage")
     p.add_argument("--calib-recipes", default=",".join(PAPER_RECIPES), help="recipes calibrated in stage 1 (comma list)")
     p.add_argument("--recipes", default="all", help="recipes whose step stage 2 times ('all': every registered one)")
