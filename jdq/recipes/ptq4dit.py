@@ -80,8 +80,9 @@ def fold(plan, state, params):
         cols = lambda i: slice(i * c, (i + 1) * c)  # noqa: E731
         ws, bs, wc, bc = Q.fold_into_modulation(k[:, cols(i_shift)], b[cols(i_shift)], k[:, cols(i_scale)],
                                                 b[cols(i_scale)], s)
-        k = k.at[:, cols(i_shift)].set(ws).at[:, cols(i_scale)].set(wc)
-        b = b.at[cols(i_shift)].set(bs).at[cols(i_scale)].set(bc)
+        # folded in float32, stored in the model's own dtype (a bf16 model stays bf16)
+        k = k.at[:, cols(i_shift)].set(ws.astype(k.dtype)).at[:, cols(i_scale)].set(wc.astype(k.dtype))
+        b = b.at[cols(i_shift)].set(bs.astype(b.dtype)).at[cols(i_scale)].set(bc.astype(b.dtype))
         flat[f"{block}.adaLN_modulation.kernel"], flat[f"{block}.adaLN_modulation.bias"] = k, b
     return state, unflatten_params(flat, params)
 
