@@ -130,8 +130,11 @@ def run(args) -> int:
 
     from jdq.cli.sample import _resolve_model
 
+    from jdq.models.spec import find_spec
+
     folder, model, defaults = _resolve_model(args.model)
-    if model.family != "dit" or not model.config.num_classes:
+    spec = find_spec(model)
+    if spec is None or not spec.class_conditional or not model.config.num_classes:
         raise CliError(f"jdq sensitivity samples class-conditional DiTs; {folder} is a {model.family} model")
 
     import jax.numpy as jnp
