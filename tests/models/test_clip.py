@@ -15,6 +15,7 @@ import jdq.models  # noqa: E402
 from checkpoints_convert import convert  # noqa: E402
 from checkpoints_convert.common import CheckpointError  # noqa: E402
 from jdq.models import clip  # noqa: E402
+from torch_reference import rel_err  # noqa: E402
 
 F32_TOL = 1e-5
 BOS, EOS, PAD = 48, 49, 0
@@ -22,11 +23,6 @@ TEXT = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_laye
             max_position_embeddings=12, projection_dim=8, bos_token_id=BOS, pad_token_id=PAD)
 VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=8,
               patch_size=4, projection_dim=8)
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def randomize(m, seed):

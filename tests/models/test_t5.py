@@ -21,15 +21,11 @@ from checkpoints_convert import convert  # noqa: E402
 from checkpoints_convert.common import CheckpointError  # noqa: E402
 from checkpoints_convert.transformers_text import convert_transformers_arrays  # noqa: E402
 from jdq.models import t5  # noqa: E402
+from torch_reference import rel_err  # noqa: E402
 
 F32_TOL = 1e-5
 TINY = dict(vocab_size=40, d_model=16, d_kv=4, d_ff=24, num_layers=3, num_heads=4, feed_forward_proj="gated-gelu",
             relative_attention_num_buckets=8, relative_attention_max_distance=10, decoder_start_token_id=0)
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def randomize(m, seed, std=0.5):

@@ -22,14 +22,10 @@ from jdq import recipes  # noqa: E402
 from jdq.sampling.loop import initial_noise, sample_keys  # noqa: E402
 from jdq.sampling.pipelines import PipelineError, TextToImage  # noqa: E402
 from tests.models.tiny_tokenizers import make_clip_tokenizer, make_t5_tokenizer  # noqa: E402
+from tests.models.torch_reference import rel_err  # noqa: E402
 
 TOL = 1e-4
 PROMPTS = ["a photo of a cat", "the red house by the river at night"]
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def randomize(module, seed, std=0.3):
