@@ -190,3 +190,28 @@ def test_bad_inputs_raise():
         ref.quantize_operands(q, k, v, d_pad=80)
     with pytest.raises(ValueError, match=r"\(B, L, H, D\)"):
         ref.quantize_operands(q[0], k, v)
+
+
+def test_benchmark_configs_and_render(load_benchmark):
+    fb = load_benchmark("fp8_attention")
+    assert fb.parse_config("128x64s3") == Config(128, 64, 3)
+    with pytest.raises(SystemExit, match="cannot parse"):
+        fb.parse_config("128x64")
+    res = {"jax": "x", "device": "d", "checks": {"a@64x64s2": {"ok": True, "relerr_vs_ref": 1e-7}},
+           "rows": {"dit.b64": {"gflop": 19.3, "us": {"cudnn_bf16": 100.0, "xla_bf16": 200.0, "jdq_fp8": 50.0},
+                                "errors": {"jdq_fp8_kernel@32x64s2": "ValueError: do not fit"}}}}
+    md = fb.render(res)
+    assert "| dit.b64 | jdq_fp8 | 50.0 | 386 | 2.00 | 4.00 |" in md and "failed: ValueError" in md
+
+
+@pytest.mark.slow
+def test_benchmark_tiny_run_survives_a_failing_config(load_benchmark, tmp_path):
+    """The --tiny CPU run checks and times the kernel (interpret mode); a config the kernel rejects is reported, not fatal."""
+    import json
+
+    fb = load_benchmark("fp8_attention")
+    assert fb.main(["--tiny", "--out", str(tmp_path), "--configs", "32x64s2,64x64s2"]) == 0
+    res = json.loads((tmp_path / "fp8_attention.json").read_text())
+    assert res["checks"]["tiny@64x64s2"]["ok"] and "error" in res["checks"]["tiny@32x64s2"]
+    assert "jdq_fp8_kernel@64x64s2" in res["rows"]["tiny"]["us"]
+    assert "failed its check" in res["rows"]["tiny"]["errors"]["jdq_fp8_kernel@32x64s2"]
