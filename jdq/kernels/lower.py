@@ -69,36 +69,41 @@ class LoweredQuantizer(Quantizer):
     """
 
     def __init__(self, plan, state, weights, step=None, num_steps=None, strict=True, impl: str = "auto",
-                 skipped=(), declined=()):
+                 skipped=(), declined=(), attention=()):
         super().__init__(plan, state, step, num_steps, strict)
         self.weights = dict(weights)
         self.impl = impl
         self.skipped = dict(skipped)  # site -> why a lowerable site stayed fake-quant
         self.declined = dict(declined)  # site -> why no kernel accepts it (each op's reason)
+        self.attention = frozenset(attention)  # attention sites run by jdq.kernels.fp8_attention
 
     def tree_flatten(self):
         """Children: state, step and packed weights; static: plan, settings, skipped and declined sites."""
         aux = (self.plan, self.num_steps, self.strict, self.impl, tuple(sorted(self.skipped.items())),
-               tuple(sorted(self.declined.items())))
+               tuple(sorted(self.declined.items())), tuple(sorted(self.attention)))
         return (self.state, self.step, self.weights), aux
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         """Rebuild from :meth:`tree_flatten`'s output."""
-        plan, num_steps, strict, impl, skipped, declined = aux
+        plan, num_steps, strict, impl, skipped, declined, attention = aux
         state, step, weights = children
-        return cls(plan, state, weights, step, num_steps, strict, impl, skipped, declined)
+        return cls(plan, state, weights, step, num_steps, strict, impl, skipped, declined, attention)
 
     def _replace(self, **changes) -> "LoweredQuantizer":
         fields = dict(plan=self.plan, state=self.state, weights=self.weights, step=self.step,
                       num_steps=self.num_steps, strict=self.strict, impl=self.impl, skipped=self.skipped,
-                      declined=self.declined)
+                      declined=self.declined, attention=self.attention)
         fields.update(changes)
         return LoweredQuantizer(**fields)
 
     def lowered(self, site):
         """The packed weight of ``site``, or ``None`` when the site stays on the fake-quant path."""
         return self.weights.get(site)
+
+    def lowered_attention(self, site) -> bool:
+        """Whether attention ``site`` (matmuls ``site.qk`` / ``site.pv``) runs :func:`jdq.kernels.fp8_attention`."""
+        return site in self.attention
 
     def at_step(self, step, num_steps=None):
         """The same lowered quantizer at sampler step ``step``."""
@@ -110,10 +115,12 @@ class LoweredQuantizer(Quantizer):
 
     def report(self) -> str:
         """One line per linear site of the plan: the kernel kind it runs, or why it stays on the fake-quant path."""
-        lines = [f"{len(self.weights)} lowered sites ({self.impl})"]
-        for site in sorted(set(self.weights) | set(self.skipped) | set(self.declined)):
+        lines = [f"{len(self.weights)} lowered sites, {len(self.attention)} FP8 attention sites ({self.impl})"]
+        for site in sorted(set(self.weights) | set(self.skipped) | set(self.declined) | self.attention):
             if site in self.weights:
                 lines.append(f"  {site}: {self.weights[site].kind}")
+            elif site in self.attention:
+                lines.append(f"  {site}: fp8_attention")
             elif site in self.skipped:
                 lines.append(f"  {site}: fake-quant (packing declined: {self.skipped[site]})")
             else:
@@ -160,14 +167,40 @@ def lowerable_kind(plan: Plan, site: str) -> tuple[str | None, str]:
     return kind, why
 
 
+def _attention_sites(plan: Plan, state) -> tuple[set, dict]:
+    """Attention sites whose four operands are the casts of :mod:`jdq.kernels.fp8_attention`, and why others are not."""
+    from jdq.kernels.fp8_attention.api import ROLES, plan_site_reason
+
+    state = state or {}
+    by_base: dict[str, dict] = {}
+    for o in plan.operands:
+        base, _, mm = o.site.rpartition(".")
+        if mm in ("qk", "pv") and (mm, o.role) in ROLES:
+            t = plan.transform_for(o.key)
+            d = None if t is None else describe_transform(t, state.get(o.key), o.key)
+            by_base.setdefault(base, {})[(mm, o.role)] = d if d is not None and d.quantized else None
+    ok, why = set(), {}
+    for base, ops in by_base.items():
+        if not any(v is not None for v in ops.values()):
+            continue  # attention kept in float: not the op's business
+        reason = plan_site_reason(ops)
+        if reason is None:
+            ok.add(base)
+        else:
+            why[base] = f"fp8_attention: {reason}"
+    return ok, why
+
+
 def lower(plan: Plan, params, state: Mapping[str, Any] | None = None, *, impl: str = "auto",
-          sites=None, check: bool = True) -> LoweredQuantizer:
+          sites=None, check: bool = True, attention: bool = True) -> LoweredQuantizer:
     """Bind ``plan`` to ``state`` (default ``plan.init()``) and pack the weights of lowerable sites.
 
     ``params``: the model's params (weight of site ``S`` at ``S.kernel``, layout (in, out)).
     ``sites``: restrict lowering to these sites (default: every lowerable one). ``check``: verify
     that each packed weight dequantizes exactly to the fake-quant weight (raises ``ValueError``
-    naming the site otherwise).
+    naming the site otherwise). ``attention``: route the attention sites whose q / k / p / v casts
+    are those of :func:`jdq.recipes.fp8_attention_rules` to :func:`jdq.kernels.fp8_attention`
+    (only when ``sites`` is ``None``).
     """
     if impl not in IMPLS:
         raise ValueError(f"lower: impl must be one of {IMPLS}, got {impl!r}")
@@ -208,7 +241,11 @@ def lower(plan: Plan, params, state: Mapping[str, Any] | None = None, *, impl: s
                 raise ValueError(f"lower: packed {kind} weight of site {site!r} does not dequantize to the "
                                  f"fake-quant weight (max difference {bad:g}); its cast is not what the kernel computes")
         weights[site] = lw
-    return LoweredQuantizer(plan, dict(state), weights, impl=impl, skipped=skipped, declined=declined)
+    attn = set()
+    if attention and sites is None:
+        attn, attn_why = _attention_sites(plan, state)
+        declined.update(attn_why)
+    return LoweredQuantizer(plan, dict(state), weights, impl=impl, skipped=skipped, declined=declined, attention=attn)
 
 
 def weight_bytes(params, quant: LoweredQuantizer | None = None, dtype=jnp.bfloat16) -> dict[str, int]:

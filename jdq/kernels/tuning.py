@@ -65,6 +65,11 @@ W4A8 = {"default": [(INF, dict(tile_m=128, tile_n=128, stages=3))],
         "NVIDIA H200": [(INF, dict(tile_m=128, tile_n=64, stages=4, kind="rega"))]}
 MIXDIT = {"default": [(INF, dict(tile_m=128, tile_n=128, stages=2))]}
 MX = {"default": [(INF, dict(tile_m=128, tile_n=128, blocks_per_step=4, stages=2))]}
+# FP8 attention (jdq.kernels.fp8_attention.gpu.Config), looked up by the key length Lk. Not yet timed on a
+# device: 64 x 64 blocks (L = 256: 4 key steps) and 128 x 128 for long sequences (PixArt-Sigma-1024, L = 4096);
+# benchmarks/fp8_attention.py sweeps the candidates.
+FP8_ATTENTION = {"default": [(1024, dict(block_q=64, block_kv=64, stages=2)),
+                             (INF, dict(block_q=128, block_kv=128, stages=2))]}
 
 # Pallas TPU GEMMs (every kind): maximal tiles; jdq.kernels.lowered shrinks tn / tk to the largest
 # multiple of 128 (MX: of 32) that divides N / K (DiT K = 1152 -> tk 384) and pads M to tm. Not timed
@@ -72,7 +77,7 @@ MX = {"default": [(INF, dict(tile_m=128, tile_n=128, blocks_per_step=4, stages=2
 TPU_GEMM = {"default": [(INF, dict(tm=256, tn=256, tk=512))]}
 
 TABLES = {"w8a8": W8A8, "weight_only": WEIGHT_ONLY, "token_quant": TOKEN_QUANT, "norm_quant": NORM_QUANT, "w4a8": W4A8, "mixdit": MIXDIT, "mx": MX,
-          "tpu_gemm": TPU_GEMM}
+          "fp8_attention": FP8_ATTENTION, "tpu_gemm": TPU_GEMM}
 
 
 def lookup(op: str, m: int, device: str | None = None, n: int | None = None, k: int | None = None) -> dict:
@@ -96,4 +101,4 @@ def lookup(op: str, m: int, device: str | None = None, n: int | None = None, k: 
     return dict(rows[-1][-1])
 
 
-__all__ = ["MIXDIT", "MX", "NORM_QUANT", "TABLES", "TOKEN_QUANT", "TPU_GEMM", "W4A8", "W8A8", "WEIGHT_ONLY", "lookup"]
+__all__ = ["FP8_ATTENTION", "MIXDIT", "MX", "NORM_QUANT", "TABLES", "TOKEN_QUANT", "TPU_GEMM", "W4A8", "W8A8", "WEIGHT_ONLY", "lookup"]

@@ -192,7 +192,11 @@ def attention(q, k, v, *, site: str, quant: QuantizerBase | None = None, mask=No
     ``attn_prob``, ``v``); the softmax scale is applied after q·kᵀ and the softmax runs in
     float32. When ``quant`` transforms none of the four operands, the fused
     ``jax.nn.dot_product_attention`` runs instead (same function, faster on GPU; cuDNN flash
-    attention for bf16/fp16 on a GPU, see :data:`FUSED_ATTENTION_ENV`).
+    attention for bf16/fp16 on a GPU, see :data:`FUSED_ATTENTION_ENV`). When ``quant`` is a
+    lowered quantizer (:func:`jdq.kernels.lower`) that routes ``site`` to the FP8 attention kernel
+    (``quant.lowered_attention(site)``: the casts of ``jdq.recipes.fp8_attention_rules``) and there
+    is no mask or bias, :func:`jdq.kernels.fp8_attention` runs (same casts; the probabilities on
+    the kernel's static per-block grid, see :mod:`jdq.kernels.fp8_attention.ref`).
     """
     d = q.shape[-1]
     scale = (1.0 / d**0.5) if scale is None else scale
@@ -203,6 +207,12 @@ def attention(q, k, v, *, site: str, quant: QuantizerBase | None = None, mask=No
     )
     if not explicit:
         return _fused_attention(q, k, v, mask, scale, bias)
+    lowered = getattr(quant, "lowered_attention", None)
+    if lowered is not None and mask is None and bias is None and lowered(site):
+        # the speed path: a lowered plan whose q / k / p / v casts are the FP8 attention kernel's
+        from jdq.kernels import fp8_attention
+
+        return fp8_attention(q, k, v, scale=scale, impl=getattr(quant, "impl", "auto"))
     qh = jnp.swapaxes(q, 1, 2)  # (B, H, Lq, D)
     kt = jnp.transpose(k, (0, 2, 3, 1))  # (B, H, D, Lk)
     vh = jnp.swapaxes(v, 1, 2)  # (B, H, Lk, D)
