@@ -226,3 +226,21 @@ def test_benchmark_tiny_run_survives_a_failing_config(load_benchmark, tmp_path):
     assert res["checks"]["tiny@64x64s2"]["ok"] and "error" in res["checks"]["tiny@32x64s2"]
     assert "jdq_fp8_kernel@64x64s2" in res["rows"]["tiny"]["us"]
     assert "failed its check" in res["rows"]["tiny"]["errors"]["jdq_fp8_kernel@32x64s2"]
+
+
+@pytest.mark.slow
+def test_lowered_dit_runs_fp8_attention_and_matches_the_fake_quant_model():
+    """A w8a8-fp8attn DiT lowered with ``jdq.kernels.lower``: the attention site runs the FP8 op (its report says so)
+    and the model's output is the fake-quant model's, far closer to it than either is to the float model."""
+    from jdq.models import dit
+
+    cfg = dit.Config(input_size=8, patch_size=2, hidden_size=144, depth=1, num_heads=2, num_classes=10)  # D = 72
+    model = dit.from_config(cfg, key=0)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
+    t, y = jnp.array([10.0, 500.0]), jnp.array([3, 10])
+    fn = lambda *a, quant: model.apply(model.params, *a, quant=quant)  # noqa: E731
+    plan = recipes.plan_for("w8a8-fp8attn", trace_operands(fn, x, t, y))
+    low = lower(plan, model.params, impl="xla")
+    assert low.attention == {"blocks.0.attn"} and "blocks.0.attn: fp8_attention" in low.report()
+    fake, got, exact = fn(x, t, y, quant=plan.bind(plan.init())), fn(x, t, y, quant=low), fn(x, t, y, quant=None)
+    assert relerr(got, fake) < 0.1 * relerr(fake, exact), (relerr(got, fake), relerr(fake, exact))
