@@ -13,7 +13,8 @@ Shapes (``--shapes``, priority order): ``dit.b64`` — DiT-XL/2 at 256 px, batch
 * ``jdq_fp8``: :func:`jdq.kernels.fp8_attention` — XLA quantization of q / k / v into the kernel's
   layout (heads first, D padded to 96, v transposed), the kernel, the unpacking;
 * ``jdq_fp8_kernel``: the kernel alone on pre-quantized operands (``@<config>`` for each ``--configs``
-  entry, e.g. ``64x64s2`` = block_q 64, block_kv 64, 2 stages);
+  entry, e.g. ``64x64s2`` = block_q 64, block_kv 64, 2 stages; ``ws64x64s2`` the warp-specialised
+  kernel (2 × 64 rows per CTA); a trailing ``i``: P·V into the running accumulator);
 * ``jdq_fp8_quant``: the quantization alone (the wrapper's cost before the kernel).
 
 Before timing, every kernel config is checked on the device against the reference
@@ -46,19 +47,26 @@ import kernels as kb  # noqa: E402  (benchmarks/kernels.py: timing, output conve
 SHAPES = {"dit.b64": (64, 256, 16, 72), "pixart": (2, 4096, 16, 72), "dit.b32": (32, 256, 16, 72)}
 TINY = {"tiny": (1, 128, 2, 72)}
 VARIANTS = ("xla_bf16", "cudnn_bf16", "jdq_fakequant", "jdq_fp8", "jdq_fp8_kernel", "jdq_fp8_quant")
-DEFAULT_CONFIGS = "64x64s2,128x64s2,64x128s2,128x128s2,64x64s3"
+TINY_CONFIGS = "64x64s2,ws64x64s1"  # --tiny with the default --configs: one of each kind
+DEFAULT_CONFIGS = "64x64s2,64x64s2i,128x64s2,64x128s2,64x128s3i,ws64x64s2,ws64x64s2i,ws64x128s3,ws64x128s3i"
 
 
 def parse_config(spec):
-    """``"128x64s2"`` -> ``Config(block_q=128, block_kv=64, stages=2)``."""
+    """``"128x64s2"`` -> ``Config(block_q=128, block_kv=64, stages=2)``; prefix ``ws``: warp-specialised, suffix ``i``: in-place accumulator."""
     import re
 
     from jdq.kernels.fp8_attention.gpu import Config
 
-    mt = re.fullmatch(r"(\d+)x(\d+)s(\d+)", spec)
+    mt = re.fullmatch(r"(ws)?(\d+)x(\d+)s(\d+)(i?)", spec)
     if not mt:
-        raise SystemExit(f"--configs: cannot parse {spec!r} (e.g. 64x64s2: block_q x block_kv, stages)")
-    return Config(*(int(g) for g in mt.groups()))
+        raise SystemExit(f"--configs: cannot parse {spec!r} (e.g. 64x64s2: block_q x block_kv, stages; ws64x64s2i)")
+    ws, bq, bkv, st, inplace = mt.groups()
+    return Config(int(bq), int(bkv), int(st), acc_in_place=bool(inplace), kind="ws" if ws else "pipe")
+
+
+def config_name(cfg):
+    """The ``--configs`` spelling of ``cfg`` (inverse of :func:`parse_config`)."""
+    return f"{'ws' if cfg.kind == 'ws' else ''}{cfg.block_q}x{cfg.block_kv}s{cfg.stages}{'i' if cfg.acc_in_place else ''}"
 
 
 def qkv_sets(key, shape, rotate):
@@ -160,8 +168,8 @@ def main(argv=None):
     json_path = os.path.join(out_dir, "fp8_attention.json")
     shapes = TINY if tiny else {s: SHAPES[s] for s in args.shapes.split(",") if s}
     specs = [c for c in args.configs.split(",") if c]
-    if tiny:
-        specs = specs[:2]
+    if tiny and args.configs == DEFAULT_CONFIGS:
+        specs = TINY_CONFIGS.split(",")
     res = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "argv": sys.argv[1:], "checks": {},
            "rows": {}}
     key = jax.random.key(int(time.time()) % 10000)  # fresh inputs every run
@@ -172,7 +180,7 @@ def main(argv=None):
             res.setdefault("skipped", []).append(tag)
             continue
         default = _config(shape[1])
-        cfgs = {f"{c.block_q}x{c.block_kv}s{c.stages}": c for c in [default] + [parse_config(s) for s in specs]}
+        cfgs = {config_name(c): c for c in [default] + [parse_config(s) for s in specs]}
         ok_cfgs = {}
         for spec, cfg in cfgs.items():
             name = f"{tag}@{spec}"
@@ -190,7 +198,7 @@ def main(argv=None):
         sets = qkv_sets(key, shape, 1 if tiny else args.rotate)
         row = res["rows"].setdefault(tag, {"shape": shape, "gflop": attention_flops(shape) / 1e9, "us": {},
                                            "errors": {}})
-        dspec = f"{default.block_q}x{default.block_kv}s{default.stages}"
+        dspec = config_name(default)
         names = [n for n in VARIANTS if n != "jdq_fp8_kernel"] + [f"jdq_fp8_kernel@{s}" for s in cfgs]
         for name in names:
             base, _, spec = name.partition("@")

@@ -66,10 +66,11 @@ W4A8 = {"default": [(INF, dict(tile_m=128, tile_n=128, stages=3))],
 MIXDIT = {"default": [(INF, dict(tile_m=128, tile_n=128, stages=2))]}
 MX = {"default": [(INF, dict(tile_m=128, tile_n=128, blocks_per_step=4, stages=2))]}
 # FP8 attention (jdq.kernels.fp8_attention.gpu.Config), looked up by the key length Lk. Not yet timed on a
-# device: 64 x 64 blocks (L = 256: 4 key steps) and 128 x 128 for long sequences (PixArt-Sigma-1024, L = 4096);
-# benchmarks/fp8_attention.py sweeps the candidates.
+# device: 64 x 64 blocks (L = 256: 4 key steps) and 64 x 128 for long sequences (PixArt-Sigma-1024, L = 4096;
+# a 128-row warpgroup tile would hold 128 + 2 x 96 float32 registers per thread for S and the accumulators);
+# benchmarks/fp8_attention.py sweeps the candidates (both kinds, in-place accumulator).
 FP8_ATTENTION = {"default": [(1024, dict(block_q=64, block_kv=64, stages=2)),
-                             (INF, dict(block_q=128, block_kv=128, stages=2))]}
+                             (INF, dict(block_q=64, block_kv=128, stages=2))]}
 
 # Pallas TPU GEMMs (every kind): maximal tiles; jdq.kernels.lowered shrinks tn / tk to the largest
 # multiple of 128 (MX: of 32) that divides N / K (DiT K = 1152 -> tk 384) and pads M to tm. Not timed

@@ -88,14 +88,17 @@ def test_reference_equals_the_fake_quant_plan(block_kv):
         assert relerr(got, fake) < 0.01 * relerr(fake, exact), (relerr(got, fake), relerr(fake, exact))
 
 
-@pytest.mark.parametrize("cfg,d_pad", [(Config(64, 64, 2), None), (Config(128, 64, 1), 128)])
+@pytest.mark.parametrize("cfg,d_pad", [(Config(64, 64, 2), None), (Config(128, 64, 1), 128),
+                                       (Config(64, 64, 1, kind="ws"), None)])
 def test_gpu_kernel_interpret_equals_reference(cfg, d_pad):
-    q, k, v = _qkv(1)
+    """pipe: 2 query blocks of 64 (or one of 128, D padded to 128); ws: 2 warpgroups of 64 rows, one key buffer
+    refilled (the interpreter checks the barrier protocol: every phase arrived on and waited for)."""
+    q, k, v = _qkv(1, h=1)
     ops = ref.quantize_operands(q, k, v, d_pad)
     scale = 1 / math.sqrt(q.shape[-1])
     want = ref.attention_from_codes(*ops, scale, cfg.block_kv, jnp.float32)
     got = fp8_attention_gpu(*ops, scale=scale, out_dtype=jnp.float32, config=cfg, interpret=True)
-    assert got.shape == want.shape == (2, 128, d_pad or 96)
+    assert got.shape == want.shape == (1, 128, d_pad or 96)
     assert not bool(jnp.any(got[..., 72:]))  # padded head columns stay zero
     b, _, h, d = q.shape
     got4, want4 = ref.unpack_output(got, b, h, d), ref.unpack_output(want, b, h, d)
@@ -104,7 +107,7 @@ def test_gpu_kernel_interpret_equals_reference(cfg, d_pad):
 
 
 def test_api_pads_queries_and_falls_back_where_keys_do_not_tile():
-    q, k, v = _qkv(2, l=64, dtype=jnp.bfloat16)
+    q, k, v = _qkv(2, l=64, h=1, dtype=jnp.bfloat16)
     q = q[:, :40]  # Lq = 40: padded to one 64-row block, the extra rows dropped
     cfg = Config(64, 64, 2)
     got = fp8_attention(q, k, v, impl="gpu_interpret", config=cfg)
@@ -135,13 +138,17 @@ def _bench_shapes():
     return {"dit_b64": (64 * 16, 256, 96), "pixart_1024": (2 * 16, 4096, 96)}
 
 
-@pytest.mark.parametrize("name", ["dit_b64", "pixart_1024"])
-def test_gpu_kernel_lowers_to_mosaic_gpu(name):
+@pytest.mark.parametrize("name,cfg", [("dit_b64", None), ("pixart_1024", None),
+                                      ("dit_b64", Config(64, 64, 2, acc_in_place=True)),
+                                      ("dit_b64", Config(64, 64, 2, kind="ws")),
+                                      ("pixart_1024", Config(64, 128, 3, acc_in_place=True, kind="ws"))])
+def test_gpu_kernel_lowers_to_mosaic_gpu(name, cfg):
+    """The tuned config (None) and the in-place-accumulator and warp-specialised variants lower for CUDA."""
     from jdq.kernels.fp8_attention.api import _config
 
     bh, l, dp = _bench_shapes()[name]
     f8, f32 = jnp.float8_e4m3fn, jnp.float32
-    f = functools.partial(fp8_attention_gpu, scale=1 / math.sqrt(72), config=_config(l))
+    f = functools.partial(fp8_attention_gpu, scale=1 / math.sqrt(72), config=cfg or _config(l))
     assert lowers_to_mosaic_gpu(f, ((bh, l, dp), f8), ((bh, l), f32), ((bh, l, dp), f8), ((bh, l), f32),
                                 ((bh, dp, l), f8), ((bh, dp), f32))
 
@@ -153,7 +160,7 @@ def test_wrapper_lowers_with_the_kernel():
 
 
 def test_lowered_plan_routes_attention_to_the_kernel():
-    q, k, v = _qkv(4, l=64, dtype=jnp.bfloat16)
+    q, k, v = _qkv(4, l=64, h=1, dtype=jnp.bfloat16)
     fake, plan = _fake_quant(q, k, v)
     low = lower(plan, {})
     assert low.lowered_attention(SITE) and "fp8_attention" in low.report()
@@ -182,6 +189,8 @@ def test_bad_inputs_raise():
     ops = ref.quantize_operands(q, k, v)
     with pytest.raises(ValueError, match="do not fit"):
         fp8_attention_gpu(*ops, scale=0.1, config=Config(block_q=32), interpret=True)
+    with pytest.raises(ValueError, match="do not fit"):  # ws needs Lq a multiple of 2·block_q
+        fp8_attention_gpu(*ops, scale=0.1, config=Config(64, 64, kind="ws"), interpret=True)
     with pytest.raises(ValueError, match="shapes"):
         ref.attention_from_codes(ops[0], ops[1], ops[2][:, :32], *ops[3:], 0.1)
     with pytest.raises(TypeError, match="float8_e4m3fn"):
@@ -195,6 +204,8 @@ def test_bad_inputs_raise():
 def test_benchmark_configs_and_render(load_benchmark):
     fb = load_benchmark("fp8_attention")
     assert fb.parse_config("128x64s3") == Config(128, 64, 3)
+    assert fb.parse_config("ws64x128s3i") == Config(64, 128, 3, acc_in_place=True, kind="ws")
+    assert fb.config_name(Config(64, 128, 3, acc_in_place=True, kind="ws")) == "ws64x128s3i"
     with pytest.raises(SystemExit, match="cannot parse"):
         fb.parse_config("128x64")
     res = {"jax": "x", "device": "d", "checks": {"a@64x64s2": {"ok": True, "relerr_vs_ref": 1e-7}},
@@ -215,3 +226,21 @@ def test_benchmark_tiny_run_survives_a_failing_config(load_benchmark, tmp_path):
     assert res["checks"]["tiny@64x64s2"]["ok"] and "error" in res["checks"]["tiny@32x64s2"]
     assert "jdq_fp8_kernel@64x64s2" in res["rows"]["tiny"]["us"]
     assert "failed its check" in res["rows"]["tiny"]["errors"]["jdq_fp8_kernel@32x64s2"]
+
+
+@pytest.mark.slow
+def test_lowered_dit_runs_fp8_attention_and_matches_the_fake_quant_model():
+    """A w8a8-fp8attn DiT lowered with ``jdq.kernels.lower``: the attention site runs the FP8 op (its report says so)
+    and the model's output is the fake-quant model's, far closer to it than either is to the float model."""
+    from jdq.models import dit
+
+    cfg = dit.Config(input_size=8, patch_size=2, hidden_size=144, depth=1, num_heads=2, num_classes=10)  # D = 72
+    model = dit.from_config(cfg, key=0)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
+    t, y = jnp.array([10.0, 500.0]), jnp.array([3, 10])
+    fn = lambda *a, quant: model.apply(model.params, *a, quant=quant)  # noqa: E731
+    plan = recipes.plan_for("w8a8-fp8attn", trace_operands(fn, x, t, y))
+    low = lower(plan, model.params, impl="xla")
+    assert low.attention == {"blocks.0.attn"} and "blocks.0.attn: fp8_attention" in low.report()
+    fake, got, exact = fn(x, t, y, quant=plan.bind(plan.init())), fn(x, t, y, quant=low), fn(x, t, y, quant=None)
+    assert relerr(got, fake) < 0.1 * relerr(fake, exact), (relerr(got, fake), relerr(fake, exact))

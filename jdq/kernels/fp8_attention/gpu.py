@@ -12,7 +12,8 @@ order). Grid (B·H, Lq/block_q), one warpgroup per CTA:
   (running max / sum per row, base 2); ``P · 448`` cast to E4M3 and stored to a swizzled shared
   tile (the 8-bit register-A WGMMA wants the 8-bit fragment layout, not the accumulator's, and
   Mosaic GPU has no register relayout between them); P·vᵀᵀ by an E4M3 WGMMA into a fresh
-  float32 accumulator, added to the rescaled running one;
+  float32 accumulator, added to the rescaled running one (``Config.acc_in_place``: into the
+  rescaled running accumulator itself, FlashAttention-3's way, one accumulator fewer in registers);
 * epilogue: ``acc · (1/448) · v scale[col] / l[row]``, cast, stored through shared memory by TMA.
 
 ``Dp`` (the padded head dim) must be a multiple of 32; Lq a multiple of ``block_q`` (64 or 128)
@@ -21,7 +22,8 @@ falls back to the XLA reference where these do not hold.
 
 Interpret mode (``interpret=True``; see :mod:`jdq.kernels._mgpu`): the B operands are passed
 (K, N) — k as kᵀ (BH, Dp, Lk), vᵀ as v (BH, Lk, Dp) — and the scale vectors are read by plain ref
-indexing; everything else is the code that runs on the GPU.
+indexing; ``acc_in_place`` runs as the fresh accumulator plus an add (the interpreter has no
+``pl.run_state``: the same sum, one rounding apart); everything else is the code that runs on the GPU.
 """
 
 from __future__ import annotations
@@ -34,98 +36,130 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jdq.kernels._mgpu import (interpret_params, kmajor_spec, load_vec, pl, plgpu, smem_transforms, wgmma_partial,
-                               zeros_carry)
+from jdq.kernels._mgpu import (interpret_params, kmajor_spec, load_vec, pl, plgpu, rhs_kmajor, smem_transforms,
+                               wgmma_partial, zeros_carry)
 from jdq.kernels.fp8_attention.ref import D_MULTIPLE, LOG2E, P_SCALE, _check_codes
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Block sizes of the FP8 attention kernel: query rows per CTA, keys per step, pipeline buffers."""
+    """Schedule and block sizes of the FP8 attention kernel (see the module docstring).
+
+    ``kind``: ``"pipe"`` (one warpgroup per CTA, ``block_q`` rows) or ``"ws"`` (two compute warpgroups
+    of ``block_q`` rows each and a TMA warpgroup per CTA). ``block_kv``: keys per step; ``stages``:
+    key / value buffers in flight; ``acc_in_place``: P·V accumulates into the rescaled running
+    accumulator (no fresh one + add).
+    """
 
     block_q: int = 64
     block_kv: int = 64
     stages: int = 2
+    acc_in_place: bool = False
+    kind: str = "pipe"
+
+    @property
+    def cta_rows(self) -> int:
+        """Query rows per CTA."""
+        return self.block_q * (2 if self.kind == "ws" else 1)
 
     def supports(self, lq: int, lk: int, dp: int) -> bool:
         """Whether (Lq, Lk, Dp) tile by this config (and the config is one the kernel takes)."""
-        return (self.block_q in (64, 128) and self.block_kv in (64, 128) and self.stages >= 1
-                and lq % self.block_q == 0 and lk % self.block_kv == 0 and dp % D_MULTIPLE == 0 and dp <= 256)
+        return (self.kind in ("pipe", "ws") and self.block_q in (64, 128) and self.block_kv in (64, 128)
+                and self.stages >= 1 and lq % self.cta_rows == 0 and lk % self.block_kv == 0
+                and dp % D_MULTIPLE == 0 and dp <= 256)
 
 
-def _row_vec(ref, start, size, interpret):
-    """``ref[start:start+size]`` as a per-row vector of a WGMMA tile (the accumulator's row layout)."""
-    return load_vec(ref, start, size, 0, interpret)
+def _wgmma_into(acc, a_s, b_s, interpret):
+    """``acc + a_s · b_sᵀ`` (B K-major) by one WGMMA accumulating into ``acc`` itself (``plgpu.ACC.init``)."""
+
+    def scope(acc_ref):
+        plgpu.wgmma(acc_ref, a_s, rhs_kmajor(b_s, interpret))
+        plgpu.wgmma_wait(0)
+
+    return pl.run_state(scope)(plgpu.ACC.init(acc))
 
 
-# jitted: identical calls in a model lower once (see jdq.kernels.w8a8.gpu).
-@functools.partial(jax.jit, static_argnames=("scale", "out_dtype", "config", "interpret"))
-def fp8_attention_gpu(qc, qs, kc, ks, vtc, vs, scale: float, out_dtype=jnp.bfloat16, config: Config = Config(),
-                      interpret=False):
-    """FP8 flash attention of the operands of :func:`~jdq.kernels.fp8_attention.ref.quantize_operands`: (BH, Lq, Dp)."""
-    bh, lq, lk, dp = _check_codes(qc, qs, kc, ks, vtc, vs)
-    cfg = config
-    if not cfg.supports(lq, lk, dp):
-        raise ValueError(f"fp8 attention kernel: Lq={lq}, Lk={lk}, Dp={dp} do not fit {cfg} "
-                         f"(Lq % block_q, Lk % block_kv, Dp % {D_MULTIPLE}, block sizes 64 or 128)")
+def _init_carry(bq, dp, interpret):
+    """(acc, running max, running sum) before the first key block, in the WGMMA register layouts."""
+    m0 = jnp.full((bq,), -jnp.inf, jnp.float32)
+    l0 = jnp.zeros((bq,), jnp.float32)
+    if not interpret:
+        m0 = plgpu.layout_cast(m0, plgpu.Layout.WGMMA.reduce(1))
+        l0 = plgpu.layout_cast(l0, plgpu.Layout.WGMMA.reduce(1))
+    return zeros_carry((bq, dp), interpret), m0, l0
+
+
+def _attend_block(carry, q_s, k_s, v_s, p_s, rs, ks_g, k0, cfg, interpret, v_ready=None):
+    """One key block of the online softmax (:func:`~jdq.kernels.fp8_attention.ref.attention_from_codes`'s step).
+
+    ``rs``: the per-row scale vector (q scale · softmax scale · log2 e); ``ks_g[k0 : k0 + block_kv]``
+    the block's key scales. ``v_ready``: called before the P·V WGMMA reads ``v_s`` (a barrier wait).
+    """
+    acc, m, l = carry
+    bq, bkv = p_s.shape
+    s_shape, o_shape = (bq, bkv), acc.shape
+    s = wgmma_partial(q_s, k_s, s_shape, jnp.float32, interpret)
+    kv = load_vec(ks_g, k0, bkv, 1, interpret)
+    s = s * lax.broadcast_in_dim(rs, s_shape, [0]) * lax.broadcast_in_dim(kv, s_shape, [1])
+    m_new = jnp.maximum(m, s.max(axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s_shape, [0]))
+    l = l * alpha + p.sum(axis=1)
+    p_s[...] = (p * np.float32(P_SCALE)).astype(jnp.float8_e4m3fn)
+    plgpu.commit_smem()
+    acc = acc * lax.broadcast_in_dim(alpha, o_shape, [0])
+    if v_ready is not None:
+        v_ready()
+    if cfg.acc_in_place and not interpret:  # the GPU interpreter has no run_state: the fresh-acc form
+        acc = _wgmma_into(acc, p_s, v_s, interpret)
+    else:
+        acc = acc + wgmma_partial(p_s, v_s, o_shape, jnp.float32, interpret)
+    return acc, m_new, l
+
+
+def _epilogue(acc, l, vs_g, v0, o_s, o_dst, interpret):
+    """``acc · (1/448) · v scale[col] / l[row]``, cast, staged in ``o_s`` and TMA-stored to ``o_dst``; waits."""
+    bq, dp = acc.shape
+    vv = load_vec(vs_g, v0, dp, 1, interpret)
+    y = acc * np.float32(1.0 / P_SCALE) * lax.broadcast_in_dim(vv, (bq, dp), [1]) / lax.broadcast_in_dim(l, (bq, dp), [0])
+    o_s[...] = y.astype(o_s.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_s, o_dst)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _pipe_kernel(qc, qs, k_op, v_op, ks, vs, scale, out_dtype, cfg, interpret):
+    """``kind="pipe"``: one warpgroup per CTA, ``emit_pipeline`` over the key blocks."""
+    bh, lq, dp = qc.shape
+    lk = ks.shape[1]
     bq, bkv = cfg.block_q, cfg.block_kv
-    out_dtype = jnp.dtype(out_dtype)
     f8 = jnp.float8_e4m3fn
     d_tr = smem_transforms(dp, f8, interpret)  # q, k tiles: minor dim Dp
     kv_tr = smem_transforms(bkv, f8, interpret)  # vᵀ and P tiles: minor dim block_kv
     o_tr = smem_transforms(dp, out_dtype, interpret)
     row_mult = np.float32(scale * LOG2E)
-    inv_p = np.float32(1.0 / P_SCALE)
-    steps = lk // bkv
-    s_shape, o_shape = (bq, bkv), (bq, dp)
 
     def body(q_g, k_g, v_g, qs_g, ks_g, vs_g, o_g, q_s, p_s, o_s, bar):
         h = lax.axis_index("bh")
         qi = lax.axis_index("q")
         plgpu.copy_gmem_to_smem(q_g.at[h, pl.ds(qi * bq, bq)], q_s, bar.at[0])
-        rs = _row_vec(qs_g, h * lq + qi * bq, bq, interpret) * row_mult
+        rs = load_vec(qs_g, h * lq + qi * bq, bq, 0, interpret) * row_mult
 
         def step(idx, k_s, v_s, carry):
             (j,) = idx
-            acc, m, l = carry
-            s = wgmma_partial(q_s, k_s, s_shape, jnp.float32, interpret)
-            kv = load_vec(ks_g, h * lk + j * bkv, bkv, 1, interpret)
-            s = s * lax.broadcast_in_dim(rs, s_shape, [0]) * lax.broadcast_in_dim(kv, s_shape, [1])
-            m_new = jnp.maximum(m, s.max(axis=1))
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s_shape, [0]))
-            l = l * alpha + p.sum(axis=1)
-            p_s[...] = (p * np.float32(P_SCALE)).astype(f8)
-            plgpu.commit_smem()
-            pv = wgmma_partial(p_s, v_s, o_shape, jnp.float32, interpret)
-            acc = acc * lax.broadcast_in_dim(alpha, o_shape, [0]) + pv
-            return acc, m_new, l
+            return _attend_block(carry, q_s, k_s, v_s, p_s, rs, ks_g, h * lk + j * bkv, cfg, interpret)
 
-        m0 = jnp.full((bq,), -jnp.inf, jnp.float32)
-        l0 = jnp.zeros((bq,), jnp.float32)
-        if not interpret:
-            m0 = plgpu.layout_cast(m0, plgpu.Layout.WGMMA.reduce(1))
-            l0 = plgpu.layout_cast(l0, plgpu.Layout.WGMMA.reduce(1))
         plgpu.barrier_wait(bar.at[0])
         acc, _, l = plgpu.emit_pipeline(
             step,
-            grid=(steps,),
+            grid=(lk // bkv,),
             in_specs=[kmajor_spec(bkv, dp, lambda j: (j, 0), d_tr, interpret),
                       kmajor_spec(dp, bkv, lambda j: (0, j), kv_tr, interpret)],
-            max_concurrent_steps=min(cfg.stages, steps),
-            init_carry=(zeros_carry(o_shape, interpret), m0, l0),
+            max_concurrent_steps=min(cfg.stages, lk // bkv),
+            init_carry=_init_carry(bq, dp, interpret),
         )(k_g.at[h], v_g.at[h])
-        vv = load_vec(vs_g, h * dp, dp, 1, interpret)
-        y = acc * inv_p * lax.broadcast_in_dim(vv, o_shape, [1]) / lax.broadcast_in_dim(l, o_shape, [0])
-        o_s[...] = y.astype(out_dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_s, o_g.at[h, pl.ds(qi * bq, bq)])
-        plgpu.wait_smem_to_gmem(0)
+        _epilogue(acc, l, vs_g, h * dp, o_s, o_g.at[h, pl.ds(qi * bq, bq)], interpret)
 
-    if interpret:  # the interpreter reads B operands untransposed: give them (K, N)
-        k_op, v_op = jnp.swapaxes(kc, 1, 2), jnp.swapaxes(vtc, 1, 2)
-    else:
-        k_op, v_op = kc, vtc
     return plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((bh, lq, dp), out_dtype),
@@ -140,6 +174,128 @@ def fp8_attention_gpu(qc, qs, kc, ks, vtc, vs, scale: float, out_dtype=jnp.bfloa
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane, approx_math=True),
         interpret=interpret_params(interpret),
     )(qc, k_op, v_op, qs.reshape(-1), ks.reshape(-1), vs.reshape(-1))
+
+
+def _ws_kernel(qc, qs, k_op, v_op, ks, vs, scale, out_dtype, cfg, interpret):
+    """``kind="ws"``: two compute warpgroups (``block_q`` rows each) share the key / value tiles a TMA warpgroup streams.
+
+    Per CTA 2·block_q query rows; warpgroup 2 issues the TMA loads of the ``stages`` key and vᵀ
+    buffers and refills a slot once both compute warpgroups have arrived on its "consumed"
+    barrier (k after q·kᵀ, v after P·V). Same per-block arithmetic as ``pipe``.
+    """
+    bh, lq, dp = qc.shape
+    lk = ks.shape[1]
+    bq, bkv = cfg.block_q, cfg.block_kv
+    steps = lk // bkv
+    stages = min(cfg.stages, steps)
+    f8 = jnp.float8_e4m3fn
+    d_tr = smem_transforms(dp, f8, interpret)
+    kv_tr = smem_transforms(bkv, f8, interpret)
+    o_tr = smem_transforms(dp, out_dtype, interpret)
+    row_mult = np.float32(scale * LOG2E)
+    k_block = (dp, bkv) if interpret else (bkv, dp)  # interpret: B operands (K, N)
+    v_block = (bkv, dp) if interpret else (dp, bkv)
+
+    def k_src(k_g, h, j):
+        return k_g.at[h, :, pl.ds(j * bkv, bkv)] if interpret else k_g.at[h, pl.ds(j * bkv, bkv)]
+
+    def v_src(v_g, h, j):
+        return v_g.at[h, pl.ds(j * bkv, bkv)] if interpret else v_g.at[h, :, pl.ds(j * bkv, bkv)]
+
+    def kernel(q_g, k_g, v_g, qs_g, ks_g, vs_g, o_g):
+        def scoped(q_s2, p_s2, o_s2, k_s, v_s, q_bar, k_bar, v_bar, k_free, v_free):
+            h = lax.axis_index("bh")
+            qi = lax.axis_index("q")
+            wg = lax.axis_index("wg")
+
+            @pl.when(wg < 2)
+            def _compute():
+                if not interpret:
+                    plgpu.set_max_registers(232, action="increase")
+                q_s, p_s, o_s = q_s2.at[wg], p_s2.at[wg], o_s2.at[wg]
+                row0 = qi * (2 * bq) + wg * bq
+                plgpu.copy_gmem_to_smem(q_g.at[h, pl.ds(row0, bq)], q_s, q_bar.at[wg])
+                rs = load_vec(qs_g, h * lq + row0, bq, 0, interpret) * row_mult
+                plgpu.barrier_wait(q_bar.at[wg])
+
+                def step(j, carry):
+                    slot = lax.rem(j, jnp.int32(stages))
+                    plgpu.barrier_wait(k_bar.at[slot])
+                    out = _attend_block(carry, q_s, k_s.at[slot], v_s.at[slot], p_s, rs, ks_g, h * lk + j * bkv, cfg,
+                                        interpret, v_ready=lambda: (plgpu.barrier_arrive(k_free.at[slot]),
+                                                                    plgpu.barrier_wait(v_bar.at[slot])))
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    return out
+
+                acc, _, l = lax.fori_loop(0, steps, step, _init_carry(bq, dp, interpret))
+                _epilogue(acc, l, vs_g, h * dp, o_s, o_g.at[h, pl.ds(row0, bq)], interpret)
+
+            @pl.when(wg == 2)
+            def _memory():
+                if not interpret:
+                    plgpu.set_max_registers(40, action="decrease")
+                for i in range(stages):
+                    plgpu.copy_gmem_to_smem(k_src(k_g, h, i), k_s.at[i], k_bar.at[i])
+                    plgpu.copy_gmem_to_smem(v_src(v_g, h, i), v_s.at[i], v_bar.at[i])
+
+                @pl.loop(0, steps - stages)
+                def _refill(j):
+                    slot = lax.rem(j, jnp.int32(stages))
+                    plgpu.barrier_wait(k_free.at[slot])
+                    plgpu.copy_gmem_to_smem(k_src(k_g, h, j + stages), k_s.at[slot], k_bar.at[slot])
+                    plgpu.barrier_wait(v_free.at[slot])
+                    plgpu.copy_gmem_to_smem(v_src(v_g, h, j + stages), v_s.at[slot], v_bar.at[slot])
+
+                # observe the consumption of the last `stages` blocks too (every phase of a barrier is waited on)
+                @pl.loop(steps - stages, steps)
+                def _drain(j):
+                    slot = lax.rem(j, jnp.int32(stages))
+                    plgpu.barrier_wait(k_free.at[slot])
+                    plgpu.barrier_wait(v_free.at[slot])
+
+        pl.run_scoped(
+            scoped,
+            plgpu.SMEM((2, bq, dp), f8, transforms=d_tr),
+            plgpu.SMEM((2, bq, bkv), f8, transforms=kv_tr),
+            plgpu.SMEM((2, bq, dp), out_dtype, transforms=o_tr),
+            plgpu.SMEM((stages, *k_block), f8, transforms=() if interpret else d_tr),
+            plgpu.SMEM((stages, *v_block), f8, transforms=() if interpret else kv_tr),
+            plgpu.Barrier(num_barriers=2),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            collective_axes="wg",
+        )
+
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((bh, lq, dp), out_dtype),
+        grid=(bh, lq // (2 * bq)),
+        grid_names=("bh", "q"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane, approx_math=True),
+        interpret=interpret_params(interpret),
+    )(qc, k_op, v_op, qs.reshape(-1), ks.reshape(-1), vs.reshape(-1))
+
+
+# jitted: identical calls in a model lower once (see jdq.kernels.w8a8.gpu).
+@functools.partial(jax.jit, static_argnames=("scale", "out_dtype", "config", "interpret"))
+def fp8_attention_gpu(qc, qs, kc, ks, vtc, vs, scale: float, out_dtype=jnp.bfloat16, config: Config = Config(),
+                      interpret=False):
+    """FP8 flash attention of the operands of :func:`~jdq.kernels.fp8_attention.ref.quantize_operands`: (BH, Lq, Dp)."""
+    bh, lq, lk, dp = _check_codes(qc, qs, kc, ks, vtc, vs)
+    cfg = config
+    if not cfg.supports(lq, lk, dp):
+        raise ValueError(f"fp8 attention kernel: Lq={lq}, Lk={lk}, Dp={dp} do not fit {cfg} (Lq % {cfg.cta_rows}, "
+                         f"Lk % block_kv, Dp % {D_MULTIPLE}, block sizes 64 or 128, kind 'pipe' or 'ws')")
+    if interpret:  # the interpreter reads B operands untransposed: give them (K, N)
+        k_op, v_op = jnp.swapaxes(kc, 1, 2), jnp.swapaxes(vtc, 1, 2)
+    else:
+        k_op, v_op = kc, vtc
+    run = _ws_kernel if cfg.kind == "ws" else _pipe_kernel
+    return run(qc, qs, k_op, v_op, ks, vs, float(scale), jnp.dtype(out_dtype), cfg, interpret)
 
 
 __all__ = ["Config", "fp8_attention_gpu"]
