@@ -64,6 +64,9 @@ NORM_QUANT = {"default": [(INF, dict(smem_bytes=24 * 1024))]}
 W4A8 = {"default": [(INF, dict(tile_m=128, tile_n=128, stages=3))],
         "NVIDIA H200": [(INF, dict(tile_m=128, tile_n=64, stages=4, kind="rega"))]}
 MIXDIT = {"default": [(INF, dict(tile_m=128, tile_n=128, stages=2))]}
+# The one-pass MixDiT activation split (jdq.kernels.mixdit.split_gpu.SplitConfig): 80 MX6 values per thread
+# (DiT-XL/2 K = 1152 -> 8 rows per CTA, K = 4608 -> 2); not yet timed on a device.
+MIXDIT_SPLIT = {"default": [(INF, dict(elems_per_thread=80, max_rows=32, spread_banks=True))]}
 MX = {"default": [(INF, dict(tile_m=128, tile_n=128, blocks_per_step=4, stages=2))]}
 # FP8 attention (jdq.kernels.fp8_attention.gpu.Config), looked up by the key length Lk. Not yet timed on a
 # device: 64 x 64 blocks (L = 256: 4 key steps) and 64 x 128 for long sequences (PixArt-Sigma-1024, L = 4096;
@@ -77,8 +80,8 @@ FP8_ATTENTION = {"default": [(1024, dict(block_q=64, block_kv=64, stages=2)),
 # (no TPU was available): 256 / 512 follow the MXU-friendly sizes of the Pallas TPU matmul guide.
 TPU_GEMM = {"default": [(INF, dict(tm=256, tn=256, tk=512))]}
 
-TABLES = {"w8a8": W8A8, "weight_only": WEIGHT_ONLY, "token_quant": TOKEN_QUANT, "norm_quant": NORM_QUANT, "w4a8": W4A8, "mixdit": MIXDIT, "mx": MX,
-          "fp8_attention": FP8_ATTENTION, "tpu_gemm": TPU_GEMM}
+TABLES = {"w8a8": W8A8, "weight_only": WEIGHT_ONLY, "token_quant": TOKEN_QUANT, "norm_quant": NORM_QUANT, "w4a8": W4A8, "mixdit": MIXDIT,
+          "mixdit_split": MIXDIT_SPLIT, "mx": MX, "fp8_attention": FP8_ATTENTION, "tpu_gemm": TPU_GEMM}
 
 
 def lookup(op: str, m: int, device: str | None = None, n: int | None = None, k: int | None = None) -> dict:
@@ -102,4 +105,5 @@ def lookup(op: str, m: int, device: str | None = None, n: int | None = None, k: 
     return dict(rows[-1][-1])
 
 
-__all__ = ["FP8_ATTENTION", "MIXDIT", "MX", "NORM_QUANT", "TABLES", "TOKEN_QUANT", "TPU_GEMM", "W4A8", "W8A8", "WEIGHT_ONLY", "lookup"]
+__all__ = ["FP8_ATTENTION", "MIXDIT", "MIXDIT_SPLIT", "MX", "NORM_QUANT", "TABLES", "TOKEN_QUANT", "TPU_GEMM", "W4A8", "W8A8",
+           "WEIGHT_ONLY", "lookup"]

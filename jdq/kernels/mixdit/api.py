@@ -89,12 +89,36 @@ def _xla(x_hi, x_lo, s_x, lw, b, out_dtype, *, impl, config):
 IMPLEMENTATIONS = {"gpu": _gpu, "tpu": _tpu, "xla": _xla}
 
 
-def mixdit_matmul(x, lw: LoweredWeight, b, out_dtype, impl: str = "auto", config=None):
-    """Quantize ``x`` (M, K) the MixDiT way and run the mixed GEMM on the implementation ``impl`` selects."""
-    from jdq.kernels.mixdit import ref
+#: ``split`` values of :func:`quantize_activation`: ``"auto"`` (the one-pass kernel where ``impl`` runs the
+#: GPU kernels, ``"gpu"`` / ``"gpu_interpret"``, and it applies; XLA elsewhere), ``"kernel"`` (the kernel, an
+#: error where it does not apply), ``"xla"`` (:func:`jdq.kernels.mixdit.ref.quantize_activation`).
+SPLITS = ("auto", "kernel", "xla")
 
-    x_hi, x_lo, s_x = ref.quantize_activation(x, lw.aux["perm"], lw.get_meta("k_hi"), lw.get_meta("hi"),
-                                              lw.get_meta("lo"))
+
+def quantize_activation(x, lw: LoweredWeight, impl: str = "auto", split: str = "auto", config=None):
+    """The GEMM's activation operands ``(x_hi, x_lo, s_x)`` of ``x`` (M, K): one-pass kernel or XLA, by ``split``."""
+    from jdq.kernels import tuning
+    from jdq.kernels.mixdit import ref, split_gpu
+    from jdq.kernels.op import resolve_impl
+
+    if split not in SPLITS:
+        raise ValueError(f"mixdit: split must be one of {SPLITS}, got {split!r}")
+    k_hi, hi, lo = lw.get_meta("k_hi"), lw.get_meta("hi"), lw.get_meta("lo")
+    impl = resolve_impl(impl)
+    if split == "kernel" or (split == "auto" and impl in ("gpu", "gpu_interpret")):
+        cfg = config or split_gpu.SplitConfig(**tuning.lookup("mixdit_split", x.shape[0]))
+        why = split_gpu.supports(x.shape, x.dtype, k_hi, hi, lo, cfg)
+        if why is None:
+            tbl = split_gpu.gather_table(lw.aux["perm"], k_hi)
+            return split_gpu.split_activation_gpu(x, tbl, k_hi, cfg, interpret=impl == "gpu_interpret")
+        if split == "kernel":
+            raise ValueError(f"mixdit: the split kernel does not apply: {why}")
+    return ref.quantize_activation(x, lw.aux["perm"], k_hi, hi, lo)
+
+
+def mixdit_matmul(x, lw: LoweredWeight, b, out_dtype, impl: str = "auto", config=None, split: str = "auto"):
+    """Quantize ``x`` (M, K) the MixDiT way (:func:`quantize_activation`) and run the mixed GEMM ``impl`` selects."""
+    x_hi, x_lo, s_x = quantize_activation(x, lw, impl, split)
     return dispatch(IMPLEMENTATIONS, impl, x_hi, x_lo, s_x, lw, b, out_dtype, config=config)
 
 
