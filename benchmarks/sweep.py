@@ -1,20 +1,28 @@
-"""64 quantization plans vmapped in one jitted sampler vs Python loops of jitted calls (embedded model, CPU).
+"""64 quantization plans vmapped in one jitted sampler vs a Python loop of jitted calls (embedded model, CPU).
 
 Plans: the MixDiT recipe with an 8 × 8 grid of (linear, attention) outlier ratios — state, not
-structure. Three ways to sample all of them, compilation included, in one process:
+structure. The ways to sample all of them, each timed with its compilation (``jax.clear_caches()``
+before each, ahead-of-time ``lower().compile()`` timed apart from the run):
 
-* ``vmapped``: ``jdq.sweep`` — the stacked states through one ``jax.jit(jax.vmap(sampler))``
-  (compiled once, ``--chunk`` points per call);
-* ``loop, one compilation``: 64 calls of the jitted sampler with each state as an argument (a new
-  state does not recompile: jdq's own design, no vmap);
-* ``loop, compile per plan``: what a script per setting does — each ratio built into its own plan
-  (a new recipe closure, so a new jit cache entry and a compilation per plan). Measured on
-  ``--recompile-plans`` plans and scaled linearly to 64 (each plan pays the same compilation).
+* ``loop``: the natural user code, ``jax.jit(sample)`` of one plan state
+  (``jdq.sweep.looped_sampler``) called once per point, the state an argument (one compilation);
+* ``vmapped, chunk C``: ``jdq.sweep.vmapped_sampler`` — the same function under ``jax.vmap`` over
+  the stacked states, ``C`` points per call (one compilation per chunk size);
+* ``loop compiling each plan`` (``--recompile-plans K``): what a script per setting does — each ratio
+  built into its own rules (a new jit cache entry per plan), ``K`` plans measured, scaled to all.
 
-Memory per point: XLA's compiled memory analysis of the vmapped program (temporaries and
-outputs / points) and ``jdq.sweep.point_bytes``' conservative estimate.
+Both paths run the same code: the sampler quantizes the plan's weights once per call, before its
+loop (``jdq.quant.hoist``). The measurements are repeated ``--reps`` times, alternating their order
+(load from other processes then affects them alike); every repetition is printed and written.
 
-    python benchmarks/sweep.py [--points 64] [--samples 4] [--steps 2] [--chunk 64] [--json PATH]
+Also: XLA's cost analysis of one guided denoiser call (FLOPs of the quantized and of the FP call:
+the matmuls and the fake-quant element arithmetic), so achieved GFLOP/s of both paths; memory per
+point from XLA's compiled memory analysis of each vmapped program and ``jdq.sweep.point_bytes``.
+
+    python benchmarks/sweep.py [--points 64] [--samples 4] [--steps 2] [--chunks 8,64] [--reps 2] [--json PATH]
+
+``--device-run --out DIR`` instead measures a vmapped sweep's throughput per point on a random-weight
+DiT-XL/2 on the accelerator (``--tiny``: a small random DiT, a CPU smoke test); see :func:`device_run`.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import jdq
@@ -43,71 +52,159 @@ def mixdit_rules(linear, attn):
             Q.keep_float("*")]
 
 
+def _cost(compiled):
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, list) else ca
+    return {"flops": float(ca.get("flops", 0.0)), "bytes": float(ca.get("bytes accessed", 0.0))}
+
+
+def step_flops(spec: S.SamplerSpec, plan) -> dict:
+    """XLA cost analysis of one guided denoiser call (one sampler step) with ``plan`` and in FP."""
+    from jdq.sampling.loop import guided_output
+
+    x = jnp.zeros((spec.keys.shape[0],) + tuple(spec.shape), jnp.float32)
+    t = jnp.full((x.shape[0],), 500.0, jnp.float32)
+
+    def call(params, x, t, cond, uncond, state):
+        q = None if state is None else plan.bind(state)
+        return guided_output(spec.fn, params, x, t, cond, uncond, spec.guidance, quant=q,
+                             guided_channels=spec.guided_channels)
+
+    out = {}
+    for name, st in (("quantized", plan.init()), ("fp", None)):
+        out[name] = _cost(jax.jit(call).lower(spec.params, x, t, spec.cond, spec.uncond, st).compile())
+    return out
+
+
+def time_loop(spec, group, n):
+    """Compile the one-point sampler and call it for the first ``n`` points: (compile s, run s, samples)."""
+    jax.clear_caches()
+    t0 = time.perf_counter()
+    fn = S.looped_sampler(spec, group.plan)
+    compiled = fn.lower(*spec.inputs, jax.tree.map(lambda a: a[0], group.states)).compile()
+    t1 = time.perf_counter()
+    outs = [np.asarray(compiled(*spec.inputs, jax.tree.map(lambda a: a[i], group.states))) for i in range(n)]
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, np.stack(outs), compiled
+
+
+def time_vmapped(spec, group, n, chunk):
+    """Compile the vmapped sampler for ``chunk`` points and run the first ``n`` points: (compile s, run s, samples)."""
+    jax.clear_caches()
+    t0 = time.perf_counter()
+    fn = S.vmapped_sampler(spec, group.plan)
+    compiled = fn.lower(*spec.inputs, jax.tree.map(lambda a: a[:chunk], group.states)).compile()
+    t1 = time.perf_counter()
+    outs = []
+    for start in range(0, n, chunk):
+        st = jax.tree.map(lambda a: a[start:start + chunk], group.states)
+        if jax.tree.leaves(st)[0].shape[0] < chunk:  # a last short chunk: pad by repeating its last point
+            st = S.core._pad_points(st, chunk)
+        outs.append(np.asarray(compiled(*spec.inputs, st)))
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, np.concatenate(outs)[:n], compiled
+
+
+def _mem_per_point(compiled, points, shared_bytes):
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    per = (m.temp_size_in_bytes + m.output_size_in_bytes + m.argument_size_in_bytes - shared_bytes) / points
+    return {"temp_bytes": int(m.temp_size_in_bytes), "bytes_per_point": per}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--points", type=int, default=64)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--chunk", type=int, default=64)
-    ap.add_argument("--recompile-plans", type=int, default=4)
+    ap.add_argument("--chunks", default="8,64", help="comma-separated vmapped chunk sizes to time")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--recompile-plans", type=int, default=2, help="plans of the compile-per-plan loop (0: skip)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--device-run", action="store_true", help="DiT-XL/2 throughput per point (see device_run)")
+    ap.add_argument("--out", default=None, help="--device-run: output folder")
+    ap.add_argument("--tiny", action="store_true", help="--device-run: a small random DiT (CPU smoke test)")
+    ap.add_argument("--plans", type=int, default=16, help="--device-run: points of the vmapped sweep")
+    ap.add_argument("--max-chunk", type=int, default=None, help="--device-run: at most this many points per call")
     args = ap.parse_args()
+    if args.device_run:
+        return device_run(args)
+    chunks = [int(c) for c in args.chunks.split(",") if c.strip()]
     side = int(round(args.points ** 0.5))
     ratios = np.linspace(0.0, 0.35, side)
     vary = {"linear_ratio": [float(r) for r in ratios], "attn_ratio": [float(r) for r in ratios]}
     points = S.grid(vary)
+    n = len(points)
     model, _ = jdq.models.load(MODEL)
     spec = S.class_spec(model, np.arange(args.samples) % 10, steps=args.steps, guidance=4.0,
                         defaults={"clip_denoised": True})
     ops = S.spec_operands(spec)
     (group,) = S.build_groups(points, ops, recipe="mixdit")
-    load = os.getloadavg()
-    res = {"points": len(points), "samples": args.samples, "steps": args.steps, "chunk": args.chunk,
-           "loadavg_before": load, "cpus": os.cpu_count(), "jax": jax.__version__}
-
-    # vmapped: AOT compile (timed) + run, chunks of --chunk
-    t0 = time.perf_counter()
-    fn = S.vmapped_sampler(spec, group.plan)
-    chunk_states = jax.tree.map(lambda a: a[:args.chunk], group.states)
-    compiled = fn.lower(*spec.inputs, chunk_states).compile()
-    t_compile = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    outs = []
-    for start in range(0, len(points), args.chunk):
-        st = jax.tree.map(lambda a: a[start:start + args.chunk], group.states)
-        outs.append(np.asarray(compiled(*spec.inputs, st)))
-    vm = np.concatenate(outs)
-    t_vmap = time.perf_counter() - t0
-    res.update(vmapped_s=t_vmap, vmapped_compile_s=t_compile)
-    if mem is not None:
-        per = (mem.temp_size_in_bytes + mem.output_size_in_bytes + mem.argument_size_in_bytes) / args.chunk
-        res.update(xla_bytes_per_point=per, xla_temp_bytes=mem.temp_size_in_bytes)
+    res = {"points": n, "samples": args.samples, "steps": args.steps, "chunks": chunks, "reps": args.reps,
+           "cpus": os.cpu_count(), "jax": jax.__version__, "loadavg_start": os.getloadavg(), "runs": []}
+    flops = step_flops(spec, group.plan)
+    res["flops_per_point"] = {k: v["flops"] * args.steps for k, v in flops.items()}
+    res["xla_cost_one_step"] = flops
+    shared = S.core.tree_bytes(spec.inputs)
+    ref = None
+    for rep in range(args.reps):
+        order = ["loop"] + [f"vmapped:{c}" for c in chunks]
+        if rep % 2:
+            order = order[::-1]
+        for what in order:
+            load0 = os.getloadavg()[0]
+            if what == "loop":
+                tc, tr, x, compiled = time_loop(spec, group, n)
+                mem = _mem_per_point(compiled, 1, shared)
+                chunk = 1
+            else:
+                chunk = int(what.split(":")[1])
+                tc, tr, x, compiled = time_vmapped(spec, group, n, chunk)
+                mem = _mem_per_point(compiled, chunk, shared)
+            if ref is None:
+                ref = x
+            run = {"rep": rep, "what": what, "chunk": chunk, "compile_s": tc, "run_s": tr, "total_s": tc + tr,
+                   "run_ms_per_point": tr / n * 1e3, "gflops_per_s": res["flops_per_point"]["quantized"] * n / tr / 1e9,
+                   "loadavg_1min": [load0, os.getloadavg()[0]], "memory": mem,
+                   "max_abs_diff_vs_first": float(np.max(np.abs(x - ref)))}
+            res["runs"].append(run)
+            print(json.dumps(run), flush=True)
+    # compile-per-plan loop: each plan its own rules (a new jit cache entry), scaled to all points
+    k = min(args.recompile_plans, n)
+    if k:
+        jax.clear_caches()
+        t0 = time.perf_counter()
+        for p in points[:k]:
+            plan = Q.resolve(mixdit_rules(p["linear_ratio"], p["attn_ratio"]), ops)
+            np.asarray(spec.run(plan.bind(plan.init())))
+        t_k = time.perf_counter() - t0
+        res.update(loop_recompile_measured_plans=k, loop_recompile_measured_s=t_k, loop_recompile_s_scaled=t_k / k * n)
     res["estimated_bytes_per_point"] = S.point_bytes(ops, jax.tree.map(lambda a: a[0], group.states),
                                                      int(np.prod(spec.shape)) * 4, args.samples, True)
-
-    # loop with one compilation (state as argument)
-    t0 = time.perf_counter()
-    loop = [np.asarray(spec.run(group.plan.bind(jax.tree.map(lambda a: a[i], group.states)))) for i in range(len(points))]
-    t_loop = time.perf_counter() - t0
-    res.update(loop_one_compile_s=t_loop)
-    res["max_abs_diff_vmapped_vs_loop"] = float(max(np.max(np.abs(a - b)) for a, b in zip(vm, loop)))
-
-    # loop compiling per plan: k plans, each its own rules (a new jit cache entry), scaled to all points
-    k = min(args.recompile_plans, len(points))
-    t0 = time.perf_counter()
-    for p in points[:k]:
-        plan = Q.resolve(mixdit_rules(p["linear_ratio"], p["attn_ratio"]), ops)
-        np.asarray(spec.run(plan.bind(plan.init())))
-    t_k = time.perf_counter() - t0
-    res.update(loop_recompile_measured_plans=k, loop_recompile_measured_s=t_k,
-               loop_recompile_s_scaled=t_k / k * len(points))
-    res["speedup_vs_loop_one_compile"] = t_loop / t_vmap
-    res["speedup_vs_loop_recompile_scaled"] = res["loop_recompile_s_scaled"] / t_vmap
-    res["loadavg_after"] = os.getloadavg()
-    print(json.dumps(res, indent=2))
+    # summary per repetition: vmapped (each chunk) vs the loop of the same repetition
+    summary = []
+    for rep in range(args.reps):
+        rows = {r["what"]: r for r in res["runs"] if r["rep"] == rep}
+        loop = rows["loop"]
+        for c in chunks:
+            v = rows[f"vmapped:{c}"]
+            summary.append({"rep": rep, "chunk": c, "loop_total_s": loop["total_s"], "vmapped_total_s": v["total_s"],
+                            "speedup_total": loop["total_s"] / v["total_s"],
+                            "speedup_run_only": loop["run_s"] / v["run_s"],
+                            "bound_if_vmapped_run_were_free": loop["total_s"] / v["compile_s"]})
+    res["summary"] = summary
+    res["loadavg_end"] = os.getloadavg()
+    print(json.dumps({"summary": summary, "flops_per_point": res["flops_per_point"],
+                      "estimated_bytes_per_point": res["estimated_bytes_per_point"],
+                      **{k_: res[k_] for k_ in ("loop_recompile_s_scaled",) if k_ in res}}, indent=2))
     if args.json:
         from jdq.io import atomic_write_text
         atomic_write_text(args.json, json.dumps(res, indent=2) + "\n")
+
+
+def device_run(args):  # filled in below (GPU throughput per point)
+    raise SystemExit("--device-run: not available yet")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,26 @@ model's latency and energy per image on each ``--hardware`` preset. Writes ``swe
 ``sweep.md`` and ``pareto.png`` (quality vs latency, the front highlighted) to ``--out``; a rerun
 with the same settings resumes from the finished chunks.
 
-Settings (``--vary KEY=V1,V2,…``): recipe, ratio, linear_ratio, attn_ratio.
+Settings (``--vary KEY=V1,V2,…``; repeat ``--vary`` for a grid):
+
+  recipe=A,B                  the recipe (structure: each compiles separately)
+  ratio=…, linear_ratio=…,    MixDiT outlier fractions in [0, 1] (state: vmapped)
+  attn_ratio=…
+  bits.SITE=4,8               bit width of one linear layer of the transformer blocks (its weight
+                              and its input), e.g. bits.blocks.0.attn.qkv=4,8 (state: vmapped)
+  bits[GLOB]=4,8              bit width of every block linear layer matching the glob (``*``
+                              matches across dots), e.g. 'bits[blocks.*.mlp.*]=4,8' (quote it)
+  timegroup_bits=8-4-4-8,…    one width per time group for every block linear layer: a pattern of
+                              G widths splits the steps into G near-equal consecutive groups;
+                              patterns of one length are state (vmapped), of different lengths
+                              structure (compiled separately); bits.* settings override it
+
+Bit-width settings replace a recipe (do not pass --recipe): the block linear layers run in the
+formats of ``--bits-family`` (int: 2..8 bits, dynamic per-row int, weights per output channel and
+inputs per token; mx: 4, 6, 9 = MX4 / MX6 / MX9; mxfp: 4, 6, 8 = MXFP4 / MXFP6 / MXFP8), layers no
+setting names at ``--bits-default`` (the family's widest), every other operand in float. The
+output's last line (and ``structure`` in sweep.json) says which settings ran vmapped within one
+compilation and which split the grid into separate compilations.
 """
 
 from __future__ import annotations
@@ -39,8 +58,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="sampler steps")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-chunk", type=int, default=None, help="at most this many points per vmapped call")
+    p.add_argument("--max-chunk", type=int, default=None, help="at most this many points per vmapped call (default: as many as memory holds; 4 on a CPU)")
     p.add_argument("--calib-samples", type=int, default=8, help="samples to calibrate calibrated recipes on")
+    p.add_argument("--bits-family", default="int", choices=["int", "mx", "mxfp"],
+                   help="formats of bits.* / timegroup_bits widths (default int)")
+    p.add_argument("--bits-default", type=int, default=None,
+                   help="width of block linear layers no bits.* setting names (default: the family's widest)")
     p.add_argument("--out", required=True, help="output folder (resumable)")
     return p
 
@@ -62,8 +85,15 @@ def run(args) -> int:
         vary = core.parse_vary(args.vary)
     except core.SweepError as e:
         raise CliError(str(e)) from None
-    if args.recipe is None and "recipe" not in vary:
-        raise CliError("no recipe: give --recipe NAME or --vary recipe=A,B")
+    from jdq.sweep import bits as B
+    has_bits = any(B.is_bits_key(k) for k in vary)
+    if has_bits and (args.recipe is not None or "recipe" in vary):
+        raise CliError("bits.* / timegroup_bits set the block linear layers' formats themselves: "
+                       "do not combine them with --recipe or --vary recipe=...")
+    if not has_bits and (args.bits_default is not None or args.bits_family != "int"):
+        raise CliError("--bits-family / --bits-default apply to bits.* / timegroup_bits settings only")
+    if args.recipe is None and "recipe" not in vary and not has_bits:
+        raise CliError("no recipe: give --recipe NAME or --vary recipe=A,B (or vary bit widths: bits.SITE=4,8)")
     if args.recipe is not None and args.recipe not in recipes.names():
         raise CliError(f"unknown recipe {args.recipe!r}; known: {', '.join(recipes.names())}")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -86,7 +116,8 @@ def run(args) -> int:
         payload = runner.run_sweep(args.out, model, recipe=args.recipe, vary=vary, metrics=metrics, hardware=hardware,
                                    samples=args.samples, steps=args.steps, seed=args.seed, guidance=args.guidance,
                                    defaults=defaults, max_chunk=args.max_chunk, cost_model=args.cost_model,
-                                   calib_samples=args.calib_samples, model_name=folder.name)
+                                   calib_samples=args.calib_samples, model_name=folder.name,
+                                   bits_family=args.bits_family, bits_default=args.bits_default)
     except (core.SweepError, RunFolderError) as e:
         raise CliError(str(e)) from None
     print(runner.markdown_table(payload), end="")

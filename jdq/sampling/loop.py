@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdq.quant.calibrate import StatsCollector, operand_stats
+from jdq.quant.hoist import hoist_weights
 from jdq.sampling.samplers import Sampler
 
 Array = jax.Array
@@ -83,10 +84,13 @@ def guided_output(fn: Callable, params, x: Array, t: Array, cond, uncond=None, s
 
 
 def _scan(fn, params, sampler: Sampler, keys, cond, uncond, scale, quant, *, shape, guided_channels,
-          channel_axis, separate_cfg, collect, stat_fn, stat_roles, progress):
+          channel_axis, separate_cfg, collect, stat_fn, stat_roles, progress, hoist=False):
     n = sampler.num_steps
     x = initial_noise(keys, shape)
     b = x.shape[0]
+    if hoist and quant is not None and not collect:  # weights quantized once, outside the loop
+        quant = hoist_weights(fn, params, x[:1], jnp.full((1,), sampler.model_timesteps(0), jnp.float32),
+                              jax.tree.map(lambda a: a[:1], cond), quant, n)
 
     def body(carry, i):
         x, memory = carry
@@ -133,13 +137,14 @@ class step_progress:
         return False
 
 
-_STATIC = ("fn", "shape", "guided_channels", "channel_axis", "separate_cfg", "collect", "stat_fn", "stat_roles", "progress")
+_STATIC = ("fn", "shape", "guided_channels", "channel_axis", "separate_cfg", "collect", "stat_fn", "stat_roles", "progress",
+           "hoist")
 _scan_jit = jax.jit(_scan, static_argnames=_STATIC)
 
 
 def sample(fn: Callable, params, sampler: Sampler, cond, keys: Array, shape: tuple[int, ...], *, uncond=None,
            guidance: float = 1.0, guided_channels: int | None = None, quant=None, channel_axis: int = -1,
-           separate_cfg: bool = False, progress: bool = False) -> Array:
+           separate_cfg: bool = False, progress: bool = False, hoist_weights: bool = True) -> Array:
     """Run ``sampler`` from ``N(0, I)`` with the denoiser ``fn``; returns ``[B, *shape]`` float32.
 
     ``keys``: one PRNG key per sample (:func:`sample_keys`); ``cond``/``uncond``: pytrees with a
@@ -148,14 +153,15 @@ def sample(fn: Callable, params, sampler: Sampler, cond, keys: Array, shape: tup
     (``plan.bind(state)``), stepped with ``at_step`` inside the loop. ``progress=True`` reports each
     finished step to the hooks of :class:`step_progress` (e.g. a tqdm bar). The whole loop is one
     jitted ``lax.scan``; inputs placed with a batch sharding (:mod:`jdq.sharding`) run
-    data-parallel.
+    data-parallel. ``hoist_weights`` (default): the plan's weights are quantized once before the
+    loop, not at every step (:func:`jdq.quant.hoist.hoist_weights`; the same values).
     """
     _check(sampler, cond, keys)
     use_cfg = uncond is not None and guidance != 1.0
     return _scan_jit(fn, params, sampler, keys, cond, uncond if use_cfg else None, jnp.float32(guidance), quant,
                      shape=tuple(shape), guided_channels=guided_channels, channel_axis=channel_axis,
                      separate_cfg=separate_cfg, collect=False, stat_fn=operand_stats, stat_roles=None,
-                     progress=bool(progress))
+                     progress=bool(progress), hoist=bool(hoist_weights))
 
 
 def collect_sampler_stats(fn: Callable, params, sampler: Sampler, cond, keys: Array, shape: tuple[int, ...], *,

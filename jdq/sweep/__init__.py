@@ -16,6 +16,7 @@ from jdq.sweep.core import (
     chunk_size,
     class_spec,
     grid,
+    looped_sampler,
     parse_vary,
     point_bytes,
     point_label,

@@ -29,6 +29,7 @@ import numpy as np
 from jdq import quant as Q
 from jdq import recipes, sharding
 from jdq.sampling.loop import sample
+from jdq.sweep import bits
 
 
 class SweepError(ValueError):
@@ -92,14 +93,16 @@ def parse_vary(specs: Sequence[str]) -> dict[str, list]:
         key = key.strip()
         if not eq or not key or not values.strip():
             raise SweepError(f"--vary {spec!r}: expected KEY=V1,V2,...")
-        if key not in SETTINGS:
-            raise SweepError(f"--vary {spec!r}: unknown setting {key!r}; known: {', '.join(SETTINGS)}")
+        if key not in SETTINGS and not bits.is_bits_key(key):
+            raise SweepError(f"--vary {spec!r}: unknown setting {key!r}; known: {', '.join(SETTINGS)}, "
+                             f"bits.SITE, bits[GLOB], {bits.PATTERN}")
         if key in out:
             raise SweepError(f"--vary: setting {key!r} is given twice")
+        parse = SETTINGS[key].parse if key in SETTINGS else (lambda text, key=key: bits.parse_value(key, text))
         parsed = []
         for text in values.split(","):
             try:
-                v = SETTINGS[key].parse(text.strip())
+                v = parse(text.strip())
             except ValueError as e:
                 raise SweepError(f"--vary {key}: value {text.strip()!r} {e}") from None
             if v in parsed:
@@ -117,7 +120,9 @@ def grid(vary: Mapping[str, Sequence]) -> list[dict]:
 
 def point_label(point: Mapping) -> str:
     """A short label of a point: ``"recipe=mixdit ratio=0.1"``."""
-    return " ".join(f"{k}={v}" for k, v in point.items()) or "base"
+    def text(v):
+        return "-".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    return " ".join(f"{k}={text(v)}" for k, v in point.items()) or "base"
 
 
 def _layout(state) -> tuple:
@@ -135,25 +140,54 @@ class Group:
     points: list[dict]
     states: Any
     varies: tuple[str, ...] = ()
+    space: Any = None  # the jdq.sweep.bits.BitsSpace of a bit-width sweep
 
     def __len__(self):
         return len(self.indices)
 
 
 def build_groups(points: Sequence[Mapping], operands: Sequence[Q.Operand], *, recipe: str | None = None,
-                 stats_for: Callable[[str], Any] | None = None) -> list[Group]:
+                 stats_for: Callable[[str], Any] | None = None, num_steps: int | None = None,
+                 bits_family: str = "int", bits_default: int | None = None) -> list[Group]:
     """Plans and stacked states of ``points``, grouped by plan and state layout (one group per compilation).
 
     ``recipe`` is the default recipe (a point may override it with a ``recipe`` setting);
     ``stats_for(recipe_name)`` returns calibration statistics for calibrated recipes. A state-only
-    setting that applies to no operand of its recipe raises :class:`SweepError`.
+    setting that applies to no operand of its recipe raises :class:`SweepError`. Bit-width
+    settings (:mod:`jdq.sweep.bits`: ``bits.SITE``, ``bits[GLOB]``, ``timegroup_bits``, widths of
+    ``bits_family``, ``bits_default`` for the layers none names; ``num_steps`` for time groups)
+    use the ``bits`` plan instead of a recipe.
     """
     plans: dict[str, tuple[Q.Plan, Any]] = {}
     buckets: dict[tuple, Group] = {}
+    space = None
+    if any(bits.is_bits_key(k) for p in points for k in p):
+        if recipe is not None or any("recipe" in p for p in points):
+            raise SweepError("bit-width settings (bits.*, timegroup_bits) choose the formats of the blocks' linear "
+                             "layers themselves: do not combine them with a recipe")
+        try:
+            space = bits.BitsSpace(points, operands, bits_family=bits_family, default=bits_default, num_steps=num_steps)
+        except bits.BitsError as e:
+            raise SweepError(str(e)) from None
     for index, point in enumerate(points):
-        unknown = [k for k in point if k not in SETTINGS]
+        unknown = [k for k in point if k not in SETTINGS and not bits.is_bits_key(k)]
         if unknown:
             raise SweepError(f"unknown setting(s) {unknown}; known: {', '.join(SETTINGS)}")
+        if space is not None:
+            pattern = point.get(bits.PATTERN)
+            name = bits.RECIPE if pattern is None else f"{bits.RECIPE}:{len(pattern)}-groups"
+            if name not in plans:
+                plans[name] = (space.plan(operands, None if pattern is None else len(pattern)), None)
+            plan = plans[name][0]
+            state = space.state(plan, point)
+            bucket = (name, _layout(state))
+            if bucket not in buckets:
+                buckets[bucket] = Group(plan, bits.RECIPE, [], [], [], space=space)
+            g = buckets[bucket]
+            g.indices.append(index)
+            g.points.append(dict(point))
+            g.states.append(state)
+            continue
         name = point.get("recipe", recipe)
         if name is None:
             raise SweepError("no recipe: give --recipe or vary recipe=...")
@@ -228,6 +262,25 @@ def point_bytes(operands: Sequence[Q.Operand], state, sample_bytes: int, batch: 
     return tree_bytes(state) + 2 * sample_bytes * batch + 3 * per_call
 
 
+def hoisted_bytes(plan: Q.Plan, state, num_steps: int) -> int:
+    """Bytes of one point's own quantized weights, kept for the whole sampler call (``jdq.quant.hoist``).
+
+    A weight whose transform has state (a per-layer bit choice) is quantized per point, once per
+    step class (time group); a stateless one is shared by every point and not counted.
+    """
+    from jdq.quant.hoist import MAX_COPIES, step_classes
+
+    total = 0
+    for o in plan.operands:
+        t = plan.transform_for(o.key)
+        if o.role != "weight" or t is None or not jax.tree.leaves(state.get(o.key)):
+            continue
+        classes = step_classes(t.meta, num_steps)
+        if classes is not None and len(classes[1]) <= MAX_COPIES:
+            total += len(classes[1]) * int(np.prod(o.shape)) * jnp.dtype(o.dtype).itemsize
+    return total
+
+
 def available_bytes() -> int:
     """Memory the sweep may use: the device's limit when it reports one, else a quarter of host RAM."""
     stats = getattr(jax.local_devices()[0], "memory_stats", lambda: None)()
@@ -237,6 +290,12 @@ def available_bytes() -> int:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4)
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
         return 2 << 30
+
+
+#: Default most points per vmapped call on a CPU backend: benchmarks/RESULTS.md §10 (2026-12-02,
+#: second round) measured the embedded model's per-point run time at 4 points per call equal to a
+#: loop's and 1.5-2x slower at 8-64, whose intermediates no longer stay in the caches.
+CPU_MAX_CHUNK = 4
 
 
 def chunk_size(num_points: int, per_point: int, budget: int | None = None, max_chunk: int | None = None,
@@ -285,17 +344,28 @@ class SamplerSpec:
         return (self.params, self.cond, self.keys, self.uncond)
 
 
+def _one_point(spec: SamplerSpec, plan: Q.Plan) -> Callable:
+    def one(params, cond, keys, uncond, state):
+        return sample(spec.fn, params, spec.sampler, cond, keys, spec.shape, uncond=uncond, guidance=spec.guidance,
+                      guided_channels=spec.guided_channels, quant=plan.bind(state))
+    return one
+
+
 def vmapped_sampler(spec: SamplerSpec, plan: Q.Plan) -> Callable:
     """``fn(*spec.inputs, states [P, …]) -> samples [P, B, *shape]``: the whole sampler vmapped over stacked states, jitted.
 
     Params, conditions and keys are arguments (not constants closed over), so XLA does not fold the
-    weights' quantization into the program at compile time.
+    weights' quantization into the program at compile time. The sampler quantizes the weights once
+    per call, before its loop (``jdq.sampling.sample(hoist_weights=True)``): a weight whose
+    transform has no state is quantized once for every point, one that depends on the state (a
+    per-layer bit choice) once per point, neither at every step.
     """
-    def one(params, cond, keys, uncond, state):
-        return sample(spec.fn, params, spec.sampler, cond, keys, spec.shape, uncond=uncond, guidance=spec.guidance,
-                      guided_channels=spec.guided_channels, quant=plan.bind(state))
+    return jax.jit(jax.vmap(_one_point(spec, plan), in_axes=(None, None, None, None, 0)))
 
-    return jax.jit(jax.vmap(one, in_axes=(None, None, None, None, 0)))
+
+def looped_sampler(spec: SamplerSpec, plan: Q.Plan) -> Callable:
+    """``fn(*spec.inputs, state) -> samples [B, *shape]``: the same sampler for one state, jitted (a loop calls it per point)."""
+    return jax.jit(_one_point(spec, plan))
 
 
 def run_group(spec: SamplerSpec, group: Group, *, chunk: int, mesh=None,
@@ -336,7 +406,8 @@ def run_group(spec: SamplerSpec, group: Group, *, chunk: int, mesh=None,
 
 def run_loop(spec: SamplerSpec, group: Group) -> list[np.ndarray]:
     """Samples of every point of ``group`` one jitted call per point (the reference the vmapped run must match)."""
-    return [np.asarray(spec.run(group.plan.bind(_unstack(group.states, i)))) for i in range(len(group))]
+    run = looped_sampler(spec, group.plan)
+    return [np.asarray(run(*spec.inputs, _unstack(group.states, i))) for i in range(len(group))]
 
 
 def class_spec(model, labels, *, steps: int, sampler: str | None = None, guidance: float | None = None,

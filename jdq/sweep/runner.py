@@ -25,7 +25,7 @@ from jdq.io import atomic_write_text
 from jdq.metrics import shards
 from jdq.metrics.fid import RankDeficientWarning
 from jdq.sampling.images import save_npz, to_uint8
-from jdq.sweep import core, latency, pareto
+from jdq.sweep import bits, core, latency, pareto
 
 #: Quality metrics a sweep can report: name -> (higher is better, description).
 METRICS = {
@@ -91,8 +91,11 @@ def run_sweep(out, model, *, recipe: str | None, vary: Mapping[str, list], metri
               hardware: Sequence[str], samples: int, steps: int, seed: int = 0, guidance: float | None = None,
               defaults: Mapping | None = None, max_chunk: int | None = None, cost_model: str | None = None,
               calib_samples: int = 8, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
-              model_name: str = "") -> dict:
-    """Run (or resume) the sweep into folder ``out``; return the ``sweep.json`` payload (also written)."""
+              model_name: str = "", bits_family: str = "int", bits_default: int | None = None) -> dict:
+    """Run (or resume) the sweep into folder ``out``; return the ``sweep.json`` payload (also written).
+
+    ``bits_family`` / ``bits_default``: the formats of bit-width settings (:mod:`jdq.sweep.bits`).
+    """
     from jdq import hw
     from jdq.hw import workload
     from jdq.models.spec import named_configs
@@ -113,11 +116,14 @@ def run_sweep(out, model, *, recipe: str | None, vary: Mapping[str, list], metri
     k = model.config.num_classes
     spec = core.class_spec(model, np.arange(samples) % k, steps=steps, guidance=guidance, seed=seed, defaults=defaults)
     ops = core.spec_operands(spec)
-    groups = core.build_groups(points, ops, recipe=recipe, stats_for=calibration_stats(spec, calib_samples, seed))
+    groups = core.build_groups(points, ops, recipe=recipe, stats_for=calibration_stats(spec, calib_samples, seed),
+                               num_steps=steps, bits_family=bits_family, bits_default=bits_default)
     structure = core.structure_report(groups)
     settings = dict(model=model_name, recipe=recipe, vary={k_: [repr(v) for v in vs] for k_, vs in vary.items()},
                     samples=samples, steps=steps, seed=seed, guidance=spec.guidance, sampler=spec.sampler.kind,
                     calib_samples=calib_samples)
+    if groups[0].space is not None:
+        settings.update(bits_family=groups[0].space.bits_family, bits_default=groups[0].space.default)
     shards.prepare(out, settings)
     (out / "points").mkdir(exist_ok=True)
 
@@ -135,7 +141,9 @@ def run_sweep(out, model, *, recipe: str | None, vary: Mapping[str, list], metri
     for gi, g in enumerate(groups):
         state0 = jax.tree.map(lambda a: a[0], g.states)
         per_point = core.point_bytes(ops, state0, int(np.prod(spec.shape)) * 4, samples, spec.uncond is not None)
-        chunk = core.chunk_size(len(g), per_point, max_chunk=max_chunk, devices=devices)
+        per_point += core.hoisted_bytes(g.plan, state0, steps)
+        cap = max_chunk if max_chunk is not None else (core.CPU_MAX_CHUNK if jax.default_backend() == "cpu" else None)
+        chunk = core.chunk_size(len(g), per_point, max_chunk=cap, devices=devices)
         memory.append({"group": gi, "estimated_bytes_per_point": per_point, "chunk": chunk})
 
         def path_of(start, gi=gi):
@@ -194,6 +202,14 @@ def run_sweep(out, model, *, recipe: str | None, vary: Mapping[str, list], metri
     for gi, g in enumerate(groups):
         for j, i in enumerate(g.indices):
             state = jax.tree.map(lambda a: a[j], g.states)
+            if g.space is not None:  # bit widths: priced per time group on the cost shapes, by site
+                cost = {}
+                for name, hw_ in zip(hardware, presets):
+                    c = bits.point_cost(hw_, cost_ops, g.space, points[i], steps)
+                    cost[name] = {"seconds": c["seconds"], "energy_j": c["energy_j"],
+                                  "speedup_vs_bf16": fp_cost[name]["seconds"] / c["seconds"]}
+                rows.append(_row(i, points, gi, g, found, metrics, fp_img, feats_of, fp_feats, reference, needs_fid, cost))
+                continue
             if cost_model is not None:  # the same recipe and settings resolved on the cost model's operands
                 if g.recipe not in cost_plans:
                     from jdq import recipes
@@ -213,13 +229,7 @@ def run_sweep(out, model, *, recipe: str | None, vary: Mapping[str, list], metri
                 c = latency.plan_cost(hw_, cost_ops, cplan, cstate)
                 cost[name] = {"seconds": c["seconds"] * steps, "energy_j": c["energy_j"] * steps,
                               "speedup_vs_bf16": fp_cost[name]["seconds"] / (c["seconds"] * steps)}
-            img = to_uint8(found[i])
-            feats = feats_of(img) if needs_fid else None
-            with warnings.catch_warnings():  # said once below, not per point and jackknife group
-                warnings.simplefilter("ignore", RankDeficientWarning)
-                quality = point_metrics(metrics, img, fp_img, feats, fp_feats, reference)
-            rows.append({"index": i, "label": core.point_label(points[i]), "point": points[i], "group": gi,
-                         "recipe": g.recipe, "metrics": quality, "cost": cost})
+            rows.append(_row(i, points, gi, g, found, metrics, fp_img, feats_of, fp_feats, reference, needs_fid, cost))
     rows.sort(key=lambda r: r["index"])
     payload = {"settings": settings, "structure": structure, "memory": memory, "metrics": list(metrics),
                "hardware": list(hardware), "cost_model": cost_model or "the swept model (batch 2: CFG)",
@@ -240,6 +250,17 @@ def run_sweep(out, model, *, recipe: str | None, vary: Mapping[str, list], metri
     atomic_write_text(out / "sweep.json", json.dumps(payload, indent=2, default=_json_default) + "\n")
     atomic_write_text(out / "sweep.md", markdown_table(payload))
     return payload
+
+
+def _row(i, points, gi, g, found, metrics, fp_img, feats_of, fp_feats, reference, needs_fid, cost) -> dict:
+    img = to_uint8(found[i])
+    feats = feats_of(img) if needs_fid else None
+    with warnings.catch_warnings():  # said once below, not per point and jackknife group
+        warnings.simplefilter("ignore", RankDeficientWarning)
+        quality = point_metrics(metrics, img, fp_img, feats, fp_feats, reference)
+    point = {k: list(v) if isinstance(v, tuple) else v for k, v in points[i].items()}
+    return {"index": i, "label": core.point_label(points[i]), "point": point, "group": gi,
+            "recipe": g.recipe, "metrics": quality, "cost": cost}
 
 
 def _num(v):
