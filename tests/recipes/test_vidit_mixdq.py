@@ -113,3 +113,75 @@ def test_vidit_q_mp_assignment_respects_the_budget():
     assert plan.transform_for("blocks.1.mlp.fc1:weight").meta.spec.bits == 4
     with pytest.raises(ValueError, match="sensitivity="):
         vidit_q.tune(m, stats, None, None, dict(vidit_q.OPTIONS, mp_budget=4.5))
+
+
+@functools.cache
+def tiny():
+    """A one-block random DiT, a 2-step DDIM sampler, two labels and their calibration statistics."""
+    from jdq.models import dit
+    from jdq.recipes.core import calibration_stats, model_operands
+    from jdq.sampling.generate import resolve_sampler
+
+    cfg = dit.Config(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3)
+    m = dit.from_config(cfg, key=1)
+    sampler = resolve_sampler(m, "ddim", 2)
+    labels = jnp.asarray([0, 2], jnp.int32)
+    sites = [o.site for o in model_operands(m, labels) if o.role == "weight" and o.site.startswith("blocks.")]
+    return m, sampler, labels, sites, calibration_stats(m, sampler, labels)
+
+
+@pytest.mark.slow  # ~10-30 s on 2 shared cores: two compiled ranking samplers
+def test_pixel_mse_ranking_picks_the_argmin():
+    """Constructed answers: all-8-bit weights beat all-2-bit ones; float activations (and weights) are exact."""
+    m, sampler, labels, sites, stats = tiny()
+    w2, w8 = {s: 2 for s in sites}, {s: 8 for s in sites}
+    mixed = dict(w8, **{sites[-1]: 2})
+    best, mses = mixdq.rank_by_pixel_mse(m, sampler, labels, [w2, w8, mixed], samples=2)
+    assert best == int(np.argmin(mses)) == 1 and mses[1] < mses[2] < mses[0]
+    a4, a8, fp = ({s: b for s in sites} for b in (4, 8, 0))
+    best, mses = mixdq.rank_by_pixel_mse(m, sampler, labels, [a4, a8, fp], side="act", stats=stats, samples=2)
+    assert best == 2 and mses[2] <= 1e-3 * mses[1] < mses[1] < mses[0]
+    with pytest.raises(ValueError, match="statistics"):
+        mixdq.rank_by_pixel_mse(m, sampler, labels, [a4], side="act", samples=2)
+    with pytest.raises(ValueError, match="not one of"):
+        mixdq.rank_by_pixel_mse(m, sampler, labels, [{sites[0]: 7}], samples=2)
+
+
+@pytest.mark.slow  # ~20-40 s on 2 shared cores
+def test_tune_records_both_rankings(tmp_path):
+    """``tune`` ranks the weight candidates, then the activation candidates with the weights fixed, and records both."""
+    m, sampler, labels, sites, stats = tiny()
+    rng = np.random.default_rng(1)
+    units = {}
+    act_sizes = [150, 100, 250, 100, 200]  # two distinct joint solutions at 6.0 bits
+    for i, s in enumerate(sites):  # sizes with two distinct paper solutions at 4.0 weight bits
+        metric = "ssim" if ".mlp." in s else "sqnr"
+        sens = rng.uniform(0.2, 1.0)
+        score = (lambda b: 1 - sens * 2.0**-b) if metric == "ssim" else (lambda b: 6.0 * b - 10 * sens)
+        units[s] = {"metric": metric, "group": "ffn" if metric == "ssim" else "attention", "sites": [s],
+                    "weight_size": 1000 * (3, 5, 2, 4, 6)[i], "act_size": act_sizes[i],
+                    "weight": {str(b): {metric: score(b), "sqnr": 6.0 * b - 10 * sens} for b in (2, 3, 4, 5, 6, 8)},
+                    "act": {str(b): {metric: score(b) - sens, "sqnr": 6.0 * b - 11 * sens} for b in (4, 8)}}
+    path = tmp_path / "s.json"
+    path.write_text(__import__("json").dumps({"units": units}))
+    for search, cands in (("paper", None), ("noise", (3, 4, 5, 6, 8))):
+        opts = dict(mixdq.OPTIONS, mp_budget=4.0, act_budget=6.0 if search == "noise" else None,
+                    act_protect=0.0 if search == "noise" else 0.2,
+                    sensitivity=str(path), rank_samples=2, mp_search=search, mp_candidates=cands, rank_uniform=True)
+        got = mixdq.tune(m, stats, sampler, labels, opts)
+        for side in ("weight", "act") if search == "noise" else ("weight",):
+            rk = got["ranking"][side]
+            mses = [c["mse"] for c in rk["candidates"]]
+            assert len(mses) >= 2 and rk["chosen"] == int(np.argmin(mses))
+        assert set(got["weight_bits"]) == set(sites)
+        if search == "noise":
+            assert set(got["act_bits"]) == set(sites) and set(got["act_bits"].values()) <= {4, 8}
+        else:  # ceil(20 %) of each group's layers in float, the others at the uniform abits
+            assert list(got["act_bits"].values()) == [0, 0]
+        w = got["ranking"]["weight"]["candidates"]
+        assert w[0]["layers_per_bits"] == {"4": len(sites)}  # rank_uniform: the uniform assignment is a candidate
+        assert all(c["mean_bits"] <= 4.0 + 0.02 for c in w)
+        if cands:
+            assert set(got["weight_bits"].values()) <= set(cands)
+        # the ranked winner is no worse than uniform on the ranking samples
+        assert min(c["mse"] for c in w) <= w[0]["mse"]
