@@ -185,3 +185,69 @@ def test_tune_records_both_rankings(tmp_path):
             assert set(got["weight_bits"].values()) <= set(cands)
         # the ranked winner is no worse than uniform on the ranking samples
         assert min(c["mse"] for c in w) <= w[0]["mse"]
+
+
+def timed_sensitivity(worse_group=1):
+    """A time-grouped ``jdq sensitivity`` result: two units, two groups; ``worse_group`` hurts more at 4 bits."""
+    units = {}
+    for unit, metric, group, sites in (("blocks.0/ffn", "ssim", "ffn", ["blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]),
+                                       ("blocks.0/attention", "sqnr", "attention", ["blocks.0.attn.qkv"])):
+        for g in (0, 1):
+            loss = 0.05 if g == worse_group else 0.005  # the 4-bit damage of this (unit, group)
+            w = {"4": {"ssim": 1 - loss, "sqnr": 10 * np.log10(1 / loss)},
+                 "8": {"ssim": 1 - 1e-4, "sqnr": 50.0}}
+            units[f"{unit}@t{g}"] = {"metric": metric, "group": group, "sites": sites, "unit": unit, "time_group": g,
+                                     "steps": [g], "weight_size": 1000, "act_size": 10, "weight": w}
+    units["blocks.0/adaln@t0"] = {"metric": "sqnr", "group": "adaln", "sites": ["blocks.0.adaLN_modulation"],
+                                  "unit": "blocks.0/adaln", "time_group": 0, "steps": [0], "weight_size": 10**6,
+                                  "act_size": 10, "weight": {"4": {"sqnr": 1.0}, "8": {"sqnr": 2.0}}}
+    return {"units": units}
+
+
+@pytest.mark.parametrize("search", ["paper", "noise"])
+@pytest.mark.parametrize("worse", [0, 1])
+def test_vidit_q_time_group_that_hurts_more_gets_more_bits(search, worse):
+    got = vidit_q.mp_assignment(timed_sensitivity(worse), 6.0, search=search)
+    assert "blocks.0.adaLN_modulation" not in got  # kept in float by the plan: not in the budget
+    for site in ("blocks.0.mlp.fc1", "blocks.0.mlp.fc2", "blocks.0.attn.qkv"):
+        assert got[site][worse] == 8 and got[site][1 - worse] == 4
+
+
+@pytest.mark.slow  # ~30-70 s on 2 shared cores: a per-time-group sweep and two plans on a tiny DiT
+def test_vidit_q_per_time_group_mp_end_to_end():
+    """Measured per time group on a tiny DiT: the group whose 4-bit weights hurt more gets 8 bits; the plan applies it."""
+    from jdq.quant import sensitivity as S
+    from jdq.recipes.core import model_operands
+    from jdq.sampling.generate import Denoiser, sample_shape
+    from jdq.sampling.loop import sample, sample_keys
+
+    m, sampler, labels, sites, _ = tiny()
+    ops = model_operands(m, labels)
+    groups = S.contiguous_groups(sampler.num_steps, 2)
+    fn, shape, keys = Denoiser(m, "dit"), sample_shape(m), sample_keys(0, 2)
+    draw = lambda q=None: np.asarray(sample(fn, m.params, sampler, labels, keys, shape, quant=q))  # noqa: E731
+    fp = draw()
+    unit = S.units(ops, "group")["blocks.0/ffn"]
+    units = {}
+    for bits in (4, 8):
+        plan = S.sweep_plan(ops, S.SweepSpec((bits,), (8,), "row", "group"), "weight", bits, groups)
+        base = plan.init({})
+        for g in (0, 1):
+            u = units.setdefault(f"blocks.0/ffn@t{g}", {"metric": "sqnr", "group": "ffn", "sites": list(unit),
+                                                        "unit": "blocks.0/ffn", "time_group": g, "steps": [g],
+                                                        "weight_size": 1000, "weight": {}})
+            u["weight"][str(bits)] = {"sqnr": S.sqnr(fp, draw(plan.bind(S.switch_on(plan, base, unit, g))))}
+    loss = {g: units[f"blocks.0/ffn@t{g}"]["weight"]["4"]["sqnr"] for g in (0, 1)}
+    assert loss[0] != loss[1]
+    worse = min(loss, key=loss.get)  # the lower SQNR at 4 bits: quantizing that group hurts more
+    got = vidit_q.mp_assignment({"units": units}, 6.0, search="noise")
+    assert all(got[s][worse] == 8 and got[s][1 - worse] == 4 for s in unit)
+    # the plan quantizes those weights at 8 bits during that group's step, at 4 bits in the other
+    rules = lambda wb: vidit_q.rules(wbits=4, abits=8, balance="none", steps=2, weight_bits=wb)  # noqa: E731
+    mp = Q.resolve(rules(got) + [Q.keep_float("*")], ops)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2,) + shape), jnp.float32)
+    for step in (0, 1):
+        fixed = Q.resolve(rules({s: got[s][step] for s in unit}) + [Q.keep_float("*")], ops)
+        a = fn(m.params, x, jnp.full((2,), 500.0), labels, quant=mp.bind(mp.init({})).at_step(step, 2))
+        b = fn(m.params, x, jnp.full((2,), 500.0), labels, quant=fixed.bind(fixed.init({})).at_step(step, 2))
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
