@@ -1,4 +1,4 @@
-"""``jdq sensitivity``: per-layer, per-bit-width sensitivity of a class-conditional DiT, as JSON and a bar chart.
+"""``jdq sensitivity``: per-layer, per-bit-width sensitivity of a DiT or a text-to-image pipeline, as JSON and a bar chart.
 
 Each unit (one linear layer with ``--recipe mixdq``, one block's attention / cross-attention /
 FFN group with ``--recipe vidit-q``) is quantized alone at each candidate bit width, its weights
@@ -6,6 +6,16 @@ and its input activations separately, and the samples are compared with the floa
 samples of the same noise: SSIM of the images for content units (FFN, cross-attention), SQNR of
 the output for quality units (the rest) — MixDQ's metric decoupling (:mod:`jdq.quant.sensitivity`).
 Both metrics are stored for every unit; ``metric`` names the one the allocation uses.
+
+Models: a class-conditional DiT folder (default: the embedded model; classes in turn), or a
+converted PixArt-Σ / SD3 pipeline folder with ``--prompts FILE`` (one prompt per line, used in
+turn for the ``--samples`` samples; negative prompt ``""`` under guidance, as ``jdq sample``): the
+transformer is swept, the text encoders run in floating point, SQNR is taken on the latents and
+SSIM on the VAE-decoded images.
+
+``--time-groups G`` splits the sampler's steps into ``G`` groups of consecutive steps (ViDiT-Q: 4
+groups of its 20 steps) and measures every unit in every group separately (quantized during that
+group's steps only): units are then named ``"<unit>@t<g>"`` with ``time_group`` and ``steps``.
 
 ``DIR/sensitivity.json`` is rewritten atomically after every measurement, so an interrupted run
 continues where it stopped (same settings required); ``DIR/sensitivity.png`` is drawn at the end.
@@ -36,11 +46,18 @@ CHART = "sensitivity.png"
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``sensitivity`` sub-command; return its parser."""
     p = subparsers.add_parser(NAME, help=HELP, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", default=None, help="model folder (default: the embedded Animal-MNIST DiT)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="a class-conditional DiT folder or a PixArt-Σ / SD3 pipeline folder (with --prompts); "
+                        "default: the embedded Animal-MNIST DiT")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="prompts of a pipeline folder, one per line (used in turn for the samples)")
     p.add_argument("--recipe", required=True, choices=sorted(SWEEPS), help="whose sweep: units, bit widths, activations")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (sensitivity.json, sensitivity.png)")
     p.add_argument("--samples", type=int, default=20, help="samples per measurement (classes in turn; default 20)")
+    p.add_argument("--sampler", default=None, help="ddpm, ddim, dpm++2m or euler (default: the model's)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
+    p.add_argument("--time-groups", type=int, default=None, metavar="G",
+                   help="measure every unit in each of G groups of consecutive steps separately (ViDiT-Q: 4)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
     p.add_argument("--calib-samples", type=int, default=8, help="calibration samples for static activations")
     p.add_argument("--seed", type=int, default=0, help="noise seed of the compared samples")
@@ -53,7 +70,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _settings(args, model_folder, sampler_name, steps, guidance) -> dict:
+def _settings(args, model_folder, sampler_name, steps, guidance, prompts=None) -> dict:
     sweep = dict(SWEEPS[args.recipe])
     if args.by is not None:
         sweep["by"] = args.by
@@ -63,7 +80,10 @@ def _settings(args, model_folder, sampler_name, steps, guidance) -> dict:
         sweep["act_bits"] = tuple(args.act_bits)
     return {"model": str(Path(model_folder).resolve()), "recipe": args.recipe, "samples": args.samples,
             "sampler": sampler_name, "steps": steps, "guidance": guidance, "seed": args.seed,
-            "calib_samples": args.calib_samples, "only": args.only, **{k: list(v) if isinstance(v, tuple) else v for k, v in sweep.items()}}
+            "calib_samples": args.calib_samples, "only": args.only,
+            **({} if args.time_groups is None else {"time_groups": args.time_groups}),
+            **({} if prompts is None else {"prompts": list(prompts)}),
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in sweep.items()}}
 
 
 def _load_previous(path: Path, settings: dict) -> dict:
@@ -117,26 +137,64 @@ def chart(results: dict, path: Path, title: str) -> Path:
     return path
 
 
-def run(args) -> int:
-    """``jdq sensitivity``: validate, sample FP once, then every unit × side × bit width (resumable)."""
-    for name in ("samples", "calib_samples"):
-        if getattr(args, name) < 1:
-            raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.steps is not None and args.steps < 1:
-        raise CliError(f"--steps must be >= 1, got {args.steps}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CliError(f"--out {out} exists and is not a folder")
+def _conditions(args, folder, samples):
+    """``(model, defaults, cond, uncond_or_None_maker, decode, prompts)`` of a DiT or a pipeline folder."""
+    from jdq.sampling.pipelines import is_pipeline_folder
 
+    if args.model is not None and Path(args.model).is_dir() and is_pipeline_folder(args.model):
+        if args.prompts is None:
+            raise CliError(f"{args.model} is a text-to-image pipeline: give --prompts FILE (one prompt per line)")
+        from jdq.cli.encode_prompts import read_prompts
+        from jdq.cli.sample_text import load_pipeline
+
+        prompts = read_prompts(args.prompts)
+        pipe = load_pipeline(args.model)
+        prompts = [prompts[j % len(prompts)] for j in range(samples)]
+        cond = pipe.encode(prompts)
+        return pipe.transformer, dict(pipe.defaults), cond, (lambda: pipe.encode([""], "negative prompt")), \
+            pipe.decode, prompts
+    if args.prompts is not None:
+        raise CliError("--prompts applies to a text-to-image pipeline folder (with pipeline.json)")
     from jdq.cli.sample import _resolve_model
-
     from jdq.models.spec import find_spec
 
     folder, model, defaults = _resolve_model(args.model)
     spec = find_spec(model)
     if spec is None or not spec.class_conditional or not model.config.num_classes:
-        raise CliError(f"jdq sensitivity samples class-conditional DiTs; {folder} is a {model.family} model")
+        raise CliError(f"jdq sensitivity samples class-conditional DiTs or text-to-image pipeline folders (with "
+                       f"--prompts); {folder} is a {model.family} model")
+    import jax.numpy as jnp
+    import numpy as np
 
+    from jdq.sampling.generate import null_condition
+
+    k = model.config.num_classes
+    labels = jnp.asarray(np.tile(np.arange(k, dtype=np.int32), -(-samples // k))[:samples])
+    decode = None if not bool(defaults.get("pixel_space", True)) else (lambda x: x)
+    return model, defaults, labels, (lambda: null_condition(model, labels)), decode, None
+
+
+def run(args) -> int:
+    """``jdq sensitivity``: validate, sample FP once, then every unit × side × bit width (× time group; resumable)."""
+    for name in ("samples", "calib_samples"):
+        if getattr(args, name) < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.steps is not None and args.steps < 1:
+        raise CliError(f"--steps must be >= 1, got {args.steps}")
+    if args.time_groups is not None and args.time_groups < 1:
+        raise CliError(f"--time-groups must be >= 1, got {args.time_groups}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} exists and is not a folder")
+
+    folder = Path(args.model) if args.model is not None else None
+    model, defaults, cond, make_uncond, decode, prompts = _conditions(args, folder, args.samples)
+    if folder is None:
+        from jdq.cli._common import DEFAULT_MODEL
+
+        folder = DEFAULT_MODEL
+
+    import jax
     import jax.numpy as jnp
     import numpy as np
 
@@ -144,17 +202,24 @@ def run(args) -> int:
     from jdq.quant import sensitivity as S
     from jdq.io import atomic_write_text
     from jdq.metrics.paired import ssim
-    from jdq.sampling.generate import Denoiser, guided_channels, null_condition, resolve_sampler, sample_shape
+    from jdq.sampling import SAMPLERS
+    from jdq.sampling.generate import Denoiser, guided_channels, resolve_sampler, sample_shape
     from jdq.sampling.images import to_uint8
     from jdq.sampling.loop import collect_sampler_stats, sample, sample_keys
 
+    name = args.sampler or defaults.get("sampler")
+    if name is not None and name not in SAMPLERS + ("dpm-solver++", "dpmpp2m", "flow-euler"):
+        raise CliError(f"unknown sampler {name!r}; known samplers: {', '.join(SAMPLERS)}")
     try:
-        sampler = resolve_sampler(model, defaults.get("sampler"), args.steps or defaults.get("steps"),
+        sampler = resolve_sampler(model, name, args.steps or defaults.get("steps"), shift=defaults.get("shift"),
                                   clip_denoised=bool(defaults.get("clip_denoised", False)))
     except ValueError as e:
         raise CliError(str(e)) from None
+    if args.time_groups is not None and args.time_groups > sampler.num_steps:
+        raise CliError(f"--time-groups {args.time_groups} exceeds the sampler's {sampler.num_steps} steps")
+    groups = None if args.time_groups is None else S.contiguous_groups(sampler.num_steps, args.time_groups)
     guidance = float(args.guidance if args.guidance is not None else defaults.get("guidance", 1.0))
-    settings = _settings(args, folder, sampler.kind, sampler.num_steps, guidance)
+    settings = _settings(args, folder, sampler.kind, sampler.num_steps, guidance, prompts)
     try:
         spec = S.SweepSpec(tuple(settings["weight_bits"]), tuple(settings["act_bits"]), settings["act_granularity"],
                            settings["by"])
@@ -164,19 +229,23 @@ def run(args) -> int:
     path = out / RESULTS
     done = _load_previous(path, settings)
 
-    k = model.config.num_classes
-    labels = jnp.asarray(np.tile(np.arange(k, dtype=np.int32), -(-args.samples // k))[: args.samples])
-    uncond = null_condition(model, labels) if guidance != 1.0 else None
-    fn = Denoiser(model, "dit")
+    try:
+        uncond = make_uncond() if guidance != 1.0 else None
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    fn = Denoiser(model, model.family)
     shape = sample_shape(model)
     kw = dict(uncond=uncond, guidance=guidance, guided_channels=guided_channels(model))
     keys = sample_keys(args.seed, args.samples)
 
     def draw(quant=None):
-        return np.asarray(sample(fn, model.params, sampler, labels, keys, shape, quant=quant, **kw))
+        return np.asarray(sample(fn, model.params, sampler, cond, keys, shape, quant=quant, **kw))
 
-    operands = Q.trace_operands(fn, model.params, jnp.zeros((1,) + shape), jnp.zeros((1,)), labels[:1])
+    first = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)[:1]), cond)
+    operands = Q.trace_operands(fn, model.params, jnp.zeros((1,) + shape), jnp.zeros((1,)), first)
     unit_sites = S.units(operands, spec.by)
+    if not unit_sites:
+        raise CliError(f"{folder}: no linear layer inside transformer blocks to measure")
     if args.only:
         import fnmatch
 
@@ -186,49 +255,55 @@ def run(args) -> int:
                            f"{', '.join(list(S.units(operands, spec.by))[:3])}")
     t0 = time.time()
     fp = draw()
-    pixel = bool(defaults.get("pixel_space", True))
-    fp_img = to_uint8(fp) if pixel else None
+    fp_img = None if decode is None else to_uint8(decode(fp))
     stats = None
     if spec.calibrated:
         n = min(args.calib_samples, args.samples)
-        _, stats = collect_sampler_stats(fn, model.params, sampler, labels[:n], sample_keys(args.seed + 1, n), shape,
-                                         **kw)
+        sub = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)[:n]), cond)
+        _, stats = collect_sampler_stats(fn, model.params, sampler, sub, sample_keys(args.seed + 1, n), shape, **kw)
     sizes = {o.site: int(np.prod(o.shape)) for o in operands if o.role == "weight"}
     act_sizes = {o.site: int(np.prod(o.shape[1:])) for o in operands if o.role in Q.ACTIVATION_ROLES}
 
-    results = {name: done.get(name, {}) for name in unit_sites}
-    for name, sites in unit_sites.items():
-        group = S.unit_group(name)
+    # measured entries: (result name, unit, time group or None)
+    entries = [(n, n, None) for n in unit_sites] if groups is None else \
+        [(f"{n}@t{g}", n, g) for n in unit_sites for g in range(groups.num_groups)]
+    results = {name: done.get(name, {}) for name, _, _ in entries}
+    for name, unit, g in entries:
+        sites = unit_sites[unit]
+        group = S.unit_group(unit)
         results[name].update(group=group, metric=S.metric_of(group), sites=list(sites),
                              weight_size=sum(sizes[s] for s in sites), act_size=sum(act_sizes.get(s, 0) for s in sites))
+        if g is not None:
+            results[name].update(unit=unit, time_group=g,
+                                 steps=[int(i) for i in np.flatnonzero(groups.index_np(np.arange(sampler.num_steps)) == g)])
 
     def save():
         data = {"settings": settings, "units": results}
         atomic_write_text(path, json.dumps(data, indent=1, allow_nan=True) + "\n")
 
-    total = len(unit_sites) * (len(spec.weight_bits) + len(spec.act_bits))
+    total = len(entries) * (len(spec.weight_bits) + len(spec.act_bits))
     measured = 0
     for side, bit_list in (("weight", spec.weight_bits), ("act", spec.act_bits)):
         for bits in bit_list:
-            todo = [n for n in unit_sites if str(bits) not in results[n].get(side, {})]
+            todo = [e for e in entries if str(bits) not in results[e[0]].get(side, {})]
             if not todo:
                 continue
-            plan = S.sweep_plan(operands, spec, side, bits)
+            plan = S.sweep_plan(operands, spec, side, bits, groups)
             base = plan.init(stats)
-            for name in todo:
-                got = draw(plan.bind(S.switch_on(plan, base, unit_sites[name])))
+            for name, unit, g in todo:
+                got = draw(plan.bind(S.switch_on(plan, base, unit_sites[unit], g)))
                 entry = {"sqnr": S.sqnr(fp, got)}
-                if pixel:
-                    entry["ssim"] = ssim(fp_img, to_uint8(got))
+                if fp_img is not None:
+                    entry["ssim"] = ssim(fp_img, to_uint8(decode(got)))
                 results[name].setdefault(side, {})[str(bits)] = entry
                 save()
                 measured += 1
                 print(f"[{measured}/{total}] {name} {side} int{bits}: SQNR {entry['sqnr']:.2f} dB"
-                      + (f", SSIM {entry['ssim']:.4f}" if pixel else ""), file=sys.stderr)
+                      + (f", SSIM {entry['ssim']:.4f}" if fp_img is not None else ""), file=sys.stderr)
     save()
-    print(f"jdq sensitivity: {len(unit_sites)} units, {measured} new measurements in {time.time() - t0:.0f} s -> {path}",
+    print(f"jdq sensitivity: {len(entries)} units, {measured} new measurements in {time.time() - t0:.0f} s -> {path}",
           file=sys.stderr)
     if not args.no_chart:
-        chart(results, out / CHART, f"{args.recipe} sensitivity, {folder.name}, {args.samples} samples, "
+        chart(results, out / CHART, f"{args.recipe} sensitivity, {Path(folder).name}, {args.samples} samples, "
                                     f"{sampler.num_steps} steps")
     return 0

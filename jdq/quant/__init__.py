@@ -44,7 +44,8 @@ from jdq.quant.transform import (
 )
 from jdq.quant.calibrate import StatsCollector, collect_stats, operand_stats, reduce_steps, stack_stats
 from jdq.quant.casts import CastMeta, cast
-from jdq.quant.timegroup import TimeGroupMeta, TimeGroups, stack_states, time_grouped, unstack_state
+from jdq.quant.timegroup import (PerTimeGroupMeta, TimeGroupMeta, TimeGroups, per_time_group, stack_states, time_grouped,
+                                  unstack_state)
 from jdq.quant.regions import (
     RegionMeta,
     post_gelu_two_sided,

@@ -146,6 +146,9 @@ def allocate(scores: Sequence[Sequence[float]], costs: Mapping[str, Sequence[Seq
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Unrecognized options", category=RuntimeWarning)
             res = milp(c, integrality=np.ones(n_vars), bounds=Bounds(0, 1), constraints=constraints, options=options)
+            if res.x is None and res.status not in (0, 2):  # HiGHS's presolve can fail ("Solve error") on an
+                res = milp(c, integrality=np.ones(n_vars), bounds=Bounds(0, 1), constraints=constraints,
+                           options=dict(options, presolve=False))  # infeasible program; without it, it proves it
         if res.status == 2:
             what = ", ".join(f"{n} in [{lo:.6g}, {hi:.6g}]" for n, (lo, hi) in bounds.items())
             raise InfeasibleAllocation(f"allocate: no choice of one option per layer has {what}; "

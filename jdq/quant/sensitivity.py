@@ -18,6 +18,11 @@ includes the error carried along the trajectory.
 A sweep compiles once per (side, bit width): every unit's quantizer is a :func:`switchable`
 stage whose on/off flag is in the plan state, so changing which unit is quantized changes only
 the state, not the compiled sampler.
+
+Per time group (ViDiT-Q measures each layer group in each of 4 timestep groups): with
+``groups`` (:class:`jdq.quant.TimeGroups`) the flag is one entry per time group, picked by the
+sampler step, so a unit is quantized during one group's steps only (:func:`switch_on` with
+``group=``); the quantizer itself (and its calibration) is the one of the whole trajectory.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdq.quant.casts import cast
+from jdq.quant.timegroup import TimeGroups
 from jdq.quant.transform import ACTIVATION_ROLES, Operand, Plan, QuantTransform, WrapsInner, keep_float, resolve, rule
 
 #: Layer groups, as ViDiT-Q groups a block's linears.
@@ -97,17 +103,27 @@ class SwitchMeta(WrapsInner):
     inner: Any
 
 
-def switchable(inner: QuantTransform) -> QuantTransform:
+def switchable(inner: QuantTransform, groups: TimeGroups | None = None) -> QuantTransform:
     """``inner`` when the state's ``"on"`` flag is 1, the operand unchanged when 0 (the default).
 
-    The flag is an array in the state, so a sweep toggles units without recompiling.
+    The flag is an array in the state, so a sweep toggles units without recompiling. With
+    ``groups`` the flag has one entry per time group and the sampler step picks it (``ctx.step``
+    is then required).
     """
+    if groups is not None and not isinstance(groups, TimeGroups):
+        raise TypeError(f"switchable: groups must be TimeGroups, got {type(groups).__name__}")
+    shape = () if groups is None else (groups.num_groups,)
 
     def init(stats):
-        return {"on": jnp.zeros((), jnp.float32), "inner": inner.init(stats)}
+        return {"on": jnp.zeros(shape, jnp.float32), "inner": inner.init(stats)}
 
     def apply(x, state, ctx):
-        return jnp.where(state["on"] > 0, inner.apply(x, state["inner"], ctx).astype(x.dtype), x)
+        on = state["on"]
+        if groups is not None:
+            if ctx.step is None:
+                raise ValueError(f"switchable at {ctx.site}:{ctx.role} is per time group and needs the sampler step")
+            on = on[groups.index(ctx.step)]
+        return jnp.where(on > 0, inner.apply(x, state["inner"], ctx).astype(x.dtype), x)
 
     return QuantTransform(init, apply, SwitchMeta(inner.meta))
 
@@ -146,25 +162,49 @@ class SweepSpec:
         return cast(f"int{bits}", granularity=self.act_granularity, static=self.act_granularity == "tensor")
 
 
-def sweep_plan(operands: Sequence[Operand], spec: SweepSpec, side: str, bits: int) -> Plan:
-    """A plan with a :func:`switchable` ``side`` quantizer at ``bits`` on every block linear (all off)."""
+def sweep_plan(operands: Sequence[Operand], spec: SweepSpec, side: str, bits: int,
+               groups: TimeGroups | None = None) -> Plan:
+    """A plan with a :func:`switchable` ``side`` quantizer at ``bits`` on every block linear (all off).
+
+    ``groups``: one on/off flag per time group (see :func:`switchable`).
+    """
     if side not in ("weight", "act"):
         raise ValueError(f"sweep_plan: side must be 'weight' or 'act', got {side!r}")
     sites = linear_sites(operands)
     pattern = "re:(" + "|".join(re.escape(s) for s in sites) + ")"
     roles = ("weight",) if side == "weight" else ACTIVATION_ROLES
-    return resolve([rule(pattern, switchable(spec.quantizer(side, bits)), roles=roles, name=f"{side} int{bits}"),
+    return resolve([rule(pattern, switchable(spec.quantizer(side, bits), groups), roles=roles, name=f"{side} int{bits}"),
                     keep_float("*")], operands)
 
 
-def switch_on(plan: Plan, state, sites: Sequence[str]):
-    """``state`` with the switchable stages of ``sites`` turned on (all others off)."""
+def switch_on(plan: Plan, state, sites: Sequence[str], group: int | None = None):
+    """``state`` with the switchable stages of ``sites`` turned on (all others off).
+
+    ``group``: on during that time group only (a plan built with ``groups``); ``None``: every step.
+    """
     sites = set(sites)
     out = {}
     for key, st in state.items():
-        on = plan.operand(key).site in sites
-        out[key] = dict(st, on=jnp.asarray(1.0 if on else 0.0, jnp.float32))
+        shape = np.shape(st["on"])
+        if group is not None and (not shape or not 0 <= group < shape[0]):
+            raise ValueError(f"switch_on: group {group} is not a time group of this plan "
+                             f"({shape[0] if shape else 'no'} groups)")
+        on = np.zeros(shape, np.float32)
+        if plan.operand(key).site in sites:
+            if group is None:
+                on[...] = 1.0
+            else:
+                on[group] = 1.0
+        out[key] = dict(st, on=jnp.asarray(on))
     return out
+
+
+def contiguous_groups(num_steps: int, num_groups: int) -> TimeGroups:
+    """``num_groups`` time groups of consecutive sampler steps, as equal as possible (ViDiT-Q: 4 of 20 steps)."""
+    if not (isinstance(num_groups, (int, np.integer)) and 1 <= num_groups <= num_steps):
+        raise ValueError(f"contiguous_groups: need 1 <= num_groups <= num_steps ({num_steps}), got {num_groups!r}")
+    edges = np.linspace(0, num_steps, int(num_groups) + 1)
+    return TimeGroups.from_table(tuple(int(np.searchsorted(edges, i, side="right") - 1) for i in range(num_steps)))
 
 
 def sqnr(reference, test) -> float:

@@ -244,3 +244,43 @@ def time_grouped(inner: QuantTransform, groups: TimeGroups | None = None, **grou
         return inner.apply(x, unstack_state(state, groups.index(ctx.step)), ctx)
 
     return QuantTransform(init, apply, TimeGroupMeta(groups, inner.meta))
+
+
+@dataclasses.dataclass(frozen=True)
+class PerTimeGroupMeta:
+    """``meta`` of :func:`per_time_group`: the group map, the option picked in each group, the options' metas."""
+
+    kind: ClassVar[str] = "per_time_group"
+    groups: TimeGroups
+    picks: tuple[int, ...]
+    options: tuple[Any, ...]
+
+
+def per_time_group(options: Sequence[QuantTransform], groups: TimeGroups, picks: Sequence[int]) -> QuantTransform:
+    """``options[picks[g]]`` during time group ``g`` (a per-time-group bit width, ViDiT-Q's mixed precision).
+
+    Unlike :func:`time_grouped`, every option's state is built from *all* the statistics (the
+    options differ in what they are, e.g. their bit width, not in the steps they were calibrated
+    on); ``picks`` is static, so the choice per group is part of the plan. ``apply`` needs ``ctx.step``.
+    """
+    options = tuple(options)
+    picks = tuple(int(p) for p in picks)
+    if not isinstance(groups, TimeGroups):
+        raise TypeError(f"per_time_group: groups must be TimeGroups, got {type(groups).__name__}")
+    if not options or not all(isinstance(o, QuantTransform) for o in options):
+        raise TypeError("per_time_group: options must be one or more QuantTransforms")
+    if len(picks) != groups.num_groups or any(not 0 <= p < len(options) for p in picks):
+        raise ValueError(f"per_time_group: picks must give an option index in [0, {len(options)}) for each of the "
+                         f"{groups.num_groups} groups, got {picks}")
+
+    def init(stats):
+        return {"options": tuple(o.init(stats) for o in options)}
+
+    def apply(x, state, ctx: Context):
+        if ctx.step is None:
+            raise ValueError(f"per-time-group transform at {ctx.site}:{ctx.role} needs the sampler step; "
+                             "bind the quantizer with plan.bind(state, step=...) or quantizer.at_step(i)")
+        branches = [lambda x, o=o, s=s: o.apply(x, s, ctx).astype(x.dtype) for o, s in zip(options, state["options"])]
+        return jax.lax.switch(jnp.asarray(picks, jnp.int32)[groups.index(ctx.step)], branches, x)
+
+    return QuantTransform(init, apply, PerTimeGroupMeta(groups, picks, tuple(o.meta for o in options)))

@@ -148,3 +148,10 @@ def test_errors_name_the_problem():
         allocate([[np.nan]])
     with pytest.raises(ValueError, match="4 sizes for 1 layers"):
         allocate_bits([[1]], [1, 2, 3, 4], [[4]], 4.0)
+
+
+def test_infeasible_program_that_fails_highs_presolve():
+    """A 2-layer program with no mean within the tolerance, on which HiGHS's presolve reports a solve error."""
+    # reachable means: 2, 2.89, 3.11, 4, 4.67, 5.33, ...: none within 3.5376 ± 0.02
+    with pytest.raises(InfeasibleAllocation, match="within"):
+        allocate_bits([[0.1, 0.5, 0.9], [0.2, 0.6, 0.95]], [4000, 5000], [(2, 4, 8)] * 2, 3.53758865248227)

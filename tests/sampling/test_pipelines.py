@@ -277,3 +277,35 @@ def test_quantized_text_encoders(pixart_pipe):
     assert 1e-5 < err < 0.1, err
     with pytest.raises(recipes.RecipeError, match="needs calibration"):
         recipes.encoder_quantizers(pipe, "w8a8-static")
+
+
+@pytest.mark.slow  # ~30 s on 2 cores (three compiled sweeps through the tiny pipeline)
+def test_cli_sensitivity_of_a_pipeline(pixart_pipe, tmp_path, capsys):
+    """``jdq sensitivity PIPELINE --prompts FILE``: the transformer's units measured on prompt-conditioned samples."""
+    import json
+
+    from jdq.cli import main
+
+    folder = pixart_pipe[1]
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "sens"
+    argv = ["sensitivity", str(folder), "--prompts", str(tmp_path / "p.txt"), "--recipe", "mixdq", "--samples", "2",
+            "--steps", "2", "--weight-bits", "2", "8", "--act-bits", "8", "--only", "transformer_blocks.0.attn1.to_q",
+            "transformer_blocks.0.attn2.to_v", "transformer_blocks.0.ff.net.2",
+            "--no-chart", "--out", str(out)]
+    assert main(argv) == 0
+    data = json.loads((out / "sensitivity.json").read_text())
+    assert data["settings"]["prompts"] == PROMPTS
+    units = data["units"]
+    assert [units[n]["group"] for n in sorted(units)] == ["attention", "cross_attention", "ffn"]  # attn1 / attn2 / ff
+    for n, u in units.items():
+        assert u["metric"] == ("ssim" if u["group"] in ("cross_attention", "ffn") else "sqnr")
+        assert n.startswith("transformer_blocks.0.")
+        w = u["weight"]
+        assert w["8"]["sqnr"] > w["2"]["sqnr"]  # 2-bit weights hurt more than 8-bit ones
+        assert 0 < w["2"]["ssim"] <= 1 and set(u["act"]) == {"8"}
+    # a pipeline folder without prompts, and prompts for a class-conditional model, are clear errors
+    assert main(argv[:2] + argv[4:]) == 2
+    assert "--prompts" in capsys.readouterr().err
+    assert main(["sensitivity", "--prompts", str(tmp_path / "p.txt"), "--recipe", "mixdq", "--out", str(tmp_path / "x")]) == 2
+    assert "pipeline" in capsys.readouterr().err
