@@ -11,7 +11,8 @@ Shapes (``--shapes``, priority order): ``dit.b64`` — DiT-XL/2 at 256 px, batch
 * ``cudnn_bf16``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (flash attention);
 * ``jdq_fakequant``: the ``w8a8-fp8attn`` plan's fake-quant attention (what a DiT step runs unlowered);
 * ``jdq_fp8``: :func:`jdq.kernels.fp8_attention` — XLA quantization of q / k / v into the kernel's
-  layout (heads first, D padded to 96, v transposed), the kernel, the unpacking;
+  layout (heads first, D padded to 96, v transposed), the kernel, the unpacking (``@<config>``: with
+  a ``direct_out`` config, which needs no unpacking);
 * ``jdq_fp8_kernel``: the kernel alone on pre-quantized operands (``@<config>`` for each ``--configs``
   entry, e.g. ``64x64s2`` = block_q 64, block_kv 64, 2 stages; ``ws64x64s2`` the warp-specialised
   kernel (2 × 64 rows per CTA); a trailing ``i``: P·V into the running accumulator);
@@ -47,26 +48,30 @@ import kernels as kb  # noqa: E402  (benchmarks/kernels.py: timing, output conve
 SHAPES = {"dit.b64": (64, 256, 16, 72), "pixart": (2, 4096, 16, 72), "dit.b32": (32, 256, 16, 72)}
 TINY = {"tiny": (1, 128, 2, 72)}
 VARIANTS = ("xla_bf16", "cudnn_bf16", "jdq_fakequant", "jdq_fp8", "jdq_fp8_kernel", "jdq_fp8_quant")
-TINY_CONFIGS = "64x64s2,ws64x64s1"  # --tiny with the default --configs: one of each kind
-DEFAULT_CONFIGS = "64x64s2,64x64s2i,128x64s2,64x128s2,64x128s3i,ws64x64s2,ws64x64s2i,ws64x128s3,ws64x128s3i"
+TINY_CONFIGS = "64x64s2,ws64x64s1o"  # --tiny with the default --configs: one of each kind
+DEFAULT_CONFIGS = ("64x64s2,64x64s2i,64x64s2io,128x64s2,64x128s2,64x128s3i,ws64x64s2,ws64x64s2i,ws64x64s2io,"
+                   "ws64x128s3,ws64x128s3i")
 
 
 def parse_config(spec):
-    """``"128x64s2"`` -> ``Config(block_q=128, block_kv=64, stages=2)``; prefix ``ws``: warp-specialised, suffix ``i``: in-place accumulator."""
+    """``"128x64s2"`` -> ``Config(block_q=128, block_kv=64, stages=2)``; prefix ``ws``: warp-specialised, suffixes
+    ``i``: in-place accumulator, ``o``: the kernel writes (B, L, H·D) itself (``direct_out``)."""
     import re
 
     from jdq.kernels.fp8_attention.gpu import Config
 
-    mt = re.fullmatch(r"(ws)?(\d+)x(\d+)s(\d+)(i?)", spec)
+    mt = re.fullmatch(r"(ws)?(\d+)x(\d+)s(\d+)(i?)(o?)", spec)
     if not mt:
-        raise SystemExit(f"--configs: cannot parse {spec!r} (e.g. 64x64s2: block_q x block_kv, stages; ws64x64s2i)")
-    ws, bq, bkv, st, inplace = mt.groups()
-    return Config(int(bq), int(bkv), int(st), acc_in_place=bool(inplace), kind="ws" if ws else "pipe")
+        raise SystemExit(f"--configs: cannot parse {spec!r} (e.g. 64x64s2: block_q x block_kv, stages; ws64x64s2io)")
+    ws, bq, bkv, st, inplace, direct = mt.groups()
+    return Config(int(bq), int(bkv), int(st), acc_in_place=bool(inplace), kind="ws" if ws else "pipe",
+                  direct_out=bool(direct))
 
 
 def config_name(cfg):
     """The ``--configs`` spelling of ``cfg`` (inverse of :func:`parse_config`)."""
-    return f"{'ws' if cfg.kind == 'ws' else ''}{cfg.block_q}x{cfg.block_kv}s{cfg.stages}{'i' if cfg.acc_in_place else ''}"
+    return (f"{'ws' if cfg.kind == 'ws' else ''}{cfg.block_q}x{cfg.block_kv}s{cfg.stages}"
+            f"{'i' if cfg.acc_in_place else ''}{'o' if cfg.direct_out else ''}")
 
 
 def qkv_sets(key, shape, rotate):
@@ -106,7 +111,9 @@ def variant(name, sets, impl, cfg=None):
         return (lambda q, k, v: ref.quantize_operands(q, k, v)), sets
     if name == "jdq_fp8_kernel":
         ops = [jax.block_until_ready(ref.quantize_operands(*s)) for s in sets]
-        f = lambda *o: fp8_attention_gpu(*o, scale=scale, config=cfg, interpret=impl == "gpu_interpret")  # noqa: E731
+        h = sets[0][0].shape[2] if cfg.direct_out else None
+        f = lambda *o: fp8_attention_gpu(*o, scale=scale, config=cfg, interpret=impl == "gpu_interpret",  # noqa: E731
+                                         heads=h, d=d if cfg.direct_out else None)
         return f, ops
     raise ValueError(f"unknown variant {name!r}")
 
@@ -120,17 +127,19 @@ def check(shape, cfg, interpret, key):
     d = shape[-1]
     scale = 1.0 / math.sqrt(d)
     ops = ref.quantize_operands(q, k, v)
-    got = fp8_attention_gpu(*ops, scale=scale, out_dtype=jnp.float32, config=cfg, interpret=interpret)
-    want = ref.attention_from_codes(*ops, scale, cfg.block_kv, jnp.float32)
     b, _, h, _ = shape
-    got4, want4 = ref.unpack_output(got, b, h, d), ref.unpack_output(want, b, h, d)
+    got = fp8_attention_gpu(*ops, scale=scale, out_dtype=jnp.float32, config=cfg, interpret=interpret,
+                            heads=h if cfg.direct_out else None, d=d if cfg.direct_out else None)
+    want = ref.attention_from_codes(*ops, scale, cfg.block_kv, jnp.float32)
+    want4 = ref.unpack_output(want, b, h, d)
+    got4 = got.reshape(want4.shape) if cfg.direct_out else ref.unpack_output(got, b, h, d)
     exact = jax.nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
                                          scale=scale, implementation="xla")
     max_rel = float(jnp.max(jnp.abs(got4 - want4)) / jnp.max(jnp.abs(want4)))
     rel = kb._rel(got4, want4)
     err_fp8 = kb._rel(got4, exact)
     err_ref = kb._rel(want4, exact)
-    pad_zero = not bool(jnp.any(got[..., d:]))
+    pad_zero = cfg.direct_out or not bool(jnp.any(got[..., d:]))
     # same arithmetic up to float rounding: far below the FP8 error itself (~5e-2 against float32)
     ok = bool(np.isfinite(rel)) and rel < 0.05 * err_ref and pad_zero
     return {"ok": ok, "max_abs_over_max": max_rel, "relerr_vs_ref": rel, "relerr_vs_f32": err_fp8,
@@ -199,7 +208,8 @@ def main(argv=None):
         row = res["rows"].setdefault(tag, {"shape": shape, "gflop": attention_flops(shape) / 1e9, "us": {},
                                            "errors": {}})
         dspec = config_name(default)
-        names = [n for n in VARIANTS if n != "jdq_fp8_kernel"] + [f"jdq_fp8_kernel@{s}" for s in cfgs]
+        names = ([n for n in VARIANTS if n != "jdq_fp8_kernel"] + [f"jdq_fp8@{s}" for s in cfgs if cfgs[s].direct_out]
+                 + [f"jdq_fp8_kernel@{s}" for s in cfgs])
         for name in names:
             base, _, spec = name.partition("@")
             needs = spec or (dspec if base == "jdq_fp8" else None)

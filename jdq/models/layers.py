@@ -212,7 +212,7 @@ def attention(q, k, v, *, site: str, quant: QuantizerBase | None = None, mask=No
         # the speed path: a lowered plan whose q / k / p / v casts are the FP8 attention kernel's
         from jdq.kernels import fp8_attention
 
-        return fp8_attention(q, k, v, scale=scale, impl=getattr(quant, "impl", "auto"))
+        return fp8_attention(q, k, v, scale=float(scale), impl=getattr(quant, "impl", "auto"))
     qh = jnp.swapaxes(q, 1, 2)  # (B, H, Lq, D)
     kt = jnp.transpose(k, (0, 2, 3, 1))  # (B, H, D, Lk)
     vh = jnp.swapaxes(v, 1, 2)  # (B, H, Lk, D)

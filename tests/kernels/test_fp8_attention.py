@@ -119,6 +119,15 @@ def test_api_pads_queries_and_falls_back_where_keys_do_not_tile():
                                   np.asarray(fp8_attention(q, k2, v2, impl="xla", config=cfg)))
 
 
+def test_direct_output_layout():
+    """``direct_out``: the kernel stores each head's 72 real columns into (B, Lq, H·D); no unpacking pass."""
+    q, k, v = _qkv(2, b=2, l=64, h=1, dtype=jnp.bfloat16)
+    cfg = Config(64, 64, 1, direct_out=True)
+    got = fp8_attention(q, k, v, impl="gpu_interpret", config=cfg)
+    want = fp8_attention(q, k, v, impl="xla", config=cfg)
+    assert got.shape == q.shape and relerr(got, want) < 0.02
+
+
 def test_error_against_float32_is_the_fp8_error():
     """FP8 attention loses more than bf16 attention and about as much as the plan's fake-quant attention;
     with the keys' shared offset centred away the error does not grow with the offset."""
@@ -141,14 +150,18 @@ def _bench_shapes():
 @pytest.mark.parametrize("name,cfg", [("dit_b64", None), ("pixart_1024", None),
                                       ("dit_b64", Config(64, 64, 2, acc_in_place=True)),
                                       ("dit_b64", Config(64, 64, 2, kind="ws")),
-                                      ("pixart_1024", Config(64, 128, 3, acc_in_place=True, kind="ws"))])
+                                      ("pixart_1024", Config(64, 128, 3, acc_in_place=True, kind="ws")),
+                                      ("dit_b64", Config(64, 64, 2, direct_out=True)),
+                                      ("pixart_1024", Config(64, 128, 2, True, kind="ws", direct_out=True))])
 def test_gpu_kernel_lowers_to_mosaic_gpu(name, cfg):
-    """The tuned config (None) and the in-place-accumulator and warp-specialised variants lower for CUDA."""
+    """The tuned config (None) and the in-place-accumulator, warp-specialised and direct-output variants lower for CUDA."""
     from jdq.kernels.fp8_attention.api import _config
 
     bh, l, dp = _bench_shapes()[name]
     f8, f32 = jnp.float8_e4m3fn, jnp.float32
-    f = functools.partial(fp8_attention_gpu, scale=1 / math.sqrt(72), config=cfg or _config(l))
+    cfg = cfg or _config(l)
+    f = functools.partial(fp8_attention_gpu, scale=1 / math.sqrt(72), config=cfg, heads=16 if cfg.direct_out else None,
+                          d=72 if cfg.direct_out else None)
     assert lowers_to_mosaic_gpu(f, ((bh, l, dp), f8), ((bh, l), f32), ((bh, l, dp), f8), ((bh, l), f32),
                                 ((bh, dp, l), f8), ((bh, dp), f32))
 
@@ -189,6 +202,8 @@ def test_bad_inputs_raise():
     ops = ref.quantize_operands(q, k, v)
     with pytest.raises(ValueError, match="do not fit"):
         fp8_attention_gpu(*ops, scale=0.1, config=Config(block_q=32), interpret=True)
+    with pytest.raises(ValueError, match="direct_out needs heads"):
+        fp8_attention_gpu(*ops, scale=0.1, config=Config(direct_out=True), interpret=True)
     with pytest.raises(ValueError, match="do not fit"):  # ws needs Lq a multiple of 2·block_q
         fp8_attention_gpu(*ops, scale=0.1, config=Config(64, 64, kind="ws"), interpret=True)
     with pytest.raises(ValueError, match="shapes"):
@@ -206,6 +221,7 @@ def test_benchmark_configs_and_render(load_benchmark):
     assert fb.parse_config("128x64s3") == Config(128, 64, 3)
     assert fb.parse_config("ws64x128s3i") == Config(64, 128, 3, acc_in_place=True, kind="ws")
     assert fb.config_name(Config(64, 128, 3, acc_in_place=True, kind="ws")) == "ws64x128s3i"
+    assert fb.parse_config("64x64s2o") == Config(64, 64, 2, direct_out=True)
     with pytest.raises(SystemExit, match="cannot parse"):
         fb.parse_config("128x64")
     res = {"jax": "x", "device": "d", "checks": {"a@64x64s2": {"ok": True, "relerr_vs_ref": 1e-7}},

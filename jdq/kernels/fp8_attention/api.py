@@ -26,13 +26,16 @@ transposed (a (tile_n, tile_m) shared-memory staging tile stored to (B·H, Dp, L
 E4M3 codes with per-token scales needs the token amax over the head's D columns inside one CTA
 tile (72 of a 64- or 128-wide tile: a tile per head, D padded to the tile) and, for k, its mean
 over L tokens (a cross-CTA reduction: a second light pass, or centring dropped). Not done.
-After the kernel, one XLA fusion slices Dp -> D and puts the heads back after the tokens.
+After the kernel, one XLA fusion slices Dp -> D and puts the heads back after the tokens — unless
+``Config.direct_out``, where the kernel stores each head's D columns into (B, Lq, H·D) itself.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
+import jax
 import jax.numpy as jnp
 
 from jdq.kernels.fp8_attention import ref
@@ -46,7 +49,7 @@ def _config(lk: int):
     return Config(**tuning.lookup("fp8_attention", lk))
 
 
-def _gpu(ops, scale, out_dtype, *, impl, config=None):
+def _gpu(ops, scale, out_dtype, b, h, d, *, impl, config=None):
     if impl not in ("gpu", "gpu_interpret"):
         return None
     from jdq.kernels.fp8_attention.gpu import fp8_attention_gpu
@@ -54,26 +57,30 @@ def _gpu(ops, scale, out_dtype, *, impl, config=None):
     qc, qs, kc, ks, vtc, vs = ops
     lq, lk, dp = qc.shape[1], kc.shape[1], qc.shape[2]
     cfg = config or _config(lk)
-    pad = (-lq) % cfg.block_q  # extra query rows are computed and dropped (rows are independent)
+    pad = (-lq) % cfg.cta_rows  # extra query rows are computed and dropped (rows are independent)
     if not cfg.supports(lq + pad, lk, dp):
         return None
     if pad:
         qc = jnp.pad(qc, ((0, 0), (0, pad), (0, 0)))
         qs = jnp.pad(qs, ((0, 0), (0, pad)), constant_values=1.0)
     out = fp8_attention_gpu(qc, qs, kc, ks, vtc, vs, scale=scale, out_dtype=out_dtype, config=cfg,
-                            interpret=impl == "gpu_interpret")
-    return out[:, :lq] if pad else out
+                            interpret=impl == "gpu_interpret", heads=h if cfg.direct_out else None,
+                            d=d if cfg.direct_out else None)
+    if cfg.direct_out:  # (B, Lq, H·D) already
+        return out[:, :lq].reshape(b, lq, h, d)
+    return ref.unpack_output(out[:, :lq] if pad else out, b, h, d)
 
 
-def _xla(ops, scale, out_dtype, *, impl, config=None):
+def _xla(ops, scale, out_dtype, b, h, d, *, impl, config=None):
     block_kv = (config or _config(ops[2].shape[1])).block_kv
-    return ref.attention_from_codes(*ops, scale, block_kv, out_dtype)
+    return ref.unpack_output(ref.attention_from_codes(*ops, scale, block_kv, out_dtype), b, h, d)
 
 
 #: The implementations of FP8 attention (no TPU kernel: the XLA reference there).
 IMPLEMENTATIONS = {"gpu": _gpu, "xla": _xla}
 
 
+@functools.partial(jax.jit, static_argnames=("scale", "impl", "config", "d_pad"))
 def fp8_attention(q, k, v, *, scale: float | None = None, impl: str = "auto", config=None, d_pad: int | None = None):
     """FP8 E4M3 attention of ``q`` (B, Lq, H, D), ``k`` / ``v`` (B, Lk, H, D): (B, Lq, H, D) in q's dtype.
 
@@ -87,8 +94,7 @@ def fp8_attention(q, k, v, *, scale: float | None = None, impl: str = "auto", co
     b, _, h, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     ops = ref.quantize_operands(q, k, v, d_pad)
-    out = dispatch(IMPLEMENTATIONS, impl, ops, scale, jnp.dtype(q.dtype), config=config)
-    return ref.unpack_output(out, b, h, d)
+    return dispatch(IMPLEMENTATIONS, impl, ops, scale, jnp.dtype(q.dtype), b, h, d, config=config)
 
 
 ROLES = (("qk", "q"), ("qk", "k"), ("pv", "attn_prob"), ("pv", "v"))

@@ -48,7 +48,8 @@ class Config:
     ``kind``: ``"pipe"`` (one warpgroup per CTA, ``block_q`` rows) or ``"ws"`` (two compute warpgroups
     of ``block_q`` rows each and a TMA warpgroup per CTA). ``block_kv``: keys per step; ``stages``:
     key / value buffers in flight; ``acc_in_place``: P·V accumulates into the rescaled running
-    accumulator (no fresh one + add).
+    accumulator (no fresh one + add); ``direct_out``: the epilogue stores only the D real columns of
+    each head straight into a (B, Lq, H·D) output (no unpacking pass after the kernel).
     """
 
     block_q: int = 64
@@ -56,6 +57,7 @@ class Config:
     stages: int = 2
     acc_in_place: bool = False
     kind: str = "pipe"
+    direct_out: bool = False
 
     @property
     def cta_rows(self) -> int:
@@ -118,17 +120,39 @@ def _attend_block(carry, q_s, k_s, v_s, p_s, rs, ks_g, k0, cfg, interpret, v_rea
 
 
 def _epilogue(acc, l, vs_g, v0, o_s, o_dst, interpret):
-    """``acc · (1/448) · v scale[col] / l[row]``, cast, staged in ``o_s`` and TMA-stored to ``o_dst``; waits."""
+    """``acc · (1/448) · v scale[col] / l[row]``, cast, staged in ``o_s`` and TMA-stored to ``o_dst``; waits.
+
+    ``o_s`` narrower than ``acc`` (``direct_out``): only its first ``o_s.shape[1]`` columns are stored.
+    """
     bq, dp = acc.shape
     vv = load_vec(vs_g, v0, dp, 1, interpret)
     y = acc * np.float32(1.0 / P_SCALE) * lax.broadcast_in_dim(vv, (bq, dp), [1]) / lax.broadcast_in_dim(l, (bq, dp), [0])
+    d = o_s.shape[1]
+    if d != dp:
+        y = y[:, :d]
     o_s[...] = y.astype(o_s.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_s, o_dst)
     plgpu.wait_smem_to_gmem(0)
 
 
-def _pipe_kernel(qc, qs, k_op, v_op, ks, vs, scale, out_dtype, cfg, interpret):
+def _output(bh, lq, dp, out_dtype, cfg, heads, d, interpret):
+    """``(out type, staging tile width, its transforms, dst(o_g, h, row0, rows))`` of the output layout.
+
+    (B·H, Lq, Dp), or with ``cfg.direct_out`` (B, Lq, H·D): head ``h % H`` of sample ``h // H`` at
+    columns ``[(h % H)·D, (h % H + 1)·D)``, staged unswizzled (D = 72 bf16 rows are 144 bytes).
+    """
+    if not cfg.direct_out:
+        return (jax.ShapeDtypeStruct((bh, lq, dp), out_dtype), dp, smem_transforms(dp, out_dtype, interpret),
+                lambda o_g, h, row0, rows: o_g.at[h, pl.ds(row0, rows)])
+
+    def dst(o_g, h, row0, rows):
+        return o_g.at[lax.div(h, jnp.int32(heads)), pl.ds(row0, rows), pl.ds(lax.rem(h, jnp.int32(heads)) * d, d)]
+
+    return jax.ShapeDtypeStruct((bh // heads, lq, heads * d), out_dtype), d, (), dst
+
+
+def _pipe_kernel(qc, qs, k_op, v_op, ks, vs, scale, out_dtype, cfg, interpret, heads, d):
     """``kind="pipe"``: one warpgroup per CTA, ``emit_pipeline`` over the key blocks."""
     bh, lq, dp = qc.shape
     lk = ks.shape[1]
@@ -136,7 +160,7 @@ def _pipe_kernel(qc, qs, k_op, v_op, ks, vs, scale, out_dtype, cfg, interpret):
     f8 = jnp.float8_e4m3fn
     d_tr = smem_transforms(dp, f8, interpret)  # q, k tiles: minor dim Dp
     kv_tr = smem_transforms(bkv, f8, interpret)  # vᵀ and P tiles: minor dim block_kv
-    o_tr = smem_transforms(dp, out_dtype, interpret)
+    out_type, o_w, o_tr, o_dst = _output(bh, lq, dp, out_dtype, cfg, heads, d, interpret)
     row_mult = np.float32(scale * LOG2E)
 
     def body(q_g, k_g, v_g, qs_g, ks_g, vs_g, o_g, q_s, p_s, o_s, bar):
@@ -158,17 +182,17 @@ def _pipe_kernel(qc, qs, k_op, v_op, ks, vs, scale, out_dtype, cfg, interpret):
             max_concurrent_steps=min(cfg.stages, lk // bkv),
             init_carry=_init_carry(bq, dp, interpret),
         )(k_g.at[h], v_g.at[h])
-        _epilogue(acc, l, vs_g, h * dp, o_s, o_g.at[h, pl.ds(qi * bq, bq)], interpret)
+        _epilogue(acc, l, vs_g, h * dp, o_s, o_dst(o_g, h, qi * bq, bq), interpret)
 
     return plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((bh, lq, dp), out_dtype),
+        out_type=out_type,
         grid=(bh, lq // bq),
         grid_names=("bh", "q"),
         scratch_types=[
             plgpu.SMEM((bq, dp), f8, transforms=d_tr),
             plgpu.SMEM((bq, bkv), f8, transforms=kv_tr),
-            plgpu.SMEM((bq, dp), out_dtype, transforms=o_tr),
+            plgpu.SMEM((bq, o_w), out_dtype, transforms=o_tr),
             plgpu.Barrier(num_arrivals=1, num_barriers=1),
         ],
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane, approx_math=True),
@@ -176,7 +200,7 @@ def _pipe_kernel(qc, qs, k_op, v_op, ks, vs, scale, out_dtype, cfg, interpret):
     )(qc, k_op, v_op, qs.reshape(-1), ks.reshape(-1), vs.reshape(-1))
 
 
-def _ws_kernel(qc, qs, k_op, v_op, ks, vs, scale, out_dtype, cfg, interpret):
+def _ws_kernel(qc, qs, k_op, v_op, ks, vs, scale, out_dtype, cfg, interpret, heads, d):
     """``kind="ws"``: two compute warpgroups (``block_q`` rows each) share the key / value tiles a TMA warpgroup streams.
 
     Per CTA 2·block_q query rows; warpgroup 2 issues the TMA loads of the ``stages`` key and vᵀ
@@ -191,7 +215,7 @@ def _ws_kernel(qc, qs, k_op, v_op, ks, vs, scale, out_dtype, cfg, interpret):
     f8 = jnp.float8_e4m3fn
     d_tr = smem_transforms(dp, f8, interpret)
     kv_tr = smem_transforms(bkv, f8, interpret)
-    o_tr = smem_transforms(dp, out_dtype, interpret)
+    out_type, o_w, o_tr, o_dst = _output(bh, lq, dp, out_dtype, cfg, heads, d, interpret)
     row_mult = np.float32(scale * LOG2E)
     k_block = (dp, bkv) if interpret else (bkv, dp)  # interpret: B operands (K, N)
     v_block = (bkv, dp) if interpret else (dp, bkv)
@@ -228,7 +252,7 @@ def _ws_kernel(qc, qs, k_op, v_op, ks, vs, scale, out_dtype, cfg, interpret):
                     return out
 
                 acc, _, l = lax.fori_loop(0, steps, step, _init_carry(bq, dp, interpret))
-                _epilogue(acc, l, vs_g, h * dp, o_s, o_g.at[h, pl.ds(row0, bq)], interpret)
+                _epilogue(acc, l, vs_g, h * dp, o_s, o_dst(o_g, h, row0, bq), interpret)
 
             @pl.when(wg == 2)
             def _memory():
@@ -257,7 +281,7 @@ def _ws_kernel(qc, qs, k_op, v_op, ks, vs, scale, out_dtype, cfg, interpret):
             scoped,
             plgpu.SMEM((2, bq, dp), f8, transforms=d_tr),
             plgpu.SMEM((2, bq, bkv), f8, transforms=kv_tr),
-            plgpu.SMEM((2, bq, dp), out_dtype, transforms=o_tr),
+            plgpu.SMEM((2, bq, o_w), out_dtype, transforms=o_tr),
             plgpu.SMEM((stages, *k_block), f8, transforms=() if interpret else d_tr),
             plgpu.SMEM((stages, *v_block), f8, transforms=() if interpret else kv_tr),
             plgpu.Barrier(num_barriers=2),
@@ -270,7 +294,7 @@ def _ws_kernel(qc, qs, k_op, v_op, ks, vs, scale, out_dtype, cfg, interpret):
 
     return plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((bh, lq, dp), out_dtype),
+        out_type=out_type,
         grid=(bh, lq // (2 * bq)),
         grid_names=("bh", "q"),
         num_threads=3,
@@ -281,12 +305,19 @@ def _ws_kernel(qc, qs, k_op, v_op, ks, vs, scale, out_dtype, cfg, interpret):
 
 
 # jitted: identical calls in a model lower once (see jdq.kernels.w8a8.gpu).
-@functools.partial(jax.jit, static_argnames=("scale", "out_dtype", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "out_dtype", "config", "interpret", "heads", "d"))
 def fp8_attention_gpu(qc, qs, kc, ks, vtc, vs, scale: float, out_dtype=jnp.bfloat16, config: Config = Config(),
-                      interpret=False):
-    """FP8 flash attention of the operands of :func:`~jdq.kernels.fp8_attention.ref.quantize_operands`: (BH, Lq, Dp)."""
+                      interpret=False, heads: int | None = None, d: int | None = None):
+    """FP8 flash attention of the operands of :func:`~jdq.kernels.fp8_attention.ref.quantize_operands`.
+
+    Returns (B·H, Lq, Dp), or with ``config.direct_out`` (B, Lq, H·D) — which needs the ``heads``
+    per sample and the real head dim ``d``.
+    """
     bh, lq, lk, dp = _check_codes(qc, qs, kc, ks, vtc, vs)
     cfg = config
+    if cfg.direct_out and (heads is None or d is None or bh % heads or not 0 < d <= dp or (d * jnp.dtype(out_dtype).itemsize) % 16):
+        raise ValueError(f"fp8 attention kernel: direct_out needs heads dividing B·H={bh} and 0 < d <= Dp={dp} with "
+                         f"d·itemsize a multiple of 16 bytes (TMA rows); got heads={heads}, d={d}")
     if not cfg.supports(lq, lk, dp):
         raise ValueError(f"fp8 attention kernel: Lq={lq}, Lk={lk}, Dp={dp} do not fit {cfg} (Lq % {cfg.cta_rows}, "
                          f"Lk % block_kv, Dp % {D_MULTIPLE}, block sizes 64 or 128, kind 'pipe' or 'ws')")
@@ -295,7 +326,7 @@ def fp8_attention_gpu(qc, qs, kc, ks, vtc, vs, scale: float, out_dtype=jnp.bfloa
     else:
         k_op, v_op = kc, vtc
     run = _ws_kernel if cfg.kind == "ws" else _pipe_kernel
-    return run(qc, qs, k_op, v_op, ks, vs, float(scale), jnp.dtype(out_dtype), cfg, interpret)
+    return run(qc, qs, k_op, v_op, ks, vs, float(scale), jnp.dtype(out_dtype), cfg, interpret, heads, d)
 
 
 __all__ = ["Config", "fp8_attention_gpu"]
