@@ -184,59 +184,73 @@ def main(argv=None):
     key = jax.random.key(int(time.time()) % 10000)  # fresh inputs every run
     from jdq.kernels.fp8_attention.api import _config
 
-    for tag, shape in shapes.items():
-        if time.time() - t0 > args.budget_s:
-            res.setdefault("skipped", []).append(tag)
-            continue
-        default = _config(shape[1])
-        cfgs = {config_name(c): c for c in [default] + [parse_config(s) for s in specs]}
-        ok_cfgs = {}
-        for spec, cfg in cfgs.items():
-            name = f"{tag}@{spec}"
-            t1 = time.time()
-            try:
-                r = check(shape, cfg, interpret, key)
-            except Exception as e:  # noqa: BLE001  (a config that does not compile or fit shared memory)
-                r = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:400]}"}
-            r["seconds"] = round(time.time() - t1, 1)
-            res["checks"][name] = r
-            print(f"check {name:22s} " + "  ".join(f"{a}={b}" for a, b in r.items()), flush=True)
-            if r.get("ok"):
-                ok_cfgs[spec] = cfg
+    def save(final=False):
+        res["seconds"] = time.time() - t0
         kb.write_json(json_path, res)
-        sets = qkv_sets(key, shape, 1 if tiny else args.rotate)
-        row = res["rows"].setdefault(tag, {"shape": shape, "gflop": attention_flops(shape) / 1e9, "us": {},
-                                           "errors": {}})
-        dspec = config_name(default)
-        names = ([n for n in VARIANTS if n != "jdq_fp8_kernel"] + [f"jdq_fp8@{s}" for s in cfgs if cfgs[s].direct_out]
-                 + [f"jdq_fp8_kernel@{s}" for s in cfgs])
-        for name in names:
-            base, _, spec = name.partition("@")
-            needs = spec or (dspec if base == "jdq_fp8" else None)
-            if needs is not None and needs not in ok_cfgs:
-                row["errors"][name] = f"config {needs} failed its check"
-                continue
-            if time.time() - t0 > args.budget_s:
-                row["errors"][name] = "budget"
-                continue
-            try:
-                fn, ss = variant(base, sets, impl, cfgs.get(needs))
-                ms = kb.time_ms(fn, ss, 1 if tiny else args.iters)
-            except Exception as e:  # noqa: BLE001
-                row["errors"][name] = f"{type(e).__name__}: {str(e)[:300]}"
-                print(f"  {tag} {name} failed: {row['errors'][name]}", flush=True)
-                continue
-            row["us"][name] = ms * 1e3
-            print(f"  {tag} {name}: {ms * 1e3:.1f} us  [{time.time() - t0:.0f}s]", flush=True)
-            kb.write_json(json_path, res)
-    res["seconds"] = time.time() - t0
-    kb.write_json(json_path, res)
-    md = render(res)
-    tmp = os.path.join(out_dir, "fp8_attention.md.tmp")
-    with open(tmp, "w") as f:
-        f.write(md)
-    os.replace(tmp, os.path.join(out_dir, "fp8_attention.md"))
-    print(md)
+        md = render(res)
+        tmp = os.path.join(out_dir, "fp8_attention.md.tmp")
+        with open(tmp, "w") as f:
+            f.write(md)
+        os.replace(tmp, os.path.join(out_dir, "fp8_attention.md"))
+        if final:
+            print(md)
+
+    def over():
+        return time.time() - t0 > args.budget_s
+
+    # Phase "pipe" (the baselines and the one-warpgroup kernels) for every shape before phase "ws"
+    # (the warp-specialised kernels: barriers that a device could deadlock on), so a hang there
+    # still leaves the first phase's json / md written.
+    all_cfgs = {}
+    for tag, shape in shapes.items():
+        default = _config(shape[1])
+        all_cfgs[tag] = {config_name(c): c for c in [default] + [parse_config(s) for s in specs]}
+    for phase in ("pipe", "ws"):
+        for tag, shape in shapes.items():
+            cfgs = {n: c for n, c in all_cfgs[tag].items() if c.kind == phase}
+            default = config_name(_config(shape[1]))
+            row = res["rows"].setdefault(tag, {"shape": shape, "gflop": attention_flops(shape) / 1e9, "us": {},
+                                               "errors": {}})
+            for spec, cfg in cfgs.items():
+                name = f"{tag}@{spec}"
+                if over():
+                    res["checks"][name] = {"ok": False, "error": "budget"}
+                    continue
+                print(f"check {name} ...", flush=True)
+                t1 = time.time()
+                try:
+                    r = check(shape, cfg, interpret, key)
+                except Exception as e:  # noqa: BLE001  (a config that does not compile or fit shared memory)
+                    r = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:400]}"}
+                r["seconds"] = round(time.time() - t1, 1)
+                res["checks"][name] = r
+                print(f"check {name:22s} " + "  ".join(f"{a}={b}" for a, b in r.items()), flush=True)
+                save()
+            ok = {n for n in cfgs if res["checks"].get(f"{tag}@{n}", {}).get("ok")}
+            names = [n for n in VARIANTS if n not in ("jdq_fp8", "jdq_fp8_kernel")] if phase == "pipe" else []
+            names += ["jdq_fp8"] if default in cfgs else []
+            names += [f"jdq_fp8@{n}" for n in cfgs if cfgs[n].direct_out] + [f"jdq_fp8_kernel@{n}" for n in cfgs]
+            sets = qkv_sets(key, shape, 1 if tiny else args.rotate)
+            for name in names:
+                base, _, spec = name.partition("@")
+                needs = spec or (default if base == "jdq_fp8" else None)
+                if needs is not None and needs not in ok:
+                    row["errors"][name] = f"config {needs} failed its check"
+                    continue
+                if over():
+                    row["errors"][name] = "budget"
+                    continue
+                try:
+                    fn, ss = variant(base, sets, impl, cfgs.get(needs))
+                    ms = kb.time_ms(fn, ss, 1 if tiny else args.iters)
+                except Exception as e:  # noqa: BLE001
+                    row["errors"][name] = f"{type(e).__name__}: {str(e)[:300]}"
+                    print(f"  {tag} {name} failed: {row['errors'][name]}", flush=True)
+                    continue
+                row["us"][name] = ms * 1e3
+                print(f"  {tag} {name}: {ms * 1e3:.1f} us  [{time.time() - t0:.0f}s]", flush=True)
+                save()
+    save(final=True)
     return 0
 
 
