@@ -73,6 +73,31 @@ def _assert_within(got, want, bound):
     assert np.max(excess) <= 0, f"{int(np.sum(excess > 0))} elements exceed the E4M3 grid bound (worst {np.max(excess):.3g})"
 
 
+def _operands_via_formats(q, k, v, dp):
+    """The kernel's operands built from :func:`quantize_rows` (``jdq.formats``' cast) on the heads-first layout."""
+    from jdq.kernels.token_quant.ref import quantize_rows
+
+    hf = ref._heads_first
+    qc, qs = quantize_rows(hf(q, dp), "fp8_e4m3")
+    kc, ks = quantize_rows(hf(ref.center_keys(k), dp), "fp8_e4m3")
+    vtc, vs = quantize_rows(jnp.swapaxes(hf(v, dp), 1, 2), "fp8_e4m3")
+    return qc, qs, kc, ks, vtc, vs
+
+
+@pytest.mark.parametrize("dtype,d_pad", [(jnp.float32, None), (jnp.bfloat16, 128)])
+def test_operand_codes_are_the_formats_casts(dtype, d_pad):
+    """``quantize_operands`` (hardware E4M3 conversion, quantized before the layout change) gives the codes and
+    scales of ``jdq.formats``' casts bit for bit — subnormal codes, a zero head row and a zero channel included."""
+    q, k, v = _qkv(7, b=2, l=64, dtype=dtype)
+    q = q.at[0, 3, 1].set(0.0).at[1, 5, 0, :8].multiply(1e-5)  # a zero token row; tiny values -> subnormal codes
+    v = v.at[1, :, 0, 7].set(0.0)  # a zero channel: scale clamps to 2^-126
+    got = ref.quantize_operands(q, k, v, d_pad)
+    want = _operands_via_formats(q, k, v, d_pad or 96)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)), np.asarray(w.astype(jnp.float32)))
+
+
 @pytest.mark.parametrize("block_kv", [64, 128])
 def test_reference_equals_the_fake_quant_plan(block_kv):
     """One key block (block_kv = L): the same grids; two blocks: the first block may sit on a lower maximum's grid."""

@@ -12,7 +12,8 @@ outside its MMAs:
 
 ``Dp`` is D zero-padded to a multiple of 32 (the 8-bit WGMMA's K step; DiT's 72 -> 96): zero
 columns add nothing to q·kᵀ and give zero output columns, sliced off. The codes are those of
-:func:`jdq.kernels.token_quant.ref.quantize_rows` (the fake-quant casts bit for bit).
+:func:`jdq.kernels.token_quant.ref.quantize_rows` (the fake-quant casts bit for bit), computed by
+:func:`e4m3_codes`.
 
 The attention (:func:`attention_from_codes`), per (batch·head, query row), over key blocks of
 ``block_kv`` in order, all float32, logits in base-2 units (``log2 e`` folded into the row scale):
@@ -41,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdq.kernels.token_quant.ref import quantize_rows
+from jdq.kernels.token_quant.ref import MIN_SCALE
 
 P_SCALE = 448.0  # the probabilities' static scale: E4M3's largest value
 LOG2E = math.log2(math.e)
@@ -66,17 +67,45 @@ def _heads_first(x, dp):
     return jnp.pad(x, ((0, 0), (0, 0), (0, dp - d))) if dp != d else x
 
 
+def e4m3_codes(x, axis: int):
+    """Dynamic E4M3 codes and float32 scales of ``x`` along ``axis`` (kept, size 1): :func:`quantize_rows`'s values.
+
+    The arithmetic of :mod:`jdq.formats.fp8` — ``s = max(amax · f32(1/448), 2⁻¹²⁶)``, codes
+    ``round(x · (1/s))`` to nearest even, saturating at ±448 — with the rounding done by the
+    float32 -> ``float8_e4m3fn`` conversion (one instruction on a GPU) after a clip to ±448,
+    instead of ``jdq.formats``' portable bit-level encoding: the same codes bit for bit
+    (``tests/kernels/test_fp8_attention.py``), a few operations per element instead of dozens.
+    """
+    xf = x.astype(jnp.float32)
+    s = jnp.maximum(jnp.max(jnp.abs(xf), axis=axis, keepdims=True) * np.float32(1.0 / P_SCALE), np.float32(MIN_SCALE))
+    codes = jnp.clip(xf * (1.0 / s), -P_SCALE, P_SCALE).astype(jnp.float8_e4m3fn)
+    return codes, s
+
+
 def quantize_operands(q, k, v, d_pad: int | None = None):
-    """The kernel's operands of ``q``, ``k``, ``v`` (B, L, H, D): ``(qc, qs, kc, ks, vtc, vs)`` (see the module docstring)."""
+    """The kernel's operands of ``q``, ``k``, ``v`` (B, L, H, D): ``(qc, qs, kc, ks, vtc, vs)`` (see the module docstring).
+
+    Quantized in the (B, L, H, D) layout (reductions over D or L, no transposed copy of the bf16
+    operands), then the 1-byte codes padded and laid out heads first (v transposed): XLA fuses the
+    layout change into the quantizing fusion's output.
+    """
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"fp8 attention: q {q.shape}, k {k.shape}, v {v.shape} must be (B, L, H, D) with k, v alike")
-    d = q.shape[-1]
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
     dp = padded_dim(d) if d_pad is None else d_pad
     if dp < d or dp % D_MULTIPLE:
         raise ValueError(f"fp8 attention: d_pad={dp} must be a multiple of {D_MULTIPLE} and >= D={d}")
-    qc, qs = quantize_rows(_heads_first(q, dp), "fp8_e4m3")
-    kc, ks = quantize_rows(_heads_first(center_keys(k), dp), "fp8_e4m3")
-    vtc, vs = quantize_rows(jnp.swapaxes(_heads_first(v, dp), 1, 2), "fp8_e4m3")  # per channel: rows of vᵀ
+    pad_d = ((0, 0), (0, 0), (0, 0), (0, dp - d))
+    qc, qs = e4m3_codes(q, -1)
+    kc, ks = e4m3_codes(center_keys(k), -1)
+    vc, vs = e4m3_codes(v, 1)  # per channel: over the key tokens
+    qc = jnp.swapaxes(jnp.pad(qc, pad_d), 1, 2).reshape(b * h, lq, dp)
+    kc = jnp.swapaxes(jnp.pad(kc, pad_d), 1, 2).reshape(b * h, lk, dp)
+    vtc = jnp.transpose(jnp.pad(vc, pad_d), (0, 2, 3, 1)).reshape(b * h, dp, lk)
+    qs = jnp.swapaxes(qs[..., 0], 1, 2).reshape(b * h, lq)
+    ks = jnp.swapaxes(ks[..., 0], 1, 2).reshape(b * h, lk)
+    vs = jnp.pad(vs[:, 0], ((0, 0), (0, 0), (0, dp - d)), constant_values=MIN_SCALE).reshape(b * h, dp)
     return qc, qs, kc, ks, vtc, vs
 
 
@@ -146,5 +175,5 @@ def fp8_attention_ref(q, k, v, scale: float | None = None, block_kv: int = 64, d
     return unpack_output(attention_from_codes(*ops, scale, block_kv, q.dtype), b, h, d)
 
 
-__all__ = ["D_MULTIPLE", "LOG2E", "P_SCALE", "attention_from_codes", "center_keys", "fp8_attention_ref", "padded_dim",
-           "quantize_operands", "unpack_output"]
+__all__ = ["D_MULTIPLE", "LOG2E", "P_SCALE", "attention_from_codes", "center_keys", "e4m3_codes", "fp8_attention_ref",
+           "padded_dim", "quantize_operands", "unpack_output"]
