@@ -7,7 +7,8 @@ a smoke test. Random weights (speed and memory do not depend on the values). The
 checked against the fake-quant step on the device before timing; each step is compiled once and
 then timed as the compiled function (wall clock and CUPTI kernel time). The lowered W8A8 step
 runs the one-pass token quantization kernel and the W8A8 GEMM kernel at every block linear.
-Optional further steps (``--extra``: FP8, W4A8 lowered) run while ``--budget-s`` lasts. Results go
+Optional further steps (``--extra``: FP8, W4A8 lowered; ``fp8attn``: recipe ``w8a8-fp8attn`` lowered, the
+W8A8 GEMMs plus the FP8 attention kernel) run while ``--budget-s`` lasts. Results go
 to ``e2e.json`` / ``e2e.md`` under ``--out`` (default ``$OUT``, else ``benchmarks/results/latest``).
 """
 
@@ -242,12 +243,20 @@ def main(argv=None):
     extra_casts = {"fp8": (cast("fp8_e4m3"), cast("fp8_e4m3")),
                    "w4a8": (cast("int4", granularity="group", group_size=64), cast("int8", granularity="row"))}
     for name in [e for e in args.extra.split(",") if e]:
-        if name not in extra_casts:
-            raise SystemExit(f"--extra: unknown step {name!r}; known: {sorted(extra_casts)}")
+        if name not in extra_casts and name != "fp8attn":
+            raise SystemExit(f"--extra: unknown step {name!r}; known: {sorted(extra_casts) + ['fp8attn']}")
         if over(0.7):
             print(f"skipping {name}_lowered: budget", flush=True)
             continue
-        q = lower(make_plan(model, full_inputs, *extra_casts[name]), model.params)
+        if name == "fp8attn":  # recipe w8a8-fp8attn lowered: W8A8 GEMMs and the FP8 attention kernel
+            from jdq import recipes
+            from jdq.quant import trace_operands
+
+            ops = trace_operands(lambda *a, quant: model.apply(model.params, *a, quant=quant), *full_inputs)
+            q = lower(recipes.plan_for("w8a8-fp8attn", ops), model.params)
+            print(f"fp8attn: {len(q.attention)} FP8 attention sites", flush=True)
+        else:
+            q = lower(make_plan(model, full_inputs, *extra_casts[name]), model.params)
         if run(f"{name}_lowered", q):
             res[f"relerr_{name}_lowered_vs_bf16"] = rel(outs[f"{name}_lowered"], outs["bf16"])
     # 5. weight memory: every linear of the blocks lowered (token linears + adaLN modulation)
