@@ -81,27 +81,29 @@ def _wgmma_into(acc, a_s, b_s, interpret):
     return pl.run_state(scope)(plgpu.ACC.init(acc))
 
 
-def _init_carry(bq, dp, interpret):
-    """(acc, running max, running sum) before the first key block, in the WGMMA register layouts."""
+def _init_carry(bq, dp, interpret, kv0):
+    """(acc, running max, running sum, the first block's key scales) before the first key block, in the WGMMA layouts."""
     m0 = jnp.full((bq,), -jnp.inf, jnp.float32)
     l0 = jnp.zeros((bq,), jnp.float32)
     if not interpret:
         m0 = plgpu.layout_cast(m0, plgpu.Layout.WGMMA.reduce(1))
         l0 = plgpu.layout_cast(l0, plgpu.Layout.WGMMA.reduce(1))
-    return zeros_carry((bq, dp), interpret), m0, l0
+    return zeros_carry((bq, dp), interpret), m0, l0, kv0
 
 
-def _attend_block(carry, q_s, k_s, v_s, p_s, rs, ks_g, k0, cfg, interpret, v_ready=None):
+def _attend_block(carry, q_s, k_s, v_s, p_s, rs, ks_g, k_next, cfg, interpret, v_ready=None):
     """One key block of the online softmax (:func:`~jdq.kernels.fp8_attention.ref.attention_from_codes`'s step).
 
-    ``rs``: the per-row scale vector (q scale · softmax scale · log2 e); ``ks_g[k0 : k0 + block_kv]``
-    the block's key scales. ``v_ready``: called before the P·V WGMMA reads ``v_s`` (a barrier wait).
+    ``rs``: the per-row scale vector (q scale · softmax scale · log2 e); the carry's last entry the
+    block's key scales, loaded one step ahead: ``ks_g[k_next : k_next + block_kv]`` (the next block's)
+    is issued here, before this block's MMAs, so its global-memory latency hides behind a whole step.
+    ``v_ready``: called before the P·V WGMMA reads ``v_s`` (a barrier wait).
     """
-    acc, m, l = carry
+    acc, m, l, kv = carry
     bq, bkv = p_s.shape
     s_shape, o_shape = (bq, bkv), acc.shape
+    kv_next = load_vec(ks_g, k_next, bkv, 1, interpret)
     s = wgmma_partial(q_s, k_s, s_shape, jnp.float32, interpret)
-    kv = load_vec(ks_g, k0, bkv, 1, interpret)
     s = s * lax.broadcast_in_dim(rs, s_shape, [0]) * lax.broadcast_in_dim(kv, s_shape, [1])
     m_new = jnp.maximum(m, s.max(axis=1))
     alpha = jnp.exp2(m - m_new)
@@ -116,7 +118,7 @@ def _attend_block(carry, q_s, k_s, v_s, p_s, rs, ks_g, k0, cfg, interpret, v_rea
         acc = _wgmma_into(acc, p_s, v_s, interpret)
     else:
         acc = acc + wgmma_partial(p_s, v_s, o_shape, jnp.float32, interpret)
-    return acc, m_new, l
+    return acc, m_new, l, kv_next
 
 
 def _epilogue(acc, l, vs_g, v0, o_s, o_dst, interpret):
@@ -169,18 +171,22 @@ def _pipe_kernel(qc, qs, k_op, v_op, ks, vs, scale, out_dtype, cfg, interpret, h
         plgpu.copy_gmem_to_smem(q_g.at[h, pl.ds(qi * bq, bq)], q_s, bar.at[0])
         rs = load_vec(qs_g, h * lq + qi * bq, bq, 0, interpret) * row_mult
 
+        steps = lk // bkv
+
         def step(idx, k_s, v_s, carry):
             (j,) = idx
-            return _attend_block(carry, q_s, k_s, v_s, p_s, rs, ks_g, h * lk + j * bkv, cfg, interpret)
+            k_next = h * lk + jnp.minimum(j + 1, steps - 1) * bkv
+            return _attend_block(carry, q_s, k_s, v_s, p_s, rs, ks_g, k_next, cfg, interpret)
 
+        kv0 = load_vec(ks_g, h * lk, bkv, 1, interpret)
         plgpu.barrier_wait(bar.at[0])
-        acc, _, l = plgpu.emit_pipeline(
+        acc, _, l, _ = plgpu.emit_pipeline(
             step,
             grid=(lk // bkv,),
             in_specs=[kmajor_spec(bkv, dp, lambda j: (j, 0), d_tr, interpret),
                       kmajor_spec(dp, bkv, lambda j: (0, j), kv_tr, interpret)],
             max_concurrent_steps=min(cfg.stages, lk // bkv),
-            init_carry=_init_carry(bq, dp, interpret),
+            init_carry=_init_carry(bq, dp, interpret, kv0),
         )(k_g.at[h], v_g.at[h])
         _epilogue(acc, l, vs_g, h * dp, o_s, o_dst(o_g, h, qi * bq, bq), interpret)
 
@@ -245,13 +251,15 @@ def _ws_kernel(qc, qs, k_op, v_op, ks, vs, scale, out_dtype, cfg, interpret, hea
                 def step(j, carry):
                     slot = lax.rem(j, jnp.int32(stages))
                     plgpu.barrier_wait(k_bar.at[slot])
-                    out = _attend_block(carry, q_s, k_s.at[slot], v_s.at[slot], p_s, rs, ks_g, h * lk + j * bkv, cfg,
+                    k_next = h * lk + jnp.minimum(j + 1, steps - 1) * bkv
+                    out = _attend_block(carry, q_s, k_s.at[slot], v_s.at[slot], p_s, rs, ks_g, k_next, cfg,
                                         interpret, v_ready=lambda: (plgpu.barrier_arrive(k_free.at[slot]),
                                                                     plgpu.barrier_wait(v_bar.at[slot])))
                     plgpu.barrier_arrive(v_free.at[slot])
                     return out
 
-                acc, _, l = lax.fori_loop(0, steps, step, _init_carry(bq, dp, interpret))
+                kv0 = load_vec(ks_g, h * lk, bkv, 1, interpret)
+                acc, _, l, _ = lax.fori_loop(0, steps, step, _init_carry(bq, dp, interpret, kv0))
                 _epilogue(acc, l, vs_g, h * dp, o_s, o_dst(o_g, h, row0, bq), interpret)
 
             @pl.when(wg == 2)
