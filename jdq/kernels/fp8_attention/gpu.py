@@ -1,24 +1,32 @@
 """FP8 E4M3 flash attention for Hopper in Mosaic GPU: q·kᵀ and p·v as E4M3 WGMMAs, scales outside the MMAs.
 
 Computes :func:`jdq.kernels.fp8_attention.ref.attention_from_codes` (same operations in the same
-order). Grid (B·H, Lq/block_q), one warpgroup per CTA:
+order). ``Config(kind="pipe")``: grid (B·H, Lq/block_q), one warpgroup per CTA:
 
 * the CTA's (block_q, Dp) E4M3 query tile is brought to shared memory once by TMA;
 * ``emit_pipeline`` over the key blocks (``stages`` buffers) brings the (block_kv, Dp) key tile
   and the (Dp, block_kv) tile of **vᵀ** — both K-major, as the 8-bit WGMMA requires of its B
   operand (q·kᵀ contracts over Dp, p·v over keys);
 * per key block: S = q·kᵀ (E4M3 WGMMA, float32 accumulator), times the per-row (q scale × softmax
-  scale × log2 e) and per-column (k scale) vectors; the online softmax in float32 registers
-  (running max / sum per row, base 2); ``P · 448`` cast to E4M3 and stored to a swizzled shared
-  tile (the 8-bit register-A WGMMA wants the 8-bit fragment layout, not the accumulator's, and
-  Mosaic GPU has no register relayout between them); P·vᵀᵀ by an E4M3 WGMMA into a fresh
-  float32 accumulator, added to the rescaled running one (``Config.acc_in_place``: into the
-  rescaled running accumulator itself, FlashAttention-3's way, one accumulator fewer in registers);
-* epilogue: ``acc · (1/448) · v scale[col] / l[row]``, cast, stored through shared memory by TMA.
+  scale × log2 e) and per-column (k scale, loaded one block ahead) vectors; the online softmax in
+  float32 registers (running max / sum per row, base 2); ``P · 448`` cast to E4M3 and stored to a
+  swizzled shared tile (the 8-bit register-A WGMMA wants the 8-bit fragment layout, not the
+  accumulator's, and Mosaic GPU has no register relayout between them); P·V by an E4M3 WGMMA
+  (B operand: the vᵀ tile) into a fresh float32 accumulator, added to the rescaled running one
+  (``Config.acc_in_place``: into the rescaled running accumulator itself, one accumulator fewer
+  in registers);
+* epilogue: ``acc · (1/448) · v scale[col] / l[row]``, cast, stored through shared memory by TMA
+  — the (B·H, Lq, Dp) tile, or with ``Config.direct_out`` only the D real columns, straight into
+  a (B, Lq, H·D) output (no unpacking pass after the kernel).
 
-``Dp`` (the padded head dim) must be a multiple of 32; Lq a multiple of ``block_q`` (64 or 128)
-and Lk of ``block_kv`` (64 or 128). :func:`jdq.kernels.fp8_attention.fp8_attention` pads and
-falls back to the XLA reference where these do not hold.
+``Config(kind="ws")``: grid (B·H, Lq/(2·block_q)), three warpgroups per CTA — two compute
+warpgroups (``block_q`` query rows each, the per-block arithmetic above in a ``fori_loop``) share
+the key / vᵀ buffers that the third streams by TMA, refilling a slot once both have arrived on its
+"consumed" barrier.
+
+``Dp`` (the padded head dim) must be a multiple of 32; Lq a multiple of the CTA's rows and Lk of
+``block_kv`` (64 or 128). :func:`jdq.kernels.fp8_attention.fp8_attention` pads Lq and falls back
+to the XLA reference where Lk does not tile.
 
 Interpret mode (``interpret=True``; see :mod:`jdq.kernels._mgpu`): the B operands are passed
 (K, N) — k as kᵀ (BH, Dp, Lk), vᵀ as v (BH, Lk, Dp) — and the scale vectors are read by plain ref
