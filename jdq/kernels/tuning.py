@@ -68,11 +68,12 @@ MIXDIT = {"default": [(INF, dict(tile_m=128, tile_n=128, stages=2))]}
 # (DiT-XL/2 K = 1152 -> 8 rows per CTA, K = 4608 -> 2); not yet timed on a device.
 MIXDIT_SPLIT = {"default": [(INF, dict(elems_per_thread=80, max_rows=32, spread_banks=True))]}
 MX = {"default": [(INF, dict(tile_m=128, tile_n=128, blocks_per_step=4, stages=2))]}
-# FP8 attention (jdq.kernels.fp8_attention.gpu.Config), looked up by the key length Lk. Not yet timed on a
-# device: 64 x 64 blocks (L = 256: 4 key steps) and 64 x 128 for long sequences (PixArt-Sigma-1024, L = 4096;
-# a 128-row warpgroup tile would hold 128 + 2 x 96 float32 registers per thread for S and the accumulators);
-# benchmarks/fp8_attention.py sweeps the candidates (both kinds, in-place accumulator).
-FP8_ATTENTION = {"default": [(1024, dict(block_q=64, block_kv=64, stages=2)),
+# FP8 attention (jdq.kernels.fp8_attention.gpu.Config), looked up by the key length Lk. H200, jax 0.11.2, 2026-12-02
+# (benchmarks/results/fp8_attention_device_run{1,2}.md), kernel alone: DiT-XL/2 b64 (L = 256) 64 x 64 blocks with P.V
+# into the running accumulator 77.6 us (cuDNN bf16 77.6; 64 x 64 without 93.5, 128 x 64 91.5, 64 x 128 105.5, the
+# warp-specialised kernel 117-137); PixArt-Sigma-1024 (L = 4096) 64 x 128 434.9 us (cuDNN 395.7; 128 x 64 444.5,
+# 64 x 64 463.4; the in-place variants were not timed there: run 2's 5 % check threshold rejected them at 5.1 %).
+FP8_ATTENTION = {"default": [(1024, dict(block_q=64, block_kv=64, stages=2, acc_in_place=True)),
                              (INF, dict(block_q=64, block_kv=128, stages=2))]}
 
 # Pallas TPU GEMMs (every kind): maximal tiles; jdq.kernels.lowered shrinks tn / tk to the largest
