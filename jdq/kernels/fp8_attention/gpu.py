@@ -183,11 +183,12 @@ def _pipe_kernel(qc, qs, k_op, v_op, ks, vs, scale, out_dtype, cfg, interpret, h
 
         def step(idx, k_s, v_s, carry):
             (j,) = idx
+            # the q tile is waited for in the first step: its TMA overlaps the pipeline's first k / vᵀ loads
+            pl.when(j == 0)(lambda: plgpu.barrier_wait(bar.at[0]))
             k_next = h * lk + jnp.minimum(j + 1, steps - 1) * bkv
             return _attend_block(carry, q_s, k_s, v_s, p_s, rs, ks_g, k_next, cfg, interpret)
 
         kv0 = load_vec(ks_g, h * lk, bkv, 1, interpret)
-        plgpu.barrier_wait(bar.at[0])
         acc, _, l, _ = plgpu.emit_pipeline(
             step,
             grid=(lk // bkv,),
