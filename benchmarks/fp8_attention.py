@@ -16,7 +16,8 @@ Shapes (``--shapes``, priority order): ``dit.b64`` — DiT-XL/2 at 256 px, batch
   a ``direct_out`` config, which needs no unpacking);
 * ``jdq_fp8_kernel``: the kernel alone on pre-quantized operands (``@<config>`` for each ``--configs``
   entry, e.g. ``64x64s2`` = block_q 64, block_kv 64, 2 stages; ``ws64x64s2`` the warp-specialised
-  kernel (2 × 64 rows per CTA); a trailing ``i``: P·V into the running accumulator);
+  kernel (2 × 64 rows per CTA), ``sw64x64s2`` the software-pipelined one; a trailing ``i``: P·V into
+  the running accumulator, ``o``: ``direct_out``);
 * ``jdq_fp8_quant``: the quantization alone (the wrapper's cost before the kernel).
 
 Before timing, every kernel config is checked on the device against the reference
@@ -52,28 +53,28 @@ VARIANTS = ("xla_bf16", "cudnn_bf16", "jdq_fakequant", "jdq_fp8", "jdq_fp8_kerne
 TINY_CONFIGS = "64x64s2,ws64x64s1o"  # --tiny with the default --configs: one of each kind
 # run 2 (H200): ws slower everywhere (one CTA per SM; not swept by default now), 64x64s2i fastest at DiT b64; this
 # sweep: the scale prefetch + early q wait (64x64s2 vs run 2's 93.5 us), the in-place accumulator at PixArt,
-# direct_out (suffix o) in the op
-DEFAULT_CONFIGS = "64x64s2,64x64s2i,64x64s2io,128x64s2i,64x128s2,64x128s2i,64x128s2io"
+# direct_out (suffix o) in the op, the software-pipelined kernel (prefix sw)
+DEFAULT_CONFIGS = "64x64s2,64x64s2i,64x64s2io,64x128s2,64x128s2i,64x128s2io,sw64x64s2i,sw64x64s2io,sw64x128s2i,sw64x128s3i"
 
 
 def parse_config(spec):
-    """``"128x64s2"`` -> ``Config(block_q=128, block_kv=64, stages=2)``; prefix ``ws``: warp-specialised, suffixes
+    """``"128x64s2"`` -> ``Config(block_q=128, block_kv=64, stages=2)``; prefix ``ws``: warp-specialised, ``sw``:
+    software-pipelined; suffixes
     ``i``: in-place accumulator, ``o``: the kernel writes (B, L, H·D) itself (``direct_out``)."""
     import re
 
     from jdq.kernels.fp8_attention.gpu import Config
 
-    mt = re.fullmatch(r"(ws)?(\d+)x(\d+)s(\d+)(i?)(o?)", spec)
+    mt = re.fullmatch(r"(ws|sw)?(\d+)x(\d+)s(\d+)(i?)(o?)", spec)
     if not mt:
         raise SystemExit(f"--configs: cannot parse {spec!r} (e.g. 64x64s2: block_q x block_kv, stages; ws64x64s2io)")
-    ws, bq, bkv, st, inplace, direct = mt.groups()
-    return Config(int(bq), int(bkv), int(st), acc_in_place=bool(inplace), kind="ws" if ws else "pipe",
-                  direct_out=bool(direct))
+    kind, bq, bkv, st, inplace, direct = mt.groups()
+    return Config(int(bq), int(bkv), int(st), acc_in_place=bool(inplace), kind=kind or "pipe", direct_out=bool(direct))
 
 
 def config_name(cfg):
     """The ``--configs`` spelling of ``cfg`` (inverse of :func:`parse_config`)."""
-    return (f"{'ws' if cfg.kind == 'ws' else ''}{cfg.block_q}x{cfg.block_kv}s{cfg.stages}"
+    return (f"{'' if cfg.kind == 'pipe' else cfg.kind}{cfg.block_q}x{cfg.block_kv}s{cfg.stages}"
             f"{'i' if cfg.acc_in_place else ''}{'o' if cfg.direct_out else ''}")
 
 

@@ -114,10 +114,11 @@ def test_reference_equals_the_fake_quant_plan(block_kv):
 
 
 @pytest.mark.parametrize("cfg,d_pad", [(Config(64, 64, 2), None), (Config(128, 64, 1), 128),
-                                       (Config(64, 64, 1, kind="ws"), None)])
+                                       (Config(64, 64, 1, kind="ws"), None), (Config(64, 64, 2, kind="sw"), None)])
 def test_gpu_kernel_interpret_equals_reference(cfg, d_pad):
     """pipe: 2 query blocks of 64 (or one of 128, D padded to 128); ws: 2 warpgroups of 64 rows, one key buffer
-    refilled (the interpreter checks the barrier protocol: every phase arrived on and waited for)."""
+    refilled; sw: the next block's q·kᵀ issued before this block's softmax (the interpreter checks the barrier
+    protocols: every phase arrived on and waited for)."""
     q, k, v = _qkv(1, h=1)
     ops = ref.quantize_operands(q, k, v, d_pad)
     scale = 1 / math.sqrt(q.shape[-1])
@@ -177,9 +178,12 @@ def _bench_shapes():
                                       ("dit_b64", Config(64, 64, 2, kind="ws")),
                                       ("pixart_1024", Config(64, 128, 3, acc_in_place=True, kind="ws")),
                                       ("dit_b64", Config(64, 64, 2, direct_out=True)),
-                                      ("pixart_1024", Config(64, 128, 2, True, kind="ws", direct_out=True))])
+                                      ("pixart_1024", Config(64, 128, 2, True, kind="ws", direct_out=True)),
+                                      ("dit_b64", Config(64, 64, 2, True, kind="sw", direct_out=True)),
+                                      ("pixart_1024", Config(64, 128, 3, True, kind="sw"))])
 def test_gpu_kernel_lowers_to_mosaic_gpu(name, cfg):
-    """The tuned config (None) and the in-place-accumulator, warp-specialised and direct-output variants lower for CUDA."""
+    """The tuned config (None) and the in-place-accumulator, warp-specialised, software-pipelined and direct-output
+    variants lower for CUDA."""
     from jdq.kernels.fp8_attention.api import _config
 
     bh, l, dp = _bench_shapes()[name]
@@ -229,6 +233,8 @@ def test_bad_inputs_raise():
         fp8_attention_gpu(*ops, scale=0.1, config=Config(block_q=32), interpret=True)
     with pytest.raises(ValueError, match="direct_out needs heads"):
         fp8_attention_gpu(*ops, scale=0.1, config=Config(direct_out=True), interpret=True)
+    with pytest.raises(ValueError, match="do not fit"):  # sw needs two key buffers
+        fp8_attention_gpu(*ops, scale=0.1, config=Config(64, 64, 1, kind="sw"), interpret=True)
     with pytest.raises(ValueError, match="do not fit"):  # ws needs Lq a multiple of 2·block_q
         fp8_attention_gpu(*ops, scale=0.1, config=Config(64, 64, kind="ws"), interpret=True)
     with pytest.raises(ValueError, match="shapes"):
@@ -247,6 +253,7 @@ def test_benchmark_configs_and_render(load_benchmark):
     assert fb.parse_config("ws64x128s3i") == Config(64, 128, 3, acc_in_place=True, kind="ws")
     assert fb.config_name(Config(64, 128, 3, acc_in_place=True, kind="ws")) == "ws64x128s3i"
     assert fb.parse_config("64x64s2o") == Config(64, 64, 2, direct_out=True)
+    assert fb.config_name(fb.parse_config("sw64x128s3io")) == "sw64x128s3io"
     with pytest.raises(SystemExit, match="cannot parse"):
         fb.parse_config("128x64")
     res = {"jax": "x", "device": "d", "checks": {"a@64x64s2": {"ok": True, "relerr_vs_ref": 1e-7}},

@@ -19,6 +19,10 @@ order). ``Config(kind="pipe")``: grid (B·H, Lq/block_q), one warpgroup per CTA:
   — the (B·H, Lq, Dp) tile, or with ``Config.direct_out`` only the D real columns, straight into
   a (B, Lq, H·D) output (no unpacking pass after the kernel).
 
+``Config(kind="sw")``: as ``pipe``, software-pipelined by hand (the warpgroup issues its own TMA
+loads): at step j the WGMMA of block j+1's logits is issued before block j's softmax, so the tensor
+cores work while the softmax runs (``stages`` ≥ 2).
+
 ``Config(kind="ws")``: grid (B·H, Lq/(2·block_q)), three warpgroups per CTA — two compute
 warpgroups (``block_q`` query rows each, the per-block arithmetic above in a ``fori_loop``) share
 the key / vᵀ buffers that the third streams by TMA, refilling a slot once both have arrived on its
@@ -53,8 +57,9 @@ from jdq.kernels.fp8_attention.ref import D_MULTIPLE, LOG2E, P_SCALE, _check_cod
 class Config:
     """Schedule and block sizes of the FP8 attention kernel (see the module docstring).
 
-    ``kind``: ``"pipe"`` (one warpgroup per CTA, ``block_q`` rows) or ``"ws"`` (two compute warpgroups
-    of ``block_q`` rows each and a TMA warpgroup per CTA). ``block_kv``: keys per step; ``stages``:
+    ``kind``: ``"pipe"`` (one warpgroup per CTA, ``block_q`` rows), ``"sw"`` (the same, software-pipelined:
+    the next block's q·kᵀ overlaps this block's softmax) or ``"ws"`` (two compute warpgroups of
+    ``block_q`` rows each and a TMA warpgroup per CTA). ``block_kv``: keys per step; ``stages``:
     key / value buffers in flight; ``acc_in_place``: P·V accumulates into the rescaled running
     accumulator (no fresh one + add); ``direct_out``: the epilogue stores only the D real columns of
     each head straight into a (B, Lq, H·D) output (no unpacking pass after the kernel).
@@ -74,8 +79,8 @@ class Config:
 
     def supports(self, lq: int, lk: int, dp: int) -> bool:
         """Whether (Lq, Lk, Dp) tile by this config (and the config is one the kernel takes)."""
-        return (self.kind in ("pipe", "ws") and self.block_q in (64, 128) and self.block_kv in (64, 128)
-                and self.stages >= 1 and lq % self.cta_rows == 0 and lk % self.block_kv == 0
+        return (self.kind in ("pipe", "ws", "sw") and self.block_q in (64, 128) and self.block_kv in (64, 128)
+                and self.stages >= (2 if self.kind == "sw" else 1) and lq % self.cta_rows == 0 and lk % self.block_kv == 0
                 and dp % D_MULTIPLE == 0 and dp <= 256)
 
 
@@ -108,10 +113,14 @@ def _attend_block(carry, q_s, k_s, v_s, p_s, rs, ks_g, k_next, cfg, interpret, v
     ``v_ready``: called before the P·V WGMMA reads ``v_s`` (a barrier wait).
     """
     acc, m, l, kv = carry
-    bq, bkv = p_s.shape
-    s_shape, o_shape = (bq, bkv), acc.shape
-    kv_next = load_vec(ks_g, k_next, bkv, 1, interpret)
-    s = wgmma_partial(q_s, k_s, s_shape, jnp.float32, interpret)
+    kv_next = load_vec(ks_g, k_next, p_s.shape[1], 1, interpret)
+    s = wgmma_partial(q_s, k_s, p_s.shape, jnp.float32, interpret)
+    return (*_softmax_pv(s, acc, m, l, kv, rs, p_s, v_s, cfg, interpret, v_ready), kv_next)
+
+
+def _softmax_pv(s, acc, m, l, kv, rs, p_s, v_s, cfg, interpret, v_ready=None):
+    """The block's logits ``s`` (q·kᵀ codes) -> scaled, online softmax, P to ``p_s``, ``acc`` rescaled plus P·V: (acc, m, l)."""
+    s_shape, o_shape = s.shape, acc.shape
     s = s * lax.broadcast_in_dim(rs, s_shape, [0]) * lax.broadcast_in_dim(kv, s_shape, [1])
     m_new = jnp.maximum(m, s.max(axis=1))
     alpha = jnp.exp2(m - m_new)
@@ -126,7 +135,7 @@ def _attend_block(carry, q_s, k_s, v_s, p_s, rs, ks_g, k_next, cfg, interpret, v
         acc = _wgmma_into(acc, p_s, v_s, interpret)
     else:
         acc = acc + wgmma_partial(p_s, v_s, o_shape, jnp.float32, interpret)
-    return acc, m_new, l, kv_next
+    return acc, m_new, l
 
 
 def _epilogue(acc, l, vs_g, v0, o_s, o_dst, interpret):
@@ -321,6 +330,95 @@ def _ws_kernel(qc, qs, k_op, v_op, ks, vs, scale, out_dtype, cfg, interpret, hea
     )(qc, k_op, v_op, qs.reshape(-1), ks.reshape(-1), vs.reshape(-1))
 
 
+def _sw_kernel(qc, qs, k_op, v_op, ks, vs, scale, out_dtype, cfg, interpret, heads, d):
+    """``kind="sw"``: one warpgroup per CTA, software-pipelined: q·kᵀ of block j+1 runs while block j's softmax does.
+
+    The warpgroup issues its own TMA loads (``stages`` ≥ 2 key / vᵀ buffers, refilled once a block's
+    P·V is done) and, at step j, first issues the WGMMA of S_{j+1} = q·k_{j+1}ᵀ (asynchronous, into
+    its own accumulator), then computes block j's softmax and P·V; S_{j+1} is read after both.
+    Same per-block arithmetic as ``pipe``.
+    """
+    bh, lq, dp = qc.shape
+    lk = ks.shape[1]
+    bq, bkv = cfg.block_q, cfg.block_kv
+    steps = lk // bkv
+    stages = min(cfg.stages, steps)
+    f8 = jnp.float8_e4m3fn
+    d_tr = smem_transforms(dp, f8, interpret)
+    kv_tr = smem_transforms(bkv, f8, interpret)
+    out_type, o_w, o_tr, o_dst = _output(bh, lq, dp, out_dtype, cfg, heads, d, interpret)
+    row_mult = np.float32(scale * LOG2E)
+    k_block = (dp, bkv) if interpret else (bkv, dp)  # interpret: B operands (K, N)
+    v_block = (bkv, dp) if interpret else (dp, bkv)
+    s_shape = (bq, bkv)
+
+    def k_src(k_g, h, j):
+        return k_g.at[h, :, pl.ds(j * bkv, bkv)] if interpret else k_g.at[h, pl.ds(j * bkv, bkv)]
+
+    def v_src(v_g, h, j):
+        return v_g.at[h, pl.ds(j * bkv, bkv)] if interpret else v_g.at[h, :, pl.ds(j * bkv, bkv)]
+
+    def body(q_g, k_g, v_g, qs_g, ks_g, vs_g, o_g, q_s, k_s, v_s, p_s, o_s, q_bar, k_bar, v_bar):
+        h = lax.axis_index("bh")
+        qi = lax.axis_index("q")
+        plgpu.copy_gmem_to_smem(q_g.at[h, pl.ds(qi * bq, bq)], q_s, q_bar.at[0])
+        for i in range(stages):
+            plgpu.copy_gmem_to_smem(k_src(k_g, h, i), k_s.at[i], k_bar.at[i])
+            plgpu.copy_gmem_to_smem(v_src(v_g, h, i), v_s.at[i], v_bar.at[i])
+        rs = load_vec(qs_g, h * lq + qi * bq, bq, 0, interpret) * row_mult
+        kv0 = load_vec(ks_g, h * lk, bkv, 1, interpret)
+        plgpu.barrier_wait(q_bar.at[0])
+        plgpu.barrier_wait(k_bar.at[0])
+        s0 = wgmma_partial(q_s, k_s.at[0], s_shape, jnp.float32, interpret)
+
+        def step(j, carry, issue_next: bool):
+            s, acc, m, l, kv = carry
+            slot = lax.rem(j, jnp.int32(stages))
+            nslot = lax.rem(j + 1, jnp.int32(stages))
+            kv_next = load_vec(ks_g, h * lk + jnp.minimum(j + 1, steps - 1) * bkv, bkv, 1, interpret)
+
+            def scope(acc_s):
+                if issue_next:  # S_{j+1} on the tensor cores while block j's softmax runs
+                    plgpu.barrier_wait(k_bar.at[nslot])
+                    plgpu.wgmma(acc_s, q_s, rhs_kmajor(k_s.at[nslot], interpret))
+                out = _softmax_pv(s, acc, m, l, kv, rs, p_s, v_s.at[slot], cfg, interpret,
+                                  v_ready=lambda: plgpu.barrier_wait(v_bar.at[slot]))
+                return (acc_s[...] if issue_next else s, *out)
+
+            s_next, acc, m, l = pl.run_scoped(scope, plgpu.ACC(s_shape, jnp.float32))
+
+            @pl.when(j + stages < steps)
+            def _refill():  # block j's k and vᵀ are consumed: bring block j + stages into their slot
+                plgpu.copy_gmem_to_smem(k_src(k_g, h, j + stages), k_s.at[slot], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_src(v_g, h, j + stages), v_s.at[slot], v_bar.at[slot])
+
+            return s_next, acc, m, l, kv_next
+
+        acc0, m0, l0, _ = _init_carry(bq, dp, interpret, kv0)
+        carry = lax.fori_loop(0, steps - 1, lambda j, c: step(j, c, True), (s0, acc0, m0, l0, kv0))
+        _, acc, _, l, _ = step(jnp.int32(steps - 1), carry, False)
+        _epilogue(acc, l, vs_g, h * dp, o_s, o_dst(o_g, h, qi * bq, bq), interpret)
+
+    return plgpu.kernel(
+        body,
+        out_type=out_type,
+        grid=(bh, lq // bq),
+        grid_names=("bh", "q"),
+        scratch_types=[
+            plgpu.SMEM((bq, dp), f8, transforms=d_tr),
+            plgpu.SMEM((stages, *k_block), f8, transforms=() if interpret else d_tr),
+            plgpu.SMEM((stages, *v_block), f8, transforms=() if interpret else kv_tr),
+            plgpu.SMEM((bq, bkv), f8, transforms=kv_tr),
+            plgpu.SMEM((bq, o_w), out_dtype, transforms=o_tr),
+            plgpu.Barrier(num_arrivals=1, num_barriers=1),
+            plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+        ],
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane, approx_math=True),
+        interpret=interpret_params(interpret),
+    )(qc, k_op, v_op, qs.reshape(-1), ks.reshape(-1), vs.reshape(-1))
+
+
 # jitted: identical calls in a model lower once (see jdq.kernels.w8a8.gpu).
 @functools.partial(jax.jit, static_argnames=("scale", "out_dtype", "config", "interpret", "heads", "d"))
 def fp8_attention_gpu(qc, qs, kc, ks, vtc, vs, scale: float, out_dtype=jnp.bfloat16, config: Config = Config(),
@@ -337,12 +435,12 @@ def fp8_attention_gpu(qc, qs, kc, ks, vtc, vs, scale: float, out_dtype=jnp.bfloa
                          f"d·itemsize a multiple of 16 bytes (TMA rows); got heads={heads}, d={d}")
     if not cfg.supports(lq, lk, dp):
         raise ValueError(f"fp8 attention kernel: Lq={lq}, Lk={lk}, Dp={dp} do not fit {cfg} (Lq % {cfg.cta_rows}, "
-                         f"Lk % block_kv, Dp % {D_MULTIPLE}, block sizes 64 or 128, kind 'pipe' or 'ws')")
+                         f"Lk % block_kv, Dp % {D_MULTIPLE}, block sizes 64 or 128, kind 'pipe' / 'sw' / 'ws', sw: stages >= 2)")
     if interpret:  # the interpreter reads B operands untransposed: give them (K, N)
         k_op, v_op = jnp.swapaxes(kc, 1, 2), jnp.swapaxes(vtc, 1, 2)
     else:
         k_op, v_op = kc, vtc
-    run = _ws_kernel if cfg.kind == "ws" else _pipe_kernel
+    run = {"ws": _ws_kernel, "sw": _sw_kernel}.get(cfg.kind, _pipe_kernel)
     return run(qc, qs, k_op, v_op, ks, vs, float(scale), jnp.dtype(out_dtype), cfg, interpret, heads, d)
 
 
