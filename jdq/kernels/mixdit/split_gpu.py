@@ -126,6 +126,11 @@ class _Part:
     rows: int
     rot_shift: int  # rotation ρ = (g >> rot_shift) & 3 (-1: none)
     real: int  # columns that are channels (the rest, up to ``cols``, is padding)
+    opitch: int = 0  # row pitch of the part's shared-memory output tile (elements; 0: ``cols``)
+
+    @property
+    def pitch(self):
+        return self.opitch or self.cols
 
     @property
     def nb(self):
@@ -151,20 +156,28 @@ class _Part:
         return r, xp.minimum(BLOCK * b + e, self.cols - 1), b < self.nb
 
 
+def _worst_bank(words) -> int:
+    """Most distinct 32-bit words any bank serves in one warp's access (1: conflict-free)."""
+    worst = 1
+    for w in range(THREADS // 32):
+        banks = {}
+        for word in set(words[32 * w:32 * w + 32].tolist()):
+            banks[word % 32] = banks.get(word % 32, 0) + 1
+        worst = max(worst, max(banks.values()))
+    return worst
+
+
 def _bank_conflicts(rows: int, k: int, pad: int, itemsize: int, rot_shift: int) -> int:
     """Worst shared-memory bank conflict of the gather (identity channel order), over one step's registers."""
     part = _Part(0, BLOCK * THREADS, rows, rot_shift, BLOCK * THREADS)
-    worst = 1
-    for i in range(BLOCK):
-        r, j, _ = part.index(0, i, np.arange(THREADS))
-        words = (r * (k + pad) + j) * itemsize // 4
-        for w in range(THREADS // 32):
-            sl = slice(32 * w, 32 * w + 32)
-            banks = {}
-            for word in set(words[sl].tolist()):
-                banks[word % 32] = banks.get(word % 32, 0) + 1
-            worst = max(worst, max(banks.values()))
-    return worst
+    return max(_worst_bank((r * (k + pad) + j) * itemsize // 4)
+               for r, j, _ in (part.index(0, i, np.arange(THREADS)) for i in range(BLOCK)))
+
+
+def _store_conflicts(part: "_Part", itemsize: int) -> int:
+    """Worst shared-memory bank conflict of the scatter into the part's output tile, over one step's registers."""
+    return max(_worst_bank((r * part.pitch + j) * itemsize // 4)
+               for r, j, _ in (part.index(0, i, np.arange(THREADS)) for i in range(BLOCK)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -175,6 +188,16 @@ def _layout_choice(rows: int, k: int, itemsize: int, spread: bool) -> tuple[int,
         return unit, -1
     cands = [(p * unit, rs) for p in (1, 2, 3, 4) for rs in (-1, 0, 1, 2, 3, 4)]
     return min(cands, key=lambda c: (_bank_conflicts(rows, k, c[0], itemsize, c[1]), c[0], c[1]))
+
+
+@functools.lru_cache(maxsize=None)
+def _out_pitch(part: "_Part", itemsize: int, spread: bool) -> int:
+    """The output tile's row pitch (elements, 16-byte multiples) with the fewest scatter bank conflicts."""
+    if not spread:
+        return part.cols
+    unit = 16 // itemsize
+    return min((part.cols + p * unit for p in range(8)),
+               key=lambda q: (_store_conflicts(dataclasses.replace(part, opitch=q), itemsize), q))
 
 
 # ---------------------------------------------------------------------------------------------- arithmetic
@@ -267,7 +290,7 @@ def _scatter_interpret(o_s, vals, part: _Part, dtype):
     vals = jnp.stack(vals)
     if part.real % BLOCK:  # padding columns of the last block are zero even where the block is NaN
         vals = jnp.where(j < part.real, vals, 0)
-    o_s[...] = o.at[row * part.cols + j].set(vals.astype(dtype))
+    o_s[...] = o.at[row * part.pitch + j].set(vals.astype(dtype))
 
 
 def _mlir():
@@ -349,7 +372,7 @@ def _scatter_gpu(o_s, vals, part: _Part, bits: int):
         for k in range(part.steps):
             _, valid = _col(part, g, rho, k, 0)
             row = arith.select(valid, r, c(part.rows))  # an invalid block goes to the trash row
-            base = arith.muli(row, c(part.cols))
+            base = arith.muli(row, c(part.pitch))
             for i in range(BLOCK):
                 j, _ = _col(part, g, rho, k, i)
                 [reg] = regs[n].registers.flat
@@ -432,6 +455,9 @@ def split_activation_gpu(x, tbl, k_hi: int, config: SplitConfig = SplitConfig(),
     pitch = k + pad
     hi = _Part(0, khp, rows, rot, k_hi) if k_hi else None
     lo = _Part(khp, klp, rows, rot, k - k_hi)
+    if hi is not None:
+        hi = dataclasses.replace(hi, opitch=_out_pitch(hi, 2, config.spread_banks))
+    lo = dataclasses.replace(lo, opitch=_out_pitch(lo, 1, config.spread_banks))
     groups = THREADS // rows
 
     def body(x_g, t_g, oh_g, ol_g, s_g, x_s, oh_s, ol_s, p_s, bars):
@@ -479,12 +505,19 @@ def split_activation_gpu(x, tbl, k_hi: int, config: SplitConfig = SplitConfig(),
             _store_scales_gpu(s_g, scale, row0, rows)
 
         plgpu.commit_smem()
-        if hi is not None:
-            plgpu.copy_smem_to_gmem(oh_s.at[pl.ds(0, rows * khp)], oh_g.at[pl.ds(row0 * khp, rows * khp)])
-        plgpu.copy_smem_to_gmem(ol_s.at[pl.ds(0, rows * klp)], ol_g.at[pl.ds(row0 * klp, rows * klp)])
+        for part, o_s, o_g in ((hi, oh_s, oh_g), (lo, ol_s, ol_g)):
+            if part is None:
+                continue
+            if part.pitch == part.cols:  # contiguous rows: one bulk copy
+                plgpu.copy_smem_to_gmem(o_s.at[pl.ds(0, rows * part.cols)],
+                                        o_g.at[pl.ds(row0 * part.cols, rows * part.cols)])
+            else:
+                for r in range(rows):
+                    plgpu.copy_smem_to_gmem(o_s.at[pl.ds(r * part.pitch, part.cols)],
+                                            o_g.at[pl.ds((row0 + r) * part.cols, part.cols)])
         plgpu.wait_smem_to_gmem(0)
 
-    khp_alloc = khp if khp else 8  # no outlier part: a dummy buffer, never written
+    khp_alloc = hi.pitch if hi is not None else 8  # no outlier part: a dummy buffer, never written
     oh, ol, s = plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((m * khp if khp else 8,), jnp.uint16), jax.ShapeDtypeStruct((m * klp,), jnp.uint8),
@@ -494,7 +527,7 @@ def split_activation_gpu(x, tbl, k_hi: int, config: SplitConfig = SplitConfig(),
         scratch_types=[
             plgpu.SMEM((rows * pitch,), x.dtype),
             plgpu.SMEM(((rows + 1) * khp_alloc,), jnp.uint16),
-            plgpu.SMEM(((rows + 1) * klp,), jnp.uint8),
+            plgpu.SMEM(((rows + 1) * lo.pitch,), jnp.uint8),
             plgpu.SMEM((2 * THREADS,), jnp.int32),
             plgpu.Barrier(num_arrivals=1, num_barriers=rows),
         ],
