@@ -146,17 +146,19 @@ def _bits(a):
 
 
 def parse_config(token: str):
-    """A split-kernel config from a token: ``default`` (the tuning row) or ``e<elems>[n][r<max rows>]``
-    (``e48``: 48 MX6 values per thread; ``n``: no bank spreading; ``r4``: at most 4 rows per CTA)."""
+    """A split-kernel config from a token: ``default`` (the tuning row) or ``e<elems>[n][b][r<max rows>]``
+    (``e48``: 48 MX6 values per thread; ``n``: no bank spreading; ``b``: E4M3 codes by integer ops instead of
+    the conversion instruction; ``r4``: at most 4 rows per CTA)."""
     from jdq.kernels import tuning
     from jdq.kernels.mixdit.split_gpu import SplitConfig
 
     if token == "default":
         return SplitConfig(**tuning.lookup("mixdit_split", 8192))
-    m = re.fullmatch(r"e(\d+)(n?)(?:r(\d+))?", token)
+    m = re.fullmatch(r"e(\d+)(n?)(b?)(?:r(\d+))?", token)
     if not m:
-        raise SystemExit(f"--split-configs: {token!r} is not 'default' or e<elems>[n][r<rows>] (e.g. e80, e48n, e80r4)")
-    return SplitConfig(elems_per_thread=int(m[1]), spread_banks=not m[2], max_rows=int(m[3] or 32))
+        raise SystemExit(f"--split-configs: {token!r} is not 'default' or e<elems>[n][b][r<rows>] (e.g. e80, e48n, e80b)")
+    return SplitConfig(elems_per_thread=int(m[1]), spread_banks=not m[2], e4m3="bits" if m[3] else "cvt",
+                       max_rows=int(m[4] or 32))
 
 
 def check_split(m, k, impl, token="default"):
@@ -350,7 +352,8 @@ def render(results) -> str:
                      f"{_f(r, 'linear_xla_split')} | {_f(r, 'xla_bf16')} | {_ratio(r, 'xla_bf16', 'linear_kernel_split')} | "
                      f"{_ratio(r, 'xla_bf16', 'linear_xla_split')} | {checks} |")
     if results.get("sweep"):
-        lines += ["", "Split kernel alone, by config (e<MX6 values per thread>, n: no bank spreading, r: max rows):", "",
+        lines += ["", "Split kernel alone, by config (e<MX6 values per thread>, n: no bank spreading, b: E4M3 by integer ops, "
+                  "r: max rows):", "",
                   "| M×K | config | rows / CTA | µs | % of HBM floor | check |", "|---|---|---:|---:|---:|---|"]
         for r in results["sweep"]:
             chk = results.get("checks", {}).get(r["key"], {})

@@ -66,7 +66,7 @@ W4A8 = {"default": [(INF, dict(tile_m=128, tile_n=128, stages=3))],
 MIXDIT = {"default": [(INF, dict(tile_m=128, tile_n=128, stages=2))]}
 # The one-pass MixDiT activation split (jdq.kernels.mixdit.split_gpu.SplitConfig): 80 MX6 values per thread
 # (DiT-XL/2 K = 1152 -> 8 rows per CTA, K = 4608 -> 2); not yet timed on a device.
-MIXDIT_SPLIT = {"default": [(INF, dict(elems_per_thread=80, max_rows=32, spread_banks=True))]}
+MIXDIT_SPLIT = {"default": [(INF, dict(elems_per_thread=80, max_rows=32, spread_banks=True, e4m3="cvt"))]}
 MX = {"default": [(INF, dict(tile_m=128, tile_n=128, blocks_per_step=4, stages=2))]}
 # FP8 attention (jdq.kernels.fp8_attention.gpu.Config), looked up by the key length Lk. Not yet timed on a
 # device: 64 x 64 blocks (L = 256: 4 key steps) and 64 x 128 for long sequences (PixArt-Sigma-1024, L = 4096;

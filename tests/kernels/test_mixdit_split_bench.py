@@ -48,8 +48,9 @@ def test_render_reports_ratios_and_failures(ms):
     md = ms.render({"meta": {"device": "d", "jax": "j", "copy_gbs": 4200.0, "iters": 1, "rotate": 1, "impl": "gpu"},
                     "rows": [], "sweep": sweep, "checks": {"8192x1152@e48n": {"ok": True}}})
     assert "| 8192×1152 | e48n | 4 | 14.0 | 50 % | bit-exact |" in md
-    cfg = ms.parse_config("e48nr4")
-    assert (cfg.elems_per_thread, cfg.spread_banks, cfg.max_rows) == (48, False, 4)
+    cfg = ms.parse_config("e48nbr4")
+    assert (cfg.elems_per_thread, cfg.spread_banks, cfg.e4m3, cfg.max_rows) == (48, False, "bits", 4)
+    assert ms.parse_config("e80").e4m3 == "cvt"
     with pytest.raises(SystemExit, match="split-configs"):
         ms.parse_config("fast")
 

@@ -33,7 +33,8 @@ exponent, round half to even, saturate, NaN for a block with NaN / Inf), the re-
 :func:`jdq.kernels.mixdit.ref.to_e4m3_rows` (the row exponent equals the exponent of the max |x| over
 the outlier-free channels: an MX6 cast keeps each block's top binade) and the E4M3 bit pattern built
 with integer operations (normal values are exact; below 2⁻⁶ the subnormal code rounds half to even,
-as XLA's conversion does). Outputs are stored as uint16 / uint8 bit patterns and bit-cast to bf16 /
+as XLA's conversion does; ``SplitConfig.e4m3="bits"``) or by the conversion instruction (the default, one
+``cvt`` per value). Outputs are stored as uint16 / uint8 bit patterns and bit-cast to bf16 /
 E4M3 outside the kernel (free).
 
 Platform note: the reference runs in XLA, which flushes float32 subnormal results to zero; this
@@ -67,6 +68,11 @@ class SplitConfig:
     elems_per_thread: int = 80
     max_rows: int = 32
     spread_banks: bool = True  # pitch padding + per-thread rotation within a block
+    e4m3: str = "cvt"  # "cvt": the float32 -> E4M3 conversion instruction; "bits": integer ops (e4m3_bits)
+
+    def __post_init__(self):
+        if self.e4m3 not in ("cvt", "bits"):
+            raise ValueError(f"SplitConfig.e4m3 must be 'cvt' or 'bits', got {self.e4m3!r}")
 
     def rows(self, m: int, k_lo_pad: int) -> int:
         """Rows per CTA: the largest power of two ≤ ``max_rows`` dividing ``m`` within the register budget (0: none)."""
@@ -252,6 +258,11 @@ def e4m3_bits(w):
                     lax.RoundingMethod.TO_NEAREST_EVEN).astype(jnp.int32)
     code = jnp.where(aw >= 0x3C800000, normal, sub)
     return sign | jnp.where(aw > 0x7F800000, 0x7F, code)
+
+
+def e4m3_cvt_bits(w):
+    """E4M3 bit patterns (int32) of float32 ``w`` by the conversion (round half to even, NaN -> 0x7F)."""
+    return lax.bitcast_convert_type(w.astype(jnp.float8_e4m3fn), jnp.uint8).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------------------------------------- gather / scatter
@@ -496,7 +507,8 @@ def split_activation_gpu(x, tbl, k_hi: int, config: SplitConfig = SplitConfig(),
         row_max = functools.reduce(jnp.maximum, [load(gg * rows) for gg in range(groups)])
         e_row = jnp.maximum(((row_max >> 23) & 0xFF) - 127, -126 + E4M3_TOP)
         inv = _pow2(E4M3_TOP - e_row)
-        out = [[e4m3_bits(v * inv) for v in smx_cast_blocks(step, MX6)] for step in vals]
+        encode = e4m3_bits if config.e4m3 == "bits" else e4m3_cvt_bits
+        out = [[encode(v * inv) for v in smx_cast_blocks(step, MX6)] for step in vals]
         scatter(ol_s, out, lo, jnp.uint8, 8)
         scale = _pow2(e_row - E4M3_TOP)
         if interpret:
@@ -539,5 +551,5 @@ def split_activation_gpu(x, tbl, k_hi: int, config: SplitConfig = SplitConfig(),
     return x_hi, x_lo, s
 
 
-__all__ = ["SplitConfig", "bf16_bits", "e4m3_bits", "gather_table", "part_sizes", "smx_cast_blocks",
+__all__ = ["SplitConfig", "bf16_bits", "e4m3_bits", "e4m3_cvt_bits", "gather_table", "part_sizes", "smx_cast_blocks",
            "split_activation_gpu", "supports"]
