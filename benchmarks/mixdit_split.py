@@ -146,19 +146,21 @@ def _bits(a):
 
 
 def parse_config(token: str):
-    """A split-kernel config from a token: ``default`` (the tuning row) or ``e<elems>[n][b][r<max rows>]``
+    """A split-kernel config from a token: ``default`` (the tuning row) or ``e<elems>[n][b][l][r<max rows>]``
     (``e48``: 48 MX6 values per thread; ``n``: no bank spreading; ``b``: E4M3 codes by integer ops instead of
-    the conversion instruction; ``r4``: at most 4 rows per CTA)."""
+    the conversion instruction; ``l``: a loop over the blocks instead of unrolled code; ``r4``: at most 4 rows
+    per CTA)."""
     from jdq.kernels import tuning
     from jdq.kernels.mixdit.split_gpu import SplitConfig
 
     if token == "default":
         return SplitConfig(**tuning.lookup("mixdit_split", 8192))
-    m = re.fullmatch(r"e(\d+)(n?)(b?)(?:r(\d+))?", token)
+    m = re.fullmatch(r"e(\d+)(n?)(b?)(l?)(?:r(\d+))?", token)
     if not m:
-        raise SystemExit(f"--split-configs: {token!r} is not 'default' or e<elems>[n][b][r<rows>] (e.g. e80, e48n, e80b)")
+        raise SystemExit(f"--split-configs: {token!r} is not 'default' or e<elems>[n][b][l][r<rows>] (e.g. e80, e48n, "
+                         "e80b, e160l)")
     return SplitConfig(elems_per_thread=int(m[1]), spread_banks=not m[2], e4m3="bits" if m[3] else "cvt",
-                       max_rows=int(m[4] or 32))
+                       loop=bool(m[4]), max_rows=int(m[5] or 32))
 
 
 def check_split(m, k, impl, token="default"):
@@ -353,7 +355,7 @@ def render(results) -> str:
                      f"{_ratio(r, 'xla_bf16', 'linear_xla_split')} | {checks} |")
     if results.get("sweep"):
         lines += ["", "Split kernel alone, by config (e<MX6 values per thread>, n: no bank spreading, b: E4M3 by integer ops, "
-                  "r: max rows):", "",
+                  "l: loop over blocks, r: max rows):", "",
                   "| M×K | config | rows / CTA | µs | % of HBM floor | check |", "|---|---|---:|---:|---:|---|"]
         for r in results["sweep"]:
             chk = results.get("checks", {}).get(r["key"], {})
@@ -427,7 +429,7 @@ def main(argv=None) -> int:
     p.add_argument("--copy-mib", type=int, default=256)
     p.add_argument("--split-configs", default="default",
                    help="also time the split kernel alone with these configs at the largest M (comma list: default, "
-                        "e<elems>[n][b][r<rows>])")
+                        "e<elems>[n][b][l][r<rows>])")
     p.add_argument("--m", type=int, default=8192, help="profile mode: rows (tokens × batch)")
     p.add_argument("--profile-out", help="profile mode: also write the table (markdown) to this path")
     p.add_argument("--check-child", action="store_true", help=argparse.SUPPRESS)

@@ -50,7 +50,8 @@ def test_render_reports_ratios_and_failures(ms):
     assert "| 8192×1152 | e48n | 4 | 14.0 | 50 % | bit-exact |" in md
     cfg = ms.parse_config("e48nbr4")
     assert (cfg.elems_per_thread, cfg.spread_banks, cfg.e4m3, cfg.max_rows) == (48, False, "bits", 4)
-    assert ms.parse_config("e80").e4m3 == "cvt"
+    assert ms.parse_config("e80").e4m3 == "cvt" and not ms.parse_config("e80").loop
+    assert ms.parse_config("e160l").loop and ms.parse_config("e160l").elems_per_thread == 160
     with pytest.raises(SystemExit, match="split-configs"):
         ms.parse_config("fast")
 

@@ -69,6 +69,7 @@ class SplitConfig:
     max_rows: int = 32
     spread_banks: bool = True  # pitch padding + per-thread rotation within a block
     e4m3: str = "cvt"  # "cvt": the float32 -> E4M3 conversion instruction; "bits": integer ops (e4m3_bits)
+    loop: bool = False  # a loop over the blocks of a thread (two passes over the MX6 part) instead of unrolled code
 
     def __post_init__(self):
         if self.e4m3 not in ("cvt", "bits"):
@@ -276,29 +277,30 @@ def _threads():
     return lax.broadcasted_iota(jnp.int32, (THREADS,), 0)
 
 
-def _steps_iota(part: _Part):
-    """(k, s, i) of every register, step and thread as (16, steps, 128) arrays: the interpreter runs them at once."""
-    shape = (BLOCK, part.steps, THREADS)
-    return tuple(lax.broadcasted_iota(jnp.int32, shape, d) for d in (1, 2, 0))
+def _steps_iota(part: _Part, k=None):
+    """(k, s, i) of every register, step (or the traced step ``k``) and thread as (16, steps, 128) arrays."""
+    shape = (BLOCK, part.steps if k is None else 1, THREADS)
+    kk = lax.broadcasted_iota(jnp.int32, shape, 1) if k is None else jnp.full(shape, k, jnp.int32)
+    return kk, lax.broadcasted_iota(jnp.int32, shape, 2), lax.broadcasted_iota(jnp.int32, shape, 0)
 
 
-def _gather_interpret(x_s, tbl_g, part: _Part, pitch: int):
-    """[[16 (steps, 128) arrays]]: one "step" holding every step (the casts are elementwise)."""
+def _gather_interpret(x_s, tbl_g, part: _Part, pitch: int, k=None):
+    """[[16 (steps, 128) arrays]]: one "step" holding every step (the casts are elementwise); ``k``: that step."""
     xs = x_s[...].astype(jnp.float32)
     tbl = tbl_g[pl.ds(part.off, part.cols)]
-    k, s, i = _steps_iota(part)
-    r, j, _ = part.index(k, i, s, jnp)
+    kk, s, i = _steps_iota(part, k)
+    r, j, _ = part.index(kk, i, s, jnp)
     g = xs[r * pitch + tbl[j]]  # one gather for the 16 registers of every step
-    return [[g[n] for n in range(BLOCK)]]
+    return [[g[n] if k is None else g[n, 0] for n in range(BLOCK)]]
 
 
-def _scatter_interpret(o_s, vals, part: _Part, dtype):
+def _scatter_interpret(o_s, vals, part: _Part, dtype, k=None):
     o = o_s[...]
-    k, s, i = _steps_iota(part)
+    k, s, i = _steps_iota(part, k)
     [vals] = vals
     r, j, valid = part.index(k, i, s, jnp)
     row = jnp.where(valid, r, part.rows)  # an invalid block goes to the trash row, as on the GPU
-    vals = jnp.stack(vals)
+    vals = jnp.stack(vals).reshape(j.shape)
     if part.real % BLOCK:  # padding columns of the last block are zero even where the block is NaN
         vals = jnp.where(j < part.real, vals, 0)
     o_s[...] = o.at[row * part.pitch + j].set(vals.astype(dtype))
@@ -328,24 +330,34 @@ def _thread_coords(part: _Part):
     return tid, r, g, rho
 
 
-def _col(part: _Part, g, rho, k: int, i: int):
-    """MLIR: (column in the part, clamped; block valid) for register ``i`` of step ``k``."""
+def _col(part: _Part, g, rho, k, i: int):
+    """MLIR: (column in the part, clamped; block valid) for register ``i`` of step ``k`` (an int or an i32 value)."""
     ir, arith, *_ = _mlir()
     i32 = ir.IntegerType.get_signless(32)
     c = lambda v: arith.constant(i32, v)  # noqa: E731
-    b = arith.addi(g, c(k * part.groups))
+    b = arith.addi(g, c(k * part.groups) if isinstance(k, int) else arith.muli(k, c(part.groups)))
     e = arith.andi(arith.addi(c(i), arith.shli(rho, c(1))), c(BLOCK - 1))
     j = arith.minui(arith.addi(arith.muli(b, c(BLOCK)), e), c(part.cols - 1))
     valid = arith.cmpi(arith.CmpIPredicate.ult, b, c(part.nb))
     return j, valid
 
 
-def _gather_gpu(x_s, tbl_g, part: _Part, pitch: int, x_dtype):
-    n = part.steps * BLOCK
-    ret = [plgpu.ShapeDtypeStruct((THREADS,), jnp.float32, _wg_layout())] * n
+def _scalar_i32(a):
+    """The i32 MLIR value of a WG_SPLAT scalar passed to ``inline_mgpu``."""
+    ir, arith, *_ = _mlir()
+    v = a.registers.item()
+    i32 = ir.IntegerType.get_signless(32)
+    return v if v.type == i32 else arith.index_cast(i32, v)
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()), return_type=ret)
-    def gather(ctx, x_ref, t_ref):
+
+def _gather_gpu(x_s, tbl_g, part: _Part, pitch: int, x_dtype, k=None):
+    """[[16 arrays] per step]: every step unrolled, or (``k``: a traced step index) that one step."""
+    n = (part.steps if k is None else 1) * BLOCK
+    ret = [plgpu.ShapeDtypeStruct((THREADS,), jnp.float32, _wg_layout())] * n
+    extra = () if k is None else (plgpu.Layout.WG_SPLAT(()),)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), *extra), return_type=ret)
+    def gather(ctx, x_ref, t_ref, *kk):
         ir, arith, memref, vector, fa, _ = _mlir()
         i32, f32, index = ir.IntegerType.get_signless(32), ir.F32Type.get(), ir.IndexType.get()
         c = lambda v: arith.constant(i32, v)  # noqa: E731
@@ -353,7 +365,7 @@ def _gather_gpu(x_s, tbl_g, part: _Part, pitch: int, x_dtype):
         base = arith.muli(r, c(pitch))
         layout = fa.WGStridedFragLayout((THREADS,), 1)
         out = []
-        for k in range(part.steps):
+        for k in (range(part.steps) if not kk else [_scalar_i32(kk[0])]):
             for i in range(BLOCK):
                 j, _ = _col(part, g, rho, k, i)
                 col = memref.load(t_ref, [arith.index_cast(index, arith.addi(j, c(part.off)))])
@@ -365,22 +377,24 @@ def _gather_gpu(x_s, tbl_g, part: _Part, pitch: int, x_dtype):
                                               _is_signed=None))
         return out
 
-    flat = gather(x_s, tbl_g)
-    return [flat[k * BLOCK:(k + 1) * BLOCK] for k in range(part.steps)]
+    flat = gather(x_s, tbl_g) if k is None else gather(x_s, tbl_g, k)
+    return [flat[n * BLOCK:(n + 1) * BLOCK] for n in range(len(flat) // BLOCK)]
 
 
-def _scatter_gpu(o_s, vals, part: _Part, bits: int):
+def _scatter_gpu(o_s, vals, part: _Part, bits: int, k=None):
+    """Store [[16 int32 arrays] per step] (every step, or the traced step ``k``) into the output tile."""
     vals = [v for step in vals for v in step]
+    extra = () if k is None else (plgpu.Layout.WG_SPLAT(()),)
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), [_wg_layout()] * len(vals)))
-    def scatter(ctx, o_ref, regs):
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), [_wg_layout()] * len(vals), *extra))
+    def scatter(ctx, o_ref, regs, *kk):
         ir, arith, memref, vector, _, _ = _mlir()
         i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
         ity = ir.IntegerType.get_signless(bits)
         c = lambda v: arith.constant(i32, v)  # noqa: E731
         _, r, g, rho = _thread_coords(part)
         n = 0
-        for k in range(part.steps):
+        for k in (range(part.steps) if not kk else [_scalar_i32(kk[0])]):
             _, valid = _col(part, g, rho, k, 0)
             row = arith.select(valid, r, c(part.rows))  # an invalid block goes to the trash row
             base = arith.muli(row, c(part.pitch))
@@ -393,7 +407,10 @@ def _scatter_gpu(o_s, vals, part: _Part, bits: int):
                 memref.store(arith.trunci(ity, v), o_ref, [arith.index_cast(index, arith.addi(base, j))])
                 n += 1
 
-    scatter(o_s, list(vals))
+    if k is None:
+        scatter(o_s, list(vals))
+    else:
+        scatter(o_s, list(vals), k)
 
 
 def _zero_pad_gpu(x_s, rows: int, k: int, pitch: int):
@@ -486,19 +503,42 @@ def split_activation_gpu(x, tbl, k_hi: int, config: SplitConfig = SplitConfig(),
             plgpu.barrier_wait(bars.at[r])
         plgpu.commit_smem()  # every thread's pad zeros visible
 
-        gather = (lambda part: _gather_interpret(x_s, t_g, part, pitch)) if interpret else (
-            lambda part: _gather_gpu(x_s, t_g, part, pitch, x.dtype))
-        scatter = (lambda o, v, part, dt, bits: _scatter_interpret(o, v, part, dt)) if interpret else (
-            lambda o, v, part, dt, bits: _scatter_gpu(o, v, part, bits))
+        def gather(part, k=None):
+            if interpret:
+                return _gather_interpret(x_s, t_g, part, pitch, k)
+            return _gather_gpu(x_s, t_g, part, pitch, x.dtype, k)
 
-        if hi is not None:
-            out = [[bf16_bits(v) for v in smx_cast_blocks(step, MX9)] for step in gather(hi)]
-            scatter(oh_s, out, hi, jnp.uint16, 16)
+        def scatter(o, v, part, dt, bits, k=None):
+            if interpret:
+                _scatter_interpret(o, v, part, dt, k)
+            else:
+                _scatter_gpu(o, v, part, bits, k)
 
-        vals = gather(lo)
-        part_max = functools.reduce(jnp.maximum, [_abs_bits(v) for step in vals for v in step])
-        if interpret:
-            part_max = jnp.max(part_max, axis=0)  # (steps, 128) -> (128,)
+        def abs_max(vals):
+            out = functools.reduce(jnp.maximum, [_abs_bits(v) for step in vals for v in step])
+            return jnp.max(out, axis=0) if out.ndim == 2 else out  # interpreted, unrolled: (steps, 128)
+
+        def zeros_i32():
+            z = jnp.zeros((THREADS,), jnp.int32)
+            return z if interpret else plgpu.layout_cast(z, _wg_layout())
+
+        encode = e4m3_bits if config.e4m3 == "bits" else e4m3_cvt_bits
+        cast_hi = lambda vals: [[bf16_bits(v) for v in smx_cast_blocks(step, MX9)] for step in vals]  # noqa: E731
+        cast_lo = lambda vals, inv: [[encode(v * inv) for v in smx_cast_blocks(step, MX6)] for step in vals]  # noqa: E731
+
+        if not config.loop:
+            if hi is not None:
+                scatter(oh_s, cast_hi(gather(hi)), hi, jnp.uint16, 16)
+            vals = gather(lo)
+            part_max = abs_max(vals)
+        else:  # one block per thread per iteration; the MX6 part is gathered twice (row max, then codes)
+            if hi is not None:
+                def hi_step(kk, carry):
+                    scatter(oh_s, cast_hi(gather(hi, kk)), hi, jnp.uint16, 16, kk)
+                    return carry
+                lax.fori_loop(0, hi.steps, hi_step, 0)
+            part_max = lax.fori_loop(0, lo.steps, lambda kk, acc: jnp.maximum(acc, abs_max(gather(lo, kk))),
+                                     zeros_i32())
         p_s[pl.ds(0, THREADS)] = part_max
         p_s[pl.ds(THREADS, THREADS)] = part_max
         plgpu.commit_smem()
@@ -507,9 +547,13 @@ def split_activation_gpu(x, tbl, k_hi: int, config: SplitConfig = SplitConfig(),
         row_max = functools.reduce(jnp.maximum, [load(gg * rows) for gg in range(groups)])
         e_row = jnp.maximum(((row_max >> 23) & 0xFF) - 127, -126 + E4M3_TOP)
         inv = _pow2(E4M3_TOP - e_row)
-        encode = e4m3_bits if config.e4m3 == "bits" else e4m3_cvt_bits
-        out = [[encode(v * inv) for v in smx_cast_blocks(step, MX6)] for step in vals]
-        scatter(ol_s, out, lo, jnp.uint8, 8)
+        if not config.loop:
+            scatter(ol_s, cast_lo(vals, inv), lo, jnp.uint8, 8)
+        else:
+            def lo_step(kk, carry):
+                scatter(ol_s, cast_lo(gather(lo, kk), inv), lo, jnp.uint8, 8, kk)
+                return carry
+            lax.fori_loop(0, lo.steps, lo_step, 0)
         scale = _pow2(e_row - E4M3_TOP)
         if interpret:
             s_g[pl.ds(row0, rows)] = scale[:rows]
