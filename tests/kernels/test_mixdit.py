@@ -176,7 +176,8 @@ SPLIT_CASES = {  # (M, K, k_hi, dtype, perm, config)
     "bf16_k1000_ragged": (16, 1000, 48, jnp.bfloat16, "outliers_first", split_gpu.SplitConfig(max_rows=4, e4m3="bits")),
     "f32_no_outliers": (8, 256, 0, jnp.float32, "random", split_gpu.SplitConfig(max_rows=8, spread_banks=False)),
     "bf16_k1000_loop": (16, 1000, 48, jnp.bfloat16, "outliers_first", split_gpu.SplitConfig(max_rows=4, loop=True)),
-    "bf16_k384_loop_bits": (32, 384, 32, jnp.bfloat16, "random", split_gpu.SplitConfig(loop=True, e4m3="bits")),
+    "bf16_k384_loop_bits": (32, 384, 32, jnp.bfloat16, "random",
+                            split_gpu.SplitConfig(loop=True, e4m3="bits", table_smem=True)),
 }
 
 
@@ -275,11 +276,12 @@ def test_lowered_mixdit_linear_with_split_kernel_equals_reference(operands):
     assert relerr(got, want) < 1e-6  # exact products; float32 sums in another order
 
 
-@pytest.mark.parametrize("k,k_hi,e4m3,loop", [(1152, 64, "cvt", False), (4608, 224, "cvt", False), (1152, 0, "cvt", False),
-                                               (1152, 64, "bits", False), (4608, 224, "cvt", True), (1152, 0, "bits", True)])
-def test_split_kernel_lowers_to_mosaic_gpu(k, k_hi, e4m3, loop):
+@pytest.mark.parametrize("k,k_hi,e4m3,loop,tsm", [(1152, 64, "cvt", False, False), (4608, 224, "cvt", False, False),
+                                                   (1152, 0, "cvt", False, False), (1152, 64, "bits", False, True),
+                                                   (4608, 224, "cvt", True, True), (1152, 0, "bits", True, False)])
+def test_split_kernel_lowers_to_mosaic_gpu(k, k_hi, e4m3, loop, tsm):
     khp, klp = split_gpu.part_sizes(k, k_hi)
-    cfg = split_gpu.SplitConfig(e4m3=e4m3, loop=loop)
+    cfg = split_gpu.SplitConfig(e4m3=e4m3, loop=loop, table_smem=tsm)
     assert lowers_to_mosaic_gpu(lambda a, t: split_gpu.split_activation_gpu(a, t, k_hi, cfg),
                                 ((8192, k), jnp.bfloat16), ((khp + klp,), jnp.int32))
 

@@ -52,6 +52,7 @@ def test_render_reports_ratios_and_failures(ms):
     assert (cfg.elems_per_thread, cfg.spread_banks, cfg.e4m3, cfg.max_rows) == (48, False, "bits", 4)
     assert ms.parse_config("e80").e4m3 == "cvt" and not ms.parse_config("e80").loop
     assert ms.parse_config("e160l").loop and ms.parse_config("e160l").elems_per_thread == 160
+    assert ms.parse_config("e160lt").table_smem and not ms.parse_config("e160l").table_smem
     with pytest.raises(SystemExit, match="split-configs"):
         ms.parse_config("fast")
 

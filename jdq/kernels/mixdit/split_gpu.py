@@ -70,6 +70,7 @@ class SplitConfig:
     spread_banks: bool = True  # pitch padding + per-thread rotation within a block
     e4m3: str = "cvt"  # "cvt": the float32 -> E4M3 conversion instruction; "bits": integer ops (e4m3_bits)
     loop: bool = False  # a loop over the blocks of a thread (two passes over the MX6 part) instead of unrolled code
+    table_smem: bool = False  # copy the gather table to shared memory per CTA (else read through the L1 cache)
 
     def __post_init__(self):
         if self.e4m3 not in ("cvt", "bits"):
@@ -488,9 +489,11 @@ def split_activation_gpu(x, tbl, k_hi: int, config: SplitConfig = SplitConfig(),
     lo = dataclasses.replace(lo, opitch=_out_pitch(lo, 1, config.spread_banks))
     groups = THREADS // rows
 
-    def body(x_g, t_g, oh_g, ol_g, s_g, x_s, oh_s, ol_s, p_s, bars):
+    def body(x_g, t_g, oh_g, ol_g, s_g, x_s, oh_s, ol_s, p_s, bars, *t_s):
         i = lax.axis_index("m")
         row0 = i * rows
+        if t_s:  # the gather table into shared memory, with the rows' copies
+            plgpu.copy_gmem_to_smem(t_g, t_s[0], t_s[1].at[0], **promise_in_bounds())
         if interpret:  # the pitch padding of every row is zero (padding columns read it)
             for r in range(rows):
                 x_s[pl.ds(r * pitch + k, pad)] = jnp.zeros((pad,), x.dtype)
@@ -501,6 +504,9 @@ def split_activation_gpu(x, tbl, k_hi: int, config: SplitConfig = SplitConfig(),
                                     **promise_in_bounds())
         for r in range(rows):
             plgpu.barrier_wait(bars.at[r])
+        if t_s:
+            plgpu.barrier_wait(t_s[1].at[0])
+            t_g = t_s[0]
         plgpu.commit_smem()  # every thread's pad zeros visible
 
         def gather(part, k=None):
@@ -586,6 +592,8 @@ def split_activation_gpu(x, tbl, k_hi: int, config: SplitConfig = SplitConfig(),
             plgpu.SMEM(((rows + 1) * lo.pitch,), jnp.uint8),
             plgpu.SMEM((2 * THREADS,), jnp.int32),
             plgpu.Barrier(num_arrivals=1, num_barriers=rows),
+            *([plgpu.SMEM((khp + klp,), jnp.int32), plgpu.Barrier(num_arrivals=1, num_barriers=1)]
+              if config.table_smem else []),
         ],
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
         interpret=interpret_params(interpret),
