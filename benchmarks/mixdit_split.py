@@ -147,19 +147,19 @@ def _bits(a):
 
 def parse_config(token: str):
     """A split-kernel config from a token: ``default`` (the tuning row) or ``e<elems>[n][b][l][r<max rows>]``
-    (``e48``: 48 MX6 values per thread; ``n``: no bank spreading; ``b``: E4M3 codes by integer ops instead of
-    the conversion instruction; ``l``: a loop over the blocks instead of unrolled code; ``t``: the gather table
+    (``e48``: 48 MX6 values per thread; ``n``: no bank spreading; ``c``: E4M3 codes by the conversion instruction
+    instead of integer ops; ``l``: a loop over the blocks instead of unrolled code; ``t``: the gather table
     in shared memory; ``r4``: at most 4 rows per CTA)."""
     from jdq.kernels import tuning
     from jdq.kernels.mixdit.split_gpu import SplitConfig
 
     if token == "default":
         return SplitConfig(**tuning.lookup("mixdit_split", 8192))
-    m = re.fullmatch(r"e(\d+)(n?)(b?)(l?)(t?)(?:r(\d+))?", token)
+    m = re.fullmatch(r"e(\d+)(n?)(c?)(l?)(t?)(?:r(\d+))?", token)
     if not m:
-        raise SystemExit(f"--split-configs: {token!r} is not 'default' or e<elems>[n][b][l][t][r<rows>] (e.g. e80, "
-                         "e48n, e80b, e160l, e160lt)")
-    return SplitConfig(elems_per_thread=int(m[1]), spread_banks=not m[2], e4m3="bits" if m[3] else "cvt",
+        raise SystemExit(f"--split-configs: {token!r} is not 'default' or e<elems>[n][c][l][t][r<rows>] (e.g. e80, "
+                         "e48n, e80c, e160l, e160lt)")
+    return SplitConfig(elems_per_thread=int(m[1]), spread_banks=not m[2], e4m3="cvt" if m[3] else "bits",
                        loop=bool(m[4]), table_smem=bool(m[5]), max_rows=int(m[6] or 32))
 
 
@@ -362,7 +362,7 @@ def render(results) -> str:
                      f"{_f(r, 'linear_xla_split')} | {_f(r, 'xla_bf16')} | {_ratio(r, 'xla_bf16', 'linear_kernel_split')} | "
                      f"{_ratio(r, 'xla_bf16', 'linear_xla_split')} | {checks} |")
     if results.get("sweep"):
-        lines += ["", "Split kernel alone, by config (e<MX6 values per thread>, n: no bank spreading, b: E4M3 by integer ops, "
+        lines += ["", "Split kernel alone, by config (e<MX6 values per thread>, n: no bank spreading, c: E4M3 by the cvt instruction, "
                   "l: loop over blocks, t: table in shared memory, r: max rows):", "",
                   "| M×K | config | rows / CTA | µs | % of HBM floor | check |", "|---|---|---:|---:|---:|---|"]
         for r in results["sweep"]:
@@ -443,7 +443,7 @@ def main(argv=None) -> int:
     p.add_argument("--copy-mib", type=int, default=256)
     p.add_argument("--split-configs", default="default",
                    help="also time the split kernel alone with these configs at the largest M (comma list: default, "
-                        "e<elems>[n][b][l][t][r<rows>])")
+                        "e<elems>[n][c][l][t][r<rows>])")
     p.add_argument("--m", type=int, default=8192, help="profile mode: rows (tokens × batch)")
     p.add_argument("--profile-out", help="profile mode: also write the table (markdown) to this path")
     p.add_argument("--check-child", action="store_true", help=argparse.SUPPRESS)

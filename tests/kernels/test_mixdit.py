@@ -173,11 +173,11 @@ def test_smx_cast_blocks_equal_the_format_cast(m):
 SPLIT_CASES = {  # (M, K, k_hi, dtype, perm, config)
     "bf16_small": (8, 256, 16, jnp.bfloat16, "random", split_gpu.SplitConfig(max_rows=2)),
     "bf16_k384": (32, 384, 32, jnp.bfloat16, "random", split_gpu.SplitConfig(max_rows=4)),
-    "bf16_k1000_ragged": (16, 1000, 48, jnp.bfloat16, "outliers_first", split_gpu.SplitConfig(max_rows=4, e4m3="bits")),
+    "bf16_k1000_ragged": (16, 1000, 48, jnp.bfloat16, "outliers_first", split_gpu.SplitConfig(max_rows=4, e4m3="cvt")),
     "f32_no_outliers": (8, 256, 0, jnp.float32, "random", split_gpu.SplitConfig(max_rows=8, spread_banks=False)),
     "bf16_k1000_loop": (16, 1000, 48, jnp.bfloat16, "outliers_first", split_gpu.SplitConfig(max_rows=4, loop=True)),
-    "bf16_k384_loop_bits": (32, 384, 32, jnp.bfloat16, "random",
-                            split_gpu.SplitConfig(loop=True, e4m3="bits", table_smem=True)),
+    "bf16_k384_loop_cvt": (32, 384, 32, jnp.bfloat16, "random",
+                           split_gpu.SplitConfig(loop=True, e4m3="cvt", table_smem=True)),
 }
 
 
@@ -198,7 +198,7 @@ def test_split_kernel_interpret_bit_identical_to_reference():
 
 
 @pytest.mark.slow  # 7-20 s each on a shared 2-core CPU (the interpreted kernel's compile)
-@pytest.mark.parametrize("case", ["bf16_k384", "bf16_k1000_ragged", "bf16_k1000_loop", "bf16_k384_loop_bits"])
+@pytest.mark.parametrize("case", ["bf16_k384", "bf16_k1000_ragged", "bf16_k1000_loop", "bf16_k384_loop_cvt"])
 def test_split_kernel_interpret_bit_identical_more_shapes(case):
     m, k, k_hi, dtype, perm_kind, cfg = SPLIT_CASES[case]
     x = _adversarial(m, k, dtype)

@@ -48,9 +48,9 @@ def test_render_reports_ratios_and_failures(ms):
     md = ms.render({"meta": {"device": "d", "jax": "j", "copy_gbs": 4200.0, "iters": 1, "rotate": 1, "impl": "gpu"},
                     "rows": [], "sweep": sweep, "checks": {"8192x1152@e48n": {"ok": True}}})
     assert "| 8192×1152 | e48n | 4 | 14.0 | 50 % | bit-exact |" in md
-    cfg = ms.parse_config("e48nbr4")
-    assert (cfg.elems_per_thread, cfg.spread_banks, cfg.e4m3, cfg.max_rows) == (48, False, "bits", 4)
-    assert ms.parse_config("e80").e4m3 == "cvt" and not ms.parse_config("e80").loop
+    cfg = ms.parse_config("e48ncr4")
+    assert (cfg.elems_per_thread, cfg.spread_banks, cfg.e4m3, cfg.max_rows) == (48, False, "cvt", 4)
+    assert ms.parse_config("e80").e4m3 == "bits" and not ms.parse_config("e80").loop
     assert ms.parse_config("e160l").loop and ms.parse_config("e160l").elems_per_thread == 160
     assert ms.parse_config("e160lt").table_smem and not ms.parse_config("e160l").table_smem
     with pytest.raises(SystemExit, match="split-configs"):
