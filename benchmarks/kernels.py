@@ -513,6 +513,26 @@ def check_list(small: bool, wo_tiles: str | None = None):
         return run
     checks += [("mixdit.k_hi64", mix(64)), ("mixdit.k_hi0", mix(0))]
 
+    def mix_split(run_interp):
+        """The one-pass activation split kernel == XLA's split, bit for bit (bf16 x, both permutation styles)."""
+        from jdq.kernels.mixdit import split_gpu
+
+        x = (jax.random.normal(keys[0], (m, k)) * jnp.where(jnp.arange(k) % 23 == 5, 12.0, 1.0)).astype(jnp.bfloat16)
+        k_hi = mixdit_k_hi(k)
+        by_mag = jnp.argsort(-jnp.abs(x.astype(jnp.float32)).max(0), stable=True).astype(jnp.int32)
+        hot = jnp.sort(by_mag[:k_hi])
+        rest = jnp.sort(by_mag[k_hi:])
+        out = {}
+        for name, perm in (("plan_order", jnp.concatenate([hot, rest])), ("magnitude_order", by_mag)):
+            got = split_gpu.split_activation_gpu(x, split_gpu.gather_table(perm, k_hi), k_hi,
+                                                 split_gpu.SplitConfig(**tuning.lookup("mixdit_split", m)),
+                                                 interpret=run_interp)
+            want = mref.quantize_activation(x, perm, k_hi)
+            out[name] = sum(int(jnp.sum(lax.bitcast_convert_type(g, jnp.uint8) != lax.bitcast_convert_type(w, jnp.uint8)))
+                            for g, w in zip(got, want))
+        return {"ok": not any(out.values()), "mismatched_bytes": out}
+    checks.append(("mixdit.split", mix_split))
+
     def mx(fmt):
         def run(interp):
             x = jax.random.normal(keys[0], (m, k)) * (2.0 ** jax.random.randint(keys[4], (m, k // 32), -8, 8)).repeat(32, 1)
@@ -605,7 +625,7 @@ KERNEL_OF = {"jdq_w8a8": ("w8a8.int8.ws", "token_quant.int8.bf16"), "jdq_w8a8_ge
              "jdq_w4a8_channel": ("w4a8.channel", "token_quant.int8.bf16"),
              "jdq_w4a8_rega": ("w4a8.g64.rega", "token_quant.int8.bf16"),
              "jdq_w4a8_channel_rega": ("w4a8.channel.rega", "token_quant.int8.bf16"),
-             "jdq_mixdit": ("mixdit.k_hi64",), "jdq_mixdit_gemm": ("mixdit.k_hi64",), "jdq_mxfp8": ("mx.mxfp8",),
+             "jdq_mixdit": ("mixdit.k_hi64", "mixdit.split"), "jdq_mixdit_gemm": ("mixdit.k_hi64",), "jdq_mxfp8": ("mx.mxfp8",),
              "jdq_mxint8": ("mx.mxint8",), "jdq_w8a16": ("weight_only.w8a16",), "jdq_w4a16": ("weight_only.w4a16.g128",)}
 
 

@@ -32,6 +32,7 @@ table.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -144,40 +145,76 @@ def _bits(a):
     return np.asarray(jax.lax.bitcast_convert_type(a, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[a.dtype.itemsize]))
 
 
-def check_split(m, k, impl):
-    """Kernel split vs XLA split on one operand set: ``{"ok", "mismatches", "seconds"}`` (bit patterns compared)."""
+def parse_config(token: str):
+    """A split-kernel config from a token: ``default`` (the tuning row) or ``e<elems>[n][b][l][r<max rows>]``
+    (``e48``: 48 MX6 values per thread; ``n``: no bank spreading; ``c``: E4M3 codes by the conversion instruction
+    instead of integer ops; ``l``: a loop over the blocks instead of unrolled code; ``t``: the gather table
+    in shared memory; ``r4``: at most 4 rows per CTA)."""
+    from jdq.kernels import tuning
+    from jdq.kernels.mixdit.split_gpu import SplitConfig
+
+    if token == "default":
+        return SplitConfig(**tuning.lookup("mixdit_split", 8192))
+    m = re.fullmatch(r"e(\d+)(n?)(c?)(l?)(t?)(?:r(\d+))?", token)
+    if not m:
+        raise SystemExit(f"--split-configs: {token!r} is not 'default' or e<elems>[n][c][l][t][r<rows>] (e.g. e80, "
+                         "e48n, e80c, e160l, e160lt)")
+    return SplitConfig(elems_per_thread=int(m[1]), spread_banks=not m[2], e4m3="cvt" if m[3] else "bits",
+                       loop=bool(m[4]), table_smem=bool(m[5]), max_rows=int(m[6] or 32))
+
+
+@functools.lru_cache(maxsize=None)
+def _check_operands(m, k):
+    """(lw, x, XLA's split of x) for the checks at (M, K), shared by every config."""
     from jdq.kernels.mixdit import api
 
     lw, sets = operands(m, k, 128, 1)
     x = sets[0][0]
+    return lw, x, jax.jit(lambda a, w: api.quantize_activation(a, w, "xla", split="xla"))(x, lw)
+
+
+def check_split(m, k, impl, token="default"):
+    """Kernel split (config ``token``) vs XLA split on one operand set: ``{"ok", "mismatches", "seconds"}`` (bits)."""
+    from jdq.kernels.mixdit import api
+
+    lw, x, want = _check_operands(m, k)
     t0 = time.time()
-    got = jax.block_until_ready(api.quantize_activation(x, lw, impl, split="kernel"))
-    want = api.quantize_activation(x, lw, "xla", split="xla")
+    got = jax.block_until_ready(api.quantize_activation(x, lw, impl, split="kernel", config=parse_config(token)))
     bad = {name: int((_bits(g) != _bits(w)).sum()) if g.shape == w.shape else -1
            for name, g, w in zip(("x_hi", "x_lo", "s_x"), got, want)}
     return {"ok": not any(bad.values()), "mismatches": bad, "seconds": round(time.time() - t0, 1)}
 
 
+def _key(m, k, token):
+    return f"{m}x{k}@{token}"
+
+
+def _parse_key(key):
+    mk, token = key.split("@")
+    m, k = mk.split("x")
+    return int(m), int(k), token
+
+
 def run_check_child(out_dir, keys, impl):
-    """Child process: one JSON line per (M, K) split check, flushed (the parent reads them after a crash)."""
+    """Child process: one JSON line per split check ``MxK@config``, flushed (the parent reads them after a crash)."""
     path = os.path.join(out_dir, "mixdit_split_checks.jsonl")
-    for m, k in keys:
+    for key in keys:
         with open(path, "a") as f:
-            f.write(json.dumps({"key": f"{m}x{k}", "started": True}) + "\n")
+            f.write(json.dumps({"key": key, "started": True}) + "\n")
         try:
-            res = check_split(m, k, impl)
+            res = check_split(*_parse_key(key)[:2], impl, _parse_key(key)[2])
         except Exception as e:  # noqa: BLE001  (a kernel that does not compile is a result, not a stop)
             res = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:600]}", "trace": traceback.format_exc()[-1500:]}
-        res["key"] = f"{m}x{k}"
+        res["key"] = key
         with open(path, "a") as f:
             f.write(json.dumps(res, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        print(f"check split {m}x{k}: " + json.dumps({a: b for a, b in res.items() if a != "trace"}), flush=True)
+        print(f"check split {key}: " + json.dumps({a: b for a, b in res.items() if a != "trace"}), flush=True)
 
 
 def run_checks(out_dir, keys, impl, budget_s):
-    """The split checks in child processes, resuming after one that crashes: ``{"MxK": result}``."""
+    """The split checks in child processes, resuming after one that crashes: ``{key: result}``."""
     path = os.path.join(out_dir, "mixdit_split_checks.jsonl")
     if os.path.exists(path):
         os.remove(path)
@@ -185,7 +222,7 @@ def run_checks(out_dir, keys, impl, budget_s):
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
     while todo and time.time() < t_end:
         cmd = [sys.executable, os.path.abspath(__file__), "--check-child", "--out", out_dir, "--impl", impl,
-               "--keys", ",".join(f"{m}x{k}" for m, k in todo)]
+               "--keys", ",".join(todo)]
         try:
             rc = subprocess.run(cmd, env=env, timeout=max(5.0, t_end - time.time())).returncode
         except subprocess.TimeoutExpired:
@@ -196,15 +233,49 @@ def run_checks(out_dir, keys, impl, budget_s):
         if rc == 0 or not pending:
             break
         results[pending[-1]] = {"ok": False, "error": f"child process ended ({rc}) during this check"}
-        todo = [(m, k) for m, k in todo if f"{m}x{k}" not in results]
+        todo = [key for key in todo if key not in results]
     return results
+
+
+def sweep(keys, checks, args, copy_gbs, impl):
+    """The split kernel alone for each checked ``MxK@config`` (one operand shape per M, K): rows of µs."""
+    from jdq.kernels.mixdit import api, split_gpu
+
+    out = []
+    for key in keys:
+        m, k, token = _parse_key(key)
+        cfg = parse_config(token)
+        k_hi = k_hi_of(k)
+        khp, klp = split_gpu.part_sizes(k, k_hi)
+        row = {"key": key, "M": m, "K": k, "config": token, "rows": cfg.rows(m, klp),
+               "floor_us": (m * k * 2 + m * khp * 2 + m * klp + m * 4) / (copy_gbs * 1e3) if copy_gbs else None}
+        if key not in checks:
+            row["us"] = "skipped (not checked: budget)"
+        elif not checks[key].get("ok"):
+            row["us"] = "skipped (check failed)"
+        elif time.time() > args.t_end:
+            row["us"] = "skipped (budget)"
+        else:
+            lw, sets = operands(m, k, 128, args.rotate)
+            try:
+                row["us"] = kb_time(lambda x, lw: api.quantize_activation(x, lw, impl, split="kernel", config=cfg),
+                                    [(x, lw) for x, _, _ in sets], args.iters)
+            except Exception as e:  # noqa: BLE001
+                row["us"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+        print(f"  sweep {key:24s} rows {row['rows']:3d}  {row['us']}", flush=True)
+        out.append(row)
+    return out
+
+
+def kb_time(fn, sets, iters):
+    """Median µs per call (``benchmarks/kernels.py``'s CUPTI timing, wall clock without a GPU)."""
+    return _kernels_module().time_ms(fn, sets, iters) * 1e3
 
 
 def measure(label, m, k, n, args, check, copy_gbs, impl):
     """Times (µs) of one shape: XLA bf16 dot, both splits alone, the linear with each split; equality of the linears."""
     from jdq.kernels.mixdit import api, split_gpu
 
-    kb = _kernels_module()
     lw, sets = operands(m, k, n, args.rotate)
     k_hi = k_hi_of(k)
     khp, klp = split_gpu.part_sizes(k, k_hi)
@@ -223,16 +294,22 @@ def measure(label, m, k, n, args, check, copy_gbs, impl):
         "linear_kernel_split": (lambda x, lw, b: api.mixdit_matmul(x, lw, b, jnp.bfloat16, impl, split="kernel"), xbs),
     }
     for name, (fn, ss) in variants.items():
+        cached = args.split_times.get((m, k, name))  # the split alone depends on M and K only
         if "kernel" in name and not kernel_ok:
             row[name] = "skipped (split check failed)"
+            continue
+        if cached is not None:
+            row[name] = cached
             continue
         if time.time() > args.t_end:
             row[name] = "skipped (budget)"
             continue
         try:
-            row[name] = kb.time_ms(fn, ss, args.iters) * 1e3
+            row[name] = kb_time(fn, ss, args.iters)
         except Exception as e:  # noqa: BLE001
             row[name] = f"error: {type(e).__name__}: {str(e)[:300]}"
+        if name.endswith("split") and not name.startswith("linear") and isinstance(row[name], float):
+            args.split_times[(m, k, name)] = row[name]
         print(f"  {label:14s} {name:20s} {row[name] if isinstance(row[name], str) else f'{row[name]:9.1f} µs'}",
               flush=True)
     if kernel_ok and all(isinstance(row.get(v), float) for v in ("linear_xla_split", "linear_kernel_split")):
@@ -243,6 +320,7 @@ def measure(label, m, k, n, args, check, copy_gbs, impl):
     return row
 
 
+@functools.lru_cache(maxsize=None)
 def _kernels_module():
     import importlib.util
 
@@ -283,6 +361,17 @@ def render(results) -> str:
                      f"{_ratio(r, 'xla_split', 'kernel_split')} | {floor} | {_f(r, 'linear_kernel_split')} | "
                      f"{_f(r, 'linear_xla_split')} | {_f(r, 'xla_bf16')} | {_ratio(r, 'xla_bf16', 'linear_kernel_split')} | "
                      f"{_ratio(r, 'xla_bf16', 'linear_xla_split')} | {checks} |")
+    if results.get("sweep"):
+        lines += ["", "Split kernel alone, by config (e<MX6 values per thread>, n: no bank spreading, c: E4M3 by the cvt instruction, "
+                  "l: loop over blocks, t: table in shared memory, r: max rows):", "",
+                  "| M×K | config | rows / CTA | µs | % of HBM floor | check |", "|---|---|---:|---:|---:|---|"]
+        for r in results["sweep"]:
+            chk = results.get("checks", {}).get(r["key"], {})
+            us = r.get("us")
+            pct = f"{100 * r['floor_us'] / us:.0f} %" if isinstance(us, float) and r.get("floor_us") else "-"
+            lines.append(f"| {r['M']}×{r['K']} | {r['config']} | {r['rows']} | "
+                         f"{f'{us:.1f}' if isinstance(us, float) else us} | {pct} | "
+                         f"{'bit-exact' if chk.get('ok') else 'FAILED: ' + str(chk.get('error') or chk.get('mismatches'))} |")
     errors = [(r["label"], k, v) for r in results["rows"] for k, v in r.items() if isinstance(v, str) and
               v.startswith(("error", "skipped")) and k != "label"]
     if errors:
@@ -302,20 +391,34 @@ def compare(args) -> int:
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
     args.t_end = t0 + args.budget_s
+    args.split_times = {}
     shape_list = shapes(args.shapes)
-    keys = sorted({(m, k) for _, m, k, _ in shape_list})
-    checks = run_checks(out_dir, keys, impl, max(30.0, 0.4 * args.budget_s))
+    tokens = [t for t in args.split_configs.split(",") if t]
+    for t in tokens:
+        parse_config(t)
+    mks = sorted({(m, k) for _, m, k, _ in shape_list})
+    sweep_mks = [(m, k) for m, k in mks if m == max(mm for mm, _ in mks)]  # the sweep at the largest M only
+    keys = [_key(m, k, "default") for m, k in mks] + [_key(m, k, t) for t in tokens if t != "default" for m, k in sweep_mks]
+    checks = run_checks(out_dir, keys, impl, max(30.0, 0.45 * args.budget_s))
     kb = _kernels_module()
     copy_gbs = kb.copy_bandwidth_gbs(args.iters, (args.copy_mib << 20) // 4) if on_gpu else 0.0
     results = {"meta": {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "impl": impl,
                         "copy_gbs": copy_gbs, "iters": args.iters, "rotate": args.rotate, "shapes": args.shapes},
                "checks": checks, "rows": []}
-    for label, m, k, n in shape_list:
-        if time.time() > args.t_end:
-            results["rows"].append({"label": label, "M": m, "K": k, "N": n, "xla_split": "skipped (budget)"})
+    big_m = max(m for _, m, _, _ in shape_list)
+    first = [s for s in shape_list if s[1] == big_m]  # order under the budget: the largest M, the sweep, the rest
+    for phase in ("first", "sweep", "rest"):
+        if phase == "sweep":
+            if len(tokens) > 1 or tokens != ["default"]:
+                results["sweep"] = sweep([_key(m, k, t) for m, k in sweep_mks for t in tokens], checks, args,
+                                         copy_gbs, impl)
             continue
-        results["rows"].append(measure(label, m, k, n, args, checks.get(f"{m}x{k}"), copy_gbs, impl))
-        _write(out_dir, results)
+        for label, m, k, n in (first if phase == "first" else [s for s in shape_list if s[1] != big_m]):
+            if time.time() > args.t_end:
+                results["rows"].append({"label": label, "M": m, "K": k, "N": n, "xla_split": "skipped (budget)"})
+                continue
+            results["rows"].append(measure(label, m, k, n, args, checks.get(_key(m, k, "default")), copy_gbs, impl))
+            _write(out_dir, results)
     results["meta"]["seconds"] = round(time.time() - t0, 1)
     _write(out_dir, results)
     print(render(results))
@@ -338,6 +441,9 @@ def main(argv=None) -> int:
     p.add_argument("--rotate", type=int, default=3, help="operand sets cycled per timing (defeats the L2)")
     p.add_argument("--budget-s", type=float, default=200.0, help="stop starting new timings after this long")
     p.add_argument("--copy-mib", type=int, default=256)
+    p.add_argument("--split-configs", default="default",
+                   help="also time the split kernel alone with these configs at the largest M (comma list: default, "
+                        "e<elems>[n][c][l][t][r<rows>])")
     p.add_argument("--m", type=int, default=8192, help="profile mode: rows (tokens × batch)")
     p.add_argument("--profile-out", help="profile mode: also write the table (markdown) to this path")
     p.add_argument("--check-child", action="store_true", help=argparse.SUPPRESS)
@@ -345,7 +451,7 @@ def main(argv=None) -> int:
     p.add_argument("--impl", default="gpu", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.check_child:
-        run_check_child(args.out, [tuple(int(v) for v in s.split("x")) for s in args.keys.split(",") if s], args.impl)
+        run_check_child(args.out, [s for s in args.keys.split(",") if s], args.impl)
         return 0
     if args.device_run or args.tiny:
         return compare(args)

@@ -157,8 +157,8 @@ def test_device_plan_of_the_issue5_command(kb):
                          + tuple(sw for sw in sweep if sw.startswith("jdq_w4a16")), [1, 4])
     assert len(phases[2][0]) == 11 and "jdq_w4a16@256x64s2" in phases[2][0] and "jdq_w8a16@128x128s3" in phases[2][0]
     checks = {c for names, _ in phases for nm in names for c in kb.kernel_of(nm)}
-    assert {"token_quant.int8.bf16", "w8a8.int8.ws", "w4a8.g64", "w4a8.channel", "mixdit.k_hi64"} < checks
-    assert len(checks) == 5 + 10
+    assert {"token_quant.int8.bf16", "w8a8.int8.ws", "w4a8.g64", "w4a8.channel", "mixdit.k_hi64", "mixdit.split"} < checks
+    assert len(checks) == 6 + 10
     names = {nm for nm, _ in kb.check_list(False, "64x64,128x64,256x64,64x128,128x128")}
     assert checks <= names  # every needed check exists, and the device check shape fits every sweep config:
     assert all(kb.sweep_invalid(sw, 1024, 1152, 1536) is None for sw in sweep)

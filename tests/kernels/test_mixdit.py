@@ -155,6 +155,7 @@ def test_e4m3_bits_equal_xla_conversion():
     want = _bits(w.astype(jnp.float8_e4m3fn))
     got = np.asarray(split_gpu.e4m3_bits(w)).astype(np.uint8)
     np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.asarray(split_gpu.e4m3_cvt_bits(w)).astype(np.uint8), want)
 
 
 @pytest.mark.parametrize("m", [4, 7])
@@ -172,8 +173,11 @@ def test_smx_cast_blocks_equal_the_format_cast(m):
 SPLIT_CASES = {  # (M, K, k_hi, dtype, perm, config)
     "bf16_small": (8, 256, 16, jnp.bfloat16, "random", split_gpu.SplitConfig(max_rows=2)),
     "bf16_k384": (32, 384, 32, jnp.bfloat16, "random", split_gpu.SplitConfig(max_rows=4)),
-    "bf16_k1000_ragged": (16, 1000, 48, jnp.bfloat16, "outliers_first", split_gpu.SplitConfig(max_rows=4)),
+    "bf16_k1000_ragged": (16, 1000, 48, jnp.bfloat16, "outliers_first", split_gpu.SplitConfig(max_rows=4, e4m3="cvt")),
     "f32_no_outliers": (8, 256, 0, jnp.float32, "random", split_gpu.SplitConfig(max_rows=8, spread_banks=False)),
+    "bf16_k1000_loop": (16, 1000, 48, jnp.bfloat16, "outliers_first", split_gpu.SplitConfig(max_rows=4, loop=True)),
+    "bf16_k384_loop_cvt": (32, 384, 32, jnp.bfloat16, "random",
+                           split_gpu.SplitConfig(loop=True, e4m3="cvt", table_smem=True)),
 }
 
 
@@ -194,7 +198,7 @@ def test_split_kernel_interpret_bit_identical_to_reference():
 
 
 @pytest.mark.slow  # 7-20 s each on a shared 2-core CPU (the interpreted kernel's compile)
-@pytest.mark.parametrize("case", ["bf16_k384", "bf16_k1000_ragged"])
+@pytest.mark.parametrize("case", ["bf16_k384", "bf16_k1000_ragged", "bf16_k1000_loop", "bf16_k384_loop_cvt"])
 def test_split_kernel_interpret_bit_identical_more_shapes(case):
     m, k, k_hi, dtype, perm_kind, cfg = SPLIT_CASES[case]
     x = _adversarial(m, k, dtype)
@@ -222,6 +226,8 @@ def test_split_kernel_rows_and_support():
     assert "multiple of 16" in split_gpu.supports((64, 384), jnp.bfloat16, 24)
     assert "16 bytes" in split_gpu.supports((64, 300), jnp.bfloat16, 16)
     assert "default mx9" in split_gpu.supports((64, 384), jnp.bfloat16, 32, hi="mx4")
+    with pytest.raises(ValueError, match="e4m3"):
+        split_gpu.SplitConfig(e4m3="fast")
     tbl = split_gpu.gather_table(jnp.arange(1000), 48)
     assert tbl.shape == (64 + 1024,) and int(tbl[50]) == 1000 and int(tbl[64]) == 48 and int(tbl[-1]) == 1000
     with pytest.raises(ValueError, match="gather table"):
@@ -270,10 +276,13 @@ def test_lowered_mixdit_linear_with_split_kernel_equals_reference(operands):
     assert relerr(got, want) < 1e-6  # exact products; float32 sums in another order
 
 
-@pytest.mark.parametrize("k,k_hi", [(1152, 64), (4608, 224), (1152, 0)])
-def test_split_kernel_lowers_to_mosaic_gpu(k, k_hi):
+@pytest.mark.parametrize("k,k_hi,e4m3,loop,tsm", [(1152, 64, "cvt", False, False), (4608, 224, "cvt", False, False),
+                                                   (1152, 0, "cvt", False, False), (1152, 64, "bits", False, True),
+                                                   (4608, 224, "cvt", True, True), (1152, 0, "bits", True, False)])
+def test_split_kernel_lowers_to_mosaic_gpu(k, k_hi, e4m3, loop, tsm):
     khp, klp = split_gpu.part_sizes(k, k_hi)
-    assert lowers_to_mosaic_gpu(lambda a, t: split_gpu.split_activation_gpu(a, t, k_hi),
+    cfg = split_gpu.SplitConfig(e4m3=e4m3, loop=loop, table_smem=tsm)
+    assert lowers_to_mosaic_gpu(lambda a, t: split_gpu.split_activation_gpu(a, t, k_hi, cfg),
                                 ((8192, k), jnp.bfloat16), ((khp + klp,), jnp.int32))
 
 

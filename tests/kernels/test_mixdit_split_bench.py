@@ -44,6 +44,17 @@ def test_render_reports_ratios_and_failures(ms):
                     "rows": rows})
     assert "| a | 8192 | 1152→3456 | 60.0 | 10.0 | 6.00× | 70 % | 80.0 | 130.0 | 86.0 | 1.07× | 0.66× |" in md
     assert "split FAILED: MosaicError: x" in md and "b kernel_split: skipped" in md
+    sweep = [{"key": "8192x1152@e48n", "M": 8192, "K": 1152, "config": "e48n", "rows": 4, "floor_us": 7.0, "us": 14.0}]
+    md = ms.render({"meta": {"device": "d", "jax": "j", "copy_gbs": 4200.0, "iters": 1, "rotate": 1, "impl": "gpu"},
+                    "rows": [], "sweep": sweep, "checks": {"8192x1152@e48n": {"ok": True}}})
+    assert "| 8192×1152 | e48n | 4 | 14.0 | 50 % | bit-exact |" in md
+    cfg = ms.parse_config("e48ncr4")
+    assert (cfg.elems_per_thread, cfg.spread_banks, cfg.e4m3, cfg.max_rows) == (48, False, "cvt", 4)
+    assert ms.parse_config("e80").e4m3 == "bits" and not ms.parse_config("e80").loop
+    assert ms.parse_config("e160l").loop and ms.parse_config("e160l").elems_per_thread == 160
+    assert ms.parse_config("e160lt").table_smem and not ms.parse_config("e160l").table_smem
+    with pytest.raises(SystemExit, match="split-configs"):
+        ms.parse_config("fast")
 
 
 @pytest.mark.slow  # ~45 s: the interpreted split and GEMM kernels compile on the CPU

@@ -33,7 +33,8 @@ exponent, round half to even, saturate, NaN for a block with NaN / Inf), the re-
 :func:`jdq.kernels.mixdit.ref.to_e4m3_rows` (the row exponent equals the exponent of the max |x| over
 the outlier-free channels: an MX6 cast keeps each block's top binade) and the E4M3 bit pattern built
 with integer operations (normal values are exact; below 2⁻⁶ the subnormal code rounds half to even,
-as XLA's conversion does). Outputs are stored as uint16 / uint8 bit patterns and bit-cast to bf16 /
+as XLA's conversion does; ``SplitConfig.e4m3="bits"``, the default) or by the conversion instruction
+(``"cvt"``, one instruction per value). Outputs are stored as uint16 / uint8 bit patterns and bit-cast to bf16 /
 E4M3 outside the kernel (free).
 
 Platform note: the reference runs in XLA, which flushes float32 subnormal results to zero; this
@@ -67,6 +68,13 @@ class SplitConfig:
     elems_per_thread: int = 80
     max_rows: int = 32
     spread_banks: bool = True  # pitch padding + per-thread rotation within a block
+    e4m3: str = "bits"  # "bits": integer ops (e4m3_bits; measured on an H200); "cvt": the conversion instruction
+    loop: bool = False  # a loop over the blocks of a thread (two passes over the MX6 part) instead of unrolled code
+    table_smem: bool = False  # copy the gather table to shared memory per CTA (else read through the L1 cache)
+
+    def __post_init__(self):
+        if self.e4m3 not in ("cvt", "bits"):
+            raise ValueError(f"SplitConfig.e4m3 must be 'cvt' or 'bits', got {self.e4m3!r}")
 
     def rows(self, m: int, k_lo_pad: int) -> int:
         """Rows per CTA: the largest power of two ≤ ``max_rows`` dividing ``m`` within the register budget (0: none)."""
@@ -126,6 +134,11 @@ class _Part:
     rows: int
     rot_shift: int  # rotation ρ = (g >> rot_shift) & 3 (-1: none)
     real: int  # columns that are channels (the rest, up to ``cols``, is padding)
+    opitch: int = 0  # row pitch of the part's shared-memory output tile (elements; 0: ``cols``)
+
+    @property
+    def pitch(self):
+        return self.opitch or self.cols
 
     @property
     def nb(self):
@@ -151,20 +164,28 @@ class _Part:
         return r, xp.minimum(BLOCK * b + e, self.cols - 1), b < self.nb
 
 
+def _worst_bank(words) -> int:
+    """Most distinct 32-bit words any bank serves in one warp's access (1: conflict-free)."""
+    worst = 1
+    for w in range(THREADS // 32):
+        banks = {}
+        for word in set(words[32 * w:32 * w + 32].tolist()):
+            banks[word % 32] = banks.get(word % 32, 0) + 1
+        worst = max(worst, max(banks.values()))
+    return worst
+
+
 def _bank_conflicts(rows: int, k: int, pad: int, itemsize: int, rot_shift: int) -> int:
     """Worst shared-memory bank conflict of the gather (identity channel order), over one step's registers."""
     part = _Part(0, BLOCK * THREADS, rows, rot_shift, BLOCK * THREADS)
-    worst = 1
-    for i in range(BLOCK):
-        r, j, _ = part.index(0, i, np.arange(THREADS))
-        words = (r * (k + pad) + j) * itemsize // 4
-        for w in range(THREADS // 32):
-            sl = slice(32 * w, 32 * w + 32)
-            banks = {}
-            for word in set(words[sl].tolist()):
-                banks[word % 32] = banks.get(word % 32, 0) + 1
-            worst = max(worst, max(banks.values()))
-    return worst
+    return max(_worst_bank((r * (k + pad) + j) * itemsize // 4)
+               for r, j, _ in (part.index(0, i, np.arange(THREADS)) for i in range(BLOCK)))
+
+
+def _store_conflicts(part: "_Part", itemsize: int) -> int:
+    """Worst shared-memory bank conflict of the scatter into the part's output tile, over one step's registers."""
+    return max(_worst_bank((r * part.pitch + j) * itemsize // 4)
+               for r, j, _ in (part.index(0, i, np.arange(THREADS)) for i in range(BLOCK)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -175,6 +196,16 @@ def _layout_choice(rows: int, k: int, itemsize: int, spread: bool) -> tuple[int,
         return unit, -1
     cands = [(p * unit, rs) for p in (1, 2, 3, 4) for rs in (-1, 0, 1, 2, 3, 4)]
     return min(cands, key=lambda c: (_bank_conflicts(rows, k, c[0], itemsize, c[1]), c[0], c[1]))
+
+
+@functools.lru_cache(maxsize=None)
+def _out_pitch(part: "_Part", itemsize: int, spread: bool) -> int:
+    """The output tile's row pitch (elements, 16-byte multiples) with the fewest scatter bank conflicts."""
+    if not spread:
+        return part.cols
+    unit = 16 // itemsize
+    return min((part.cols + p * unit for p in range(8)),
+               key=lambda q: (_store_conflicts(dataclasses.replace(part, opitch=q), itemsize), q))
 
 
 # ---------------------------------------------------------------------------------------------- arithmetic
@@ -231,6 +262,11 @@ def e4m3_bits(w):
     return sign | jnp.where(aw > 0x7F800000, 0x7F, code)
 
 
+def e4m3_cvt_bits(w):
+    """E4M3 bit patterns (int32) of float32 ``w`` by the conversion (round half to even, NaN -> 0x7F)."""
+    return lax.bitcast_convert_type(w.astype(jnp.float8_e4m3fn), jnp.uint8).astype(jnp.int32)
+
+
 # ---------------------------------------------------------------------------------------------- gather / scatter
 
 
@@ -242,32 +278,33 @@ def _threads():
     return lax.broadcasted_iota(jnp.int32, (THREADS,), 0)
 
 
-def _steps_iota(part: _Part):
-    """(k, s, i) of every register, step and thread as (16, steps, 128) arrays: the interpreter runs them at once."""
-    shape = (BLOCK, part.steps, THREADS)
-    return tuple(lax.broadcasted_iota(jnp.int32, shape, d) for d in (1, 2, 0))
+def _steps_iota(part: _Part, k=None):
+    """(k, s, i) of every register, step (or the traced step ``k``) and thread as (16, steps, 128) arrays."""
+    shape = (BLOCK, part.steps if k is None else 1, THREADS)
+    kk = lax.broadcasted_iota(jnp.int32, shape, 1) if k is None else jnp.full(shape, k, jnp.int32)
+    return kk, lax.broadcasted_iota(jnp.int32, shape, 2), lax.broadcasted_iota(jnp.int32, shape, 0)
 
 
-def _gather_interpret(x_s, tbl_g, part: _Part, pitch: int):
-    """[[16 (steps, 128) arrays]]: one "step" holding every step (the casts are elementwise)."""
+def _gather_interpret(x_s, tbl_g, part: _Part, pitch: int, k=None):
+    """[[16 (steps, 128) arrays]]: one "step" holding every step (the casts are elementwise); ``k``: that step."""
     xs = x_s[...].astype(jnp.float32)
     tbl = tbl_g[pl.ds(part.off, part.cols)]
-    k, s, i = _steps_iota(part)
-    r, j, _ = part.index(k, i, s, jnp)
+    kk, s, i = _steps_iota(part, k)
+    r, j, _ = part.index(kk, i, s, jnp)
     g = xs[r * pitch + tbl[j]]  # one gather for the 16 registers of every step
-    return [[g[n] for n in range(BLOCK)]]
+    return [[g[n] if k is None else g[n, 0] for n in range(BLOCK)]]
 
 
-def _scatter_interpret(o_s, vals, part: _Part, dtype):
+def _scatter_interpret(o_s, vals, part: _Part, dtype, k=None):
     o = o_s[...]
-    k, s, i = _steps_iota(part)
+    k, s, i = _steps_iota(part, k)
     [vals] = vals
     r, j, valid = part.index(k, i, s, jnp)
     row = jnp.where(valid, r, part.rows)  # an invalid block goes to the trash row, as on the GPU
-    vals = jnp.stack(vals)
+    vals = jnp.stack(vals).reshape(j.shape)
     if part.real % BLOCK:  # padding columns of the last block are zero even where the block is NaN
         vals = jnp.where(j < part.real, vals, 0)
-    o_s[...] = o.at[row * part.cols + j].set(vals.astype(dtype))
+    o_s[...] = o.at[row * part.pitch + j].set(vals.astype(dtype))
 
 
 def _mlir():
@@ -294,24 +331,34 @@ def _thread_coords(part: _Part):
     return tid, r, g, rho
 
 
-def _col(part: _Part, g, rho, k: int, i: int):
-    """MLIR: (column in the part, clamped; block valid) for register ``i`` of step ``k``."""
+def _col(part: _Part, g, rho, k, i: int):
+    """MLIR: (column in the part, clamped; block valid) for register ``i`` of step ``k`` (an int or an i32 value)."""
     ir, arith, *_ = _mlir()
     i32 = ir.IntegerType.get_signless(32)
     c = lambda v: arith.constant(i32, v)  # noqa: E731
-    b = arith.addi(g, c(k * part.groups))
+    b = arith.addi(g, c(k * part.groups) if isinstance(k, int) else arith.muli(k, c(part.groups)))
     e = arith.andi(arith.addi(c(i), arith.shli(rho, c(1))), c(BLOCK - 1))
     j = arith.minui(arith.addi(arith.muli(b, c(BLOCK)), e), c(part.cols - 1))
     valid = arith.cmpi(arith.CmpIPredicate.ult, b, c(part.nb))
     return j, valid
 
 
-def _gather_gpu(x_s, tbl_g, part: _Part, pitch: int, x_dtype):
-    n = part.steps * BLOCK
-    ret = [plgpu.ShapeDtypeStruct((THREADS,), jnp.float32, _wg_layout())] * n
+def _scalar_i32(a):
+    """The i32 MLIR value of a WG_SPLAT scalar passed to ``inline_mgpu``."""
+    ir, arith, *_ = _mlir()
+    v = a.registers.item()
+    i32 = ir.IntegerType.get_signless(32)
+    return v if v.type == i32 else arith.index_cast(i32, v)
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()), return_type=ret)
-    def gather(ctx, x_ref, t_ref):
+
+def _gather_gpu(x_s, tbl_g, part: _Part, pitch: int, x_dtype, k=None):
+    """[[16 arrays] per step]: every step unrolled, or (``k``: a traced step index) that one step."""
+    n = (part.steps if k is None else 1) * BLOCK
+    ret = [plgpu.ShapeDtypeStruct((THREADS,), jnp.float32, _wg_layout())] * n
+    extra = () if k is None else (plgpu.Layout.WG_SPLAT(()),)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), *extra), return_type=ret)
+    def gather(ctx, x_ref, t_ref, *kk):
         ir, arith, memref, vector, fa, _ = _mlir()
         i32, f32, index = ir.IntegerType.get_signless(32), ir.F32Type.get(), ir.IndexType.get()
         c = lambda v: arith.constant(i32, v)  # noqa: E731
@@ -319,7 +366,7 @@ def _gather_gpu(x_s, tbl_g, part: _Part, pitch: int, x_dtype):
         base = arith.muli(r, c(pitch))
         layout = fa.WGStridedFragLayout((THREADS,), 1)
         out = []
-        for k in range(part.steps):
+        for k in (range(part.steps) if not kk else [_scalar_i32(kk[0])]):
             for i in range(BLOCK):
                 j, _ = _col(part, g, rho, k, i)
                 col = memref.load(t_ref, [arith.index_cast(index, arith.addi(j, c(part.off)))])
@@ -331,25 +378,27 @@ def _gather_gpu(x_s, tbl_g, part: _Part, pitch: int, x_dtype):
                                               _is_signed=None))
         return out
 
-    flat = gather(x_s, tbl_g)
-    return [flat[k * BLOCK:(k + 1) * BLOCK] for k in range(part.steps)]
+    flat = gather(x_s, tbl_g) if k is None else gather(x_s, tbl_g, k)
+    return [flat[n * BLOCK:(n + 1) * BLOCK] for n in range(len(flat) // BLOCK)]
 
 
-def _scatter_gpu(o_s, vals, part: _Part, bits: int):
+def _scatter_gpu(o_s, vals, part: _Part, bits: int, k=None):
+    """Store [[16 int32 arrays] per step] (every step, or the traced step ``k``) into the output tile."""
     vals = [v for step in vals for v in step]
+    extra = () if k is None else (plgpu.Layout.WG_SPLAT(()),)
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), [_wg_layout()] * len(vals)))
-    def scatter(ctx, o_ref, regs):
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), [_wg_layout()] * len(vals), *extra))
+    def scatter(ctx, o_ref, regs, *kk):
         ir, arith, memref, vector, _, _ = _mlir()
         i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
         ity = ir.IntegerType.get_signless(bits)
         c = lambda v: arith.constant(i32, v)  # noqa: E731
         _, r, g, rho = _thread_coords(part)
         n = 0
-        for k in range(part.steps):
+        for k in (range(part.steps) if not kk else [_scalar_i32(kk[0])]):
             _, valid = _col(part, g, rho, k, 0)
             row = arith.select(valid, r, c(part.rows))  # an invalid block goes to the trash row
-            base = arith.muli(row, c(part.cols))
+            base = arith.muli(row, c(part.pitch))
             for i in range(BLOCK):
                 j, _ = _col(part, g, rho, k, i)
                 [reg] = regs[n].registers.flat
@@ -359,7 +408,10 @@ def _scatter_gpu(o_s, vals, part: _Part, bits: int):
                 memref.store(arith.trunci(ity, v), o_ref, [arith.index_cast(index, arith.addi(base, j))])
                 n += 1
 
-    scatter(o_s, list(vals))
+    if k is None:
+        scatter(o_s, list(vals))
+    else:
+        scatter(o_s, list(vals), k)
 
 
 def _zero_pad_gpu(x_s, rows: int, k: int, pitch: int):
@@ -432,11 +484,16 @@ def split_activation_gpu(x, tbl, k_hi: int, config: SplitConfig = SplitConfig(),
     pitch = k + pad
     hi = _Part(0, khp, rows, rot, k_hi) if k_hi else None
     lo = _Part(khp, klp, rows, rot, k - k_hi)
+    if hi is not None:
+        hi = dataclasses.replace(hi, opitch=_out_pitch(hi, 2, config.spread_banks))
+    lo = dataclasses.replace(lo, opitch=_out_pitch(lo, 1, config.spread_banks))
     groups = THREADS // rows
 
-    def body(x_g, t_g, oh_g, ol_g, s_g, x_s, oh_s, ol_s, p_s, bars):
+    def body(x_g, t_g, oh_g, ol_g, s_g, x_s, oh_s, ol_s, p_s, bars, *t_s):
         i = lax.axis_index("m")
         row0 = i * rows
+        if t_s:  # the gather table into shared memory, with the rows' copies
+            plgpu.copy_gmem_to_smem(t_g, t_s[0], t_s[1].at[0], **promise_in_bounds())
         if interpret:  # the pitch padding of every row is zero (padding columns read it)
             for r in range(rows):
                 x_s[pl.ds(r * pitch + k, pad)] = jnp.zeros((pad,), x.dtype)
@@ -447,21 +504,47 @@ def split_activation_gpu(x, tbl, k_hi: int, config: SplitConfig = SplitConfig(),
                                     **promise_in_bounds())
         for r in range(rows):
             plgpu.barrier_wait(bars.at[r])
+        if t_s:
+            plgpu.barrier_wait(t_s[1].at[0])
+            t_g = t_s[0]
         plgpu.commit_smem()  # every thread's pad zeros visible
 
-        gather = (lambda part: _gather_interpret(x_s, t_g, part, pitch)) if interpret else (
-            lambda part: _gather_gpu(x_s, t_g, part, pitch, x.dtype))
-        scatter = (lambda o, v, part, dt, bits: _scatter_interpret(o, v, part, dt)) if interpret else (
-            lambda o, v, part, dt, bits: _scatter_gpu(o, v, part, bits))
+        def gather(part, k=None):
+            if interpret:
+                return _gather_interpret(x_s, t_g, part, pitch, k)
+            return _gather_gpu(x_s, t_g, part, pitch, x.dtype, k)
 
-        if hi is not None:
-            out = [[bf16_bits(v) for v in smx_cast_blocks(step, MX9)] for step in gather(hi)]
-            scatter(oh_s, out, hi, jnp.uint16, 16)
+        def scatter(o, v, part, dt, bits, k=None):
+            if interpret:
+                _scatter_interpret(o, v, part, dt, k)
+            else:
+                _scatter_gpu(o, v, part, bits, k)
 
-        vals = gather(lo)
-        part_max = functools.reduce(jnp.maximum, [_abs_bits(v) for step in vals for v in step])
-        if interpret:
-            part_max = jnp.max(part_max, axis=0)  # (steps, 128) -> (128,)
+        def abs_max(vals):
+            out = functools.reduce(jnp.maximum, [_abs_bits(v) for step in vals for v in step])
+            return jnp.max(out, axis=0) if out.ndim == 2 else out  # interpreted, unrolled: (steps, 128)
+
+        def zeros_i32():
+            z = jnp.zeros((THREADS,), jnp.int32)
+            return z if interpret else plgpu.layout_cast(z, _wg_layout())
+
+        encode = e4m3_bits if config.e4m3 == "bits" else e4m3_cvt_bits
+        cast_hi = lambda vals: [[bf16_bits(v) for v in smx_cast_blocks(step, MX9)] for step in vals]  # noqa: E731
+        cast_lo = lambda vals, inv: [[encode(v * inv) for v in smx_cast_blocks(step, MX6)] for step in vals]  # noqa: E731
+
+        if not config.loop:
+            if hi is not None:
+                scatter(oh_s, cast_hi(gather(hi)), hi, jnp.uint16, 16)
+            vals = gather(lo)
+            part_max = abs_max(vals)
+        else:  # one block per thread per iteration; the MX6 part is gathered twice (row max, then codes)
+            if hi is not None:
+                def hi_step(kk, carry):
+                    scatter(oh_s, cast_hi(gather(hi, kk)), hi, jnp.uint16, 16, kk)
+                    return carry
+                lax.fori_loop(0, hi.steps, hi_step, 0)
+            part_max = lax.fori_loop(0, lo.steps, lambda kk, acc: jnp.maximum(acc, abs_max(gather(lo, kk))),
+                                     zeros_i32())
         p_s[pl.ds(0, THREADS)] = part_max
         p_s[pl.ds(THREADS, THREADS)] = part_max
         plgpu.commit_smem()
@@ -470,8 +553,13 @@ def split_activation_gpu(x, tbl, k_hi: int, config: SplitConfig = SplitConfig(),
         row_max = functools.reduce(jnp.maximum, [load(gg * rows) for gg in range(groups)])
         e_row = jnp.maximum(((row_max >> 23) & 0xFF) - 127, -126 + E4M3_TOP)
         inv = _pow2(E4M3_TOP - e_row)
-        out = [[e4m3_bits(v * inv) for v in smx_cast_blocks(step, MX6)] for step in vals]
-        scatter(ol_s, out, lo, jnp.uint8, 8)
+        if not config.loop:
+            scatter(ol_s, cast_lo(vals, inv), lo, jnp.uint8, 8)
+        else:
+            def lo_step(kk, carry):
+                scatter(ol_s, cast_lo(gather(lo, kk), inv), lo, jnp.uint8, 8, kk)
+                return carry
+            lax.fori_loop(0, lo.steps, lo_step, 0)
         scale = _pow2(e_row - E4M3_TOP)
         if interpret:
             s_g[pl.ds(row0, rows)] = scale[:rows]
@@ -479,12 +567,19 @@ def split_activation_gpu(x, tbl, k_hi: int, config: SplitConfig = SplitConfig(),
             _store_scales_gpu(s_g, scale, row0, rows)
 
         plgpu.commit_smem()
-        if hi is not None:
-            plgpu.copy_smem_to_gmem(oh_s.at[pl.ds(0, rows * khp)], oh_g.at[pl.ds(row0 * khp, rows * khp)])
-        plgpu.copy_smem_to_gmem(ol_s.at[pl.ds(0, rows * klp)], ol_g.at[pl.ds(row0 * klp, rows * klp)])
+        for part, o_s, o_g in ((hi, oh_s, oh_g), (lo, ol_s, ol_g)):
+            if part is None:
+                continue
+            if part.pitch == part.cols:  # contiguous rows: one bulk copy
+                plgpu.copy_smem_to_gmem(o_s.at[pl.ds(0, rows * part.cols)],
+                                        o_g.at[pl.ds(row0 * part.cols, rows * part.cols)])
+            else:
+                for r in range(rows):
+                    plgpu.copy_smem_to_gmem(o_s.at[pl.ds(r * part.pitch, part.cols)],
+                                            o_g.at[pl.ds((row0 + r) * part.cols, part.cols)])
         plgpu.wait_smem_to_gmem(0)
 
-    khp_alloc = khp if khp else 8  # no outlier part: a dummy buffer, never written
+    khp_alloc = hi.pitch if hi is not None else 8  # no outlier part: a dummy buffer, never written
     oh, ol, s = plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((m * khp if khp else 8,), jnp.uint16), jax.ShapeDtypeStruct((m * klp,), jnp.uint8),
@@ -494,9 +589,11 @@ def split_activation_gpu(x, tbl, k_hi: int, config: SplitConfig = SplitConfig(),
         scratch_types=[
             plgpu.SMEM((rows * pitch,), x.dtype),
             plgpu.SMEM(((rows + 1) * khp_alloc,), jnp.uint16),
-            plgpu.SMEM(((rows + 1) * klp,), jnp.uint8),
+            plgpu.SMEM(((rows + 1) * lo.pitch,), jnp.uint8),
             plgpu.SMEM((2 * THREADS,), jnp.int32),
             plgpu.Barrier(num_arrivals=1, num_barriers=rows),
+            *([plgpu.SMEM((khp + klp,), jnp.int32), plgpu.Barrier(num_arrivals=1, num_barriers=1)]
+              if config.table_smem else []),
         ],
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
         interpret=interpret_params(interpret),
@@ -506,5 +603,5 @@ def split_activation_gpu(x, tbl, k_hi: int, config: SplitConfig = SplitConfig(),
     return x_hi, x_lo, s
 
 
-__all__ = ["SplitConfig", "bf16_bits", "e4m3_bits", "gather_table", "part_sizes", "smx_cast_blocks",
+__all__ = ["SplitConfig", "bf16_bits", "e4m3_bits", "e4m3_cvt_bits", "gather_table", "part_sizes", "smx_cast_blocks",
            "split_activation_gpu", "supports"]
