@@ -81,6 +81,8 @@ def main(argv=None) -> int:
     from jdq.sampling.loop import collect_sampler_stats, sample_keys
 
     out = Path(args.out)
+    tag = "" if args.samples == 100 else f"_n{args.samples}"  # image files of another sample count apart
+    fp_images = FP_IMAGES.with_name(FP_IMAGES.stem + tag + ".npy")
     rows = json.loads(out.read_text())["rows"] if out.is_file() else {}
     model, _ = jdq.models.load(Path(jdq.__file__).parent / "assets" / "animal_dit")
     sampler = resolve_sampler(model, "ddim", ANIMAL_STEPS, clip_denoised=True)
@@ -112,27 +114,38 @@ def main(argv=None) -> int:
         atomic_write_text(out, json.dumps({"samples": args.samples, "sampler": f"ddim {ANIMAL_STEPS}", "guidance": g,
                                            "calib": args.calib, "rows": rows}, indent=1) + "\n")
 
+    def images_of(name):
+        return FP_IMAGES.parent / ("vidit_mixdq_" + re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + tag + ".npy")
+
+    paired_names = {n for pair in PAIRS for n in pair}
+
     def run(name, quant=None, info=None):
         if name in rows:
             print(f"{name}: read back", file=sys.stderr)
+            if name in paired_names and not images_of(name).is_file():  # for the paired comparisons
+                x = generate(model, labels, sampler=sampler, guidance=g, seed=0, batch_size=100, quant=quant,
+                             progress=False)
+                np.save(images_of(name), to_uint8(x))
             return
         t0 = time.time()
         x = generate(model, labels, sampler=sampler, guidance=g, seed=0, batch_size=100, quant=quant, progress=False)
         img = to_uint8(x)
+        images_of(name).parent.mkdir(parents=True, exist_ok=True)
+        np.save(images_of(name), img)
         f = features(img)
         row = {"fid": fid_interval(f, ref.stats_of(animal_fid.FEATURES)).to_dict(), "wall_s": time.time() - t0, "info": info or {}}
         if name != "FP":
-            if not FP_IMAGES.is_file():  # a read-back FP row in a fresh checkout: the same images again
-                FP_IMAGES.parent.mkdir(parents=True, exist_ok=True)
-                np.save(FP_IMAGES, to_uint8(generate(model, labels, sampler=sampler, guidance=g, seed=0,
+            if not fp_images.is_file():  # a read-back FP row in a fresh checkout: the same images again
+                fp_images.parent.mkdir(parents=True, exist_ok=True)
+                np.save(fp_images, to_uint8(generate(model, labels, sampler=sampler, guidance=g, seed=0,
                                                      batch_size=100, progress=False)))
-            fp = np.load(FP_IMAGES)
+            fp = np.load(fp_images)
             row["dfid"] = fid_delta_interval(f, features(fp), ref.stats_of(animal_fid.FEATURES)).to_dict()
             row["psnr"] = paired.psnr(img, fp)
             row["ssim"] = paired.ssim(img, fp)
         else:
-            FP_IMAGES.parent.mkdir(parents=True, exist_ok=True)
-            np.save(FP_IMAGES, img)
+            fp_images.parent.mkdir(parents=True, exist_ok=True)
+            np.save(fp_images, img)
         rows[name] = row
         save()
         print(f"{name}: FID {row['fid']} dFID {row.get('dfid')} ({row['wall_s']:.0f} s)", file=sys.stderr)
@@ -266,7 +279,7 @@ def main(argv=None) -> int:
                                                                    for v in group]))}
         return {"tests": out, "summary": summary}
 
-    need_mp = [n for n in rows_mp if want(n) and n not in rows]
+    need_mp = [n for n in rows_mp if want(n) and (n not in rows or (n in paired_names and not images_of(n).is_file()))]
     if need_mp or (want("diagnosis") and "diagnosis" not in rows):
         sens = sweep(args.mp_sensitivity, "mixdq", (2, 3, 4, 5, 6, 8), (4, 8))
         searches = {"paper": dict(search="paper"),
@@ -298,12 +311,17 @@ def main(argv=None) -> int:
             run(name, plan_of(mixdq.rules(wbits=8, abits=ab, bos=False)))
     for k in ("paper", "noise"):
         name = f"MixDQ W8, activations MP 6.0 {k}"
-        if want(name) and name not in rows:
-            sens = sweep(args.mp_sensitivity, "mixdq", (2, 3, 4, 5, 6, 8), (4, 8))
-            cs = mixdq.act_candidates(sens, 6.0, 0.01, search=k)
-            best, mses = (0, [None]) if len(cs) < 2 else mixdq.rank_by_pixel_mse(
-                model, sampler, rank_labels, cs, side="act", default_weight=8, default_act=8, stats=stats(), **rank_kw)
-            ab = cs[best]
+        if want(name):
+            if name in rows:
+                info = rows[name]["info"]
+                cs, mses, ab = [None] * info["candidates"], info["rank_mse"], info["act_bits"]
+            else:
+                sens = sweep(args.mp_sensitivity, "mixdq", (2, 3, 4, 5, 6, 8), (4, 8))
+                cs = mixdq.act_candidates(sens, 6.0, 0.01, search=k)
+                best, mses = (0, [None]) if len(cs) < 2 else mixdq.rank_by_pixel_mse(
+                    model, sampler, rank_labels, cs, side="act", default_weight=8, default_act=8, stats=stats(),
+                    **rank_kw)
+                ab = cs[best]
             asz = {o.site: int(np.prod(o.shape[1:])) for o in operands if o.role in Q.ACTIVATION_ROLES}
             mean = sum(ab[s] * asz[s] for s in ab if ab[s]) / sum(asz[s] for s in ab if ab[s])
             run(name, plan_of(mixdq.rules(wbits=8, abits=8, bos=False, act_bits=ab)),
@@ -312,14 +330,39 @@ def main(argv=None) -> int:
     # ViDiT-Q W4A8-MP: the W4A8 plan (timestep-aware balancing) with mixed weights
     for name, budget, widths, k in (("ViDiT-Q W4A8-MP 4.0 paper {3,4,5,6,8}", 4.0, (3, 4, 5, 6, 8), "paper"),
                                     ("ViDiT-Q W4A8-MP 4.0 noise {3,4,5,6,8}", 4.0, (3, 4, 5, 6, 8), "noise"),
-                                    ("ViDiT-Q W4A8-MP 4.5 paper {4,8}", 4.5, (4, 8), "paper")):
-        if want(name) and name not in rows:
+                                    ("ViDiT-Q W4A8-MP 4.5 paper {4,8}", 4.5, (4, 8), "paper"),
+                                    ("ViDiT-Q W4A8-MP 4.5 noise {4,8}", 4.5, (4, 8), "noise")):
+        if want(name):
             vs = sweep(args.viditq_sensitivity, "vidit-q", (3, 4, 5, 6, 8), (8,), ("*/attention", "*/ffn"))
             wb = vidit_q.mp_assignment(vs, budget, widths, search=k)
             r = vidit_q.rules(wbits=4, abits=8, timesteps=tuple(np.asarray(sampler.timesteps)), weight_bits=wb)
             run(name, plan_of(r, vidit_q.prepare), {"mean_bits": mean_bits(wb), "weight_bits": wb,
                                                     **mixdq.describe(wb)})
+    # paired differences between quantized rows (same noise): FID(a) − FID(b) with its interval
+    paired = rows.get("paired", {})
+    for a, b in PAIRS:
+        key = f"{a} − {b}"
+        if key not in paired and images_of(a).is_file() and images_of(b).is_file() and a in rows and b in rows:
+            paired[key] = fid_delta_interval(features(np.load(images_of(a))), features(np.load(images_of(b))),
+                                             ref.stats_of(animal_fid.FEATURES)).to_dict()
+            print(f"paired {key}: {paired[key]}", file=sys.stderr)
+    if paired:
+        rows["paired"] = paired
+        save()
     return 0
+
+
+#: Paired comparisons ``(a, b)``: Animal-FID(a) − Animal-FID(b) on the same noise, with its interval.
+PAIRS = (
+    ("MixDQ MP 4.0 (A16) paper", "W4A16 uniform"),
+    ("MixDQ MP 4.0 (A16) noise {3,4,5,6,8}", "W4A16 uniform"),
+    ("ViDiT-Q W4A8-MP 4.0 paper {3,4,5,6,8}", "ViDiT-Q W4A8 timestep"),
+    ("ViDiT-Q W4A8-MP 4.0 noise {3,4,5,6,8}", "ViDiT-Q W4A8 timestep"),
+    ("ViDiT-Q W4A8-MP 4.5 paper {4,8}", "ViDiT-Q W4A8 timestep"),
+    ("ViDiT-Q W4A8-MP 4.5 noise {4,8}", "ViDiT-Q W4A8 timestep"),
+    ("MixDQ W8, activations MP 6.0 paper", "W8A6 uniform (static per tensor)"),
+    ("MixDQ W8, activations MP 6.0 noise", "W8A6 uniform (static per tensor)"),
+)
 
 
 if __name__ == "__main__":
