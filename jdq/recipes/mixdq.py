@@ -32,7 +32,8 @@
   over summed SSIM / summed SQNR-in-dB by one program over all layers that minimises the summed
   *output noise power* ``Σ 10^(−SQNR/10)`` (the noise of independent perturbations adds; a sum
   of decibels multiplies noise powers, so it pays for one layer's tiny noise with another's large
-  one), candidates over ``B̄ ∈ linspace(target − 0.3, target, 10)``; ``mp_candidates`` (e.g.
+  one), candidates over ``B̄ ∈ linspace(target − 0.3, target, 10)`` (each mean at most its B̄);
+  ``mp_candidates`` (e.g.
   ``(3, 4, 5, 6, 8)``) replaces the paper's widths for every layer; ``rank_uniform`` adds the
   uniform assignment at the target (when it is a candidate width) to the ranking, so the choice
   is never worse than uniform on the ranking samples;
@@ -158,13 +159,18 @@ def _split_solutions(units, names_c, names_q, side, scores_c, scores_q, cands_c,
 
 
 def _joint_solutions(units, names, side, candidates, target, tolerance):
-    """``mp_search="noise"``: one program over every unit minimising the summed output noise, per B̄ of the grid."""
+    """``mp_search="noise"``: one program over every unit minimising the summed output noise, per B̄ of the grid.
+
+    The mean is at most each B̄ (within ``[B̄ − 2·tolerance, B̄]``).
+    """
     size = {n: float(max(units[n][f"{side}_size"], 1)) for n in names}
     scores = noise_scores(units, names, side, candidates)
     seen, out = set(), []
     for avg in np.linspace(target - 0.3, target, 10)[::-1]:
         try:
-            bits = Q.allocate_bits(scores, [size[n] for n in names], [candidates] * len(names), float(avg), tolerance)
+            # a budget is an upper bound here: the mean lies in [B̄ − 2·tolerance, B̄]
+            bits = Q.allocate_bits(scores, [size[n] for n in names], [candidates] * len(names), float(avg) - tolerance,
+                                   tolerance)
         except Q.InfeasibleAllocation:
             continue
         choice = dict(zip(names, bits))
