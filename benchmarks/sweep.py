@@ -20,6 +20,7 @@ the matmuls and the fake-quant element arithmetic), so achieved GFLOP/s of both 
 point from XLA's compiled memory analysis of each vmapped program and ``jdq.sweep.point_bytes``.
 
     python benchmarks/sweep.py [--points 64] [--samples 4] [--steps 2] [--chunks 8,64] [--reps 2] [--json PATH]
+    python benchmarks/sweep.py --profile     # one plan's call with parts of the recipe: where the time goes
 
 ``--device-run --out DIR`` instead measures a vmapped sweep's throughput per point on a random-weight
 DiT-XL/2 on the accelerator (``--tiny``: a small random DiT, a CPU smoke test); see :func:`device_run`.
@@ -113,7 +114,40 @@ def _mem_per_point(compiled, points, shared_bytes):
     return {"temp_bytes": int(m.temp_size_in_bytes), "bytes_per_point": per}
 
 
-def main():
+def profile(spec: S.SamplerSpec, ops, reps: int = 15) -> dict:
+    """Best-of-``reps`` ms of one sampler call (one plan) with parts of the MixDiT recipe: where its time goes."""
+    acts = LINEAR_ACTS + Q.ATTENTION_ROLES
+    plans = {
+        "fp": None,
+        "mx6 weights only": Q.resolve([Q.rule(BLOCKS, Q.cast("mx6"), roles=("weight",)), Q.keep_float("*")], ops),
+        "mx6 block activations only": Q.resolve([Q.rule(BLOCKS, Q.cast("mx6"), roles=acts), Q.keep_float("*")], ops),
+        "outlier split (mx9 / mx6) on block activations only": Q.resolve(
+            [Q.rule(BLOCKS, Q.outlier_split(0.1, hi="mx9", lo="mx6"), roles=acts), Q.keep_float("*")], ops),
+        "mixdit (all of it)": Q.resolve(mixdit_rules(0.05, 0.2), ops),
+    }
+    out = {}
+    for name, plan in plans.items():
+        from jdq.sampling.loop import sample
+
+        st = {} if plan is None else plan.init()
+
+        def one(params, cond, keys, uncond, state, plan=plan):
+            return sample(spec.fn, params, spec.sampler, cond, keys, spec.shape, uncond=uncond, guidance=spec.guidance,
+                          guided_channels=spec.guided_channels, quant=None if plan is None else plan.bind(state))
+        f = jax.jit(one).lower(*spec.inputs, st).compile()
+        jax.block_until_ready(f(*spec.inputs, st))
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*spec.inputs, st))
+            ts.append(time.perf_counter() - t0)
+        out[name] = min(ts) * 1e3
+        print(f"{name}: {out[name]:.1f} ms (load {os.getloadavg()[0]:.1f})", flush=True)
+    return out
+
+
+def main(argv=None):
+    """Run the CPU comparison (default) or ``--device-run``; returns the exit status."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--points", type=int, default=64)
     ap.add_argument("--samples", type=int, default=4)
@@ -122,12 +156,16 @@ def main():
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--recompile-plans", type=int, default=2, help="plans of the compile-per-plan loop (0: skip)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true", help="only time one call with parts of the recipe (ms)")
     ap.add_argument("--device-run", action="store_true", help="DiT-XL/2 throughput per point (see device_run)")
     ap.add_argument("--out", default=None, help="--device-run: output folder")
     ap.add_argument("--tiny", action="store_true", help="--device-run: a small random DiT (CPU smoke test)")
     ap.add_argument("--plans", type=int, default=16, help="--device-run: points of the vmapped sweep")
+    ap.add_argument("--device-samples", dest="device_samples", type=int, default=4,
+                    help="--device-run: samples per plan (each with CFG: 2 model evaluations)")
+    ap.add_argument("--device-steps", dest="device_steps", type=int, default=4, help="--device-run: DDIM steps")
     ap.add_argument("--max-chunk", type=int, default=None, help="--device-run: at most this many points per call")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.device_run:
         return device_run(args)
     chunks = [int(c) for c in args.chunks.split(",") if c.strip()]
@@ -140,6 +178,9 @@ def main():
     spec = S.class_spec(model, np.arange(args.samples) % 10, steps=args.steps, guidance=4.0,
                         defaults={"clip_denoised": True})
     ops = S.spec_operands(spec)
+    if args.profile:
+        print(json.dumps(profile(spec, ops), indent=2))
+        return 0
     (group,) = S.build_groups(points, ops, recipe="mixdit")
     res = {"points": n, "samples": args.samples, "steps": args.steps, "chunks": chunks, "reps": args.reps,
            "cpus": os.cpu_count(), "jax": jax.__version__, "loadavg_start": os.getloadavg(), "runs": []}
@@ -201,11 +242,131 @@ def main():
     if args.json:
         from jdq.io import atomic_write_text
         atomic_write_text(args.json, json.dumps(res, indent=2) + "\n")
+    return 0
 
 
-def device_run(args):  # filled in below (GPU throughput per point)
-    raise SystemExit("--device-run: not available yet")
+def _median_call(compiled, args_, reps):
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args_))
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts)), [float(t) for t in ts]
+
+
+def device_run(args):
+    """Throughput per point of a vmapped MixDiT ratio sweep vs one plan per call, on random-weight DiT-XL/2 (bf16).
+
+    ``--plans`` points (the MixDiT recipe, ``ratio`` in 0…0.35), ``--samples`` samples each with
+    classifier-free guidance (2 model evaluations per sample), ``--steps`` DDIM steps. One plan: the
+    one-point sampler (``looped_sampler``) compiled once and called ``--reps`` times (median). Vmapped:
+    ``vmapped_sampler`` at the chunk that the device memory holds (``jdq.sweep.chunk_size`` from
+    ``point_bytes`` and the device's free bytes, at most ``--plans`` and ``--max-chunk``; it halves on
+    an out-of-memory error), compiled once and called ``--reps`` times over all the plans. Writes
+    ``sweep_device.json`` / ``.md`` to ``--out``.
+    """
+    import jdq.sweep.core as C
+    from jdq.io import atomic_write_text
+    from jdq.models import dit
+
+    out = args.out or os.environ.get("OUT") or "benchmarks/results/latest"
+    os.makedirs(out, exist_ok=True)
+    if args.tiny:
+        cfg = dit.Config(input_size=8, patch_size=2, hidden_size=128, depth=2, num_heads=2, num_classes=10,
+                         dtype="bfloat16")
+        plans, samples, steps, reps = min(args.plans, 4), 2, 2, 2
+    else:
+        cfg = dit.Config.variant("XL/2", 256, dtype="bfloat16")
+        plans, samples, steps, reps = args.plans, args.device_samples, args.device_steps, 3
+    t_start = time.perf_counter()
+    model = dit.from_config(cfg, key=0).astype(jnp.bfloat16)
+    spec = S.class_spec(model, np.arange(samples) % cfg.num_classes, steps=steps, sampler="ddim", guidance=1.5)
+    ops = S.spec_operands(spec)
+    points = S.grid({"ratio": [float(r) for r in np.linspace(0.0, 0.35, plans)]})
+    (group,) = S.build_groups(points, ops, recipe="mixdit")
+    dev = jax.devices()[0]
+    res = {"device": dev.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
+           "model": "random DiT tiny" if args.tiny else "random DiT-XL/2 256 (bf16)", "recipe": "mixdit",
+           "plans": plans, "samples_per_plan": samples, "model_evals_per_plan_step": 2 * samples, "steps": steps,
+           "sampler": "ddim", "guidance": 1.5, "reps": reps}
+    state0 = jax.tree.map(lambda a: a[0], group.states)
+    per_point = C.point_bytes(ops, state0, int(np.prod(spec.shape)) * 4, samples, True)
+    res["estimated_bytes_per_point"] = per_point
+
+    # one plan per call
+    t0 = time.perf_counter()
+    one = S.looped_sampler(spec, group.plan).lower(*spec.inputs, state0).compile()
+    res["one_plan_compile_s"] = time.perf_counter() - t0
+    med, ts = _median_call(one, (*spec.inputs, state0), reps)
+    res.update(one_plan_s=med, one_plan_calls_s=ts)
+    mem = one.memory_analysis()
+    if mem is not None:
+        res["one_plan_temp_bytes"] = int(mem.temp_size_in_bytes)
+
+    # vmapped, chunk sized to memory
+    chunk = C.chunk_size(plans, per_point, max_chunk=args.max_chunk)
+    while True:
+        try:
+            t0 = time.perf_counter()
+            fn = S.vmapped_sampler(spec, group.plan)
+            states = jax.tree.map(lambda a: a[:chunk], group.states)
+            vm = fn.lower(*spec.inputs, states).compile()
+            compile_s = time.perf_counter() - t0
+            chunks = [jax.tree.map(lambda a, s=s_: a[s:s + chunk], group.states) for s_ in range(0, plans, chunk)]
+            chunks = [C._pad_points(c, chunk) for c in chunks]
+
+            def all_chunks():
+                return [vm(*spec.inputs, c) for c in chunks]
+            jax.block_until_ready(all_chunks())  # warm
+            ts = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                jax.block_until_ready(all_chunks())
+                ts.append(time.perf_counter() - t0)
+            break
+        except Exception as e:  # XLA reports an out-of-memory as a runtime error: retry with half the chunk
+            if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower() or chunk == 1:
+                raise
+            res.setdefault("oom_chunks", []).append(chunk)
+            chunk = max(1, chunk // 2)
+    mem = vm.memory_analysis()
+    res.update(chunk=chunk, calls_per_sweep=len(chunks), vmapped_compile_s=compile_s,
+               vmapped_sweep_s=float(np.median(ts)), vmapped_sweep_calls_s=[float(t) for t in ts])
+    if mem is not None:
+        res["vmapped_temp_bytes"] = int(mem.temp_size_in_bytes)
+        res["vmapped_bytes_per_point"] = (mem.temp_size_in_bytes + mem.output_size_in_bytes) / chunk
+    stats = getattr(dev, "memory_stats", lambda: None)()
+    if stats:
+        res["device_peak_bytes"] = int(stats.get("peak_bytes_in_use", 0))
+    res["one_plan_s_per_point"] = res["one_plan_s"]
+    res["vmapped_s_per_point"] = res["vmapped_sweep_s"] / plans
+    res["throughput_speedup_per_point"] = res["one_plan_s_per_point"] / res["vmapped_s_per_point"]
+    images = plans * samples
+    res["loop_sweep_s_incl_compile"] = res["one_plan_compile_s"] + plans * res["one_plan_s"]
+    res["vmapped_sweep_s_incl_compile"] = res["vmapped_compile_s"] + res["vmapped_sweep_s"]
+    res["speedup_incl_compile"] = res["loop_sweep_s_incl_compile"] / res["vmapped_sweep_s_incl_compile"]
+    res["images_per_s"] = {"one_plan": samples / res["one_plan_s"], "vmapped": images / res["vmapped_sweep_s"]}
+    res["wall_s"] = time.perf_counter() - t_start
+    md = [f"# Sweep throughput per point: {res['model']}, {res['device']}", "",
+          f"MixDiT recipe, {plans} plans (ratio 0…0.35), {samples} samples × CFG per plan, {steps} DDIM steps; "
+          f"vmapped chunk {chunk} ({len(chunks)} call(s) per sweep); median of {reps} timed runs after compilation.", "",
+          "| way | compile s | s per sweep of all plans | s per plan | images / s | × one plan (per plan) |",
+          "|---|---:|---:|---:|---:|---:|",
+          f"| one plan per call | {res['one_plan_compile_s']:.1f} | {plans * res['one_plan_s']:.3f} | "
+          f"{res['one_plan_s']:.4f} | {res['images_per_s']['one_plan']:.1f} | 1.00 |",
+          f"| vmapped, {chunk} plans per call | {res['vmapped_compile_s']:.1f} | {res['vmapped_sweep_s']:.3f} | "
+          f"{res['vmapped_s_per_point']:.4f} | {res['images_per_s']['vmapped']:.1f} | "
+          f"{res['throughput_speedup_per_point']:.2f} |", "",
+          f"Including compilation: loop {res['loop_sweep_s_incl_compile']:.1f} s, vmapped "
+          f"{res['vmapped_sweep_s_incl_compile']:.1f} s ({res['speedup_incl_compile']:.2f}×). Memory per point: "
+          f"{res.get('vmapped_bytes_per_point', float('nan')) / 2**20:.1f} MiB by XLA's analysis of the vmapped program, "
+          f"{per_point / 2**20:.1f} MiB estimated (point_bytes); device peak "
+          f"{res.get('device_peak_bytes', 0) / 2**30:.2f} GiB. Wall {res['wall_s']:.0f} s.", ""]
+    print("\n".join(md))
+    atomic_write_text(os.path.join(out, "sweep_device.json"), json.dumps(res, indent=2) + "\n")
+    atomic_write_text(os.path.join(out, "sweep_device.md"), "\n".join(md))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
