@@ -351,8 +351,13 @@ def render(results) -> str:
              "linear ×bf16 (XLA split) | checks |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results["rows"]:
-        chk = r.get("split_check") or {}
-        checks = "split bit-exact" if chk.get("ok") else f"split FAILED: {chk.get('error') or chk.get('mismatches')}"
+        chk = r.get("split_check")
+        if "split_check" not in r:  # the row was never measured (the budget ran out before it)
+            checks = "not run (budget)"
+        elif chk is None:  # measured, but the child process's checks did not reach this shape
+            checks = "split not checked"
+        else:
+            checks = "split bit-exact" if chk.get("ok") else f"split FAILED: {chk.get('error') or chk.get('mismatches')}"
         if "linears_equal" in r:
             checks += ", linears equal" if r["linears_equal"] else ", linears DIFFER"
         floor = (f"{100 * r['floor_us'] / r['kernel_split']:.0f} %"
