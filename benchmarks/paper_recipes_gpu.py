@@ -16,7 +16,10 @@ budget it needs is spent (the JSON then says ``skipped`` and why):
 2. ``steps``: one guided denoiser evaluation at batch ``--batch`` (``2 × batch`` model evaluations), compiled
    once and timed as the compiled function (median wall ms): bf16 first, then every recipe of
    :func:`jdq.recipes.names` (paper recipes with their calibrated state; other calibrated recipes with a
-   one-sample calibration), with the ratio to bf16 (the goal: ≤ 1.5);
+   one-sample calibration), with the ratio to bf16 (the goal: ≤ 1.5). The weights are quantized once
+   before the step (:func:`jdq.quant.hoist.hoist_weights`), as the sampler does before its loop, so the
+   time is a sampling step's; ``--per-step-weights`` times the step with the weight casts inside it
+   (the rounds before 2026-12-02's third session). ``--profile NAMES`` adds a CUPTI per-kernel breakdown;
 3. ``eval``: ``jdq eval --protocol dit-imagenet256`` in process on random-weight DiT-XL/2 + SD VAE + FID
    Inception folders and a made-up reference batch, ``--eval-samples`` samples at ``--eval-steps`` DDPM
    steps (fewer when the budget is short), timed and extrapolated to the protocol's 10,000 × 250 steps.
@@ -168,14 +171,31 @@ def calibration_stage(b, model, sampler, labels, guidance):
     return done
 
 
+def kernel_profile(fn, args, top=12):
+    """CUPTI per-kernel times of ``fn(*args)`` per call: {"top": [[name, calls, ms]...], "total_ms", "kernels"}."""
+    from jax.experimental.mosaic.gpu import profiler
+
+    _, runs = profiler.measure(fn, aggregate=False, iterations=3)(*args)
+    per = {}
+    for run in runs:
+        for name, ms in run:
+            c, t = per.get(name, (0, 0.0))
+            per[name] = (c + 1, t + ms)
+    rows = sorted(([n[:120], c / len(runs), t / len(runs)] for n, (c, t) in per.items()), key=lambda r: -r[2])
+    return {"top": rows[:top], "total_ms": sum(r[2] for r in rows), "kernels": len(rows)}
+
+
 def steps_stage(b, model, sampler, labels, guidance, calibrated):
     """Stage 2: the guided denoiser step at batch ``--batch``: bf16, then every recipe's fake-quant step."""
     from jdq import recipes
+    from jdq.quant.hoist import hoist_weights
     from jdq.sampling import loop
     from jdq.sampling.generate import Denoiser, guided_channels, null_condition, sample_shape
 
     st = b.res["stages"]["steps"]
-    st.update(status="running", times={}, evaluations_per_step=2 * b.args.batch)
+    st.update(status="running", times={}, evaluations_per_step=2 * b.args.batch,
+              weights="cast inside the step" if b.args.per_step_weights else "hoisted (quantized once, as the sampler does)")
+    profiled = {r for r in b.args.profile.split(",") if r}
     fn = Denoiser(model, model.family)
     bsz, n = b.args.batch, sampler.num_steps
     k1, k2 = jax.random.split(jax.random.key(1))
@@ -203,6 +223,13 @@ def steps_stage(b, model, sampler, labels, guidance, calibrated):
             return None
         rec = st["times"][name] = {"status": "done", "wall_ms": ms, "compile_s": compile_s,
                                    "finite": bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))}
+        if name in profiled and jax.default_backend() == "gpu":
+            try:
+                rec["profile"] = kernel_profile(step, (params, quant, x, t, y, i))
+                b.log(f"  profile {name}: {rec['profile']['kernels']} kernels, {rec['profile']['total_ms']:.2f} ms; top: "
+                      + "; ".join(f"{n[:60]} {ms:.2f}" for n, _, ms in rec["profile"]["top"][:6]))
+            except Exception as e:  # noqa: BLE001
+                rec["profile"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
         base = st["times"].get("bf16", {}).get("wall_ms")
         if base and name != "bf16":
             rec["ratio_vs_bf16"] = ms / base
@@ -232,7 +259,10 @@ def steps_stage(b, model, sampler, labels, guidance, calibrated):
             b.log(f"FAILED quantize {name}: {st['times'][name]['error']}")
             b.save()
             continue
-        run(name, q.params, q.quantizer)
+        quant = q.quantizer
+        if not b.args.per_step_weights:  # what the sampler does before its loop (the same values)
+            quant = hoist_weights(fn, q.params, x[:1], t[:1], y[:1], quant, n)
+        run(name, q.params, quant)
         if name in st["times"]:
             st["times"][name]["state_from"] = "stage 1 calibration" if name in calibrated else (
                 "1-sample calibration" if recipes.get(name).calibrated else "no calibration")
@@ -336,6 +366,7 @@ def render_markdown(res):
         lines += ["", f"peak: {kind}; monotone over the run (before: {gib(cal.get('memory_before', {}).get('peak_bytes'))} GiB)"]
     stp = res["stages"]["steps"]
     lines += ["", f"## CFG step at batch {res['batch']} ({2 * res['batch']} evaluations): {stp['status']}", "",
+              f"weights: {stp.get('weights', '-')}", "",
               f"| step | wall ms | × bf16 (goal ≤ {GOAL_RATIO}) | compile s | status |", "|---|---:|---:|---:|---|"]
     for name, r in stp.get("times", {}).items():
         ratio = f"{r['ratio_vs_bf16']:.2f}" if "ratio_vs_bf16" in r else "-"
@@ -376,6 +407,9 @@ def main(argv=None):
     p.add_argument("--skip-eval", action="store_true", help="leave out the jdq eval stage")
     p.add_argument("--calib-recipes", default=",".join(PAPER_RECIPES), help="recipes calibrated in stage 1 (comma list)")
     p.add_argument("--recipes", default="all", help="recipes whose step stage 2 times ('all': every registered one)")
+    p.add_argument("--per-step-weights", action="store_true",
+                   help="time steps with the weight casts inside them (default: hoisted, as sampling runs)")
+    p.add_argument("--profile", default="", help="recipes (and 'bf16') whose step gets a CUPTI per-kernel breakdown")
     args = p.parse_args(argv)
     on_gpu = jax.default_backend() == "gpu"
     if args.device_run and not on_gpu and not args.tiny:
