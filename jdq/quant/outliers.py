@@ -41,6 +41,7 @@ import math
 from typing import Any, ClassVar, Mapping
 
 import jax.numpy as jnp
+from jax import lax
 
 from jdq.quant.casts import along_axis, resolve_format
 from jdq.quant.transform import Plan, QuantTransform, WrapsInner, identity, map_stages
@@ -101,6 +102,41 @@ def _ranks(v):
     return jnp.argsort(order, axis=-1, stable=True)
 
 
+def _top_mask_pairwise(v, k):
+    """``_ranks(v) < k`` from the pairwise ranks (the CPU's choice for short rows)."""
+    return _ranks(v) < k
+
+
+def _top_mask_sorted(v, k):
+    """``_ranks(v) < k`` from one ascending sort: the ``k``-th largest is a threshold, ties taken by position.
+
+    One sort and a few O(n) passes per row instead of an O(n²) comparison count: on a GPU the
+    pairwise count of a DiT-XL/2 linear input's 72 block maxima was one 1.7 ms reduction fusion per
+    operand (most of the MixDiT fake-quant step).
+    """
+    n = v.shape[-1]
+    w = jnp.where(jnp.isnan(v), -jnp.inf, v)  # as in _ranks: NaN ranks after every number
+    k = jnp.asarray(k, jnp.int32)
+    idx = jnp.broadcast_to(jnp.clip(n - k, 0, n - 1), w.shape[:-1] + (1,)).astype(jnp.int32)
+    thr = jnp.take_along_axis(jnp.sort(w, axis=-1), idx, axis=-1)
+    gt, eq = w > thr, w == thr
+    need = k - jnp.sum(gt, axis=-1, keepdims=True, dtype=jnp.int32)  # how many of the ties are in
+    ties_before = jnp.cumsum(eq, axis=-1, dtype=jnp.int32) - eq
+    return gt | (eq & (ties_before < need))
+
+
+def top_mask(v, k):
+    """Boolean, shape of ``v``: the ``k`` largest entries of each row of the last axis (ties by position, NaN last).
+
+    The same selection as ``rank < k`` with the ranks of the module (bit-identical on every
+    backend); a CPU counts pairwise comparisons for rows of up to ``_PAIRWISE_RANK_MAX`` entries,
+    other backends (and longer rows) threshold at the ``k``-th largest after one sort.
+    """
+    if v.shape[-1] > _PAIRWISE_RANK_MAX:
+        return _top_mask_sorted(v, k)
+    return lax.platform_dependent(v, k, cpu=_top_mask_pairwise, default=_top_mask_sorted)
+
+
 def channel_ranks(absmax_channel):
     """Rank (int32, 0 = largest) of each channel by calibrated ``absmax_channel`` (``[C]`` or per-step ``[S, C]``)."""
     a = jnp.asarray(absmax_channel, jnp.float32)
@@ -136,7 +172,7 @@ def outlier_mask(meta: OutlierMeta, x, state, axis: int = -1):
             mag = jnp.pad(mag, [(0, 0)] * (mag.ndim - 1) + [(0, pad)])
         mag = mag.reshape(mag.shape[:-1] + ((n + pad) // bs, bs)).max(-1)
     flat = mag.reshape(1, -1) if meta.scope == "tensor" else mag
-    chosen = _ranks(flat) < outlier_count(state["ratio"], flat.shape[-1])
+    chosen = top_mask(flat, outlier_count(state["ratio"], flat.shape[-1]))
     chosen = chosen.reshape(mag.shape)
     if meta.granularity == "block":
         chosen = jnp.repeat(chosen, meta.block_size, axis=-1)[..., :n]

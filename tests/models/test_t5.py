@@ -23,7 +23,10 @@ from checkpoints_convert.transformers_text import convert_transformers_arrays  #
 from jdq.models import t5  # noqa: E402
 from torch_reference import rel_err  # noqa: E402
 
-F32_TOL = 1e-5
+# float32 through 3 layers: the gated-GELU's tanh differs by a few ulp between XLA's vectorized CPU tanh and
+# torch's (1.2e-5 measured on one CPU, below 1e-5 on another), and T5's unscaled attention logits amplify it;
+# 5e-5 stays two orders of magnitude below the masking effect the test checks (> 1e-3).
+F32_TOL = 5e-5
 TINY = dict(vocab_size=40, d_model=16, d_kv=4, d_ff=24, num_layers=3, num_heads=4, feed_forward_proj="gated-gelu",
             relative_attention_num_buckets=8, relative_attention_max_distance=10, decoder_start_token_id=0)
 

@@ -188,3 +188,26 @@ def test_pairwise_ranks_equal_sorted_ranks_with_ties_and_nan():
         order = np.argsort(-v, axis=-1, kind="stable")
         expected = np.argsort(order, axis=-1, kind="stable")
         np.testing.assert_array_equal(np.asarray(_ranks(jnp.asarray(v))), expected)
+
+
+def test_top_mask_equals_rank_below_k_on_both_paths():
+    """The sort-and-threshold selection (GPU / TPU, long rows) and the pairwise one (CPU) pick exactly ``rank < k``."""
+    import jax
+
+    from jdq.quant.outliers import _PAIRWISE_RANK_MAX, _ranks, _top_mask_pairwise, _top_mask_sorted, top_mask
+
+    rng = np.random.default_rng(1)
+    for n in (1, 5, 16, 72, _PAIRWISE_RANK_MAX + 7):
+        v = np.abs(rng.standard_normal((3, 2, n))).astype(np.float32)
+        v[:, :, ::4] = v[:, :, :1]  # ties at the threshold, broken by position
+        v[1, 0, -1] = np.nan
+        v[2, 1, :] = 0.0  # a row of equal entries
+        ranks = np.asarray(_ranks(jnp.asarray(v)))
+        for k in range(n + 2):
+            want = ranks < k
+            for fn in (_top_mask_sorted, _top_mask_pairwise, top_mask):
+                got = np.asarray(jax.jit(fn)(jnp.asarray(v), jnp.int32(k)))
+                np.testing.assert_array_equal(got, want, err_msg=f"{fn.__name__} n={n} k={k}")
+        ks = jnp.arange(n + 2, dtype=jnp.int32)  # k batched, as a vmapped sweep over ratios has it
+        got = np.asarray(jax.vmap(_top_mask_sorted, in_axes=(None, 0))(jnp.asarray(v), ks))
+        np.testing.assert_array_equal(got, ranks[None] < np.arange(n + 2)[:, None, None, None])
