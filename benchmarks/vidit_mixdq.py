@@ -287,8 +287,8 @@ def main(argv=None) -> int:
                     "noise {3,4,5,6,8}": dict(search="noise", candidates=(3, 4, 5, 6, 8), uniform=True)}
         cands = {k: mixdq.weight_candidates(sens, 4.0, **kw) for k, kw in searches.items()}
         ranked = rows.get("mp_ranking", {})
-        for k, cs in cands.items():
-            if k not in ranked:
+        for k, cs in cands.items():  # only the searches a wanted row (or the diagnosis) needs
+            if k not in ranked and (want(f"MixDQ MP 4.0 (A16) {k}") or (want("diagnosis") and "diagnosis" not in rows)):
                 best, mses = mixdq.rank_by_pixel_mse(model, sampler, rank_labels, cs, **rank_kw)
                 ranked[k] = {"chosen": best, "mse": mses, "candidates": cs}
                 rows["mp_ranking"] = ranked
