@@ -66,6 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mp-sensitivity", default="benchmarks/results/vidit_mixdq_sensitivity_ddim")
     ap.add_argument("--viditq-sensitivity", default="benchmarks/results/vidit_mixdq_sensitivity_viditq")
     ap.add_argument("--rank-samples", type=int, default=20)
+    ap.add_argument("--conditions", default="benchmarks/results/vidit_mp_conditions_n10.json",
+                    help="benchmarks/vidit_mp_conditions.py's output: the W4A8-MP assignments of the third round")
     ap.add_argument("--rows", nargs="*", default=None)
     args = ap.parse_args(argv)
 
@@ -338,6 +340,16 @@ def main(argv=None) -> int:
             r = vidit_q.rules(wbits=4, abits=8, timesteps=tuple(np.asarray(sampler.timesteps)), weight_bits=wb)
             run(name, plan_of(r, vidit_q.prepare), {"mean_bits": mean_bits(wb), "weight_bits": wb,
                                                     **mixdq.describe(wb)})
+    # third round: the same program on unit measurements taken under other conditions
+    # (benchmarks/vidit_mp_conditions.py: "asym" = the row's asymmetric weight cast alone, "row" = the
+    # row's balanced weights and 8-bit per-token inputs; the stored sweep used symmetric weights alone)
+    for cond in ("asym", "row"):
+        name = f"ViDiT-Q W4A8-MP 4.0 noise {{3,4,5,6,8}} {cond}-condition sweep"
+        if want(name) and Path(args.conditions).is_file():
+            wb = json.loads(Path(args.conditions).read_text())["assignments"][f"{cond} condition (noise)"]
+            r = vidit_q.rules(wbits=4, abits=8, timesteps=tuple(np.asarray(sampler.timesteps)), weight_bits=wb)
+            run(name, plan_of(r, vidit_q.prepare), {"mean_bits": mean_bits(wb), "weight_bits": wb,
+                                                    "source": args.conditions, **mixdq.describe(wb)})
     # paired differences between quantized rows (same noise): FID(a) − FID(b) with its interval
     paired = rows.get("paired", {})
     for a, b in PAIRS:
@@ -358,6 +370,9 @@ PAIRS = (
     ("MixDQ MP 4.0 (A16) noise {3,4,5,6,8}", "W4A16 uniform"),
     ("ViDiT-Q W4A8-MP 4.0 paper {3,4,5,6,8}", "ViDiT-Q W4A8 timestep"),
     ("ViDiT-Q W4A8-MP 4.0 noise {3,4,5,6,8}", "ViDiT-Q W4A8 timestep"),
+    ("ViDiT-Q W4A8-MP 4.0 noise {3,4,5,6,8} asym-condition sweep", "ViDiT-Q W4A8 timestep"),
+    ("ViDiT-Q W4A8-MP 4.0 noise {3,4,5,6,8} row-condition sweep", "ViDiT-Q W4A8 timestep"),
+    ("ViDiT-Q W4A8-MP 4.0 noise {3,4,5,6,8} row-condition sweep", "ViDiT-Q W4A8-MP 4.0 noise {3,4,5,6,8}"),
     ("ViDiT-Q W4A8-MP 4.5 paper {4,8}", "ViDiT-Q W4A8 timestep"),
     ("ViDiT-Q W4A8-MP 4.5 noise {4,8}", "ViDiT-Q W4A8 timestep"),
     ("MixDQ W8, activations MP 6.0 paper", "W8A6 uniform (static per tensor)"),
