@@ -28,6 +28,11 @@ activations at 4/8; ``--viditq-sensitivity``: the ``vidit-q`` group sweep, weigh
 * ``ViDiT-Q W4A8-MP``: the vidit-q plan (timestep-aware balancing) with mixed weights at 4.0
   (candidates {3, 4, 5, 6, 8}; paper and noise) and the paper's {4, 8} at 4.5.
 
+Third round (``--conditions``: ``benchmarks/vidit_mp_conditions.py``'s output): ``ViDiT-Q W4A8-MP
+4.0 noise {3,4,5,6,8} asym-condition sweep`` / ``row-condition sweep``, the ``noise`` program on unit
+measurements taken with the row's asymmetric weight cast alone / with the row's quantizer
+(balancing, 8-bit per-token inputs) instead of the stored sweep's symmetric weights alone.
+
 Protocol: the ``animal-mnist`` sampler (DDIM 15 steps, guidance 1.5, classes in turn, seed 0) at
 a reduced sample count; calibration on ``--calib`` other samples along the same sampler.
 Resumable: finished rows are kept in the JSON.
@@ -66,6 +71,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mp-sensitivity", default="benchmarks/results/vidit_mixdq_sensitivity_ddim")
     ap.add_argument("--viditq-sensitivity", default="benchmarks/results/vidit_mixdq_sensitivity_viditq")
     ap.add_argument("--rank-samples", type=int, default=20)
+    ap.add_argument("--conditions", default="benchmarks/results/vidit_mp_conditions_n10.json",
+                    help="benchmarks/vidit_mp_conditions.py's output: the W4A8-MP assignments of the third round")
     ap.add_argument("--rows", nargs="*", default=None)
     args = ap.parse_args(argv)
 
@@ -287,8 +294,8 @@ def main(argv=None) -> int:
                     "noise {3,4,5,6,8}": dict(search="noise", candidates=(3, 4, 5, 6, 8), uniform=True)}
         cands = {k: mixdq.weight_candidates(sens, 4.0, **kw) for k, kw in searches.items()}
         ranked = rows.get("mp_ranking", {})
-        for k, cs in cands.items():
-            if k not in ranked:
+        for k, cs in cands.items():  # only the searches a wanted row (or the diagnosis) needs
+            if k not in ranked and (want(f"MixDQ MP 4.0 (A16) {k}") or (want("diagnosis") and "diagnosis" not in rows)):
                 best, mses = mixdq.rank_by_pixel_mse(model, sampler, rank_labels, cs, **rank_kw)
                 ranked[k] = {"chosen": best, "mse": mses, "candidates": cs}
                 rows["mp_ranking"] = ranked
@@ -338,6 +345,17 @@ def main(argv=None) -> int:
             r = vidit_q.rules(wbits=4, abits=8, timesteps=tuple(np.asarray(sampler.timesteps)), weight_bits=wb)
             run(name, plan_of(r, vidit_q.prepare), {"mean_bits": mean_bits(wb), "weight_bits": wb,
                                                     **mixdq.describe(wb)})
+    # third round: the same program on unit measurements taken under other conditions
+    # (benchmarks/vidit_mp_conditions.py: "asym" = the row's asymmetric weight cast alone, "row" = the
+    # row's balanced weights and 8-bit per-token inputs; the stored sweep used symmetric weights alone)
+    for suffix, (src, cond) in CONDITION_ROWS.items():
+        name = f"ViDiT-Q W4A8-MP 4.0 noise {{3,4,5,6,8}} {suffix}"
+        src = src or args.conditions
+        if want(name) and Path(src).is_file():
+            wb = json.loads(Path(src).read_text())["assignments"][f"{cond} condition (noise)"]
+            r = vidit_q.rules(wbits=4, abits=8, timesteps=tuple(np.asarray(sampler.timesteps)), weight_bits=wb)
+            run(name, plan_of(r, vidit_q.prepare), {"mean_bits": mean_bits(wb), "weight_bits": wb,
+                                                    "source": src, **mixdq.describe(wb)})
     # paired differences between quantized rows (same noise): FID(a) − FID(b) with its interval
     paired = rows.get("paired", {})
     for a, b in PAIRS:
@@ -352,12 +370,23 @@ def main(argv=None) -> int:
     return 0
 
 
+#: Third-round W4A8-MP rows: name suffix → (the vidit_mp_conditions.py JSON, ``None``: ``--conditions``; condition).
+CONDITION_ROWS = {
+    "asym-condition sweep": (None, "asym"),
+    "row-condition sweep": (None, "row"),
+    "row-condition sweep (20 samples, seed 7)": ("benchmarks/results/vidit_mp_conditions_row_n20s7.json", "row"),
+}
+
 #: Paired comparisons ``(a, b)``: Animal-FID(a) − Animal-FID(b) on the same noise, with its interval.
 PAIRS = (
     ("MixDQ MP 4.0 (A16) paper", "W4A16 uniform"),
     ("MixDQ MP 4.0 (A16) noise {3,4,5,6,8}", "W4A16 uniform"),
     ("ViDiT-Q W4A8-MP 4.0 paper {3,4,5,6,8}", "ViDiT-Q W4A8 timestep"),
     ("ViDiT-Q W4A8-MP 4.0 noise {3,4,5,6,8}", "ViDiT-Q W4A8 timestep"),
+    ("ViDiT-Q W4A8-MP 4.0 noise {3,4,5,6,8} asym-condition sweep", "ViDiT-Q W4A8 timestep"),
+    ("ViDiT-Q W4A8-MP 4.0 noise {3,4,5,6,8} row-condition sweep", "ViDiT-Q W4A8 timestep"),
+    ("ViDiT-Q W4A8-MP 4.0 noise {3,4,5,6,8} row-condition sweep", "ViDiT-Q W4A8-MP 4.0 noise {3,4,5,6,8}"),
+    ("ViDiT-Q W4A8-MP 4.0 noise {3,4,5,6,8} row-condition sweep (20 samples, seed 7)", "ViDiT-Q W4A8 timestep"),
     ("ViDiT-Q W4A8-MP 4.5 paper {4,8}", "ViDiT-Q W4A8 timestep"),
     ("ViDiT-Q W4A8-MP 4.5 noise {4,8}", "ViDiT-Q W4A8 timestep"),
     ("MixDQ W8, activations MP 6.0 paper", "W8A6 uniform (static per tensor)"),
