@@ -21,6 +21,7 @@ point from XLA's compiled memory analysis of each vmapped program and ``jdq.swee
 
     python benchmarks/sweep.py [--points 64] [--samples 4] [--steps 2] [--chunks 8,64] [--reps 2] [--json PATH]
     python benchmarks/sweep.py --profile     # one plan's call with parts of the recipe: where the time goes
+    python benchmarks/sweep.py --memory --json PATH   # jdq.sweep.sweep_bytes vs XLA's memory analysis
 
 ``--device-run --out DIR`` instead measures a vmapped sweep's throughput per point on a random-weight
 DiT-XL/2 on the accelerator (``--tiny``: a small random DiT, a CPU smoke test); see :func:`device_run`.
@@ -165,7 +166,11 @@ def main(argv=None):
                     help="--device-run: samples per plan (each with CFG: 2 model evaluations)")
     ap.add_argument("--device-steps", dest="device_steps", type=int, default=4, help="--device-run: DDIM steps")
     ap.add_argument("--max-chunk", type=int, default=None, help="--device-run: at most this many points per call")
+    ap.add_argument("--memory", action="store_true",
+                    help="only the chunk-sizing memory estimate vs XLA's memory analysis (CPU; see memory_run)")
     args = ap.parse_args(argv)
+    if args.memory:
+        return memory_run(args)
     if args.device_run:
         return device_run(args)
     chunks = [int(c) for c in args.chunks.split(",") if c.strip()]
@@ -239,6 +244,73 @@ def main(argv=None):
     print(json.dumps({"summary": summary, "flops_per_point": res["flops_per_point"],
                       "estimated_bytes_per_point": res["estimated_bytes_per_point"],
                       **{k_: res[k_] for k_ in ("loop_recompile_s_scaled",) if k_ in res}}, indent=2))
+    if args.json:
+        from jdq.io import atomic_write_text
+        atomic_write_text(args.json, json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+def memory_check(spec, points, recipe, chunks) -> dict:
+    """``jdq.sweep.sweep_bytes`` vs XLA's memory analysis of the vmapped program at ``chunks`` points (and ``point_bytes``)."""
+    import jdq.sweep.core as C
+
+    ops = S.spec_operands(spec)
+    (group,) = S.build_groups(points, ops, recipe=recipe)
+    state0 = jax.tree.map(lambda a: a[0], group.states)
+    t0 = time.perf_counter()
+    est = C.sweep_bytes(spec, group.plan, state0)
+    res = {"estimate_per_point": est.per_point, "estimate_shared": est.shared,
+           "estimate_s": time.perf_counter() - t0,
+           "old_bound_per_point": C.point_bytes(ops, state0, int(np.prod(spec.shape)) * 4, spec.keys.shape[0],
+                                                spec.uncond is not None) + C.hoisted_bytes(group.plan, state0,
+                                                                                           spec.sampler.num_steps),
+           "chunks": []}
+    fn = S.vmapped_sampler(spec, group.plan)
+    for c in chunks:
+        m = fn.lower(*spec.inputs, jax.tree.map(lambda a: a[:c], group.states)).compile().memory_analysis()
+        xla = m.temp_size_in_bytes + m.output_size_in_bytes + C.tree_bytes(state0) * c  # + the chunk's states
+        row = {"chunk": c, "xla_bytes": int(xla), "estimate_bytes": est.total(c), "old_bound_bytes": res["old_bound_per_point"] * c}
+        row.update(estimate_over_xla=row["estimate_bytes"] / xla, old_over_xla=row["old_bound_bytes"] / xla)
+        res["chunks"].append(row)
+        print(json.dumps(row), flush=True)
+    return res
+
+
+def memory_run(args) -> int:
+    """The chunk-sizing estimate vs XLA on the CPU: a tiny DiT, a second tiny DiT, the embedded model; DiT-XL/2 estimated only."""
+    from jdq.models import dit
+
+    chunks = [1, 4, 16]
+    ratios = {"ratio": [float(r) for r in np.linspace(0.0, 0.35, 16)]}
+    res = {"jax": jax.__version__, "backend": jax.default_backend(), "chunks": chunks}
+    cfg = dit.Config(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3)
+    spec = S.class_spec(dit.from_config(cfg, key=1), np.array([0, 2]), steps=2, guidance=4.0)
+    res["tiny (8px/4, 32 wide, depth 1; 2 samples x CFG, 2 DDPM steps)"] = memory_check(spec, S.grid(ratios), "mixdit", chunks)
+    cfg = dit.Config(input_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+    spec = S.class_spec(dit.from_config(cfg, key=2), np.arange(3), steps=3, guidance=1.5, sampler="ddim")
+    res["tiny-2 (16px/2, 64 wide, depth 2; 3 samples x CFG, 3 DDIM steps)"] = memory_check(
+        spec, S.grid({"linear_ratio": [0.0, 0.1, 0.2, 0.3], "attn_ratio": [0.0, 0.1, 0.2, 0.3]}), "mixdit", chunks)
+    model, _ = jdq.models.load(MODEL)
+    spec = S.class_spec(model, np.arange(4), steps=2, guidance=4.0, defaults={"clip_denoised": True})
+    res["embedded (4 samples x CFG, 2 DDPM steps)"] = memory_check(spec, S.grid(ratios), "mixdit", chunks)
+    # DiT-XL/2 as the device run (results/sweep_device_run1.json): abstract params, estimate only
+    import jdq.sweep.core as C
+
+    cfg = dit.Config.variant("XL/2", 256, dtype="bfloat16")
+    model = dit.from_config(cfg, abstract=True)
+    model = model.replace(params=jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16 if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype),
+        model.params))
+    spec = S.class_spec(model, np.arange(1), steps=4, sampler="ddim", guidance=1.5)
+    ops = S.spec_operands(spec)
+    (group,) = S.build_groups(S.grid({"ratio": [0.0, 0.35]}), ops, recipe="mixdit")
+    state0 = jax.tree.map(lambda a: a[0], group.states)
+    est = C.sweep_bytes(spec, group.plan, state0)
+    res["DiT-XL/2 (1 sample x CFG, 4 DDIM steps; estimate only)"] = {
+        "estimate_per_point": est.per_point, "estimate_shared": est.shared,
+        "estimate_bytes_at_1": est.total(1), "estimate_bytes_at_20": est.total(20),
+        "old_bound_per_point": C.point_bytes(ops, state0, int(np.prod(spec.shape)) * 4, 1, True)}
+    print(json.dumps(res, indent=2))
     if args.json:
         from jdq.io import atomic_write_text
         atomic_write_text(args.json, json.dumps(res, indent=2) + "\n")

@@ -9,6 +9,7 @@ allocation under a latency or energy budget. ``jdq sweep`` is the command line.
 from jdq.sweep.core import (
     SETTINGS,
     Group,
+    MemoryEstimate,
     SamplerSpec,
     Setting,
     SweepError,
@@ -16,6 +17,7 @@ from jdq.sweep.core import (
     chunk_size,
     class_spec,
     grid,
+    jaxpr_bytes,
     looped_sampler,
     parse_vary,
     point_bytes,
@@ -24,5 +26,6 @@ from jdq.sweep.core import (
     run_loop,
     spec_operands,
     structure_report,
+    sweep_bytes,
     vmapped_sampler,
 )

@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jcore
 
 from jdq import quant as Q
 from jdq import recipes, sharding
@@ -281,6 +282,191 @@ def hoisted_bytes(plan: Q.Plan, state, num_steps: int) -> int:
     return total
 
 
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a vmapped chunk needs: ``shared`` once (values no point's state reaches) plus ``per_point`` per point."""
+
+    per_point: int
+    shared: int = 0
+
+    def total(self, points: int) -> int:
+        """Bytes of a chunk of ``points`` points."""
+        return self.shared + points * self.per_point
+
+
+def _var_bytes(v) -> int:
+    aval = getattr(v, "aval", None)
+    shape, dtype = getattr(aval, "shape", None), getattr(aval, "dtype", None)
+    if shape is None or dtype is None:
+        return 0
+    try:
+        itemsize = np.dtype(dtype).itemsize
+    except TypeError:  # an extended dtype (a PRNG key): its own item size
+        itemsize = int(getattr(dtype, "itemsize", 8) or 8)
+    return int(np.prod(shape, dtype=np.int64)) * itemsize
+
+
+def _closed(j):
+    return (j.jaxpr, j.consts) if isinstance(j, jcore.ClosedJaxpr) else (j, ())
+
+
+def _sub_jaxprs(eqn) -> list:
+    out = []
+    for v in eqn.params.values():
+        for x in (v if isinstance(v, (tuple, list)) else (v,)):
+            if isinstance(x, (jcore.ClosedJaxpr, jcore.Jaxpr)):
+                out.append(x)
+    return out
+
+
+def _nested(eqn, batched: list[bool], needed: list[bool]) -> tuple[int, int, list[bool]]:
+    """``(per-point peak, shared peak, outputs per point)`` of the jaxprs ``eqn`` runs, beyond its inputs.
+
+    ``needed``: which of its outputs are used (a one-to-one call drops the work of the others).
+    """
+    name, p, nout = eqn.primitive.name, eqn.params, len(eqn.outvars)
+    if name == "scan":
+        nc, ncar = p["num_consts"], p["num_carry"]
+        body = p["jaxpr"]
+        carry = list(batched[nc:nc + ncar])
+        while True:  # a carry is per point once any step makes it so (vmap's fixed point)
+            pp, sh, outs = _peak(body, batched[:nc] + carry + list(batched[nc + ncar:]))
+            new = [a or b for a, b in zip(carry, outs[:ncar])]
+            if new == carry:
+                return pp, sh, carry + list(outs[ncar:])
+            carry = new
+    if name == "while":
+        cn, bn = p["cond_nconsts"], p["body_nconsts"]
+        carry = list(batched[cn + bn:])
+        while True:
+            cpp, csh, (pred,) = _peak(p["cond_jaxpr"], batched[:cn] + carry)
+            bpp, bsh, outs = _peak(p["body_jaxpr"], batched[cn:cn + bn] + carry)
+            new = [a or b or pred for a, b in zip(carry, outs)]  # a per-point predicate batches the whole carry
+            if new == carry:
+                return max(cpp, bpp), max(csh, bsh), carry
+            carry = new
+    if name == "cond":
+        runs = [_peak(b, list(batched[1:])) for b in p["branches"]]
+        outs = [batched[0] or any(r[2][i] for r in runs) for i in range(nout)]
+        if not batched[0]:
+            return max(r[0] for r in runs), max(r[1] for r in runs), outs
+        # a per-point index runs every branch, one after another, and selects among their outputs
+        # (vmap turns the cond into a select): one branch's peak plus every branch's outputs
+        kept = [0, 0]
+        for branch, r in zip(p["branches"], runs):
+            for v, b in zip(_closed(branch)[0].outvars, r[2]):
+                kept[0 if b else 1] += _var_bytes(v)
+        return max(r[0] for r in runs) + kept[0], max(r[1] for r in runs) + kept[1], outs
+    subs = _sub_jaxprs(eqn)
+    if not subs:
+        return 0, 0, [any(batched)] * nout
+    runs = []
+    for s in subs:
+        j, _ = _closed(s)
+        if len(j.invars) == len(batched) and len(j.outvars) == nout:
+            runs.append(_peak(s, batched, needed=needed))
+        else:  # inputs not one-to-one (a custom rule's jaxpr): every value per point if any input is
+            runs.append(_peak(s, [any(batched)] * len(j.invars)))
+    outs = [any(batched)] * nout
+    if len(runs[0][2]) == nout:
+        outs = list(runs[0][2])
+    return max(r[0] for r in runs), max(r[1] for r in runs), outs
+
+
+def _peak(jaxpr, batched: Sequence[bool], count_inputs: bool = False,
+          needed: Sequence[bool] | None = None) -> tuple[int, int, list[bool]]:
+    """``(per-point peak, shared peak, outputs per point)`` of the values ``jaxpr`` makes, run in program order.
+
+    Each value is freed after its last use; the inputs are the caller's (not counted unless
+    ``count_inputs``: then per-point inputs are, shared ones are not); ``batched`` says which inputs
+    depend on the point (a value is per point when any input of the equation making it is). An
+    equation without effects whose outputs nothing uses (``needed``: the outputs used) is dead code
+    XLA drops, and is not counted.
+    """
+    jaxpr, consts = _closed(jaxpr)
+    used = {v for v, n in zip(jaxpr.outvars, needed or [True] * len(jaxpr.outvars))
+            if n and isinstance(v, jcore.Var)}
+    live_eqns = [False] * len(jaxpr.eqns)
+    for i in range(len(jaxpr.eqns) - 1, -1, -1):
+        e = jaxpr.eqns[i]
+        if e.effects or any(v in used for v in e.outvars if isinstance(v, jcore.Var)):
+            live_eqns[i] = True
+            used.update(v for v in e.invars if isinstance(v, jcore.Var))
+    per: dict = {}
+    for v, b in zip(jaxpr.invars, batched):
+        per[v] = bool(b)
+    for v in jaxpr.constvars:
+        per[v] = False
+    last: dict = {}
+    for i, e in enumerate(jaxpr.eqns):
+        if not live_eqns[i]:
+            continue
+        for v in e.invars:
+            if isinstance(v, jcore.Var):
+                last[v] = i
+    end = len(jaxpr.eqns)
+    for v in jaxpr.outvars:
+        if isinstance(v, jcore.Var):
+            last[v] = end
+    live = [0, 0]  # per point, shared
+    owned: set = set()
+    if count_inputs:
+        for v in jaxpr.invars:
+            if per[v]:
+                live[0] += _var_bytes(v)
+                owned.add(v)
+    live[1] += sum(_var_bytes(v) for v in jaxpr.constvars)
+    owned.update(jaxpr.constvars)
+    peak = list(live)
+
+    def is_per(v):
+        return per.get(v, False) if isinstance(v, jcore.Var) else False
+
+    for i, e in enumerate(jaxpr.eqns):
+        if not live_eqns[i]:  # dead code: its outputs only feed other dead code
+            for v in e.outvars:
+                per[v] = any(is_per(u) for u in e.invars)
+            continue
+        pp, sh, outs = _nested(e, [is_per(v) for v in e.invars],
+                               [isinstance(v, jcore.Var) and v in used for v in e.outvars])
+        for v, b in zip(e.outvars, outs):
+            per[v] = b
+            live[0 if b else 1] += _var_bytes(v)
+            owned.add(v)
+        peak[0], peak[1] = max(peak[0], live[0] + pp), max(peak[1], live[1] + sh)
+        for v in {v for v in (*e.invars, *e.outvars) if isinstance(v, jcore.Var)}:
+            if v in owned and last.get(v, -1) <= i:
+                live[0 if per[v] else 1] -= _var_bytes(v)
+                owned.discard(v)
+    return peak[0], peak[1], [is_per(v) for v in jaxpr.outvars]
+
+
+def jaxpr_bytes(fn: Callable, args: Sequence, per_point: Sequence[bool]) -> MemoryEstimate:
+    """The peak live bytes of ``fn(*args)``'s jaxpr run in program order, split into per-point and shared.
+
+    It assumes each value is materialised when made and freed after its last use (no fusion, no
+    reuse), a nested jaxpr (jit, custom_jvp/vjp, scan, while, cond) adds its own peak while it runs,
+    and under ``jax.vmap`` over the arguments marked in ``per_point`` exactly the values that depend
+    on them gain the point axis (so they scale with the chunk; the rest is computed once). Per-point
+    arguments count, shared ones (already in memory) do not.
+    """
+    closed = jax.make_jaxpr(fn)(*args)
+    flags = [b for a, b in zip(args, per_point) for _ in jax.tree.leaves(a)]
+    pp, sh, _ = _peak(closed, flags, count_inputs=True)
+    return MemoryEstimate(int(pp), int(sh))
+
+
+def sweep_bytes(spec: "SamplerSpec", plan: Q.Plan, state) -> MemoryEstimate:
+    """Memory of one vmapped sweep chunk: :func:`jaxpr_bytes` of one point's whole sampler (``state`` unstacked).
+
+    The one-point sampler is what ``vmapped_sampler`` vmaps, so this covers the state, the scan
+    carry, the hoisted weights (per point when they depend on the state, shared when not) and the
+    guided model call at the sweep's batch; what it assumes is :func:`jaxpr_bytes`'. The runner
+    multiplies it by :data:`MEMORY_SAFETY`.
+    """
+    return jaxpr_bytes(_one_point(spec, plan), (*spec.inputs, state), (False, False, False, False, True))
+
+
 def available_bytes() -> int:
     """Memory the sweep may use: the device's limit when it reports one, else a quarter of host RAM."""
     stats = getattr(jax.local_devices()[0], "memory_stats", lambda: None)()
@@ -292,6 +478,14 @@ def available_bytes() -> int:
         return 2 << 30
 
 
+#: Factor on :func:`sweep_bytes` when sizing chunks. 1.0: the estimate itself was at least 1.16x
+#: the temporaries + outputs (+ the states) that XLA's ``memory_analysis()`` reports of the vmapped
+#: program in every configuration measured (benchmarks/RESULTS.md §10, issue #16: CPU, a tiny DiT
+#: 2.7-2.9x and the embedded model 1.5-2.2x at 1, 4 and 16 points; DiT-XL/2 on an H200 1.16x at 1
+#: and 1.51x at 20 points), and a chunk that does not fit after all is halved (:func:`run_group`).
+MEMORY_SAFETY = 1.0
+
+
 #: Default most points per vmapped call on a CPU backend: benchmarks/RESULTS.md §10 (2026-12-02,
 #: second round) measured the embedded model's per-point run time at 4 points per call equal to a
 #: loop's and 1.5-2x slower at 8-64, whose intermediates no longer stay in the caches.
@@ -299,10 +493,13 @@ CPU_MAX_CHUNK = 4
 
 
 def chunk_size(num_points: int, per_point: int, budget: int | None = None, max_chunk: int | None = None,
-               devices: int = 1) -> int:
-    """Points per vmapped call: as many as ``budget`` bytes hold (a multiple of ``devices``), at most ``num_points``."""
+               devices: int = 1, shared: int = 0) -> int:
+    """Points per vmapped call: as many as ``budget`` bytes hold (a multiple of ``devices``), at most ``num_points``.
+
+    ``shared``: bytes each device's call needs once, whatever its number of points (taken off ``budget``).
+    """
     budget = available_bytes() if budget is None else int(budget)
-    fit = max(1, budget // max(1, per_point)) * devices
+    fit = max(1, (budget - int(shared)) // max(1, per_point)) * devices
     n = min(num_points, fit, max_chunk or num_points)
     return max(devices, (n // devices) * devices) if devices > 1 else max(1, n)
 
@@ -368,15 +565,25 @@ def looped_sampler(spec: SamplerSpec, plan: Q.Plan) -> Callable:
     return jax.jit(_one_point(spec, plan))
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is XLA's report that a program did not fit (``RESOURCE_EXHAUSTED`` / out of memory)."""
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
 def run_group(spec: SamplerSpec, group: Group, *, chunk: int, mesh=None,
               on_chunk: Callable[[int, np.ndarray], None] | None = None,
-              skip: Callable[[int], bool] | None = None) -> list[np.ndarray | None]:
+              skip: Callable[[int], bool] | None = None,
+              on_oom: Callable[[int, int, int, BaseException], None] | None = None) -> list[np.ndarray | None]:
     """Samples of every point of ``group`` (list in group order), ``chunk`` points per vmapped call.
 
     ``mesh``: a :func:`jdq.sharding.batch_mesh` to split each chunk's points over devices
     (``chunk`` must then be a multiple of its size). ``on_chunk(start, samples)`` is called after
     each chunk (e.g. to write it); ``skip(start)`` true skips a chunk already done (its entries are
-    ``None``).
+    ``None``). A vmapped call that runs out of memory (:func:`is_out_of_memory`) is retried with
+    half as many points per call (down to one, or the mesh's size; then the error is raised), and
+    so are the calls after it; ``on_oom(start, size, new_size, error)`` is told. Chunks stay
+    ``chunk`` points (what ``on_chunk`` and ``skip`` see), each run as several smaller calls.
     """
     out: list[np.ndarray | None] = [None] * len(group)
     if not jax.tree.leaves(group.states):  # a stateless plan: every point is the same program and result
@@ -390,13 +597,29 @@ def run_group(spec: SamplerSpec, group: Group, *, chunk: int, mesh=None,
         return out
     run = vmapped_sampler(spec, group.plan)
     inputs = sharding.replicate(spec.inputs, mesh)
+    least = 1 if mesh is None else int(mesh.size)
+    size = chunk  # points per vmapped call: the chunk, or less after an out-of-memory error
     for start in range(0, len(group), chunk):
         if skip is not None and skip(start):
             continue
         n = min(chunk, len(group) - start)
-        states = jax.tree.map(lambda a: a[start:start + n], group.states)
-        states = sharding.shard_batch(_pad_points(states, chunk), mesh)
-        x = np.asarray(run(*inputs, states))[:n]
+        parts, done = [], 0
+        while done < n:
+            m = min(size, n - done)
+            states = jax.tree.map(lambda a: a[start + done:start + done + m], group.states)
+            states = sharding.shard_batch(_pad_points(states, size), mesh)
+            try:
+                parts.append(np.asarray(run(*inputs, states))[:m])
+            except Exception as e:  # XLA reports an out-of-memory as a runtime error
+                if not is_out_of_memory(e) or size <= least:
+                    raise
+                new = max(least, (size // 2) // least * least)
+                if on_oom is not None:
+                    on_oom(start + done, size, new, e)
+                size = new
+                continue
+            done += m
+        x = np.concatenate(parts)
         for j in range(n):
             out[start + j] = x[j]
         if on_chunk is not None:

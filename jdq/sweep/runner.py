@@ -140,11 +140,19 @@ def run_sweep(out, model, *, recipe: str | None, vary: Mapping[str, list], metri
     memory = []
     for gi, g in enumerate(groups):
         state0 = jax.tree.map(lambda a: a[0], g.states)
-        per_point = core.point_bytes(ops, state0, int(np.prod(spec.shape)) * 4, samples, spec.uncond is not None)
-        per_point += core.hoisted_bytes(g.plan, state0, steps)
+        est = core.sweep_bytes(spec, g.plan, state0)
+        per_point = int(est.per_point * core.MEMORY_SAFETY)
+        shared = int(est.shared * core.MEMORY_SAFETY)
         cap = max_chunk if max_chunk is not None else (core.CPU_MAX_CHUNK if jax.default_backend() == "cpu" else None)
-        chunk = core.chunk_size(len(g), per_point, max_chunk=cap, devices=devices)
-        memory.append({"group": gi, "estimated_bytes_per_point": per_point, "chunk": chunk})
+        chunk = core.chunk_size(len(g), per_point, max_chunk=cap, devices=devices, shared=shared)
+        record = {"group": gi, "estimated_bytes_per_point": per_point, "estimated_shared_bytes": shared,
+                  "chunk": chunk, "out_of_memory": []}
+        memory.append(record)
+
+        def on_oom(start, size, new, error, gi=gi, record=record):
+            record["out_of_memory"].append({"start": start, "points_per_call": size, "retried_with": new})
+            record["points_per_call"] = new
+            log(f"group {gi}: out of memory at {size} points per call (point {start}): retrying with {new}")
 
         def path_of(start, gi=gi):
             return out / "points" / f"g{gi:02d}-c{start:04d}.npz"
@@ -162,7 +170,7 @@ def run_sweep(out, model, *, recipe: str | None, vary: Mapping[str, list], metri
         todo = [s for s in range(0, len(g), chunk) if not skip(s)]
         log(f"group {gi} ({g.recipe}, varies {list(g.varies) or 'nothing'}): {len(g)} points, chunk {chunk}, "
             f"{len(todo)} chunk(s) to sample")
-        core.run_group(spec, g, chunk=chunk, mesh=mesh, on_chunk=save, skip=skip)
+        core.run_group(spec, g, chunk=chunk, mesh=mesh, on_chunk=save, skip=skip, on_oom=on_oom)
         for start in range(0, len(g), chunk):
             have = _load_npz(path_of(start), ["samples", "index"])
             for j, i in enumerate(have["index"]):
