@@ -17,7 +17,8 @@ loop (``jdq.quant.hoist``). The measurements are repeated ``--reps`` times, alte
 
 Also: XLA's cost analysis of one guided denoiser call (FLOPs of the quantized and of the FP call:
 the matmuls and the fake-quant element arithmetic), so achieved GFLOP/s of both paths; memory per
-point from XLA's compiled memory analysis of each vmapped program and ``jdq.sweep.point_bytes``.
+point from XLA's compiled memory analysis of each vmapped program and ``jdq.sweep.point_bytes`` (the old
+bound; ``--memory`` compares ``jdq.sweep.sweep_bytes``, which sizes the chunks now).
 
     python benchmarks/sweep.py [--points 64] [--samples 4] [--steps 2] [--chunks 8,64] [--reps 2] [--json PATH]
     python benchmarks/sweep.py --profile     # one plan's call with parts of the recipe: where the time goes
@@ -310,6 +311,15 @@ def memory_run(args) -> int:
         "estimate_per_point": est.per_point, "estimate_shared": est.shared,
         "estimate_bytes_at_1": est.total(1), "estimate_bytes_at_20": est.total(20),
         "old_bound_per_point": C.point_bytes(ops, state0, int(np.prod(spec.shape)) * 4, 1, True)}
+    gpu = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "sweep_device_run1.json")
+    if os.path.exists(gpu):  # XLA's analysis on the H200 (one plan: temporaries; vmapped: (temp + output) / chunk)
+        with open(gpu) as f:
+            d = json.load(f)
+        xl = res["DiT-XL/2 (1 sample x CFG, 4 DDIM steps; estimate only)"]
+        xl["h200_run1_xla_bytes_at_1"] = d["one_plan_temp_bytes"]
+        xl[f"h200_run1_xla_bytes_at_{d['chunk']}"] = d["vmapped_bytes_per_point"] * d["chunk"]
+        xl["estimate_over_h200_xla_at_1"] = est.total(1) / d["one_plan_temp_bytes"]
+        xl[f"estimate_over_h200_xla_at_{d['chunk']}"] = est.total(d["chunk"]) / (d["vmapped_bytes_per_point"] * d["chunk"])
     print(json.dumps(res, indent=2))
     if args.json:
         from jdq.io import atomic_write_text
@@ -333,7 +343,7 @@ def device_run(args):
     classifier-free guidance (2 model evaluations per sample), ``--steps`` DDIM steps. One plan: the
     one-point sampler (``looped_sampler``) compiled once and called ``--reps`` times (median). Vmapped:
     ``vmapped_sampler`` at the chunk that the device memory holds (``jdq.sweep.chunk_size`` from
-    ``point_bytes`` and the device's free bytes, at most ``--plans`` and ``--max-chunk``; it halves on
+    ``sweep_bytes`` and the device's free bytes, at most ``--plans`` and ``--max-chunk``; it halves on
     an out-of-memory error), compiled once and called ``--reps`` times over all the plans. Writes
     ``sweep_device.json`` / ``.md`` to ``--out``.
     """
@@ -362,8 +372,10 @@ def device_run(args):
            "plans": plans, "samples_per_plan": samples, "model_evals_per_plan_step": 2 * samples, "steps": steps,
            "sampler": "ddim", "guidance": 1.5, "reps": reps}
     state0 = jax.tree.map(lambda a: a[0], group.states)
-    per_point = C.point_bytes(ops, state0, int(np.prod(spec.shape)) * 4, samples, True)
-    res["estimated_bytes_per_point"] = per_point
+    est = C.sweep_bytes(spec, group.plan, state0)
+    per_point, shared = int(est.per_point * C.MEMORY_SAFETY), int(est.shared * C.MEMORY_SAFETY)
+    res.update(estimated_bytes_per_point=per_point, estimated_shared_bytes=shared,
+               old_bound_bytes_per_point=C.point_bytes(ops, state0, int(np.prod(spec.shape)) * 4, samples, True))
 
     # one plan per call
     t0 = time.perf_counter()
@@ -376,7 +388,7 @@ def device_run(args):
         res["one_plan_temp_bytes"] = int(mem.temp_size_in_bytes)
 
     # vmapped, chunk sized to memory
-    chunk = C.chunk_size(plans, per_point, max_chunk=args.max_chunk)
+    chunk = C.chunk_size(plans, per_point, max_chunk=args.max_chunk, shared=shared)
     while True:
         try:
             t0 = time.perf_counter()
@@ -432,7 +444,9 @@ def device_run(args):
           f"Including compilation: loop {res['loop_sweep_s_incl_compile']:.1f} s, vmapped "
           f"{res['vmapped_sweep_s_incl_compile']:.1f} s ({res['speedup_incl_compile']:.2f}×). Memory per point: "
           f"{res.get('vmapped_bytes_per_point', float('nan')) / 2**20:.1f} MiB by XLA's analysis of the vmapped program, "
-          f"{per_point / 2**20:.1f} MiB estimated (point_bytes); device peak "
+          f"{est.total(chunk) / chunk / 2**20:.1f} MiB estimated (sweep_bytes: {per_point / 2**20:.1f} MiB per point + "
+          f"{shared / 2**20:.0f} MiB shared), {res['old_bound_bytes_per_point'] / 2**20:.0f} MiB by the old bound "
+          f"(point_bytes); device peak "
           f"{res.get('device_peak_bytes', 0) / 2**30:.2f} GiB. Wall {res['wall_s']:.0f} s.", ""]
     print("\n".join(md))
     atomic_write_text(os.path.join(out, "sweep_device.json"), json.dumps(res, indent=2) + "\n")

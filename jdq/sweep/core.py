@@ -6,7 +6,8 @@ plan: structure). A *grid* is the Cartesian product of the values of the varied 
 (:func:`grid`). :func:`build_groups` turns every point into a plan and a state; points whose
 plans and state layouts (tree structure, shapes, dtypes) agree form one *group*, whose states
 are stacked on a leading point axis and run by :func:`run_group` as ``jax.vmap`` of the whole
-jitted sampler (``jdq.sampling.sample``), in chunks of at most :func:`chunk_size` points, the
+jitted sampler (``jdq.sampling.sample``), in chunks of at most :func:`chunk_size` points (sized by
+:func:`sweep_bytes`; a call that runs out of memory is retried with half the points), the
 chunk split over the local devices when there are several. Each group compiles once; a setting
 that changes the plan (``recipe``) or the state's layout starts new groups, and
 :attr:`Group.varies` / :func:`structure_report` say which settings did.
@@ -249,7 +250,7 @@ def tree_bytes(tree) -> int:
 
 
 def point_bytes(operands: Sequence[Q.Operand], state, sample_bytes: int, batch: int, guidance: bool) -> int:
-    """A conservative memory estimate of one sweep point: its state, the scan carry, and one model call.
+    """The old, loose memory bound of one sweep point (kept for comparison; chunks use :func:`sweep_bytes`).
 
     One model call is bounded by the sum of every matmul operand it exposes at this batch (as if
     nothing were freed within the call; ``operands`` were traced at batch 1, so each is scaled by the
@@ -478,11 +479,12 @@ def available_bytes() -> int:
         return 2 << 30
 
 
-#: Factor on :func:`sweep_bytes` when sizing chunks. 1.0: the estimate itself was at least 1.16x
+#: Factor on :func:`sweep_bytes` when sizing chunks. 1.0: the estimate itself was at least 1.14x
 #: the temporaries + outputs (+ the states) that XLA's ``memory_analysis()`` reports of the vmapped
-#: program in every configuration measured (benchmarks/RESULTS.md §10, issue #16: CPU, a tiny DiT
-#: 2.7-2.9x and the embedded model 1.5-2.2x at 1, 4 and 16 points; DiT-XL/2 on an H200 1.16x at 1
-#: and 1.51x at 20 points), and a chunk that does not fit after all is halved (:func:`run_group`).
+#: program in every configuration measured (benchmarks/RESULTS.md §10, issue #16: on the CPU two
+#: tiny DiTs 2.6-2.8x and the embedded model 1.49-2.11x at 1, 4 and 16 points; DiT-XL/2 against the
+#: H200 run's analysis 1.14x at 1 and 1.49x at 20 points), and a call that does not fit after all
+#: is retried with half the points (:func:`run_group`).
 MEMORY_SAFETY = 1.0
 
 

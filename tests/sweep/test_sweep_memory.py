@@ -134,3 +134,30 @@ def test_out_of_memory_at_one_point_or_another_error_is_raised(monkeypatch):
     with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
         S.run_group(spec, group, chunk=3)
     assert calls == [3]  # not retried
+
+
+@pytest.mark.slow
+def test_runner_records_the_fallback_and_resumes_after_it(monkeypatch, tmp_path):
+    from jdq.sweep import runner
+
+    cfg = dit.Config(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3)
+    model = dit.from_config(cfg, key=1)
+    calls, lines = [], []
+    _oom_above(monkeypatch, 1, calls)
+    kw = dict(recipe="mixdit", vary={"ratio": [0.0, 0.25, 0.5]}, metrics=["psnr"], hardware=["h100"], samples=2,
+              steps=1, max_chunk=2, log=lines.append)
+    first = runner.run_sweep(tmp_path, model, **kw)
+    (mem,) = first["memory"]
+    assert mem["chunk"] == 2 and mem["points_per_call"] == 1
+    assert mem["out_of_memory"] == [{"start": 0, "points_per_call": 2, "retried_with": 1}]
+    assert mem["estimated_bytes_per_point"] > 0 and mem["estimated_shared_bytes"] > 0
+    assert any("out of memory at 2 points per call" in s for s in lines)
+    files = sorted(p.name for p in (tmp_path / "points").iterdir())
+    assert files == ["g00-c0000.npz", "g00-c0002.npz"]  # the asked chunks, not the calls
+    dropped = np.load(tmp_path / "points" / "g00-c0002.npz")["samples"]
+    (tmp_path / "points" / "g00-c0002.npz").unlink()
+    lines.clear()
+    again = runner.run_sweep(tmp_path, model, **kw)
+    assert any("1 chunk(s) to sample" in s for s in lines)
+    np.testing.assert_array_equal(np.load(tmp_path / "points" / "g00-c0002.npz")["samples"], dropped)
+    assert [r["metrics"] for r in again["points"]] == [r["metrics"] for r in first["points"]]
