@@ -384,7 +384,7 @@ def _peak(jaxpr, batched: Sequence[bool], count_inputs: bool = False,
     equation without effects whose outputs nothing uses (``needed``: the outputs used) is dead code
     XLA drops, and is not counted.
     """
-    jaxpr, consts = _closed(jaxpr)
+    jaxpr = _closed(jaxpr)[0]
     used = {v for v, n in zip(jaxpr.outvars, needed or [True] * len(jaxpr.outvars))
             if n and isinstance(v, jcore.Var)}
     live_eqns = [False] * len(jaxpr.eqns)
