@@ -172,17 +172,14 @@ def calibration_stage(b, model, sampler, labels, guidance):
 
 
 def kernel_profile(fn, args, top=12):
-    """CUPTI per-kernel times of ``fn(*args)`` per call: {"top": [[name, calls, ms]...], "total_ms", "kernels"}."""
-    from jax.experimental.mosaic.gpu import profiler
+    """CUPTI per-kernel times of ``fn(*args)`` per call (``benchmarks/e2e.py``'s breakdown): {"top", "total_ms", "kernels"}."""
+    import importlib.util
 
-    _, runs = profiler.measure(fn, aggregate=False, iterations=3)(*args)
-    per = {}
-    for run in runs:
-        for name, ms in run:
-            c, t = per.get(name, (0, 0.0))
-            per[name] = (c + 1, t + ms)
-    rows = sorted(([n[:120], c / len(runs), t / len(runs)] for n, (c, t) in per.items()), key=lambda r: -r[2])
-    return {"top": rows[:top], "total_ms": sum(r[2] for r in rows), "kernels": len(rows)}
+    spec = importlib.util.spec_from_file_location("jdq_benchmark_e2e", os.path.join(os.path.dirname(__file__), "e2e.py"))
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+    rows = e2e.kernel_breakdown(fn, args)["kernels"]  # [[name, calls, ms]...], slowest first
+    return {"top": [[n[:120], c, ms] for n, c, ms in rows[:top]], "total_ms": sum(r[2] for r in rows), "kernels": len(rows)}
 
 
 def steps_stage(b, model, sampler, labels, guidance, calibrated):
