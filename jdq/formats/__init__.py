@@ -24,6 +24,7 @@ a ``'tensor'``/``'input_channel'``-granularity cast, whose scale reduces over th
 
 from ._api import (  # registers mx, smx, int, fp8
     cast,
+    cast_select,
     check_nonempty,
     check_static_params,
     compute_scale,
@@ -42,7 +43,7 @@ from .smx import SMXFormat
 from .uniform import IntFormat
 
 __all__ = [
-    "FP8Format", "FormatKind", "IntFormat", "MXFormat", "QTensor", "SMXFormat", "cast", "check_static_params",
+    "FP8Format", "FormatKind", "IntFormat", "MXFormat", "QTensor", "SMXFormat", "cast", "cast_select", "check_static_params",
     "compute_scale", "dequantize", "format_types", "get", "kind_of", "kinds", "names", "pack", "pack_bits",
     "quantize", "register", "unpack", "unpack_bits",
 ]

@@ -140,6 +140,51 @@ def cast(x, fmt, axis=-1, *, scale=None, zero=None, **options):
     return _fake_jit(x, scale, zero, spec, _bits.normalize_axis(axis, x.ndim))
 
 
+def _select_fake(x, select, hi, lo, axis):
+    if hi.kind == lo.kind == "smx":
+        return smx.fake_quantize_select(x, select, hi, lo, axis)
+    return jnp.where(select, _fake(x, None, None, hi, axis), _fake(x, None, None, lo, axis))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _select_ste(x, select, hi, lo, axis):
+    return _select_fake(x, select, hi, lo, axis)
+
+
+@_select_ste.defjvp
+def _select_ste_jvp(hi, lo, axis, primals, tangents):
+    x, select = primals
+    return _select_ste(x, select, hi, lo, axis), tangents[0]
+
+
+_select_jit = jax.jit(_select_ste, static_argnums=(2, 3, 4))
+
+
+def cast_select(x, select, hi, lo, axis=-1):
+    """``where(select, cast(x, hi, axis), cast(x, lo, axis))``: a per-element choice between two formats.
+
+    ``select`` (boolean, broadcastable to x's shape) picks ``hi``. Both casts see the whole of
+    ``x`` (scales from all of it). Two SMX formats that differ only in mantissa width (``mx9`` /
+    ``mx6`` / ``mx4``) run as one cast with a per-element width, the same values bit for bit at
+    the cost of about one cast; other pairs compute both. Formats with static parameters
+    (``scale=``) are not accepted here. Gradient straight-through, like :func:`cast`.
+    """
+    specs = []
+    for fmt in (hi, lo):
+        spec, x = _prepare(x, fmt, axis, None, None, {})
+        specs.append(spec)
+    select = jnp.asarray(select)
+    if select.dtype != jnp.bool_:
+        raise TypeError(f"cast_select: select must be a boolean array, got dtype {select.dtype}")
+    try:
+        select = jnp.broadcast_to(select, x.shape)
+    except ValueError:
+        raise ValueError(f"cast_select: select of shape {select.shape} does not broadcast to x's shape {x.shape}") from None
+    if x.ndim == 0:
+        return _select_jit(x[None], select[None], *specs, 0)[0]
+    return _select_jit(x, select, *specs, _bits.normalize_axis(axis, x.ndim))
+
+
 def quantize(x, fmt, axis=-1, *, scale=None, zero=None, pack: bool = False, **options) -> QTensor:
     """Quantize ``x`` into a :class:`QTensor` (codes + scales; bit-packed along the axis if ``pack``)."""
     spec, x = _prepare(x, fmt, axis, scale, zero, options)

@@ -135,30 +135,38 @@ def _unrolled_max(a, axis, size):
     return out
 
 
-def _block_exponent(amax_bits, fmt):
+def _qmax(m):
+    """Largest magnitude code ``2**m - 1`` of mantissa width ``m`` (an int, or an int32 array: float32)."""
+    if isinstance(m, (int, np.integer)):
+        return 2 ** int(m) - 1
+    return (jnp.left_shift(jnp.int32(1), m) - 1).astype(jnp.float32)
+
+
+def _block_exponent(amax_bits, fmt, m):
     """(NaN/Inf flag, E, E clamped for arithmetic) of blocks from their max |x| bit pattern.
 
     The max |x| bit pattern orders like |x| (NaN > Inf > finite), so one reduction gives both the
-    NaN/Inf flag and ``E = floor(log2 max|x|)`` (-127 when all |x| < 2**-126).
+    NaN/Inf flag and ``E = floor(log2 max|x|)`` (-127 when all |x| < 2**-126). ``m``: the mantissa
+    width (an int, or an int32 array broadcasting against the blocks: one width per element).
     """
-    m = fmt.mantissa_bits
     bad = amax_bits >= _bits.F32_EXP_MASK
     e_blk = (amax_bits >> 23) - 127
     if fmt.shared_exponent == "rounded":
         amax = lax.bitcast_convert_type(amax_bits, jnp.float32)
         top = _bits.round_half(_bits.mul_pow2(amax, (m - 1) - jnp.maximum(e_blk, -126)), fmt.rounding)
-        e_blk = jnp.minimum(e_blk + (top > fmt.qmax).astype(jnp.int32), 127)
+        e_blk = jnp.minimum(e_blk + (top > _qmax(m)).astype(jnp.int32), 127)
     return bad, e_blk, jnp.maximum(e_blk, -126)
 
 
-def _fits_finer(v, e_calc, fmt):
+def _fits_finer(v, e_calc, fmt, m):
     """|v| rounded at the micro-shifted (finer) step, for ``microexponent='fit'``."""
-    return jnp.abs(_bits.round_half(_bits.mul_pow2(v, (fmt.mantissa_bits - 1) - (e_calc - 1)), fmt.rounding))
+    return jnp.abs(_bits.round_half(_bits.mul_pow2(v, (m - 1) - (e_calc - 1)), fmt.rounding))
 
 
-def _codes(v, step, fmt):
+def _codes(v, step, fmt, m):
     """Integer-valued float32 codes ``clamp(round(v / 2**step), ±qmax)``."""
-    return jnp.clip(_bits.round_half(_bits.mul_pow2(v, -step), fmt.rounding), -fmt.qmax, fmt.qmax)
+    qmax = _qmax(m)
+    return jnp.clip(_bits.round_half(_bits.mul_pow2(v, -step), fmt.rounding), -qmax, qmax)
 
 
 def _flush(v, ab):
@@ -172,80 +180,122 @@ def _quantize_blocks(x, fmt, axis):
     xs = _layout(x.astype(jnp.float32), fmt, axis)
     sub_axis, k2_axis = axis + 1, axis + 2
     ab = _bits.abs_bits(xs)
-    bad, e_blk, e_calc = _block_exponent(jnp.max(ab, axis=(sub_axis, k2_axis), keepdims=True), fmt)
+    bad, e_blk, e_calc = _block_exponent(jnp.max(ab, axis=(sub_axis, k2_axis), keepdims=True), fmt, m)
     xs = _flush(xs, ab)
     if fmt.microexponent == "exponent":
         # a flushed element has exponent field 0 (-127), which is what its bits give anyway
         shift = ((_unrolled_max(ab, k2_axis, k2) >> 23) - 127 < e_blk).astype(jnp.int32)
     else:
-        shift = (_unrolled_max(_fits_finer(xs, e_calc, fmt), k2_axis, k2) <= fmt.qmax).astype(jnp.int32)
+        shift = (_unrolled_max(_fits_finer(xs, e_calc, fmt, m), k2_axis, k2) <= fmt.qmax).astype(jnp.int32)
     step = e_calc - shift - (m - 1)
-    return _codes(xs, step, fmt), step, e_blk, shift, bad
+    return _codes(xs, step, fmt, m), step, e_blk, shift, bad
 
 
-def _micro_shift(ab, ab_partner, v, v_partner, e_blk, e_calc, fmt):
+def _micro_shift(ab, ab_partner, v, v_partner, e_blk, e_calc, fmt, m):
     """The 1-bit micro-exponent of each element's pair, elementwise from the element and its partner."""
     if fmt.microexponent == "exponent":
         # a flushed element has exponent field 0 (-127), which is what its bits give anyway
         return ((jnp.maximum(ab, ab_partner) >> 23) - 127 < e_blk).astype(jnp.int32)
-    fine = jnp.maximum(_fits_finer(v, e_calc, fmt), _fits_finer(v_partner, e_calc, fmt))
-    return (fine <= fmt.qmax).astype(jnp.int32)
+    fine = jnp.maximum(_fits_finer(v, e_calc, fmt, m), _fits_finer(v_partner, e_calc, fmt, m))
+    return (fine <= _qmax(m)).astype(jnp.int32)
 
 
-def _fake_quantize_words(x, fmt: SMXFormat):
+def _fake_quantize_words(x, fmt: SMXFormat, widths=None):
     """:func:`fake_quantize` along the last axis of a 16-bit float array (k2 = 2): one fused pass.
 
     A sub-block is then one 32-bit word (a bit cast, no data movement), so its max and
     micro-exponent are elementwise on the word's halves, and the block max is an unrolled max over
     the block's words, which share a cache line. XLA fuses the whole cast into a single loop.
+    ``widths``: ``None`` (every element ``fmt.mantissa_bits``) or x-shaped int32 mantissa widths
+    (:func:`fake_quantize_select`).
     """
-    m, k1, nsub = fmt.mantissa_bits, fmt.block_size, fmt.block_size // 2
+    k1, nsub = fmt.block_size, fmt.block_size // 2
     lead, n = x.shape[:-1], x.shape[-1]
     w = lax.bitcast_convert_type(x.reshape(*lead, n // 2, 2), jnp.uint32).reshape(*lead, n // k1, nsub)
     lo, hi = (lax.bitcast_convert_type(h.astype(jnp.uint16), x.dtype).astype(jnp.float32) for h in (w & 0xFFFF, w >> 16))
     ab_lo, ab_hi = _bits.abs_bits(lo), _bits.abs_bits(hi)
-    bad, e_blk, e_calc = _block_exponent(_unrolled_max(jnp.maximum(ab_lo, ab_hi), x.ndim, nsub), fmt)
+    amax_bits = _unrolled_max(jnp.maximum(ab_lo, ab_hi), x.ndim, nsub)
     lo, hi = _flush(lo, ab_lo), _flush(hi, ab_hi)
-    step = e_calc - _micro_shift(ab_lo, ab_hi, lo, hi, e_blk, e_calc, fmt) - (m - 1)
 
-    def cast_half(v):
-        out = jnp.where(bad, jnp.nan, _bits.mul_pow2(_codes(v, step, fmt), step)).astype(x.dtype)
+    def bad_and_step(m):
+        bad, e_blk, e_calc = _block_exponent(amax_bits, fmt, m)
+        return bad, e_calc - _micro_shift(ab_lo, ab_hi, lo, hi, e_blk, e_calc, fmt, m) - (m - 1)
+
+    def cast_half(v, m, bad, step):
+        out = jnp.where(bad, jnp.nan, _bits.mul_pow2(_codes(v, step, fmt, m), step)).astype(x.dtype)
         return lax.bitcast_convert_type(out, jnp.uint16).astype(jnp.uint32)
 
-    words = cast_half(lo) | (cast_half(hi) << 16)
+    if widths is None:  # one width: the pair's step is shared by its halves
+        m_lo = m_hi = fmt.mantissa_bits
+        at_lo = at_hi = bad_and_step(m_lo)
+    else:
+        pair = widths.reshape(*lead, n // 2, 2)
+        m_lo, m_hi = (pair[..., i].reshape(*lead, n // k1, nsub) for i in (0, 1))
+        at_lo, at_hi = bad_and_step(m_lo), bad_and_step(m_hi)
+    words = cast_half(lo, m_lo, *at_lo) | (cast_half(hi, m_hi, *at_hi) << 16)
     return lax.bitcast_convert_type(words.reshape(*lead, n // 2), x.dtype).reshape(x.shape)
 
 
-def _fake_quantize_partner(x, fmt: SMXFormat, axis: int):
+def _fake_quantize_partner(x, fmt: SMXFormat, axis: int, widths=None):
     """:func:`fake_quantize` for k2 = 2 along any axis: a block-max reduction and one elementwise pass.
 
     Each element reads its pair partner from the pair-reversed array (``lax.rev``, fused by XLA),
     so the micro-exponent needs no per-sub-block intermediate; the general path materialises one
-    and reads the input three times.
+    and reads the input three times. ``widths`` as in :func:`_fake_quantize_words`.
     """
-    m = fmt.mantissa_bits
+    m = fmt.mantissa_bits if widths is None else _bits.to_blocks(widths, axis, fmt.block_size)
     xb = _bits.to_blocks(x.astype(jnp.float32), axis, fmt.block_size)
     pairs = xb.shape[: axis + 1] + (fmt.block_size // 2, 2) + xb.shape[axis + 2 :]
     partner = lax.rev(xb.reshape(pairs), (axis + 2,)).reshape(xb.shape)
     ab, ab_partner = _bits.abs_bits(xb), _bits.abs_bits(partner)
-    bad, e_blk, e_calc = _block_exponent(jnp.max(ab, axis=axis + 1, keepdims=True), fmt)
+    bad, e_blk, e_calc = _block_exponent(jnp.max(ab, axis=axis + 1, keepdims=True), fmt, m)
     v = _flush(xb, ab)
-    shift = _micro_shift(ab, ab_partner, v, _flush(partner, ab_partner), e_blk, e_calc, fmt)
+    shift = _micro_shift(ab, ab_partner, v, _flush(partner, ab_partner), e_blk, e_calc, fmt, m)
     step = e_calc - shift - (m - 1)
-    out = jnp.where(bad, jnp.nan, _bits.mul_pow2(_codes(v, step, fmt), step))
+    out = jnp.where(bad, jnp.nan, _bits.mul_pow2(_codes(v, step, fmt, m), step))
     return _bits.from_blocks(out, axis, x.shape[axis]).astype(x.dtype)
+
+
+def _one_pass(x, fmt: SMXFormat, axis: int, widths=None):
+    """The k2 = 2 one-pass cast (words along a 16-bit last axis, else the partner form); None for other k2."""
+    if fmt.sub_block_size != 2:
+        return None
+    words = jnp.dtype(x.dtype).itemsize == 2 and axis == x.ndim - 1 and x.shape[axis] % fmt.block_size == 0
+    if words and fmt.block_size <= 32:  # the block max is unrolled over block_size / 2 words
+        return _fake_quantize_words(x, fmt, widths)
+    return _fake_quantize_partner(x, fmt, axis, widths)
 
 
 def fake_quantize(x, fmt: SMXFormat, axis: int):
     """Quantize-dequantize ``x`` along normalised ``axis``; same shape and dtype."""
-    if fmt.sub_block_size == 2:  # the default: faster formulations of the same arithmetic
-        words = jnp.dtype(x.dtype).itemsize == 2 and axis == x.ndim - 1 and x.shape[axis] % fmt.block_size == 0
-        if words and fmt.block_size <= 32:  # the block max is unrolled over block_size / 2 words
-            return _fake_quantize_words(x, fmt)
-        return _fake_quantize_partner(x, fmt, axis)
+    out = _one_pass(x, fmt, axis)  # the default k2 = 2: faster formulations of the same arithmetic
+    if out is not None:
+        return out
     q, step, _, _, bad = _quantize_blocks(x, fmt, axis)
     out = jnp.where(bad, jnp.nan, _bits.mul_pow2(q, step))
     return _unlayout(out, axis, x.shape[axis]).astype(x.dtype)
+
+
+def differ_only_in_width(a: SMXFormat, b: SMXFormat) -> bool:
+    """Whether two SMX specs agree on everything but the name and the mantissa width."""
+    return dataclasses.replace(a, name=b.name, mantissa_bits=b.mantissa_bits) == b
+
+
+def fake_quantize_select(x, select, hi: SMXFormat, lo: SMXFormat, axis: int):
+    """``where(select, fake_quantize(x, hi), fake_quantize(x, lo))`` elementwise, in one pass where it can.
+
+    ``select``: a boolean array of x's shape. When ``hi`` and ``lo`` differ only in their mantissa
+    width (MX9 / MX6 / MX4 with the same options) and k2 = 2, one cast runs with a per-element
+    width: an element's block exponent and micro-exponent depend on its block and pair and on the
+    width only (``'rounded'`` / ``'fit'``), so this is the two casts' values bit for bit, whatever
+    ``select`` is. Otherwise both casts run and are selected.
+    """
+    if differ_only_in_width(hi, lo):
+        widths = jnp.where(select, jnp.int32(hi.mantissa_bits), jnp.int32(lo.mantissa_bits))
+        out = _one_pass(x, hi, axis, widths)
+        if out is not None:
+            return out
+    return jnp.where(select, fake_quantize(x, hi, axis), fake_quantize(x, lo, axis))
 
 
 def quantize(x, fmt: SMXFormat, axis: int):

@@ -125,6 +125,40 @@ def _top_mask_sorted(v, k):
     return ((w > thr) | ((w == thr) & (pos <= last))) & (k > 0)
 
 
+def _top_mask_unrolled(v, k):
+    """``_ranks(v) < k`` by the pairwise count written as ``n`` elementwise terms (one fused loop, no reduce).
+
+    Each entry compares itself with every entry of its row, read as a static slice: on a GPU,
+    XLA fuses the ``n`` terms into one elementwise pass (the reduce form materialises ``n²``
+    comparisons per row). For short rows: the work per entry grows with ``n``.
+    """
+    n = v.shape[-1]
+    w = jnp.where(jnp.isnan(v), -jnp.inf, v)  # as in _ranks: NaN ranks after every number
+    pos = lax.broadcasted_iota(jnp.int32, w.shape, w.ndim - 1)
+    rank = jnp.zeros(w.shape, jnp.int32)
+    for j in range(n):
+        other = lax.slice_in_dim(w, j, j + 1, axis=-1)
+        rank = rank + ((other > w) | ((other == w) & (j < pos))).astype(jnp.int32)
+    return rank < k
+
+
+def _top_mask_sorted_values(v, k):
+    """``_ranks(v) < k`` from a sort of the values alone: above the ``k``-th largest, then its ties by position.
+
+    One single-operand sort (no index operand, no gathers by position); the ties at the threshold
+    are taken in position order by a running count.
+    """
+    n = v.shape[-1]
+    w = jnp.where(jnp.isnan(v), -jnp.inf, v)  # as in _ranks: NaN ranks after every number
+    k = jnp.asarray(k, jnp.int32)
+    at = jnp.broadcast_to(jnp.clip(n - k, 0, n - 1), w.shape[:-1] + (1,)).astype(jnp.int32)
+    thr = jnp.take_along_axis(jnp.sort(w, axis=-1), at, axis=-1)  # the k-th largest
+    above = w > thr
+    room = k - jnp.sum(above, axis=-1, keepdims=True, dtype=jnp.int32)  # ties to take
+    tie = w == thr
+    return (above | (tie & (jnp.cumsum(tie, axis=-1, dtype=jnp.int32) <= room))) & (k > 0)
+
+
 def top_mask(v, k):
     """Boolean, shape of ``v``: the ``k`` largest entries of each row of the last axis (ties by position, NaN last).
 
@@ -184,9 +218,24 @@ def outlier_fraction(meta: OutlierMeta, x, state, axis: int = -1):
     return jnp.mean(outlier_mask(meta, x, state, axis).astype(jnp.float32))
 
 
+def _blocks_inside_units(meta) -> bool:
+    """Whether every block of ``hi`` and of ``lo`` lies inside one selection unit (so the mask is constant on it).
+
+    Units: blocks of ``meta.block_size`` (``granularity="block"``), or, in the kernel's channel
+    order, the outlier prefix of a multiple of ``channel_multiple`` channels (``"channel"``).
+    """
+    unit = {"block": meta.block_size, "channel": meta.channel_multiple}.get(meta.granularity)
+    return unit is not None and all(
+        getattr(s, "kind", None) in ("mx", "smx") and unit % s.block_size == 0 for s in (meta.hi, meta.lo))
+
+
 def _split_cast(x, mask, meta, axis):
     from jdq import formats
 
+    if _blocks_inside_units(meta):
+        # A block is then all outliers or none, so zeroing the other part changes no block's scale:
+        # the two masked casts equal the two casts of x itself, selected (one pass for MX9 / MX6).
+        return formats.cast_select(x, mask, meta.hi, meta.lo, axis=axis)
     zero = jnp.zeros((), x.dtype)
     hi = formats.cast(jnp.where(mask, x, zero), meta.hi, axis=axis)
     lo = formats.cast(jnp.where(mask, zero, x), meta.lo, axis=axis)

@@ -320,6 +320,35 @@ def _sub_jaxprs(eqn) -> list:
     return out
 
 
+def _scan_layout(eqn):
+    """``(body jaxpr, number of consts, number of carries)`` of a scan equation.
+
+    From the parameters where they are named as in jax 0.10 (``jaxpr``, ``num_consts``,
+    ``num_carry``); otherwise from the shapes, which every version shares: the body takes consts,
+    carries and one slice of each scanned input (one axis fewer than the equation's input), and
+    returns the carries and one slice of each stacked output.
+    """
+    p = eqn.params
+    body = p.get("jaxpr") or _sub_jaxprs(eqn)[0]
+    if "num_consts" in p and "num_carry" in p:
+        return body, p["num_consts"], p["num_carry"]
+    j = _closed(body)[0]
+    ndim = lambda v: len(getattr(v.aval, "shape", ()))  # noqa: E731
+    ncar = p.get("num_carry")
+    if ncar is None:
+        ncar = 0
+        for outer, inner in zip(eqn.outvars, j.outvars):
+            if ndim(outer) != ndim(inner):
+                break
+            ncar += 1
+    nxs = 0
+    for outer, inner in zip(reversed(eqn.invars), reversed(j.invars)):
+        if ndim(outer) != ndim(inner) + 1:
+            break
+        nxs += 1
+    return body, len(eqn.invars) - ncar - nxs, ncar
+
+
 def _nested(eqn, batched: list[bool], needed: list[bool]) -> tuple[int, int, list[bool]]:
     """``(per-point peak, shared peak, outputs per point)`` of the jaxprs ``eqn`` runs, beyond its inputs.
 
@@ -327,8 +356,7 @@ def _nested(eqn, batched: list[bool], needed: list[bool]) -> tuple[int, int, lis
     """
     name, p, nout = eqn.primitive.name, eqn.params, len(eqn.outvars)
     if name == "scan":
-        nc, ncar = p["num_consts"], p["num_carry"]
-        body = p["jaxpr"]
+        body, nc, ncar = _scan_layout(eqn)
         carry = list(batched[nc:nc + ncar])
         while True:  # a carry is per point once any step makes it so (vmap's fixed point)
             pp, sh, outs = _peak(body, batched[:nc] + carry + list(batched[nc + ncar:]))
@@ -337,7 +365,10 @@ def _nested(eqn, batched: list[bool], needed: list[bool]) -> tuple[int, int, lis
                 return pp, sh, carry + list(outs[ncar:])
             carry = new
     if name == "while":
-        cn, bn = p["cond_nconsts"], p["body_nconsts"]
+        # invars: cond consts, body consts, carry (the outputs); each jaxpr takes its consts + the carry
+        ncarry = len(eqn.outvars)
+        cn = len(_closed(p["cond_jaxpr"])[0].invars) - ncarry
+        bn = len(_closed(p["body_jaxpr"])[0].invars) - ncarry
         carry = list(batched[cn + bn:])
         while True:
             cpp, csh, (pred,) = _peak(p["cond_jaxpr"], batched[:cn] + carry)

@@ -217,3 +217,26 @@ def test_float16_input_keeps_dtype():
     for name in ("mxfp8_e4m3", "mx9", "int8", "fp8_e5m2"):
         y = F.cast(x, name)
         assert y.dtype == jnp.float16 and bool(jnp.isfinite(y).all())
+
+
+def test_cast_select_is_a_per_element_choice_of_two_casts_with_a_straight_through_gradient():
+    from jdq import formats
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 64)) * 4, jnp.bfloat16)
+    select = jnp.asarray(rng.random((3, 64)) < 0.3)
+    for hi, lo in (("mx9", "mx6"), ("mxfp8_e4m3", "mxfp4_e2m1"), ("int8", "mx4")):
+        want = jnp.where(select, formats.cast(x, hi), formats.cast(x, lo))
+        np.testing.assert_array_equal(np.asarray(formats.cast_select(x, select, hi, lo)), np.asarray(want))
+    row = jnp.asarray([True, False, True])[:, None]  # broadcasts over the row
+    np.testing.assert_array_equal(
+        np.asarray(formats.cast_select(x, row, "mx9", "mx6")),
+        np.asarray(jnp.where(row, formats.cast(x, "mx9"), formats.cast(x, "mx6"))))
+    g = jax.grad(lambda v: jnp.sum(formats.cast_select(v, select, "mx9", "mx6") * 3.0))(x.astype(jnp.float32))
+    np.testing.assert_array_equal(np.asarray(g), np.full((3, 64), 3.0, np.float32))
+    with pytest.raises(TypeError, match="select must be a boolean"):
+        formats.cast_select(x, select.astype(jnp.int32), "mx9", "mx6")
+    with pytest.raises(ValueError, match=r"select of shape \(2, 64\) does not broadcast"):
+        formats.cast_select(x, select[:2], "mx9", "mx6")
+    with pytest.raises(ValueError, match="unknown format"):
+        formats.cast_select(x, select, "mx10", "mx6")

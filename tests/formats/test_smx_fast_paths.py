@@ -66,3 +66,31 @@ def test_word_path_keeps_pairs_apart_from_neighbours():
     x3 = jnp.asarray([[1.0, 0.16] + [0.16, 0.16] * 7], jnp.bfloat16)  # pair 0 is not shifted: 0.16 -> 0.125
     out3 = np.asarray(smx.fake_quantize(x3, fmt, 1).astype(jnp.float32))[0]
     assert out3[1] == 0.125 and np.all(out3[2:] == np.float32(0.1875))
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_per_element_width_select_equals_two_general_casts(options):
+    """``fake_quantize_select`` (one pass, a width per element) == where(select, general hi, general lo), any select."""
+    pairs = [("mx9", "mx6"), ("mx6", "mx4"), ("mx4", "mx9")]
+    for i, (shape, axis, dtype) in enumerate(CASES):
+        x = _adversarial(shape, dtype, seed=10 + i)
+        # an arbitrary element mask (blocks mixed), plus whole rows of each choice
+        select = np.random.default_rng(i).random(shape) < 0.45
+        for hi_name, lo_name in pairs:
+            hi = smx.SMXFormat(hi_name, smx.NAMES[hi_name], **options)
+            lo = smx.SMXFormat(lo_name, smx.NAMES[lo_name], **options)
+            got = jax.jit(lambda v, s: smx.fake_quantize_select(v, s, hi, lo, axis))(x, jnp.asarray(select))
+            want = jnp.where(select, _general(x, hi, axis), _general(x, lo, axis))
+            got, want = (np.asarray(a.astype(jnp.float32)) for a in (got, want))
+            np.testing.assert_array_equal(got, want, err_msg=f"{hi_name}/{lo_name} {shape} axis={axis}")
+            np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+
+
+def test_select_of_formats_differing_beyond_width_computes_both():
+    hi, lo = smx.SMXFormat("mx9", 7, block_size=32), smx.SMXFormat("mx6", 4)
+    assert not smx.differ_only_in_width(hi, lo) and smx.differ_only_in_width(smx.SMXFormat("mx9", 7), lo)
+    x = _adversarial((4, 64), jnp.bfloat16, seed=3)
+    select = jnp.asarray(np.random.default_rng(1).random((4, 64)) < 0.5)
+    got = smx.fake_quantize_select(x, select, hi, lo, 1)
+    want = jnp.where(select, _general(x, hi, 1), _general(x, lo, 1))
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))

@@ -194,7 +194,8 @@ def test_top_mask_equals_rank_below_k_on_both_paths():
     """The sort-and-threshold selection (GPU / TPU, long rows) and the pairwise one (CPU) pick exactly ``rank < k``."""
     import jax
 
-    from jdq.quant.outliers import _PAIRWISE_RANK_MAX, _ranks, _top_mask_pairwise, _top_mask_sorted, top_mask
+    from jdq.quant.outliers import (_PAIRWISE_RANK_MAX, _ranks, _top_mask_pairwise, _top_mask_sorted,
+                                    _top_mask_sorted_values, _top_mask_unrolled, top_mask)
 
     rng = np.random.default_rng(1)
     for n in (1, 5, 16, 72, _PAIRWISE_RANK_MAX + 7):
@@ -204,9 +205,47 @@ def test_top_mask_equals_rank_below_k_on_both_paths():
         v[2, 1, :] = 0.0  # a row of equal entries
         ranks = np.asarray(_ranks(jnp.asarray(v)))
         want = ranks[None] < np.arange(n + 2)[:, None, None, None]  # every k from 0 to n + 1
-        for fn in (_top_mask_sorted, _top_mask_pairwise, top_mask):
+        for fn in (_top_mask_sorted, _top_mask_sorted_values, _top_mask_pairwise, top_mask) + (
+                (_top_mask_unrolled,) if n <= 16 else ()):
             got = np.asarray(jax.jit(fn)(jnp.asarray(v), jnp.int32(n // 2)))  # k unbatched
             np.testing.assert_array_equal(got, want[n // 2], err_msg=f"{fn.__name__} n={n}")
             # k batched, as a vmapped sweep over ratios has it
             got = np.asarray(jax.jit(jax.vmap(fn, in_axes=(None, 0)))(jnp.asarray(v), jnp.arange(n + 2, dtype=jnp.int32)))
             np.testing.assert_array_equal(got, want, err_msg=f"{fn.__name__} n={n}, every k")
+
+
+def _masked_two_casts(x, mask, hi, lo, axis):
+    """The split's definition: hi's scales from the outliers alone, lo's from the rest."""
+    zero = jnp.zeros((), x.dtype)
+    return jnp.where(mask, formats.cast(jnp.where(mask, x, zero), hi, axis=axis),
+                     formats.cast(jnp.where(mask, zero, x), lo, axis=axis))
+
+
+@pytest.mark.parametrize("gran,hi,lo,fused", [
+    ("block", "mx9", "mx6", True), ("channel", "mx9", "mx6", True), ("block", "mxfp8_e4m3", "mxfp4_e2m1", True),
+    ("block", "mxfp8_e4m3", "mx6", False),  # 32-wide MX blocks straddle the 16-wide selection blocks
+    ("element", "mx9", "mx6", False), ("block", "int8", "mx6", False)])
+def test_split_cast_equals_the_masked_two_cast_definition(gran, hi, lo, fused):
+    """Whole-block selections take one selected cast of x (one pass for MX9 / MX6), the same values bit for bit."""
+    from jdq.quant.outliers import _blocks_inside_units
+
+    block = 32 if hi.startswith("mxfp") and lo.startswith("mxfp") else 16
+    x = np.array(heavy(7, (2, 3, 96)), np.float32)
+    x[0, 0, 5], x[1, 2, 40], x[1, 1, :16] = np.nan, np.inf, 0.0  # a NaN / Inf block, an all-zero block
+    for dtype, axis in ((jnp.bfloat16, -1), (jnp.float32, -1), (jnp.bfloat16, 1)):
+        xa = jnp.asarray(np.moveaxis(x, -1, axis), dtype)
+        t = outlier_split(0.3, hi=hi, lo=lo, granularity=gran, block_size=block)
+        assert _blocks_inside_units(t.meta) == fused
+        state = t.init(channel_stats(xa, axis))
+        ctx = Q.Context("blocks.0.attn.qkv", "act", axis)
+        got = jax.jit(lambda v: t.apply(v, state, ctx))(xa)
+        if gran == "channel":  # the definition in the kernel's channel order, permuted back
+            perm = channel_permutation(state, t.meta.channel_multiple)
+            xp = jnp.take(xa, perm, axis=axis)
+            mp = jnp.take(outlier_mask(t.meta, xa, state, axis), perm, axis=axis)
+            want = jnp.take(_masked_two_casts(xp, mp, hi, lo, axis), jnp.argsort(perm), axis=axis)
+        else:
+            want = _masked_two_casts(xa, outlier_mask(t.meta, xa, state, axis), hi, lo, axis)
+        got, want = (np.asarray(a.astype(jnp.float32)) for a in (got, want))
+        np.testing.assert_array_equal(got, want, err_msg=f"{dtype} axis={axis}")
+        np.testing.assert_array_equal(np.signbit(got), np.signbit(want))

@@ -46,6 +46,32 @@ def test_liveness_counts_live_values_per_point_and_shared():
     assert S.jaxpr_bytes(h, (0, x), (True, False)) == S.MemoryEstimate(per_point=4 + 2048, shared=2 * 2048 + 3 * 2048)
 
 
+def test_scan_and_while_layouts_do_not_need_version_specific_parameter_names():
+    """jax 0.11's scan parameters differ from 0.10's: the layout read from the shapes equals the named one."""
+    import jax.numpy as jnp
+
+    w, c0, xs = jnp.ones(3), jnp.ones(3), jnp.ones((4, 3))
+
+    def f(c, xs):  # one const (w), two carries, one scanned input, two stacked outputs
+        return jax.lax.scan(lambda c, x: ((c[0] + x * w, c[1] * 2), (c[0] * x, x.sum())), (c, c), xs)
+
+    (eqn,) = [e for e in jax.make_jaxpr(f)(c0, xs).jaxpr.eqns if e.primitive.name == "scan"]
+    body, nc, ncar = C._scan_layout(eqn)
+    assert (nc, ncar) == (eqn.params["num_consts"], eqn.params["num_carry"]) == (1, 2)
+    bare = eqn.replace(params={k: v for k, v in eqn.params.items() if k not in ("num_consts", "num_carry")})
+    assert C._scan_layout(bare) == (body, 1, 2)
+    for batched in ([True, False, False, False], [False, False, True, False], [False, False, False, True]):
+        assert C._nested(bare, batched, [True] * 4) == C._nested(eqn, batched, [True] * 4)
+
+    def g(c):  # a while loop with consts in both jaxprs
+        return jax.lax.while_loop(lambda c: c[0] < w.sum() * 4, lambda c: c * w + 1, c)
+
+    (weqn,) = [e for e in jax.make_jaxpr(g)(c0).jaxpr.eqns if e.primitive.name == "while"]
+    assert S.jaxpr_bytes(g, (c0,), (True,)).per_point > 0
+    cn, bn = weqn.params["cond_nconsts"], weqn.params["body_nconsts"]
+    assert (len(weqn.params["cond_jaxpr"].jaxpr.invars) - 1, len(weqn.params["body_jaxpr"].jaxpr.invars) - 1) == (cn, bn)
+
+
 CONFIGS = {
     # the MixDiT recipe's ratio: stateful activations, stateless (shared) MX6 weights
     "mixdit ratio": (lambda: _tiny(depth=1, steps=1), ["ratio=0,0.1,0.2,0.3"], dict(recipe="mixdit")),

@@ -1,0 +1,194 @@
+"""Where MixDiT's fake-quant step spends its time: the outlier split of each operand of a DiT-XL/2 block.
+
+::
+
+    python benchmarks/mixdit_fakequant.py [--batch 64] [--json OUT.json] [--tiny]
+
+For every quantized operand of one DiT-XL/2 256 block at ``--batch`` model evaluations (64: batch 32
+with CFG) — the inputs of qkv / proj / fc1 (1152 wide) and fc2 (4608), and the attention operands
+q, kᵀ, the probabilities p and v — times, in the same run on the default device:
+
+* ``copy``: ``x * 2`` (the memory floor of one pass);
+* ``mx6``: one MX6 cast (what the ``mx6`` recipe does to the operand);
+* ``mask …``: the block selection alone (block maxima + top-k mask) by each of
+  ``jdq.quant.outliers``' forms of ``rank < k``: ``sorted`` (a stable argsort and a threshold),
+  ``values`` (a sort of the values alone, ties by a running count), ``pairwise`` (the rank count as
+  a reduction) and ``unrolled`` (the rank count as one elementwise term per row entry; rows of up
+  to 72 blocks);
+* ``split masked``: the split as defined, ``where(m, mx9(where(m, x, 0)), mx6(where(m, 0, x)))``;
+* ``split``: ``jdq.quant.outliers.outlier_split(...).apply`` as the recipe runs it (whole-block
+  selections take ``jdq.formats.cast_select``: one pass with a per-element mantissa width).
+
+The ratio of the recipe (5 % of the linear inputs' blocks, 20 % of the attention operands') is
+used. Each time is per evaluation: the median of ``--reps`` jitted calls that each chain ``--inner``
+dependent evaluations in a loop (so a launch is amortised); the ``per step`` row sums the operands ×
+28 blocks. Prints a markdown table; ``--json`` writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jdq import formats  # noqa: E402
+from jdq import quant as Q  # noqa: E402
+from jdq.io import atomic_write_text  # noqa: E402
+from jdq.quant import outliers  # noqa: E402
+
+DEPTH = 28
+LINEAR_RATIO, ATTN_RATIO = 0.05, 0.20  # the mixdit recipe's
+UNROLLED_MAX = 72  # longest row (blocks) the unrolled rank count is timed on
+
+
+def operands(batch, tokens=256, dim=1152, heads=16):
+    """``{name: (shape, axis, ratio, sites per block)}`` of one DiT block's quantized activations."""
+    hd = dim // heads
+    return {
+        "linear in (qkv, proj, fc1)": ((batch, tokens, dim), -1, LINEAR_RATIO, 3),
+        "fc2 in": ((batch, tokens, 4 * dim), -1, LINEAR_RATIO, 1),
+        "q": ((batch, heads, tokens, hd), -1, ATTN_RATIO, 1),
+        "k^T": ((batch, heads, hd, tokens), -2, ATTN_RATIO, 1),
+        "p": ((batch, heads, tokens, tokens), -1, ATTN_RATIO, 1),
+        "v": ((batch, heads, tokens, hd), -2, ATTN_RATIO, 1),
+    }
+
+
+def block_maxima(x, axis, block):
+    """Per-row block maxima of |x| along ``axis`` (rows: every other index), as the split's selection sees them."""
+    mag = jnp.abs(jnp.moveaxis(x, axis, -1).astype(jnp.float32))
+    n = mag.shape[-1]
+    pad = (-n) % block
+    if pad:
+        mag = jnp.pad(mag, [(0, 0)] * (mag.ndim - 1) + [(0, pad)])
+    return mag.reshape(mag.shape[:-1] + ((n + pad) // block, block)).max(-1)
+
+
+def variants(axis, ratio):
+    """``{name: fn(x)}`` of the timed computations for one operand."""
+    t = outliers.outlier_split(ratio)
+    state = t.init({})
+    ctx = Q.Context("blocks.0.attn.qkv", "act", axis)
+
+    def mask_with(top):
+        def f(x):
+            v = block_maxima(x, axis, t.meta.block_size)
+            return top(v, outliers.outlier_count(state["ratio"], v.shape[-1]))
+        return f
+
+    def masked(x):
+        m = outliers.outlier_mask(t.meta, x, state, axis)
+        zero = jnp.zeros((), x.dtype)
+        return jnp.where(m, formats.cast(jnp.where(m, x, zero), "mx9", axis=axis),
+                         formats.cast(jnp.where(m, zero, x), "mx6", axis=axis))
+
+    return {
+        "copy": lambda x: x * 2,
+        "mx6": lambda x: formats.cast(x, "mx6", axis=axis),
+        "mask sorted": mask_with(outliers._top_mask_sorted),
+        "mask values": mask_with(outliers._top_mask_sorted_values),
+        "mask pairwise": mask_with(outliers._top_mask_pairwise),
+        "mask unrolled": mask_with(outliers._top_mask_unrolled),
+        "split masked": masked,
+        "split": lambda x: t.apply(x, state, ctx),
+    }
+
+
+def chained(fn, inner):
+    """``inner`` dependent applications of ``fn`` in one jitted loop (a mask output: x's sign flips if any is set).
+
+    One call then costs ``inner`` evaluations and one dispatch, so the per-evaluation time of an
+    operand of a few MB is its work, not the launch.
+    """
+    def body(_, x):
+        y = fn(x)
+        return jnp.where(jnp.any(y), x, -x) if y.dtype == jnp.bool_ else y
+
+    return jax.jit(lambda x: jax.lax.fori_loop(0, inner, body, x))
+
+
+def median_ms(fn, x, reps, inner):
+    """Median wall milliseconds per evaluation of ``fn(x)`` (``inner`` chained per call, one warm-up call)."""
+    f = chained(fn, inner)
+    jax.block_until_ready(f(x))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(x))
+        ts.append((time.perf_counter() - t0) * 1e3 / inner)
+    return statistics.median(ts)
+
+
+def run(batch, reps, inner, tiny=False):
+    """``{"device", "batch", "rows": [{operand, shape, sites, times: {variant: ms}}], "per_step": {variant: ms}}``."""
+    ops = operands(batch, tokens=16, dim=64, heads=4) if tiny else operands(batch)
+    rows, per_step = [], {}
+    for i, (name, (shape, axis, ratio, sites)) in enumerate(ops.items()):
+        x = (jax.random.normal(jax.random.key(i), shape, jnp.float32) * 2.0).astype(jnp.bfloat16)
+        times = {}
+        n_blocks = -(-shape[axis] // 16)
+        for vname, f in variants(axis, ratio).items():
+            if vname == "mask unrolled" and n_blocks > UNROLLED_MAX:
+                continue
+            times[vname] = median_ms(f, x, reps, inner)
+        same = bool(jnp.array_equal(jax.jit(variants(axis, ratio)["split"])(x),
+                                    jax.jit(variants(axis, ratio)["split masked"])(x)))
+        rows.append({"operand": name, "shape": list(shape), "axis": axis, "ratio": ratio, "sites": sites,
+                     "times": times, "split_equals_masked": same})
+        for vname, ms in times.items():
+            per_step[vname] = per_step.get(vname, 0.0) + ms * sites * DEPTH
+        print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in times.items()) + f"; equal={same}", flush=True)
+    return {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
+            "batch": batch, "inner": inner, "depth": DEPTH, "rows": rows, "per_step": per_step}
+
+
+def render(res):
+    """The markdown table of :func:`run`'s result."""
+    names = list(res["rows"][0]["times"])
+    head = (f"{res['device']} ({res['backend']}), jax {res['jax']}; batch {res['batch']}; ms per evaluation "
+            f"(median; {res['inner']} chained per call)\n\n")
+    lines = ["| operand | shape | sites | " + " | ".join(names) + " | split == masked |",
+             "|---|---|---:|" + "---:|" * len(names) + "---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['operand']} | {'×'.join(map(str, r['shape']))} (axis {r['axis']}) | {r['sites']} | "
+                     + " | ".join(f"{r['times'][n]:.3f}" if n in r["times"] else "-" for n in names)
+                     + f" | {r['split_equals_masked']} |")
+    lines.append(f"| **per step** (× {res['depth']} blocks) | | | "
+                 + " | ".join(f"**{res['per_step'][n]:.2f}**" if all(n in r["times"] for r in res["rows"]) else "-"
+                              for n in names) + " | |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    """Time the variants and print (and with ``--json`` write) the table."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=64, help="model evaluations (64: batch 32 with CFG)")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--inner", type=int, default=10, help="evaluations chained in one call")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--tiny", action="store_true", help="small shapes (a CPU smoke test)")
+    args = ap.parse_args(argv)
+    if min(args.batch, args.reps, args.inner) < 1:
+        ap.error("--batch, --reps and --inner must be >= 1")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    res = run(args.batch, args.reps, args.inner, args.tiny)
+    md = render(res)
+    print(md)
+    if args.json:
+        atomic_write_text(args.json, json.dumps(res, indent=1))
+        atomic_write_text(os.path.splitext(args.json)[0] + ".md", md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
