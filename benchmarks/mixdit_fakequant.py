@@ -10,11 +10,10 @@ q, kᵀ, the probabilities p and v — times, in the same run on the default dev
 
 * ``copy``: ``x * 2`` (the memory floor of one pass);
 * ``mx6``: one MX6 cast (what the ``mx6`` recipe does to the operand);
-* ``mask …``: the block selection alone (block maxima + top-k mask) by each of
-  ``jdq.quant.outliers``' forms of ``rank < k``: ``sorted`` (a stable argsort and a threshold),
-  ``values`` (a sort of the values alone, ties by a running count), ``pairwise`` (the rank count as
-  a reduction) and ``unrolled`` (the rank count as one elementwise term per row entry; rows of up
-  to 72 blocks);
+* ``mask sorted`` / ``mask unrolled``: the block selection alone (block maxima + top-k mask) by
+  each of ``jdq.quant.outliers``' two forms of ``rank < k``: a stable argsort and a threshold, or
+  the rank count as one elementwise term per row entry (what ``top_mask`` takes for rows of up to
+  ``_UNROLLED_RANK_MAX`` blocks);
 * ``split masked``: the split as defined, ``where(m, mx9(where(m, x, 0)), mx6(where(m, 0, x)))``;
 * ``split``: ``jdq.quant.outliers.outlier_split(...).apply`` as the recipe runs it (whole-block
   selections take ``jdq.formats.cast_select``: one pass with a per-element mantissa width).
@@ -47,7 +46,6 @@ from jdq.quant import outliers  # noqa: E402
 
 DEPTH = 28
 LINEAR_RATIO, ATTN_RATIO = 0.05, 0.20  # the mixdit recipe's
-UNROLLED_MAX = 72  # longest row (blocks) the unrolled rank count is timed on
 
 
 def operands(batch, tokens=256, dim=1152, heads=16):
@@ -95,8 +93,6 @@ def variants(axis, ratio):
         "copy": lambda x: x * 2,
         "mx6": lambda x: formats.cast(x, "mx6", axis=axis),
         "mask sorted": mask_with(outliers._top_mask_sorted),
-        "mask values": mask_with(outliers._top_mask_sorted_values),
-        "mask pairwise": mask_with(outliers._top_mask_pairwise),
         "mask unrolled": mask_with(outliers._top_mask_unrolled),
         "split masked": masked,
         "split": lambda x: t.apply(x, state, ctx),
@@ -137,7 +133,7 @@ def run(batch, reps, inner, tiny=False):
         times = {}
         n_blocks = -(-shape[axis] // 16)
         for vname, f in variants(axis, ratio).items():
-            if vname == "mask unrolled" and n_blocks > UNROLLED_MAX:
+            if vname == "mask unrolled" and n_blocks > outliers._UNROLLED_RANK_MAX:
                 continue
             times[vname] = median_ms(f, x, reps, inner)
         same = bool(jnp.array_equal(jax.jit(variants(axis, ratio)["split"])(x),

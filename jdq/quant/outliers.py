@@ -84,35 +84,43 @@ def outlier_count(ratio, n, multiple=1):
     return jnp.clip(k, 0, n)
 
 
-#: Up to this many entries, ranks come from pairwise comparisons (one fused reduction), which on
-#: a CPU is ~9x faster than two argsorts for the short rows of block maxima ranked at every step.
-_PAIRWISE_RANK_MAX = 128
+#: Up to this many entries per row, the top-k mask counts ranks with one elementwise term per entry
+#: (``_top_mask_unrolled``); longer rows sort. Measured (benchmarks/mixdit_fakequant.py, RESULTS §3):
+#: on an H200 the unrolled count is 1.8-2.9x faster than the sort for rows of 5-72 block maxima,
+#: on a CPU 8-150x for rows of 5-288.
+_UNROLLED_RANK_MAX = 288
+
+
+def _unrolled_ranks(v):
+    """:func:`_ranks` by the pairwise count written as ``n`` elementwise terms (one fused loop, no reduce).
+
+    Each entry compares itself with every entry of its row, read as a static slice, so XLA fuses
+    the ``n`` terms into one elementwise pass (a reduce over an ``(n, n)`` comparison per row
+    materialises it: on an H200 14-25x slower for rows of 72). The work per entry grows with ``n``.
+    """
+    n = v.shape[-1]
+    w = jnp.where(jnp.isnan(v), -jnp.inf, v)  # v are magnitudes (>= 0): NaN ranks after every number
+    pos = lax.broadcasted_iota(jnp.int32, w.shape, w.ndim - 1)
+    rank = jnp.zeros(w.shape, jnp.int32)
+    for j in range(n):
+        other = lax.slice_in_dim(w, j, j + 1, axis=-1)
+        rank = rank + ((other > w) | ((other == w) & (j < pos))).astype(jnp.int32)
+    return rank
 
 
 def _ranks(v):
     """Rank of each entry of the last axis by decreasing value (0 = largest; ties by position; NaN last)."""
-    n = v.shape[-1]
-    if n <= _PAIRWISE_RANK_MAX:
-        w = jnp.where(jnp.isnan(v), -jnp.inf, v)  # v are magnitudes (>= 0): NaN ranks after every number
-        i = jnp.arange(n)
-        other, this = w[..., None, :], w[..., :, None]
-        before = (other > this) | ((other == this) & (i[None, :] < i[:, None]))
-        return jnp.sum(before, axis=-1, dtype=jnp.int32)
+    if v.shape[-1] <= _UNROLLED_RANK_MAX:
+        return _unrolled_ranks(v)
     order = jnp.argsort(-v, axis=-1, stable=True)
     return jnp.argsort(order, axis=-1, stable=True)
-
-
-def _top_mask_pairwise(v, k):
-    """``_ranks(v) < k`` from the pairwise ranks (the CPU's choice for short rows)."""
-    return _ranks(v) < k
 
 
 def _top_mask_sorted(v, k):
     """``_ranks(v) < k`` from one stable sort: everything above the ``k``-th largest, and the ties up to its position.
 
     ``v``: magnitudes (``>= 0`` or NaN). One sort per row instead of an O(n²) comparison count:
-    on a GPU the pairwise count of a DiT-XL/2 linear input's 72 block maxima was one 1.7 ms
-    reduction fusion per operand (half of the MixDiT fake-quant step).
+    for rows too long to count elementwise.
     """
     n = v.shape[-1]
     w = jnp.where(jnp.isnan(v), -jnp.inf, v)  # as in _ranks: NaN ranks after every number
@@ -126,49 +134,20 @@ def _top_mask_sorted(v, k):
 
 
 def _top_mask_unrolled(v, k):
-    """``_ranks(v) < k`` by the pairwise count written as ``n`` elementwise terms (one fused loop, no reduce).
-
-    Each entry compares itself with every entry of its row, read as a static slice: on a GPU,
-    XLA fuses the ``n`` terms into one elementwise pass (the reduce form materialises ``n²``
-    comparisons per row). For short rows: the work per entry grows with ``n``.
-    """
-    n = v.shape[-1]
-    w = jnp.where(jnp.isnan(v), -jnp.inf, v)  # as in _ranks: NaN ranks after every number
-    pos = lax.broadcasted_iota(jnp.int32, w.shape, w.ndim - 1)
-    rank = jnp.zeros(w.shape, jnp.int32)
-    for j in range(n):
-        other = lax.slice_in_dim(w, j, j + 1, axis=-1)
-        rank = rank + ((other > w) | ((other == w) & (j < pos))).astype(jnp.int32)
-    return rank < k
-
-
-def _top_mask_sorted_values(v, k):
-    """``_ranks(v) < k`` from a sort of the values alone: above the ``k``-th largest, then its ties by position.
-
-    One single-operand sort (no index operand, no gathers by position); the ties at the threshold
-    are taken in position order by a running count.
-    """
-    n = v.shape[-1]
-    w = jnp.where(jnp.isnan(v), -jnp.inf, v)  # as in _ranks: NaN ranks after every number
-    k = jnp.asarray(k, jnp.int32)
-    at = jnp.broadcast_to(jnp.clip(n - k, 0, n - 1), w.shape[:-1] + (1,)).astype(jnp.int32)
-    thr = jnp.take_along_axis(jnp.sort(w, axis=-1), at, axis=-1)  # the k-th largest
-    above = w > thr
-    room = k - jnp.sum(above, axis=-1, keepdims=True, dtype=jnp.int32)  # ties to take
-    tie = w == thr
-    return (above | (tie & (jnp.cumsum(tie, axis=-1, dtype=jnp.int32) <= room))) & (k > 0)
+    """``_ranks(v) < k`` from the elementwise rank count (:func:`_unrolled_ranks`), for short rows."""
+    return _unrolled_ranks(v) < k
 
 
 def top_mask(v, k):
     """Boolean, shape of ``v``: the ``k`` largest entries of each row of the last axis (ties by position, NaN last).
 
     The same selection as ``rank < k`` with the ranks of the module (bit-identical on every
-    backend); a CPU counts pairwise comparisons for rows of up to ``_PAIRWISE_RANK_MAX`` entries,
-    other backends (and longer rows) threshold at the ``k``-th largest after one sort.
+    backend): rows of up to ``_UNROLLED_RANK_MAX`` entries count ranks elementwise, longer rows
+    threshold at the ``k``-th largest after one sort.
     """
-    if v.shape[-1] > _PAIRWISE_RANK_MAX:
+    if v.shape[-1] > _UNROLLED_RANK_MAX:
         return _top_mask_sorted(v, k)
-    return lax.platform_dependent(v, k, cpu=_top_mask_pairwise, default=_top_mask_sorted)
+    return _top_mask_unrolled(v, k)
 
 
 def channel_ranks(absmax_channel):
