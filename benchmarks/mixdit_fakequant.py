@@ -12,8 +12,8 @@ q, kᵀ, the probabilities p and v — times, in the same run on the default dev
 * ``mx6``: one MX6 cast (what the ``mx6`` recipe does to the operand);
 * ``mask sorted`` / ``mask unrolled``: the block selection alone (block maxima + top-k mask) by
   each of ``jdq.quant.outliers``' two forms of ``rank < k``: a stable argsort and a threshold, or
-  the rank count as one elementwise term per row entry (what ``top_mask`` takes for rows of up to
-  ``_UNROLLED_RANK_MAX`` blocks);
+  the rank count as one elementwise term per row entry (what ``top_mask`` takes for short rows;
+  timed on rows of up to ``_UNROLLED_RANK_MAX`` blocks);
 * ``split masked``: the split as defined, ``where(m, mx9(where(m, x, 0)), mx6(where(m, 0, x)))``;
 * ``split``: ``jdq.quant.outliers.outlier_split(...).apply`` as the recipe runs it (whole-block
   selections take ``jdq.formats.cast_select``: one pass with a per-element mantissa width).

@@ -84,10 +84,12 @@ def outlier_count(ratio, n, multiple=1):
     return jnp.clip(k, 0, n)
 
 
-#: Up to this many entries per row, the top-k mask counts ranks with one elementwise term per entry
-#: (``_top_mask_unrolled``); longer rows sort. Measured (benchmarks/mixdit_fakequant.py, RESULTS §3):
-#: on an H200 the unrolled count is 1.8-2.9x faster than the sort for rows of 5-72 block maxima,
-#: on a CPU 8-150x for rows of 5-288.
+#: Rows of up to this many entries: the top-k mask counts ranks with one elementwise term per entry
+#: (``_top_mask_unrolled``) on every backend; up to ``_UNROLLED_RANK_MAX`` on a CPU only; longer rows
+#: sort. Measured (benchmarks/mixdit_fakequant.py, RESULTS §3): on an H200 the count is 1.5-3.8x
+#: faster than the sort for rows of 5-72 block maxima but 3.9x slower for 288 (and slow to
+#: compile); on a CPU it is 8-150x faster for rows of 5-288.
+_UNROLLED_RANK_ANY = 72
 _UNROLLED_RANK_MAX = 288
 
 
@@ -110,7 +112,7 @@ def _unrolled_ranks(v):
 
 def _ranks(v):
     """Rank of each entry of the last axis by decreasing value (0 = largest; ties by position; NaN last)."""
-    if v.shape[-1] <= _UNROLLED_RANK_MAX:
+    if v.shape[-1] <= _UNROLLED_RANK_ANY:
         return _unrolled_ranks(v)
     order = jnp.argsort(-v, axis=-1, stable=True)
     return jnp.argsort(order, axis=-1, stable=True)
@@ -142,12 +144,15 @@ def top_mask(v, k):
     """Boolean, shape of ``v``: the ``k`` largest entries of each row of the last axis (ties by position, NaN last).
 
     The same selection as ``rank < k`` with the ranks of the module (bit-identical on every
-    backend): rows of up to ``_UNROLLED_RANK_MAX`` entries count ranks elementwise, longer rows
-    threshold at the ``k``-th largest after one sort.
+    backend): short rows count ranks elementwise, long rows threshold at the ``k``-th largest after
+    one sort (where the switch lies depends on the backend: ``_UNROLLED_RANK_ANY``, ``_MAX``).
     """
-    if v.shape[-1] > _UNROLLED_RANK_MAX:
-        return _top_mask_sorted(v, k)
-    return _top_mask_unrolled(v, k)
+    n = v.shape[-1]
+    if n <= _UNROLLED_RANK_ANY:
+        return _top_mask_unrolled(v, k)
+    if n <= _UNROLLED_RANK_MAX:
+        return lax.platform_dependent(v, k, cpu=_top_mask_unrolled, default=_top_mask_sorted)
+    return _top_mask_sorted(v, k)
 
 
 def channel_ranks(absmax_channel):

@@ -176,10 +176,10 @@ def test_bad_outlier_options_are_named():
 
 def test_pairwise_ranks_equal_sorted_ranks_with_ties_and_nan():
     """Short rows are ranked by an elementwise pairwise count; the result must equal numpy's double argsort."""
-    from jdq.quant.outliers import _UNROLLED_RANK_MAX, _ranks
+    from jdq.quant.outliers import _UNROLLED_RANK_ANY, _ranks
 
     rng = np.random.default_rng(0)
-    for n in (1, 2, 7, 40, _UNROLLED_RANK_MAX, _UNROLLED_RANK_MAX + 1):
+    for n in (1, 2, 7, 40, _UNROLLED_RANK_ANY, _UNROLLED_RANK_ANY + 1):
         v = np.abs(rng.standard_normal((4, n))).astype(np.float32)
         v[:, ::3] = v[:, :1]  # ties, broken by position
         if n > 3:
@@ -197,7 +197,7 @@ def test_top_mask_equals_rank_below_k_on_both_paths():
     from jdq.quant.outliers import _UNROLLED_RANK_MAX, _top_mask_sorted, _top_mask_unrolled, top_mask
 
     rng = np.random.default_rng(1)
-    for n in (1, 5, 16, 72, _UNROLLED_RANK_MAX + 7):
+    for n in (1, 5, 16, 72, 100, _UNROLLED_RANK_MAX + 7):  # short, CPU-only count, sorted
         v = np.abs(rng.standard_normal((3, 2, n))).astype(np.float32)
         v[:, :, ::4] = v[:, :, :1]  # ties at the threshold, broken by position
         v[1, 0, -1] = np.nan
