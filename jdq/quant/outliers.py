@@ -84,13 +84,15 @@ def outlier_count(ratio, n, multiple=1):
     return jnp.clip(k, 0, n)
 
 
-#: Rows of up to this many entries: the top-k mask counts ranks with one elementwise term per entry
-#: (``_top_mask_unrolled``) on every backend; up to ``_UNROLLED_RANK_MAX`` on a CPU only; longer rows
-#: sort. Measured (benchmarks/mixdit_fakequant.py, RESULTS §3): on an H200 the count is 1.5-3.8x
-#: faster than the sort for rows of 5-72 block maxima but 3.9x slower for 288 (and slow to
-#: compile); on a CPU it is 8-150x faster for rows of 5-288.
-_UNROLLED_RANK_ANY = 72
-_UNROLLED_RANK_MAX = 288
+#: Rows of up to ``_UNROLLED_RANK_ANY`` entries: the top-k mask counts ranks with one elementwise
+#: term per entry (``_top_mask_unrolled``) on every backend; up to ``_UNROLLED_RANK_MAX`` on a CPU
+#: only; longer rows sort. Measured (benchmarks/mixdit_fakequant.py, RESULTS §3 "Ninth round"): on
+#: an H200 the count is 2.1-3.8x faster than the sort for rows of 5-16 block maxima (the attention
+#: operands), 1.6x for 72 but 3.9x slower for 288; every unrolled term is compiled, and with 72 the
+#: DiT-XL/2 MixDiT step compiled in 151 s instead of 38 s. On a CPU it is 8-150x faster for rows
+#: of 5-288, and rows of 72 compile in about 1.7x the sort's time.
+_UNROLLED_RANK_ANY = 16
+_UNROLLED_RANK_MAX = 72
 
 
 def _unrolled_ranks(v):
