@@ -3,6 +3,7 @@
 ::
 
     python benchmarks/mixdit_fakequant.py [--batch 64] [--json OUT.json] [--tiny]
+    python benchmarks/mixdit_fakequant.py --step [MODEL_DIR] [--batch 32]
 
 For every quantized operand of one DiT-XL/2 256 block at ``--batch`` model evaluations (64: batch 32
 with CFG) — the inputs of qkv / proj / fc1 (1152 wide) and fc2 (4608), and the attention operands
@@ -17,6 +18,10 @@ q, kᵀ, the probabilities p and v — times, in the same run on the default dev
 * ``split masked``: the split as defined, ``where(m, mx9(where(m, x, 0)), mx6(where(m, 0, x)))``;
 * ``split``: ``jdq.quant.outliers.outlier_split(...).apply`` as the recipe runs it (whole-block
   selections take ``jdq.formats.cast_select``: one pass with a per-element mantissa width).
+
+``--step`` instead times the whole denoiser of a saved model (default: the embedded one) at
+``--batch`` samples with CFG (2 × batch evaluations): the ``mixdit`` recipe's fake-quant step against
+the unquantized one, medians of 7 calls after compiling (the compile time is printed too).
 
 The ratio of the recipe (5 % of the linear inputs' blocks, 20 % of the attention operands') is
 used. Each time is per evaluation: the median of ``--reps`` jitted calls that each chain ``--inner``
@@ -147,6 +152,39 @@ def run(batch, reps, inner, tiny=False):
             "batch": batch, "inner": inner, "depth": DEPTH, "rows": rows, "per_step": per_step}
 
 
+def step_times(model_dir, batch, reps=7):
+    """``{"mixdit_ms", "unquantized_ms", "compile_s"}``: the denoiser at ``batch`` samples with CFG, mixdit vs none."""
+    from jdq import models, recipes
+    from jdq.sampling.generate import Denoiser, sample_shape
+
+    model = models.load(model_dir)[0]
+    q = recipes.quantize(model, "mixdit", cond=jnp.zeros((1,), jnp.int32), calib_samples=1)
+    fn = Denoiser(model, model.family)
+    b = 2 * batch
+    x = jax.random.normal(jax.random.key(0), (b,) + sample_shape(model), jnp.float32)
+    t = jnp.full((b,), 500.0, jnp.float32)
+    y = jnp.arange(b, dtype=jnp.int32) % model.config.num_classes
+    quantized = jax.jit(lambda p, qq, x: fn(p, x, t, y, quant=qq))
+    plain = jax.jit(lambda p, x: fn(p, x, t, y))
+    t0 = time.perf_counter()
+    jax.block_until_ready(quantized(q.params, q.quantizer, x))
+    compile_s = time.perf_counter() - t0
+    ms = lambda f, *a: median_ms_call(f, a, reps)  # noqa: E731
+    return {"mixdit_ms": ms(quantized, q.params, q.quantizer, x), "unquantized_ms": ms(plain, model.params, x),
+            "compile_s": compile_s}
+
+
+def median_ms_call(f, args, reps):
+    """Median wall milliseconds of ``f(*args)`` after one warm-up call."""
+    jax.block_until_ready(f(*args))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
 def render(res):
     """The markdown table of :func:`run`'s result."""
     names = list(res["rows"][0]["times"])
@@ -167,17 +205,28 @@ def render(res):
 def main(argv=None):
     """Time the variants and print (and with ``--json`` write) the table."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batch", type=int, default=64, help="model evaluations (64: batch 32 with CFG)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="model evaluations per operand (default 64: batch 32 with CFG); with --step samples (default 32)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--inner", type=int, default=10, help="evaluations chained in one call")
     ap.add_argument("--json", default=None)
     ap.add_argument("--tiny", action="store_true", help="small shapes (a CPU smoke test)")
+    ap.add_argument("--step", nargs="?", const="", default=None, metavar="MODEL_DIR",
+                    help="time the whole denoiser step of a saved model instead (default: the embedded one)")
     args = ap.parse_args(argv)
-    if min(args.batch, args.reps, args.inner) < 1:
+    if (args.batch is not None and args.batch < 1) or min(args.reps, args.inner) < 1:
         ap.error("--batch, --reps and --inner must be >= 1")
+    if args.step is not None:
+        from jdq.cli._common import DEFAULT_MODEL
+
+        batch = args.batch or 32
+        r = step_times(args.step or str(DEFAULT_MODEL), batch)
+        print(f"{jax.devices()[0].device_kind}: batch {batch} + CFG: mixdit {r['mixdit_ms']:.1f} ms, unquantized "
+              f"{r['unquantized_ms']:.1f} ms (x{r['mixdit_ms'] / r['unquantized_ms']:.2f}); compile {r['compile_s']:.1f} s")
+        return 0
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    res = run(args.batch, args.reps, args.inner, args.tiny)
+    res = run(args.batch or 64, args.reps, args.inner, args.tiny)
     md = render(res)
     print(md)
     if args.json:

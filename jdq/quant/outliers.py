@@ -9,7 +9,13 @@ compute as two partial products::
     out = where(mask, cast_hi(where(mask, x, 0)), cast_lo(where(mask, 0, x)))
 
 so ``lo``'s block scales are computed without the outliers (that is the point of the split) and
-``hi``'s from the outliers alone. Granularity of the selection (``granularity=``):
+``hi``'s from the outliers alone. Where every block of both formats lies inside one selection unit
+(block granularity with a selection block that is a multiple of the formats' blocks, or the
+channel prefix of a multiple of their blocks: the default MX9 / MX6 splits), a block is all
+outliers or none, so zeroing the other part changes no scale and the two masked casts equal
+``where(mask, cast_hi(x), cast_lo(x))``; that form runs (``jdq.formats.cast_select``: one pass
+with a per-element mantissa width for two SMX formats), the same values bit for bit. Granularity
+of the selection (``granularity=``):
 
 * ``"element"`` (dynamic): the ``k = round(r·n)`` largest ``|x|`` of each row of ``n`` elements
   along the contraction axis (``scope="row"``, default: each token independent of the rest of
