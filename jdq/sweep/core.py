@@ -367,25 +367,27 @@ def _nested(eqn, batched: list[bool], needed: list[bool]) -> tuple[int, int, lis
     if name == "while":
         # invars: cond consts, body consts, carry (the outputs); each jaxpr takes its consts + the carry
         ncarry = len(eqn.outvars)
-        cn = len(_closed(p["cond_jaxpr"])[0].invars) - ncarry
-        bn = len(_closed(p["body_jaxpr"])[0].invars) - ncarry
+        cond_j, body_j = (p["cond_jaxpr"], p["body_jaxpr"]) if "cond_jaxpr" in p else _sub_jaxprs(eqn)[:2]
+        cn = len(_closed(cond_j)[0].invars) - ncarry
+        bn = len(_closed(body_j)[0].invars) - ncarry
         carry = list(batched[cn + bn:])
         while True:
-            cpp, csh, (pred,) = _peak(p["cond_jaxpr"], batched[:cn] + carry)
-            bpp, bsh, outs = _peak(p["body_jaxpr"], batched[cn:cn + bn] + carry)
+            cpp, csh, (pred,) = _peak(cond_j, batched[:cn] + carry)
+            bpp, bsh, outs = _peak(body_j, batched[cn:cn + bn] + carry)
             new = [a or b or pred for a, b in zip(carry, outs)]  # a per-point predicate batches the whole carry
             if new == carry:
                 return max(cpp, bpp), max(csh, bsh), carry
             carry = new
     if name == "cond":
-        runs = [_peak(b, list(batched[1:])) for b in p["branches"]]
+        branches = p["branches"] if "branches" in p else _sub_jaxprs(eqn)
+        runs = [_peak(b, list(batched[1:])) for b in branches]
         outs = [batched[0] or any(r[2][i] for r in runs) for i in range(nout)]
         if not batched[0]:
             return max(r[0] for r in runs), max(r[1] for r in runs), outs
         # a per-point index runs every branch, one after another, and selects among their outputs
         # (vmap turns the cond into a select): one branch's peak plus every branch's outputs
         kept = [0, 0]
-        for branch, r in zip(p["branches"], runs):
+        for branch, r in zip(branches, runs):
             for v, b in zip(_closed(branch)[0].outvars, r[2]):
                 kept[0 if b else 1] += _var_bytes(v)
         return max(r[0] for r in runs) + kept[0], max(r[1] for r in runs) + kept[1], outs

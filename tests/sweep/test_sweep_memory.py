@@ -68,6 +68,10 @@ def test_scan_and_while_layouts_do_not_need_version_specific_parameter_names():
 
     (weqn,) = [e for e in jax.make_jaxpr(g)(c0).jaxpr.eqns if e.primitive.name == "while"]
     assert S.jaxpr_bytes(g, (c0,), (True,)).per_point > 0
+    renamed = weqn.replace(params={("c_j" if k == "cond_jaxpr" else "b_j" if k == "body_jaxpr" else k): v
+                                   for k, v in weqn.params.items()})
+    for batched in ([True], [False]):
+        assert C._nested(renamed, batched, [True]) == C._nested(weqn, batched, [True])
     cn, bn = weqn.params["cond_nconsts"], weqn.params["body_nconsts"]
     assert (len(weqn.params["cond_jaxpr"].jaxpr.invars) - 1, len(weqn.params["body_jaxpr"].jaxpr.invars) - 1) == (cn, bn)
 
