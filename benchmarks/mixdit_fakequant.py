@@ -119,14 +119,7 @@ def chained(fn, inner):
 
 def median_ms(fn, x, reps, inner):
     """Median wall milliseconds per evaluation of ``fn(x)`` (``inner`` chained per call, one warm-up call)."""
-    f = chained(fn, inner)
-    jax.block_until_ready(f(x))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(x))
-        ts.append((time.perf_counter() - t0) * 1e3 / inner)
-    return statistics.median(ts)
+    return median_ms_call(chained(fn, inner), (x,), reps) / inner
 
 
 def run(batch, reps, inner, tiny=False):
@@ -169,9 +162,8 @@ def step_times(model_dir, batch, reps=7):
     t0 = time.perf_counter()
     jax.block_until_ready(quantized(q.params, q.quantizer, x))
     compile_s = time.perf_counter() - t0
-    ms = lambda f, *a: median_ms_call(f, a, reps)  # noqa: E731
-    return {"mixdit_ms": ms(quantized, q.params, q.quantizer, x), "unquantized_ms": ms(plain, model.params, x),
-            "compile_s": compile_s}
+    return {"mixdit_ms": median_ms_call(quantized, (q.params, q.quantizer, x), reps),
+            "unquantized_ms": median_ms_call(plain, (model.params, x), reps), "compile_s": compile_s}
 
 
 def median_ms_call(f, args, reps):
