@@ -113,12 +113,16 @@ class MXFormat:
         return ELEMENTS[self.element][3]
 
 
-def _block_scale_exponent(xb, fmt, block_axis):
-    """Per-block E (int32, keepdims) and a NaN-block mask, from the bits of the block max |x|."""
-    amax_bits = jnp.max(_bits.abs_bits(xb), axis=block_axis, keepdims=True)
+def _exponent_from_amax(amax_bits, fmt):
+    """(E, NaN mask) of blocks from the int32 bit pattern of their max |x| (any shape: elementwise)."""
     is_nan = amax_bits > _bits.F32_EXP_MASK
     e = jnp.clip((amax_bits >> 23) - 127 - fmt.emax, -127, 127)
     return e, is_nan
+
+
+def _block_scale_exponent(xb, fmt, block_axis):
+    """Per-block E (int32, keepdims) and a NaN-block mask, from the bits of the block max |x|."""
+    return _exponent_from_amax(jnp.max(_bits.abs_bits(xb), axis=block_axis, keepdims=True), fmt)
 
 
 def _round_elements(v, fmt):
@@ -137,6 +141,17 @@ def _quantize_blocks(x, fmt, axis):
     e, is_nan = _block_scale_exponent(xb, fmt, axis + 1)
     p = _round_elements(_bits.mul_pow2(xb, -e), fmt)
     return p, e, is_nan, n
+
+
+def fake_quantize_given_amax(x, amax_bits, fmt: MXFormat):
+    """Fake-quantized float32 ``x`` given its block's max |x| bit pattern ``amax_bits`` (int32, x's shape).
+
+    Elementwise: what :func:`fake_quantize` computes once the block maxima are known, for a caller
+    that reduces the blocks itself (a kernel holding a block across registers).
+    """
+    e, is_nan = _exponent_from_amax(amax_bits, fmt)
+    x = x.astype(jnp.float32)
+    return jnp.where(is_nan, jnp.nan, _bits.mul_pow2(_round_elements(_bits.mul_pow2(x, -e), fmt), e))
 
 
 def fake_quantize(x, fmt: MXFormat, axis: int):

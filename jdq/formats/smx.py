@@ -247,13 +247,31 @@ def _fake_quantize_partner(x, fmt: SMXFormat, axis: int, widths=None):
     xb = _bits.to_blocks(x.astype(jnp.float32), axis, fmt.block_size)
     pairs = xb.shape[: axis + 1] + (fmt.block_size // 2, 2) + xb.shape[axis + 2 :]
     partner = lax.rev(xb.reshape(pairs), (axis + 2,)).reshape(xb.shape)
-    ab, ab_partner = _bits.abs_bits(xb), _bits.abs_bits(partner)
-    bad, e_blk, e_calc = _block_exponent(jnp.max(ab, axis=axis + 1, keepdims=True), fmt, m)
-    v = _flush(xb, ab)
+    amax_bits = jnp.max(_bits.abs_bits(xb), axis=axis + 1, keepdims=True)
+    out = _cast_with_partner(xb, partner, amax_bits, fmt, m)
+    return _bits.from_blocks(out, axis, x.shape[axis]).astype(x.dtype)
+
+
+def _cast_with_partner(v, partner, amax_bits, fmt, m):
+    """Fake-quantized float32 ``v`` from its pair partner and its block's max |x| bits: elementwise."""
+    ab, ab_partner = _bits.abs_bits(v), _bits.abs_bits(partner)
+    bad, e_blk, e_calc = _block_exponent(amax_bits, fmt, m)
+    v = _flush(v, ab)
     shift = _micro_shift(ab, ab_partner, v, _flush(partner, ab_partner), e_blk, e_calc, fmt, m)
     step = e_calc - shift - (m - 1)
-    out = jnp.where(bad, jnp.nan, _bits.mul_pow2(_codes(v, step, fmt, m), step))
-    return _bits.from_blocks(out, axis, x.shape[axis]).astype(x.dtype)
+    return jnp.where(bad, jnp.nan, _bits.mul_pow2(_codes(v, step, fmt, m), step))
+
+
+def fake_quantize_given_amax(v, partner, amax_bits, fmt: SMXFormat):
+    """Fake-quantized float32 ``v`` given its sub-block partner and its block's max |x| bit pattern.
+
+    Elementwise (k2 = 2 only: ``partner`` is the other element of each pair, ``amax_bits`` the
+    int32 bits of the block's max |x|, both of v's shape): what :func:`fake_quantize` computes once
+    the block maxima are known, for a caller that reduces the blocks itself (a kernel).
+    """
+    if fmt.sub_block_size != 2:
+        raise ValueError(f"fake_quantize_given_amax: sub_block_size must be 2, {fmt.name} has {fmt.sub_block_size}")
+    return _cast_with_partner(v.astype(jnp.float32), partner.astype(jnp.float32), amax_bits, fmt, fmt.mantissa_bits)
 
 
 def _one_pass(x, fmt: SMXFormat, axis: int, widths=None):

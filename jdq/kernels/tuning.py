@@ -78,13 +78,18 @@ MX = {"default": [(INF, dict(tile_m=128, tile_n=128, blocks_per_step=4, stages=2
 FP8_ATTENTION = {"default": [(1024, dict(block_q=64, block_kv=64, stages=2, acc_in_place=True)),
                              (INF, dict(block_q=64, block_kv=128, stages=2))]}
 
+# Fake-quant attention (jdq.kernels.quant_attention.gpu.Config), looked up by Lk: untuned (64 keys per step; a pair
+# cast, MX9 / MX6 / MX4, takes 32 when the row's block_kv is not a multiple of 32).
+QUANT_ATTENTION = {"default": [(INF, dict(block_q=64, block_kv=64, stages=2))]}
+
 # Pallas TPU GEMMs (every kind): maximal tiles; jdq.kernels.lowered shrinks tn / tk to the largest
 # multiple of 128 (MX: of 32) that divides N / K (DiT K = 1152 -> tk 384) and pads M to tm. Not timed
 # (no TPU was available): 256 / 512 follow the MXU-friendly sizes of the Pallas TPU matmul guide.
 TPU_GEMM = {"default": [(INF, dict(tm=256, tn=256, tk=512))]}
 
 TABLES = {"w8a8": W8A8, "weight_only": WEIGHT_ONLY, "token_quant": TOKEN_QUANT, "norm_quant": NORM_QUANT, "w4a8": W4A8, "mixdit": MIXDIT,
-          "mixdit_split": MIXDIT_SPLIT, "mx": MX, "fp8_attention": FP8_ATTENTION, "tpu_gemm": TPU_GEMM}
+          "mixdit_split": MIXDIT_SPLIT, "mx": MX, "fp8_attention": FP8_ATTENTION,
+          "quant_attention": QUANT_ATTENTION, "tpu_gemm": TPU_GEMM}
 
 
 def lookup(op: str, m: int, device: str | None = None, n: int | None = None, k: int | None = None) -> dict:
@@ -108,5 +113,5 @@ def lookup(op: str, m: int, device: str | None = None, n: int | None = None, k: 
     return dict(rows[-1][-1])
 
 
-__all__ = ["FP8_ATTENTION", "MIXDIT", "MIXDIT_SPLIT", "MX", "NORM_QUANT", "TABLES", "TOKEN_QUANT", "TPU_GEMM", "W4A8", "W8A8",
+__all__ = ["FP8_ATTENTION", "MIXDIT", "MIXDIT_SPLIT", "MX", "NORM_QUANT", "QUANT_ATTENTION", "TABLES", "TOKEN_QUANT", "TPU_GEMM", "W4A8", "W8A8",
            "WEIGHT_ONLY", "lookup"]

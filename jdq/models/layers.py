@@ -151,6 +151,35 @@ def qmatmul(a, b, *, site: str, roles: tuple[str, str], quant: QuantizerBase | N
     return jnp.matmul(a, b.astype(a.dtype))
 
 
+#: Environment variable choosing how a fake-quant attention runs: ``auto`` (default: on a GPU, bf16
+#: operands without a mask or bias whose probability cast :func:`jdq.kernels.quant_attention.prob_cast_of`
+#: accepts run :func:`jdq.kernels.quant_attention.quant_attention`; elsewhere the explicit XLA path),
+#: ``xla`` (always explicit) or ``kernel`` (``quant_attention`` on any backend wherever the plan allows:
+#: its XLA reference off a GPU). Read at trace time.
+QUANT_ATTENTION_ENV = "JDQ_QUANT_ATTENTION"
+
+
+def _fused_prob_cast(quant, pv_site, dtype, mask, bias):
+    """The probabilities' :class:`~jdq.kernels.quant_attention.ProbCast` when the fused fake-quant attention runs, else ``None``."""
+    import os
+
+    choice = os.environ.get(QUANT_ATTENTION_ENV, "auto")
+    if choice not in ("auto", "xla", "kernel"):
+        raise ValueError(f"{QUANT_ATTENTION_ENV}={choice!r}; use auto, xla or kernel")
+    if choice == "xla" or mask is not None or bias is not None:
+        return None
+    if choice == "auto" and (dtype != jnp.bfloat16 or jax.default_backend() != "gpu"):
+        return None
+    try:
+        transform = quant.transform_for(pv_site, "attn_prob")
+    except NotImplementedError:
+        return None
+    from jdq.kernels.quant_attention import prob_cast_of
+
+    prob = prob_cast_of(transform)
+    return prob if not isinstance(prob, str) else None
+
+
 #: Environment variable choosing the fused (unquantized) attention: ``auto`` (default: cuDNN flash
 #: attention on a GPU for bf16/fp16 without a mask, else XLA), ``xla`` or ``cudnn``. Read at trace time.
 FUSED_ATTENTION_ENV = "JDQ_FUSED_ATTENTION"
@@ -216,6 +245,15 @@ def attention(q, k, v, *, site: str, quant: QuantizerBase | None = None, mask=No
     qh = jnp.swapaxes(q, 1, 2)  # (B, H, Lq, D)
     kt = jnp.transpose(k, (0, 2, 3, 1))  # (B, H, D, Lk)
     vh = jnp.swapaxes(v, 1, 2)  # (B, H, Lk, D)
+    prob = _fused_prob_cast(quant, pv_site, q.dtype, mask, bias)
+    if prob is not None:
+        # the same casts of q / k / v, then a flash kernel that casts the probabilities in registers
+        from jdq.kernels.quant_attention import quant_attention
+
+        qh, kt = quant(qh, qk_site, "q", -1), quant(kt, qk_site, "k", -2)
+        vh = quant(vh, pv_site, "v", -2)
+        out = quant_attention(qh, kt, vh, prob=prob, scale=float(scale), impl=getattr(quant, "impl", "auto"))
+        return jnp.swapaxes(out, 1, 2)
     logits = qmatmul(qh, kt, site=qk_site, roles=("q", "k"), quant=quant).astype(jnp.float32) * scale
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)

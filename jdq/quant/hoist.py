@@ -178,6 +178,12 @@ class HoistedWeights(QuantizerBase):
         """Whether the inner quantizer transforms operand (``site``, ``role``)."""
         return self.quant.quantizes(site, role)
 
+    def transform_for(self, site, role):
+        """The inner quantizer's transform of operand (``site``, ``role``) (hoisted weights: not exposed)."""
+        if role == "weight" and site in self.weights:
+            raise NotImplementedError(f"the weight of {site} is hoisted")
+        return self.quant.transform_for(site, role)
+
     def __call__(self, x, site, role, axis=-1):
         if role == "weight" and site in self.weights:
             w, table = self.weights[site], self.tables[site]

@@ -316,6 +316,13 @@ class QuantizerBase:
         """Whether operand (``site``, ``role``) is transformed; ``False`` lets a model take a fused path."""
         return True
 
+    def transform_for(self, site: str, role: str) -> QuantTransform | None:
+        """The transform bound to operand (``site``, ``role``) (``None``: none); ``NotImplementedError`` when not known.
+
+        A model may read its static ``meta`` to run a fused kernel that applies the same cast.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not expose its transforms")
+
 
 @jax.tree_util.register_pytree_node_class
 class Quantizer(QuantizerBase):
@@ -350,6 +357,10 @@ class Quantizer(QuantizerBase):
     def quantizes(self, site, role):
         """Whether the plan binds a transform to operand (``site``, ``role``)."""
         return self.plan.transform_for(operand_key(site, role)) is not None
+
+    def transform_for(self, site, role):
+        """The plan's transform of operand (``site``, ``role``), ``None`` when it has none."""
+        return self.plan.transform_for(operand_key(site, role))
 
     def __call__(self, x, site, role, axis=-1):
         key = operand_key(site, role)

@@ -1,0 +1,99 @@
+"""``quant_attention``: fake-quant attention of cast operands, the probabilities' cast fused, on the implementation ``impl`` selects.
+
+The fake-quant (unlowered) path of ``jdq.models.layers.attention`` calls it for a plan whose
+probability cast :func:`~jdq.kernels.quant_attention.ref.prob_cast_of` accepts (no cast, an MX or
+an MX9 / MX6 / MX4 cast; every q / k / v transform is applied before, by the plan itself), on a
+GPU, for bf16 operands without a mask or bias (``JDQ_QUANT_ATTENTION`` chooses: ``auto`` /
+``xla`` / ``kernel``). Implementations ``{"gpu", "xla"}`` behind :func:`~jdq.kernels.op.dispatch`:
+the Mosaic GPU kernel (:mod:`.gpu`) or the reference (:func:`~.ref.reference`, the explicit path).
+
+Cost outside the kernel (XLA): the operands go to the kernel's layout — heads first, the head dim
+zero-padded to a multiple of 16, k untransposed, for a pair cast the keys of each chunk even first
+— in the fusions that cast them anyway; the output is sliced back to D and its heads moved after
+the tokens (one more pass over the output).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jdq.kernels.op import dispatch
+from jdq.kernels.quant_attention import ref
+
+
+def _config(lk: int, prob: ref.ProbCast):
+    from jdq.kernels import tuning
+    from jdq.kernels.quant_attention.gpu import Config
+
+    cfg = Config(**tuning.lookup("quant_attention", lk))
+    if prob.pairs and cfg.block_kv % 32:
+        cfg = Config(cfg.block_q, 32, cfg.stages)
+    return cfg
+
+
+def _padded(d: int) -> int:
+    from jdq.kernels.quant_attention.gpu import D_MULTIPLE
+
+    return -(-d // D_MULTIPLE) * D_MULTIPLE
+
+
+def _layout(x, lk_axis_last: bool, dp: int, order):
+    """(B, H, L, D) — or (B, H, D, L) with ``lk_axis_last`` — to the kernel's (B·H, L, Dp), keys in ``order``."""
+    if lk_axis_last:
+        x = jnp.swapaxes(x, -1, -2)
+    b, h, n, d = x.shape
+    x = x.reshape(b * h, n, d)
+    if order is not None:
+        x = jnp.take(x, order, axis=1)
+    return jnp.pad(x, ((0, 0), (0, 0), (0, dp - d))) if dp != d else x
+
+
+def _gpu(qh, kt, vh, prob, scale, *, impl, config=None):
+    if impl not in ("gpu", "gpu_interpret"):
+        return None
+    from jdq.kernels.quant_attention.gpu import quant_attention_gpu
+
+    if qh.dtype != jnp.bfloat16 or kt.dtype != jnp.bfloat16 or vh.dtype != jnp.bfloat16:
+        return None
+    b, h, lq, d = qh.shape
+    lk = vh.shape[2]
+    cfg = config or _config(lk, prob)
+    dp = _padded(d)
+    pad = (-lq) % cfg.block_q  # extra query rows are computed and dropped (rows are independent)
+    if cfg.supports(lq + pad, lk, dp, prob):
+        return None
+    order = ref.key_order(lk, cfg.block_kv, prob.pairs)
+    q = _layout(qh, False, dp, None)
+    if pad:
+        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0)))
+    out = quant_attention_gpu(q, _layout(kt, True, dp, order), _layout(vh, False, dp, order), scale=scale, prob=prob,
+                              config=cfg, interpret=impl == "gpu_interpret")
+    return out[:, :lq, :d].reshape(b, h, lq, d)
+
+
+def _xla(qh, kt, vh, prob, scale, *, impl, config=None):
+    return ref.reference(qh, kt, vh, prob, scale)
+
+
+#: The implementations of fake-quant attention (no TPU kernel: the XLA reference there).
+IMPLEMENTATIONS = {"gpu": _gpu, "xla": _xla}
+
+
+@functools.partial(jax.jit, static_argnames=("prob", "scale", "impl", "config"))
+def quant_attention(qh, kt, vh, *, prob: ref.ProbCast, scale: float, impl: str = "auto", config=None):
+    """Attention of cast ``qh`` (B, H, Lq, D), ``kt`` (B, H, D, Lk), ``vh`` (B, H, Lk, D), ``prob`` cast inside: (B, H, Lq, D).
+
+    :func:`~jdq.kernels.quant_attention.ref.reference` on the kernel where it tiles (bf16, Lk a
+    multiple of ``block_kv``; Lq is padded), the reference elsewhere.
+    """
+    if qh.ndim != 4 or kt.ndim != 4 or vh.ndim != 4:
+        raise ValueError(f"quant_attention: qh {qh.shape}, kt {kt.shape}, vh {vh.shape} must be 4-d (B, H, ., .)")
+    if kt.shape[2] != qh.shape[3] or vh.shape[2] != kt.shape[3] or qh.shape[:2] != kt.shape[:2] != vh.shape[:2]:
+        raise ValueError(f"quant_attention: qh {qh.shape}, kt {kt.shape}, vh {vh.shape} do not fit together")
+    return dispatch(IMPLEMENTATIONS, impl, qh, kt, vh, prob, float(scale), config=config)
+
+
+__all__ = ["IMPLEMENTATIONS", "quant_attention"]

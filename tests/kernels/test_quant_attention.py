@@ -1,0 +1,182 @@
+"""Fake-quant attention with the probabilities cast in the kernel: the reference is the explicit path of
+``jdq.models.layers.attention``, the Mosaic GPU kernel in interpret mode equals the reference (MX, MX9 /
+MX6 / MX4 and no cast), the real kernel lowers to Mosaic GPU at DiT-XL/2 shapes, and a plan's attention
+routes to it only for the casts it implements."""
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from kernel_testutil import lowers_to_mosaic_gpu, relerr
+
+from jdq import formats, recipes
+from jdq.kernels.quant_attention import ProbCast, key_order, prob_cast_of, quant_attention, reference
+from jdq.kernels.quant_attention.gpu import Config, quant_attention_gpu
+from jdq.models import layers
+from jdq.quant import cast, trace_operands
+
+SITE = "blocks.0.attn"
+
+
+def _cast_operands(key, b=1, h=2, lq=128, lk=128, d=72, fmt="mxfp8_e4m3"):
+    """q̂ (B, H, Lq, D), k̂ᵀ (B, H, D, Lk), v̂ (B, H, Lk, D) in bf16, cast along their contraction axes as a plan would."""
+    k1, k2, k3 = jax.random.split(jax.random.key(key), 3)
+    q = jax.random.normal(k1, (b, h, lq, d)) * 1.5
+    kt = jax.random.normal(k2, (b, h, d, lk)) * 1.5
+    v = jax.random.normal(k3, (b, h, lk, d))
+    spec = formats.get(fmt)
+    return (formats.cast(q.astype(jnp.bfloat16), spec, axis=-1), formats.cast(kt.astype(jnp.bfloat16), spec, axis=-2),
+            formats.cast(v.astype(jnp.bfloat16), spec, axis=-2))
+
+
+def _prob(fmt):
+    if fmt is None:
+        return ProbCast()
+    spec = formats.get(fmt)
+    return ProbCast(spec.kind, spec)
+
+
+def _agree(got, want):
+    """Equal but for float reordering: the row sums and P·V sums run in another order than XLA's."""
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    ok = ~np.isnan(want)
+    assert np.mean(got[ok] == want[ok]) >= 0.99
+    assert relerr(got[ok], want[ok]) < 2e-3
+
+
+@pytest.mark.parametrize("fmt,block_kv", [("mxfp8_e4m3", 64), ("mxint8", 32), ("mxfp4_e2m1", 128), ("mx6", 32),
+                                          ("mx9", 64), ("mx4", 64), (None, 64)])
+def test_kernel_interpreted_equals_reference(fmt, block_kv):
+    qh, kt, vh = _cast_operands(0, fmt=fmt or "mx9")
+    prob, scale = _prob(fmt), 1 / math.sqrt(72)
+    want = reference(qh, kt, vh, prob, scale)
+    got = quant_attention(qh, kt, vh, prob=prob, scale=scale, impl="gpu_interpret", config=Config(block_kv=block_kv))
+    _agree(got, want)
+    if fmt is not None:  # the cast is really applied: without it the result is another one
+        plain = reference(qh, kt, vh, ProbCast(), scale)
+        assert relerr(plain, want) > 20 * relerr(got, want) + 1e-4
+
+
+def test_pair_cast_needs_the_key_order():
+    """MX6 pairs neighbouring keys: the kernel reads k and v with each chunk's even keys first."""
+    order = np.asarray(key_order(64, 32, pairs=True))
+    assert order[:16].tolist() == list(range(0, 32, 2)) and order[16:32].tolist() == list(range(1, 32, 2))
+    assert sorted(order.tolist()) == list(range(64))
+    assert key_order(64, 64, pairs=False) is None
+
+
+def test_nan_rows_and_ragged_shapes():
+    qh, kt, vh = _cast_operands(1, lq=96, lk=128, fmt="mx6")
+    qh = qh.at[0, 1, 5, 3].set(jnp.nan)
+    prob, scale = _prob("mx6"), 0.1
+    want = reference(qh, kt, vh, prob, scale)
+    got = quant_attention(qh, kt, vh, prob=prob, scale=scale, impl="gpu_interpret")  # Lq = 96: padded to 128
+    assert np.isnan(np.asarray(got[0, 1, 5], np.float32)).all()
+    _agree(got, want)
+    # Lk = 80 does not tile into 32-key chunks: the jitted reference runs, bit for bit (eager softmax may round
+    # a probability one bf16 ulp apart from the fused one, which can move an MX6 block's exponent)
+    qh, kt, vh = _cast_operands(2, lq=64, lk=80, fmt="mx6")
+    jitted_reference = jax.jit(reference, static_argnums=(3, 4))
+    np.testing.assert_array_equal(np.asarray(quant_attention(qh, kt, vh, prob=prob, scale=scale, impl="gpu_interpret")),
+                                  np.asarray(jitted_reference(qh, kt, vh, prob, scale)))
+
+
+def test_bad_operands_are_named():
+    qh, kt, vh = _cast_operands(3, lq=64, lk=64)
+    with pytest.raises(ValueError, match="do not fit"):
+        quant_attention(qh, kt[..., :32], vh, prob=ProbCast(), scale=0.1)
+    with pytest.raises(ValueError, match="bfloat16"):
+        quant_attention_gpu(qh[0].astype(jnp.float32), qh[0], qh[0], scale=0.1, prob=ProbCast())
+    with pytest.raises(ValueError, match="head dim 72"):
+        quant_attention_gpu(qh[0], qh[0], qh[0], scale=0.1, prob=ProbCast())
+    qp = jnp.pad(qh[0], ((0, 0), (0, 0), (0, 8)))  # D = 72 padded to 80, as the api does
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quant_attention_gpu(qp, qp, qp, scale=0.1, prob=_prob("mx6"), config=Config(block_kv=16))
+    with pytest.raises(ValueError, match="format spec"):
+        ProbCast("mx")
+
+
+@pytest.mark.parametrize("fmt,block_kv", [("mxfp8_e4m3", 64), ("mx6", 32), ("mx9", 64), (None, 128)])
+def test_kernel_lowers_to_mosaic_gpu_at_dit_xl_shapes(fmt, block_kv):
+    prob = _prob(fmt)
+    fn = lambda q, k, v: quant_attention_gpu(q, k, v, scale=0.1, prob=prob, config=Config(block_kv=block_kv))  # noqa: E731
+    shape = ((1024, 256, 80), jnp.bfloat16)  # DiT-XL/2 256 at batch 64: B·H = 1024, L = 256, D = 72 -> 80
+    assert lowers_to_mosaic_gpu(fn, shape, shape, shape)
+
+
+def test_prob_cast_of_reads_the_plan_transform():
+    assert prob_cast_of(None) == ProbCast()
+    mx = prob_cast_of(cast("mxfp8_e4m3"))
+    assert mx.kind == "mx" and mx.block == 32 and not mx.pairs
+    smx = prob_cast_of(cast("mx6"))
+    assert smx.kind == "smx" and smx.block == 16 and smx.pairs
+    assert "block-scaled" in prob_cast_of(cast("fp8_e4m3", granularity="row"))
+    assert "block-scaled" in prob_cast_of(cast("int8"))
+
+
+def _attn(q, k, v, quant):
+    return layers.attention(q, k, v, site=SITE, quant=quant)
+
+
+def _jitted_attn(q, k, v, quant):
+    """The attention traced afresh (the path is chosen at trace time) and compiled as a model's would be."""
+    return jax.jit(lambda q, k, v: _attn(q, k, v, quant))(q, k, v)
+
+
+@pytest.mark.parametrize("recipe", ["mx6", "mxfp8_e4m3"])
+def test_attention_routes_mx_plans_through_the_fused_path(recipe, monkeypatch):
+    """``JDQ_QUANT_ATTENTION=kernel`` takes the fused path wherever the plan allows (its XLA reference on a CPU):
+    the same function as the explicit path, bit for bit, so the routing applies the plan's own q / k / v casts."""
+    k1, k2, k3 = jax.random.split(jax.random.key(4), 3)
+    q, k, v = (jax.random.normal(kk, (1, 64, 2, 72)).astype(jnp.bfloat16) for kk in (k1, k2, k3))
+    plan = recipes.plan_for(recipe, trace_operands(_attn, q, k, v))
+    quant = plan.bind(plan.init())
+    monkeypatch.setenv(layers.QUANT_ATTENTION_ENV, "xla")
+    explicit = _jitted_attn(q, k, v, quant)
+    calls = []
+    monkeypatch.setattr("jdq.kernels.quant_attention.quant_attention",
+                        lambda *a, **kw: calls.append(kw["prob"]) or quant_attention(*a, **kw))
+    monkeypatch.setenv(layers.QUANT_ATTENTION_ENV, "kernel")
+    fused = _jitted_attn(q, k, v, quant)
+    assert len(calls) == 1 and calls[0].spec.name == recipe
+    np.testing.assert_array_equal(np.asarray(fused, np.float32), np.asarray(explicit, np.float32))
+    monkeypatch.setenv(layers.QUANT_ATTENTION_ENV, "bogus")
+    with pytest.raises(ValueError, match="JDQ_QUANT_ATTENTION"):
+        _attn(q, k, v, quant)
+
+
+def test_attention_keeps_the_explicit_path_for_other_casts(monkeypatch):
+    """w8a8-fp8attn's per-row E4M3 probabilities are not a block cast: the explicit path runs."""
+    k1, k2, k3 = jax.random.split(jax.random.key(5), 3)
+    q, k, v = (jax.random.normal(kk, (1, 64, 2, 72)).astype(jnp.bfloat16) for kk in (k1, k2, k3))
+    plan = recipes.plan_for("w8a8-fp8attn", trace_operands(_attn, q, k, v))
+    monkeypatch.setenv(layers.QUANT_ATTENTION_ENV, "kernel")
+    monkeypatch.setattr("jdq.kernels.quant_attention.quant_attention", lambda *a, **kw: pytest.fail("fused path taken"))
+    _attn(q, k, v, plan.bind(plan.init()))
+
+
+def test_benchmark_render(load_benchmark):
+    qb = load_benchmark("quant_attention")
+    res = {"jax": "x", "device": "d", "checks": {"dit.b64@mx6": {"ok": True, "relerr_vs_explicit": 1e-4}},
+           "rows": {"dit.b64": {"gflop": 19.3, "us": {"cudnn_bf16": 100.0, "explicit:mx6": 400.0, "fused:mx6": 200.0},
+                                "errors": {"kernel:mx6": "ValueError: do not fit"}}}}
+    md = qb.render(res)
+    assert "| dit.b64 | fused:mx6 | 200.0 | 96 | 0.50 | 2.00 |" in md and "failed: ValueError" in md
+
+
+@pytest.mark.slow
+def test_benchmark_tiny_run_checks_the_fused_path(load_benchmark, tmp_path):
+    """The --tiny CPU run checks the fused path against the explicit one and times every variant."""
+    import json
+
+    qb = load_benchmark("quant_attention")
+    before = os.environ.get(layers.QUANT_ATTENTION_ENV)
+    assert qb.main(["--tiny", "--out", str(tmp_path), "--formats", "mx6"]) == 0
+    res = json.loads((tmp_path / "quant_attention.json").read_text())
+    assert res["checks"]["tiny@mx6"]["ok"], res["checks"]
+    assert {"xla_bf16", "fused:mx6", "kernel:mx6", "explicit:mx6"} <= set(res["rows"]["tiny"]["us"])
+    assert os.environ.get(layers.QUANT_ATTENTION_ENV) == before  # the benchmark restores the environment
