@@ -6,7 +6,7 @@ Device command (≈ 60–120 s on an H200): ``python3 benchmarks/quant_attention
 
 Shapes (``--shapes``, priority order): ``dit.b64`` — DiT-XL/2 at 256 px, batch 64 (32 + CFG), L = 256,
 16 heads, D = 72; ``pixart`` — PixArt-Σ-1024, batch 2, L = 4096, 16 heads, D = 72. For each format of
-``--formats`` (a recipe of the same name: MX casts of q, k, v and the probabilities), on the same
+``--formats`` (a recipe of that name: its casts of q, k, v and the probabilities), on the same
 (B, L, H, D) bf16 q / k / v:
 
 * ``cudnn_bf16`` / ``xla_bf16``: ``jax.nn.dot_product_attention`` without quantization (the baselines);
@@ -45,7 +45,7 @@ import kernels as kb  # noqa: E402  (benchmarks/kernels.py: timing, output conve
 
 SHAPES = {"dit.b64": (64, 256, 16, 72), "pixart": (2, 4096, 16, 72)}
 TINY = {"tiny": (1, 128, 2, 72)}
-DEFAULT_FORMATS = "mx6,mx9,mxfp8_e4m3,mxint8"
+DEFAULT_FORMATS = "mx6,mx9,mxfp8_e4m3,mxint8,w8a8-fp8attn"
 SITE = "blocks.0.attn"
 
 

@@ -95,6 +95,10 @@ def _round(v, fmt):
     return _bits.round_to_float_grid(v, ebits, mbits, max_normal, fmt.rounding)
 
 
+def _scale_of_amax(amax, fmt):
+    return amax * np.float32(1.0 / fmt.max_normal)
+
+
 def _params(x, fmt, axis, scale):
     xf = x.astype(jnp.float32)
     if fmt.granularity is None:
@@ -103,7 +107,7 @@ def _params(x, fmt, axis, scale):
         return xf, None
     xw, red = uniform.working_layout(xf, fmt.granularity, fmt.group_size, axis)
     if scale is None:
-        scale = jnp.max(jnp.abs(xw), axis=red, keepdims=True) * np.float32(1.0 / fmt.max_normal)
+        scale = _scale_of_amax(jnp.max(jnp.abs(xw), axis=red, keepdims=True), fmt)
     else:
         scale = uniform.to_working(scale, x.shape, fmt.granularity, fmt.group_size, axis, "scale")
     return xw, scale
@@ -115,14 +119,28 @@ def _finish(out, x, fmt, axis):
     return out
 
 
+def _scaled_round(xw, scale, fmt):
+    s, r = uniform.reciprocal(scale)
+    return _round(xw * r, fmt) * s
+
+
 def fake_quantize(x, fmt: FP8Format, axis, scale=None):
     """Quantize-dequantize ``x`` along normalised ``axis``; static when ``scale`` is given."""
     xw, scale = _params(x, fmt, axis, scale)
     if scale is None:
         return _round(xw, fmt).astype(x.dtype)
-    s, r = uniform.reciprocal(scale)
-    out = _round(xw * r, fmt) * s
-    return _finish(out, x, fmt, axis).astype(x.dtype)
+    return _finish(_scaled_round(xw, scale, fmt), x, fmt, axis).astype(x.dtype)
+
+
+def fake_quantize_given_amax(x, amax, fmt: FP8Format):
+    """Fake-quantized float32 ``x`` given its scale group's max |x| ``amax`` (float32, broadcastable to x).
+
+    Elementwise: what :func:`fake_quantize` computes with a dynamic scale once the group maxima are
+    known, for a caller that knows or reduces them itself (a kernel holding a row across registers).
+    """
+    if fmt.granularity is None:
+        raise ValueError("fake_quantize_given_amax: granularity=None is the unscaled FP8 cast (no amax)")
+    return _scaled_round(x.astype(jnp.float32), _scale_of_amax(jnp.asarray(amax, jnp.float32), fmt), fmt)
 
 
 def quantize(x, fmt: FP8Format, axis, scale=None):

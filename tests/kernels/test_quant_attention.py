@@ -36,7 +36,7 @@ def _prob(fmt):
     if fmt is None:
         return ProbCast()
     spec = formats.get(fmt)
-    return ProbCast(spec.kind, spec)
+    return ProbCast("row", spec) if spec.kind == "fp8" else ProbCast(spec.kind, spec)
 
 
 def _agree(got, want):
@@ -49,7 +49,7 @@ def _agree(got, want):
 
 
 @pytest.mark.parametrize("fmt,block_kv", [("mxfp8_e4m3", 64), ("mxint8", 32), ("mxfp4_e2m1", 128), ("mx6", 32),
-                                          ("mx9", 64), ("mx4", 64), (None, 64)])
+                                          ("mx9", 64), ("mx4", 64), ("fp8_e4m3", 64), (None, 64)])
 def test_kernel_interpreted_equals_reference(fmt, block_kv):
     qh, kt, vh = _cast_operands(0, fmt=fmt or "mx9")
     prob, scale = _prob(fmt), 1 / math.sqrt(72)
@@ -100,7 +100,7 @@ def test_bad_operands_are_named():
         ProbCast("mx")
 
 
-@pytest.mark.parametrize("fmt,block_kv", [("mxfp8_e4m3", 64), ("mx6", 32), ("mx9", 64), (None, 128)])
+@pytest.mark.parametrize("fmt,block_kv", [("mxfp8_e4m3", 64), ("mx6", 32), ("mx9", 64), ("fp8_e4m3", 64), (None, 128)])
 def test_kernel_lowers_to_mosaic_gpu_at_dit_xl_shapes(fmt, block_kv):
     prob = _prob(fmt)
     fn = lambda q, k, v: quant_attention_gpu(q, k, v, scale=0.1, prob=prob, config=Config(block_kv=block_kv))  # noqa: E731
@@ -114,8 +114,12 @@ def test_prob_cast_of_reads_the_plan_transform():
     assert mx.kind == "mx" and mx.block == 32 and not mx.pairs
     smx = prob_cast_of(cast("mx6"))
     assert smx.kind == "smx" and smx.block == 16 and smx.pairs
-    assert "block-scaled" in prob_cast_of(cast("fp8_e4m3", granularity="row"))
+    row = prob_cast_of(cast("fp8_e4m3", granularity="row"))
+    assert row.kind == "row" and row.block == 1 and not row.pairs
+    assert "scales per row" in prob_cast_of(cast("fp8_e4m3", granularity="tensor"))
     assert "block-scaled" in prob_cast_of(cast("int8"))
+    with pytest.raises(ValueError, match="granularity 'row'"):
+        ProbCast("row", formats.get("mxfp8_e4m3"))
 
 
 def _attn(q, k, v, quant):
@@ -127,7 +131,7 @@ def _jitted_attn(q, k, v, quant):
     return jax.jit(lambda q, k, v: _attn(q, k, v, quant))(q, k, v)
 
 
-@pytest.mark.parametrize("recipe", ["mx6", "mxfp8_e4m3"])
+@pytest.mark.parametrize("recipe", ["mx6", "mxfp8_e4m3", "w8a8-fp8attn"])
 def test_attention_routes_mx_plans_through_the_fused_path(recipe, monkeypatch):
     """``JDQ_QUANT_ATTENTION=kernel`` takes the fused path wherever the plan allows (its XLA reference on a CPU):
     the same function as the explicit path, bit for bit, so the routing applies the plan's own q / k / v casts."""
@@ -142,7 +146,7 @@ def test_attention_routes_mx_plans_through_the_fused_path(recipe, monkeypatch):
                         lambda *a, **kw: calls.append(kw["prob"]) or quant_attention(*a, **kw))
     monkeypatch.setenv(layers.QUANT_ATTENTION_ENV, "kernel")
     fused = _jitted_attn(q, k, v, quant)
-    assert len(calls) == 1 and calls[0].spec.name == recipe
+    assert len(calls) == 1 and calls[0].spec.name == {"w8a8-fp8attn": "fp8_e4m3"}.get(recipe, recipe)
     np.testing.assert_array_equal(np.asarray(fused, np.float32), np.asarray(explicit, np.float32))
     monkeypatch.setenv(layers.QUANT_ATTENTION_ENV, "bogus")
     with pytest.raises(ValueError, match="JDQ_QUANT_ATTENTION"):
@@ -150,10 +154,10 @@ def test_attention_routes_mx_plans_through_the_fused_path(recipe, monkeypatch):
 
 
 def test_attention_keeps_the_explicit_path_for_other_casts(monkeypatch):
-    """w8a8-fp8attn's per-row E4M3 probabilities are not a block cast: the explicit path runs."""
+    """mixdit splits the probabilities into MX9 outlier blocks and MX6 (ranked over the row): the explicit path runs."""
     k1, k2, k3 = jax.random.split(jax.random.key(5), 3)
     q, k, v = (jax.random.normal(kk, (1, 64, 2, 72)).astype(jnp.bfloat16) for kk in (k1, k2, k3))
-    plan = recipes.plan_for("w8a8-fp8attn", trace_operands(_attn, q, k, v))
+    plan = recipes.plan_for("mixdit", trace_operands(_attn, q, k, v))
     monkeypatch.setenv(layers.QUANT_ATTENTION_ENV, "kernel")
     monkeypatch.setattr("jdq.kernels.quant_attention.quant_attention", lambda *a, **kw: pytest.fail("fused path taken"))
     _attn(q, k, v, plan.bind(plan.init()))

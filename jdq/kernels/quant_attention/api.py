@@ -1,8 +1,8 @@
 """``quant_attention``: fake-quant attention of cast operands, the probabilities' cast fused, on the implementation ``impl`` selects.
 
 The fake-quant (unlowered) path of ``jdq.models.layers.attention`` calls it for a plan whose
-probability cast :func:`~jdq.kernels.quant_attention.ref.prob_cast_of` accepts (no cast, an MX or
-an MX9 / MX6 / MX4 cast; every q / k / v transform is applied before, by the plan itself), on a
+probability cast :func:`~jdq.kernels.quant_attention.ref.prob_cast_of` accepts (no cast, an MX,
+an MX9 / MX6 / MX4 or a per-row FP8 cast; every q / k / v transform is applied before, by the plan itself), on a
 GPU, for bf16 operands without a mask or bias (``JDQ_QUANT_ATTENTION`` chooses: ``auto`` /
 ``xla`` / ``kernel``). Implementations ``{"gpu", "xla"}`` behind :func:`~jdq.kernels.op.dispatch`:
 the Mosaic GPU kernel (:mod:`.gpu`) or the reference (:func:`~.ref.reference`, the explicit path).

@@ -11,10 +11,11 @@ keys of every ``block_kv`` chunk of k and v stored even keys first, then odd key
   accumulator), rounded to bf16 and scaled as the reference's logits; running row max and row sum
   of ``exp(logits − max)`` (float32, rescaled when the max grows);
 * **pass 2** (k and v): S again; ``p = exp(logits − max) / sum`` rounded to bf16; the cast along the
-  keys in registers — every scale block of a chunk is a group of columns of the S tile, its max
-  |p| a masked row reduction, and the element arithmetic is :mod:`jdq.formats`' own
-  (``mx.fake_quantize_given_amax`` / ``smx.fake_quantize_given_amax``), so a probability's cast is
-  bit for bit the reference's; a pair cast computes S as two half-chunk tiles (even keys, odd
+  keys in registers — for an MX / SMX cast every scale block of a chunk is a group of columns of
+  the S tile, its max |p| a masked row reduction; for a per-row FP8 cast the row's max probability
+  is known from pass 1 (``bf16(1 / sum)``, its max logit's); the element arithmetic is
+  :mod:`jdq.formats`' own (``mx`` / ``smx`` / ``fp8.fake_quantize_given_amax``), so a
+  probability's cast is bit for bit the reference's; a pair cast computes S as two half-chunk tiles (even keys, odd
   keys), so each element's pair partner sits at the same place of the other tile; the cast
   probabilities go through a swizzled shared tile (one per half) into ``P·V`` WGMMAs (B operand:
   the (keys, Dp) v tile as stored) accumulating into float32;
@@ -108,17 +109,21 @@ def _block_amax(p, group_w: int, interpret):
     return lax.bitcast_convert_type(amax, jnp.int32)
 
 
-def cast_probs(halves, prob: ProbCast, interpret=None):
+def cast_probs(halves, prob: ProbCast, interpret=None, row_amax=None):
     """The probability tiles ``halves`` (float32, bf16-valued, ≥ 0) cast by ``prob`` along the columns.
 
-    One tile: consecutive columns of ``prob.block`` share a scale. Two tiles (a pair cast): the
-    even and odd keys of a chunk, so a scale block is ``block / 2`` consecutive columns of each and
-    an element's pair partner is the other tile's element at the same place.
+    One tile: consecutive columns of ``prob.block`` share a scale, or (``"row"``) each row shares
+    one from its max ``row_amax`` (rows,). Two tiles (a pair cast): the even and odd keys of a
+    chunk, so a scale block is ``block / 2`` consecutive columns of each and an element's pair
+    partner is the other tile's element at the same place.
     """
-    from jdq.formats import mx, smx
+    from jdq.formats import fp8, mx, smx
 
     if prob.kind == "none":
         return halves
+    if prob.kind == "row":
+        (p,) = halves
+        return (fp8.fake_quantize_given_amax(p, _rows(row_amax, p.shape), prob.spec),)
     if prob.kind == "mx":
         (p,) = halves
         return (mx.fake_quantize_given_amax(p, _block_amax(p, prob.block, interpret), prob.spec),)
@@ -179,13 +184,16 @@ def _kernel(q, k_op, v, scale, prob, cfg, interpret):
         m, l = plgpu.emit_pipeline(stats, grid=(steps,), in_specs=[k_spec()], max_concurrent_steps=min(cfg.stages, steps),
                                    init_carry=(m0, l0))(k_g.at[h])
 
+        # a row's largest probability is its max logit's, exp(0) / sum = 1 / sum, rounded to bf16 like every p
+        row_amax = (1.0 / l).astype(bf16).astype(jnp.float32) if prob.kind == "row" else None
+
         def attend(idx, k_s, v_s, acc):
             ps = []
             for i in range(halves):
                 x = _logits(q_s, _key_half(k_s, i, w, interpret) if halves > 1 else k_s, w, scale, interpret)
                 p = jnp.exp(x - _rows(m, x.shape)) / _rows(l, x.shape)
                 ps.append(p.astype(bf16).astype(jnp.float32))
-            for i, p in enumerate(cast_probs(tuple(ps), prob, interpret)):
+            for i, p in enumerate(cast_probs(tuple(ps), prob, interpret, row_amax)):
                 p_s.at[i][...] = p.astype(bf16)
             plgpu.commit_smem()
             return _pv_into(acc, [p_s.at[i] for i in range(halves)],

@@ -20,8 +20,9 @@ row sum is accumulated in another order than XLA's, which can move a probability
 ulp and so, rarely, across a bf16 or cast rounding boundary: the tests bound the difference.
 
 :class:`ProbCast` names the probability casts a kernel does in registers: none, an OCP MX cast
-(block scales along the keys) or a shared-microexponent (MX9 / MX6 / MX4) cast, all dynamic (no
-calibrated state), so the cast is a function of the probabilities alone.
+(block scales along the keys), a shared-microexponent (MX9 / MX6 / MX4) cast or a scaled FP8 cast
+with one scale per query row (``w8a8-fp8attn``), all dynamic (no calibrated state), so the cast is
+a function of the probabilities alone.
 """
 
 from __future__ import annotations
@@ -32,12 +33,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-PROB_KINDS = ("none", "mx", "smx")
+PROB_KINDS = ("none", "mx", "smx", "row")
 
 
 @dataclasses.dataclass(frozen=True)
 class ProbCast:
-    """The probabilities' cast along the keys: ``kind`` ``"none"`` | ``"mx"`` | ``"smx"`` and the format spec."""
+    """The probabilities' cast along the keys: ``kind`` ``"none"`` | ``"mx"`` | ``"smx"`` | ``"row"`` and the format spec.
+
+    ``"row"``: a scaled FP8 cast with a dynamic scale per query row (``amax / max``); a row's max
+    probability is that of its max logit, ``1 / sum``, so the kernel knows it after its first pass.
+    """
 
     kind: str = "none"
     spec: Any = None
@@ -47,13 +52,15 @@ class ProbCast:
             raise ValueError(f"ProbCast kind must be one of {PROB_KINDS}, got {self.kind!r}")
         if (self.kind == "none") != (self.spec is None):
             raise ValueError(f"ProbCast({self.kind!r}) needs a format spec exactly when the kind is not 'none'")
+        if self.kind == "row" and (self.spec.kind != "fp8" or self.spec.granularity != "row"):
+            raise ValueError(f"ProbCast('row') takes an FP8 format with granularity 'row', got {self.spec}")
         if self.kind == "smx" and self.spec.sub_block_size != 2:
             raise ValueError(f"ProbCast: {self.spec.name} has sub-blocks of {self.spec.sub_block_size}; the kernel takes 2")
 
     @property
     def block(self) -> int:
-        """Keys per scale block (1 when there is no cast)."""
-        return 1 if self.spec is None else int(self.spec.block_size)
+        """Keys per scale block (1 when there is no cast or one scale per row)."""
+        return 1 if self.kind in ("none", "row") else int(self.spec.block_size)
 
     @property
     def pairs(self) -> bool:
@@ -76,8 +83,12 @@ def prob_cast_of(transform) -> ProbCast | str:
     if transform is None:
         return ProbCast()
     meta = transform.meta
+    if isinstance(meta, CastMeta) and meta.scaling == "dynamic" and meta.spec.kind == "fp8":
+        if meta.spec.granularity == "row":
+            return ProbCast("row", meta.spec)
+        return f"the probabilities' FP8 cast has granularity {meta.spec.granularity!r}; the kernel scales per row"
     if not isinstance(meta, CastMeta) or meta.scaling != "block":
-        return f"the probabilities' transform ({type(meta).__name__}) is not a single block-scaled format cast"
+        return f"the probabilities' transform ({type(meta).__name__}) is not a single block-scaled or row-scaled FP8 cast"
     spec = meta.spec
     if spec.kind == "mx":
         return ProbCast("mx", spec)
@@ -85,7 +96,7 @@ def prob_cast_of(transform) -> ProbCast | str:
         if spec.sub_block_size != 2:
             return f"{spec.name}: sub-blocks of {spec.sub_block_size} (the kernel pairs keys)"
         return ProbCast("smx", spec)
-    return f"the probabilities' cast is {spec.name} ({meta.scaling}); the kernel casts MX / MX9-MX6-MX4 blocks"
+    return f"the probabilities' cast is {spec.name} ({meta.scaling}); the kernel casts MX / MX9-MX6-MX4 blocks or FP8 rows"
 
 
 def reference(qh, kt, vh, prob: ProbCast, scale: float):
