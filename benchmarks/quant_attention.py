@@ -14,13 +14,14 @@ Shapes (``--shapes``, priority order): ``dit.b64`` — DiT-XL/2 at 256 px, batch
   (logits and probabilities materialised, the probabilities' cast in XLA: what a step ran before);
 * ``fused:<fmt>``: the same call with ``JDQ_QUANT_ATTENTION=kernel`` (q / k / v cast by XLA, the
   probabilities cast in the Mosaic GPU kernel);
+* ``kernel_nocast``: the kernel on the bf16 q / k / v without a probability cast (its two-pass skeleton);
 * ``kernel:<fmt>``: :func:`jdq.kernels.quant_attention.quant_attention` alone on already-cast operands
   (the layout changes and the kernel); ``kernel:<fmt>@<config>`` with a config of ``--configs``
   (``64s2``: block_kv 64, 2 stages) instead of the tuned one.
 
 Before timing, ``fused:<fmt>`` is checked against ``explicit:<fmt>`` on fresh inputs (the same function
 up to the row sums' order: the share of equal outputs and ‖Δ‖/‖explicit‖, which must be far below the
-cast's own error against float32 attention). XLA's compiled explicit path is not the program's rounding
+cast's own error against float32 attention, or within the explicit path's own spread, below). XLA's compiled explicit path is not the program's rounding
 for rounding: by default it may keep a bf16 value in float32 inside a fusion, and on a CPU it folds the
 logits' bf16 rounding into the dot and divides by a reciprocal; so the check also compares with the
 explicit path compiled under :data:`STRICT` (a failed check is reported and the variants still
@@ -114,13 +115,18 @@ def variant(name, example, impl):
 
     ``kernel:<fmt>@<config>`` runs the kernel with that config (:func:`parse_config`) instead of the tuned one.
     """
-    from jdq.kernels.quant_attention import prob_cast_of, quant_attention
+    from jdq.kernels.quant_attention import ProbCast, prob_cast_of, quant_attention
 
     d = example[0].shape[-1]
     scale = 1.0 / math.sqrt(d)
     name, _, spec = name.partition("@")
     config = parse_config(spec) if spec else None
     base, _, fmt = name.partition(":")
+    if base == "kernel_nocast":  # the kernel's skeleton: bf16 operands, no probability cast
+        q, k, v = example
+        ops = (jnp.swapaxes(q, 1, 2), jnp.transpose(k, (0, 2, 3, 1)), jnp.swapaxes(v, 1, 2))
+        return (lambda qh, kt, vh: quant_attention(qh, kt, vh, prob=ProbCast(), scale=scale, impl=impl,
+                                                   config=config)), ops, "kernel"
     if base in ("xla_bf16", "cudnn_bf16"):
         which = base.split("_")[0]
         return (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=which)), example, "xla"
@@ -170,11 +176,15 @@ def check(fmt, example, impl):
     err_explicit, err_fused = kb._rel(want, exact), kb._rel(got, exact)
     # the row sums run in another order than XLA's: a probability can move one float32 ulp, rarely across a
     # cast boundary; such flips are a small share of the cast's own error (interpret mode: 99 % equal outputs)
-    ok = (bool(np.isfinite(rel)) and min(rel, rel_strict) < 0.05 * err_explicit
+    # A per-row FP8 cast (a scale that is no power of two) moves with every bf16 rounding XLA keeps or drops:
+    # on an H200 the explicit path compiled two ways differs by 3.1 % (w8a8-fp8attn, DiT b64). There the fused
+    # path must lie within that spread of the explicit one.
+    spread = kb._rel(want_strict, want)
+    ok = (bool(np.isfinite(rel)) and min(rel, rel_strict) < max(0.05 * err_explicit, spread)
           and abs(err_fused - err_explicit) < 0.05 * err_explicit)
     return {"ok": ok, "equal_share": float(np.mean(got == want)), "relerr_vs_explicit": rel,
             "equal_share_strict": float(np.mean(got == want_strict)), "relerr_vs_strict": rel_strict,
-            "strict_vs_explicit": kb._rel(want_strict, want), "explicit_relerr_vs_f32": err_explicit,
+            "strict_vs_explicit": spread, "explicit_relerr_vs_f32": err_explicit,
             "fused_relerr_vs_f32": err_fused}
 
 
@@ -257,7 +267,7 @@ def main(argv=None):
         example = qkv(jax.random.fold_in(key, len(res["rows"])), shape)
         row = res["rows"].setdefault(tag, {"shape": shape, "gflop": attention_flops(shape) / 1e9, "us": {},
                                            "errors": {}})
-        names = ["cudnn_bf16", "xla_bf16"] if on_gpu else ["xla_bf16"]  # cuDNN needs a GPU
+        names = (["cudnn_bf16", "xla_bf16"] if on_gpu else ["xla_bf16"]) + ["kernel_nocast"]  # cuDNN needs a GPU
         for fmt in formats:
             name = f"{tag}@{fmt}"
             if time.time() - t0 > args.budget_s:
