@@ -225,7 +225,14 @@ def attention(q, k, v, *, site: str, quant: QuantizerBase | None = None, mask=No
     lowered quantizer (:func:`jdq.kernels.lower`) that routes ``site`` to the FP8 attention kernel
     (``quant.lowered_attention(site)``: the casts of ``jdq.recipes.fp8_attention_rules``) and there
     is no mask or bias, :func:`jdq.kernels.fp8_attention` runs (same casts; the probabilities on
-    the kernel's static per-block grid, see :mod:`jdq.kernels.fp8_attention.ref`).
+    the kernel's static per-block grid, see :mod:`jdq.kernels.fp8_attention.ref`). Otherwise a
+    fake-quant attention runs explicitly: the plan's casts of q, k and v, then — where
+    :data:`QUANT_ATTENTION_ENV` allows (by default on a GPU, for bf16 without a mask or bias, when the
+    probabilities' cast is an MX, an MX9 / MX6 / MX4 or a per-row FP8 cast) —
+    :func:`jdq.kernels.quant_attention.quant_attention`, a flash kernel that casts the probabilities
+    in registers, else the two matmuls and the softmax in XLA with the probabilities' cast between
+    them. Both compute the same program; they differ only where floats are summed in another order
+    or XLA keeps a bf16 value in float32 (see :mod:`jdq.kernels.quant_attention.ref`).
     """
     d = q.shape[-1]
     scale = (1.0 / d**0.5) if scale is None else scale

@@ -18,6 +18,10 @@ maximum and sum before it can cast any probability (the cast's block scales see 
 values), so it makes two passes over the keys: statistics, then probabilities, cast and P·V. Its
 row sum is accumulated in another order than XLA's, which can move a probability by one float32
 ulp and so, rarely, across a bf16 or cast rounding boundary: the tests bound the difference.
+XLA's own compilation of the explicit path is not rounding-exact either: by default a fusion may
+keep a bf16 value in float32 (``xla_allow_excess_precision``), and on a CPU the logits' bf16
+rounding is folded into the dot and the softmax divides by a reciprocal. For block casts with
+power-of-two scales that rarely shows; a per-row FP8 scale moves with every such rounding.
 
 :class:`ProbCast` names the probability casts a kernel does in registers: none, an OCP MX cast
 (block scales along the keys), a shared-microexponent (MX9 / MX6 / MX4) cast or a scaled FP8 cast
