@@ -182,6 +182,16 @@ def kernel_profile(fn, args, top=12):
     return {"top": [[n[:120], c, ms] for n, c, ms in rows[:top]], "total_ms": sum(r[2] for r in rows), "kernels": len(rows)}
 
 
+def write_optimized_hlo(fn, args, out_dir, name):
+    """Write the compiled ``fn(*args)``'s optimized HLO (fusion names as the profile shows them), gzipped; returns the path."""
+    import gzip
+
+    path = os.path.join(out_dir, f"step_{name}.hlo.txt.gz")
+    with gzip.open(path, "wt") as f:
+        f.write(fn.lower(*args).compile().as_text())
+    return path
+
+
 def steps_stage(b, model, sampler, labels, guidance, calibrated):
     """Stage 2: the guided denoiser step at batch ``--batch``: bf16, then every recipe's fake-quant step."""
     from jdq import recipes
@@ -227,6 +237,8 @@ def steps_stage(b, model, sampler, labels, guidance, calibrated):
                       + "; ".join(f"{n[:60]} {ms:.2f}" for n, _, ms in rec["profile"]["top"][:6]))
             except Exception as e:  # noqa: BLE001
                 rec["profile"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            if b.args.hlo:
+                rec["hlo"] = write_optimized_hlo(step, (params, quant, x, t, y, i), b.out_dir, name)
         base = st["times"].get("bf16", {}).get("wall_ms")
         if base and name != "bf16":
             rec["ratio_vs_bf16"] = ms / base
@@ -407,6 +419,7 @@ def main(argv=None):
     p.add_argument("--per-step-weights", action="store_true",
                    help="time steps with the weight casts inside them (default: hoisted, as sampling runs)")
     p.add_argument("--profile", default="", help="recipes (and 'bf16') whose step gets a CUPTI per-kernel breakdown")
+    p.add_argument("--hlo", action="store_true", help="also write each profiled step's optimized HLO (gzipped text)")
     args = p.parse_args(argv)
     on_gpu = jax.default_backend() == "gpu"
     if args.device_run and not on_gpu and not args.tiny:

@@ -69,6 +69,17 @@ def test_pair_cast_needs_the_key_order():
     assert key_order(64, 64, pairs=False) is None
 
 
+def test_kernel_layout_is_the_key_order_and_the_padding():
+    """The operands' layout pass (reshape + transpose) puts keys in ``key_order`` and zero-pads D."""
+    from jdq.kernels.quant_attention.api import _layout
+
+    x = jax.random.normal(jax.random.key(3), (2, 3, 64, 72), jnp.float32)
+    want = jnp.pad(jnp.take(x.reshape(6, 64, 72), key_order(64, 32, pairs=True), axis=1), ((0, 0), (0, 0), (0, 8)))
+    np.testing.assert_array_equal(np.asarray(_layout(x, False, 80, 32)), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(_layout(jnp.swapaxes(x, -1, -2), True, 80, 32)), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(_layout(x, False, 72, None)), np.asarray(x.reshape(6, 64, 72)))
+
+
 def test_nan_rows_and_ragged_shapes():
     qh, kt, vh = _cast_operands(1, lq=96, lk=128, fmt="mx6")
     qh = qh.at[0, 1, 5, 3].set(jnp.nan)

@@ -40,14 +40,19 @@ def _padded(d: int) -> int:
     return -(-d // D_MULTIPLE) * D_MULTIPLE
 
 
-def _layout(x, lk_axis_last: bool, dp: int, order):
-    """(B, H, L, D) — or (B, H, D, L) with ``lk_axis_last`` — to the kernel's (B·H, L, Dp), keys in ``order``."""
+def _layout(x, lk_axis_last: bool, dp: int, pair_chunk: int | None):
+    """(B, H, L, D) — or (B, H, D, L) with ``lk_axis_last`` — to the kernel's (B·H, L, Dp).
+
+    With ``pair_chunk``, the keys of each chunk of that many go even first
+    (:func:`~jdq.kernels.quant_attention.ref.key_order`), as a reshape and transpose rather than a
+    gather, so XLA fuses it with the operand's cast.
+    """
     if lk_axis_last:
         x = jnp.swapaxes(x, -1, -2)
     b, h, n, d = x.shape
     x = x.reshape(b * h, n, d)
-    if order is not None:
-        x = jnp.take(x, order, axis=1)
+    if pair_chunk is not None:
+        x = jnp.swapaxes(x.reshape(b * h, n // pair_chunk, pair_chunk // 2, 2, d), 2, 3).reshape(b * h, n, d)
     return jnp.pad(x, ((0, 0), (0, 0), (0, dp - d))) if dp != d else x
 
 
@@ -65,11 +70,11 @@ def _gpu(qh, kt, vh, prob, scale, *, impl, config=None):
     pad = (-lq) % cfg.block_q  # extra query rows are computed and dropped (rows are independent)
     if cfg.supports(lq + pad, lk, dp, prob):
         return None
-    order = ref.key_order(lk, cfg.block_kv, prob.pairs)
+    chunk = cfg.block_kv if prob.pairs else None
     q = _layout(qh, False, dp, None)
     if pad:
         q = jnp.pad(q, ((0, 0), (0, pad), (0, 0)))
-    out = quant_attention_gpu(q, _layout(kt, True, dp, order), _layout(vh, False, dp, order), scale=scale, prob=prob,
+    out = quant_attention_gpu(q, _layout(kt, True, dp, chunk), _layout(vh, False, dp, chunk), scale=scale, prob=prob,
                               config=cfg, interpret=impl == "gpu_interpret")
     return out[:, :lq, :d].reshape(b, h, lq, d)
 
