@@ -34,14 +34,15 @@ from jdq import formats  # noqa: E402
 from jdq.formats import _bits, mx, smx  # noqa: E402
 
 
-def smx_words_reduced(x, fmt):
-    """The word form with the block max as a reduce (not unrolled slices)."""
+def smx_words_reduced(x, fmt, reduce=True):
+    """The word form through 16-bit halves (before 2026-12-03), the block max as a reduce or unrolled."""
     k1, nsub = fmt.block_size, fmt.block_size // 2
     lead, n = x.shape[:-1], x.shape[-1]
     w = lax.bitcast_convert_type(x.reshape(*lead, n // 2, 2), jnp.uint32).reshape(*lead, n // k1, nsub)
     lo, hi = (lax.bitcast_convert_type(h.astype(jnp.uint16), x.dtype).astype(jnp.float32) for h in (w & 0xFFFF, w >> 16))
     ab_lo, ab_hi = _bits.abs_bits(lo), _bits.abs_bits(hi)
-    amax = jnp.max(jnp.maximum(ab_lo, ab_hi), axis=-1, keepdims=True)
+    pm = jnp.maximum(ab_lo, ab_hi)
+    amax = jnp.max(pm, axis=-1, keepdims=True) if reduce else _bits.unrolled_max(pm, pm.ndim - 1, nsub)
     return _smx_from_halves(x, lo, hi, amax, fmt)
 
 
@@ -59,6 +60,47 @@ def _smx_from_halves(x, lo, hi, amax, fmt):
     return jnp.stack([half(lo_f), half(hi_f)], axis=-1).reshape(x.shape)
 
 
+def _bf16_word_halves(x, nsub):
+    """bf16 pairs as 32-bit words, and each word's halves as float32 by bit shifts (bf16 → f32 is exact)."""
+    lead, n = x.shape[:-1], x.shape[-1]
+    w = lax.bitcast_convert_type(x.reshape(*lead, n // 2, 2), jnp.uint32).reshape(*lead, -1, nsub)
+    lo = lax.bitcast_convert_type(w << 16, jnp.float32)
+    hi = lax.bitcast_convert_type(w & jnp.uint32(0xFFFF0000), jnp.float32)
+    return lo, hi
+
+
+def _words_from_halves(x, lo_out, hi_out):
+    """bf16 pairs from float32 halves already on the bf16 grid (the upper 16 bits are the bf16 value)."""
+    lo_b = lax.bitcast_convert_type(lo_out, jnp.uint32) >> 16
+    hi_b = lax.bitcast_convert_type(hi_out, jnp.uint32) & jnp.uint32(0xFFFF0000)
+    return lax.bitcast_convert_type((lo_b | hi_b).reshape(*x.shape[:-1], x.shape[-1] // 2), x.dtype).reshape(x.shape)
+
+
+def smx_words_bits(x, fmt):
+    """The word form with the halves' float32 values by bit shifts and the result packed by bit masks."""
+    m, nsub = fmt.mantissa_bits, fmt.block_size // 2
+    lo, hi = _bf16_word_halves(x, nsub)
+    ab_lo, ab_hi = _bits.abs_bits(lo), _bits.abs_bits(hi)
+    amax = _bits.unrolled_max(jnp.maximum(ab_lo, ab_hi), lo.ndim - 1, nsub)
+    lo_f, hi_f = smx._flush(lo, ab_lo), smx._flush(hi, ab_hi)
+    bad, e_blk, e_calc = smx._block_exponent(amax, fmt, m)
+    step = e_calc - smx._micro_shift(ab_lo, ab_hi, lo_f, hi_f, e_blk, e_calc, fmt, m) - (m - 1)
+
+    def half(v):
+        return jnp.where(bad, jnp.nan, _bits.mul_pow2(smx._codes(v, step, fmt, m), step))
+
+    return _words_from_halves(x, half(lo_f), half(hi_f))
+
+
+def mx_words_bits(x, fmt):
+    """OCP MX on bf16 words with bit-shift halves (as :func:`smx_words_bits`)."""
+    nsub = fmt.block_size // 2
+    lo, hi = _bf16_word_halves(x, nsub)
+    amax = _bits.unrolled_max(jnp.maximum(_bits.abs_bits(lo), _bits.abs_bits(hi)), lo.ndim - 1, nsub)
+    amax = jnp.broadcast_to(amax, lo.shape)
+    return _words_from_halves(x, mx.fake_quantize_given_amax(lo, amax, fmt), mx.fake_quantize_given_amax(hi, amax, fmt))
+
+
 def smx_strided(x, fmt, reduce=False):
     """Even / odd elements as strided slices of the bf16 input (no 32-bit word), output interleaved by a stack."""
     k1, nsub = fmt.block_size, fmt.block_size // 2
@@ -66,7 +108,7 @@ def smx_strided(x, fmt, reduce=False):
     xb = x.reshape(*lead, n // k1, nsub, 2)
     lo, hi = xb[..., 0].astype(jnp.float32), xb[..., 1].astype(jnp.float32)
     pm = jnp.maximum(_bits.abs_bits(lo), _bits.abs_bits(hi))
-    amax = jnp.max(pm, axis=-1, keepdims=True) if reduce else smx._unrolled_max(pm, pm.ndim - 1, nsub)
+    amax = jnp.max(pm, axis=-1, keepdims=True) if reduce else _bits.unrolled_max(pm, pm.ndim - 1, nsub)
     return _smx_from_halves(x, lo, hi, amax, fmt)
 
 
@@ -87,7 +129,7 @@ def mx_unrolled(x, fmt):
     lead, n = x.shape[:-1], x.shape[-1]
     xb = x.reshape(*lead, n // fmt.block_size, fmt.block_size).astype(jnp.float32)
     ab = _bits.abs_bits(xb)
-    amax = smx._unrolled_max(ab, ab.ndim - 1, fmt.block_size)
+    amax = _bits.unrolled_max(ab, ab.ndim - 1, fmt.block_size)
     return mx.fake_quantize_given_amax(xb, jnp.broadcast_to(amax, xb.shape), fmt).astype(x.dtype).reshape(x.shape)
 
 
@@ -98,7 +140,7 @@ def mx_words(x, fmt):
     w = lax.bitcast_convert_type(x.reshape(*lead, n // 2, 2), jnp.uint32).reshape(*lead, n // fmt.block_size, nw)
     lo, hi = (lax.bitcast_convert_type(h.astype(jnp.uint16), x.dtype).astype(jnp.float32) for h in (w & 0xFFFF, w >> 16))
     pm = jnp.maximum(_bits.abs_bits(lo), _bits.abs_bits(hi))
-    amax = smx._unrolled_max(pm, pm.ndim - 1, nw)
+    amax = _bits.unrolled_max(pm, pm.ndim - 1, nw)
 
     def half(v):
         out = mx.fake_quantize_given_amax(v, jnp.broadcast_to(amax, v.shape), fmt).astype(x.dtype)
@@ -114,14 +156,17 @@ def variants(name):
     out = {"library": lambda x: formats.cast(x, fmt, axis=-1)}
     if fmt.kind == "smx":
         out.update({"partner": lambda x: smx._fake_quantize_partner(x, fmt, x.ndim - 1),
+                    "words_u16": lambda x: smx_words_reduced(x, fmt, reduce=False),
                     "words_reduce": lambda x: smx_words_reduced(x, fmt),
                     "strided_unrolled": lambda x: smx_strided(x, fmt),
                     "strided_reduce": lambda x: smx_strided(x, fmt, reduce=True),
-                    "rows": lambda x: smx_rows(x, fmt)})
+                    "rows": lambda x: smx_rows(x, fmt),
+                    "words_bits": lambda x: smx_words_bits(x, fmt)})
     elif fmt.kind == "mx":
         out.update({"rows_reduce": lambda x: mx_reduced_rows(x, fmt),
                     "unrolled": lambda x: mx_unrolled(x, fmt),
-                    "words": lambda x: mx_words(x, fmt)})
+                    "words": lambda x: mx_words(x, fmt),
+                    "words_bits": lambda x: mx_words_bits(x, fmt)})
     return out
 
 

@@ -98,6 +98,42 @@ def decode_float(code, ebits, mbits):
     return jnp.where(sign == 1, -mag, mag)
 
 
+def unrolled_max(a, axis, size):
+    """Max over a small axis as elementwise maxima of slices, keepdims.
+
+    Written without a reduce so XLA fuses it into the elementwise pass instead of materialising
+    a per-sub-block (or per-block) array.
+    """
+    parts = [lax.slice_in_dim(a, i, i + 1, axis=axis) for i in range(size)]
+    out = parts[0]
+    for p in parts[1:]:
+        out = jnp.maximum(out, p)
+    return out
+
+
+def bf16_word_halves(x, words_per_block):
+    """A bf16 array's last axis as 32-bit words of two elements, grouped in blocks: the halves as float32.
+
+    Returns (lo, hi), each ``shape[:-1] + (n_blocks, words_per_block)``: the even and the odd
+    elements. A bf16 value is the upper half of its float32, so the halves come by shifts and masks
+    (exact), and the words need no 16-bit intermediates — which XLA would otherwise materialise.
+    """
+    lead, n = x.shape[:-1], x.shape[-1]
+    w = lax.bitcast_convert_type(x.reshape(*lead, n // 2, 2), jnp.uint32).reshape(*lead, -1, words_per_block)
+    return (lax.bitcast_convert_type(w << 16, jnp.float32),
+            lax.bitcast_convert_type(w & jnp.uint32(0xFFFF0000), jnp.float32))
+
+
+def bf16_from_word_halves(lo, hi, shape):
+    """Inverse of :func:`bf16_word_halves` for float32 halves that are bf16 values (at most 8 significant bits).
+
+    Such a float32's lower 16 bits are zero, so its upper half is its bf16 value: packing by shifts
+    equals ``astype(bfloat16)`` (NaN, Inf and zeros included).
+    """
+    words = (lax.bitcast_convert_type(lo, jnp.uint32) >> 16) | (lax.bitcast_convert_type(hi, jnp.uint32) & jnp.uint32(0xFFFF0000))
+    return lax.bitcast_convert_type(words.reshape(*shape[:-1], shape[-1] // 2), jnp.bfloat16).reshape(shape)
+
+
 def normalize_axis(axis, ndim, what="axis"):
     """A non-negative axis index, or a ValueError naming the axis and the rank."""
     if not isinstance(axis, (int, np.integer)):

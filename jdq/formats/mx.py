@@ -154,8 +154,25 @@ def fake_quantize_given_amax(x, amax_bits, fmt: MXFormat):
     return jnp.where(is_nan, jnp.nan, _bits.mul_pow2(_round_elements(_bits.mul_pow2(x, -e), fmt), e))
 
 
+def _fake_quantize_words(x, fmt: MXFormat):
+    """:func:`fake_quantize` of bf16 ``x`` along its last axis (a multiple of the block, at most 32) on 32-bit words.
+
+    The block max is an unrolled max over the block's ``block_size / 2`` words and the halves are
+    unpacked and repacked by shifts (:func:`._bits.bf16_word_halves`); every element value has at
+    most 8 significant bits, so the repacking is exact. Measured faster on a GPU than the reduce
+    form after a LayerNorm and no slower after a GELU (``benchmarks/activation_cast.py``).
+    """
+    lo, hi = _bits.bf16_word_halves(x, fmt.block_size // 2)
+    amax = _bits.unrolled_max(jnp.maximum(_bits.abs_bits(lo), _bits.abs_bits(hi)), lo.ndim - 1, fmt.block_size // 2)
+    amax = jnp.broadcast_to(amax, lo.shape)
+    return _bits.bf16_from_word_halves(fake_quantize_given_amax(lo, amax, fmt), fake_quantize_given_amax(hi, amax, fmt),
+                                       x.shape)
+
+
 def fake_quantize(x, fmt: MXFormat, axis: int):
     """Quantize-dequantize ``x`` (float array) along normalised ``axis``; same shape and dtype."""
+    if x.dtype == jnp.bfloat16 and axis == x.ndim - 1 and fmt.block_size in (2, 4, 8, 16, 32) and x.shape[axis] % fmt.block_size == 0:
+        return _fake_quantize_words(x, fmt)
     p, e, is_nan, n = _quantize_blocks(x, fmt, axis)
     out = jnp.where(is_nan, jnp.nan, _bits.mul_pow2(p, e))
     return _bits.from_blocks(out, axis, n).astype(x.dtype)

@@ -122,19 +122,6 @@ def _unlayout(xs, axis, n):
     return _bits.from_blocks(xb, axis, n)
 
 
-def _unrolled_max(a, axis, size):
-    """Max over a small axis as elementwise maxima of slices, keepdims.
-
-    Written without a reduce so XLA fuses it into the elementwise pass instead of materialising
-    a per-sub-block (or per-block) array.
-    """
-    parts = [lax.slice_in_dim(a, i, i + 1, axis=axis) for i in range(size)]
-    out = parts[0]
-    for p in parts[1:]:
-        out = jnp.maximum(out, p)
-    return out
-
-
 def _qmax(m):
     """Largest magnitude code ``2**m - 1`` of mantissa width ``m`` (an int, or an int32 array: float32)."""
     if isinstance(m, (int, np.integer)):
@@ -184,9 +171,9 @@ def _quantize_blocks(x, fmt, axis):
     xs = _flush(xs, ab)
     if fmt.microexponent == "exponent":
         # a flushed element has exponent field 0 (-127), which is what its bits give anyway
-        shift = ((_unrolled_max(ab, k2_axis, k2) >> 23) - 127 < e_blk).astype(jnp.int32)
+        shift = ((_bits.unrolled_max(ab, k2_axis, k2) >> 23) - 127 < e_blk).astype(jnp.int32)
     else:
-        shift = (_unrolled_max(_fits_finer(xs, e_calc, fmt, m), k2_axis, k2) <= fmt.qmax).astype(jnp.int32)
+        shift = (_bits.unrolled_max(_fits_finer(xs, e_calc, fmt, m), k2_axis, k2) <= fmt.qmax).astype(jnp.int32)
     step = e_calc - shift - (m - 1)
     return _codes(xs, step, fmt, m), step, e_blk, shift, bad
 
@@ -211,10 +198,14 @@ def _fake_quantize_words(x, fmt: SMXFormat, widths=None):
     """
     k1, nsub = fmt.block_size, fmt.block_size // 2
     lead, n = x.shape[:-1], x.shape[-1]
-    w = lax.bitcast_convert_type(x.reshape(*lead, n // 2, 2), jnp.uint32).reshape(*lead, n // k1, nsub)
-    lo, hi = (lax.bitcast_convert_type(h.astype(jnp.uint16), x.dtype).astype(jnp.float32) for h in (w & 0xFFFF, w >> 16))
+    bf16 = x.dtype == jnp.bfloat16
+    if bf16:
+        lo, hi = _bits.bf16_word_halves(x, nsub)
+    else:
+        w = lax.bitcast_convert_type(x.reshape(*lead, n // 2, 2), jnp.uint32).reshape(*lead, n // k1, nsub)
+        lo, hi = (lax.bitcast_convert_type(h.astype(jnp.uint16), x.dtype).astype(jnp.float32) for h in (w & 0xFFFF, w >> 16))
     ab_lo, ab_hi = _bits.abs_bits(lo), _bits.abs_bits(hi)
-    amax_bits = _unrolled_max(jnp.maximum(ab_lo, ab_hi), x.ndim, nsub)
+    amax_bits = _bits.unrolled_max(jnp.maximum(ab_lo, ab_hi), x.ndim, nsub)
     lo, hi = _flush(lo, ab_lo), _flush(hi, ab_hi)
 
     def bad_and_step(m):
@@ -222,8 +213,10 @@ def _fake_quantize_words(x, fmt: SMXFormat, widths=None):
         return bad, e_calc - _micro_shift(ab_lo, ab_hi, lo, hi, e_blk, e_calc, fmt, m) - (m - 1)
 
     def cast_half(v, m, bad, step):
-        out = jnp.where(bad, jnp.nan, _bits.mul_pow2(_codes(v, step, fmt, m), step)).astype(x.dtype)
-        return lax.bitcast_convert_type(out, jnp.uint16).astype(jnp.uint32)
+        return jnp.where(bad, jnp.nan, _bits.mul_pow2(_codes(v, step, fmt, m), step))
+
+    def word_half(v):
+        return lax.bitcast_convert_type(v.astype(x.dtype), jnp.uint16).astype(jnp.uint32)
 
     if widths is None:  # one width: the pair's step is shared by its halves
         m_lo = m_hi = fmt.mantissa_bits
@@ -232,7 +225,10 @@ def _fake_quantize_words(x, fmt: SMXFormat, widths=None):
         pair = widths.reshape(*lead, n // 2, 2)
         m_lo, m_hi = (pair[..., i].reshape(*lead, n // k1, nsub) for i in (0, 1))
         at_lo, at_hi = bad_and_step(m_lo), bad_and_step(m_hi)
-    words = cast_half(lo, m_lo, *at_lo) | (cast_half(hi, m_hi, *at_hi) << 16)
+    out_lo, out_hi = cast_half(lo, m_lo, *at_lo), cast_half(hi, m_hi, *at_hi)
+    if bf16:  # codes of at most 7 + 1 significant bits: the results are bf16 values
+        return _bits.bf16_from_word_halves(out_lo, out_hi, x.shape)
+    words = word_half(out_lo) | (word_half(out_hi) << 16)
     return lax.bitcast_convert_type(words.reshape(*lead, n // 2), x.dtype).reshape(x.shape)
 
 

@@ -1,5 +1,7 @@
 """The fused SMX fake-quant formulations (pair words, pair partner) equal the general blocked path bit for bit.
 
+So does the MX word path (bf16 along the last axis) against the reduce path in float32.
+
 ``smx.fake_quantize`` takes a one-pass formulation for k2 = 2 (the default) that XLA fuses; the
 general path (a per-sub-block reduction, also used by ``quantize``) is the definition. Inputs mix
 scales over 60 octaves with NaN, ±Inf, zeros, float32 subnormals and rounding ties.
@@ -10,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jdq.formats import _bits, smx
+from jdq.formats import _bits, mx, smx
 
 
 def _adversarial(shape, dtype, seed):
@@ -94,3 +96,30 @@ def test_select_of_formats_differing_beyond_width_computes_both():
     got = smx.fake_quantize_select(x, select, hi, lo, 1)
     want = jnp.where(select, _general(x, hi, 1), _general(x, lo, 1))
     np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("name", sorted(mx.NAMES))
+@pytest.mark.parametrize("options", [{}, {"rounding": "away"}, {"block_size": 16}, {"block_size": 8}],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_mx_word_path_equals_reduce_path(name, options):
+    """bf16 along the last axis takes 32-bit words (halves by shifts); it equals the float32 reduce path, then bf16."""
+    fmt = mx.MXFormat(name, mx.NAMES[name], **options)
+    for i, shape in enumerate([(12, 64), (3, 5, 96)]):
+        x = _adversarial(shape, jnp.bfloat16, seed=10 + i)
+        fast = jax.jit(lambda v: mx.fake_quantize(v, fmt, v.ndim - 1))(x)
+        ref = mx.fake_quantize(x.astype(jnp.float32), fmt, x.ndim - 1).astype(jnp.bfloat16)
+        assert fast.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(fast).view(np.uint16), np.asarray(ref).view(np.uint16),
+                                      err_msg=f"{shape}")
+
+
+def test_bf16_word_halves_round_trip():
+    """The word halves are the even and the odd elements as float32, and packing them back is the identity."""
+    x = _adversarial((4, 64), jnp.bfloat16, seed=3)
+    lo, hi = _bits.bf16_word_halves(x, 8)
+    assert lo.shape == (4, 4, 8)
+    xf = np.asarray(x.astype(jnp.float32)).reshape(4, 32, 2)
+    np.testing.assert_array_equal(np.asarray(lo).reshape(4, 32), xf[..., 0])
+    np.testing.assert_array_equal(np.asarray(hi).reshape(4, 32), xf[..., 1])
+    np.testing.assert_array_equal(np.asarray(_bits.bf16_from_word_halves(lo, hi, x.shape)).view(np.uint16),
+                                  np.asarray(x).view(np.uint16))
