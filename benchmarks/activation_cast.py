@@ -92,14 +92,13 @@ def smx_words_bits(x, fmt):
     return _words_from_halves(x, half(lo_f), half(hi_f))
 
 
-def mx_words_bits(x, fmt, convert=True):
-    """OCP MX on bf16 words with bit-shift halves (as :func:`smx_words_bits`); ``convert=False``: FP8 rounding by arithmetic."""
+def mx_words_bits(x, fmt):
+    """OCP MX on bf16 words with bit-shift halves (as :func:`smx_words_bits`)."""
     nsub = fmt.block_size // 2
     lo, hi = _bf16_word_halves(x, nsub)
     amax = _bits.unrolled_max(jnp.maximum(_bits.abs_bits(lo), _bits.abs_bits(hi)), lo.ndim - 1, nsub)
     amax = jnp.broadcast_to(amax, lo.shape)
-    return _words_from_halves(x, mx.fake_quantize_given_amax(lo, amax, fmt, convert),
-                              mx.fake_quantize_given_amax(hi, amax, fmt, convert))
+    return _words_from_halves(x, mx.fake_quantize_given_amax(lo, amax, fmt), mx.fake_quantize_given_amax(hi, amax, fmt))
 
 
 def smx_strided(x, fmt, reduce=False):
@@ -167,8 +166,7 @@ def variants(name):
         out.update({"rows_reduce": lambda x: mx_reduced_rows(x, fmt),
                     "unrolled": lambda x: mx_unrolled(x, fmt),
                     "words": lambda x: mx_words(x, fmt),
-                    "words_bits": lambda x: mx_words_bits(x, fmt),
-                    "words_bits_arith": lambda x: mx_words_bits(x, fmt, convert=False)})
+                    "words_bits": lambda x: mx_words_bits(x, fmt)})
     return out
 
 

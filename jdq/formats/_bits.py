@@ -60,23 +60,14 @@ def mul_pow2(x, n):
     return x * pow2(half) * pow2(n - half)
 
 
-#: (ebits, mbits, max_norm) of the small floats with an XLA dtype whose conversion from float32
-#: rounds to nearest even once, exactly as :func:`round_to_float_grid` (hardware on Hopper GPUs).
-_CONVERTIBLE_FLOATS = {(4, 3, 448.0): jnp.float8_e4m3fn, (5, 2, 57344.0): jnp.float8_e5m2}
-
-
-def round_to_float_grid(v, ebits, mbits, max_norm, rounding, convert=True):
+def round_to_float_grid(v, ebits, mbits, max_norm, rounding):
     """Round float32 ``v`` to the grid of a 1-sign, ``ebits``-exponent, ``mbits``-mantissa float.
 
     Subnormals of the small format are kept (the exponent is clamped below at
     ``emin = 2 - 2**(ebits-1)``), and the result saturates at ``±max_norm`` (Inf too).
-    NaN stays NaN. With ``convert`` (default) E4M3 / E5M2 round-half-even round by clipping and a
-    dtype conversion (the same values, fewer operations: one conversion instead of the exponent
-    arithmetic); ``convert=False`` keeps the arithmetic, for Pallas kernels that cannot convert.
+    NaN stays NaN. Arithmetic, not ``astype(float8_*)``: compiled for a GPU, XLA drops a
+    float32 → float8 → float32 round trip (``benchmarks/float8_convert_check.py``).
     """
-    dtype = _CONVERTIBLE_FLOATS.get((ebits, mbits, float(max_norm))) if convert and rounding == "even" else None
-    if dtype is not None:
-        return jnp.clip(v, -max_norm, max_norm).astype(dtype).astype(jnp.float32)
     emin = 2 - 2 ** (ebits - 1)
     e = jnp.clip(exponent(v), emin, 127)
     shift = mbits - e  # |v| * 2**shift < 2**(mbits + 1): the grid step becomes 1

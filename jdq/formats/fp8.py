@@ -90,9 +90,9 @@ def _decode(codes, fmt):
     return jnp.where(c > 0x7C, jnp.nan, jnp.where(c == 0x7C, inf, q))
 
 
-def _round(v, fmt, convert=True):
+def _round(v, fmt):
     ebits, mbits, max_normal = ELEMENTS[fmt.element]
-    return _bits.round_to_float_grid(v, ebits, mbits, max_normal, fmt.rounding, convert)
+    return _bits.round_to_float_grid(v, ebits, mbits, max_normal, fmt.rounding)
 
 
 def _scale_of_amax(amax, fmt):
@@ -119,9 +119,9 @@ def _finish(out, x, fmt, axis):
     return out
 
 
-def _scaled_round(xw, scale, fmt, convert=True):
+def _scaled_round(xw, scale, fmt):
     s, r = uniform.reciprocal(scale)
-    return _round(xw * r, fmt, convert) * s
+    return _round(xw * r, fmt) * s
 
 
 def fake_quantize(x, fmt: FP8Format, axis, scale=None):
@@ -132,16 +132,15 @@ def fake_quantize(x, fmt: FP8Format, axis, scale=None):
     return _finish(_scaled_round(xw, scale, fmt), x, fmt, axis).astype(x.dtype)
 
 
-def fake_quantize_given_amax(x, amax, fmt: FP8Format, convert: bool = True):
+def fake_quantize_given_amax(x, amax, fmt: FP8Format):
     """Fake-quantized float32 ``x`` given its scale group's max |x| ``amax`` (float32, broadcastable to x).
 
     Elementwise: what :func:`fake_quantize` computes with a dynamic scale once the group maxima are
-    known, for a caller that knows or reduces them itself (a kernel holding a row across registers;
-    ``convert=False`` there: no float8 conversion, see ``_bits.round_to_float_grid``).
+    known, for a caller that knows or reduces them itself (a kernel holding a row across registers).
     """
     if fmt.granularity is None:
         raise ValueError("fake_quantize_given_amax: granularity=None is the unscaled FP8 cast (no amax)")
-    return _scaled_round(x.astype(jnp.float32), _scale_of_amax(jnp.asarray(amax, jnp.float32), fmt), fmt, convert)
+    return _scaled_round(x.astype(jnp.float32), _scale_of_amax(jnp.asarray(amax, jnp.float32), fmt), fmt)
 
 
 def quantize(x, fmt: FP8Format, axis, scale=None):

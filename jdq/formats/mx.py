@@ -125,13 +125,13 @@ def _block_scale_exponent(xb, fmt, block_axis):
     return _exponent_from_amax(jnp.max(_bits.abs_bits(xb), axis=block_axis, keepdims=True), fmt)
 
 
-def _round_elements(v, fmt, convert=True):
-    """Element values P on the element grid (float32), saturating (``convert``: see ``_bits.round_to_float_grid``)."""
+def _round_elements(v, fmt):
+    """Element values P on the element grid (float32), saturating."""
     ebits, mbits, _, max_normal = ELEMENTS[fmt.element]
     if ebits == 0:
         q = _bits.mul_pow2(_bits.round_half(_bits.mul_pow2(v, mbits), fmt.rounding), -mbits)
         return jnp.clip(q, -max_normal, max_normal)
-    return _bits.round_to_float_grid(v, ebits, mbits, max_normal, fmt.rounding, convert)
+    return _bits.round_to_float_grid(v, ebits, mbits, max_normal, fmt.rounding)
 
 
 def _quantize_blocks(x, fmt, axis):
@@ -143,16 +143,15 @@ def _quantize_blocks(x, fmt, axis):
     return p, e, is_nan, n
 
 
-def fake_quantize_given_amax(x, amax_bits, fmt: MXFormat, convert: bool = True):
+def fake_quantize_given_amax(x, amax_bits, fmt: MXFormat):
     """Fake-quantized float32 ``x`` given its block's max |x| bit pattern ``amax_bits`` (int32, x's shape).
 
     Elementwise: what :func:`fake_quantize` computes once the block maxima are known, for a caller
-    that reduces the blocks itself (a kernel holding a block across registers; ``convert=False``
-    there: no float8 conversion, see ``_bits.round_to_float_grid``).
+    that reduces the blocks itself (a kernel holding a block across registers).
     """
     e, is_nan = _exponent_from_amax(amax_bits, fmt)
     x = x.astype(jnp.float32)
-    return jnp.where(is_nan, jnp.nan, _bits.mul_pow2(_round_elements(_bits.mul_pow2(x, -e), fmt, convert), e))
+    return jnp.where(is_nan, jnp.nan, _bits.mul_pow2(_round_elements(_bits.mul_pow2(x, -e), fmt), e))
 
 
 def _fake_quantize_words(x, fmt: MXFormat):

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdq.formats import _bits
 from jdq.kernels.token_quant.ref import MIN_SCALE
 
 P_SCALE = 448.0  # the probabilities' static scale: E4M3's largest value
@@ -150,7 +151,8 @@ def attention_from_codes(qc, qs, kc, ks, vtc, vs, scale: float, block_kv: int = 
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, :, None])
         l = l * alpha + jnp.sum(p, axis=-1)
-        p8 = (p * np.float32(P_SCALE)).astype(jnp.float8_e4m3fn).astype(jnp.float32)
+        # E4M3 rounding by arithmetic: on a GPU, XLA drops an f32 -> float8 -> f32 round trip
+        p8 = _bits.round_to_float_grid(p * np.float32(P_SCALE), 4, 3, 448.0, "even")
         acc = acc * alpha[:, :, None] + jnp.einsum("bqk,bdk->bqd", p8, vb, precision=hi)
         return acc, m_new, l
 

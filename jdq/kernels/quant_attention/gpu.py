@@ -123,10 +123,10 @@ def cast_probs(halves, prob: ProbCast, interpret=None, row_amax=None):
         return halves
     if prob.kind == "row":
         (p,) = halves
-        return (fp8.fake_quantize_given_amax(p, _rows(row_amax, p.shape), prob.spec, convert=False),)
+        return (fp8.fake_quantize_given_amax(p, _rows(row_amax, p.shape), prob.spec),)
     if prob.kind == "mx":
         (p,) = halves
-        return (mx.fake_quantize_given_amax(p, _block_amax(p, prob.block, interpret), prob.spec, convert=False),)
+        return (mx.fake_quantize_given_amax(p, _block_amax(p, prob.block, interpret), prob.spec),)
     even, odd = halves
     amax = _block_amax(jnp.maximum(even, odd), prob.block // 2, interpret)
     return (smx.fake_quantize_given_amax(even, odd, amax, prob.spec),
