@@ -2,7 +2,8 @@
 
 A fake-quant MX step (``paper_recipes_gpu.py``) spends most of its distance from the bf16 step in
 the casts of the linears' inputs: XLA splits each into a block-max fusion and a cast fusion (and,
-for the MX9 / MX6 word form after a GELU, a third pass that splits the 16-bit halves). This script
+for the MX9 / MX6 word form through 16-bit halves — ``words_u16``, the library's form before
+2026-12-03 — a third pass after a GELU that writes the halves). This script
 times bit-identical formulations of the same cast between the producer and the consumer GEMM of
 a DiT-XL/2 block at batch 32 + CFG (64 × 256 tokens): ``fc2`` (fc1 GEMM + bias → GELU-tanh → cast
 → fc2 GEMM, K = 4608) and ``qkv`` (LayerNorm + adaLN modulation → cast → qkv GEMM, K = 1152).
@@ -11,7 +12,8 @@ it ran (CUPTI), whether the formulation's cast of the materialised producer outp
 library's bit for bit, and whether the whole chain's output does (it need not: where XLA fuses the
 producer into the cast it may keep the producer's bf16 result in float32).
 
-``python3 benchmarks/activation_cast.py --device-run`` (GPU); ``--tiny`` runs small shapes on a CPU.
+``python3 benchmarks/activation_cast.py --device-run`` (GPU; ``results/activation_cast_device_run*.json``);
+``--tiny`` runs small shapes on a CPU.
 """
 
 from __future__ import annotations
