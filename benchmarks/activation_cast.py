@@ -12,6 +12,8 @@ it ran (CUPTI), whether the formulation's cast of the materialised producer outp
 library's bit for bit, and whether the whole chain's output does (it need not: where XLA fuses the
 producer into the cast it may keep the producer's bf16 result in float32).
 
+Since 2026-12-03 the library's form ('library') is device run 1's 'words_bits' (halves by shifts).
+
 ``python3 benchmarks/activation_cast.py --device-run`` (GPU; ``results/activation_cast_device_run*.json``);
 ``--tiny`` runs small shapes on a CPU.
 """
@@ -60,47 +62,6 @@ def _smx_from_halves(x, lo, hi, amax, fmt):
         return jnp.where(bad, jnp.nan, _bits.mul_pow2(smx._codes(v, step, fmt, m), step)).astype(x.dtype)
 
     return jnp.stack([half(lo_f), half(hi_f)], axis=-1).reshape(x.shape)
-
-
-def _bf16_word_halves(x, nsub):
-    """bf16 pairs as 32-bit words, and each word's halves as float32 by bit shifts (bf16 → f32 is exact)."""
-    lead, n = x.shape[:-1], x.shape[-1]
-    w = lax.bitcast_convert_type(x.reshape(*lead, n // 2, 2), jnp.uint32).reshape(*lead, -1, nsub)
-    lo = lax.bitcast_convert_type(w << 16, jnp.float32)
-    hi = lax.bitcast_convert_type(w & jnp.uint32(0xFFFF0000), jnp.float32)
-    return lo, hi
-
-
-def _words_from_halves(x, lo_out, hi_out):
-    """bf16 pairs from float32 halves already on the bf16 grid (the upper 16 bits are the bf16 value)."""
-    lo_b = lax.bitcast_convert_type(lo_out, jnp.uint32) >> 16
-    hi_b = lax.bitcast_convert_type(hi_out, jnp.uint32) & jnp.uint32(0xFFFF0000)
-    return lax.bitcast_convert_type((lo_b | hi_b).reshape(*x.shape[:-1], x.shape[-1] // 2), x.dtype).reshape(x.shape)
-
-
-def smx_words_bits(x, fmt):
-    """The word form with the halves' float32 values by bit shifts and the result packed by bit masks."""
-    m, nsub = fmt.mantissa_bits, fmt.block_size // 2
-    lo, hi = _bf16_word_halves(x, nsub)
-    ab_lo, ab_hi = _bits.abs_bits(lo), _bits.abs_bits(hi)
-    amax = _bits.unrolled_max(jnp.maximum(ab_lo, ab_hi), lo.ndim - 1, nsub)
-    lo_f, hi_f = smx._flush(lo, ab_lo), smx._flush(hi, ab_hi)
-    bad, e_blk, e_calc = smx._block_exponent(amax, fmt, m)
-    step = e_calc - smx._micro_shift(ab_lo, ab_hi, lo_f, hi_f, e_blk, e_calc, fmt, m) - (m - 1)
-
-    def half(v):
-        return jnp.where(bad, jnp.nan, _bits.mul_pow2(smx._codes(v, step, fmt, m), step))
-
-    return _words_from_halves(x, half(lo_f), half(hi_f))
-
-
-def mx_words_bits(x, fmt):
-    """OCP MX on bf16 words with bit-shift halves (as :func:`smx_words_bits`)."""
-    nsub = fmt.block_size // 2
-    lo, hi = _bf16_word_halves(x, nsub)
-    amax = _bits.unrolled_max(jnp.maximum(_bits.abs_bits(lo), _bits.abs_bits(hi)), lo.ndim - 1, nsub)
-    amax = jnp.broadcast_to(amax, lo.shape)
-    return _words_from_halves(x, mx.fake_quantize_given_amax(lo, amax, fmt), mx.fake_quantize_given_amax(hi, amax, fmt))
 
 
 def smx_strided(x, fmt, reduce=False):
@@ -162,13 +123,11 @@ def variants(name):
                     "words_reduce": lambda x: smx_words_reduced(x, fmt),
                     "strided_unrolled": lambda x: smx_strided(x, fmt),
                     "strided_reduce": lambda x: smx_strided(x, fmt, reduce=True),
-                    "rows": lambda x: smx_rows(x, fmt),
-                    "words_bits": lambda x: smx_words_bits(x, fmt)})
+                    "rows": lambda x: smx_rows(x, fmt)})
     elif fmt.kind == "mx":
         out.update({"rows_reduce": lambda x: mx_reduced_rows(x, fmt),
                     "unrolled": lambda x: mx_unrolled(x, fmt),
-                    "words": lambda x: mx_words(x, fmt),
-                    "words_bits": lambda x: mx_words_bits(x, fmt)})
+                    "words": lambda x: mx_words(x, fmt)})
     return out
 
 
