@@ -21,11 +21,10 @@ Since 2026-12-03 the library's form ('library') is device run 1's 'words_bits' (
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -162,30 +161,23 @@ def _producer(fn, inputs):
     return seen[0]
 
 
-def timed_ms(fn, args, iters):
-    """Median wall milliseconds of ``fn(*args)`` (compiled, after one warm-up)."""
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+@functools.lru_cache(maxsize=None)
+def _sibling(name):
+    """Another script of benchmarks/ as a module (its timing and profiling helpers)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"jdq_benchmark_{name}", os.path.join(os.path.dirname(__file__), f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def kernels_of(fn, args):
     """CUPTI kernels of one call: (count, [(name, µs)...] slowest first); None off a GPU."""
     if jax.default_backend() != "gpu":
         return None
-    from jax.experimental.mosaic.gpu import profiler
-
-    _, runs = profiler.measure(fn, aggregate=False, iterations=3)(*args)
-    per = {}
-    for run in runs:
-        for name, ms in run:
-            per[name] = per.get(name, 0.0) + ms * 1e3 / len(runs)
-    rows = sorted(per.items(), key=lambda r: -r[1])
-    return len(rows), [(n[:50], round(us, 1)) for n, us in rows]
+    rows = _sibling("e2e").kernel_breakdown(fn, args)["kernels"]  # [[name, calls, ms]...], slowest first
+    return len(rows), [(n[:50], round(ms * 1e3, 1)) for n, _, ms in rows]
 
 
 def main(argv=None):
@@ -198,6 +190,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not (args.device_run or args.tiny):
         raise SystemExit("give --device-run (GPU) or --tiny")
+    timed_ms = _sibling("paper_recipes_gpu").timed_ms
     tokens, d, hidden = (16384, 1152, 4608) if args.device_run else (256, 64, 256)
     res = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "tokens": tokens, "d": d,
            "hidden": hidden, "rows": []}
