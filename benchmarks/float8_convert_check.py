@@ -7,14 +7,47 @@ differ: with XLA's default ``xla_allow_excess_precision`` the compiled GPU progr
 float32 → float8 → float32 round trip, so the "rounded" value is the unrounded one. This script
 prints, for the current device, how many non-NaN results differ.
 
+It also checks that the compiled program keeps the adder rounding of ``round_to_float_grid``
+(``(|v| + c) - c``, which a compiler that reassociated float adds would turn into ``|v|``): for the
+five OCP element grids, its results against the scale-round-unscale form on the device and
+against ml_dtypes' conversion on the host.
+
 ``python3 benchmarks/float8_convert_check.py``
 """
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from jdq.formats import _bits
+
+
+GRIDS = [(4, 3, 448.0), (5, 2, 57344.0), (2, 3, 7.5), (3, 2, 28.0), (2, 1, 6.0)]
+ML_DTYPES = {(4, 3): ml_dtypes.float8_e4m3fn, (5, 2): ml_dtypes.float8_e5m2, (2, 3): ml_dtypes.float6_e2m3fn,
+             (3, 2): ml_dtypes.float6_e3m2fn, (2, 1): ml_dtypes.float4_e2m1fn}
+
+
+def _differ(a, b):
+    nan = np.isnan(a)
+    return int(((a.view(np.uint32) != b.view(np.uint32)) & ~nan).sum()), int((~nan).sum()), bool(np.array_equal(nan, np.isnan(b)))
+
+
+def check_adder_rounding(v):
+    """Rows (grid, results that differ from the scaled form, from ml_dtypes' conversion, non-NaN count, NaN agree)."""
+    rows = []
+    host = np.asarray(v)
+    for e, m, mx in GRIDS:
+        emin = 2 - 2 ** (e - 1)
+        a = np.asarray(jax.jit(lambda v: _bits._round_to_float_grid_even(v, emin, m, mx))(v))
+        b = np.asarray(jax.jit(lambda v: _bits._round_to_float_grid_scaled(v, emin, m, mx, "even"))(v))
+        with np.errstate(all="ignore"):
+            ref = np.clip(host, -mx, mx).astype(ML_DTYPES[(e, m)]).astype(np.float32)
+        ref = np.where(np.abs(host) < 2.0**-126, np.copysign(0.0, host), ref).astype(np.float32)
+        vs_ml = _differ(a, ref)[0]
+        d, n, nan_ok = _differ(a, b)
+        rows.append((f"e{e}m{m}", d, vs_ml, n, nan_ok))
+    return rows
 
 
 def main():
@@ -30,6 +63,9 @@ def main():
         differ = int(((a.view(np.uint32) != b.view(np.uint32)) & ~nan).sum())
         print(f"e{e}m{m} conversion vs arithmetic on {jax.devices()[0].device_kind}: {differ} of {int((~nan).sum())} "
               f"non-NaN results differ; NaN where the other is NaN: {bool(np.array_equal(nan, np.isnan(b)))}")
+    for name, d, vs_ml, n, nan_ok in check_adder_rounding(v):
+        print(f"{name} adder rounding on {jax.devices()[0].device_kind}: {d} of {n} differ from the scaled form, "
+              f"{vs_ml} from ml_dtypes; NaN agree: {nan_ok}")
 
 
 if __name__ == "__main__":
