@@ -159,6 +159,18 @@ def qmatmul(a, b, *, site: str, roles: tuple[str, str], quant: QuantizerBase | N
 QUANT_ATTENTION_ENV = "JDQ_QUANT_ATTENTION"
 
 
+def _layout_free(quant, site, role) -> bool:
+    """Whether the operand's transform is casts and token centring only, which give the same values in any layout
+    of the operand with the same contraction axis (other stages, e.g. BOS-aware ones, index a fixed layout)."""
+    from jdq.quant.reader import describe_transform
+
+    try:
+        transform = quant.transform_for(site, role)
+    except NotImplementedError:
+        return False
+    return set(describe_transform(transform).stages) <= {"cast", "center_tokens"}
+
+
 def _fused_prob_cast(quant, pv_site, dtype, mask, bias):
     """The probabilities' :class:`~jdq.kernels.quant_attention.ProbCast` when the fused fake-quant attention runs, else ``None``."""
     import os
@@ -257,8 +269,13 @@ def attention(q, k, v, *, site: str, quant: QuantizerBase | None = None, mask=No
         # the same casts of q / k / v, then a flash kernel that casts the probabilities in registers
         from jdq.kernels.quant_attention import quant_attention
 
-        qh, kt = quant(qh, qk_site, "q", -1), quant(kt, qk_site, "k", -2)
-        vh = quant(vh, pv_site, "v", -2)
+        qh, vh = quant(qh, qk_site, "q", -1), quant(vh, pv_site, "v", -2)
+        if _layout_free(quant, qk_site, "k"):
+            # the same cast on (B, H, Lk, D), contraction axis last: the layout the kernel reads, so XLA
+            # does not lay k out as (B, H, D, Lk) for the reductions and transpose it back
+            kt = jnp.swapaxes(quant(jnp.swapaxes(k, 1, 2), qk_site, "k", -1), -1, -2)
+        else:
+            kt = quant(kt, qk_site, "k", -2)
         out = quant_attention(qh, kt, vh, prob=prob, scale=float(scale), impl=getattr(quant, "impl", "auto"))
         return jnp.swapaxes(out, 1, 2)
     logits = qmatmul(qh, kt, site=qk_site, roles=("q", "k"), quant=quant).astype(jnp.float32) * scale

@@ -138,16 +138,23 @@ def _attn(q, k, v, quant):
 
 
 def _jitted_attn(q, k, v, quant):
-    """The attention traced afresh (the path is chosen at trace time) and compiled as a model's would be."""
-    return jax.jit(lambda q, k, v: _attn(q, k, v, quant))(q, k, v)
+    """The attention traced afresh (the path is chosen at trace time) and compiled without excess precision:
+    by default XLA may keep a bf16 cast's result in float32 inside one fusion and not another, so two programs
+    that compute the same function can round differently."""
+    fn = jax.jit(lambda q, k, v: _attn(q, k, v, quant))
+    return fn.lower(q, k, v).compile({"xla_allow_excess_precision": False})(q, k, v)
 
 
 @pytest.mark.parametrize("recipe", ["mx6", "mxfp8_e4m3", "w8a8-fp8attn"])
 def test_attention_routes_mx_plans_through_the_fused_path(recipe, monkeypatch):
     """``JDQ_QUANT_ATTENTION=kernel`` takes the fused path wherever the plan allows (its XLA reference on a CPU):
-    the same function as the explicit path, bit for bit, so the routing applies the plan's own q / k / v casts."""
+    the same function as the explicit path, bit for bit, so the routing applies the plan's own q / k / v casts.
+    k holds small integers whose token mean is an integer (tokens 32… mirror tokens …31 about 3), so the mean
+    ``w8a8-fp8attn`` subtracts is exact in any summation order (the fused path sums along another axis)."""
     k1, k2, k3 = jax.random.split(jax.random.key(4), 3)
     q, k, v = (jax.random.normal(kk, (1, 64, 2, 72)).astype(jnp.bfloat16) for kk in (k1, k2, k3))
+    half = jnp.round(k[:, :32].astype(jnp.float32) * 4)
+    k = jnp.concatenate([half, 6.0 - half], axis=1).astype(jnp.bfloat16)
     plan = recipes.plan_for(recipe, trace_operands(_attn, q, k, v))
     quant = plan.bind(plan.init())
     monkeypatch.setenv(layers.QUANT_ATTENTION_ENV, "xla")
@@ -162,6 +169,47 @@ def test_attention_routes_mx_plans_through_the_fused_path(recipe, monkeypatch):
     monkeypatch.setenv(layers.QUANT_ATTENTION_ENV, "bogus")
     with pytest.raises(ValueError, match="JDQ_QUANT_ATTENTION"):
         _attn(q, k, v, quant)
+
+
+class _Recording(layers.QuantizerBase):
+    """A bound plan that records the (role, shape, axis) of every operand it casts."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def __call__(self, x, site, role, axis=-1):
+        self.calls.append((role, x.shape, axis))
+        return self.inner(x, site, role, axis)
+
+    def quantizes(self, site, role):
+        return self.inner.quantizes(site, role)
+
+    def transform_for(self, site, role):
+        return self.inner.transform_for(site, role)
+
+
+@pytest.mark.parametrize("recipe,k_layout", [("mx6", "bhld"), ("w8a8-fp8attn", "bhld"), ("bos-mx6", "bhdl")])
+def test_fused_path_casts_k_in_the_kernel_layout_when_the_cast_allows(recipe, k_layout, monkeypatch):
+    """Casts and token centring of k run on (B, H, Lk, D) along D (the kernel's layout); a transform that indexes
+    the (B, H, D, Lk) layout (the BOS key kept in float) gets that layout."""
+    from jdq import quant as Q
+    from jdq.quant.bos import first_token_float
+
+    k1, k2, k3 = jax.random.split(jax.random.key(6), 3)
+    q, k, v = (jax.random.normal(kk, (1, 64, 2, 72)).astype(jnp.bfloat16) for kk in (k1, k2, k3))
+    ops = trace_operands(_attn, q, k, v)
+    if recipe == "bos-mx6":
+        rules = [Q.rule(f"re:{SITE}\\.qk", first_token_float(cast("mx6")), roles=("k",)),
+                 Q.rule(f"re:{SITE}\\..*", cast("mx6"), roles=("q", "v", "attn_prob"))]
+        plan = Q.resolve(rules, ops)
+    else:
+        plan = recipes.plan_for(recipe, ops)
+    state = plan.init({f"{SITE}.qk:k": {"bos": jnp.zeros((2, 72))}} if recipe == "bos-mx6" else None)
+    rec = _Recording(plan.bind(state))
+    monkeypatch.setenv(layers.QUANT_ATTENTION_ENV, "kernel")
+    _attn(q, k, v, rec)
+    (shape, axis), = [(s, a) for role, s, a in rec.calls if role == "k"]
+    assert (shape, axis) == (((1, 2, 64, 72), -1) if k_layout == "bhld" else ((1, 2, 72, 64), -2))
 
 
 def test_attention_keeps_the_explicit_path_for_other_casts(monkeypatch):
