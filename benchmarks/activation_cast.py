@@ -12,7 +12,9 @@ it ran (CUPTI), whether the formulation's cast of the materialised producer outp
 library's bit for bit, and whether the whole chain's output does (it need not: where XLA fuses the
 producer into the cast it may keep the producer's bf16 result in float32).
 
-Since 2026-12-03 the library's form ('library') is device run 1's 'words_bits' (halves by shifts).
+Since 2026-12-03 the library's form ('library') is device run 1's 'words_bits' (halves by shifts); since
+the eighth session of that day its FP elements round by the float32 adder (``words_scaled_rounding``
+is the library's form with the rounding before).
 
 ``python3 benchmarks/activation_cast.py --device-run`` (GPU; ``results/activation_cast_device_run*.json``);
 ``--tiny`` runs small shapes on a CPU.
@@ -112,6 +114,22 @@ def mx_words(x, fmt):
     return lax.bitcast_convert_type(words.reshape(*lead, n // 2), x.dtype).reshape(x.shape)
 
 
+def mx_words_scaled_rounding(x, fmt):
+    """The library's word form with the element rounding before 2026-12-03 (scale each value's grid step to 1,
+    round, scale back) instead of the float32 adder's rounding."""
+    ebits, mbits, _, max_normal = mx.ELEMENTS[fmt.element]
+    emin = 2 - 2 ** (ebits - 1)
+    lo, hi = _bits.bf16_word_halves(x, fmt.block_size // 2)
+    amax = _bits.unrolled_max(jnp.maximum(_bits.abs_bits(lo), _bits.abs_bits(hi)), lo.ndim - 1, fmt.block_size // 2)
+    e, is_nan = mx._exponent_from_amax(jnp.broadcast_to(amax, lo.shape), fmt)
+
+    def half(v):
+        p = _bits._round_to_float_grid_scaled(_bits.mul_pow2(v, -e), emin, mbits, max_normal, "even")
+        return jnp.where(is_nan, jnp.nan, _bits.mul_pow2(p, e))
+
+    return _bits.bf16_from_word_halves(half(lo), half(hi), x.shape)
+
+
 def variants(name):
     """{label: cast function} for format ``name``; 'library' is jdq.formats.cast."""
     fmt = formats.get(name)
@@ -127,6 +145,8 @@ def variants(name):
         out.update({"rows_reduce": lambda x: mx_reduced_rows(x, fmt),
                     "unrolled": lambda x: mx_unrolled(x, fmt),
                     "words": lambda x: mx_words(x, fmt)})
+        if mx.ELEMENTS[fmt.element][0] > 0:  # FP elements (MXINT8 rounds on a fixed grid)
+            out["words_scaled_rounding"] = lambda x: mx_words_scaled_rounding(x, fmt)
     return out
 
 
