@@ -15,12 +15,17 @@ against ml_dtypes' conversion on the host.
 ``python3 benchmarks/float8_convert_check.py``
 """
 
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jdq.formats import _bits
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jdq.formats import _bits  # noqa: E402
 
 
 GRIDS = [(4, 3, 448.0), (5, 2, 57344.0), (2, 3, 7.5), (3, 2, 28.0), (2, 1, 6.0)]

@@ -269,13 +269,16 @@ def attention(q, k, v, *, site: str, quant: QuantizerBase | None = None, mask=No
         # the same casts of q / k / v, then a flash kernel that casts the probabilities in registers
         from jdq.kernels.quant_attention import quant_attention
 
+        # q, k, v copied to (B, H, L, D) first, one transposing pass over bf16 values: fused into the
+        # casts, XLA split each cast into several transposing fusions writing float32 intermediates
+        qh, kh, vh = jax.lax.optimization_barrier((qh, jnp.swapaxes(k, 1, 2), vh))
         qh, vh = quant(qh, qk_site, "q", -1), quant(vh, pv_site, "v", -2)
         if _layout_free(quant, qk_site, "k"):
             # the same cast on (B, H, Lk, D), contraction axis last: the layout the kernel reads, so XLA
             # does not lay k out as (B, H, D, Lk) for the reductions and transpose it back
-            kt = jnp.swapaxes(quant(jnp.swapaxes(k, 1, 2), qk_site, "k", -1), -1, -2)
+            kt = jnp.swapaxes(quant(kh, qk_site, "k", -1), -1, -2)
         else:
-            kt = quant(kt, qk_site, "k", -2)
+            kt = quant(jnp.swapaxes(kh, -1, -2), qk_site, "k", -2)
         out = quant_attention(qh, kt, vh, prob=prob, scale=float(scale), impl=getattr(quant, "impl", "auto"))
         return jnp.swapaxes(out, 1, 2)
     logits = qmatmul(qh, kt, site=qk_site, roles=("q", "k"), quant=quant).astype(jnp.float32) * scale
