@@ -171,6 +171,21 @@ def _layout_free(quant, site, role) -> bool:
     return set(describe_transform(transform).stages) <= {"cast", "center_tokens"}
 
 
+def _reduces_along_tokens(quant, qk_site, pv_site) -> bool:
+    """Whether a cast of q, k or v reduces over a whole axis (a dynamic per-token / per-channel / per-tensor
+    scale, token centring) rather than within MX blocks of 32 or by a static scale."""
+    from jdq.quant.reader import describe_transform
+
+    for site, role in ((qk_site, "q"), (qk_site, "k"), (pv_site, "v")):
+        try:
+            described = describe_transform(quant.transform_for(site, role))
+        except NotImplementedError:
+            return True
+        if described.centered or described.scaling == "dynamic":
+            return True
+    return False
+
+
 def _fused_prob_cast(quant, pv_site, dtype, mask, bias):
     """The probabilities' :class:`~jdq.kernels.quant_attention.ProbCast` when the fused fake-quant attention runs, else ``None``."""
     import os
@@ -269,9 +284,12 @@ def attention(q, k, v, *, site: str, quant: QuantizerBase | None = None, mask=No
         # the same casts of q / k / v, then a flash kernel that casts the probabilities in registers
         from jdq.kernels.quant_attention import quant_attention
 
-        # q, k, v copied to (B, H, L, D) first, one transposing pass over bf16 values: fused into the
-        # casts, XLA split each cast into several transposing fusions writing float32 intermediates
-        qh, kh, vh = jax.lax.optimization_barrier((qh, jnp.swapaxes(k, 1, 2), vh))
+        kh = jnp.swapaxes(k, 1, 2)
+        if _reduces_along_tokens(quant, qk_site, pv_site):
+            # q, k, v copied to (B, H, L, D) first, one transposing pass over bf16 values: fused into
+            # casts that reduce over a whole axis, XLA split each cast into several transposing fusions
+            # writing float32 intermediates (MX block casts fuse the transpose well: no copy for them)
+            qh, kh, vh = jax.lax.optimization_barrier((qh, kh, vh))
         qh, vh = quant(qh, qk_site, "q", -1), quant(vh, pv_site, "v", -2)
         if _layout_free(quant, qk_site, "k"):
             # the same cast on (B, H, Lk, D), contraction axis last: the layout the kernel reads, so XLA

@@ -212,6 +212,20 @@ def test_fused_path_casts_k_in_the_kernel_layout_when_the_cast_allows(recipe, k_
     assert (shape, axis) == (((1, 2, 64, 72), -1) if k_layout == "bhld" else ((1, 2, 72, 64), -2))
 
 
+@pytest.mark.parametrize("recipe,barrier", [("mx6", False), ("mxfp8_e4m3", False), ("w8a8-fp8attn", True)])
+def test_fused_path_copies_q_k_v_first_only_for_casts_that_reduce_along_tokens(recipe, barrier, monkeypatch):
+    """Token centring and dynamic scales (w8a8-fp8attn) get q / k / v copied to (B, H, L, D) behind an
+    optimization barrier before their casts; MX block casts take the transpose into their fusions."""
+    k1, k2, k3 = jax.random.split(jax.random.key(7), 3)
+    q, k, v = (jax.random.normal(kk, (1, 64, 2, 72)).astype(jnp.bfloat16) for kk in (k1, k2, k3))
+    plan = recipes.plan_for(recipe, trace_operands(_attn, q, k, v))
+    bound = plan.bind(plan.init())
+    monkeypatch.setenv(layers.QUANT_ATTENTION_ENV, "kernel")
+    jaxpr = jax.make_jaxpr(lambda q, k, v: _attn(q, k, v, bound))(q, k, v)
+    assert ("optimization_barrier" in str(jaxpr)) == barrier
+    assert layers._reduces_along_tokens(bound, f"{SITE}.qk", f"{SITE}.pv") == barrier
+
+
 def test_attention_keeps_the_explicit_path_for_other_casts(monkeypatch):
     """mixdit splits the probabilities into MX9 outlier blocks and MX6 (ranked over the row): the explicit path runs."""
     k1, k2, k3 = jax.random.split(jax.random.key(5), 3)
