@@ -95,7 +95,7 @@ class GatedResidual(NamedTuple):
 
 def qlinear(x, w, b=None, *, site: str, quant: QuantizerBase | None = None, act_role: str = "act",
             activation: str | None = None, norm: AdaNorm | None = None, residual: GatedResidual | None = None,
-            split: int = 1):
+            split: int = 1, cast_input: bool = True):
     """``residual(act(norm(x) @ w + b))`` with the input (role ``act_role``) and weight (role ``weight``) quantized.
 
     ``activation`` (a name in :data:`ACTIVATIONS`, default none) is applied to the output; a
@@ -106,18 +106,20 @@ def qlinear(x, w, b=None, *, site: str, quant: QuantizerBase | None = None, act_
     input is ``norm(x)`` either way). ``split`` > 1 returns the output's ``split`` column parts as a
     tuple (the fused ``qkv``: q, k, v): slices of one matmul here (three matmuls of a third of the
     columns measured no faster with cuBLAS), separate buffers written by a lowered W8A8 kernel.
+    ``cast_input=False``: ``x`` already went through the plan's input transform (a fused producer
+    applied it, :class:`Mlp`), so only the weight is cast here.
     """
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"qlinear at {site!r}: unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
     if (norm is not None or residual is not None or split > 1) and not _fuse_block_ops():
         y = qlinear(x if norm is None else norm(x), w, b, site=site, quant=quant, act_role=act_role,
-                    activation=activation)
+                    activation=activation, cast_input=cast_input)
         y = y if residual is None else residual(y)
         return tuple(jnp.split(y, split, axis=-1)) if split > 1 else y
     if w.shape[-1] % split or (split > 1 and residual is not None):
         raise ValueError(f"qlinear at {site!r}: {w.shape[-1]} output features do not split into {split} parts "
                          f"(or split with a residual)")
-    if quant is not None:
+    if quant is not None and cast_input:
         lowered = quant.lowered(site)
         if lowered is not None:
             # The speed path: a packed weight and a Pallas kernel that quantizes x itself.
@@ -128,7 +130,7 @@ def qlinear(x, w, b=None, *, site: str, quant: QuantizerBase | None = None, act_
     if norm is not None:
         x = norm(x)
     if quant is not None:
-        x = quant(x, site, act_role, -1)
+        x = quant(x, site, act_role, -1) if cast_input else x
         w = quant(w, site, "weight", -2)
     y = jnp.matmul(x, w.astype(x.dtype))
     if b is not None:
@@ -186,13 +188,49 @@ def _reduces_along_tokens(quant, qk_site, pv_site) -> bool:
     return False
 
 
-def _fused_prob_cast(quant, pv_site, dtype, mask, bias):
-    """The probabilities' :class:`~jdq.kernels.quant_attention.ProbCast` when the fused fake-quant attention runs, else ``None``."""
+#: Environment variable choosing how an MLP's activation and fc2's input cast run in a fake-quant
+#: plan: ``auto`` (default: on a GPU, for bf16, when the cast is one MX / MX9-MX6-MX4 block cast that
+#: :func:`jdq.kernels.act_cast.supports_cast` takes, one pass :func:`jdq.kernels.act_cast.act_cast`),
+#: ``xla`` (always the activation, then the plan's cast) or ``kernel`` (the one pass on any backend).
+ACT_CAST_ENV = "JDQ_ACT_CAST"
+
+
+def _env_choice(name: str) -> str:
     import os
 
-    choice = os.environ.get(QUANT_ATTENTION_ENV, "auto")
+    choice = os.environ.get(name, "auto")
     if choice not in ("auto", "xla", "kernel"):
-        raise ValueError(f"{QUANT_ATTENTION_ENV}={choice!r}; use auto, xla or kernel")
+        raise ValueError(f"{name}={choice!r}; use auto, xla or kernel")
+    return choice
+
+
+def _fused_act_cast(quant, fc1_site, fc2_site, role, activation, dtype, hidden):
+    """The :mod:`jdq.formats` spec of fc2's input cast when the activation and the cast run as one pass, else ``None``."""
+    if quant is None:
+        return None
+    choice = _env_choice(ACT_CAST_ENV)
+    if choice == "xla" or (choice == "auto" and jax.default_backend() != "gpu"):
+        return None
+    from jdq.kernels.act_cast import ACTIVATIONS as FUSABLE, supports_cast
+    from jdq.quant.reader import describe_transform
+
+    if dtype != jnp.bfloat16 or activation not in FUSABLE or hidden % 32:
+        return None
+    if quant.lowered(fc1_site) is not None or quant.lowered(fc2_site) is not None:
+        return None
+    try:
+        transform = quant.transform_for(fc2_site, role)
+    except NotImplementedError:
+        return None
+    described = describe_transform(transform)
+    if described.stages != ("cast",) or described.scaling != "block" or supports_cast(described.spec):
+        return None
+    return described.spec
+
+
+def _fused_prob_cast(quant, pv_site, dtype, mask, bias):
+    """The probabilities' :class:`~jdq.kernels.quant_attention.ProbCast` when the fused fake-quant attention runs, else ``None``."""
+    choice = _env_choice(QUANT_ATTENTION_ENV)
     if choice == "xla" or mask is not None or bias is not None:
         return None
     if choice == "auto" and (dtype != jnp.bfloat16 or jax.default_backend() != "gpu"):
@@ -329,10 +367,10 @@ class Linear(nnx.Module):
         self.act_role = act_role
 
     def __call__(self, x, quant: QuantizerBase | None = None, activation: str | None = None, norm=None, residual=None,
-                 split: int = 1):
+                 split: int = 1, cast_input: bool = True):
         b = None if self.bias is None else self.bias[...]
         return qlinear(x, self.kernel[...], b, site=self.site, quant=quant, act_role=self.act_role, activation=activation,
-                       norm=norm, residual=residual, split=split)
+                       norm=norm, residual=residual, split=split, cast_input=cast_input)
 
 
 class Embedding(nnx.Module):
@@ -438,7 +476,20 @@ class Mlp(nnx.Module):
 
     def __call__(self, x, quant: QuantizerBase | None = None, norm: AdaNorm | None = None,
                  residual: GatedResidual | None = None):
-        """``residual(fc2(act(fc1(norm(x)))))``; ``norm`` / ``residual`` (default none) as in :func:`qlinear`."""
+        """``residual(fc2(act(fc1(norm(x)))))``; ``norm`` / ``residual`` (default none) as in :func:`qlinear`.
+
+        Where :data:`ACT_CAST_ENV` allows (by default on a GPU, bf16, fake quant) and the plan casts
+        fc2's input with one MX / MX9-MX6-MX4 block cast, the activation and that cast run as one pass
+        (:func:`jdq.kernels.act_cast.act_cast`; the activation in float32 with one bf16 rounding, as
+        XLA compiles it on a GPU — see :mod:`jdq.kernels.act_cast.ref`).
+        """
+        spec = _fused_act_cast(quant, self.fc1.site, self.fc2.site, self.fc2.act_role, self.activation,
+                               x.dtype, self.fc2.kernel[...].shape[0])
+        if spec is not None:
+            from jdq.kernels.act_cast import act_cast
+
+            h = act_cast(self.fc1(x, quant, norm=norm), spec, self.activation, impl=getattr(quant, "impl", "auto"))
+            return self.fc2(h, quant, residual=residual, cast_input=False)
         return self.fc2(self.fc1(x, quant, activation=self.activation, norm=norm), quant, residual=residual)
 
 

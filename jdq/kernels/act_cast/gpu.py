@@ -1,0 +1,147 @@
+"""An activation and an MX / MX9-MX6-MX4 cast along the last axis in one Mosaic GPU pass over bf16 values.
+
+Computes :func:`jdq.kernels.act_cast.ref.reference`. XLA computes a GELU followed by a block cast as
+three passes over the activation (the GELU, a block-max fusion, the cast fusion: 2 reads and a
+write more than needed); here each element is read once and written once.
+
+**Data view.** ``x`` (M, K) bf16 is handed to the kernel as ``(M·K/32, 16)`` int32 words, a free
+bit cast: each row holds 32 consecutive elements — one MX block of 32, or two MX9 / MX6 / MX4
+blocks of 16 — as 16 words of two elements, so a pair (an SMX sub-block) is one word and a scale
+block is a row (or half a row) of the tile. Each CTA bulk-copies ``Config.rows`` such rows
+(contiguous) into shared memory and works through them in 64-row chunks held in the WGMMA register
+layout (each thread 2 rows × 4 words per chunk): the halves of every word come out by shifts (a
+bf16 is the upper half of its float32), the activation runs in float32 and rounds to bf16 (by integer arithmetic), the
+block max is a row reduction of the int32 bits of |x| (a masked one per 8-word half for blocks of
+16), the element arithmetic is :mod:`jdq.formats`' own (``mx`` / ``smx.fake_quantize_given_amax``,
+so the cast of a bf16 value is bit for bit the library's), and the halves are repacked into words
+and written over the chunk's input, then the whole tile is bulk-stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jdq.kernels._mgpu import interpret_params, pl, plgpu, promise_in_bounds
+from jdq.kernels.act_cast.ref import activation_f32, check
+
+WORDS = 16  # int32 words per kernel row (32 bf16 elements)
+CHUNK = 64  # rows per register chunk (the WGMMA layout's row tile)
+HI_MASK = -65536  # 0xFFFF0000 as int32
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Kernel rows (of 32 elements) per CTA: a multiple of 64."""
+
+    rows: int = 256
+
+    def supports(self, n_rows: int) -> str | None:
+        """``None`` when ``n_rows`` kernel rows tile by this config, else why not."""
+        if self.rows % CHUNK or self.rows <= 0:
+            return f"rows={self.rows} is not a positive multiple of {CHUNK}"
+        if n_rows % self.rows:
+            return f"{n_rows} rows of 32 elements are not a multiple of rows={self.rows}"
+        return None
+
+
+def _to_f32(bits):
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _bits(v):
+    return lax.bitcast_convert_type(v, jnp.int32)
+
+
+def round_to_bf16(v):
+    """float32 ``v`` rounded to the nearest bf16 (ties to even), as float32, by integer arithmetic on its bits.
+
+    Not ``astype(bfloat16).astype(float32)``: compiled by XLA (the interpreted kernel) that round trip
+    may be dropped (excess precision). NaN stays NaN; a value above bf16's largest rounds to infinity.
+    """
+    b = _bits(v)
+    rounded = (b + (0x7FFF + ((b >> 16) & 1))) & HI_MASK
+    return jnp.where(v != v, v, _to_f32(rounded))
+
+
+def _rows(v, shape):
+    return lax.broadcast_in_dim(v, shape, [0])
+
+
+def _block_amax(ab, block_words: int, interpret):
+    """Each word's scale-block max of the |x| bits ``ab`` (int32): a block is ``block_words`` consecutive words of a row."""
+    if block_words == WORDS:
+        return _rows(ab.max(axis=1), ab.shape)
+    if interpret:
+        col = lax.broadcasted_iota(jnp.int32, ab.shape, 1)
+    else:
+        col = plgpu.broadcasted_iota(jnp.int32, ab.shape, 1, layout=plgpu.Layout.WGMMA)
+    first = col < block_words
+    zero = jnp.zeros_like(ab)
+    a0 = _rows(jnp.where(first, ab, zero).max(axis=1), ab.shape)
+    a1 = _rows(jnp.where(first, zero, ab).max(axis=1), ab.shape)
+    return jnp.where(first, a0, a1)
+
+
+def cast_words(words, spec, activation, interpret=None):
+    """A chunk of int32 words (rows, 16) -> the words of ``cast(bf16(activation(x)))`` (see the module)."""
+    from jdq.formats import _bits as fbits
+    from jdq.formats import mx, smx
+
+    lo, hi = _to_f32(words << 16), _to_f32(words & HI_MASK)
+    if activation is not None:
+        lo, hi = round_to_bf16(activation_f32(lo, activation)), round_to_bf16(activation_f32(hi, activation))
+    amax = _block_amax(jnp.maximum(fbits.abs_bits(lo), fbits.abs_bits(hi)), spec.block_size // 2, interpret)
+    if spec.kind == "mx":
+        out_lo, out_hi = mx.fake_quantize_given_amax(lo, amax, spec), mx.fake_quantize_given_amax(hi, amax, spec)
+    else:
+        out_lo, out_hi = smx.fake_quantize_given_amax(lo, hi, amax, spec), smx.fake_quantize_given_amax(hi, lo, amax, spec)
+    # results are bf16 values (at most 8 significant bits): their upper halves are exact
+    return ((_bits(out_lo) >> 16) & 0xFFFF) | (_bits(out_hi) & HI_MASK)
+
+
+# jitted: identical calls in a model lower once (see jdq.kernels.w8a8.gpu).
+@functools.partial(jax.jit, static_argnames=("spec", "activation", "config", "interpret"))
+def act_cast_gpu(x, spec, activation: str | None = None, config: Config = Config(), interpret=False):
+    """``cast(bf16(activation(x)), spec, axis=-1)`` of bf16 ``x`` (M, K), K a multiple of 32, in one pass: (M, K) bf16."""
+    check(x, spec, activation)
+    if x.ndim != 2:
+        raise ValueError(f"act_cast kernel: x must be 2-D (M, K), got shape {x.shape}")
+    m, k = x.shape
+    n_rows = m * k // 32
+    why = config.supports(n_rows)
+    if why:
+        raise ValueError(f"act_cast kernel: {why}")
+    words = lax.bitcast_convert_type(x.reshape(n_rows, WORDS, 2), jnp.int32)
+    rows = config.rows
+    layout = None if interpret else plgpu.Layout.WGMMA
+
+    def body(w_g, o_g, w_s, bar):
+        i = lax.axis_index("r")
+        plgpu.copy_gmem_to_smem(w_g.at[pl.ds(i * rows, rows)], w_s, bar.at[0], **promise_in_bounds())
+        plgpu.barrier_wait(bar.at[0])
+        for c in range(rows // CHUNK):
+            sl = w_s.at[pl.ds(c * CHUNK, CHUNK)]
+            w = sl[...] if interpret else plgpu.load(sl, (), layout=layout)
+            sl[...] = cast_words(w, spec, activation, interpret)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(w_s, o_g.at[pl.ds(i * rows, rows)])
+        plgpu.wait_smem_to_gmem(0)
+
+    out = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((n_rows, WORDS), jnp.int32),
+        grid=(n_rows // rows,),
+        grid_names=("r",),
+        scratch_types=[plgpu.SMEM((rows, WORDS), jnp.int32), plgpu.Barrier(num_arrivals=1, num_barriers=1)],
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        interpret=interpret_params(interpret),
+    )(words)
+    return lax.bitcast_convert_type(out, jnp.bfloat16).reshape(m, k)
+
+
+__all__ = ["CHUNK", "Config", "WORDS", "act_cast_gpu", "cast_words", "round_to_bf16"]
