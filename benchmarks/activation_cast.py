@@ -14,7 +14,9 @@ producer into the cast it may keep the producer's bf16 result in float32).
 
 Since 2026-12-03 the library's form ('library') is device run 1's 'words_bits' (halves by shifts); since
 the eighth session of that day its FP elements round by the float32 adder (``words_scaled_rounding``
-is the library's form with the rounding before).
+is the library's form with the rounding before). Row ``one_pass`` (fc2 only) is the GELU and the cast in one
+Mosaic GPU kernel (``jdq.kernels.act_cast``, what a fake-quant MLP runs on a GPU since then): its time
+includes the GELU's, which the other rows leave to the chain without the cast.
 
 ``python3 benchmarks/activation_cast.py --device-run`` (GPU; ``results/activation_cast_device_run*.json``);
 ``--tiny`` runs small shapes on a CPU.
@@ -200,6 +202,43 @@ def kernels_of(fn, args):
     return len(rows), [(n[:50], round(ms * 1e3, 1)) for n, _, ms in rows]
 
 
+def one_pass_row(res, name, inputs, h, base_ms, want, want_cast, iters, timed_ms, rows=None):
+    """The fc2 chain with the GELU and the cast in one kernel (``jdq.kernels.act_cast``): time, kernels, and the
+    share of its cast outputs equal to the library's cast of XLA's GELU (``share_equal``) and to the XLA
+    reference of the same function (``share_equal_to_reference``: the GELU in float32, one bf16 rounding)."""
+    from jdq.kernels.act_cast import act_cast, reference, supports_cast
+    from jdq.kernels.act_cast.gpu import Config
+
+    fmt = formats.get(name)
+    if supports_cast(fmt):
+        return
+    a, w1, b1, w2 = inputs
+    cfg = None if rows is None else Config(rows=rows)
+    label = "one_pass" if rows is None else f"one_pass_r{rows}"
+    f = jax.jit(lambda a, w1, b1, w2: act_cast(a @ w1 + b1, fmt, "gelu_tanh", config=cfg) @ w2)
+    try:
+        out = np.asarray(jax.block_until_ready(f(*inputs)).astype(jnp.float32))
+        ms = timed_ms(f, inputs, iters)
+    except Exception as e:  # noqa: BLE001
+        print(f"  {name:11s} {label:17s} FAILED {type(e).__name__}: {str(e)[:300]}")
+        return
+    pre = jax.jit(lambda a, w1, b1: a @ w1 + b1)(a, w1, b1)
+    got = np.asarray(jax.jit(lambda p: act_cast(p, fmt, "gelu_tanh", config=cfg))(pre).astype(jnp.float32))
+    ref = np.asarray(jax.jit(lambda p: reference(p, fmt, "gelu_tanh"))(pre).astype(jnp.float32))
+    same = lambda u, v: float(np.mean((u == v) | (np.isnan(u) & np.isnan(v))))  # noqa: E731
+    ks = kernels_of(f, inputs)
+    row = {"chain": "fc2", "format": name, "variant": label, "ms": ms, "cast_us": (ms - base_ms) * 1e3,
+           "share_equal": same(got, want_cast), "share_equal_to_reference": same(got, ref),
+           "cast_equal_to_library": bool(np.array_equal(got, want_cast, equal_nan=True)),
+           "chain_share_equal": same(out, want), "chain_equal_to_library": bool(np.array_equal(out, want, equal_nan=True)),
+           "relerr_vs_library": float(np.linalg.norm(np.nan_to_num(got - want_cast)) / np.linalg.norm(np.nan_to_num(want_cast))),
+           "kernels": ks}
+    res["rows"].append(row)
+    kt = "" if ks is None else f"  {ks[0]} kernels: " + ", ".join(f"{n} {us}" for n, us in ks[1][:5])
+    print(f"  {name:11s} {label:17s} +{row['cast_us']:8.1f} us (GELU included)  equal share {row['share_equal']:.6f}"
+          f" (to its reference {row['share_equal_to_reference']:.6f}, relerr {row['relerr_vs_library']:.2e}){kt}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device-run", action="store_true", help="DiT-XL/2 shapes on a GPU")
@@ -207,7 +246,10 @@ def main(argv=None):
     p.add_argument("--formats", default="mx6,mxint8,mxfp8_e4m3")
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--out", default=None)
+    p.add_argument("--variants", default="", help="comma list of variants to time (default: all); one_pass is the kernel")
+    p.add_argument("--one-pass-rows", default="", help="extra act_cast kernel rows per CTA to time, e.g. 128,512")
     args = p.parse_args(argv)
+    keep = {v for v in args.variants.split(",") if v}
     if not (args.device_run or args.tiny):
         raise SystemExit("give --device-run (GPU) or --tiny")
     timed_ms = _sibling("paper_recipes_gpu").timed_ms
@@ -223,6 +265,8 @@ def main(argv=None):
         for name in [f for f in args.formats.split(",") if f]:
             want, want_cast = None, None
             for label, cast in variants(name).items():
+                if keep and label not in keep and label != "library":  # the library's row is the comparison
+                    continue
                 f = jax.jit(lambda *a, fn=fn, cast=cast: fn(cast, *a))
                 try:
                     out = np.asarray(jax.block_until_ready(f(*inputs)).astype(jnp.float32))
@@ -242,6 +286,9 @@ def main(argv=None):
                 res["rows"].append(row)
                 kt = "" if ks is None else f"  {ks[0]} kernels: " + ", ".join(f"{n} {us}" for n, us in ks[1][:5])
                 print(f"  {name:11s} {label:17s} +{row['cast_us']:8.1f} us  cast equal {equal} (chain {chain_equal}){kt}")
+            if chain == "fc2" and (not keep or "one_pass" in keep):
+                for rows in [None] + [int(r) for r in args.one_pass_rows.split(",") if r]:
+                    one_pass_row(res, name, inputs, h, base_ms, want, want_cast, args.iters, timed_ms, rows)
         res[f"{chain}_base_ms"] = base_ms
     out_dir = args.out or os.environ.get("OUT")
     if out_dir:
