@@ -204,8 +204,8 @@ def kernels_of(fn, args):
 
 def one_pass_row(res, name, inputs, h, base_ms, want, want_cast, iters, timed_ms, rows=None):
     """The fc2 chain with the GELU and the cast in one kernel (``jdq.kernels.act_cast``): time, kernels, and the
-    share of its cast outputs equal to the library's cast of XLA's GELU (``share_equal``) and to the XLA
-    reference of the same function (``share_equal_to_reference``: the GELU in float32, one bf16 rounding)."""
+    share of its cast outputs equal to the library's cast of XLA's GELU (``share_equal``, the model's unfused
+    path) and to ``act_cast.reference`` compiled by XLA (``share_equal_to_reference``: the same function)."""
     from jdq.kernels.act_cast import act_cast, reference, supports_cast
     from jdq.kernels.act_cast.gpu import Config
 

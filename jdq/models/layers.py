@@ -480,8 +480,8 @@ class Mlp(nnx.Module):
 
         Where :data:`ACT_CAST_ENV` allows (by default on a GPU, bf16, fake quant) and the plan casts
         fc2's input with one MX / MX9-MX6-MX4 block cast, the activation and that cast run as one pass
-        (:func:`jdq.kernels.act_cast.act_cast`; the activation in float32 with one bf16 rounding, as
-        XLA compiles it on a GPU — see :mod:`jdq.kernels.act_cast.ref`).
+        (:func:`jdq.kernels.act_cast.act_cast`: the same activation, operation by operation rounded to
+        bf16, and the same cast — see :mod:`jdq.kernels.act_cast.ref`).
         """
         spec = _fused_act_cast(quant, self.fc1.site, self.fc2.site, self.fc2.act_role, self.activation,
                                x.dtype, self.fc2.kernel[...].shape[0])

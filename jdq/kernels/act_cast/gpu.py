@@ -10,7 +10,8 @@ blocks of 16 — as 16 words of two elements, so a pair (an SMX sub-block) is on
 block is a row (or half a row) of the tile. Each CTA bulk-copies ``Config.rows`` such rows
 (contiguous) into shared memory and works through them in 64-row chunks held in the WGMMA register
 layout (each thread 2 rows × 4 words per chunk): the halves of every word come out by shifts (a
-bf16 is the upper half of its float32), the activation runs in float32 and rounds to bf16 (by integer arithmetic), the
+bf16 is the upper half of its float32), the activation runs operation by operation in float32, each result rounded to bf16 (by integer
+arithmetic) as the model's bf16 expression is, the
 block max is a row reduction of the int32 bits of |x| (a masked one per 8-word half for blocks of
 16), the element arithmetic is :mod:`jdq.formats`' own (``mx`` / ``smx.fake_quantize_given_amax``,
 so the cast of a bf16 value is bit for bit the library's), and the halves are repacked into words
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jdq.kernels._mgpu import interpret_params, pl, plgpu, promise_in_bounds
-from jdq.kernels.act_cast.ref import activation_f32, check
+from jdq.kernels.act_cast.ref import activation_rounded, check
 
 WORDS = 16  # int32 words per kernel row (32 bf16 elements)
 CHUNK = 64  # rows per register chunk (the WGMMA layout's row tile)
@@ -94,7 +95,7 @@ def cast_words(words, spec, activation, interpret=None):
 
     lo, hi = _to_f32(words << 16), _to_f32(words & HI_MASK)
     if activation is not None:
-        lo, hi = round_to_bf16(activation_f32(lo, activation)), round_to_bf16(activation_f32(hi, activation))
+        lo, hi = activation_rounded(lo, activation, round_to_bf16), activation_rounded(hi, activation, round_to_bf16)
     amax = _block_amax(jnp.maximum(fbits.abs_bits(lo), fbits.abs_bits(hi)), spec.block_size // 2, interpret)
     if spec.kind == "mx":
         out_lo, out_hi = mx.fake_quantize_given_amax(lo, amax, spec), mx.fake_quantize_given_amax(hi, amax, spec)

@@ -1,11 +1,11 @@
-"""Reference of the fused activation + block cast: ``formats.cast(bf16(act(x)), spec, axis=-1)``.
+"""Reference of the fused activation + block cast: ``formats.cast(activate(x), spec, axis=-1)``, the model's own ops.
 
-The activation is computed in float32 from the bf16 input with the constants rounded to the
-input's dtype and rounded to bf16 once at the end: what XLA compiles ``jax.nn.gelu(x,
-approximate=True)`` of a bf16 ``x`` to on a GPU (its bf16 constants, intermediates kept in float32
-— ``xla_allow_excess_precision``). On a CPU, XLA rounds every intermediate to bf16 instead, so the
-model's unfused GELU there differs from this function in the last bf16 bit of some elements; the
-kernel and this reference are the same function everywhere.
+The reference is what :class:`jdq.models.layers.Mlp` computes unfused: the activation of
+:mod:`jdq.kernels.activations` on the bf16 ``x`` (``jax.nn.gelu(x, approximate=True)``: bf16
+constants, every operation's result rounded to bf16 — XLA compiles it so on a CPU and on an H200,
+where a float32 chain with one rounding matched only 95–99 % of the casts) and then the plan's
+cast. :data:`ACTIVATIONS` holds the same expressions written on float32 values with an explicit
+rounding after each operation, the form a kernel evaluates in registers.
 """
 
 from __future__ import annotations
@@ -14,22 +14,30 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _gelu_tanh(x, dtype):
-    """``jax.nn.gelu(x, approximate=True)``'s expression in float32 with its constants rounded to ``dtype``."""
-    c_cube = np.float32(np.asarray(0.044715, dtype))
-    c_scale = np.float32(np.sqrt(2 / np.pi).astype(dtype))
-    cdf = 0.5 * (1.0 + jnp.tanh(c_scale * (x + c_cube * (x * x * x))))
-    return x * cdf
+def _to_bf16(v):
+    return v.astype(jnp.bfloat16).astype(jnp.float32)
 
 
-#: Activations the kernel applies before the cast (``None``: the cast alone).
-ACTIVATIONS = {None: None, "gelu_tanh": _gelu_tanh}
+def gelu_tanh_rounded(x, rnd=_to_bf16):
+    """``jax.nn.gelu(x, approximate=True)`` of bf16 values ``x`` (held in float32) operation by operation,
+    each result rounded by ``rnd`` (to bf16), the constants rounded to bf16: the order of jax's expression
+    ``x * (0.5 * (1 + tanh(c · (x + 0.044715 · x³))))`` with ``x³ = (x · x) · x``."""
+    c_cube = np.float32(np.asarray(0.044715, jnp.bfloat16))
+    c_scale = np.float32(np.sqrt(2 / np.pi).astype(jnp.bfloat16))
+    cube = rnd(rnd(x * x) * x)
+    inner = rnd(c_scale * rnd(x + rnd(c_cube * cube)))
+    cdf = rnd(0.5 * rnd(1.0 + rnd(jnp.tanh(inner))))
+    return rnd(x * cdf)
 
 
-def activation_f32(x, activation: str | None, dtype=jnp.bfloat16):
-    """The activation of float32 ``x`` (values of ``dtype``) in float32, the constants rounded to ``dtype``."""
+#: Activations the kernel applies before the cast, as ``fn(x, rnd)`` on float32 bf16 values (``None``: the cast alone).
+ACTIVATIONS = {None: None, "gelu_tanh": gelu_tanh_rounded}
+
+
+def activation_rounded(x, activation: str | None, rnd=_to_bf16):
+    """:data:`ACTIVATIONS`' ``activation`` of float32 ``x`` (bf16 values), every operation rounded by ``rnd``."""
     fn = ACTIVATIONS[activation]
-    return x if fn is None else fn(x, dtype)
+    return x if fn is None else fn(x, rnd)
 
 
 def supports_cast(spec) -> str | None:
@@ -59,9 +67,9 @@ def check(x, spec, activation):
 
 
 def reference(x, spec, activation: str | None = None):
-    """``formats.cast(bf16(activation(x)), spec, axis=-1)`` for bf16 ``x`` (the activation in float32, see the module)."""
+    """``formats.cast(activate(x, activation), spec, axis=-1)`` for bf16 ``x``: the unfused MLP's activation and cast."""
     from jdq import formats
+    from jdq.kernels.activations import activate
 
     check(x, spec, activation)
-    y = activation_f32(x.astype(jnp.float32), activation, x.dtype).astype(x.dtype)
-    return formats.cast(y, spec, axis=-1)
+    return formats.cast(activate(x, activation), spec, axis=-1)
