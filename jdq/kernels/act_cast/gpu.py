@@ -10,8 +10,8 @@ blocks of 16 — as 16 words of two elements, so a pair (an SMX sub-block) is on
 block is a row (or half a row) of the tile. Each CTA bulk-copies ``Config.rows`` such rows
 (contiguous) into shared memory and works through them in 64-row chunks held in the WGMMA register
 layout (each thread 2 rows × 4 words per chunk): the halves of every word come out by shifts (a
-bf16 is the upper half of its float32), the activation runs operation by operation in float32, each result rounded to bf16 (by integer
-arithmetic) as the model's bf16 expression is, the
+bf16 is the upper half of its float32), the activation runs operation by operation in float32, each result rounded to bf16 (a conversion
+round trip, as the attention kernel rounds its logits) as the model's bf16 expression is, the
 block max is a row reduction of the int32 bits of |x| (a masked one per 8-word half for blocks of
 16), the element arithmetic is :mod:`jdq.formats`' own (``mx`` / ``smx.fake_quantize_given_amax``,
 so the cast of a bf16 value is bit for bit the library's), and the halves are repacked into words
@@ -58,17 +58,6 @@ def _bits(v):
     return lax.bitcast_convert_type(v, jnp.int32)
 
 
-def round_to_bf16(v):
-    """float32 ``v`` rounded to the nearest bf16 (ties to even), as float32, by integer arithmetic on its bits.
-
-    Not ``astype(bfloat16).astype(float32)``: compiled by XLA (the interpreted kernel) that round trip
-    may be dropped (excess precision). NaN stays NaN; a value above bf16's largest rounds to infinity.
-    """
-    b = _bits(v)
-    rounded = (b + (0x7FFF + ((b >> 16) & 1))) & HI_MASK
-    return jnp.where(v != v, v, _to_f32(rounded))
-
-
 def _rows(v, shape):
     return lax.broadcast_in_dim(v, shape, [0])
 
@@ -95,7 +84,7 @@ def cast_words(words, spec, activation, interpret=None):
 
     lo, hi = _to_f32(words << 16), _to_f32(words & HI_MASK)
     if activation is not None:
-        lo, hi = activation_rounded(lo, activation, round_to_bf16), activation_rounded(hi, activation, round_to_bf16)
+        lo, hi = activation_rounded(lo, activation), activation_rounded(hi, activation)
     amax = _block_amax(jnp.maximum(fbits.abs_bits(lo), fbits.abs_bits(hi)), spec.block_size // 2, interpret)
     if spec.kind == "mx":
         out_lo, out_hi = mx.fake_quantize_given_amax(lo, amax, spec), mx.fake_quantize_given_amax(hi, amax, spec)
@@ -145,4 +134,4 @@ def act_cast_gpu(x, spec, activation: str | None = None, config: Config = Config
     return lax.bitcast_convert_type(out, jnp.bfloat16).reshape(m, k)
 
 
-__all__ = ["CHUNK", "Config", "WORDS", "act_cast_gpu", "cast_words", "round_to_bf16"]
+__all__ = ["CHUNK", "Config", "WORDS", "act_cast_gpu", "cast_words"]
