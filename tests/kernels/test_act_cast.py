@@ -136,3 +136,12 @@ def test_bad_route_choice_is_named(monkeypatch):
     monkeypatch.setenv(layers.ACT_CAST_ENV, "fast")
     with pytest.raises(ValueError, match="JDQ_ACT_CAST='fast'"):
         mlp(x, plan.bind(plan.init()))
+
+
+def test_the_op_vmaps():
+    """A vmapped call (a precision sweep batches the activations) equals the reference per element."""
+    spec = formats.get("mx6")
+    x = _input(4, m=64, k=128).reshape(2, 32, 128)
+    got = jax.vmap(lambda v: act_cast(v, spec, "gelu_tanh", impl="gpu_interpret", config=Config(rows=64)))(x)
+    want = jax.jit(jax.vmap(lambda v: reference(v, spec, "gelu_tanh")))(x)
+    np.testing.assert_array_equal(_bits(got), _bits(want))
