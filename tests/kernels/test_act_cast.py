@@ -145,3 +145,18 @@ def test_the_op_vmaps():
     got = jax.vmap(lambda v: act_cast(v, spec, "gelu_tanh", impl="gpu_interpret", config=Config(rows=64)))(x)
     want = jax.jit(jax.vmap(lambda v: reference(v, spec, "gelu_tanh")))(x)
     np.testing.assert_array_equal(_bits(got), _bits(want))
+
+
+def test_the_op_is_differentiable_as_the_reference():
+    """The gradient through the kernel (interpret mode) is the reference's: the GELU's derivative, the cast straight-through."""
+    spec = formats.get("mxfp8_e4m3")
+    x = jax.random.normal(jax.random.key(5), (64, 128)).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(6), (64, 128))
+
+    def grad(fn):
+        return jax.grad(lambda v: jnp.sum(fn(v).astype(jnp.float32) * w))(x)
+
+    got = grad(lambda v: act_cast(v, spec, "gelu_tanh", impl="gpu_interpret", config=Config(rows=64)))
+    want = grad(lambda v: reference(v, spec, "gelu_tanh"))
+    np.testing.assert_array_equal(_bits(got), _bits(want))
+    assert np.abs(np.asarray(got, np.float32)).max() > 0

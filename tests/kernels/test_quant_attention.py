@@ -257,3 +257,19 @@ def test_benchmark_tiny_run_checks_the_fused_path(load_benchmark, tmp_path):
     assert res["checks"]["tiny@mx6"]["ok"], res["checks"]
     assert {"xla_bf16", "kernel_nocast", "fused:mx6", "kernel:mx6", "explicit:mx6"} <= set(res["rows"]["tiny"]["us"])
     assert os.environ.get(layers.QUANT_ATTENTION_ENV) == before  # the benchmark restores the environment
+
+
+def test_the_op_is_differentiable_as_the_reference():
+    """Gradients through the kernel (interpret mode) are the reference's: its tangent, the casts straight-through."""
+    qh, kt, vh = _cast_operands(9, lq=64, lk=64)
+    prob, scale = _prob("mxfp8_e4m3"), 1 / math.sqrt(72)
+    w = jax.random.normal(jax.random.key(10), qh.shape)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * w)
+
+    got = jax.grad(loss(lambda q, k, v: quant_attention(q, k, v, prob=prob, scale=scale, impl="gpu_interpret")),
+                   argnums=(0, 1, 2))(qh, kt, vh)
+    want = jax.jit(jax.grad(loss(lambda q, k, v: reference(q, k, v, prob, scale)), argnums=(0, 1, 2)))(qh, kt, vh)
+    for g, r in zip(got, want):  # both compiled (see _jitted_attn): same program, XLA may round differently
+        assert np.mean(np.asarray(g) == np.asarray(r)) >= 0.99 and relerr(g, r) < 1e-3

@@ -38,11 +38,24 @@ def _xla(x, spec, activation, *, impl, config=None):
 IMPLEMENTATIONS = {"gpu": _gpu, "xla": _xla}
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
+def _act_cast(x, spec, activation, impl, config):
+    return dispatch(IMPLEMENTATIONS, impl, x, spec, activation, config=config)
+
+
+@_act_cast.defjvp
+def _act_cast_jvp(spec, activation, impl, config, primals, tangents):
+    # the reference's tangent: the activation's derivative, the cast straight-through (as formats.cast)
+    _, dy = jax.jvp(lambda v: ref.reference(v, spec, activation), primals, tangents)
+    return _act_cast(primals[0], spec, activation, impl, config), dy
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "activation", "impl", "config"))
 def act_cast(x, spec, activation: str | None = None, *, impl: str = "auto", config=None):
-    """``formats.cast(bf16(activation(x)), spec, axis=-1)`` of bf16 ``x`` (…, K): the one-pass kernel where it tiles, else XLA."""
+    """``formats.cast(activate(x, activation), spec, axis=-1)`` of bf16 ``x`` (…, K): the one-pass kernel where it tiles,
+    else XLA; differentiable as the reference (the cast straight-through)."""
     ref.check(x, spec, activation)
-    return dispatch(IMPLEMENTATIONS, impl, x, spec, activation, config=config)
+    return _act_cast(x, spec, activation, impl, config)
 
 
 __all__ = ["IMPLEMENTATIONS", "act_cast"]

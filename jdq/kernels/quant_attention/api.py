@@ -87,18 +87,30 @@ def _xla(qh, kt, vh, prob, scale, *, impl, config=None):
 IMPLEMENTATIONS = {"gpu": _gpu, "xla": _xla}
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5, 6))
+def _quant_attention(qh, kt, vh, prob, scale, impl, config):
+    return dispatch(IMPLEMENTATIONS, impl, qh, kt, vh, prob, scale, config=config)
+
+
+@_quant_attention.defjvp
+def _quant_attention_jvp(prob, scale, impl, config, primals, tangents):
+    # the reference's tangent (the probabilities' cast straight-through, as formats.cast)
+    _, dy = jax.jvp(lambda q, k, v: ref.reference(q, k, v, prob, scale), primals, tangents)
+    return _quant_attention(*primals, prob, scale, impl, config), dy
+
+
 @functools.partial(jax.jit, static_argnames=("prob", "scale", "impl", "config"))
 def quant_attention(qh, kt, vh, *, prob: ref.ProbCast, scale: float, impl: str = "auto", config=None):
     """Attention of cast ``qh`` (B, H, Lq, D), ``kt`` (B, H, D, Lk), ``vh`` (B, H, Lk, D), ``prob`` cast inside: (B, H, Lq, D).
 
     :func:`~jdq.kernels.quant_attention.ref.reference` on the kernel where it tiles (bf16, Lk a
-    multiple of ``block_kv``; Lq is padded), the reference elsewhere.
+    multiple of ``block_kv``; Lq is padded), the reference elsewhere; differentiable as the reference.
     """
     if qh.ndim != 4 or kt.ndim != 4 or vh.ndim != 4:
         raise ValueError(f"quant_attention: qh {qh.shape}, kt {kt.shape}, vh {vh.shape} must be 4-d (B, H, ., .)")
     if kt.shape[2] != qh.shape[3] or vh.shape[2] != kt.shape[3] or qh.shape[:2] != kt.shape[:2] != vh.shape[:2]:
         raise ValueError(f"quant_attention: qh {qh.shape}, kt {kt.shape}, vh {vh.shape} do not fit together")
-    return dispatch(IMPLEMENTATIONS, impl, qh, kt, vh, prob, float(scale), config=config)
+    return _quant_attention(qh, kt, vh, prob, float(scale), impl, config)
 
 
 __all__ = ["IMPLEMENTATIONS", "quant_attention"]
