@@ -78,7 +78,7 @@ def _block_amax(ab, block_words: int, interpret):
 
 
 def cast_words(words, spec, activation, interpret=None):
-    """A chunk of int32 words (rows, 16) -> the words of ``cast(bf16(activation(x)))`` (see the module)."""
+    """A chunk of int32 words (rows, 16) -> the words of ``cast(activation(x))`` (see the module)."""
     from jdq.formats import _bits as fbits
     from jdq.formats import mx, smx
 
@@ -97,7 +97,7 @@ def cast_words(words, spec, activation, interpret=None):
 # jitted: identical calls in a model lower once (see jdq.kernels.w8a8.gpu).
 @functools.partial(jax.jit, static_argnames=("spec", "activation", "config", "interpret"))
 def act_cast_gpu(x, spec, activation: str | None = None, config: Config = Config(), interpret=False):
-    """``cast(bf16(activation(x)), spec, axis=-1)`` of bf16 ``x`` (M, K), K a multiple of 32, in one pass: (M, K) bf16."""
+    """``cast(activation(x), spec, axis=-1)`` of bf16 ``x`` (M, K), K a multiple of 32, in one pass: (M, K) bf16."""
     check(x, spec, activation)
     if x.ndim != 2:
         raise ValueError(f"act_cast kernel: x must be 2-D (M, K), got shape {x.shape}")

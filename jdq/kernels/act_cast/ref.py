@@ -2,10 +2,11 @@
 
 The reference is what :class:`jdq.models.layers.Mlp` computes unfused: the activation of
 :mod:`jdq.kernels.activations` on the bf16 ``x`` (``jax.nn.gelu(x, approximate=True)``: bf16
-constants, every operation's result rounded to bf16 — XLA compiles it so on a CPU and on an H200,
-where a float32 chain with one rounding matched only 95–99 % of the casts) and then the plan's
-cast. :data:`ACTIVATIONS` holds the same expressions written on float32 values with an explicit
-rounding after each operation, the form a kernel evaluates in registers.
+constants, every operation's result rounded to bf16) and then the plan's cast. XLA keeps those
+roundings on a CPU (its compiled HLO); on an H200 a float32 chain rounded once matched the unfused
+casts in only 95–99 % of the outputs while it matched XLA's compilation of that chain in all, so
+XLA rounds every operation there too. :data:`ACTIVATIONS` holds the same expressions written on
+float32 values with a rounding after each operation, the form a kernel evaluates in registers.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ def _to_bf16(v):
     return v.astype(jnp.bfloat16).astype(jnp.float32)
 
 
-def gelu_tanh_rounded(x, rnd=_to_bf16):
+def gelu_tanh_rounded(x):
     """``jax.nn.gelu(x, approximate=True)`` of bf16 values ``x`` (held in float32) operation by operation,
-    each result rounded by ``rnd`` (to bf16), the constants rounded to bf16: the order of jax's expression
+    each result and the constants rounded to bf16, in the order of jax's expression
     ``x * (0.5 * (1 + tanh(c · (x + 0.044715 · x³))))`` with ``x³ = (x · x) · x``."""
+    rnd = _to_bf16
     c_cube = np.float32(np.asarray(0.044715, jnp.bfloat16))
     c_scale = np.float32(np.sqrt(2 / np.pi).astype(jnp.bfloat16))
     cube = rnd(rnd(x * x) * x)
@@ -30,14 +32,14 @@ def gelu_tanh_rounded(x, rnd=_to_bf16):
     return rnd(x * cdf)
 
 
-#: Activations the kernel applies before the cast, as ``fn(x, rnd)`` on float32 bf16 values (``None``: the cast alone).
+#: Activations the kernel applies before the cast, as functions of float32 bf16 values (``None``: the cast alone).
 ACTIVATIONS = {None: None, "gelu_tanh": gelu_tanh_rounded}
 
 
-def activation_rounded(x, activation: str | None, rnd=_to_bf16):
-    """:data:`ACTIVATIONS`' ``activation`` of float32 ``x`` (bf16 values), every operation rounded by ``rnd``."""
+def activation_rounded(x, activation: str | None):
+    """:data:`ACTIVATIONS`' ``activation`` of float32 ``x`` (bf16 values), every operation rounded to bf16."""
     fn = ACTIVATIONS[activation]
-    return x if fn is None else fn(x, rnd)
+    return x if fn is None else fn(x)
 
 
 def supports_cast(spec) -> str | None:
