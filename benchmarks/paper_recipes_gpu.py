@@ -20,6 +20,8 @@ budget it needs is spent (the JSON then says ``skipped`` and why):
    before the step (:func:`jdq.quant.hoist.hoist_weights`), as the sampler does before its loop, so the
    time is a sampling step's; ``--per-step-weights`` times the step with the weight casts inside it
    (the rounds before 2026-12-02's third session). ``--profile NAMES`` adds a CUPTI per-kernel breakdown;
+   ``--also-with ENV=VALUE`` times each recipe a second time, compiled afresh with that variable set (row
+   ``"<recipe> [ENV=VALUE]"``), e.g. ``JDQ_ACT_CAST=xla`` for an A/B of a kernel route in one call;
 3. ``eval``: ``jdq eval --protocol dit-imagenet256`` in process on random-weight DiT-XL/2 + SD VAE + FID
    Inception folders and a made-up reference batch, ``--eval-samples`` samples at ``--eval-steps`` DDPM
    steps (fewer when the budget is short), timed and extrapolated to the protocol's 10,000 × 250 steps.
@@ -213,12 +215,28 @@ def steps_stage(b, model, sampler, labels, guidance, calibrated):
     unc = null_condition(model, y)
     gch = guided_channels(model)
 
-    @jax.jit
-    def step(params, quant, x, t, y, i):
+    def step_fn(params, quant, x, t, y, i):
         return loop.guided_output(fn, params, x, t, y, unc, guidance, quant=loop.at_step(quant, i, n),
                                   guided_channels=gch)
 
+    step = jax.jit(step_fn)
+    also = b.args.also_with
+
     def run(name, params, quant):
+        if also and name != "bf16":  # first the variant's row, compiled afresh: a route is chosen when tracing
+            env, value = also
+            before = os.environ.get(env)
+            os.environ[env] = value
+            try:
+                _run(f"{name} [{env}={value}]", params, quant, jax.jit(lambda *a: step_fn(*a)))
+            finally:
+                if before is None:
+                    os.environ.pop(env, None)
+                else:
+                    os.environ[env] = before
+        return _run(name, params, quant, step)
+
+    def _run(name, params, quant, step):
         t0 = time.perf_counter()
         try:
             out = jax.block_until_ready(step(params, quant, x, t, y, i))
@@ -420,7 +438,15 @@ def main(argv=None):
                    help="time steps with the weight casts inside them (default: hoisted, as sampling runs)")
     p.add_argument("--profile", default="", help="recipes (and 'bf16') whose step gets a CUPTI per-kernel breakdown")
     p.add_argument("--hlo", action="store_true", help="also write each profiled step's optimized HLO (gzipped text)")
+    p.add_argument("--also-with", default="", metavar="ENV=VALUE",
+                   help="time every recipe's step a second time with this environment variable set, e.g. "
+                        "JDQ_ACT_CAST=xla (an A/B of a kernel route against the same bf16 step)")
     args = p.parse_args(argv)
+    if args.also_with:
+        env, sep, value = args.also_with.partition("=")
+        if not sep or not env:
+            raise SystemExit(f"--also-with wants ENV=VALUE, got {args.also_with!r}")
+        args.also_with = (env, value)
     on_gpu = jax.default_backend() == "gpu"
     if args.device_run and not on_gpu and not args.tiny:
         raise SystemExit("--device-run needs a GPU (use --tiny on a CPU)")
