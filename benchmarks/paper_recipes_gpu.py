@@ -173,7 +173,7 @@ def calibration_stage(b, model, sampler, labels, guidance):
     return done
 
 
-def kernel_profile(fn, args, top=12):
+def kernel_profile(fn, args, top=60):
     """CUPTI per-kernel times of ``fn(*args)`` per call (``benchmarks/e2e.py``'s breakdown): {"top", "total_ms", "kernels"}."""
     import importlib.util
 
