@@ -158,6 +158,34 @@ def tiled_kernel(body, m: int, n: int, tile_m: int, tile_n: int, out_dtype, scra
     )
 
 
+def rows_of(v, shape):
+    """A (rows,) vector of a tile's row reductions broadcast back to the ``shape`` tile along its columns."""
+    return lax.broadcast_in_dim(v, shape, [0])
+
+
+def group_row_max(a, group_w: int, interpret=None):
+    """Each element's max over its group of ``group_w`` consecutive columns of a WGMMA-layout tile ``a`` (a ≥ 0).
+
+    One group: a row reduction; more: a masked row reduction per group (registers cannot be
+    regrouped), selected back by the column's group. ``group_w`` is a power of two.
+    """
+    groups = a.shape[1] // group_w
+    if groups == 1:
+        return rows_of(a.max(axis=1), a.shape)
+    if interpret:
+        col = lax.broadcasted_iota(jnp.int32, a.shape, 1)
+    else:
+        col = plgpu.broadcasted_iota(jnp.int32, a.shape, 1, layout=plgpu.Layout.WGMMA)
+    g = col >> (group_w.bit_length() - 1)
+    zero = jnp.zeros_like(a)
+    out = None
+    for i in range(groups):
+        mask = g == i
+        row = rows_of(jnp.where(mask, a, zero).max(axis=1), a.shape)
+        out = row if out is None else jnp.where(mask, row, out)
+    return out
+
+
 def promise_in_bounds() -> dict:
     """``copy_gmem_to_smem`` kwargs that let a contiguous row-block copy use one bulk copy.
 
@@ -198,6 +226,6 @@ def device_kind() -> str:
         return "cpu"
 
 
-__all__ = ["HAVE_PLGPU", "bcast_vec", "device_kind", "interpret_params", "kmajor_operand", "kmajor_spec", "load_vec",
-           "num_sms", "promise_in_bounds", "rhs_kmajor", "row_layout", "smem_transforms", "store_tile", "tiled_kernel",
+__all__ = ["HAVE_PLGPU", "bcast_vec", "device_kind", "group_row_max", "interpret_params", "kmajor_operand", "kmajor_spec", "load_vec",
+           "num_sms", "promise_in_bounds", "rhs_kmajor", "row_layout", "rows_of", "smem_transforms", "store_tile", "tiled_kernel",
            "wgmma_partial", "wgmma_register_a", "zeros_carry"]

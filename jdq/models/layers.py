@@ -161,29 +161,30 @@ def qmatmul(a, b, *, site: str, roles: tuple[str, str], quant: QuantizerBase | N
 QUANT_ATTENTION_ENV = "JDQ_QUANT_ATTENTION"
 
 
-def _layout_free(quant, site, role) -> bool:
-    """Whether the operand's transform is casts and token centring only, which give the same values in any layout
-    of the operand with the same contraction axis (other stages, e.g. BOS-aware ones, index a fixed layout)."""
+def _described(quant, site, role):
+    """The :class:`~jdq.quant.reader.OperandPlan` of the operand's transform, or ``None`` when ``quant`` does not
+    expose its transforms (calibration collectors, operand tracing: they keep the unfused paths)."""
     from jdq.quant.reader import describe_transform
 
     try:
-        transform = quant.transform_for(site, role)
+        return describe_transform(quant.transform_for(site, role))
     except NotImplementedError:
-        return False
-    return set(describe_transform(transform).stages) <= {"cast", "center_tokens"}
+        return None
+
+
+def _layout_free(quant, site, role) -> bool:
+    """Whether the operand's transform is casts and token centring only, which give the same values in any layout
+    of the operand with the same contraction axis (other stages, e.g. BOS-aware ones, index a fixed layout)."""
+    described = _described(quant, site, role)
+    return described is not None and set(described.stages) <= {"cast", "center_tokens"}
 
 
 def _reduces_along_tokens(quant, qk_site, pv_site) -> bool:
     """Whether a cast of q, k or v reduces over a whole axis (a dynamic per-token / per-channel / per-tensor
     scale, token centring) rather than within MX blocks of 32 or by a static scale."""
-    from jdq.quant.reader import describe_transform
-
     for site, role in ((qk_site, "q"), (qk_site, "k"), (pv_site, "v")):
-        try:
-            described = describe_transform(quant.transform_for(site, role))
-        except NotImplementedError:
-            return True
-        if described.centered or described.scaling == "dynamic":
+        described = _described(quant, site, role)
+        if described is None or described.centered or described.scaling == "dynamic":
             return True
     return False
 
@@ -212,18 +213,13 @@ def _fused_act_cast(quant, fc1_site, fc2_site, role, activation, dtype, hidden):
     if choice == "xla" or (choice == "auto" and jax.default_backend() != "gpu"):
         return None
     from jdq.kernels.act_cast import ACTIVATIONS as FUSABLE, supports_cast
-    from jdq.quant.reader import describe_transform
 
     if dtype != jnp.bfloat16 or activation not in FUSABLE or hidden % 32:
         return None
     if quant.lowered(fc1_site) is not None or quant.lowered(fc2_site) is not None:
         return None
-    try:
-        transform = quant.transform_for(fc2_site, role)
-    except NotImplementedError:
-        return None
-    described = describe_transform(transform)
-    if described.stages != ("cast",) or described.scaling != "block" or supports_cast(described.spec):
+    described = _described(quant, fc2_site, role)
+    if described is None or described.stages != ("cast",) or described.scaling != "block" or supports_cast(described.spec):
         return None
     return described.spec
 

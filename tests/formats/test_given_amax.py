@@ -28,7 +28,7 @@ def _block_amax_bits(x, block):
     return jnp.broadcast_to(b.max(axis=-1, keepdims=True), b.shape).reshape(x.shape)
 
 
-def _same(a, b):
+def _assert_same(a, b):
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
@@ -37,7 +37,7 @@ def test_mx_given_amax_equals_fake_quantize(name):
     spec = formats.get(name)
     x = _inputs(0)
     got = mx.fake_quantize_given_amax(x, _block_amax_bits(x, spec.block_size), spec)
-    _same(got, formats.cast(x, spec, axis=-1))
+    _assert_same(got, formats.cast(x, spec, axis=-1))
 
 
 @pytest.mark.parametrize("name", ["mx9", "mx6", "mx4"])
@@ -46,7 +46,7 @@ def test_smx_given_amax_equals_fake_quantize(name):
     x = _inputs(1)
     partner = x.reshape(6, 32, 2)[..., ::-1].reshape(6, 64)
     got = smx.fake_quantize_given_amax(x, partner, _block_amax_bits(x, spec.block_size), spec)
-    _same(got, formats.cast(x, spec, axis=-1))
+    _assert_same(got, formats.cast(x, spec, axis=-1))
     with pytest.raises(ValueError, match="sub_block_size must be 2"):
         smx.fake_quantize_given_amax(x, partner, _block_amax_bits(x, 16), formats.get("mx6", sub_block_size=4))
 
@@ -56,6 +56,6 @@ def test_fp8_given_amax_equals_the_dynamic_row_cast(name):
     spec = formats.get(name, granularity="row")
     x = _inputs(2)
     amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-    _same(fp8.fake_quantize_given_amax(x, amax, spec), formats.cast(x, spec, axis=-1))
+    _assert_same(fp8.fake_quantize_given_amax(x, amax, spec), formats.cast(x, spec, axis=-1))
     with pytest.raises(ValueError, match="unscaled"):
         fp8.fake_quantize_given_amax(x, amax, formats.get(name, granularity=None))

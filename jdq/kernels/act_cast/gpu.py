@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jdq.kernels._mgpu import interpret_params, pl, plgpu, promise_in_bounds
+from jdq.kernels._mgpu import group_row_max, interpret_params, pl, plgpu, promise_in_bounds
 from jdq.kernels.act_cast.ref import activation_rounded, check
 
 WORDS = 16  # int32 words per kernel row (32 bf16 elements)
@@ -58,25 +58,6 @@ def _bits(v):
     return lax.bitcast_convert_type(v, jnp.int32)
 
 
-def _rows(v, shape):
-    return lax.broadcast_in_dim(v, shape, [0])
-
-
-def _block_amax(ab, block_words: int, interpret):
-    """Each word's scale-block max of the |x| bits ``ab`` (int32): a block is ``block_words`` consecutive words of a row."""
-    if block_words == WORDS:
-        return _rows(ab.max(axis=1), ab.shape)
-    if interpret:
-        col = lax.broadcasted_iota(jnp.int32, ab.shape, 1)
-    else:
-        col = plgpu.broadcasted_iota(jnp.int32, ab.shape, 1, layout=plgpu.Layout.WGMMA)
-    first = col < block_words
-    zero = jnp.zeros_like(ab)
-    a0 = _rows(jnp.where(first, ab, zero).max(axis=1), ab.shape)
-    a1 = _rows(jnp.where(first, zero, ab).max(axis=1), ab.shape)
-    return jnp.where(first, a0, a1)
-
-
 def cast_words(words, spec, activation, interpret=None):
     """A chunk of int32 words (rows, 16) -> the words of ``cast(activation(x))`` (see the module)."""
     from jdq.formats import _bits as fbits
@@ -85,7 +66,8 @@ def cast_words(words, spec, activation, interpret=None):
     lo, hi = _to_f32(words << 16), _to_f32(words & HI_MASK)
     if activation is not None:
         lo, hi = activation_rounded(lo, activation), activation_rounded(hi, activation)
-    amax = _block_amax(jnp.maximum(fbits.abs_bits(lo), fbits.abs_bits(hi)), spec.block_size // 2, interpret)
+    # a block is block_size / 2 consecutive words of a row: the |x| bits' max over them
+    amax = group_row_max(jnp.maximum(fbits.abs_bits(lo), fbits.abs_bits(hi)), spec.block_size // 2, interpret)
     if spec.kind == "mx":
         out_lo, out_hi = mx.fake_quantize_given_amax(lo, amax, spec), mx.fake_quantize_given_amax(hi, amax, spec)
     else:

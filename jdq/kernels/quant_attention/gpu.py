@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jdq.kernels._mgpu import interpret_params, kmajor_spec, pl, plgpu, smem_transforms, wgmma_partial, zeros_carry
+from jdq.kernels._mgpu import (group_row_max, interpret_params, kmajor_spec, pl, plgpu, rows_of, smem_transforms,
+                               wgmma_partial, zeros_carry)
 from jdq.kernels.quant_attention.ref import ProbCast
 
 D_MULTIPLE = 16  # bf16 WGMMA K step
@@ -73,17 +74,6 @@ def _row_vec(x, interpret):
     return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1))
 
 
-def _col_iota(shape, interpret):
-    """Column indices of a WGMMA-layout tile (int32)."""
-    if interpret:
-        return lax.broadcasted_iota(jnp.int32, shape, 1)
-    return plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-
-
-def _rows(v, shape):
-    return lax.broadcast_in_dim(v, shape, [0])
-
-
 def _logits(q_s, k_ref, width, scale, interpret):
     """``float32(bf16(q · kᵀ)) · scale`` for a (width, Dp) key tile (interpret: (Dp, width))."""
     s = wgmma_partial(q_s, k_ref, (q_s.shape[0], width), jnp.float32, interpret)
@@ -97,16 +87,7 @@ def _key_half(k_s, i, w, interpret):
 
 def _block_amax(p, group_w: int, interpret):
     """Each element's scale-block max |p| as int32 bits; a block is ``group_w`` consecutive columns (p ≥ 0)."""
-    groups = p.shape[1] // group_w
-    if groups == 1:
-        return lax.bitcast_convert_type(_rows(p.max(axis=1), p.shape), jnp.int32)
-    g = _col_iota(p.shape, interpret) >> (group_w.bit_length() - 1)
-    amax = None
-    for i in range(groups):
-        mask = g == i
-        row = _rows(jnp.where(mask, p, 0.0).max(axis=1), p.shape)
-        amax = row if amax is None else jnp.where(mask, row, amax)
-    return lax.bitcast_convert_type(amax, jnp.int32)
+    return lax.bitcast_convert_type(group_row_max(p, group_w, interpret), jnp.int32)
 
 
 def cast_probs(halves, prob: ProbCast, interpret=None, row_amax=None):
@@ -123,7 +104,7 @@ def cast_probs(halves, prob: ProbCast, interpret=None, row_amax=None):
         return halves
     if prob.kind == "row":
         (p,) = halves
-        return (fp8.fake_quantize_given_amax(p, _rows(row_amax, p.shape), prob.spec),)
+        return (fp8.fake_quantize_given_amax(p, rows_of(row_amax, p.shape), prob.spec),)
     if prob.kind == "mx":
         (p,) = halves
         return (mx.fake_quantize_given_amax(p, _block_amax(p, prob.block, interpret), prob.spec),)
@@ -176,7 +157,7 @@ def _kernel(q, k_op, v, scale, prob, cfg, interpret):
             m, l = carry
             x = _logits(q_s, k_s, bkv, scale, interpret)
             m_new = jnp.maximum(m, x.max(axis=1))
-            l = l * jnp.exp(m - m_new) + jnp.exp(x - _rows(m_new, x.shape)).sum(axis=1)
+            l = l * jnp.exp(m - m_new) + jnp.exp(x - rows_of(m_new, x.shape)).sum(axis=1)
             return m_new, l
 
         m0 = _row_vec(jnp.full((bq,), -jnp.inf, jnp.float32), interpret)
@@ -191,7 +172,7 @@ def _kernel(q, k_op, v, scale, prob, cfg, interpret):
             ps = []
             for i in range(halves):
                 x = _logits(q_s, _key_half(k_s, i, w, interpret) if halves > 1 else k_s, w, scale, interpret)
-                p = jnp.exp(x - _rows(m, x.shape)) / _rows(l, x.shape)
+                p = jnp.exp(x - rows_of(m, x.shape)) / rows_of(l, x.shape)
                 ps.append(p.astype(bf16).astype(jnp.float32))
             for i, p in enumerate(cast_probs(tuple(ps), prob, interpret, row_amax)):
                 p_s.at[i][...] = p.astype(bf16)
@@ -202,7 +183,7 @@ def _kernel(q, k_op, v, scale, prob, cfg, interpret):
         acc = plgpu.emit_pipeline(attend, grid=(steps,), in_specs=[k_spec(), v_spec],
                                   max_concurrent_steps=min(cfg.stages, steps),
                                   init_carry=zeros_carry((bq, dp), interpret))(k_g.at[h], v_g.at[h])
-        bad = _rows(l, acc.shape)
+        bad = rows_of(l, acc.shape)
         acc = jnp.where(bad != bad, jnp.nan, acc)  # NaN sum: a NaN or an infinite logit in the row
         o_s[...] = acc.astype(o_s.dtype)
         plgpu.commit_smem()
