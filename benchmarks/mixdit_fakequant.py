@@ -11,10 +11,11 @@ q, kᵀ, the probabilities p and v — times, in the same run on the default dev
 
 * ``copy``: ``x * 2`` (the memory floor of one pass);
 * ``mx6``: one MX6 cast (what the ``mx6`` recipe does to the operand);
-* ``mask sorted`` / ``mask unrolled``: the block selection alone (block maxima + top-k mask) by
-  each of ``jdq.quant.outliers``' two forms of ``rank < k``: a stable argsort and a threshold, or
-  the rank count as one elementwise term per row entry (what ``top_mask`` takes for short rows;
-  timed on rows of up to ``_UNROLLED_RANK_MAX`` blocks);
+* ``mask sorted`` / ``mask unrolled`` / ``mask radix dN``: the block selection alone (block maxima +
+  top-k mask) by each of ``jdq.quant.outliers``' forms of ``rank < k``: a stable argsort and a
+  threshold, the rank count as one elementwise term per row entry (what ``top_mask`` takes for
+  short rows; timed on rows of up to ``_UNROLLED_RANK_MAX`` blocks), or the radix selection with
+  N threshold bits per pass (what it takes for longer rows, ``RADIX_DIGIT_BITS`` bits);
 * ``split masked``: the split as defined, ``where(m, mx9(where(m, x, 0)), mx6(where(m, 0, x)))``;
 * ``split``: ``jdq.quant.outliers.outlier_split(...).apply`` as the recipe runs it (whole-block
   selections take ``jdq.formats.cast_select``: one pass with a per-element mantissa width).
@@ -32,6 +33,7 @@ dependent evaluations in a loop (so a launch is amortised); the ``per step`` row
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -50,6 +52,7 @@ from jdq.io import atomic_write_text  # noqa: E402
 from jdq.quant import outliers  # noqa: E402
 
 DEPTH = 28
+RADIX_DIGITS = (2, 4, 6)  # threshold bits per pass of the timed radix selections
 LINEAR_RATIO, ATTN_RATIO = 0.05, 0.20  # the mixdit recipe's
 
 
@@ -68,7 +71,8 @@ def operands(batch, tokens=256, dim=1152, heads=16):
 
 def block_maxima(x, axis, block):
     """Per-row block maxima of |x| along ``axis`` (rows: every other index), as the split's selection sees them."""
-    mag = jnp.abs(jnp.moveaxis(x, axis, -1).astype(jnp.float32))
+    moved = jnp.moveaxis(x, axis, -1)
+    mag = jnp.abs(moved if moved.dtype in (jnp.bfloat16, jnp.float16) else moved.astype(jnp.float32))  # as outlier_mask
     n = mag.shape[-1]
     pad = (-n) % block
     if pad:
@@ -99,6 +103,7 @@ def variants(axis, ratio):
         "mx6": lambda x: formats.cast(x, "mx6", axis=axis),
         "mask sorted": mask_with(outliers._top_mask_sorted),
         "mask unrolled": mask_with(outliers._top_mask_unrolled),
+        **{f"mask radix d{d}": mask_with(functools.partial(outliers._top_mask_radix, digit_bits=d)) for d in RADIX_DIGITS},
         "split masked": masked,
         "split": lambda x: t.apply(x, state, ctx),
     }

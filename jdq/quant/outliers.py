@@ -148,19 +148,86 @@ def _top_mask_unrolled(v, k):
     return _unrolled_ranks(v) < k
 
 
+#: Bits of the threshold found per pass of :func:`_top_mask_radix` (``2**bits - 1`` candidate counts
+#: per row and pass): fewer passes over the row's keys against more comparisons per entry.
+RADIX_DIGIT_BITS = 4
+
+
+def _order_key(v):
+    """Unsigned integers in the order of ``v``'s values (a float dtype of 16 or 32 bits), NaN as ``-inf``, ``-0`` as ``+0``.
+
+    The order (and the ties) of :func:`_ranks`' comparisons, as integers a radix select can bisect.
+    """
+    bits = jnp.finfo(v.dtype).bits
+    if bits not in (16, 32):
+        raise ValueError(f"top_mask: values of {bits}-bit floats are not supported (dtype {v.dtype})")
+    w = jnp.where(jnp.isnan(v), -jnp.inf, v)
+    w = jnp.where(w == 0, jnp.zeros((), v.dtype), w)  # -0 equals +0 in the comparisons
+    sint, uint = (jnp.int16, jnp.uint16) if bits == 16 else (jnp.int32, jnp.uint32)
+    u = lax.bitcast_convert_type(w, uint)
+    negative = lax.bitcast_convert_type(w, sint) < 0
+    # positives above negatives (set the sign bit); among negatives a larger magnitude is smaller (flip all bits)
+    u = jnp.where(negative, ~u, u | jnp.array(1 << (bits - 1), uint))
+    return u.astype(jnp.uint32), bits
+
+
+def _radix_threshold(key, bits, k, valid=None, digit_bits=RADIX_DIGIT_BITS):
+    """Per row, the largest ``t`` with ``count(valid & (key >= t)) >= k`` (``key``: uint32 below ``2**bits``).
+
+    That is the ``k``-th largest key among the valid entries (for ``k >= 1``; 0 when fewer
+    qualify). Built most significant digit first, ``digit_bits`` per pass: each pass counts,
+    for every digit value, the keys at or above the threshold so far with that digit set, one
+    reduction over the row, and keeps the largest digit whose count reaches ``k``.
+    """
+    t = jnp.zeros(key.shape[:-1] + (1,), jnp.uint32)
+    hi = bits
+    while hi > 0:
+        shift = max(hi - digit_bits, 0)
+        width, hi = hi - shift, shift
+        digits = jnp.arange(1, 1 << width, dtype=jnp.uint32) << shift
+        cand = t[..., None, :] | digits[:, None]  # (..., 2**width - 1, 1): every next digit value
+        at_or_above = key[..., None, :] >= cand
+        if valid is not None:
+            at_or_above = at_or_above & valid[..., None, :]
+        count = jnp.sum(at_or_above, axis=-1, dtype=jnp.int32)  # (..., 2**width - 1)
+        chosen = jnp.sum(count >= k, axis=-1, dtype=jnp.uint32)  # counts fall with the digit: the largest that holds
+        t = t | (chosen[..., None] << shift)
+    return t
+
+
+def _top_mask_radix(v, k, digit_bits=RADIX_DIGIT_BITS):
+    """``_ranks(v) < k`` by radix selection: the ``k``-th largest value, then the first ties by position.
+
+    No sort: a fixed number of reductions over each row (16-bit values ``⌈16 / d⌉`` passes, 32-bit
+    ``⌈32 / d⌉``, then ``⌈log2 n / d⌉`` over the tied entries' positions),
+    each counting the row's entries at or above ``2**d - 1`` candidate thresholds (``d = digit_bits``).
+    """
+    n = v.shape[-1]
+    key, bits = _order_key(v)
+    k = jnp.asarray(k, jnp.int32)[..., None] if jnp.ndim(k) else jnp.asarray(k, jnp.int32)
+    t_value = _radix_threshold(key, bits, k, digit_bits=digit_bits)
+    above = key > t_value
+    tied = key == t_value
+    need = k - jnp.sum(above, axis=-1, keepdims=True, dtype=jnp.int32)  # ties to take, first by position
+    later = jnp.uint32(n - 1) - lax.broadcasted_iota(jnp.uint32, key.shape, key.ndim - 1)  # earlier = larger
+    t_pos = _radix_threshold(later, max(int(n - 1).bit_length(), 1), need, valid=tied, digit_bits=digit_bits)
+    return (above | (tied & (later >= t_pos))) & (k > 0)
+
+
 def top_mask(v, k):
     """Boolean, shape of ``v``: the ``k`` largest entries of each row of the last axis (ties by position, NaN last).
 
     The same selection as ``rank < k`` with the ranks of the module (bit-identical on every
-    backend): short rows count ranks elementwise, long rows threshold at the ``k``-th largest after
-    one sort (where the switch lies depends on the backend: ``_UNROLLED_RANK_ANY``, ``_MAX``).
+    backend): short rows count ranks elementwise, long rows select by radix (:func:`_top_mask_radix`;
+    where the switch lies depends on the backend: ``_UNROLLED_RANK_ANY``, ``_MAX``). ``v``: a float
+    dtype of 16 or 32 bits (magnitudes keep the input's dtype, so a bf16 row needs half the passes).
     """
     n = v.shape[-1]
     if n <= _UNROLLED_RANK_ANY:
         return _top_mask_unrolled(v, k)
     if n <= _UNROLLED_RANK_MAX:
-        return lax.platform_dependent(v, k, cpu=_top_mask_unrolled, default=_top_mask_sorted)
-    return _top_mask_sorted(v, k)
+        return lax.platform_dependent(v, k, cpu=_top_mask_unrolled, default=_top_mask_radix)
+    return _top_mask_radix(v, k)
 
 
 def channel_ranks(absmax_channel):
@@ -190,7 +257,10 @@ def outlier_mask(meta: OutlierMeta, x, state, axis: int = -1):
         if rank.shape[-1] != n:
             raise ValueError(f"outlier_mask: state has {rank.shape[-1]} channel ranks for {n} channels (shape {x.shape}, axis {axis})")
         return jnp.broadcast_to(along_axis(channel_mask(state, meta.channel_multiple), x.ndim, axis), x.shape)
-    mag = jnp.abs(jnp.moveaxis(x, axis, -1).astype(jnp.float32))
+    moved = jnp.moveaxis(x, axis, -1)
+    # 16-bit floats keep their dtype (their maxima are exact in it): the radix selection then needs half the passes
+    keep = moved.dtype in (jnp.bfloat16, jnp.float16)
+    mag = jnp.abs(moved if keep else moved.astype(jnp.float32))
     if meta.granularity == "block":
         bs = meta.block_size
         pad = (-n) % bs

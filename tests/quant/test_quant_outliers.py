@@ -194,7 +194,7 @@ def test_top_mask_equals_rank_below_k_on_both_paths():
     """The sort-and-threshold selection (long rows) and the elementwise rank count (short rows) pick exactly ``rank < k``."""
     import jax
 
-    from jdq.quant.outliers import _UNROLLED_RANK_MAX, _top_mask_sorted, _top_mask_unrolled, top_mask
+    from jdq.quant.outliers import _UNROLLED_RANK_MAX, _top_mask_radix, _top_mask_sorted, _top_mask_unrolled, top_mask
 
     rng = np.random.default_rng(1)
     for n in (1, 5, 16, 72, 100, _UNROLLED_RANK_MAX + 7):  # short, CPU-only count, sorted
@@ -204,7 +204,7 @@ def test_top_mask_equals_rank_below_k_on_both_paths():
         v[2, 1, :] = 0.0  # a row of equal entries
         ranks = np.argsort(np.argsort(-v, axis=-1, kind="stable"), axis=-1, kind="stable")  # NaN sorts last
         want = ranks[None] < np.arange(n + 2)[:, None, None, None]  # every k from 0 to n + 1
-        for fn in (_top_mask_sorted, _top_mask_unrolled, top_mask):
+        for fn in (_top_mask_sorted, _top_mask_unrolled, _top_mask_radix, top_mask):
             got = np.asarray(jax.jit(fn)(jnp.asarray(v), jnp.int32(n // 2)))  # k unbatched
             np.testing.assert_array_equal(got, want[n // 2], err_msg=f"{fn.__name__} n={n}")
             # k batched, as a vmapped sweep over ratios has it
@@ -247,3 +247,36 @@ def test_split_cast_equals_the_masked_two_cast_definition(gran, hi, lo, fused):
         got, want = (np.asarray(a.astype(jnp.float32)) for a in (got, want))
         np.testing.assert_array_equal(got, want, err_msg=f"{dtype} axis={axis}")
         np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_radix_top_mask_orders_signed_values_and_specials_as_the_comparisons_do(dtype):
+    """The radix selection's integer keys order negatives, ±0, ±inf and NaN (as -inf) as the float comparisons do."""
+    import jax
+
+    from jdq.quant.outliers import _top_mask_radix
+
+    rng = np.random.default_rng(2)
+    n = 41
+    v = rng.standard_normal((5, n)).astype(np.float32) * 3
+    v[0, :] = [np.nan, -np.inf, np.inf, -0.0, 0.0] * 8 + [1.0]
+    v[1, ::2] = -0.0  # -0 ties +0, broken by position
+    v[1, 1::2] = 0.0
+    v[2, :] = np.nan  # NaN ties -inf: all tied, taken by position
+    v[3, ::5] = v[3, 1]  # ties of a negative value
+    v = np.asarray(jnp.asarray(v, dtype).astype(jnp.float32))  # what the dtype can hold
+    w = np.where(np.isnan(v), -np.inf, v)
+    ranks = np.argsort(np.argsort(-w, axis=-1, kind="stable"), axis=-1, kind="stable")
+    got = np.asarray(jax.jit(jax.vmap(_top_mask_radix, in_axes=(None, 0)))(
+        jnp.asarray(v, dtype), jnp.arange(n + 2, dtype=jnp.int32)))
+    np.testing.assert_array_equal(got, ranks[None] < np.arange(n + 2)[:, None, None])
+
+
+def test_outlier_mask_of_a_bf16_operand_equals_its_float32_selection():
+    """Block maxima of a bf16 operand stay bf16 (exact), so the selection equals the float32 one (rows of 288 blocks: radix)."""
+    t = outlier_split(0.1, granularity="block")
+    x = (jax.random.normal(jax.random.key(0), (6, 4608)) * 2).astype(jnp.bfloat16)
+    got = outlier_mask(t.meta, x, t.init({}))
+    want = outlier_mask(t.meta, x.astype(jnp.float32), t.init({}))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert int(got.sum()) == 29 * 16 * 6  # round(0.1 · 288) blocks of 16 per row
