@@ -15,7 +15,8 @@ q, kᵀ, the probabilities p and v — times, in the same run on the default dev
   top-k mask) by each of ``jdq.quant.outliers``' forms of ``rank < k``: a stable argsort and a
   threshold, the rank count as one elementwise term per row entry (what ``top_mask`` takes for
   short rows; timed on rows of up to ``_UNROLLED_RANK_MAX`` blocks), or the radix selection with
-  N threshold bits per pass (what it takes for longer rows, ``RADIX_DIGIT_BITS`` bits);
+  N threshold bits per pass (what a CPU takes for longer rows), its counts reduced over the row's
+  last axis or (``col``) over a middle axis with the candidates minor;
 * ``split masked``: the split as defined, ``where(m, mx9(where(m, x, 0)), mx6(where(m, 0, x)))``;
 * ``split``: ``jdq.quant.outliers.outlier_split(...).apply`` as the recipe runs it (whole-block
   selections take ``jdq.formats.cast_select``: one pass with a per-element mantissa width).
@@ -104,6 +105,8 @@ def variants(axis, ratio):
         "mask sorted": mask_with(outliers._top_mask_sorted),
         "mask unrolled": mask_with(outliers._top_mask_unrolled),
         **{f"mask radix d{d}": mask_with(functools.partial(outliers._top_mask_radix, digit_bits=d)) for d in RADIX_DIGITS},
+        **{f"mask radix col d{d}": mask_with(functools.partial(outliers._top_mask_radix, digit_bits=d, candidates_minor=True))
+           for d in RADIX_DIGITS},
         "split masked": masked,
         "split": lambda x: t.apply(x, state, ctx),
     }
@@ -127,7 +130,7 @@ def median_ms(fn, x, reps, inner):
     return median_ms_call(chained(fn, inner), (x,), reps) / inner
 
 
-def run(batch, reps, inner, tiny=False):
+def run(batch, reps, inner, tiny=False, only=None):
     """``{"device", "batch", "rows": [{operand, shape, sites, times: {variant: ms}}], "per_step": {variant: ms}}``."""
     ops = operands(batch, tokens=16, dim=64, heads=4) if tiny else operands(batch)
     rows, per_step = [], {}
@@ -137,6 +140,8 @@ def run(batch, reps, inner, tiny=False):
         n_blocks = -(-shape[axis] // 16)
         for vname, f in variants(axis, ratio).items():
             if vname == "mask unrolled" and n_blocks > outliers._UNROLLED_RANK_MAX:
+                continue
+            if only is not None and vname not in only:
                 continue
             times[vname] = median_ms(f, x, reps, inner)
         same = bool(jnp.array_equal(jax.jit(variants(axis, ratio)["split"])(x),
@@ -208,6 +213,7 @@ def main(argv=None):
     ap.add_argument("--inner", type=int, default=10, help="evaluations chained in one call")
     ap.add_argument("--json", default=None)
     ap.add_argument("--tiny", action="store_true", help="small shapes (a CPU smoke test)")
+    ap.add_argument("--variants", default=None, help="comma list of the variants to time (default: all)")
     ap.add_argument("--step", nargs="?", const="", default=None, metavar="MODEL_DIR",
                     help="time the whole denoiser step of a saved model instead (default: the embedded one)")
     args = ap.parse_args(argv)
@@ -223,7 +229,13 @@ def main(argv=None):
         return 0
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    res = run(args.batch or 64, args.reps, args.inner, args.tiny)
+    only = None
+    if args.variants:
+        only = [v.strip() for v in args.variants.split(",") if v.strip()]
+        known = set(variants(-1, LINEAR_RATIO))
+        if set(only) - known:
+            ap.error(f"--variants: unknown {sorted(set(only) - known)}; known: {sorted(known)}")
+    res = run(args.batch or 64, args.reps, args.inner, args.tiny, only)
     md = render(res)
     print(md)
     if args.json:

@@ -171,13 +171,15 @@ def _order_key(v):
     return u.astype(jnp.uint32), bits
 
 
-def _radix_threshold(key, bits, k, valid=None, digit_bits=RADIX_DIGIT_BITS):
+def _radix_threshold(key, bits, k, valid=None, digit_bits=RADIX_DIGIT_BITS, candidates_minor=False):
     """Per row, the largest ``t`` with ``count(valid & (key >= t)) >= k`` (``key``: uint32 below ``2**bits``).
 
     That is the ``k``-th largest key among the valid entries (for ``k >= 1``; 0 when fewer
     qualify). Built most significant digit first, ``digit_bits`` per pass: each pass counts,
     for every digit value, the keys at or above the threshold so far with that digit set, one
-    reduction over the row, and keeps the largest digit whose count reaches ``k``.
+    reduction over the row, and keeps the largest digit whose count reaches ``k``. With
+    ``candidates_minor`` the counts are a reduction over the middle axis of (..., n, candidates)
+    instead of the last of (..., candidates, n): the same numbers, another reduction emitter.
     """
     t = jnp.zeros(key.shape[:-1] + (1,), jnp.uint32)
     hi = bits
@@ -185,17 +187,23 @@ def _radix_threshold(key, bits, k, valid=None, digit_bits=RADIX_DIGIT_BITS):
         shift = max(hi - digit_bits, 0)
         width, hi = hi - shift, shift
         digits = jnp.arange(1, 1 << width, dtype=jnp.uint32) << shift
-        cand = t[..., None, :] | digits[:, None]  # (..., 2**width - 1, 1): every next digit value
-        at_or_above = key[..., None, :] >= cand
-        if valid is not None:
-            at_or_above = at_or_above & valid[..., None, :]
-        count = jnp.sum(at_or_above, axis=-1, dtype=jnp.int32)  # (..., 2**width - 1)
+        if candidates_minor:
+            at_or_above = key[..., :, None] >= (t | digits)[..., None, :]  # (..., n, 2**width - 1)
+            if valid is not None:
+                at_or_above = at_or_above & valid[..., :, None]
+            count = jnp.sum(at_or_above, axis=-2, dtype=jnp.int32)
+        else:
+            cand = t[..., None, :] | digits[:, None]  # (..., 2**width - 1, 1): every next digit value
+            at_or_above = key[..., None, :] >= cand
+            if valid is not None:
+                at_or_above = at_or_above & valid[..., None, :]
+            count = jnp.sum(at_or_above, axis=-1, dtype=jnp.int32)  # (..., 2**width - 1)
         chosen = jnp.sum(count >= k, axis=-1, dtype=jnp.uint32)  # counts fall with the digit: the largest that holds
         t = t | (chosen[..., None] << shift)
     return t
 
 
-def _top_mask_radix(v, k, digit_bits=RADIX_DIGIT_BITS):
+def _top_mask_radix(v, k, digit_bits=RADIX_DIGIT_BITS, candidates_minor=False):
     """``_ranks(v) < k`` by radix selection: the ``k``-th largest value, then the first ties by position.
 
     No sort: a fixed number of reductions over each row (16-bit values ``⌈16 / d⌉`` passes, 32-bit
@@ -205,12 +213,13 @@ def _top_mask_radix(v, k, digit_bits=RADIX_DIGIT_BITS):
     n = v.shape[-1]
     key, bits = _order_key(v)
     k = jnp.asarray(k, jnp.int32)[..., None] if jnp.ndim(k) else jnp.asarray(k, jnp.int32)
-    t_value = _radix_threshold(key, bits, k, digit_bits=digit_bits)
+    t_value = _radix_threshold(key, bits, k, digit_bits=digit_bits, candidates_minor=candidates_minor)
     above = key > t_value
     tied = key == t_value
     need = k - jnp.sum(above, axis=-1, keepdims=True, dtype=jnp.int32)  # ties to take, first by position
     later = jnp.uint32(n - 1) - lax.broadcasted_iota(jnp.uint32, key.shape, key.ndim - 1)  # earlier = larger
-    t_pos = _radix_threshold(later, max(int(n - 1).bit_length(), 1), need, valid=tied, digit_bits=digit_bits)
+    t_pos = _radix_threshold(later, max(int(n - 1).bit_length(), 1), need, valid=tied, digit_bits=digit_bits,
+                             candidates_minor=candidates_minor)
     return (above | (tied & (later >= t_pos))) & (k > 0)
 
 
@@ -218,16 +227,17 @@ def top_mask(v, k):
     """Boolean, shape of ``v``: the ``k`` largest entries of each row of the last axis (ties by position, NaN last).
 
     The same selection as ``rank < k`` with the ranks of the module (bit-identical on every
-    backend): short rows count ranks elementwise, long rows select by radix (:func:`_top_mask_radix`;
-    where the switch lies depends on the backend: ``_UNROLLED_RANK_ANY``, ``_MAX``). ``v``: a float
-    dtype of 16 or 32 bits (magnitudes keep the input's dtype, so a bf16 row needs half the passes).
+    backend): short rows count ranks elementwise; longer rows threshold after one sort, or on a CPU
+    select by radix (:func:`_top_mask_radix`, 2x faster than the sort there for rows of 288; on an
+    H200 XLA's reductions made it slower than the sort, RESULTS §3 "Twelfth round"). Where the
+    switches lie: ``_UNROLLED_RANK_ANY``, ``_MAX``.
     """
     n = v.shape[-1]
     if n <= _UNROLLED_RANK_ANY:
         return _top_mask_unrolled(v, k)
     if n <= _UNROLLED_RANK_MAX:
-        return lax.platform_dependent(v, k, cpu=_top_mask_unrolled, default=_top_mask_radix)
-    return _top_mask_radix(v, k)
+        return lax.platform_dependent(v, k, cpu=_top_mask_unrolled, default=_top_mask_sorted)
+    return lax.platform_dependent(v, k, cpu=_top_mask_radix, default=_top_mask_sorted)
 
 
 def channel_ranks(absmax_channel):

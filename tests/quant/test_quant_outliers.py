@@ -1,5 +1,7 @@
 """MixDiT outlier split: selection, realised fraction, emulation vs a two-GEMM kernel, vmap over ratios."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -204,7 +206,9 @@ def test_top_mask_equals_rank_below_k_on_both_paths():
         v[2, 1, :] = 0.0  # a row of equal entries
         ranks = np.argsort(np.argsort(-v, axis=-1, kind="stable"), axis=-1, kind="stable")  # NaN sorts last
         want = ranks[None] < np.arange(n + 2)[:, None, None, None]  # every k from 0 to n + 1
-        for fn in (_top_mask_sorted, _top_mask_unrolled, _top_mask_radix, top_mask):
+        radix_col = functools.partial(_top_mask_radix, candidates_minor=True, digit_bits=3)
+        radix_col.__name__ = "radix, candidates minor, 3-bit digits"
+        for fn in (_top_mask_sorted, _top_mask_unrolled, _top_mask_radix, radix_col, top_mask):
             got = np.asarray(jax.jit(fn)(jnp.asarray(v), jnp.int32(n // 2)))  # k unbatched
             np.testing.assert_array_equal(got, want[n // 2], err_msg=f"{fn.__name__} n={n}")
             # k batched, as a vmapped sweep over ratios has it
