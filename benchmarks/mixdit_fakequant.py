@@ -16,7 +16,8 @@ q, kᵀ, the probabilities p and v — times, in the same run on the default dev
   threshold, the rank count as one elementwise term per row entry (what ``top_mask`` takes for
   short rows; timed on rows of up to ``_UNROLLED_RANK_MAX`` blocks), or the radix selection with
   N threshold bits per pass (what a CPU takes for longer rows), its counts reduced over the row's
-  last axis or (``col``) over a middle axis with the candidates minor;
+  last axis or (``col``) over a middle axis with the candidates minor, or ``mask kernel``: the
+  ``jdq.kernels.row_select`` threshold (what a GPU takes for rows of more than 16 blocks);
 * ``split masked``: the split as defined, ``where(m, mx9(where(m, x, 0)), mx6(where(m, 0, x)))``;
 * ``split``: ``jdq.quant.outliers.outlier_split(...).apply`` as the recipe runs it (whole-block
   selections take ``jdq.formats.cast_select``: one pass with a per-element mantissa width).
@@ -104,6 +105,7 @@ def variants(axis, ratio):
         "mx6": lambda x: formats.cast(x, "mx6", axis=axis),
         "mask sorted": mask_with(outliers._top_mask_sorted),
         "mask unrolled": mask_with(outliers._top_mask_unrolled),
+        "mask kernel": mask_with(outliers._top_mask_row_select),
         **{f"mask radix d{d}": mask_with(functools.partial(outliers._top_mask_radix, digit_bits=d)) for d in RADIX_DIGITS},
         **{f"mask radix col d{d}": mask_with(functools.partial(outliers._top_mask_radix, digit_bits=d, candidates_minor=True))
            for d in RADIX_DIGITS},

@@ -88,6 +88,16 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
+def route_choice(env_name: str) -> str:
+    """The environment's choice for a fake-quant kernel route: ``"auto"`` (default), ``"xla"`` or ``"kernel"``."""
+    import os
+
+    choice = os.environ.get(env_name, "auto")
+    if choice not in ("auto", "xla", "kernel"):
+        raise ValueError(f"{env_name}={choice!r}; use auto, xla or kernel")
+    return choice
+
+
 def backend_of(impl: str) -> str:
     """``"gpu"``, ``"tpu"`` or ``"xla"``: where a (resolved) ``impl`` runs."""
     if impl in ("gpu", "gpu_xla_quant", "gpu_interpret"):

@@ -197,12 +197,9 @@ ACT_CAST_ENV = "JDQ_ACT_CAST"
 
 
 def _env_choice(name: str) -> str:
-    import os
+    from jdq.kernels.op import route_choice
 
-    choice = os.environ.get(name, "auto")
-    if choice not in ("auto", "xla", "kernel"):
-        raise ValueError(f"{name}={choice!r}; use auto, xla or kernel")
-    return choice
+    return route_choice(name)
 
 
 def _fused_act_cast(quant, fc1_site, fc2_site, role, activation, dtype, hidden):

@@ -46,6 +46,7 @@ import dataclasses
 import math
 from typing import Any, ClassVar, Mapping
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -223,18 +224,54 @@ def _top_mask_radix(v, k, digit_bits=RADIX_DIGIT_BITS, candidates_minor=False):
     return (above | (tied & (later >= t_pos))) & (k > 0)
 
 
+#: Environment variable choosing the GPU route of long rows' selection: ``auto`` (the
+#: :mod:`jdq.kernels.row_select` kernel on a GPU for 16-bit values), ``xla`` or ``kernel``.
+ROW_SELECT_ENV = "JDQ_ROW_SELECT"
+
+
+def _top_mask_row_select(v, k, impl: str = "auto"):
+    """``_ranks(v) < k`` of 16-bit float rows by :func:`jdq.kernels.row_select.threshold` on position-tied keys.
+
+    The keys are the values' order bits then the reversed position (distinct per row, ties to
+    the earlier entry), so the ``k`` selected are exactly those at or above the row's threshold.
+    """
+    from jdq.kernels import row_select
+
+    key, bits = _order_key(v)
+    if bits != 16:
+        raise ValueError(f"_top_mask_row_select: 16-bit float values, got {v.dtype}")
+    keys, key_bits = row_select.unique_keys(key, bits)
+    n = v.shape[-1]
+    k = jnp.asarray(k, jnp.int32)
+    t = row_select.threshold(keys.reshape(-1, n), k, bits=key_bits, impl=impl)
+    return (keys >= t.reshape(keys.shape[:-1] + (1,))) & (k > 0)
+
+
+def _row_select_route(v, k) -> bool:
+    """Whether :func:`top_mask` takes :func:`_top_mask_row_select` (see :data:`ROW_SELECT_ENV`)."""
+    from jdq.kernels.op import route_choice
+
+    choice = route_choice(ROW_SELECT_ENV)
+    if choice == "xla" or jnp.ndim(k) or v.dtype not in (jnp.bfloat16, jnp.float16):
+        return False
+    return choice == "kernel" or jax.default_backend() == "gpu"
+
+
 def top_mask(v, k):
     """Boolean, shape of ``v``: the ``k`` largest entries of each row of the last axis (ties by position, NaN last).
 
     The same selection as ``rank < k`` with the ranks of the module (bit-identical on every
-    backend): short rows count ranks elementwise; longer rows threshold after one sort, or on a CPU
-    select by radix (:func:`_top_mask_radix`, 2x faster than the sort there for rows of 288; on an
-    H200 XLA's reductions made it slower than the sort, RESULTS §3 "Twelfth round"). Where the
-    switches lie: ``_UNROLLED_RANK_ANY``, ``_MAX``.
+    backend): short rows count ranks elementwise; longer rows of 16-bit values on a GPU go to the
+    :mod:`jdq.kernels.row_select` kernel (:func:`_top_mask_row_select`), others threshold after one
+    sort, or on a CPU select by radix (:func:`_top_mask_radix`, 2x faster than the sort there for
+    rows of 288; on an H200 XLA's reductions made it slower than the sort, RESULTS §3 "Twelfth
+    round"). Where the switches lie: ``_UNROLLED_RANK_ANY``, ``_MAX``, :data:`ROW_SELECT_ENV`.
     """
     n = v.shape[-1]
     if n <= _UNROLLED_RANK_ANY:
         return _top_mask_unrolled(v, k)
+    if _row_select_route(v, k):
+        return _top_mask_row_select(v, k)
     if n <= _UNROLLED_RANK_MAX:
         return lax.platform_dependent(v, k, cpu=_top_mask_unrolled, default=_top_mask_sorted)
     return lax.platform_dependent(v, k, cpu=_top_mask_radix, default=_top_mask_sorted)

@@ -1,0 +1,96 @@
+"""row_select: the per-row radix threshold kernel (interpret mode, lowering) and MixDiT's top-k mask on it."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from kernel_testutil import lowers_to_mosaic_gpu
+
+from jdq.kernels import row_select
+from jdq.kernels.row_select import ref
+from jdq.kernels.row_select.gpu import supports, threshold_gpu
+from jdq.quant import outliers
+
+
+def _keys(n, rows=128, seed=0, value_bits=16):
+    rng = np.random.default_rng(seed)
+    v = rng.integers(0, 1 << value_bits, (rows, n))
+    v[:, ::5] = v[:, :1]  # equal values: the position makes the keys distinct
+    v[1] = v[1, 0]  # a row of one value
+    return ref.unique_keys(jnp.asarray(v), value_bits)
+
+
+@pytest.mark.parametrize("n", [8, 72, 96, 288])
+def test_kernel_threshold_equals_the_sorted_reference_for_every_edge_k(n):
+    keys, bits = _keys(n)
+    for k in (-1, 0, 1, 2, n // 7 + 1, n - 1, n, n + 1):
+        got = threshold_gpu(keys, jnp.int32(k), bits=bits, interpret=True)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref.threshold(keys, k, bits)), err_msg=f"n={n} k={k}")
+    # the selection it defines holds exactly k keys per row
+    t = ref.threshold(keys, 5, bits)
+    assert np.all(np.asarray((keys >= t[:, None]).sum(1)) == 5)
+
+
+def test_kernel_takes_a_k_per_row_and_runs_under_vmap():
+    keys, bits = _keys(72, rows=64)
+    ks = jnp.arange(64, dtype=jnp.int32) % 9
+    np.testing.assert_array_equal(np.asarray(threshold_gpu(keys, ks, bits=bits, interpret=True)),
+                                  np.asarray(ref.threshold(keys, ks, bits)))
+    got = jax.vmap(lambda k: threshold_gpu(keys, k, bits=bits, interpret=True))(jnp.arange(4, dtype=jnp.int32))
+    want = jax.vmap(lambda k: ref.threshold(keys, k, bits))(jnp.arange(4, dtype=jnp.int32))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("n", [72, 288, 96, 384])  # DiT / PixArt 1152 and 4608 wide, SD3 1536 and 6144, in blocks of 16
+def test_kernel_lowers_to_mosaic_gpu(n):
+    bits = 16 + (n - 1).bit_length()
+    assert lowers_to_mosaic_gpu(functools.partial(threshold_gpu, bits=bits), ((16384, n), jnp.int32), ((), jnp.int32))
+    vmapped = lambda keys, ks: jax.vmap(lambda k: threshold_gpu(keys, k, bits=bits))(ks)  # noqa: E731
+    assert lowers_to_mosaic_gpu(vmapped, ((16384, n), jnp.int32), ((3,), jnp.int32))
+
+
+def test_unsupported_shapes_are_named_and_the_op_falls_back_to_the_reference():
+    assert "multiple of 64" in supports(100, 72, 23)
+    assert "multiples of 8" in supports(64, 70, 23)
+    assert "up to 768" in supports(64, 1024, 26)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        threshold_gpu(jnp.zeros((100, 72), jnp.int32), jnp.int32(1), bits=23, interpret=True)
+    with pytest.raises(ValueError, match=r"\(M, n\) int32"):
+        threshold_gpu(jnp.zeros((64, 72), jnp.float32), jnp.int32(1), bits=23, interpret=True)
+    with pytest.raises(ValueError, match="exceed 31"):
+        ref.unique_keys(jnp.zeros((4, 72), jnp.int32), 25)
+    keys, bits = _keys(70, rows=100)  # the op declines these shapes on the kernel and computes the reference
+    np.testing.assert_array_equal(np.asarray(row_select.threshold(keys, jnp.int32(3), bits=bits, impl="gpu_interpret")),
+                                  np.asarray(ref.threshold(keys, 3, bits)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_top_mask_on_the_kernel_is_rank_below_k_with_ties_and_specials(dtype):
+    rng = np.random.default_rng(3)
+    n = 288
+    v = np.abs(rng.standard_normal((2, 64, n))).astype(np.float32)
+    v[:, :, ::4] = v[:, :, :1]  # ties, broken by position
+    v[0, 0, :5] = [np.nan, np.inf, 0.0, -0.0, np.nan]
+    v[1, 3, :] = 0.0
+    v = np.asarray(jnp.asarray(v, dtype).astype(jnp.float32))
+    w = np.where(np.isnan(v), -np.inf, v)
+    ranks = np.argsort(np.argsort(-w, axis=-1, kind="stable"), axis=-1, kind="stable")
+    ks = jnp.asarray([0, 1, 14, 72, n, n + 1], jnp.int32)
+    got = jax.vmap(lambda k: outliers._top_mask_row_select(jnp.asarray(v, dtype), k, impl="gpu_interpret"))(ks)
+    np.testing.assert_array_equal(np.asarray(got), ranks[None] < np.asarray(ks)[:, None, None, None])
+
+
+def test_top_mask_route_follows_the_environment(monkeypatch):
+    v16, v32, k = jnp.zeros((64, 72), jnp.bfloat16), jnp.zeros((64, 72), jnp.float32), jnp.int32(3)
+    monkeypatch.delenv(outliers.ROW_SELECT_ENV, raising=False)
+    assert outliers._row_select_route(v16, k) == (jax.default_backend() == "gpu")
+    monkeypatch.setenv(outliers.ROW_SELECT_ENV, "kernel")
+    assert outliers._row_select_route(v16, k) and not outliers._row_select_route(v32, k)
+    assert not outliers._row_select_route(v16, jnp.full((64,), 3, jnp.int32))  # a k per row: the XLA forms
+    monkeypatch.setenv(outliers.ROW_SELECT_ENV, "xla")
+    assert not outliers._row_select_route(v16, k)
+    monkeypatch.setenv(outliers.ROW_SELECT_ENV, "fast")
+    with pytest.raises(ValueError, match="JDQ_ROW_SELECT='fast'"):
+        outliers.top_mask(v16, k)
