@@ -148,11 +148,14 @@ def run(batch, reps, inner, tiny=False, only=None):
             times[vname] = median_ms(f, x, reps, inner)
         same = bool(jnp.array_equal(jax.jit(variants(axis, ratio)["split"])(x),
                                     jax.jit(variants(axis, ratio)["split masked"])(x)))
+        vs = variants(axis, ratio)
+        kernel_same = bool(jnp.array_equal(jax.jit(vs["mask kernel"])(x), jax.jit(vs["mask sorted"])(x)))
         rows.append({"operand": name, "shape": list(shape), "axis": axis, "ratio": ratio, "sites": sites,
-                     "times": times, "split_equals_masked": same})
+                     "times": times, "split_equals_masked": same, "mask_kernel_equals_sorted": kernel_same})
         for vname, ms in times.items():
             per_step[vname] = per_step.get(vname, 0.0) + ms * sites * DEPTH
-        print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in times.items()) + f"; equal={same}", flush=True)
+        print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in times.items())
+              + f"; equal={same}, mask kernel == sorted: {kernel_same}", flush=True)
     return {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
             "batch": batch, "inner": inner, "depth": DEPTH, "rows": rows, "per_step": per_step}
 
