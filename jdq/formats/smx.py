@@ -258,16 +258,19 @@ def _cast_with_partner(v, partner, amax_bits, fmt, m):
     return jnp.where(bad, jnp.nan, _bits.mul_pow2(_codes(v, step, fmt, m), step))
 
 
-def fake_quantize_given_amax(v, partner, amax_bits, fmt: SMXFormat):
+def fake_quantize_given_amax(v, partner, amax_bits, fmt: SMXFormat, mantissa_bits=None):
     """Fake-quantized float32 ``v`` given its sub-block partner and its block's max |x| bit pattern.
 
     Elementwise (k2 = 2 only: ``partner`` is the other element of each pair, ``amax_bits`` the
     int32 bits of the block's max |x|, both of v's shape): what :func:`fake_quantize` computes once
     the block maxima are known, for a caller that reduces the blocks itself (a kernel).
+    ``mantissa_bits``: ``None`` (``fmt``'s) or int32 widths of v's shape, as
+    :func:`fake_quantize_select` uses them for formats that :func:`differ_only_in_width`.
     """
     if fmt.sub_block_size != 2:
         raise ValueError(f"fake_quantize_given_amax: sub_block_size must be 2, {fmt.name} has {fmt.sub_block_size}")
-    return _cast_with_partner(v.astype(jnp.float32), partner.astype(jnp.float32), amax_bits, fmt, fmt.mantissa_bits)
+    m = fmt.mantissa_bits if mantissa_bits is None else mantissa_bits
+    return _cast_with_partner(v.astype(jnp.float32), partner.astype(jnp.float32), amax_bits, fmt, m)
 
 
 def _one_pass(x, fmt: SMXFormat, axis: int, widths=None):

@@ -222,7 +222,10 @@ def _fused_act_cast(quant, fc1_site, fc2_site, role, activation, dtype, hidden):
 
 
 def _fused_prob_cast(quant, pv_site, dtype, mask, bias):
-    """The probabilities' :class:`~jdq.kernels.quant_attention.ProbCast` when the fused fake-quant attention runs, else ``None``."""
+    """``(ProbCast, ratio)`` of the probabilities when the fused fake-quant attention runs, else ``None``.
+
+    ``ratio``: a split's state (the kernel selects the blocks itself), else ``None``.
+    """
     choice = _env_choice(QUANT_ATTENTION_ENV)
     if choice == "xla" or mask is not None or bias is not None:
         return None
@@ -235,7 +238,14 @@ def _fused_prob_cast(quant, pv_site, dtype, mask, bias):
     from jdq.kernels.quant_attention import prob_cast_of
 
     prob = prob_cast_of(transform)
-    return prob if not isinstance(prob, str) else None
+    if isinstance(prob, str):
+        return None
+    if prob.kind != "split":
+        return prob, None
+    try:
+        return prob, quant.state_for(pv_site, "attn_prob")["ratio"]
+    except NotImplementedError:
+        return None
 
 
 #: Environment variable choosing the fused (unquantized) attention: ``auto`` (default: cuDNN flash
@@ -310,8 +320,9 @@ def attention(q, k, v, *, site: str, quant: QuantizerBase | None = None, mask=No
     qh = jnp.swapaxes(q, 1, 2)  # (B, H, Lq, D)
     kt = jnp.transpose(k, (0, 2, 3, 1))  # (B, H, D, Lk)
     vh = jnp.swapaxes(v, 1, 2)  # (B, H, Lk, D)
-    prob = _fused_prob_cast(quant, pv_site, q.dtype, mask, bias)
-    if prob is not None:
+    fused = _fused_prob_cast(quant, pv_site, q.dtype, mask, bias)
+    if fused is not None:
+        prob, ratio = fused
         # the same casts of q / k / v, then a flash kernel that casts the probabilities in registers
         from jdq.kernels.quant_attention import quant_attention
 
@@ -328,7 +339,7 @@ def attention(q, k, v, *, site: str, quant: QuantizerBase | None = None, mask=No
             kt = jnp.swapaxes(quant(kh, qk_site, "k", -1), -1, -2)
         else:
             kt = quant(jnp.swapaxes(kh, -1, -2), qk_site, "k", -2)
-        out = quant_attention(qh, kt, vh, prob=prob, scale=float(scale), impl=getattr(quant, "impl", "auto"))
+        out = quant_attention(qh, kt, vh, ratio, prob=prob, scale=float(scale), impl=getattr(quant, "impl", "auto"))
         return jnp.swapaxes(out, 1, 2)
     logits = qmatmul(qh, kt, site=qk_site, roles=("q", "k"), quant=quant).astype(jnp.float32) * scale
     if bias is not None:

@@ -184,6 +184,12 @@ class HoistedWeights(QuantizerBase):
             raise NotImplementedError(f"the weight of {site} is hoisted")
         return self.quant.transform_for(site, role)
 
+    def state_for(self, site, role):
+        """The inner quantizer's state of operand (``site``, ``role``) (hoisted weights: not exposed)."""
+        if role == "weight" and site in self.weights:
+            raise NotImplementedError(f"the weight of {site} is hoisted")
+        return self.quant.state_for(site, role)
+
     def __call__(self, x, site, role, axis=-1):
         if role == "weight" and site in self.weights:
             w, table = self.weights[site], self.tables[site]

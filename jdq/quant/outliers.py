@@ -351,6 +351,13 @@ def _split_cast(x, mask, meta, axis):
     return jnp.where(mask, hi, lo)
 
 
+def split_dynamic(meta: OutlierMeta, x, state, axis: int = -1):
+    """``x`` split-cast by a dynamic (element or block granularity) :func:`outlier_split` with ``state``: its ``apply``."""
+    if meta.granularity == "channel":
+        raise ValueError("split_dynamic: a channel-granularity split permutes channels; use the transform's apply")
+    return _split_cast(x, outlier_mask(meta, x, state, axis), meta, axis)
+
+
 def outlier_split(ratio: float = 0.05, hi="mx9", lo="mx6", granularity: str = "block", *,
                   block_size: int = 16, scope: str = "row", channel_multiple: int | None = None,
                   hi_options: Mapping | None = None, lo_options: Mapping | None = None) -> QuantTransform:
@@ -382,7 +389,7 @@ def outlier_split(ratio: float = 0.05, hi="mx9", lo="mx6", granularity: str = "b
 
     def apply(x, state, ctx):
         if granularity != "channel":
-            return _split_cast(x, outlier_mask(meta, x, state, ctx.axis), meta, ctx.axis)
+            return split_dynamic(meta, x, state, ctx.axis)
         mask = outlier_mask(meta, x, state, ctx.axis)  # also checks the channel count
         perm = channel_permutation(state, channel_multiple)
         xp = jnp.take(x, perm, axis=ctx.axis)

@@ -323,6 +323,13 @@ class QuantizerBase:
         """
         raise NotImplementedError(f"{type(self).__name__} does not expose its transforms")
 
+    def state_for(self, site: str, role: str) -> Any:
+        """The state of operand (``site``, ``role``)'s transform; ``NotImplementedError`` when not known.
+
+        With :meth:`transform_for`, what a fused kernel needs to apply a transform with state itself.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not expose its state")
+
 
 @jax.tree_util.register_pytree_node_class
 class Quantizer(QuantizerBase):
@@ -361,6 +368,10 @@ class Quantizer(QuantizerBase):
     def transform_for(self, site, role):
         """The plan's transform of operand (``site``, ``role``), ``None`` when it has none."""
         return self.plan.transform_for(operand_key(site, role))
+
+    def state_for(self, site, role):
+        """The state of operand (``site``, ``role``)'s transform (``None`` when it has none)."""
+        return self.state.get(operand_key(site, role))
 
     def __call__(self, x, site, role, axis=-1):
         key = operand_key(site, role)

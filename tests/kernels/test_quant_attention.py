@@ -16,7 +16,7 @@ from jdq import formats, recipes
 from jdq.kernels.quant_attention import ProbCast, key_order, prob_cast_of, quant_attention, reference
 from jdq.kernels.quant_attention.gpu import Config, quant_attention_gpu
 from jdq.models import layers
-from jdq.quant import cast, trace_operands
+from jdq.quant import cast, outlier_split, trace_operands
 
 SITE = "blocks.0.attn"
 
@@ -131,6 +131,52 @@ def test_prob_cast_of_reads_the_plan_transform():
     assert "block-scaled" in prob_cast_of(cast("int8"))
     with pytest.raises(ValueError, match="granularity 'row'"):
         ProbCast("row", formats.get("mxfp8_e4m3"))
+    split = prob_cast_of(outlier_split(0.2))
+    assert split.kind == "split" and split.block == 16 and split.pairs and split.spec.name == "mx9"
+    assert "element / row" in prob_cast_of(outlier_split(0.2, granularity="element"))
+    assert "differ in more" in prob_cast_of(outlier_split(0.2, hi="mx9", lo="mx6", lo_options={"block_size": 32}))
+    assert "SMX" in prob_cast_of(outlier_split(0.2, hi="mxfp8_e4m3", lo="mxfp4_e2m1"))
+    assert "selection blocks of 32" in prob_cast_of(outlier_split(0.2, block_size=32))
+    with pytest.raises(ValueError, match="exactly for kind 'split'"):
+        ProbCast("smx", formats.get("mx9"), split.split)
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.0, 0.05, 1.0])
+@pytest.mark.parametrize("block_kv", [32, 64])
+def test_split_kernel_interpreted_equals_the_plan_split(ratio, block_kv):
+    """MixDiT's probability split in registers (blocks ranked by max probability after pass 1) = the plan's
+    outlier split of the explicit path, bit for bit; ratio 0 is MX6 everywhere, 1 MX9."""
+    qh, kt, vh = _cast_operands(1, fmt="mx9")
+    prob, scale = prob_cast_of(outlier_split(0.2)), 1 / math.sqrt(72)
+    r = jnp.float32(ratio)
+    want = reference(qh, kt, vh, prob, scale, r)
+    got = quant_attention(qh, kt, vh, r, prob=prob, scale=scale, impl="gpu_interpret", config=Config(block_kv=block_kv))
+    _agree(got, want)
+    if ratio in (0.0, 1.0):
+        whole = reference(qh, kt, vh, ProbCast("smx", formats.get("mx9" if ratio else "mx6")), scale)
+        np.testing.assert_array_equal(np.asarray(want, np.float32), np.asarray(whole, np.float32))
+
+
+def test_split_kernel_runs_under_vmap_over_ratios_and_names_its_limits():
+    qh, kt, vh = _cast_operands(2, lq=64, lk=64, fmt="mx9")
+    prob, scale = prob_cast_of(outlier_split(0.2)), 0.1
+    ratios = jnp.asarray([0.0, 0.3, 1.0], jnp.float32)
+    got = jax.vmap(lambda r: quant_attention(qh, kt, vh, r, prob=prob, scale=scale, impl="gpu_interpret",
+                                             config=Config(block_kv=32)))(ratios)
+    want = jax.vmap(lambda r: reference(qh, kt, vh, prob, scale, r))(ratios)
+    _agree(got, want)
+    assert "at most 256" in Config(block_kv=32).supports(64, 512, 80, prob)
+    with pytest.raises(ValueError, match="ratio is given exactly"):
+        quant_attention(qh, kt, vh, prob=prob, scale=scale)
+    with pytest.raises(ValueError, match="ratio is given exactly"):
+        quant_attention(qh, kt, vh, jnp.float32(0.2), prob=ProbCast(), scale=scale)
+
+
+def test_split_kernel_lowers_to_mosaic_gpu_at_dit_xl_shapes():
+    prob = prob_cast_of(outlier_split(0.2))
+    fn = lambda q, k, v, r: quant_attention_gpu(q, k, v, scale=0.1, prob=prob, config=Config(block_kv=32), ratio=r)  # noqa: E731
+    shape = ((1024, 256, 80), jnp.bfloat16)
+    assert lowers_to_mosaic_gpu(fn, shape, shape, shape, ((), jnp.float32))
 
 
 def _attn(q, k, v, quant):
@@ -145,7 +191,7 @@ def _jitted_attn(q, k, v, quant):
     return fn.lower(q, k, v).compile({"xla_allow_excess_precision": False})(q, k, v)
 
 
-@pytest.mark.parametrize("recipe", ["mx6", "mxfp8_e4m3", "w8a8-fp8attn"])
+@pytest.mark.parametrize("recipe", ["mx6", "mxfp8_e4m3", "w8a8-fp8attn", "mixdit"])
 def test_attention_routes_mx_plans_through_the_fused_path(recipe, monkeypatch):
     """``JDQ_QUANT_ATTENTION=kernel`` takes the fused path wherever the plan allows (its XLA reference on a CPU):
     the same function as the explicit path, bit for bit, so the routing applies the plan's own q / k / v casts.
@@ -164,7 +210,7 @@ def test_attention_routes_mx_plans_through_the_fused_path(recipe, monkeypatch):
                         lambda *a, **kw: calls.append(kw["prob"]) or quant_attention(*a, **kw))
     monkeypatch.setenv(layers.QUANT_ATTENTION_ENV, "kernel")
     fused = _jitted_attn(q, k, v, quant)
-    assert len(calls) == 1 and calls[0].spec.name == {"w8a8-fp8attn": "fp8_e4m3"}.get(recipe, recipe)
+    assert len(calls) == 1 and calls[0].spec.name == {"w8a8-fp8attn": "fp8_e4m3", "mixdit": "mx9"}.get(recipe, recipe)
     np.testing.assert_array_equal(np.asarray(fused, np.float32), np.asarray(explicit, np.float32))
     monkeypatch.setenv(layers.QUANT_ATTENTION_ENV, "bogus")
     with pytest.raises(ValueError, match="JDQ_QUANT_ATTENTION"):
@@ -227,13 +273,19 @@ def test_fused_path_copies_q_k_v_first_only_for_casts_that_reduce_along_tokens(r
 
 
 def test_attention_keeps_the_explicit_path_for_other_casts(monkeypatch):
-    """mixdit splits the probabilities into MX9 outlier blocks and MX6 (ranked over the row): the explicit path runs."""
+    """An element-wise outlier split of the probabilities (ranked over the row's elements), and a quantizer that
+    does not expose a split's state: the explicit path runs."""
+    from jdq import quant as Q
+
     k1, k2, k3 = jax.random.split(jax.random.key(5), 3)
     q, k, v = (jax.random.normal(kk, (1, 64, 2, 72)).astype(jnp.bfloat16) for kk in (k1, k2, k3))
-    plan = recipes.plan_for("mixdit", trace_operands(_attn, q, k, v))
+    ops = trace_operands(_attn, q, k, v)
+    element = Q.resolve([Q.rule(f"re:{SITE}\\..*", Q.outlier_split(0.2, granularity="element"))], ops)
     monkeypatch.setenv(layers.QUANT_ATTENTION_ENV, "kernel")
     monkeypatch.setattr("jdq.kernels.quant_attention.quant_attention", lambda *a, **kw: pytest.fail("fused path taken"))
-    _attn(q, k, v, plan.bind(plan.init()))
+    _attn(q, k, v, element.bind(element.init()))
+    mixdit = recipes.plan_for("mixdit", ops)
+    _attn(q, k, v, _Recording(mixdit.bind(mixdit.init())))  # transform_for, but no state_for
 
 
 def test_benchmark_render(load_benchmark):

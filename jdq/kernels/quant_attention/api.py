@@ -56,7 +56,7 @@ def _layout(x, lk_axis_last: bool, dp: int, pair_chunk: int | None):
     return jnp.pad(x, ((0, 0), (0, 0), (0, dp - d))) if dp != d else x
 
 
-def _gpu(qh, kt, vh, prob, scale, *, impl, config=None):
+def _gpu(qh, kt, vh, ratio, prob, scale, *, impl, config=None):
     if impl not in ("gpu", "gpu_interpret"):
         return None
     from jdq.kernels.quant_attention.gpu import quant_attention_gpu
@@ -75,42 +75,47 @@ def _gpu(qh, kt, vh, prob, scale, *, impl, config=None):
     if pad:
         q = jnp.pad(q, ((0, 0), (0, pad), (0, 0)))
     out = quant_attention_gpu(q, _layout(kt, True, dp, chunk), _layout(vh, False, dp, chunk), scale=scale, prob=prob,
-                              config=cfg, interpret=impl == "gpu_interpret")
+                              config=cfg, interpret=impl == "gpu_interpret", ratio=ratio)
     return out[:, :lq, :d].reshape(b, h, lq, d)
 
 
-def _xla(qh, kt, vh, prob, scale, *, impl, config=None):
-    return ref.reference(qh, kt, vh, prob, scale)
+def _xla(qh, kt, vh, ratio, prob, scale, *, impl, config=None):
+    return ref.reference(qh, kt, vh, prob, scale, ratio)
 
 
 #: The implementations of fake-quant attention (no TPU kernel: the XLA reference there).
 IMPLEMENTATIONS = {"gpu": _gpu, "xla": _xla}
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5, 6))
-def _quant_attention(qh, kt, vh, prob, scale, impl, config):
-    return dispatch(IMPLEMENTATIONS, impl, qh, kt, vh, prob, scale, config=config)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7))
+def _quant_attention(qh, kt, vh, ratio, prob, scale, impl, config):
+    return dispatch(IMPLEMENTATIONS, impl, qh, kt, vh, ratio, prob, scale, config=config)
 
 
 @_quant_attention.defjvp
 def _quant_attention_jvp(prob, scale, impl, config, primals, tangents):
-    # the reference's tangent (the probabilities' cast straight-through, as formats.cast)
-    _, dy = jax.jvp(lambda q, k, v: ref.reference(q, k, v, prob, scale), primals, tangents)
+    # the reference's tangent (the probabilities' cast straight-through, as formats.cast); none for the ratio
+    qh, kt, vh, ratio = primals
+    _, dy = jax.jvp(lambda q, k, v: ref.reference(q, k, v, prob, scale, ratio), (qh, kt, vh), tangents[:3])
     return _quant_attention(*primals, prob, scale, impl, config), dy
 
 
 @functools.partial(jax.jit, static_argnames=("prob", "scale", "impl", "config"))
-def quant_attention(qh, kt, vh, *, prob: ref.ProbCast, scale: float, impl: str = "auto", config=None):
+def quant_attention(qh, kt, vh, ratio=None, *, prob: ref.ProbCast, scale: float, impl: str = "auto", config=None):
     """Attention of cast ``qh`` (B, H, Lq, D), ``kt`` (B, H, D, Lk), ``vh`` (B, H, Lk, D), ``prob`` cast inside: (B, H, Lq, D).
 
     :func:`~jdq.kernels.quant_attention.ref.reference` on the kernel where it tiles (bf16, Lk a
     multiple of ``block_kv``; Lq is padded), the reference elsewhere; differentiable as the reference.
+    ``ratio``: the state of a ``"split"`` probability cast (float32), else unused.
     """
+    if (prob.kind == "split") != (ratio is not None):
+        raise ValueError("quant_attention: a ratio is given exactly for a 'split' probability cast")
+    ratio = jnp.float32(0) if ratio is None else jnp.asarray(ratio, jnp.float32)
     if qh.ndim != 4 or kt.ndim != 4 or vh.ndim != 4:
         raise ValueError(f"quant_attention: qh {qh.shape}, kt {kt.shape}, vh {vh.shape} must be 4-d (B, H, ., .)")
     if kt.shape[2] != qh.shape[3] or vh.shape[2] != kt.shape[3] or qh.shape[:2] != kt.shape[:2] != vh.shape[:2]:
         raise ValueError(f"quant_attention: qh {qh.shape}, kt {kt.shape}, vh {vh.shape} do not fit together")
-    return _quant_attention(qh, kt, vh, prob, float(scale), impl, config)
+    return _quant_attention(qh, kt, vh, ratio, prob, float(scale), impl, config)
 
 
 __all__ = ["IMPLEMENTATIONS", "quant_attention"]

@@ -44,6 +44,8 @@ from jdq.kernels._mgpu import (group_row_max, interpret_params, kmajor_spec, pl,
 from jdq.kernels.quant_attention.ref import ProbCast
 
 D_MULTIPLE = 16  # bf16 WGMMA K step
+SPLIT_MAX_KEYS = 256  # a split's first pass holds a row's logits in one (64, Lk) tile (the WGMMA's largest N)
+K_COLS = 8  # a split's k is handed in as a (64, 8) int32 tile (the narrowest of 32-bit values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +68,8 @@ class Config:
             return f"block_kv={self.block_kv} is not a multiple of the cast's block {prob.block} (at most 128)"
         if prob.pairs and self.block_kv % 32:
             return f"block_kv={self.block_kv}: a pair cast needs a multiple of 32"
+        if prob.kind == "split" and lk > SPLIT_MAX_KEYS:
+            return f"Lk={lk}: the split ranks a row's key blocks from one tile of at most {SPLIT_MAX_KEYS} keys"
         return None
 
 
@@ -90,13 +94,14 @@ def _block_amax(p, group_w: int, interpret):
     return lax.bitcast_convert_type(group_row_max(p, group_w, interpret), jnp.int32)
 
 
-def cast_probs(halves, prob: ProbCast, interpret=None, row_amax=None):
+def cast_probs(halves, prob: ProbCast, interpret=None, row_amax=None, widths=None):
     """The probability tiles ``halves`` (float32, bf16-valued, ≥ 0) cast by ``prob`` along the columns.
 
     One tile: consecutive columns of ``prob.block`` share a scale, or (``"row"``) each row shares
     one from its max ``row_amax`` (rows,). Two tiles (a pair cast): the even and odd keys of a
     chunk, so a scale block is ``block / 2`` consecutive columns of each and an element's pair
-    partner is the other tile's element at the same place.
+    partner is the other tile's element at the same place. ``widths`` (a split): each element's
+    mantissa width (int32, the tiles' shape), the same for both tiles.
     """
     from jdq.formats import fp8, mx, smx
 
@@ -110,8 +115,58 @@ def cast_probs(halves, prob: ProbCast, interpret=None, row_amax=None):
         return (mx.fake_quantize_given_amax(p, _block_amax(p, prob.block, interpret), prob.spec),)
     even, odd = halves
     amax = _block_amax(jnp.maximum(even, odd), prob.block // 2, interpret)
-    return (smx.fake_quantize_given_amax(even, odd, amax, prob.spec),
-            smx.fake_quantize_given_amax(odd, even, amax, prob.spec))
+    return (smx.fake_quantize_given_amax(even, odd, amax, prob.spec, widths),
+            smx.fake_quantize_given_amax(odd, even, amax, prob.spec, widths))
+
+
+def _column_iota(shape, interpret):
+    if interpret:
+        return lax.broadcasted_iota(jnp.int32, shape, 1)
+    return plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+
+
+def _split_block_maxima(x, bkv, interpret):
+    """Each key block's (16 keys) max logit of a (rows, Lk) tile whose keys are in ``key_order`` (chunks of ``bkv``).
+
+    Column ``c`` holds key ``(c // bkv)·bkv + 2·(c mod bkv/2) + [c mod bkv ≥ bkv/2]``, so its block is
+    ``(c // bkv)·(bkv / 16) + (c mod bkv/2) // 8``. Returns a list of (rows,) vectors, one per block.
+    """
+    col = _column_iota(x.shape, interpret)
+    blk = (col // bkv) * (bkv // 16) + (col % (bkv // 2)) // 8
+    low = jnp.full(x.shape, -jnp.inf, jnp.float32)
+    return [jnp.where(blk == b, x, low).max(axis=1) for b in range(x.shape[1] // 16)]
+
+
+def _split_bits(block_max, m, l, k_rows):
+    """(rows,) int32: bit ``b`` set where key block ``b`` is among the row's ``k`` largest by max probability.
+
+    A block's max probability is its max logit's (the probability is monotone in the logit), rounded
+    as every probability; ties go to the earlier block, as :func:`jdq.quant.outliers.top_mask` has them.
+    """
+    p = [(jnp.exp(x - m) / l).astype(jnp.bfloat16).astype(jnp.float32) for x in block_max]
+    one, zero = jnp.ones_like(m), jnp.zeros_like(m)
+    bits = jnp.zeros(m.shape, jnp.int32)
+    for b, pb in enumerate(p):
+        rank = zero
+        for c, pc in enumerate(p):
+            if c != b:
+                rank = rank + jnp.where(pc >= pb if c < b else pc > pb, one, zero)
+        bits = bits | jnp.where(rank < k_rows, jnp.full(m.shape, 1 << b, jnp.int32), jnp.zeros(m.shape, jnp.int32))
+    return bits
+
+
+def _split_widths(bits, j, bkv, shape, prob, interpret):
+    """Each element's mantissa width in chunk ``j``'s half tiles (``shape``): ``hi``'s for selected blocks, else ``lo``'s."""
+    per_chunk = bkv // 16
+    g = _column_iota(shape, interpret) // 8  # the chunk's block of each half-tile column
+    hi_m, lo_m = prob.split.hi.mantissa_bits, prob.split.lo.mantissa_bits
+    widths = None
+    for i in range(per_chunk):
+        chosen = (bits >> (j * per_chunk + i)) & 1
+        w = rows_of(jnp.where(chosen == 1, jnp.full(bits.shape, hi_m, jnp.int32), jnp.full(bits.shape, lo_m, jnp.int32)),
+                    shape)
+        widths = w if widths is None else jnp.where(g == i, w, widths)
+    return widths
 
 
 def _pv_into(acc, p_refs, v_refs, interpret):
@@ -133,11 +188,12 @@ def _pv_into(acc, p_refs, v_refs, interpret):
     return pl.run_state(scope)(plgpu.ACC.init(acc))
 
 
-def _kernel(q, k_op, v, scale, prob, cfg, interpret):
+def _kernel(q, k_op, v, scale, prob, cfg, interpret, k_tile=None):
     bh, lq, dp = q.shape
     lk = v.shape[1]
     bq, bkv = cfg.block_q, cfg.block_kv
     halves = 2 if prob.pairs else 1
+    split = prob.kind == "split"
     w = bkv // halves
     bf16 = jnp.bfloat16
     d_tr = smem_transforms(dp, bf16, interpret)
@@ -145,36 +201,56 @@ def _kernel(q, k_op, v, scale, prob, cfg, interpret):
     steps = lk // bkv
     k_spec = functools.partial(kmajor_spec, bkv, dp, lambda j: (j, 0), d_tr, interpret)
     v_spec = plgpu.BlockSpec((bkv, dp), lambda j: (j, 0), transforms=d_tr)
+    # a split ranks a row's key blocks after pass 1: that pass sees all of a row's logits in one tile
+    block1, steps1 = (lk, 1) if split else (bkv, steps)
+    k_spec1 = functools.partial(kmajor_spec, block1, dp, lambda j: (j, 0), d_tr, interpret)
 
-    def body(q_g, k_g, v_g, o_g, q_s, p_s, o_s, bar):
+    def body(*refs):
+        if split:
+            q_g, k_g, v_g, ks_g, o_g, q_s, p_s, o_s, ks_s, bar = refs
+        else:
+            q_g, k_g, v_g, o_g, q_s, p_s, o_s, bar = refs
         h = lax.axis_index("bh")
         qi = lax.axis_index("q")
         plgpu.copy_gmem_to_smem(q_g.at[h, pl.ds(qi * bq, bq)], q_s, bar.at[0])
+        if split:
+            plgpu.copy_gmem_to_smem(ks_g, ks_s, bar.at[1])
 
         def stats(idx, k_s, carry):
             (j,) = idx
             pl.when(j == 0)(lambda: plgpu.barrier_wait(bar.at[0]))
-            m, l = carry
-            x = _logits(q_s, k_s, bkv, scale, interpret)
+            m, l = carry[:2]
+            x = _logits(q_s, k_s, block1, scale, interpret)
             m_new = jnp.maximum(m, x.max(axis=1))
             l = l * jnp.exp(m - m_new) + jnp.exp(x - rows_of(m_new, x.shape)).sum(axis=1)
+            if split:  # one step: the carry's block maxima are this tile's
+                return (m_new, l, *_split_block_maxima(x, bkv, interpret))
             return m_new, l
 
         m0 = _row_vec(jnp.full((bq,), -jnp.inf, jnp.float32), interpret)
         l0 = _row_vec(jnp.zeros((bq,), jnp.float32), interpret)
-        m, l = plgpu.emit_pipeline(stats, grid=(steps,), in_specs=[k_spec()], max_concurrent_steps=min(cfg.stages, steps),
-                                   init_carry=(m0, l0))(k_g.at[h])
+        init = (m0, l0) + ((m0,) * (lk // 16) if split else ())
+        carry = plgpu.emit_pipeline(stats, grid=(steps1,), in_specs=[k_spec1()], max_concurrent_steps=min(cfg.stages, steps1),
+                                    init_carry=init)(k_g.at[h])
+        m, l = carry[:2]
 
         # a row's largest probability is its max logit's, exp(0) / sum = 1 / sum, rounded to bf16 like every p
         row_amax = (1.0 / l).astype(bf16).astype(jnp.float32) if prob.kind == "row" else None
+        bits = None
+        if split:
+            plgpu.barrier_wait(bar.at[1])
+            ks = ks_s[...] if interpret else plgpu.load(ks_s, (), layout=plgpu.Layout.WGMMA)
+            bits = _split_bits(carry[2:], m, l, ks.astype(jnp.float32).max(axis=1))
 
         def attend(idx, k_s, v_s, acc):
+            (j,) = idx
             ps = []
             for i in range(halves):
                 x = _logits(q_s, _key_half(k_s, i, w, interpret) if halves > 1 else k_s, w, scale, interpret)
                 p = jnp.exp(x - rows_of(m, x.shape)) / rows_of(l, x.shape)
                 ps.append(p.astype(bf16).astype(jnp.float32))
-            for i, p in enumerate(cast_probs(tuple(ps), prob, interpret, row_amax)):
+            widths = _split_widths(bits, j, bkv, ps[0].shape, prob, interpret) if split else None
+            for i, p in enumerate(cast_probs(tuple(ps), prob, interpret, row_amax, widths)):
                 p_s.at[i][...] = p.astype(bf16)
             plgpu.commit_smem()
             return _pv_into(acc, [p_s.at[i] for i in range(halves)],
@@ -190,25 +266,29 @@ def _kernel(q, k_op, v, scale, prob, cfg, interpret):
         plgpu.copy_smem_to_gmem(o_s, o_g.at[h, pl.ds(qi * bq, bq)])
         plgpu.wait_smem_to_gmem(0)
 
+    scratch = [plgpu.SMEM((bq, dp), bf16, transforms=d_tr), plgpu.SMEM((halves, bq, w), bf16, transforms=p_tr),
+               plgpu.SMEM((bq, dp), bf16, transforms=d_tr)]
+    if split:
+        scratch.append(plgpu.SMEM((bq, K_COLS), jnp.int32))
+    scratch.append(plgpu.Barrier(num_arrivals=1, num_barriers=2 if split else 1))
     return plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((bh, lq, dp), bf16),
         grid=(bh, lq // bq),
         grid_names=("bh", "q"),
-        scratch_types=[
-            plgpu.SMEM((bq, dp), bf16, transforms=d_tr),
-            plgpu.SMEM((halves, bq, w), bf16, transforms=p_tr),
-            plgpu.SMEM((bq, dp), bf16, transforms=d_tr),
-            plgpu.Barrier(num_arrivals=1, num_barriers=1),
-        ],
+        scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
         interpret=interpret_params(interpret),
-    )(q, k_op, v)
+    )(q, k_op, v, *(() if k_tile is None else (k_tile,)))
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "prob", "config", "interpret"))
-def quant_attention_gpu(q, k, v, *, scale: float, prob: ProbCast, config: Config = Config(), interpret: bool = False):
-    """The kernel on ``q`` (B·H, Lq, Dp), ``k`` / ``v`` (B·H, Lk, Dp) bf16 in the kernel's key order: (B·H, Lq, Dp) bf16."""
+def quant_attention_gpu(q, k, v, *, scale: float, prob: ProbCast, config: Config = Config(), interpret: bool = False,
+                        ratio=None):
+    """The kernel on ``q`` (B·H, Lq, Dp), ``k`` / ``v`` (B·H, Lk, Dp) bf16 in the kernel's key order: (B·H, Lq, Dp) bf16.
+
+    ``ratio``: a split's state (float32), the share of each row's key blocks cast in ``hi``.
+    """
     for name, a in (("q", q), ("k", k), ("v", v)):
         if a.ndim != 3 or a.dtype != jnp.bfloat16:
             raise ValueError(f"quant_attention_gpu: {name} must be (B·H, L, Dp) bfloat16, got {a.shape} {a.dtype}")
@@ -217,8 +297,16 @@ def quant_attention_gpu(q, k, v, *, scale: float, prob: ProbCast, config: Config
     why = config.supports(q.shape[1], k.shape[1], q.shape[2], prob)
     if why:
         raise ValueError(f"quant_attention_gpu: {why}")
+    k_tile = None
+    if prob.kind == "split":
+        from jdq.quant.outliers import outlier_count
+
+        if ratio is None:
+            raise ValueError("quant_attention_gpu: a split needs its ratio")
+        n_blocks = -(-k.shape[1] // prob.split.block_size)
+        k_tile = jnp.full((config.block_q, K_COLS), outlier_count(ratio, n_blocks), jnp.int32)
     k_op = jnp.swapaxes(k, 1, 2) if interpret else k  # interpret: kᵀ (the B operand as (K, N))
-    return _kernel(q, k_op, v, scale, prob, config, interpret)
+    return _kernel(q, k_op, v, scale, prob, config, interpret, k_tile)
 
 
 __all__ = ["Config", "D_MULTIPLE", "cast_probs", "quant_attention_gpu"]

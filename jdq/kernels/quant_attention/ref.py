@@ -37,28 +37,41 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-PROB_KINDS = ("none", "mx", "smx", "row")
+PROB_KINDS = ("none", "mx", "smx", "row", "split")
 
 
 @dataclasses.dataclass(frozen=True)
 class ProbCast:
-    """The probabilities' cast along the keys: ``kind`` ``"none"`` | ``"mx"`` | ``"smx"`` | ``"row"`` and the format spec.
+    """The probabilities' cast along the keys: ``kind`` ``"none"`` | ``"mx"`` | ``"smx"`` | ``"row"`` | ``"split"`` and the format spec.
 
     ``"row"``: a scaled FP8 cast with a dynamic scale per query row (``amax / max``); a row's max
     probability is that of its max logit, ``1 / sum``, so the kernel knows it after its first pass.
+    ``"split"``: MixDiT's block split (``split``: its :class:`~jdq.quant.outliers.OutlierMeta`,
+    ``spec`` its ``hi`` format): per query row the top ``ratio`` of the key blocks by max
+    probability in ``hi``, the rest in ``lo`` (two SMX formats that differ only in width, blocks
+    of the selection's size); the ratio is the plan's state, an argument of the op.
     """
 
     kind: str = "none"
     spec: Any = None
+    split: Any = None
 
     def __post_init__(self):
         if self.kind not in PROB_KINDS:
             raise ValueError(f"ProbCast kind must be one of {PROB_KINDS}, got {self.kind!r}")
         if (self.kind == "none") != (self.spec is None):
             raise ValueError(f"ProbCast({self.kind!r}) needs a format spec exactly when the kind is not 'none'")
+        if (self.kind == "split") != (self.split is not None):
+            raise ValueError("ProbCast: an OutlierMeta `split` is given exactly for kind 'split'")
+        if self.kind == "split":
+            why = _split_unsupported(self.split)
+            if why:
+                raise ValueError(f"ProbCast('split'): {why}")
+            if self.spec != self.split.hi:
+                raise ValueError("ProbCast('split'): spec must be the split's hi format")
         if self.kind == "row" and (self.spec.kind != "fp8" or self.spec.granularity != "row"):
             raise ValueError(f"ProbCast('row') takes an FP8 format with granularity 'row', got {self.spec}")
-        if self.kind == "smx" and self.spec.sub_block_size != 2:
+        if self.kind in ("smx", "split") and self.spec.sub_block_size != 2:
             raise ValueError(f"ProbCast: {self.spec.name} has sub-blocks of {self.spec.sub_block_size}; the kernel takes 2")
 
     @property
@@ -69,15 +82,36 @@ class ProbCast:
     @property
     def pairs(self) -> bool:
         """Whether the cast pairs neighbouring keys (a shared micro-exponent per pair)."""
-        return self.kind == "smx"
+        return self.kind in ("smx", "split")
 
-    def apply(self, p):
-        """``p`` fake-quantized along its last axis (the keys)."""
+    def apply(self, p, ratio=None):
+        """``p`` fake-quantized along its last axis (the keys); ``ratio`` (float32) for a split."""
         if self.spec is None:
             return p
+        if self.kind == "split":
+            from jdq.quant.outliers import split_dynamic
+
+            if ratio is None:
+                raise ValueError("ProbCast('split').apply needs the split's ratio")
+            return split_dynamic(self.split, p, {"ratio": jnp.asarray(ratio, jnp.float32)}, -1)
         from jdq import formats
 
         return formats.cast(p, self.spec, axis=-1)
+
+
+def _split_unsupported(meta) -> str | None:
+    """Why the kernel cannot run the probabilities' outlier split ``meta`` in registers, or ``None``."""
+    from jdq.formats import smx
+
+    if meta.granularity != "block" or meta.scope != "row":
+        return f"a {meta.granularity} / {meta.scope} selection (the kernel selects blocks per query row)"
+    if getattr(meta.hi, "kind", None) != "smx" or getattr(meta.lo, "kind", None) != "smx":
+        return "hi and lo must be MX9 / MX6 / MX4 (SMX) formats"
+    if not smx.differ_only_in_width(meta.hi, meta.lo) or meta.hi.sub_block_size != 2:
+        return f"{meta.hi.name} / {meta.lo.name} differ in more than the mantissa width, or do not pair keys"
+    if meta.block_size != meta.hi.block_size:
+        return f"selection blocks of {meta.block_size} are not the formats' blocks of {meta.hi.block_size}"
+    return None
 
 
 def prob_cast_of(transform) -> ProbCast | str:
@@ -91,6 +125,11 @@ def prob_cast_of(transform) -> ProbCast | str:
         if meta.spec.granularity == "row":
             return ProbCast("row", meta.spec)
         return f"the probabilities' FP8 cast has granularity {meta.spec.granularity!r}; the kernel scales per row"
+    from jdq.quant.outliers import OutlierMeta
+
+    if isinstance(meta, OutlierMeta):
+        why = _split_unsupported(meta)
+        return why if why else ProbCast("split", meta.hi, meta)
     if not isinstance(meta, CastMeta) or meta.scaling != "block":
         return f"the probabilities' transform ({type(meta).__name__}) is not a single block-scaled or row-scaled FP8 cast"
     spec = meta.spec
@@ -103,14 +142,15 @@ def prob_cast_of(transform) -> ProbCast | str:
     return f"the probabilities' cast is {spec.name} ({meta.scaling}); the kernel casts MX / MX9-MX6-MX4 blocks or FP8 rows"
 
 
-def reference(qh, kt, vh, prob: ProbCast, scale: float):
+def reference(qh, kt, vh, prob: ProbCast, scale: float, ratio=None):
     """Attention of cast operands ``qh`` (B, H, Lq, D), ``kt`` (B, H, D, Lk), ``vh`` (B, H, Lk, D): (B, H, Lq, D).
 
-    The explicit path of ``jdq.models.layers.attention`` after the q / k / v casts (no mask or bias).
+    The explicit path of ``jdq.models.layers.attention`` after the q / k / v casts (no mask or
+    bias); ``ratio``: a split's state.
     """
     logits = jnp.matmul(qh, kt.astype(qh.dtype)).astype(jnp.float32) * scale
     probs = jax.nn.softmax(logits, axis=-1).astype(qh.dtype)
-    return jnp.matmul(prob.apply(probs), vh.astype(qh.dtype))
+    return jnp.matmul(prob.apply(probs, ratio), vh.astype(qh.dtype))
 
 
 def key_order(lk: int, block_kv: int, pairs: bool):
