@@ -136,8 +136,9 @@ def variant(name, example, impl):
     if base == "kernel":
         prob = prob_cast_of(quant.transform_for(f"{SITE}.pv", "attn_prob"))
         ops = jax.block_until_ready(jax.jit(lambda *a: cast_operands(quant, *a))(*example))
-        return (lambda qh, kt, vh: quant_attention(qh, kt, vh, prob=prob, scale=scale, impl=impl, config=config)), ops, \
-            "kernel"
+        ratio = quant.state_for(f"{SITE}.pv", "attn_prob")["ratio"] if prob.kind == "split" else None
+        return (lambda qh, kt, vh: quant_attention(qh, kt, vh, ratio, prob=prob, scale=scale, impl=impl,
+                                                   config=config)), ops, "kernel"
     raise ValueError(f"unknown variant {name!r}")
 
 
