@@ -20,7 +20,8 @@ q, kᵀ, the probabilities p and v — times, in the same run on the default dev
   ``jdq.kernels.row_select`` threshold (what a GPU takes for rows of more than 16 blocks);
 * ``split masked``: the split as defined, ``where(m, mx9(where(m, x, 0)), mx6(where(m, 0, x)))``;
 * ``split``: ``jdq.quant.outliers.outlier_split(...).apply`` as the recipe runs it (whole-block
-  selections take ``jdq.formats.cast_select``: one pass with a per-element mantissa width).
+  selections take ``jdq.formats.cast_select``: one pass with a per-element mantissa width);
+  ``split kernel``: the same with the ``row_select`` selection, as a GPU model's linear inputs run it.
 
 ``--step`` instead times the whole denoiser of a saved model (default: the embedded one) at
 ``--batch`` samples with CFG (2 × batch evaluations): the ``mixdit`` recipe's fake-quant step against
@@ -51,6 +52,7 @@ import numpy as np  # noqa: E402
 from jdq import formats  # noqa: E402
 from jdq import quant as Q  # noqa: E402
 from jdq.io import atomic_write_text  # noqa: E402
+from jdq.kernels import row_select  # noqa: E402
 from jdq.quant import outliers  # noqa: E402
 
 DEPTH = 28
@@ -105,12 +107,13 @@ def variants(axis, ratio):
         "mx6": lambda x: formats.cast(x, "mx6", axis=axis),
         "mask sorted": mask_with(outliers._top_mask_sorted),
         "mask unrolled": mask_with(outliers._top_mask_unrolled),
-        "mask kernel": mask_with(outliers._top_mask_row_select),
+        "mask kernel": mask_with(row_select.top_mask),
         **{f"mask radix d{d}": mask_with(functools.partial(outliers._top_mask_radix, digit_bits=d)) for d in RADIX_DIGITS},
         **{f"mask radix col d{d}": mask_with(functools.partial(outliers._top_mask_radix, digit_bits=d, candidates_minor=True))
            for d in RADIX_DIGITS},
         "split masked": masked,
         "split": lambda x: t.apply(x, state, ctx),
+        "split kernel": lambda x: outliers.split_dynamic(t.meta, x, state, axis, top=row_select.top_mask),
     }
 
 

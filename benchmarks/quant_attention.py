@@ -99,15 +99,16 @@ def cast_operands(quant, q, k, v):
 
 
 def parse_config(spec):
-    """``"64s2"`` -> ``Config(block_kv=64, stages=2)`` (block_q is 64)."""
+    """``"64s2"`` -> ``Config(block_kv=64, stages=2)`` (block_q is 64); a trailing ``t``: ``split_tiles=True``."""
     import re
 
     from jdq.kernels.quant_attention.gpu import Config
 
-    mt = re.fullmatch(r"(\d+)s(\d+)", spec)
+    mt = re.fullmatch(r"(\d+)s(\d+)(t?)", spec)
     if not mt:
-        raise SystemExit(f"--configs: cannot parse {spec!r} (e.g. 64s2: block_kv 64, 2 stages)")
-    return Config(block_kv=int(mt.group(1)), stages=int(mt.group(2)))
+        raise SystemExit(f"--configs: cannot parse {spec!r} (e.g. 64s2: block_kv 64, 2 stages; 32s2t: a split's "
+                         "pass 1 in 16-key tiles)")
+    return Config(block_kv=int(mt.group(1)), stages=int(mt.group(2)), split_tiles=bool(mt.group(3)))
 
 
 def variant(name, example, impl):
@@ -233,7 +234,8 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=150.0)
     p.add_argument("--shapes", default="dit.b64,pixart", help=f"priority order, of {list(SHAPES)}")
     p.add_argument("--formats", default=DEFAULT_FORMATS, help="recipes whose attention is timed (MX / MX9-MX6-MX4 / FP8 rows)")
-    p.add_argument("--configs", default="", help="extra kernel configs timed per format, e.g. 32s2,128s2 (block_kv, stages)")
+    p.add_argument("--configs", default="", help="extra kernel configs timed per format, e.g. 32s2,128s2 (block_kv, "
+                   "stages; a trailing t: a split's pass 1 in 16-key tiles)")
     p.add_argument("--diagnose", default="", help="formats whose fused / explicit difference is located (see diagnose)")
     args = p.parse_args(argv)
     t0 = time.time()

@@ -37,6 +37,7 @@ are for tests and benchmarks.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -130,7 +131,9 @@ def qlinear(x, w, b=None, *, site: str, quant: QuantizerBase | None = None, act_
     if norm is not None:
         x = norm(x)
     if quant is not None:
-        x = quant(x, site, act_role, -1) if cast_input else x
+        if cast_input:
+            routed = _split_on_row_select(quant, site, act_role, x)
+            x = quant(x, site, act_role, -1) if routed is None else routed
         w = quant(w, site, "weight", -2)
     y = jnp.matmul(x, w.astype(x.dtype))
     if b is not None:
@@ -219,6 +222,41 @@ def _fused_act_cast(quant, fc1_site, fc2_site, role, activation, dtype, hidden):
     if described is None or described.stages != ("cast",) or described.scaling != "block" or supports_cast(described.spec):
         return None
     return described.spec
+
+
+#: Environment variable choosing how a GPU selects MixDiT's outlier blocks of a linear input: ``auto``
+#: (default: the ``jdq.kernels.row_select`` kernel on a GPU for bf16 / fp16 rows of more than 16
+#: blocks), ``xla`` (the plan's own selection: a sort) or ``kernel`` (the op on any backend).
+ROW_SELECT_ENV = "JDQ_ROW_SELECT"
+
+
+def _split_on_row_select(quant, site, role, x):
+    """The plan's outlier split of a linear input with its top-k selection by ``jdq.kernels.row_select``, or ``None``.
+
+    The same blocks as the plan's own selection (the kernel's threshold of position-tied keys);
+    ``None`` where the route does not run (another transform, a quantizer that does not expose its
+    transforms and state, rows the elementwise rank count takes).
+    """
+    choice = _env_choice(ROW_SELECT_ENV)
+    if choice == "xla" or x.dtype not in (jnp.bfloat16, jnp.float16):
+        return None
+    if choice == "auto" and jax.default_backend() != "gpu":
+        return None
+    from jdq.quant.outliers import _UNROLLED_RANK_ANY, OutlierMeta, split_dynamic
+
+    try:
+        meta = getattr(quant.transform_for(site, role), "meta", None)
+        if not isinstance(meta, OutlierMeta) or meta.granularity == "channel" or meta.scope != "row":
+            return None
+        units = x.shape[-1] if meta.granularity == "element" else -(-x.shape[-1] // meta.block_size)
+        if units <= _UNROLLED_RANK_ANY:
+            return None
+        state = quant.state_for(site, role)
+    except NotImplementedError:
+        return None
+    from jdq.kernels import row_select
+
+    return split_dynamic(meta, x, state, -1, top=functools.partial(row_select.top_mask, impl=getattr(quant, "impl", "auto")))
 
 
 def _fused_prob_cast(quant, pv_site, dtype, mask, bias):

@@ -46,7 +46,6 @@ import dataclasses
 import math
 from typing import Any, ClassVar, Mapping
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -154,7 +153,7 @@ def _top_mask_unrolled(v, k):
 RADIX_DIGIT_BITS = 4
 
 
-def _order_key(v):
+def order_key(v):
     """Unsigned integers in the order of ``v``'s values (a float dtype of 16 or 32 bits), NaN as ``-inf``, ``-0`` as ``+0``.
 
     The order (and the ties) of :func:`_ranks`' comparisons, as integers a radix select can bisect.
@@ -212,7 +211,7 @@ def _top_mask_radix(v, k, digit_bits=RADIX_DIGIT_BITS, candidates_minor=False):
     each counting the row's entries at or above ``2**d - 1`` candidate thresholds (``d = digit_bits``).
     """
     n = v.shape[-1]
-    key, bits = _order_key(v)
+    key, bits = order_key(v)
     k = jnp.asarray(k, jnp.int32)[..., None] if jnp.ndim(k) else jnp.asarray(k, jnp.int32)
     t_value = _radix_threshold(key, bits, k, digit_bits=digit_bits, candidates_minor=candidates_minor)
     above = key > t_value
@@ -224,54 +223,19 @@ def _top_mask_radix(v, k, digit_bits=RADIX_DIGIT_BITS, candidates_minor=False):
     return (above | (tied & (later >= t_pos))) & (k > 0)
 
 
-#: Environment variable choosing the GPU route of long rows' selection: ``auto`` (the
-#: :mod:`jdq.kernels.row_select` kernel on a GPU for 16-bit values), ``xla`` or ``kernel``.
-ROW_SELECT_ENV = "JDQ_ROW_SELECT"
-
-
-def _top_mask_row_select(v, k, impl: str = "auto"):
-    """``_ranks(v) < k`` of 16-bit float rows by :func:`jdq.kernels.row_select.threshold` on position-tied keys.
-
-    The keys are the values' order bits then the reversed position (distinct per row, ties to
-    the earlier entry), so the ``k`` selected are exactly those at or above the row's threshold.
-    """
-    from jdq.kernels import row_select
-
-    key, bits = _order_key(v)
-    if bits != 16:
-        raise ValueError(f"_top_mask_row_select: 16-bit float values, got {v.dtype}")
-    keys, key_bits = row_select.unique_keys(key, bits)
-    n = v.shape[-1]
-    k = jnp.asarray(k, jnp.int32)
-    t = row_select.threshold(keys.reshape(-1, n), k, bits=key_bits, impl=impl)
-    return (keys >= t.reshape(keys.shape[:-1] + (1,))) & (k > 0)
-
-
-def _row_select_route(v, k) -> bool:
-    """Whether :func:`top_mask` takes :func:`_top_mask_row_select` (see :data:`ROW_SELECT_ENV`)."""
-    from jdq.kernels.op import route_choice
-
-    choice = route_choice(ROW_SELECT_ENV)
-    if choice == "xla" or jnp.ndim(k) or v.dtype not in (jnp.bfloat16, jnp.float16):
-        return False
-    return choice == "kernel" or jax.default_backend() == "gpu"
-
-
 def top_mask(v, k):
     """Boolean, shape of ``v``: the ``k`` largest entries of each row of the last axis (ties by position, NaN last).
 
     The same selection as ``rank < k`` with the ranks of the module (bit-identical on every
-    backend): short rows count ranks elementwise; longer rows of 16-bit values on a GPU go to the
-    :mod:`jdq.kernels.row_select` kernel (:func:`_top_mask_row_select`), others threshold after one
-    sort, or on a CPU select by radix (:func:`_top_mask_radix`, 2x faster than the sort there for
-    rows of 288; on an H200 XLA's reductions made it slower than the sort, RESULTS §3 "Twelfth
-    round"). Where the switches lie: ``_UNROLLED_RANK_ANY``, ``_MAX``, :data:`ROW_SELECT_ENV`.
+    backend): short rows count ranks elementwise; longer rows threshold after one sort, or on a CPU
+    select by radix (:func:`_top_mask_radix`, 2x faster than the sort there for rows of 288; on an
+    H200 XLA's reductions made it slower than the sort, RESULTS §3 "Twelfth round"; a GPU model's
+    linear inputs take ``jdq.kernels.row_select.top_mask`` instead, passed as ``top`` to
+    :func:`split_dynamic`). Where the switches lie: ``_UNROLLED_RANK_ANY``, ``_MAX``.
     """
     n = v.shape[-1]
     if n <= _UNROLLED_RANK_ANY:
         return _top_mask_unrolled(v, k)
-    if _row_select_route(v, k):
-        return _top_mask_row_select(v, k)
     if n <= _UNROLLED_RANK_MAX:
         return lax.platform_dependent(v, k, cpu=_top_mask_unrolled, default=_top_mask_sorted)
     return lax.platform_dependent(v, k, cpu=_top_mask_radix, default=_top_mask_sorted)
@@ -294,8 +258,12 @@ def channel_permutation(state, multiple: int):
     return jnp.argsort(~channel_mask(state, multiple), stable=True)
 
 
-def outlier_mask(meta: OutlierMeta, x, state, axis: int = -1):
-    """Boolean mask, shape of ``x``: the elements that :func:`outlier_split` keeps in ``meta.hi``."""
+def outlier_mask(meta: OutlierMeta, x, state, axis: int = -1, top=None):
+    """Boolean mask, shape of ``x``: the elements that :func:`outlier_split` keeps in ``meta.hi``.
+
+    ``top``: the ``(values, k) -> mask`` selection of each row's ``k`` largest (default
+    :func:`top_mask`; any function that selects what it selects, e.g. a kernel's).
+    """
     x = jnp.asarray(x)
     axis = axis % x.ndim
     n = x.shape[axis]
@@ -315,7 +283,7 @@ def outlier_mask(meta: OutlierMeta, x, state, axis: int = -1):
             mag = jnp.pad(mag, [(0, 0)] * (mag.ndim - 1) + [(0, pad)])
         mag = mag.reshape(mag.shape[:-1] + ((n + pad) // bs, bs)).max(-1)
     flat = mag.reshape(1, -1) if meta.scope == "tensor" else mag
-    chosen = top_mask(flat, outlier_count(state["ratio"], flat.shape[-1]))
+    chosen = (top or top_mask)(flat, outlier_count(state["ratio"], flat.shape[-1]))
     chosen = chosen.reshape(mag.shape)
     if meta.granularity == "block":
         chosen = jnp.repeat(chosen, meta.block_size, axis=-1)[..., :n]
@@ -351,11 +319,14 @@ def _split_cast(x, mask, meta, axis):
     return jnp.where(mask, hi, lo)
 
 
-def split_dynamic(meta: OutlierMeta, x, state, axis: int = -1):
-    """``x`` split-cast by a dynamic (element or block granularity) :func:`outlier_split` with ``state``: its ``apply``."""
+def split_dynamic(meta: OutlierMeta, x, state, axis: int = -1, top=None):
+    """``x`` split-cast by a dynamic (element or block granularity) :func:`outlier_split` with ``state``: its ``apply``.
+
+    ``top`` as in :func:`outlier_mask` (a model passes a kernel's selection here).
+    """
     if meta.granularity == "channel":
         raise ValueError("split_dynamic: a channel-granularity split permutes channels; use the transform's apply")
-    return _split_cast(x, outlier_mask(meta, x, state, axis), meta, axis)
+    return _split_cast(x, outlier_mask(meta, x, state, axis, top), meta, axis)
 
 
 def outlier_split(ratio: float = 0.05, hi="mx9", lo="mx6", granularity: str = "block", *,

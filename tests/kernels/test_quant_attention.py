@@ -142,15 +142,16 @@ def test_prob_cast_of_reads_the_plan_transform():
 
 
 @pytest.mark.parametrize("ratio", [0.2, 0.0, 0.05, 1.0])
-@pytest.mark.parametrize("block_kv", [32, 64])
-def test_split_kernel_interpreted_equals_the_plan_split(ratio, block_kv):
-    """MixDiT's probability split in registers (blocks ranked by max probability after pass 1) = the plan's
-    outlier split of the explicit path, bit for bit; ratio 0 is MX6 everywhere, 1 MX9."""
+@pytest.mark.parametrize("block_kv,tiles", [(32, False), (64, False), (32, True), (64, True)])
+def test_split_kernel_interpreted_equals_the_plan_split(ratio, block_kv, tiles):
+    """MixDiT's probability split in registers (blocks ranked by max probability after pass 1, the logits in
+    one tile or in 16-key tiles) = the plan's outlier split of the explicit path; ratio 0 is MX6 everywhere, 1 MX9."""
     qh, kt, vh = _cast_operands(1, fmt="mx9")
     prob, scale = prob_cast_of(outlier_split(0.2)), 1 / math.sqrt(72)
     r = jnp.float32(ratio)
     want = reference(qh, kt, vh, prob, scale, r)
-    got = quant_attention(qh, kt, vh, r, prob=prob, scale=scale, impl="gpu_interpret", config=Config(block_kv=block_kv))
+    got = quant_attention(qh, kt, vh, r, prob=prob, scale=scale, impl="gpu_interpret",
+                          config=Config(block_kv=block_kv, split_tiles=tiles))
     _agree(got, want)
     if ratio in (0.0, 1.0):
         whole = reference(qh, kt, vh, ProbCast("smx", formats.get("mx9" if ratio else "mx6")), scale)
@@ -172,9 +173,11 @@ def test_split_kernel_runs_under_vmap_over_ratios_and_names_its_limits():
         quant_attention(qh, kt, vh, jnp.float32(0.2), prob=ProbCast(), scale=scale)
 
 
-def test_split_kernel_lowers_to_mosaic_gpu_at_dit_xl_shapes():
+@pytest.mark.parametrize("tiles", [False, True])
+def test_split_kernel_lowers_to_mosaic_gpu_at_dit_xl_shapes(tiles):
     prob = prob_cast_of(outlier_split(0.2))
-    fn = lambda q, k, v, r: quant_attention_gpu(q, k, v, scale=0.1, prob=prob, config=Config(block_kv=32), ratio=r)  # noqa: E731
+    cfg = Config(block_kv=32, split_tiles=tiles)
+    fn = lambda q, k, v, r: quant_attention_gpu(q, k, v, scale=0.1, prob=prob, config=cfg, ratio=r)  # noqa: E731
     shape = ((1024, 256, 80), jnp.bfloat16)
     assert lowers_to_mosaic_gpu(fn, shape, shape, shape, ((), jnp.float32))
 
@@ -325,3 +328,11 @@ def test_the_op_is_differentiable_as_the_reference():
     want = jax.jit(jax.grad(loss(lambda q, k, v: reference(q, k, v, prob, scale)), argnums=(0, 1, 2)))(qh, kt, vh)
     for g, r in zip(got, want):  # both compiled (see _jitted_attn): same program, XLA may round differently
         assert np.mean(np.asarray(g) == np.asarray(r)) >= 0.99 and relerr(g, r) < 1e-3
+
+
+def test_benchmark_parse_config(load_benchmark):
+    qb = load_benchmark("quant_attention")
+    assert qb.parse_config("32s2t") == Config(block_kv=32, stages=2, split_tiles=True)
+    assert qb.parse_config("64s3") == Config(block_kv=64, stages=3)
+    with pytest.raises(SystemExit, match="cannot parse"):
+        qb.parse_config("64x2")

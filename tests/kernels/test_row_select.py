@@ -11,7 +11,7 @@ from kernel_testutil import lowers_to_mosaic_gpu
 from jdq.kernels import row_select
 from jdq.kernels.row_select import ref
 from jdq.kernels.row_select.gpu import supports, threshold_gpu
-from jdq.quant import outliers
+from jdq.models import layers
 
 
 def _keys(n, rows=128, seed=0, value_bits=16):
@@ -78,19 +78,49 @@ def test_top_mask_on_the_kernel_is_rank_below_k_with_ties_and_specials(dtype):
     w = np.where(np.isnan(v), -np.inf, v)
     ranks = np.argsort(np.argsort(-w, axis=-1, kind="stable"), axis=-1, kind="stable")
     ks = jnp.asarray([0, 1, 14, 72, n, n + 1], jnp.int32)
-    got = jax.vmap(lambda k: outliers._top_mask_row_select(jnp.asarray(v, dtype), k, impl="gpu_interpret"))(ks)
+    got = jax.vmap(lambda k: row_select.top_mask(jnp.asarray(v, dtype), k, impl="gpu_interpret"))(ks)
     np.testing.assert_array_equal(np.asarray(got), ranks[None] < np.asarray(ks)[:, None, None, None])
+    with pytest.raises(ValueError, match="16-bit float"):
+        row_select.top_mask(jnp.asarray(v), jnp.int32(3))
+    with pytest.raises(ValueError, match="scalar"):
+        row_select.top_mask(jnp.asarray(v, dtype), jnp.full((2, 64), 3, jnp.int32))
 
 
-def test_top_mask_route_follows_the_environment(monkeypatch):
-    v16, v32, k = jnp.zeros((64, 72), jnp.bfloat16), jnp.zeros((64, 72), jnp.float32), jnp.int32(3)
-    monkeypatch.delenv(outliers.ROW_SELECT_ENV, raising=False)
-    assert outliers._row_select_route(v16, k) == (jax.default_backend() == "gpu")
-    monkeypatch.setenv(outliers.ROW_SELECT_ENV, "kernel")
-    assert outliers._row_select_route(v16, k) and not outliers._row_select_route(v32, k)
-    assert not outliers._row_select_route(v16, jnp.full((64,), 3, jnp.int32))  # a k per row: the XLA forms
-    monkeypatch.setenv(outliers.ROW_SELECT_ENV, "xla")
-    assert not outliers._row_select_route(v16, k)
-    monkeypatch.setenv(outliers.ROW_SELECT_ENV, "fast")
+def _linear_split(x, quant, site="blocks.0.mlp.fc2"):
+    w = jnp.ones((x.shape[-1], 8), x.dtype)
+    return layers.qlinear(x, w, site=site, quant=quant, act_role="post_gelu")
+
+
+def _mixdit_fc2(x):
+    from jdq import recipes
+    from jdq.quant import trace_operands
+
+    plan = recipes.plan_for("mixdit", trace_operands(lambda x, quant: _linear_split(x, quant), x))
+    return plan.bind(plan.init())
+
+
+def test_linear_inputs_route_mixdit_splits_through_the_kernel_as_the_environment_says(monkeypatch):
+    """JDQ_ROW_SELECT=kernel takes the route on any backend (its reference on a CPU): the same split, bit for bit."""
+    x = (jax.random.normal(jax.random.key(0), (2, 64, 4608)) * 2).astype(jnp.bfloat16)
+    quant = _mixdit_fc2(x)
+    calls = []
+    real = row_select.top_mask
+    monkeypatch.setattr(row_select, "top_mask", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    monkeypatch.setenv(layers.ROW_SELECT_ENV, "xla")
+    plain = _linear_split(x, quant)
+    assert not calls
+    monkeypatch.setenv(layers.ROW_SELECT_ENV, "kernel")
+    routed = _linear_split(x, quant)
+    assert calls == [(2, 64, 288)]  # the block maxima of each token's 4608 inputs
+    np.testing.assert_array_equal(np.asarray(routed, np.float32), np.asarray(plain, np.float32))
+    monkeypatch.delenv(layers.ROW_SELECT_ENV)
+    calls.clear()
+    _linear_split(x, quant)
+    assert bool(calls) == (jax.default_backend() == "gpu")
+    monkeypatch.setenv(layers.ROW_SELECT_ENV, "kernel")
+    calls.clear()
+    _linear_split(x.astype(jnp.float32), _mixdit_fc2(x.astype(jnp.float32)))  # float32 rows: the plan's own path
+    assert not calls
+    monkeypatch.setenv(layers.ROW_SELECT_ENV, "fast")
     with pytest.raises(ValueError, match="JDQ_ROW_SELECT='fast'"):
-        outliers.top_mask(v16, k)
+        _linear_split(x, quant)

@@ -50,11 +50,17 @@ K_COLS = 8  # a split's k is handed in as a (64, 8) int32 tile (the narrowest of
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Block sizes of the fake-quant attention kernel: ``block_q`` query rows per CTA, ``block_kv`` keys per step, ``stages``."""
+    """Block sizes of the fake-quant attention kernel: ``block_q`` query rows per CTA, ``block_kv`` keys per step, ``stages``.
+
+    ``split_tiles`` (a split's pass 1): the logits as 16-key WGMMA tiles, each block's max from an
+    8-column reduction, instead of one (64, Lk) tile with a masked reduction per block (the default,
+    measured; the tiles are tested in interpret mode and by lowering only).
+    """
 
     block_q: int = 64
     block_kv: int = 64
     stages: int = 2
+    split_tiles: bool = False
 
     def supports(self, lq: int, lk: int, dp: int, prob: ProbCast) -> str | None:
         """``None`` when (Lq, Lk, Dp) and the cast tile by this config, else why not."""
@@ -135,6 +141,34 @@ def _split_block_maxima(x, bkv, interpret):
     blk = (col // bkv) * (bkv // 16) + (col % (bkv // 2)) // 8
     low = jnp.full(x.shape, -jnp.inf, jnp.float32)
     return [jnp.where(blk == b, x, low).max(axis=1) for b in range(x.shape[1] // 16)]
+
+
+def _split_stats_tiled(q_s, k_s, lk, bkv, scale, interpret):
+    """A split's pass 1 over a row block's whole key tile as 16-key WGMMA tiles: ``(m, l, *block maxima)``.
+
+    In ``key_order`` a 16-key tile lies in one half of a chunk of ``bkv`` keys: its first 8 columns
+    belong to one 16-key block, the next 8 to the following one (the other half holds the blocks'
+    other keys). So each block's max is two 8-column reductions, and no reduction spans the whole row.
+    """
+    tiles = [_logits(q_s, _key_half(k_s, c, 16, interpret), 16, scale, interpret) for c in range(lk // 16)]
+    col = _column_iota(tiles[0].shape, interpret)
+    low = jnp.full(tiles[0].shape, -jnp.inf, jnp.float32)
+    maxima = [None] * (lk // 16)
+    for c, x in enumerate(tiles):
+        chunk, offset = divmod(c * 16, bkv)
+        first = chunk * (bkv // 16) + (offset % (bkv // 2)) // 8
+        for i in range(2):
+            part = jnp.where(col // 8 == i, x, low).max(axis=1)
+            b = first + i
+            maxima[b] = part if maxima[b] is None else jnp.maximum(maxima[b], part)
+    m = maxima[0]
+    for v in maxima[1:]:
+        m = jnp.maximum(m, v)
+    l = None
+    for x in tiles:
+        part = jnp.exp(x - rows_of(m, x.shape)).sum(axis=1)
+        l = part if l is None else l + part
+    return (m, l, *maxima)
 
 
 def _split_bits(block_max, m, l, k_rows):
@@ -220,6 +254,8 @@ def _kernel(q, k_op, v, scale, prob, cfg, interpret, k_tile=None):
             (j,) = idx
             pl.when(j == 0)(lambda: plgpu.barrier_wait(bar.at[0]))
             m, l = carry[:2]
+            if split and cfg.split_tiles:
+                return _split_stats_tiled(q_s, k_s, lk, bkv, scale, interpret)
             x = _logits(q_s, k_s, block1, scale, interpret)
             m_new = jnp.maximum(m, x.max(axis=1))
             l = l * jnp.exp(m - m_new) + jnp.exp(x - rows_of(m_new, x.shape)).sum(axis=1)

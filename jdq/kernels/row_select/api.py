@@ -1,10 +1,11 @@
-"""``threshold``: the per-row radix threshold of distinct keys, on the implementation ``impl`` selects.
+"""``threshold``: the per-row radix threshold of distinct keys, on the implementation ``impl`` selects; ``top_mask`` on it.
 
-:func:`jdq.quant.outliers.top_mask` calls it for MixDiT's block selection on a GPU (rows of more
-block maxima than the elementwise rank count takes, 16-bit values; ``JDQ_ROW_SELECT`` chooses:
-``auto`` — on a GPU —, ``xla`` or ``kernel``). Implementations ``{"gpu", "xla"}`` behind
-:func:`~jdq.kernels.op.dispatch`: the Mosaic GPU kernel (:mod:`.gpu`) or the reference (a sort,
-:func:`~.ref.threshold`).
+:func:`top_mask` is :func:`jdq.quant.outliers.top_mask`'s selection computed from one threshold
+per row; ``jdq.models.layers.qlinear`` passes it to the split of a MixDiT linear input on a GPU
+(rows of more block maxima than the elementwise rank count takes, 16-bit values;
+``JDQ_ROW_SELECT`` chooses: ``auto`` — on a GPU —, ``xla`` or ``kernel``). Implementations
+``{"gpu", "xla"}`` behind :func:`~jdq.kernels.op.dispatch`: the Mosaic GPU kernel (:mod:`.gpu`) or
+the reference (a sort, :func:`~.ref.threshold`).
 """
 
 from __future__ import annotations
@@ -43,4 +44,25 @@ def threshold(keys, k, *, bits: int, impl: str = "auto"):
     return dispatch(IMPLEMENTATIONS, impl, keys, k, bits)
 
 
-__all__ = ["IMPLEMENTATIONS", "threshold"]
+def top_mask(v, k, impl: str = "auto"):
+    """:func:`jdq.quant.outliers.top_mask` of 16-bit float rows ``v`` (…, n) for a scalar ``k``, by :func:`threshold`.
+
+    The keys are the values' order bits then the reversed position (distinct per row, ties to
+    the earlier entry), so the ``k`` selected are exactly those at or above the row's threshold.
+    """
+    import jax.numpy as jnp
+
+    from jdq.quant.outliers import order_key
+
+    key, bits = order_key(v)
+    if bits != 16:
+        raise ValueError(f"row_select.top_mask: 16-bit float values, got {v.dtype}")
+    k = jnp.asarray(k, jnp.int32)
+    if k.ndim:
+        raise ValueError(f"row_select.top_mask: k must be a scalar, got shape {k.shape}")
+    keys, key_bits = ref.unique_keys(key, bits)
+    t = threshold(keys.reshape(-1, v.shape[-1]), k, bits=key_bits, impl=impl)
+    return (keys >= t.reshape(keys.shape[:-1] + (1,))) & (k > 0)
+
+
+__all__ = ["IMPLEMENTATIONS", "threshold", "top_mask"]
