@@ -160,7 +160,7 @@ def order_key(v):
     """
     bits = jnp.finfo(v.dtype).bits
     if bits not in (16, 32):
-        raise ValueError(f"top_mask: values of {bits}-bit floats are not supported (dtype {v.dtype})")
+        raise ValueError(f"order_key: values of {bits}-bit floats are not supported (dtype {v.dtype})")
     w = jnp.where(jnp.isnan(v), -jnp.inf, v)
     w = jnp.where(w == 0, jnp.zeros((), v.dtype), w)  # -0 equals +0 in the comparisons
     sint, uint = (jnp.int16, jnp.uint16) if bits == 16 else (jnp.int32, jnp.uint32)
