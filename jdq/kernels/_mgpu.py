@@ -132,6 +132,26 @@ def store_tile(y, o_s, o_g, mi, ni):
     plgpu.wait_smem_to_gmem(0)
 
 
+def store_rows(o_s, o_g, start):
+    """TMA-store the written shared-memory tile ``o_s`` as rows ``[start, start + len(o_s))`` of ``o_g``; wait."""
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_s, o_g.at[pl.ds(start, o_s.shape[0])])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def row_block_kernel(body, out_type, blocks: int, scratch, interpret=None, grid_name: str = "r"):
+    """``plgpu.kernel`` over a 1-D grid of ``blocks`` row blocks named ``grid_name``, one warpgroup each (lane semantics)."""
+    return plgpu.kernel(
+        body,
+        out_type=out_type,
+        grid=(blocks,),
+        grid_names=(grid_name,),
+        scratch_types=list(scratch),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        interpret=interpret_params(interpret),
+    )
+
+
 def tiled_kernel(body, m: int, n: int, tile_m: int, tile_n: int, out_dtype, scratch=(), interpret=None,
                  splits: int = 1, warpgroup_semantics: bool = False):
     """``plgpu.kernel`` for one warpgroup per (tile_m, tile_n) output tile: grid (M/tile_m, N/tile_n) named ("m", "n").

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jdq.kernels._mgpu import group_row_max, interpret_params, pl, plgpu, promise_in_bounds
+from jdq.kernels._mgpu import group_row_max, pl, plgpu, promise_in_bounds, row_block_kernel, store_rows
 from jdq.kernels.act_cast.ref import activation_rounded, check
 
 WORDS = 16  # int32 words per kernel row (32 bf16 elements)
@@ -100,19 +100,11 @@ def act_cast_gpu(x, spec, activation: str | None = None, config: Config = Config
             sl = w_s.at[pl.ds(c * CHUNK, CHUNK)]
             w = sl[...] if interpret else plgpu.load(sl, (), layout=layout)
             sl[...] = cast_words(w, spec, activation, interpret)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(w_s, o_g.at[pl.ds(i * rows, rows)])
-        plgpu.wait_smem_to_gmem(0)
+        store_rows(w_s, o_g, i * rows)
 
-    out = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((n_rows, WORDS), jnp.int32),
-        grid=(n_rows // rows,),
-        grid_names=("r",),
-        scratch_types=[plgpu.SMEM((rows, WORDS), jnp.int32), plgpu.Barrier(num_arrivals=1, num_barriers=1)],
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-        interpret=interpret_params(interpret),
-    )(words)
+    out = row_block_kernel(body, jax.ShapeDtypeStruct((n_rows, WORDS), jnp.int32), n_rows // rows,
+                           [plgpu.SMEM((rows, WORDS), jnp.int32), plgpu.Barrier(num_arrivals=1, num_barriers=1)],
+                           interpret)(words)
     return lax.bitcast_convert_type(out, jnp.bfloat16).reshape(m, k)
 
 

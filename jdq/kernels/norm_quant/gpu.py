@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jdq.kernels._mgpu import interpret_params, pl, plgpu, promise_in_bounds, row_layout
+from jdq.kernels._mgpu import pl, plgpu, promise_in_bounds, row_block_kernel, row_layout
 from jdq.kernels.norm_quant.ref import check_shapes, modulation_factors
 from jdq.kernels.token_quant.gpu import store_codes
 from jdq.kernels.token_quant.ref import FORMATS, MIN_SCALE, check_format
@@ -132,21 +132,15 @@ def norm_quantize_rows_gpu(x, shift, scale, group_rows: int, eps: float = 1e-6, 
         s = jnp.maximum(amax * inv_qmax, np.float32(MIN_SCALE))
         store_codes(chunk, n_chunks, cols, row_vec(1.0 / s), s, fmt, q_s, s_s, q_g, s_g, i * rows)
 
-    return plgpu.kernel(
-        body,
-        out_type=(jax.ShapeDtypeStruct((m, k), code_dtype), jax.ShapeDtypeStruct((m,), jnp.float32)),
-        grid=(m // rows,),
-        grid_names=("m",),
-        scratch_types=[
-            plgpu.SMEM((rows, k), x.dtype),
-            plgpu.SMEM((1, 2, k), jnp.float32),
-            plgpu.SMEM((rows, k), code_dtype),
-            plgpu.SMEM((rows,), jnp.float32),
-            plgpu.Barrier(num_arrivals=1, num_barriers=2),
-        ],
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-        interpret=interpret_params(interpret),
-    )(x, mod)
+    out_type = (jax.ShapeDtypeStruct((m, k), code_dtype), jax.ShapeDtypeStruct((m,), jnp.float32))
+    scratch = [
+        plgpu.SMEM((rows, k), x.dtype),
+        plgpu.SMEM((1, 2, k), jnp.float32),
+        plgpu.SMEM((rows, k), code_dtype),
+        plgpu.SMEM((rows,), jnp.float32),
+        plgpu.Barrier(num_arrivals=1, num_barriers=2),
+    ]
+    return row_block_kernel(body, out_type, m // rows, scratch, interpret, grid_name="m")(x, mod)
 
 
 __all__ = ["COLS", "Config", "norm_quantize_rows_gpu"]

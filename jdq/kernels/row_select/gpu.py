@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jdq.kernels._mgpu import interpret_params, pl, plgpu, promise_in_bounds, rows_of
+from jdq.kernels._mgpu import pl, plgpu, promise_in_bounds, row_block_kernel, rows_of, store_rows
 
 ROWS = 64  # rows per CTA (the WGMMA layout's row tile)
 K_COLS = 8  # k is handed in as (M, 8) int32, the narrowest WGMMA-layout tile of 32-bit values
@@ -84,20 +84,11 @@ def threshold_gpu(keys, k, *, bits: int, interpret=False):
                 count = part if count is None else count + part
             t = jnp.where(count >= need, cand, t)
         t_s[...] = rows_of(t, (ROWS, K_COLS))
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(t_s, t_g.at[pl.ds(i * ROWS, ROWS)])
-        plgpu.wait_smem_to_gmem(0)
+        store_rows(t_s, t_g, i * ROWS)
 
-    out = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((m, K_COLS), jnp.int32),
-        grid=(m // ROWS,),
-        grid_names=("r",),
-        scratch_types=[plgpu.SMEM((chunks, ROWS, chunk), jnp.int32), plgpu.SMEM((ROWS, K_COLS), jnp.int32),
-                       plgpu.SMEM((ROWS, K_COLS), jnp.int32), plgpu.Barrier(num_arrivals=1, num_barriers=chunks + 1)],
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-        interpret=interpret_params(interpret),
-    )(keys, k_tile)
+    scratch = [plgpu.SMEM((chunks, ROWS, chunk), jnp.int32), plgpu.SMEM((ROWS, K_COLS), jnp.int32),
+               plgpu.SMEM((ROWS, K_COLS), jnp.int32), plgpu.Barrier(num_arrivals=1, num_barriers=chunks + 1)]
+    out = row_block_kernel(body, jax.ShapeDtypeStruct((m, K_COLS), jnp.int32), m // ROWS, scratch, interpret)(keys, k_tile)
     return out[:, 0]
 
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jdq.kernels._mgpu import interpret_params, pl, plgpu, promise_in_bounds, row_layout
+from jdq.kernels._mgpu import pl, plgpu, promise_in_bounds, row_block_kernel, row_layout
 from jdq.kernels.token_quant.ref import FORMATS, MIN_SCALE, check_format
 
 COLS = 128  # the layout's chunk width (elements): K must be a multiple
@@ -112,20 +112,14 @@ def quantize_rows_gpu(x, fmt: str = "int8", config: Config = Config(), interpret
         s = jnp.maximum(amax * inv_qmax, np.float32(MIN_SCALE))
         store_codes(lambda c: load(x_s, c), k // cols, cols, bcast(1.0 / s), s, fmt, q_s, s_s, q_g, s_g, i * rows)
 
-    return plgpu.kernel(
-        body,
-        out_type=(jax.ShapeDtypeStruct((m, k), code_dtype), jax.ShapeDtypeStruct((m,), jnp.float32)),
-        grid=(m // rows,),
-        grid_names=("m",),
-        scratch_types=[
-            plgpu.SMEM((rows, k), x.dtype),
-            plgpu.SMEM((rows, k), code_dtype),
-            plgpu.SMEM((rows,), jnp.float32),
-            plgpu.Barrier(num_arrivals=1, num_barriers=1),
-        ],
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-        interpret=interpret_params(interpret),
-    )(x)
+    out_type = (jax.ShapeDtypeStruct((m, k), code_dtype), jax.ShapeDtypeStruct((m,), jnp.float32))
+    scratch = [
+        plgpu.SMEM((rows, k), x.dtype),
+        plgpu.SMEM((rows, k), code_dtype),
+        plgpu.SMEM((rows,), jnp.float32),
+        plgpu.Barrier(num_arrivals=1, num_barriers=1),
+    ]
+    return row_block_kernel(body, out_type, m // rows, scratch, interpret, grid_name="m")(x)
 
 
 __all__ = ["COLS", "Config", "quantize_rows_gpu", "store_codes"]
