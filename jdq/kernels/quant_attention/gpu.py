@@ -131,14 +131,18 @@ def _column_iota(shape, interpret):
     return plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
 
 
-def _split_block_maxima(x, bkv, interpret):
-    """Each key block's (16 keys) max logit of a (rows, Lk) tile whose keys are in ``key_order`` (chunks of ``bkv``).
+def _key_block(col, bkv):
+    """The 16-key block of column ``col`` (an int or an int32 array) of keys stored in ``key_order`` (chunks of ``bkv``).
 
     Column ``c`` holds key ``(c // bkv)·bkv + 2·(c mod bkv/2) + [c mod bkv ≥ bkv/2]``, so its block is
-    ``(c // bkv)·(bkv / 16) + (c mod bkv/2) // 8``. Returns a list of (rows,) vectors, one per block.
+    ``(c // bkv)·(bkv / 16) + (c mod bkv/2) // 8``.
     """
-    col = _column_iota(x.shape, interpret)
-    blk = (col // bkv) * (bkv // 16) + (col % (bkv // 2)) // 8
+    return (col // bkv) * (bkv // 16) + (col % (bkv // 2)) // 8
+
+
+def _split_block_maxima(x, bkv, interpret):
+    """Each key block's (16 keys) max logit of a (rows, Lk) tile in ``key_order``: a list of (rows,) vectors, one per block."""
+    blk = _key_block(_column_iota(x.shape, interpret), bkv)
     low = jnp.full(x.shape, -jnp.inf, jnp.float32)
     return [jnp.where(blk == b, x, low).max(axis=1) for b in range(x.shape[1] // 16)]
 
@@ -155,8 +159,7 @@ def _split_stats_tiled(q_s, k_s, lk, bkv, scale, interpret):
     low = jnp.full(tiles[0].shape, -jnp.inf, jnp.float32)
     maxima = [None] * (lk // 16)
     for c, x in enumerate(tiles):
-        chunk, offset = divmod(c * 16, bkv)
-        first = chunk * (bkv // 16) + (offset % (bkv // 2)) // 8
+        first = _key_block(c * 16, bkv)
         for i in range(2):
             part = jnp.where(col // 8 == i, x, low).max(axis=1)
             b = first + i
