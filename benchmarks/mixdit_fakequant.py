@@ -21,7 +21,11 @@ q, kᵀ, the probabilities p and v — times, in the same run on the default dev
 * ``split masked``: the split as defined, ``where(m, mx9(where(m, x, 0)), mx6(where(m, 0, x)))``;
 * ``split``: ``jdq.quant.outliers.outlier_split(...).apply`` as the recipe runs it (whole-block
   selections take ``jdq.formats.cast_select``: one pass with a per-element mantissa width);
-  ``split kernel``: the same with the ``row_select`` selection, as a GPU model's linear inputs run it.
+  ``split kernel``: the same with the ``row_select`` selection; ``split one kernel``: the whole split
+  as ``jdq.kernels.split_cast`` (block maxima, selection and cast in one kernel, as a GPU model's
+  linear inputs run it now); ``gelu + split kernel`` / ``gelu + split one kernel``: fc2's input from
+  fc1's output, XLA's GELU then the ``row_select`` split, or the one kernel with the GELU inside
+  (linear inputs only; their values are checked equal to the routes they replace).
 
 ``--step`` instead times the whole denoiser of a saved model (default: the embedded one) at
 ``--batch`` samples with CFG (2 × batch evaluations): the ``mixdit`` recipe's fake-quant step against
@@ -53,6 +57,7 @@ from jdq import formats  # noqa: E402
 from jdq import quant as Q  # noqa: E402
 from jdq.io import atomic_write_text  # noqa: E402
 from jdq.kernels import row_select  # noqa: E402
+from jdq.kernels.split_cast import split_cast  # noqa: E402
 from jdq.quant import outliers  # noqa: E402
 
 DEPTH = 28
@@ -114,7 +119,15 @@ def variants(axis, ratio):
         "split masked": masked,
         "split": lambda x: t.apply(x, state, ctx),
         "split kernel": lambda x: outliers.split_dynamic(t.meta, x, state, axis, top=row_select.top_mask),
+        "split one kernel": lambda x: split_cast(x, state["ratio"], t.meta),
+        "gelu + split kernel": lambda x: outliers.split_dynamic(t.meta, jax.nn.gelu(x, approximate=True), state, axis,
+                                                                top=row_select.top_mask),
+        "gelu + split one kernel": lambda x: split_cast(x, state["ratio"], t.meta, "gelu_tanh"),
     }
+
+
+#: Variants that only linear inputs (a split along the last axis of a 1152- or 4608-wide row) take.
+LINEAR_ONLY = ("split one kernel", "gelu + split kernel", "gelu + split one kernel")
 
 
 def chained(fn, inner):
@@ -142,23 +155,32 @@ def run(batch, reps, inner, tiny=False, only=None):
     for i, (name, (shape, axis, ratio, sites)) in enumerate(ops.items()):
         x = (jax.random.normal(jax.random.key(i), shape, jnp.float32) * 2.0).astype(jnp.bfloat16)
         times = {}
+        linear = name.startswith(("linear", "fc2"))
         n_blocks = -(-shape[axis] // 16)
         for vname, f in variants(axis, ratio).items():
             if vname == "mask unrolled" and n_blocks > outliers._UNROLLED_RANK_MAX:
                 continue
             if only is not None and vname not in only:
                 continue
+            if vname in LINEAR_ONLY and not linear:
+                continue
             times[vname] = median_ms(f, x, reps, inner)
-        same = bool(jnp.array_equal(jax.jit(variants(axis, ratio)["split"])(x),
-                                    jax.jit(variants(axis, ratio)["split masked"])(x)))
         vs = variants(axis, ratio)
+        same = bool(jnp.array_equal(jax.jit(vs["split"])(x), jax.jit(vs["split masked"])(x)))
         kernel_same = bool(jnp.array_equal(jax.jit(vs["mask kernel"])(x), jax.jit(vs["mask sorted"])(x)))
-        rows.append({"operand": name, "shape": list(shape), "axis": axis, "ratio": ratio, "sites": sites,
-                     "times": times, "split_equals_masked": same, "mask_kernel_equals_sorted": kernel_same})
+        row = {"operand": name, "shape": list(shape), "axis": axis, "ratio": ratio, "sites": sites,
+               "times": times, "split_equals_masked": same, "mask_kernel_equals_sorted": kernel_same}
+        if linear:  # the one kernel's values against the route it replaces, bit for bit
+            row["one_kernel_equals_split"] = bool(jnp.array_equal(jax.jit(vs["split one kernel"])(x), jax.jit(vs["split"])(x)))
+            row["gelu_one_kernel_equals"] = bool(jnp.array_equal(jax.jit(vs["gelu + split one kernel"])(x),
+                                                                 jax.jit(vs["gelu + split kernel"])(x)))
+        rows.append(row)
         for vname, ms in times.items():
             per_step[vname] = per_step.get(vname, 0.0) + ms * sites * DEPTH
         print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in times.items())
-              + f"; equal={same}, mask kernel == sorted: {kernel_same}", flush=True)
+              + f"; equal={same}, mask kernel == sorted: {kernel_same}"
+              + (f", one kernel == split: {row['one_kernel_equals_split']}, gelu one kernel == gelu + split: "
+                 f"{row['gelu_one_kernel_equals']}" if linear else ""), flush=True)
     return {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
             "batch": batch, "inner": inner, "depth": DEPTH, "rows": rows, "per_step": per_step}
 
@@ -200,15 +222,17 @@ def render(res):
     names = list(res["rows"][0]["times"])
     head = (f"{res['device']} ({res['backend']}), jax {res['jax']}; batch {res['batch']}; ms per evaluation "
             f"(median; {res['inner']} chained per call)\n\n")
-    lines = ["| operand | shape | sites | " + " | ".join(names) + " | split == masked |",
-             "|---|---|---:|" + "---:|" * len(names) + "---|"]
+    lines = ["| operand | shape | sites | " + " | ".join(names) + " | split == masked | one kernel == split (no GELU / GELU) |",
+             "|---|---|---:|" + "---:|" * len(names) + "---|---|"]
     for r in res["rows"]:
         lines.append(f"| {r['operand']} | {'×'.join(map(str, r['shape']))} (axis {r['axis']}) | {r['sites']} | "
                      + " | ".join(f"{r['times'][n]:.3f}" if n in r["times"] else "-" for n in names)
-                     + f" | {r['split_equals_masked']} |")
+                     + f" | {r['split_equals_masked']} | "
+                     + (f"{r['one_kernel_equals_split']} / {r['gelu_one_kernel_equals']}" if "one_kernel_equals_split" in r
+                        else "-") + " |")
     lines.append(f"| **per step** (× {res['depth']} blocks) | | | "
                  + " | ".join(f"**{res['per_step'][n]:.2f}**" if all(n in r["times"] for r in res["rows"]) else "-"
-                              for n in names) + " | |")
+                              for n in names) + " | | |")
     return head + "\n".join(lines) + "\n"
 
 

@@ -81,6 +81,9 @@ FP8_ATTENTION = {"default": [(1024, dict(block_q=64, block_kv=64, stages=2, acc_
 # Fake-quant attention (jdq.kernels.quant_attention.gpu.Config), looked up by Lk: untuned (64 keys per step; a pair
 # cast, MX9 / MX6 / MX4, takes 32 when the row's block_kv is not a multiple of 32).
 QUANT_ATTENTION = {"default": [(INF, dict(block_q=64, block_kv=64, stages=2))]}
+# MixDiT's probability split (ProbCast "split"): pass 1 in 16-key WGMMA tiles and 32 keys per step (H200, DiT-XL/2
+# b64: 517.5 µs against 547.6 for the untiled 64-key default and 531.4 for 64 tiled; RESULTS §3 "Thirteenth round").
+QUANT_ATTENTION_SPLIT = {"default": [(INF, dict(block_q=64, block_kv=32, stages=2, split_tiles=True))]}
 
 # Pallas TPU GEMMs (every kind): maximal tiles; jdq.kernels.lowered shrinks tn / tk to the largest
 # multiple of 128 (MX: of 32) that divides N / K (DiT K = 1152 -> tk 384) and pads M to tm. Not timed
@@ -89,7 +92,7 @@ TPU_GEMM = {"default": [(INF, dict(tm=256, tn=256, tk=512))]}
 
 TABLES = {"w8a8": W8A8, "weight_only": WEIGHT_ONLY, "token_quant": TOKEN_QUANT, "norm_quant": NORM_QUANT, "w4a8": W4A8, "mixdit": MIXDIT,
           "mixdit_split": MIXDIT_SPLIT, "mx": MX, "fp8_attention": FP8_ATTENTION,
-          "quant_attention": QUANT_ATTENTION, "tpu_gemm": TPU_GEMM}
+          "quant_attention": QUANT_ATTENTION, "quant_attention_split": QUANT_ATTENTION_SPLIT, "tpu_gemm": TPU_GEMM}
 
 
 def lookup(op: str, m: int, device: str | None = None, n: int | None = None, k: int | None = None) -> dict:
@@ -113,5 +116,5 @@ def lookup(op: str, m: int, device: str | None = None, n: int | None = None, k: 
     return dict(rows[-1][-1])
 
 
-__all__ = ["FP8_ATTENTION", "MIXDIT", "MIXDIT_SPLIT", "MX", "NORM_QUANT", "QUANT_ATTENTION", "TABLES", "TOKEN_QUANT", "TPU_GEMM", "W4A8", "W8A8",
+__all__ = ["FP8_ATTENTION", "MIXDIT", "MIXDIT_SPLIT", "MX", "NORM_QUANT", "QUANT_ATTENTION", "QUANT_ATTENTION_SPLIT", "TABLES", "TOKEN_QUANT", "TPU_GEMM", "W4A8", "W8A8",
            "WEIGHT_ONLY", "lookup"]

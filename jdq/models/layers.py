@@ -132,7 +132,7 @@ def qlinear(x, w, b=None, *, site: str, quant: QuantizerBase | None = None, act_
         x = norm(x)
     if quant is not None:
         if cast_input:
-            routed = _split_on_row_select(quant, site, act_role, x)
+            routed = _split_on_kernel(quant, site, act_role, x)
             x = quant(x, site, act_role, -1) if routed is None else routed
         w = quant(w, site, "weight", -2)
     y = jnp.matmul(x, w.astype(x.dtype))
@@ -224,10 +224,61 @@ def _fused_act_cast(quant, fc1_site, fc2_site, role, activation, dtype, hidden):
     return described.spec
 
 
+def _fused_act_split(quant, fc1_site, fc2_site, role, activation, hidden_shape, dtype):
+    """``(meta, ratio)`` of fc2's input split when the MLP's activation and that split run as one kernel, else ``None``."""
+    from jdq.kernels.act_cast import ACTIVATIONS as FUSABLE
+
+    if quant is None or activation not in FUSABLE:
+        return None
+    if quant.lowered(fc1_site) is not None or quant.lowered(fc2_site) is not None:
+        return None
+    return _split_cast_route(quant, fc2_site, role, hidden_shape, dtype)
+
+
 #: Environment variable choosing how a GPU selects MixDiT's outlier blocks of a linear input: ``auto``
 #: (default: the ``jdq.kernels.row_select`` kernel on a GPU for bf16 / fp16 rows of more than 16
 #: blocks), ``xla`` (the plan's own selection: a sort) or ``kernel`` (the op on any backend).
 ROW_SELECT_ENV = "JDQ_ROW_SELECT"
+
+
+#: Environment variable choosing how a GPU runs MixDiT's outlier split of a linear input: ``auto``
+#: (default: on a GPU, bf16 rows that :func:`jdq.kernels.split_cast.split_cast` tiles — a multiple of
+#: 64 rows, an MX9 / MX6 block split per row — run that one kernel, the MLP's GELU included for fc2's
+#: input), ``xla`` (the route of :data:`ROW_SELECT_ENV`) or ``kernel`` (the op on any backend).
+SPLIT_CAST_ENV = "JDQ_SPLIT_CAST"
+
+
+def _split_cast_route(quant, site, role, shape, dtype):
+    """``(meta, ratio)`` of a linear input's outlier split when :func:`jdq.kernels.split_cast.split_cast` runs it, else ``None``."""
+    choice = _env_choice(SPLIT_CAST_ENV)
+    if quant is None or choice == "xla" or dtype != jnp.bfloat16:
+        return None
+    if choice == "auto" and jax.default_backend() != "gpu":
+        return None
+    from jdq.kernels.split_cast import unsupported
+    from jdq.kernels.split_cast.gpu import supports
+    from jdq.quant.outliers import OutlierMeta
+
+    try:
+        meta = getattr(quant.transform_for(site, role), "meta", None)
+        if not isinstance(meta, OutlierMeta) or unsupported(meta):
+            return None
+        if choice == "auto" and supports(math.prod(shape[:-1]), shape[-1], meta.block_size):
+            return None
+        return meta, quant.state_for(site, role)["ratio"]
+    except NotImplementedError:
+        return None
+
+
+def _split_on_kernel(quant, site, role, x):
+    """The plan's outlier split of a linear input by :func:`jdq.kernels.split_cast.split_cast` or with
+    ``jdq.kernels.row_select``'s selection, or ``None`` where neither route runs."""
+    route = _split_cast_route(quant, site, role, x.shape, x.dtype)
+    if route is None:
+        return _split_on_row_select(quant, site, role, x)
+    from jdq.kernels.split_cast import split_cast
+
+    return split_cast(x, route[1], route[0], impl=getattr(quant, "impl", "auto"))
 
 
 def _split_on_row_select(quant, site, role, x):
@@ -525,8 +576,17 @@ class Mlp(nnx.Module):
         (:func:`jdq.kernels.act_cast.act_cast`: the same activation, operation by operation rounded to
         bf16, and the same cast — see :mod:`jdq.kernels.act_cast.ref`).
         """
+        hidden = self.fc2.kernel[...].shape[0]
+        split = _fused_act_split(quant, self.fc1.site, self.fc2.site, self.fc2.act_role, self.activation,
+                                 x.shape[:-1] + (hidden,), x.dtype)
+        if split is not None:
+            from jdq.kernels.split_cast import split_cast
+
+            h = split_cast(self.fc1(x, quant, norm=norm), split[1], split[0], self.activation,
+                           impl=getattr(quant, "impl", "auto"))
+            return self.fc2(h, quant, residual=residual, cast_input=False)
         spec = _fused_act_cast(quant, self.fc1.site, self.fc2.site, self.fc2.act_role, self.activation,
-                               x.dtype, self.fc2.kernel[...].shape[0])
+                               x.dtype, hidden)
         if spec is not None:
             from jdq.kernels.act_cast import act_cast
 

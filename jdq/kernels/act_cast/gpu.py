@@ -58,12 +58,22 @@ def _bits(v):
     return lax.bitcast_convert_type(v, jnp.int32)
 
 
+def unpack_words(words):
+    """int32 words of two bf16 values -> ``(lo, hi)``: the even and the odd element as float32 (exact)."""
+    return _to_f32(words << 16), _to_f32(words & HI_MASK)
+
+
+def pack_words(lo, hi):
+    """float32 bf16 values ``lo`` / ``hi`` (at most 8 significant bits, so their upper halves are exact) -> int32 words."""
+    return ((_bits(lo) >> 16) & 0xFFFF) | (_bits(hi) & HI_MASK)
+
+
 def cast_words(words, spec, activation, interpret=None):
     """A chunk of int32 words (rows, 16) -> the words of ``cast(activation(x))`` (see the module)."""
     from jdq.formats import _bits as fbits
     from jdq.formats import mx, smx
 
-    lo, hi = _to_f32(words << 16), _to_f32(words & HI_MASK)
+    lo, hi = unpack_words(words)
     if activation is not None:
         lo, hi = activation_rounded(lo, activation), activation_rounded(hi, activation)
     # a block is block_size / 2 consecutive words of a row: the |x| bits' max over them
@@ -72,8 +82,7 @@ def cast_words(words, spec, activation, interpret=None):
         out_lo, out_hi = mx.fake_quantize_given_amax(lo, amax, spec), mx.fake_quantize_given_amax(hi, amax, spec)
     else:
         out_lo, out_hi = smx.fake_quantize_given_amax(lo, hi, amax, spec), smx.fake_quantize_given_amax(hi, lo, amax, spec)
-    # results are bf16 values (at most 8 significant bits): their upper halves are exact
-    return ((_bits(out_lo) >> 16) & 0xFFFF) | (_bits(out_hi) & HI_MASK)
+    return pack_words(out_lo, out_hi)
 
 
 # jitted: identical calls in a model lower once (see jdq.kernels.w8a8.gpu).
@@ -108,4 +117,4 @@ def act_cast_gpu(x, spec, activation: str | None = None, config: Config = Config
     return lax.bitcast_convert_type(out, jnp.bfloat16).reshape(m, k)
 
 
-__all__ = ["CHUNK", "Config", "WORDS", "act_cast_gpu", "cast_words"]
+__all__ = ["CHUNK", "Config", "WORDS", "act_cast_gpu", "cast_words", "pack_words", "unpack_words"]

@@ -28,7 +28,7 @@ def _config(lk: int, prob: ref.ProbCast):
     from jdq.kernels import tuning
     from jdq.kernels.quant_attention.gpu import Config
 
-    cfg = Config(**tuning.lookup("quant_attention", lk))
+    cfg = Config(**tuning.lookup("quant_attention_split" if prob.kind == "split" else "quant_attention", lk))
     if prob.pairs and cfg.block_kv % 32:
         cfg = Config(cfg.block_q, 32, cfg.stages)
     return cfg

@@ -53,8 +53,8 @@ class Config:
     """Block sizes of the fake-quant attention kernel: ``block_q`` query rows per CTA, ``block_kv`` keys per step, ``stages``.
 
     ``split_tiles`` (a split's pass 1): the logits as 16-key WGMMA tiles, each block's max from an
-    8-column reduction, instead of one (64, Lk) tile with a masked reduction per block (the default,
-    measured; the tiles are tested in interpret mode and by lowering only).
+    8-column reduction, instead of one (64, Lk) tile with a masked reduction per block (measured
+    faster on an H200: ``tuning.QUANT_ATTENTION_SPLIT`` takes it).
     """
 
     block_q: int = 64
