@@ -182,6 +182,32 @@ def _layout_free(quant, site, role) -> bool:
     return described is not None and set(described.stages) <= {"cast", "center_tokens"}
 
 
+#: Environment variable choosing whether the fused fake-quant attention zero-pads q, k and v to the
+#: kernel's head dim (a multiple of 16) before the plan casts them: ``auto`` (default: where the casts
+#: give the same values on the padded operands, :func:`_zero_pad_neutral`), ``xla`` (the casts on the
+#: head dim as it is, then the kernel's own padding: the earlier path) or ``kernel`` (as ``auto``).
+ATTENTION_PAD_ENV = "JDQ_ATTENTION_PAD"
+
+
+def _zero_pad_neutral(quant, site, role, d: int, dp: int) -> bool:
+    """Whether the operand's transform gives the same values on the operand zero-padded from ``d`` to ``dp`` head channels.
+
+    Block casts (MX / SMX: the formats zero-pad a short last block themselves) and block outlier splits
+    per row with the same number of blocks along the head dim; anything that counts or scales over the
+    whole operand keeps the unpadded path.
+    """
+    from jdq.quant.outliers import OutlierMeta
+
+    described = _described(quant, site, role)
+    if described is None:
+        return False
+    if described.stages == ("cast",):
+        return described.scaling == "block" and getattr(described.spec, "kind", None) in ("mx", "smx")
+    meta = getattr(quant.transform_for(site, role), "meta", None)
+    return (isinstance(meta, OutlierMeta) and meta.granularity == "block" and meta.scope == "row"
+            and -(-d // meta.block_size) == -(-dp // meta.block_size))
+
+
 def _reduces_along_tokens(quant, qk_site, pv_site) -> bool:
     """Whether a cast of q, k or v reduces over a whole axis (a dynamic per-token / per-channel / per-tensor
     scale, token centring) rather than within MX blocks of 32 or by a static scale."""
@@ -241,29 +267,24 @@ def _fused_act_split(quant, fc1_site, fc2_site, role, activation, hidden_shape, 
 ROW_SELECT_ENV = "JDQ_ROW_SELECT"
 
 
-#: Environment variable choosing how a GPU runs MixDiT's outlier split of a linear input: ``auto``
-#: (default: on a GPU, bf16 rows that :func:`jdq.kernels.split_cast.split_cast` tiles — a multiple of
-#: 64 rows, an MX9 / MX6 block split per row — run that one kernel, the MLP's GELU included for fc2's
-#: input), ``xla`` (the route of :data:`ROW_SELECT_ENV`) or ``kernel`` (the op on any backend).
+#: Environment variable choosing whether MixDiT's outlier split of a linear input runs as one kernel:
+#: ``kernel`` (:func:`jdq.kernels.split_cast.split_cast` — the MLP's GELU included for fc2's input — on
+#: bf16 inputs whose split it takes; the kernel where the rows tile, else its reference), ``auto`` and
+#: ``xla`` (default: XLA's block maxima and cast around :data:`ROW_SELECT_ENV`'s selection). ``auto``
+#: does not take the kernel: on an H200 it was slower than that route (RESULTS §3 "Thirteenth round").
 SPLIT_CAST_ENV = "JDQ_SPLIT_CAST"
 
 
 def _split_cast_route(quant, site, role, shape, dtype):
     """``(meta, ratio)`` of a linear input's outlier split when :func:`jdq.kernels.split_cast.split_cast` runs it, else ``None``."""
-    choice = _env_choice(SPLIT_CAST_ENV)
-    if quant is None or choice == "xla" or dtype != jnp.bfloat16:
-        return None
-    if choice == "auto" and jax.default_backend() != "gpu":
+    if quant is None or _env_choice(SPLIT_CAST_ENV) != "kernel" or dtype != jnp.bfloat16:
         return None
     from jdq.kernels.split_cast import unsupported
-    from jdq.kernels.split_cast.gpu import supports
     from jdq.quant.outliers import OutlierMeta
 
     try:
         meta = getattr(quant.transform_for(site, role), "meta", None)
-        if not isinstance(meta, OutlierMeta) or unsupported(meta):
-            return None
-        if choice == "auto" and supports(math.prod(shape[:-1]), shape[-1], meta.block_size):
+        if not isinstance(meta, OutlierMeta) or unsupported(meta) or shape[-1] % meta.block_size:
             return None
         return meta, quant.state_for(site, role)["ratio"]
     except NotImplementedError:
@@ -414,7 +435,16 @@ def attention(q, k, v, *, site: str, quant: QuantizerBase | None = None, mask=No
         prob, ratio = fused
         # the same casts of q / k / v, then a flash kernel that casts the probabilities in registers
         from jdq.kernels.quant_attention import quant_attention
+        from jdq.kernels.quant_attention.gpu import D_MULTIPLE
 
+        dp = -(-d // D_MULTIPLE) * D_MULTIPLE
+        if dp != d and _env_choice(ATTENTION_PAD_ENV) != "xla" and all(
+                _zero_pad_neutral(quant, s_, r_, d, dp) for s_, r_ in ((qk_site, "q"), (qk_site, "k"), (pv_site, "v"))):
+            # the kernel's head dim from the start: the casts then see whole blocks (the one-pass word form) and the
+            # kernel's layout needs no second pad; the zero channels add nothing to q·kᵀ and give zero outputs
+            widths = ((0, 0),) * (q.ndim - 1) + ((0, dp - d),)
+            qh, vh = jnp.swapaxes(jnp.pad(q, widths), 1, 2), jnp.swapaxes(jnp.pad(v, widths), 1, 2)
+            k = jnp.pad(k, widths)
         kh = jnp.swapaxes(k, 1, 2)
         if _reduces_along_tokens(quant, qk_site, pv_site):
             # q, k, v copied to (B, H, L, D) first, one transposing pass over bf16 values: fused into
@@ -429,7 +459,7 @@ def attention(q, k, v, *, site: str, quant: QuantizerBase | None = None, mask=No
         else:
             kt = quant(jnp.swapaxes(kh, -1, -2), qk_site, "k", -2)
         out = quant_attention(qh, kt, vh, ratio, prob=prob, scale=float(scale), impl=getattr(quant, "impl", "auto"))
-        return jnp.swapaxes(out, 1, 2)
+        return jnp.swapaxes(out[..., :d], 1, 2)
     logits = qmatmul(qh, kt, site=qk_site, roles=("q", "k"), quant=quant).astype(jnp.float32) * scale
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)

@@ -258,7 +258,35 @@ def test_fused_path_casts_k_in_the_kernel_layout_when_the_cast_allows(recipe, k_
     monkeypatch.setenv(layers.QUANT_ATTENTION_ENV, "kernel")
     _attn(q, k, v, rec)
     (shape, axis), = [(s, a) for role, s, a in rec.calls if role == "k"]
-    assert (shape, axis) == (((1, 2, 64, 72), -1) if k_layout == "bhld" else ((1, 2, 72, 64), -2))
+    d = 80 if recipe == "mx6" else 72  # an MX block cast takes k zero-padded to the kernel's head dim
+    assert (shape, axis) == (((1, 2, 64, d), -1) if k_layout == "bhld" else ((1, 2, 72, 64), -2))
+
+
+class _RecordingWithState(_Recording):
+    """:class:`_Recording` that also exposes the plan's state (a split's ratio), so the fused path takes splits."""
+
+    def state_for(self, site, role):
+        return self.inner.state_for(site, role)
+
+
+@pytest.mark.parametrize("recipe,padded", [("mx6", True), ("mxfp8_e4m3", True), ("mixdit", True), ("w8a8-fp8attn", False)])
+def test_fused_path_pads_the_head_dim_first_where_the_casts_allow_and_computes_the_same(recipe, padded, monkeypatch):
+    """Block casts and MixDiT's block splits see q / k / v zero-padded from 72 to the kernel's 80 channels
+    (``JDQ_ATTENTION_PAD``, default ``auto``): the same output bit for bit as the casts on 72 (``xla``); a per-row
+    FP8 cast with its token centring keeps 72."""
+    k1, k2, k3 = jax.random.split(jax.random.key(8), 3)
+    q, k, v = (jax.random.normal(kk, (1, 64, 2, 72)).astype(jnp.bfloat16) for kk in (k1, k2, k3))
+    plan = recipes.plan_for(recipe, trace_operands(_attn, q, k, v))
+    bound = plan.bind(plan.init())
+    monkeypatch.setenv(layers.QUANT_ATTENTION_ENV, "kernel")
+    monkeypatch.setenv(layers.ATTENTION_PAD_ENV, "xla")
+    plain = _jitted_attn(q, k, v, bound)
+    monkeypatch.setenv(layers.ATTENTION_PAD_ENV, "auto")
+    rec = _RecordingWithState(bound)
+    _attn(q, k, v, rec)
+    assert {s[-1] for r, s, _ in rec.calls if r in ("q", "v")} == {80 if padded else 72}
+    np.testing.assert_array_equal(np.asarray(_jitted_attn(q, k, v, bound), np.float32), np.asarray(plain, np.float32))
+    assert not layers._zero_pad_neutral(bound, f"{SITE}.qk", "q", 72, 104) or recipe != "mixdit"  # 5 blocks -> 7
 
 
 @pytest.mark.parametrize("recipe,barrier", [("mx6", False), ("mxfp8_e4m3", False), ("w8a8-fp8attn", True)])

@@ -140,9 +140,9 @@ def test_linear_inputs_and_the_mlp_route_to_the_op_as_the_environment_says(monke
     assert calls == [((2, 32, 64), None), ((2, 32, 256), "gelu_tanh")]  # fc1's input; fc2's with the GELU
     np.testing.assert_array_equal(_bits(routed), _bits(plain))
     calls.clear()
-    monkeypatch.delenv(layers.SPLIT_CAST_ENV)
+    monkeypatch.setenv(layers.SPLIT_CAST_ENV, "auto")  # not taken: slower than the row_select route on an H200
     mlp(x, quant)
-    assert bool(calls) == (jax.default_backend() == "gpu")
+    assert not calls
     monkeypatch.setenv(layers.SPLIT_CAST_ENV, "fast")
     with pytest.raises(ValueError, match="JDQ_SPLIT_CAST='fast'"):
         mlp(x, quant)
