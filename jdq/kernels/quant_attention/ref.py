@@ -100,18 +100,11 @@ class ProbCast:
 
 
 def _split_unsupported(meta) -> str | None:
-    """Why the kernel cannot run the probabilities' outlier split ``meta`` in registers, or ``None``."""
-    from jdq.formats import smx
+    """Why the kernel cannot run the probabilities' outlier split ``meta`` in registers (the keys of a query row
+    ranked by block, one width per block: :func:`jdq.kernels.split_cast.unsupported`), or ``None``."""
+    from jdq.kernels.split_cast.ref import unsupported
 
-    if meta.granularity != "block" or meta.scope != "row":
-        return f"a {meta.granularity} / {meta.scope} selection (the kernel selects blocks per query row)"
-    if getattr(meta.hi, "kind", None) != "smx" or getattr(meta.lo, "kind", None) != "smx":
-        return "hi and lo must be MX9 / MX6 / MX4 (SMX) formats"
-    if not smx.differ_only_in_width(meta.hi, meta.lo) or meta.hi.sub_block_size != 2:
-        return f"{meta.hi.name} / {meta.lo.name} differ in more than the mantissa width, or do not pair keys"
-    if meta.block_size != meta.hi.block_size:
-        return f"selection blocks of {meta.block_size} are not the formats' blocks of {meta.hi.block_size}"
-    return None
+    return unsupported(meta)
 
 
 def prob_cast_of(transform) -> ProbCast | str:
