@@ -604,7 +604,9 @@ class Mlp(nnx.Module):
         Where :data:`ACT_CAST_ENV` allows (by default on a GPU, bf16, fake quant) and the plan casts
         fc2's input with one MX / MX9-MX6-MX4 block cast, the activation and that cast run as one pass
         (:func:`jdq.kernels.act_cast.act_cast`: the same activation, operation by operation rounded to
-        bf16, and the same cast — see :mod:`jdq.kernels.act_cast.ref`).
+        bf16, and the same cast — see :mod:`jdq.kernels.act_cast.ref`). With ``JDQ_SPLIT_CAST=kernel``
+        (:data:`SPLIT_CAST_ENV`) a MixDiT split of fc2's input runs with the activation in
+        :func:`jdq.kernels.split_cast.split_cast`.
         """
         hidden = self.fc2.kernel[...].shape[0]
         split = _fused_act_split(quant, self.fc1.site, self.fc2.site, self.fc2.act_role, self.activation,
