@@ -11,14 +11,18 @@ reduction fusion, after the MLP's GELU in another pass), the top-k selection (a 
   (:mod:`jdq.kernels.act_cast.ref`) and its result is written to the output, which pass 3 reads
   back; each block's distinct key (:func:`block_key`: the magnitude's order bits, then the reversed
   position, as :func:`jdq.kernels.row_select.ref.unique_keys`) goes to shared memory, one (64, 8)
-  tile per chunk;
+  or (64, 16) tile per chunk (:func:`key_cols`; unused columns hold -1, which no threshold counts);
 * **threshold**: per row the largest ``t`` with ``count(keys >= t) >= k``, bit by bit from the
   keys in shared memory (:mod:`jdq.kernels.row_select.gpu`'s search): the ``k`` selected blocks are
   exactly those with ``key >= t``;
 * **cast** (``emit_pipeline`` again, reading the input or the activation written in pass 1): each
   block's max and key again, its mantissa width ``hi``'s where selected, else ``lo``'s, and the
   element arithmetic of :func:`jdq.formats.smx.fake_quantize_given_amax`, so every value is the
-  library's bit for bit.
+  library's bit for bit; the outputs go through a ring of two shared-memory tiles (the GPU
+interpreter does not take the pipeline's own output copies).
+
+Measured slower on an H200 than XLA's fusions around ``row_select`` (RESULTS §3 "Thirteenth
+round"), so the model takes it only with ``JDQ_SPLIT_CAST=kernel``.
 
 A chunk is a whole number of blocks (at most 16; :data:`CHUNK_WORDS`) whose row pitch is an odd
 number of 32-byte sectors, so the blocks' slices load without bank conflicts.
