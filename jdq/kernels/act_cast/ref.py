@@ -55,17 +55,22 @@ def supports_cast(spec) -> str | None:
     return None
 
 
+def check_rows(op: str, x, activation, why: str | None, multiple: int, what: str | None = None):
+    """Raise naming ``op`` and the problem unless ``activation`` is known, ``why`` (the cast's refusal) is ``None``,
+    ``x`` is bf16 and its last axis a multiple of ``multiple`` (named ``what``): what the activation + cast ops take."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: activation {activation!r} is not one of {sorted(map(str, ACTIVATIONS))}")
+    if why:
+        raise ValueError(f"{op}: {why}")
+    if x.dtype != jnp.bfloat16:
+        raise TypeError(f"{op}: x must be bfloat16, got {x.dtype}")
+    if x.ndim < 1 or x.shape[-1] % multiple:
+        raise ValueError(f"{op}: the last axis of x {x.shape} must be a multiple of {what or multiple}")
+
+
 def check(x, spec, activation):
     """Raise a ValueError naming the problem unless the op takes ``x`` (bf16, last axis a multiple of 32), ``spec`` and ``activation``."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"act_cast: activation {activation!r} is not one of {sorted(map(str, ACTIVATIONS))}")
-    why = supports_cast(spec)
-    if why:
-        raise ValueError(f"act_cast: {why}")
-    if x.dtype != jnp.bfloat16:
-        raise TypeError(f"act_cast: x must be bfloat16, got {x.dtype}")
-    if x.ndim < 1 or x.shape[-1] % 32:
-        raise ValueError(f"act_cast: the last axis of x {x.shape} must be a multiple of 32")
+    check_rows("act_cast", x, activation, supports_cast(spec), 32)
 
 
 def reference(x, spec, activation: str | None = None):

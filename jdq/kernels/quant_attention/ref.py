@@ -64,7 +64,9 @@ class ProbCast:
         if (self.kind == "split") != (self.split is not None):
             raise ValueError("ProbCast: an OutlierMeta `split` is given exactly for kind 'split'")
         if self.kind == "split":
-            why = _split_unsupported(self.split)
+            from jdq.kernels.split_cast.ref import unsupported
+
+            why = unsupported(self.split)
             if why:
                 raise ValueError(f"ProbCast('split'): {why}")
             if self.spec != self.split.hi:
@@ -99,14 +101,6 @@ class ProbCast:
         return formats.cast(p, self.spec, axis=-1)
 
 
-def _split_unsupported(meta) -> str | None:
-    """Why the kernel cannot run the probabilities' outlier split ``meta`` in registers (the keys of a query row
-    ranked by block, one width per block: :func:`jdq.kernels.split_cast.unsupported`), or ``None``."""
-    from jdq.kernels.split_cast.ref import unsupported
-
-    return unsupported(meta)
-
-
 def prob_cast_of(transform) -> ProbCast | str:
     """The :class:`ProbCast` of the probabilities' plan transform (``None``: no cast), or why no kernel can do it in registers."""
     from jdq.quant.casts import CastMeta
@@ -121,7 +115,9 @@ def prob_cast_of(transform) -> ProbCast | str:
     from jdq.quant.outliers import OutlierMeta
 
     if isinstance(meta, OutlierMeta):
-        why = _split_unsupported(meta)
+        from jdq.kernels.split_cast.ref import unsupported
+
+        why = unsupported(meta)
         return why if why else ProbCast("split", meta.hi, meta)
     if not isinstance(meta, CastMeta) or meta.scaling != "block":
         return f"the probabilities' transform ({type(meta).__name__}) is not a single block-scaled or row-scaled FP8 cast"

@@ -31,17 +31,9 @@ def unsupported(meta) -> str | None:
 
 def check(x, meta, activation):
     """Raise a ValueError naming the problem unless the op takes ``x`` (bf16, last axis a multiple of the block), ``meta`` and ``activation``."""
-    from jdq.kernels.act_cast.ref import ACTIVATIONS
+    from jdq.kernels.act_cast.ref import check_rows
 
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"split_cast: activation {activation!r} is not one of {sorted(map(str, ACTIVATIONS))}")
-    why = unsupported(meta)
-    if why:
-        raise ValueError(f"split_cast: {why}")
-    if x.dtype != jnp.bfloat16:
-        raise TypeError(f"split_cast: x must be bfloat16, got {x.dtype}")
-    if x.ndim < 1 or x.shape[-1] % meta.block_size:
-        raise ValueError(f"split_cast: the last axis of x {x.shape} must be a multiple of the block {meta.block_size}")
+    check_rows("split_cast", x, activation, unsupported(meta), meta.block_size, f"the block {meta.block_size}")
 
 
 def reference(x, ratio, meta, activation: str | None = None):
