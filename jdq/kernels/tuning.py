@@ -5,9 +5,16 @@ list of ``(max_m, config kwargs)`` or ``(max_m, {"min_n": .., "min_k": ..}, conf
 per op: the first row whose ``max_m`` is at least the GEMM's M (and whose ``min_n`` / ``min_k``,
 if any, are at most its N / K) is used. Unknown devices use ``"default"``. The numbers behind
 each entry are in ``jdq/kernels/NOTES.md``.
+
+``JDQ_TUNING`` overrides entries of the chosen row at trace time, for A / B measurements without
+editing a table: ``JDQ_TUNING="quant_attention_split.keep_logits=False,w8a8.stages=3"`` (``op.key=value``
+pairs, comma-separated, each value a Python literal).
 """
 
 from __future__ import annotations
+
+import ast
+import os
 
 from jdq.kernels._mgpu import device_kind, num_sms
 
@@ -80,10 +87,10 @@ FP8_ATTENTION = {"default": [(1024, dict(block_q=64, block_kv=64, stages=2, acc_
 
 # Fake-quant attention (jdq.kernels.quant_attention.gpu.Config), looked up by Lk: untuned (64 keys per step; a pair
 # cast, MX9 / MX6 / MX4, takes 32 when the row's block_kv is not a multiple of 32).
-QUANT_ATTENTION = {"default": [(INF, dict(block_q=64, block_kv=64, stages=2))]}
+QUANT_ATTENTION = {"default": [(INF, dict(block_q=64, block_kv=64, stages=2, keep_logits=True))]}
 # MixDiT's probability split (ProbCast "split"): pass 1 in 16-key WGMMA tiles and 32 keys per step (H200, DiT-XL/2
 # b64: 517.5 µs against 547.6 for the untiled 64-key default and 531.4 for 64 tiled; RESULTS §3 "Thirteenth round").
-QUANT_ATTENTION_SPLIT = {"default": [(INF, dict(block_q=64, block_kv=32, stages=2, split_tiles=True))]}
+QUANT_ATTENTION_SPLIT = {"default": [(INF, dict(block_q=64, block_kv=32, stages=2, split_tiles=True, keep_logits=True))]}
 
 # Pallas TPU GEMMs (every kind): maximal tiles; jdq.kernels.lowered shrinks tn / tk to the largest
 # multiple of 128 (MX: of 32) that divides N / K (DiT K = 1152 -> tk 384) and pads M to tm. Not timed
@@ -102,6 +109,29 @@ def lookup(op: str, m: int, device: str | None = None, n: int | None = None, k: 
     """
     if op not in TABLES:
         raise KeyError(f"no tuning table for op {op!r}; known: {sorted(TABLES)}")
+    return {**_row(op, m, device, n, k), **overrides().get(op, {})}
+
+
+def overrides(spec: str | None = None) -> dict:
+    """``{op: {key: value}}`` parsed from ``spec`` (default: ``$JDQ_TUNING``); a bad entry raises naming it."""
+    spec = os.environ.get("JDQ_TUNING", "") if spec is None else spec
+    out: dict = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, eq, text = item.partition("=")
+        op, dot, key = name.strip().partition(".")
+        if not (eq and dot and key):
+            raise ValueError(f"JDQ_TUNING: {item!r} is not op.key=value")
+        if op not in TABLES:
+            raise ValueError(f"JDQ_TUNING: {item!r} names no tuning table; known: {sorted(TABLES)}")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            raise ValueError(f"JDQ_TUNING: the value of {item!r} is not a Python literal") from None
+        out.setdefault(op, {})[key.strip()] = value
+    return out
+
+
+def _row(op, m, device, n, k):
     table = TABLES[op]
     rows = table.get(device or device_kind(), table["default"])
     given = {"min_n": n, "min_k": k}
@@ -117,4 +147,4 @@ def lookup(op: str, m: int, device: str | None = None, n: int | None = None, k: 
 
 
 __all__ = ["FP8_ATTENTION", "MIXDIT", "MIXDIT_SPLIT", "MX", "NORM_QUANT", "QUANT_ATTENTION", "QUANT_ATTENTION_SPLIT", "TABLES", "TOKEN_QUANT", "TPU_GEMM", "W4A8", "W8A8",
-           "WEIGHT_ONLY", "lookup"]
+           "WEIGHT_ONLY", "lookup", "overrides"]

@@ -182,6 +182,61 @@ def test_split_kernel_lowers_to_mosaic_gpu_at_dit_xl_shapes(tiles):
     assert lowers_to_mosaic_gpu(fn, shape, shape, shape, ((), jnp.float32))
 
 
+@pytest.mark.parametrize("fmt,block_kv", [("mxfp8_e4m3", 64), ("mx6", 32), ("fp8_e4m3", 64), (None, 32), ("split", 32)])
+def test_kept_logits_compute_what_the_recomputed_ones_do(fmt, block_kv):
+    """``keep_logits``: pass 2 reads pass 1's bf16 scores from shared memory instead of a second q·kᵀ — the same
+    scores, so the same output bit for bit where pass 1's tiles are pass 2's (a pair cast's pass 1 sums its two
+    half-chunks in another order: equal but for that)."""
+    qh, kt, vh = _cast_operands(4, lq=64, lk=256, fmt="mx9")
+    scale = 1 / math.sqrt(72)
+    if fmt == "split":
+        prob, r, tiles = prob_cast_of(outlier_split(0.2)), jnp.float32(0.2), True
+    else:
+        prob, r, tiles = _prob(fmt), None, False
+
+    def run(keep):
+        cfg = Config(block_kv=block_kv, split_tiles=tiles, keep_logits=keep)
+        return np.asarray(quant_attention(qh, kt, vh, r, prob=prob, scale=scale, impl="gpu_interpret", config=cfg),
+                          np.float32)
+
+    kept, recomputed = run(True), run(False)
+    if prob.pairs and fmt != "split":
+        _agree(kept, recomputed)
+    else:
+        np.testing.assert_array_equal(kept, recomputed)
+    _agree(kept, reference(qh, kt, vh, prob, scale, r))
+
+
+def test_kept_logits_name_their_limits_and_the_tuned_config_drops_them_where_they_do_not_fit(monkeypatch):
+    from jdq.kernels import tuning
+    from jdq.kernels.quant_attention.api import _config
+
+    split = prob_cast_of(outlier_split(0.2))
+    assert "exceed" in Config(keep_logits=True).supports(64, 1024, 80, _prob("mxfp8_e4m3"))
+    assert Config(keep_logits=True).supports(64, 512, 80, _prob("mxfp8_e4m3")) is None
+    assert "split_tiles" in Config(block_kv=32, keep_logits=True).supports(64, 256, 80, split)
+    assert "block_kv=32" in Config(block_kv=64, split_tiles=True, keep_logits=True).supports(64, 256, 80, split)
+    rows = {"default": [(tuning.INF, dict(block_q=64, block_kv=64, stages=2, keep_logits=True))]}
+    monkeypatch.setitem(tuning.TABLES, "quant_attention", rows)
+    assert _config(256, _prob("mxfp8_e4m3")).keep_logits
+    assert not _config(4096, _prob("mxfp8_e4m3")).keep_logits  # PixArt-Σ-1024's 4096 keys: recomputed
+    assert _config(256, _prob("mx6")) == Config(block_kv=64, keep_logits=True)
+
+
+@pytest.mark.parametrize("fmt,block_kv", [("mxfp8_e4m3", 64), ("mx6", 32), ("split", 32)])
+def test_kept_logits_lower_to_mosaic_gpu_at_dit_xl_shapes(fmt, block_kv):
+    shape = ((1024, 256, 80), jnp.bfloat16)
+    if fmt == "split":
+        cfg = Config(block_kv=32, split_tiles=True, keep_logits=True)
+        prob = prob_cast_of(outlier_split(0.2))
+        fn = lambda q, k, v, r: quant_attention_gpu(q, k, v, scale=0.1, prob=prob, config=cfg, ratio=r)  # noqa: E731
+        assert lowers_to_mosaic_gpu(fn, shape, shape, shape, ((), jnp.float32))
+    else:
+        cfg, prob = Config(block_kv=block_kv, keep_logits=True), _prob(fmt)
+        fn = lambda q, k, v: quant_attention_gpu(q, k, v, scale=0.1, prob=prob, config=cfg)  # noqa: E731
+        assert lowers_to_mosaic_gpu(fn, shape, shape, shape)
+
+
 def _attn(q, k, v, quant):
     return layers.attention(q, k, v, site=SITE, quant=quant)
 
@@ -362,5 +417,6 @@ def test_benchmark_parse_config(load_benchmark):
     qb = load_benchmark("quant_attention")
     assert qb.parse_config("32s2t") == Config(block_kv=32, stages=2, split_tiles=True)
     assert qb.parse_config("64s3") == Config(block_kv=64, stages=3)
+    assert qb.parse_config("32s2tk") == Config(block_kv=32, stages=2, split_tiles=True, keep_logits=True)
     with pytest.raises(SystemExit, match="cannot parse"):
         qb.parse_config("64x2")

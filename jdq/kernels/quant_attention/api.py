@@ -15,6 +15,7 @@ the tokens (one more pass over the output).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -26,11 +27,15 @@ from jdq.kernels.quant_attention import ref
 
 def _config(lk: int, prob: ref.ProbCast):
     from jdq.kernels import tuning
-    from jdq.kernels.quant_attention.gpu import Config
+    from jdq.kernels.quant_attention.gpu import D_MULTIPLE, Config
 
     cfg = Config(**tuning.lookup("quant_attention_split" if prob.kind == "split" else "quant_attention", lk))
     if prob.pairs and cfg.block_kv % 32:
-        cfg = Config(cfg.block_q, 32, cfg.stages)
+        cfg = dataclasses.replace(cfg, block_kv=32)
+    if cfg.keep_logits:  # a row block's logits that do not fit shared memory are recomputed instead
+        plain = dataclasses.replace(cfg, keep_logits=False)
+        if cfg.supports(cfg.block_q, lk, D_MULTIPLE, prob) and not plain.supports(cfg.block_q, lk, D_MULTIPLE, prob):
+            cfg = plain
     return cfg
 
 
@@ -65,7 +70,7 @@ def _gpu(qh, kt, vh, ratio, prob, scale, *, impl, config=None):
         return None
     b, h, lq, d = qh.shape
     lk = vh.shape[2]
-    cfg = config or _config(lk, prob)
+    cfg = config
     dp = _padded(d)
     pad = (-lq) % cfg.block_q  # extra query rows are computed and dropped (rows are independent)
     if cfg.supports(lq + pad, lk, dp, prob):
@@ -100,22 +105,28 @@ def _quant_attention_jvp(prob, scale, impl, config, primals, tangents):
     return _quant_attention(*primals, prob, scale, impl, config), dy
 
 
-@functools.partial(jax.jit, static_argnames=("prob", "scale", "impl", "config"))
 def quant_attention(qh, kt, vh, ratio=None, *, prob: ref.ProbCast, scale: float, impl: str = "auto", config=None):
     """Attention of cast ``qh`` (B, H, Lq, D), ``kt`` (B, H, D, Lk), ``vh`` (B, H, Lk, D), ``prob`` cast inside: (B, H, Lq, D).
 
     :func:`~jdq.kernels.quant_attention.ref.reference` on the kernel where it tiles (bf16, Lk a
     multiple of ``block_kv``; Lq is padded), the reference elsewhere; differentiable as the reference.
-    ``ratio``: the state of a ``"split"`` probability cast (float32), else unused.
+    ``ratio``: the state of a ``"split"`` probability cast (float32), else unused. ``config``: the
+    kernel's blocks (default: the tuning table's row, read here, so a ``JDQ_TUNING`` override is
+    part of the compiled function's key).
     """
     if (prob.kind == "split") != (ratio is not None):
         raise ValueError("quant_attention: a ratio is given exactly for a 'split' probability cast")
-    ratio = jnp.float32(0) if ratio is None else jnp.asarray(ratio, jnp.float32)
     if qh.ndim != 4 or kt.ndim != 4 or vh.ndim != 4:
         raise ValueError(f"quant_attention: qh {qh.shape}, kt {kt.shape}, vh {vh.shape} must be 4-d (B, H, ., .)")
     if kt.shape[2] != qh.shape[3] or vh.shape[2] != kt.shape[3] or qh.shape[:2] != kt.shape[:2] != vh.shape[:2]:
         raise ValueError(f"quant_attention: qh {qh.shape}, kt {kt.shape}, vh {vh.shape} do not fit together")
-    return _quant_attention(qh, kt, vh, ratio, prob, float(scale), impl, config)
+    return _jitted(qh, kt, vh, ratio, prob=prob, scale=float(scale), impl=impl, config=config or _config(vh.shape[2], prob))
+
+
+@functools.partial(jax.jit, static_argnames=("prob", "scale", "impl", "config"))
+def _jitted(qh, kt, vh, ratio, *, prob, scale, impl, config):
+    ratio = jnp.float32(0) if ratio is None else jnp.asarray(ratio, jnp.float32)
+    return _quant_attention(qh, kt, vh, ratio, prob, scale, impl, config)
 
 
 __all__ = ["IMPLEMENTATIONS", "quant_attention"]

@@ -46,6 +46,7 @@ from jdq.kernels.quant_attention.ref import ProbCast
 D_MULTIPLE = 16  # bf16 WGMMA K step
 SPLIT_MAX_KEYS = 256  # a split's first pass holds a row's logits in one (64, Lk) tile (the WGMMA's largest N)
 K_COLS = 8  # a split's k is handed in as a (64, 8) int32 tile (the narrowest of 32-bit values)
+KEEP_MAX_BYTES = 64 * 1024  # ``keep_logits``: a row block's bf16 logits held in shared memory (Lk <= 512)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,12 +56,18 @@ class Config:
     ``split_tiles`` (a split's pass 1): the logits as 16-key WGMMA tiles, each block's max from an
     8-column reduction, instead of one (64, Lk) tile with a masked reduction per block (measured
     faster on an H200: ``tuning.QUANT_ATTENTION_SPLIT`` takes it).
+
+    ``keep_logits``: pass 1 stores every chunk's bf16 logits (``bf16(q·kᵀ)``, before the scale) in
+    shared memory and pass 2 reads them back instead of recomputing q·kᵀ, so pass 2 streams only v.
+    The row block's logits must fit :data:`KEEP_MAX_BYTES` (Lk ≤ 512); pass 1 computes them in pass 2's
+    tiles (a pair cast: one tile per half-chunk), and a split needs ``split_tiles`` with 32-key steps.
     """
 
     block_q: int = 64
     block_kv: int = 64
     stages: int = 2
     split_tiles: bool = False
+    keep_logits: bool = False
 
     def supports(self, lq: int, lk: int, dp: int, prob: ProbCast) -> str | None:
         """``None`` when (Lq, Lk, Dp) and the cast tile by this config, else why not."""
@@ -76,6 +83,11 @@ class Config:
             return f"block_kv={self.block_kv}: a pair cast needs a multiple of 32"
         if prob.kind == "split" and lk > SPLIT_MAX_KEYS:
             return f"Lk={lk}: the split ranks a row's key blocks from one tile of at most {SPLIT_MAX_KEYS} keys"
+        if self.keep_logits:
+            if self.block_q * lk * 2 > KEEP_MAX_BYTES:
+                return f"keep_logits: Lk={lk} keys of bf16 logits per {self.block_q} rows exceed {KEEP_MAX_BYTES} bytes"
+            if prob.kind == "split" and not (self.split_tiles and self.block_kv == 32):
+                return "keep_logits: a split keeps its 16-key pass-1 tiles, so it needs split_tiles and block_kv=32"
         return None
 
 
@@ -84,10 +96,22 @@ def _row_vec(x, interpret):
     return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1))
 
 
-def _logits(q_s, k_ref, width, scale, interpret):
-    """``float32(bf16(q · kᵀ)) · scale`` for a (width, Dp) key tile (interpret: (Dp, width))."""
-    s = wgmma_partial(q_s, k_ref, (q_s.shape[0], width), jnp.float32, interpret)
-    return s.astype(jnp.bfloat16).astype(jnp.float32) * jnp.float32(scale)
+def _scores(q_s, k_ref, width, interpret):
+    """``bf16(q · kᵀ)`` for a (width, Dp) key tile (interpret: (Dp, width)): the logits before the scale."""
+    return wgmma_partial(q_s, k_ref, (q_s.shape[0], width), jnp.float32, interpret).astype(jnp.bfloat16)
+
+
+def _scaled(s, scale):
+    """The reference's logits from the bf16 scores ``s``: ``float32(s) · scale``."""
+    return s.astype(jnp.float32) * jnp.float32(scale)
+
+
+def _logits(q_s, k_ref, width, scale, interpret, keep=None):
+    """``float32(bf16(q · kᵀ)) · scale`` for a (width, Dp) key tile; ``keep``: an SMEM ref the bf16 scores are stored to."""
+    s = _scores(q_s, k_ref, width, interpret)
+    if keep is not None:
+        keep[...] = s
+    return _scaled(s, scale)
 
 
 def _key_half(k_s, i, w, interpret):
@@ -147,14 +171,16 @@ def _split_block_maxima(x, bkv, interpret):
     return [jnp.where(blk == b, x, low).max(axis=1) for b in range(x.shape[1] // 16)]
 
 
-def _split_stats_tiled(q_s, k_s, lk, bkv, scale, interpret):
+def _split_stats_tiled(q_s, k_s, lk, bkv, scale, interpret, keep=None):
     """A split's pass 1 over a row block's whole key tile as 16-key WGMMA tiles: ``(m, l, *block maxima)``.
 
     In ``key_order`` a 16-key tile lies in one half of a chunk of ``bkv`` keys: its first 8 columns
     belong to one 16-key block, the next 8 to the following one (the other half holds the blocks'
     other keys). So each block's max is two 8-column reductions, and no reduction spans the whole row.
+    ``keep`` ((Lk / 16, rows, 16) SMEM): tile ``c``'s bf16 scores are stored to ``keep[c]``.
     """
-    tiles = [_logits(q_s, _key_half(k_s, c, 16, interpret), 16, scale, interpret) for c in range(lk // 16)]
+    tiles = [_logits(q_s, _key_half(k_s, c, 16, interpret), 16, scale, interpret, None if keep is None else keep.at[c])
+             for c in range(lk // 16)]
     col = _column_iota(tiles[0].shape, interpret)
     low = jnp.full(tiles[0].shape, -jnp.inf, jnp.float32)
     maxima = [None] * (lk // 16)
@@ -241,8 +267,11 @@ def _kernel(q, k_op, v, scale, prob, cfg, interpret, k_tile=None):
     # a split ranks a row's key blocks after pass 1: that pass sees all of a row's logits in one tile
     block1, steps1 = (lk, 1) if split else (bkv, steps)
     k_spec1 = functools.partial(kmajor_spec, block1, dp, lambda j: (j, 0), d_tr, interpret)
+    keep = cfg.keep_logits
 
     def body(*refs):
+        refs = list(refs)
+        lg_s = refs.pop(-2) if keep else None  # (Lk / w, bq, w): pass 1's scores in pass 2's tiles
         if split:
             q_g, k_g, v_g, ks_g, o_g, q_s, p_s, o_s, ks_s, bar = refs
         else:
@@ -258,12 +287,20 @@ def _kernel(q, k_op, v, scale, prob, cfg, interpret, k_tile=None):
             pl.when(j == 0)(lambda: plgpu.barrier_wait(bar.at[0]))
             m, l = carry[:2]
             if split and cfg.split_tiles:
-                return _split_stats_tiled(q_s, k_s, lk, bkv, scale, interpret)
-            x = _logits(q_s, k_s, block1, scale, interpret)
-            m_new = jnp.maximum(m, x.max(axis=1))
-            l = l * jnp.exp(m - m_new) + jnp.exp(x - rows_of(m_new, x.shape)).sum(axis=1)
+                return _split_stats_tiled(q_s, k_s, lk, bkv, scale, interpret, lg_s)
+            if keep:  # pass 2's tiles: one per half-chunk, each stored
+                xs = [_logits(q_s, _key_half(k_s, i, w, interpret) if halves > 1 else k_s, w, scale, interpret,
+                              lg_s.at[j * halves + i]) for i in range(halves)]
+            else:
+                xs = [_logits(q_s, k_s, block1, scale, interpret)]
+            m_new = m
+            for x in xs:
+                m_new = jnp.maximum(m_new, x.max(axis=1))
+            l = l * jnp.exp(m - m_new)
+            for x in xs:
+                l = l + jnp.exp(x - rows_of(m_new, x.shape)).sum(axis=1)
             if split:  # one step: the carry's block maxima are this tile's
-                return (m_new, l, *_split_block_maxima(x, bkv, interpret))
+                return (m_new, l, *_split_block_maxima(xs[0], bkv, interpret))
             return m_new, l
 
         m0 = _row_vec(jnp.full((bq,), -jnp.inf, jnp.float32), interpret)
@@ -281,11 +318,16 @@ def _kernel(q, k_op, v, scale, prob, cfg, interpret, k_tile=None):
             ks = ks_s[...] if interpret else plgpu.load(ks_s, (), layout=plgpu.Layout.WGMMA)
             bits = _split_bits(carry[2:], m, l, ks.astype(jnp.float32).max(axis=1))
 
-        def attend(idx, k_s, v_s, acc):
+        def attend(idx, *refs):
             (j,) = idx
+            *k_s, v_s, acc = refs
             ps = []
             for i in range(halves):
-                x = _logits(q_s, _key_half(k_s, i, w, interpret) if halves > 1 else k_s, w, scale, interpret)
+                if keep:
+                    tile = lg_s.at[j * halves + i]
+                    x = _scaled(tile[...] if interpret else plgpu.load(tile, (), layout=plgpu.Layout.WGMMA), scale)
+                else:
+                    x = _logits(q_s, _key_half(k_s[0], i, w, interpret) if halves > 1 else k_s[0], w, scale, interpret)
                 p = jnp.exp(x - rows_of(m, x.shape)) / rows_of(l, x.shape)
                 ps.append(p.astype(bf16).astype(jnp.float32))
             widths = _split_widths(bits, j, bkv, ps[0].shape, prob, interpret) if split else None
@@ -295,9 +337,9 @@ def _kernel(q, k_op, v, scale, prob, cfg, interpret, k_tile=None):
             return _pv_into(acc, [p_s.at[i] for i in range(halves)],
                             [v_s.at[pl.ds(i * w, w)] for i in range(halves)], interpret)
 
-        acc = plgpu.emit_pipeline(attend, grid=(steps,), in_specs=[k_spec(), v_spec],
+        acc = plgpu.emit_pipeline(attend, grid=(steps,), in_specs=([] if keep else [k_spec()]) + [v_spec],
                                   max_concurrent_steps=min(cfg.stages, steps),
-                                  init_carry=zeros_carry((bq, dp), interpret))(k_g.at[h], v_g.at[h])
+                                  init_carry=zeros_carry((bq, dp), interpret))(*([] if keep else [k_g.at[h]]), v_g.at[h])
         bad = rows_of(l, acc.shape)
         acc = jnp.where(bad != bad, jnp.nan, acc)  # NaN sum: a NaN or an infinite logit in the row
         o_s[...] = acc.astype(o_s.dtype)
@@ -309,6 +351,8 @@ def _kernel(q, k_op, v, scale, prob, cfg, interpret, k_tile=None):
                plgpu.SMEM((bq, dp), bf16, transforms=d_tr)]
     if split:
         scratch.append(plgpu.SMEM((bq, K_COLS), jnp.int32))
+    if keep:
+        scratch.append(plgpu.SMEM((lk // w, bq, w), bf16, transforms=smem_transforms(w, bf16, interpret)))
     scratch.append(plgpu.Barrier(num_arrivals=1, num_barriers=2 if split else 1))
     return plgpu.kernel(
         body,
