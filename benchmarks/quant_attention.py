@@ -14,10 +14,13 @@ Shapes (``--shapes``, priority order): ``dit.b64`` — DiT-XL/2 at 256 px, batch
   (logits and probabilities materialised, the probabilities' cast in XLA: what a step ran before);
 * ``fused:<fmt>``: the same call with ``JDQ_QUANT_ATTENTION=kernel`` (q / k / v cast by XLA, the
   probabilities cast in the Mosaic GPU kernel);
+* ``reference:<fmt>``: the same call with ``JDQ_QUANT_ATTENTION=reference`` (the fused path's q / k / v
+  casts, then the op's XLA reference instead of the kernel);
 * ``kernel_nocast``: the kernel on the bf16 q / k / v without a probability cast (its two-pass skeleton);
 * ``kernel:<fmt>``: :func:`jdq.kernels.quant_attention.quant_attention` alone on already-cast operands
   (the layout changes and the kernel); ``kernel:<fmt>@<config>`` with a config of ``--configs``
-  (``64s2``: block_kv 64, 2 stages) instead of the tuned one.
+  (``64s2``: block_kv 64, 2 stages) instead of the tuned one (a config that does not tile the shape fails
+  rather than time the reference the op would fall back to).
 
 Before timing, ``fused:<fmt>`` is checked against ``explicit:<fmt>`` on fresh inputs (the same function
 up to the row sums' order: the share of equal outputs and ‖Δ‖/‖explicit‖, which must be far below the
@@ -133,12 +136,16 @@ def variant(name, example, impl):
         which = base.split("_")[0]
         return (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=which)), example, "xla"
     quant = bound_plan(fmt, example)
-    if base in ("explicit", "fused"):
-        return (lambda q, k, v: _attention(q, k, v, quant)), example, "xla" if base == "explicit" else "kernel"
+    if base in ("explicit", "fused", "reference"):
+        env = {"explicit": "xla", "fused": "kernel", "reference": "reference"}[base]
+        return (lambda q, k, v: _attention(q, k, v, quant)), example, env
     if base == "kernel":
         prob = prob_cast_of(quant.transform_for(f"{SITE}.pv", "attn_prob"))
         ops = jax.block_until_ready(jax.jit(lambda *a: cast_operands(quant, *a))(*example))
         ratio = quant.state_for(f"{SITE}.pv", "attn_prob")["ratio"] if prob.kind == "split" else None
+        why = config and config.supports(ops[0].shape[2], ops[2].shape[2], -(-d // 16) * 16, prob)
+        if why:  # the op would fall back to its XLA reference: say so rather than time that under the kernel's name
+            raise ValueError(f"config {spec}: {why}")
         return (lambda qh, kt, vh: quant_attention(qh, kt, vh, ratio, prob=prob, scale=scale, impl=impl,
                                                    config=config)), ops, "kernel"
     raise ValueError(f"unknown variant {name!r}")
@@ -293,7 +300,7 @@ def main(argv=None):
             save()
             # timed unless it could not run; a failed check is reported beside the times
             extra = [f"kernel:{fmt}@{c}" for c in args.configs.split(",") if c]
-            names += [f"explicit:{fmt}"] if "error" in r else [f"fused:{fmt}", f"kernel:{fmt}", *extra, f"explicit:{fmt}"]
+            names += [f"explicit:{fmt}"] if "error" in r else [f"fused:{fmt}", f"reference:{fmt}", f"kernel:{fmt}", *extra, f"explicit:{fmt}"]
         for name in names:
             if time.time() - t0 > args.budget_s:
                 row["errors"][name] = "budget"

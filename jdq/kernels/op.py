@@ -88,13 +88,14 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
-def route_choice(env_name: str) -> str:
-    """The environment's choice for a fake-quant kernel route: ``"auto"`` (default), ``"xla"`` or ``"kernel"``."""
+def route_choice(env_name: str, extra: tuple[str, ...] = ()) -> str:
+    """The environment's choice for a fake-quant kernel route: ``"auto"`` (default), ``"xla"``, ``"kernel"`` or one of ``extra``."""
     import os
 
     choice = os.environ.get(env_name, "auto")
-    if choice not in ("auto", "xla", "kernel"):
-        raise ValueError(f"{env_name}={choice!r}; use auto, xla or kernel")
+    allowed = ("auto", "xla", "kernel", *extra)
+    if choice not in allowed:
+        raise ValueError(f"{env_name}={choice!r}; use {', '.join(allowed[:-1])} or {allowed[-1]}")
     return choice
 
 

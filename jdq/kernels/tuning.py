@@ -85,11 +85,14 @@ MX = {"default": [(INF, dict(tile_m=128, tile_n=128, blocks_per_step=4, stages=2
 FP8_ATTENTION = {"default": [(1024, dict(block_q=64, block_kv=64, stages=2, acc_in_place=True)),
                              (INF, dict(block_q=64, block_kv=128, stages=2))]}
 
-# Fake-quant attention (jdq.kernels.quant_attention.gpu.Config), looked up by Lk: untuned (64 keys per step; a pair
-# cast, MX9 / MX6 / MX4, takes 32 when the row's block_kv is not a multiple of 32).
-QUANT_ATTENTION = {"default": [(INF, dict(block_q=64, block_kv=64, stages=2, keep_logits=True))]}
-# MixDiT's probability split (ProbCast "split"): pass 1 in 16-key WGMMA tiles and 32 keys per step (H200, DiT-XL/2
-# b64: 517.5 µs against 547.6 for the untiled 64-key default and 531.4 for 64 tiled; RESULTS §3 "Thirteenth round").
+# Fake-quant attention (jdq.kernels.quant_attention.gpu.Config), looked up by Lk: 64 keys per step (a pair cast,
+# MX9 / MX6 / MX4, takes 32 when the row's block_kv is not a multiple of 32); pass 2 recomputes q.k^T: keeping pass
+# 1's logits was not faster (H200, DiT-XL/2 b64, results/quant_attention_device_run6: MX6 366.6-371.7 µs kept against
+# 353.6-356.6 recomputed, MXFP8 348.2-361.7 against 349.1-350.2).
+QUANT_ATTENTION = {"default": [(INF, dict(block_q=64, block_kv=64, stages=2))]}
+# MixDiT's probability split (ProbCast "split"): pass 1 in 16-key WGMMA tiles, 32 keys per step, pass 1's logits kept
+# for pass 2 (H200, DiT-XL/2 b64, results/quant_attention_device_run6: 495.0 µs against 515.4 recomputed, 547.6 for
+# the untiled 64-key config).
 QUANT_ATTENTION_SPLIT = {"default": [(INF, dict(block_q=64, block_kv=32, stages=2, split_tiles=True, keep_logits=True))]}
 
 # Pallas TPU GEMMs (every kind): maximal tiles; jdq.kernels.lowered shrinks tn / tk to the largest

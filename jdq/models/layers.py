@@ -159,9 +159,11 @@ def qmatmul(a, b, *, site: str, roles: tuple[str, str], quant: QuantizerBase | N
 #: Environment variable choosing how a fake-quant attention runs: ``auto`` (default: on a GPU, bf16
 #: operands without a mask or bias whose probability cast :func:`jdq.kernels.quant_attention.prob_cast_of`
 #: accepts run :func:`jdq.kernels.quant_attention.quant_attention`; elsewhere the explicit XLA path),
-#: ``xla`` (always explicit) or ``kernel`` (``quant_attention`` on any backend wherever the plan allows:
-#: its XLA reference off a GPU). Read at trace time.
+#: ``xla`` (always explicit), ``kernel`` (``quant_attention`` on any backend wherever the plan allows:
+#: its XLA reference off a GPU) or ``reference`` (the fused path's q / k / v casts, then
+#: ``quant_attention``'s XLA reference instead of the kernel). Read at trace time.
 QUANT_ATTENTION_ENV = "JDQ_QUANT_ATTENTION"
+QUANT_ATTENTION_CHOICES = ("reference",)
 
 
 def _described(quant, site, role):
@@ -225,10 +227,10 @@ def _reduces_along_tokens(quant, qk_site, pv_site) -> bool:
 ACT_CAST_ENV = "JDQ_ACT_CAST"
 
 
-def _env_choice(name: str) -> str:
+def _env_choice(name: str, extra: tuple[str, ...] = ()) -> str:
     from jdq.kernels.op import route_choice
 
-    return route_choice(name)
+    return route_choice(name, extra)
 
 
 def _fused_act_cast(quant, fc1_site, fc2_site, role, activation, dtype, hidden):
@@ -332,13 +334,15 @@ def _split_on_row_select(quant, site, role, x):
 
 
 def _fused_prob_cast(quant, pv_site, dtype, mask, bias):
-    """``(ProbCast, ratio)`` of the probabilities when the fused fake-quant attention runs, else ``None``.
+    """``(ProbCast, ratio, impl)`` of the probabilities when the fused fake-quant attention runs, else ``None``.
 
-    ``ratio``: a split's state (the kernel selects the blocks itself), else ``None``.
+    ``ratio``: a split's state (the kernel selects the blocks itself), else ``None``; ``impl``: the
+    op's implementation (``"xla"`` — its reference — under ``JDQ_QUANT_ATTENTION=reference``, else the plan's).
     """
-    choice = _env_choice(QUANT_ATTENTION_ENV)
+    choice = _env_choice(QUANT_ATTENTION_ENV, QUANT_ATTENTION_CHOICES)
     if choice == "xla" or mask is not None or bias is not None:
         return None
+    impl = "xla" if choice == "reference" else getattr(quant, "impl", "auto")
     if choice == "auto" and (dtype != jnp.bfloat16 or jax.default_backend() != "gpu"):
         return None
     try:
@@ -351,9 +355,9 @@ def _fused_prob_cast(quant, pv_site, dtype, mask, bias):
     if isinstance(prob, str):
         return None
     if prob.kind != "split":
-        return prob, None
+        return prob, None, impl
     try:
-        return prob, quant.state_for(pv_site, "attn_prob")["ratio"]
+        return prob, quant.state_for(pv_site, "attn_prob")["ratio"], impl
     except NotImplementedError:
         return None
 
@@ -432,7 +436,7 @@ def attention(q, k, v, *, site: str, quant: QuantizerBase | None = None, mask=No
     vh = jnp.swapaxes(v, 1, 2)  # (B, H, Lk, D)
     fused = _fused_prob_cast(quant, pv_site, q.dtype, mask, bias)
     if fused is not None:
-        prob, ratio = fused
+        prob, ratio, impl = fused
         # the same casts of q / k / v, then a flash kernel that casts the probabilities in registers
         from jdq.kernels.quant_attention import quant_attention
         from jdq.kernels.quant_attention.gpu import D_MULTIPLE
@@ -458,7 +462,7 @@ def attention(q, k, v, *, site: str, quant: QuantizerBase | None = None, mask=No
             kt = jnp.swapaxes(quant(kh, qk_site, "k", -1), -1, -2)
         else:
             kt = quant(jnp.swapaxes(kh, -1, -2), qk_site, "k", -2)
-        out = quant_attention(qh, kt, vh, ratio, prob=prob, scale=float(scale), impl=getattr(quant, "impl", "auto"))
+        out = quant_attention(qh, kt, vh, ratio, prob=prob, scale=float(scale), impl=impl)
         return jnp.swapaxes(out[..., :d], 1, 2)
     logits = qmatmul(qh, kt, site=qk_site, roles=("q", "k"), quant=quant).astype(jnp.float32) * scale
     if bias is not None:

@@ -265,13 +265,18 @@ def test_attention_routes_mx_plans_through_the_fused_path(recipe, monkeypatch):
     explicit = _jitted_attn(q, k, v, quant)
     calls = []
     monkeypatch.setattr("jdq.kernels.quant_attention.quant_attention",
-                        lambda *a, **kw: calls.append(kw["prob"]) or quant_attention(*a, **kw))
+                        lambda *a, **kw: calls.append((kw["prob"], kw["impl"])) or quant_attention(*a, **kw))
     monkeypatch.setenv(layers.QUANT_ATTENTION_ENV, "kernel")
     fused = _jitted_attn(q, k, v, quant)
-    assert len(calls) == 1 and calls[0].spec.name == {"w8a8-fp8attn": "fp8_e4m3", "mixdit": "mx9"}.get(recipe, recipe)
+    assert len(calls) == 1 and calls[0][0].spec.name == {"w8a8-fp8attn": "fp8_e4m3", "mixdit": "mx9"}.get(recipe, recipe)
+    assert calls[0][1] == "auto"
     np.testing.assert_array_equal(np.asarray(fused, np.float32), np.asarray(explicit, np.float32))
+    # `reference`: the same casts, then the op's XLA reference (what the kernel computes) on any backend
+    monkeypatch.setenv(layers.QUANT_ATTENTION_ENV, "reference")
+    np.testing.assert_array_equal(np.asarray(_jitted_attn(q, k, v, quant), np.float32), np.asarray(explicit, np.float32))
+    assert len(calls) == 2 and calls[1] == (calls[0][0], "xla")
     monkeypatch.setenv(layers.QUANT_ATTENTION_ENV, "bogus")
-    with pytest.raises(ValueError, match="JDQ_QUANT_ATTENTION"):
+    with pytest.raises(ValueError, match="JDQ_QUANT_ATTENTION='bogus'; use auto, xla, kernel or reference"):
         _attn(q, k, v, quant)
 
 
