@@ -102,17 +102,19 @@ def cast_operands(quant, q, k, v):
 
 
 def parse_config(spec):
-    """``"64s2"`` -> ``Config(block_kv=64, stages=2)`` (block_q is 64); a trailing ``t``: ``split_tiles=True``, ``k``: ``keep_logits=True``."""
+    """``"64s2"`` -> ``Config(block_kv=64, stages=2)`` (block_q is 64); trailing flags ``t``: ``split_tiles``, ``k``: ``keep_logits``, ``b``: ``batch_wgmma``."""
     import re
 
     from jdq.kernels.quant_attention.gpu import Config
 
-    mt = re.fullmatch(r"(\d+)s(\d+)(t?)(k?)", spec)
-    if not mt:
+    mt = re.fullmatch(r"(\d+)s(\d+)([tkb]*)", spec)
+    if not mt or len(set(mt.group(3))) != len(mt.group(3)):
         raise SystemExit(f"--configs: cannot parse {spec!r} (e.g. 64s2: block_kv 64, 2 stages; 32s2t: a split's "
-                         "pass 1 in 16-key tiles; 32s2tk: and pass 1's logits kept for pass 2)")
-    return Config(block_kv=int(mt.group(1)), stages=int(mt.group(2)), split_tiles=bool(mt.group(3)),
-                  keep_logits=bool(mt.group(4)))
+                         "pass 1 in 16-key tiles; 32s2tk: and pass 1's logits kept for pass 2; b: a step's logit "
+                         "WGMMAs issued before one wait)")
+    flags = mt.group(3)
+    return Config(block_kv=int(mt.group(1)), stages=int(mt.group(2)), split_tiles="t" in flags,
+                  keep_logits="k" in flags, batch_wgmma="b" in flags)
 
 
 def variant(name, example, impl):
@@ -243,7 +245,8 @@ def main(argv=None):
     p.add_argument("--shapes", default="dit.b64,pixart", help=f"priority order, of {list(SHAPES)}")
     p.add_argument("--formats", default=DEFAULT_FORMATS, help="recipes whose attention is timed (MX / MX9-MX6-MX4 / FP8 rows)")
     p.add_argument("--configs", default="", help="extra kernel configs timed per format, e.g. 32s2,128s2 (block_kv, "
-                   "stages; a trailing t: a split's pass 1 in 16-key tiles; k: pass 1's logits kept for pass 2)")
+                   "stages; trailing flags t: a split's pass 1 in 16-key tiles, k: pass 1's logits kept for pass 2, "
+                   "b: a step's logit WGMMAs issued before one wait)")
     p.add_argument("--diagnose", default="", help="formats whose fused / explicit difference is located (see diagnose)")
     args = p.parse_args(argv)
     t0 = time.time()

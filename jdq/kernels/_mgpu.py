@@ -96,13 +96,19 @@ def kmajor_spec(block_n: int, block_k: int, index_map, transforms=(), interpret=
 
 def wgmma_partial(a_s, b_s, shape, acc_dtype, interpret=None):
     """``a_s · b_sᵀ`` (B K-major) by one WGMMA into a fresh scoped accumulator; its value once complete."""
+    return wgmma_partials(a_s, [b_s], shape, acc_dtype, interpret)[0]
 
-    def scope(acc):
-        plgpu.wgmma(acc, a_s, rhs_kmajor(b_s, interpret))
+
+def wgmma_partials(a_s, b_refs, shape, acc_dtype, interpret=None):
+    """``[a_s · bᵀ for b in b_refs]``: every WGMMA issued into its own fresh accumulator, then one wait for all."""
+
+    def scope(*accs):
+        for acc, b_s in zip(accs, b_refs):
+            plgpu.wgmma(acc, a_s, rhs_kmajor(b_s, interpret))
         plgpu.wgmma_wait(0)
-        return acc[...]
+        return [acc[...] for acc in accs]
 
-    return pl.run_scoped(scope, plgpu.ACC(shape, acc_dtype))
+    return pl.run_scoped(scope, *[plgpu.ACC(shape, acc_dtype) for _ in b_refs])
 
 
 def wgmma_register_a(acc, a, b_kmajor, a_scratch=None, interpret=None):
@@ -248,4 +254,4 @@ def device_kind() -> str:
 
 __all__ = ["HAVE_PLGPU", "bcast_vec", "device_kind", "group_row_max", "interpret_params", "kmajor_operand", "kmajor_spec", "load_vec",
            "num_sms", "promise_in_bounds", "rhs_kmajor", "row_layout", "rows_of", "smem_transforms", "store_tile", "tiled_kernel",
-           "wgmma_partial", "wgmma_register_a", "zeros_carry"]
+           "wgmma_partial", "wgmma_partials", "wgmma_register_a", "zeros_carry"]

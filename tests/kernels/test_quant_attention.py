@@ -119,6 +119,19 @@ def test_kernel_lowers_to_mosaic_gpu_at_dit_xl_shapes(fmt, block_kv):
     assert lowers_to_mosaic_gpu(fn, shape, shape, shape)
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_batched_logit_wgmmas_lower_to_mosaic_gpu_at_dit_xl_shapes(split):
+    shape = ((1024, 256, 80), jnp.bfloat16)
+    cfg = Config(block_kv=32, split_tiles=split, batch_wgmma=True)
+    if split:
+        prob = prob_cast_of(outlier_split(0.2))
+        fn = lambda q, k, v, r: quant_attention_gpu(q, k, v, scale=0.1, prob=prob, config=cfg, ratio=r)  # noqa: E731
+        assert lowers_to_mosaic_gpu(fn, shape, shape, shape, ((), jnp.float32))
+    else:
+        fn = lambda q, k, v: quant_attention_gpu(q, k, v, scale=0.1, prob=_prob("mx6"), config=cfg)  # noqa: E731
+        assert lowers_to_mosaic_gpu(fn, shape, shape, shape)
+
+
 def test_prob_cast_of_reads_the_plan_transform():
     assert prob_cast_of(None) == ProbCast()
     mx = prob_cast_of(cast("mxfp8_e4m3"))
@@ -207,6 +220,22 @@ def test_kept_logits_compute_what_the_recomputed_ones_do(fmt, block_kv):
     _agree(kept, reference(qh, kt, vh, prob, scale, r))
 
 
+@pytest.mark.parametrize("fmt,tiles,keep", [("mx6", False, False), ("mx6", False, True), ("split", True, False),
+                                             ("split", True, True)])
+def test_batched_logit_wgmmas_compute_the_same_bit_for_bit(fmt, tiles, keep):
+    """``batch_wgmma`` only reorders issue and wait of a step's logit WGMMAs (a pair cast's two half-chunks, a split's
+    sixteen 16-key tiles): every value is the one the one-by-one order gives."""
+    qh, kt, vh = _cast_operands(5, lq=64, lk=256, fmt="mx9")
+    prob, r = (prob_cast_of(outlier_split(0.2)), jnp.float32(0.3)) if fmt == "split" else (_prob(fmt), None)
+
+    def run(batch):
+        cfg = Config(block_kv=32, split_tiles=tiles, keep_logits=keep, batch_wgmma=batch)
+        return np.asarray(quant_attention(qh, kt, vh, r, prob=prob, scale=0.1, impl="gpu_interpret", config=cfg),
+                          np.float32)
+
+    np.testing.assert_array_equal(run(True), run(False))
+
+
 def test_kept_logits_name_their_limits_and_the_tuned_config_drops_them_where_they_do_not_fit(monkeypatch):
     from jdq.kernels import tuning
     from jdq.kernels.quant_attention.api import _config
@@ -223,16 +252,17 @@ def test_kept_logits_name_their_limits_and_the_tuned_config_drops_them_where_the
     assert _config(256, _prob("mx6")) == Config(block_kv=64, keep_logits=True)
 
 
-@pytest.mark.parametrize("fmt,block_kv", [("mxfp8_e4m3", 64), ("mx6", 32), ("split", 32)])
-def test_kept_logits_lower_to_mosaic_gpu_at_dit_xl_shapes(fmt, block_kv):
+@pytest.mark.parametrize("fmt,block_kv,batch", [("mxfp8_e4m3", 64, False), ("mx6", 32, False), ("split", 32, False),
+                                               ("mx6", 64, True), ("split", 32, True)])
+def test_kept_logits_lower_to_mosaic_gpu_at_dit_xl_shapes(fmt, block_kv, batch):
     shape = ((1024, 256, 80), jnp.bfloat16)
     if fmt == "split":
-        cfg = Config(block_kv=32, split_tiles=True, keep_logits=True)
+        cfg = Config(block_kv=32, split_tiles=True, keep_logits=True, batch_wgmma=batch)
         prob = prob_cast_of(outlier_split(0.2))
         fn = lambda q, k, v, r: quant_attention_gpu(q, k, v, scale=0.1, prob=prob, config=cfg, ratio=r)  # noqa: E731
         assert lowers_to_mosaic_gpu(fn, shape, shape, shape, ((), jnp.float32))
     else:
-        cfg, prob = Config(block_kv=block_kv, keep_logits=True), _prob(fmt)
+        cfg, prob = Config(block_kv=block_kv, keep_logits=True, batch_wgmma=batch), _prob(fmt)
         fn = lambda q, k, v: quant_attention_gpu(q, k, v, scale=0.1, prob=prob, config=cfg)  # noqa: E731
         assert lowers_to_mosaic_gpu(fn, shape, shape, shape)
 
@@ -423,5 +453,8 @@ def test_benchmark_parse_config(load_benchmark):
     assert qb.parse_config("32s2t") == Config(block_kv=32, stages=2, split_tiles=True)
     assert qb.parse_config("64s3") == Config(block_kv=64, stages=3)
     assert qb.parse_config("32s2tk") == Config(block_kv=32, stages=2, split_tiles=True, keep_logits=True)
+    assert qb.parse_config("32s2tkb") == Config(block_kv=32, stages=2, split_tiles=True, keep_logits=True, batch_wgmma=True)
+    with pytest.raises(SystemExit, match="cannot parse"):
+        qb.parse_config("32s2tt")
     with pytest.raises(SystemExit, match="cannot parse"):
         qb.parse_config("64x2")

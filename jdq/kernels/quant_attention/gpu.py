@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jdq.kernels._mgpu import (group_row_max, interpret_params, kmajor_spec, pl, plgpu, rows_of, smem_transforms,
-                               wgmma_partial, zeros_carry)
+                               wgmma_partial, wgmma_partials, zeros_carry)
 from jdq.kernels.quant_attention.ref import ProbCast
 
 D_MULTIPLE = 16  # bf16 WGMMA K step
@@ -61,6 +61,9 @@ class Config:
     shared memory and pass 2 reads them back instead of recomputing q·kᵀ, so pass 2 streams only v.
     The row block's logits must fit :data:`KEEP_MAX_BYTES` (Lk ≤ 512); pass 1 computes them in pass 2's
     tiles (a pair cast: one tile per half-chunk), and a split needs ``split_tiles`` with 32-key steps.
+
+    ``batch_wgmma``: where a step computes several logit tiles (a pair cast's half-chunks, a split's
+    16-key tiles), all their WGMMAs are issued before one wait, rather than each waited for in turn.
     """
 
     block_q: int = 64
@@ -68,6 +71,7 @@ class Config:
     stages: int = 2
     split_tiles: bool = False
     keep_logits: bool = False
+    batch_wgmma: bool = False
 
     def supports(self, lq: int, lk: int, dp: int, prob: ProbCast) -> str | None:
         """``None`` when (Lq, Lk, Dp) and the cast tile by this config, else why not."""
@@ -96,22 +100,29 @@ def _row_vec(x, interpret):
     return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1))
 
 
-def _scores(q_s, k_ref, width, interpret):
-    """``bf16(q · kᵀ)`` for a (width, Dp) key tile (interpret: (Dp, width)): the logits before the scale."""
-    return wgmma_partial(q_s, k_ref, (q_s.shape[0], width), jnp.float32, interpret).astype(jnp.bfloat16)
-
-
 def _scaled(s, scale):
     """The reference's logits from the bf16 scores ``s``: ``float32(s) · scale``."""
     return s.astype(jnp.float32) * jnp.float32(scale)
 
 
-def _logits(q_s, k_ref, width, scale, interpret, keep=None):
-    """``float32(bf16(q · kᵀ)) · scale`` for a (width, Dp) key tile; ``keep``: an SMEM ref the bf16 scores are stored to."""
-    s = _scores(q_s, k_ref, width, interpret)
-    if keep is not None:
-        keep[...] = s
-    return _scaled(s, scale)
+def _logits(q_s, k_refs, width, scale, interpret, keeps=None, batch=False):
+    """``[float32(bf16(q · kᵀ)) · scale]`` for (width, Dp) key tiles ``k_refs`` (interpret: (Dp, width)).
+
+    ``keeps``: SMEM refs each tile's bf16 scores (before the scale) are stored to; ``batch``: all
+    tiles' WGMMAs issued before one wait (else one WGMMA and its wait per tile).
+    """
+    shape = (q_s.shape[0], width)
+    if batch:
+        scores = wgmma_partials(q_s, k_refs, shape, jnp.float32, interpret)
+    else:
+        scores = [wgmma_partial(q_s, k, shape, jnp.float32, interpret) for k in k_refs]
+    out = []
+    for i, s in enumerate(scores):
+        s = s.astype(jnp.bfloat16)
+        if keeps is not None:
+            keeps[i][...] = s
+        out.append(_scaled(s, scale))
+    return out
 
 
 def _key_half(k_s, i, w, interpret):
@@ -171,7 +182,7 @@ def _split_block_maxima(x, bkv, interpret):
     return [jnp.where(blk == b, x, low).max(axis=1) for b in range(x.shape[1] // 16)]
 
 
-def _split_stats_tiled(q_s, k_s, lk, bkv, scale, interpret, keep=None):
+def _split_stats_tiled(q_s, k_s, lk, bkv, scale, interpret, keep=None, batch=False):
     """A split's pass 1 over a row block's whole key tile as 16-key WGMMA tiles: ``(m, l, *block maxima)``.
 
     In ``key_order`` a 16-key tile lies in one half of a chunk of ``bkv`` keys: its first 8 columns
@@ -179,8 +190,9 @@ def _split_stats_tiled(q_s, k_s, lk, bkv, scale, interpret, keep=None):
     other keys). So each block's max is two 8-column reductions, and no reduction spans the whole row.
     ``keep`` ((Lk / 16, rows, 16) SMEM): tile ``c``'s bf16 scores are stored to ``keep[c]``.
     """
-    tiles = [_logits(q_s, _key_half(k_s, c, 16, interpret), 16, scale, interpret, None if keep is None else keep.at[c])
-             for c in range(lk // 16)]
+    n = lk // 16
+    tiles = _logits(q_s, [_key_half(k_s, c, 16, interpret) for c in range(n)], 16, scale, interpret,
+                    None if keep is None else [keep.at[c] for c in range(n)], batch)
     col = _column_iota(tiles[0].shape, interpret)
     low = jnp.full(tiles[0].shape, -jnp.inf, jnp.float32)
     maxima = [None] * (lk // 16)
@@ -269,6 +281,10 @@ def _kernel(q, k_op, v, scale, prob, cfg, interpret, k_tile=None):
     k_spec1 = functools.partial(kmajor_spec, block1, dp, lambda j: (j, 0), d_tr, interpret)
     keep = cfg.keep_logits
 
+    def _halves(k_s):
+        """A chunk's key tiles as pass 2 computes them: one per half-chunk for a pair cast, else the chunk."""
+        return [_key_half(k_s, i, w, interpret) for i in range(halves)] if halves > 1 else [k_s]
+
     def body(*refs):
         refs = list(refs)
         lg_s = refs.pop(-2) if keep else None  # (Lk / w, bq, w): pass 1's scores in pass 2's tiles
@@ -287,12 +303,12 @@ def _kernel(q, k_op, v, scale, prob, cfg, interpret, k_tile=None):
             pl.when(j == 0)(lambda: plgpu.barrier_wait(bar.at[0]))
             m, l = carry[:2]
             if split and cfg.split_tiles:
-                return _split_stats_tiled(q_s, k_s, lk, bkv, scale, interpret, lg_s)
+                return _split_stats_tiled(q_s, k_s, lk, bkv, scale, interpret, lg_s, cfg.batch_wgmma)
             if keep:  # pass 2's tiles: one per half-chunk, each stored
-                xs = [_logits(q_s, _key_half(k_s, i, w, interpret) if halves > 1 else k_s, w, scale, interpret,
-                              lg_s.at[j * halves + i]) for i in range(halves)]
+                xs = _logits(q_s, _halves(k_s), w, scale, interpret, [lg_s.at[j * halves + i] for i in range(halves)],
+                             cfg.batch_wgmma)
             else:
-                xs = [_logits(q_s, k_s, block1, scale, interpret)]
+                xs = _logits(q_s, [k_s], block1, scale, interpret)
             m_new = m
             for x in xs:
                 m_new = jnp.maximum(m_new, x.max(axis=1))
@@ -321,13 +337,13 @@ def _kernel(q, k_op, v, scale, prob, cfg, interpret, k_tile=None):
         def attend(idx, *refs):
             (j,) = idx
             *k_s, v_s, acc = refs
+            if keep:
+                tiles = [lg_s.at[j * halves + i] for i in range(halves)]
+                xs = [_scaled(t[...] if interpret else plgpu.load(t, (), layout=plgpu.Layout.WGMMA), scale) for t in tiles]
+            else:
+                xs = _logits(q_s, _halves(k_s[0]), w, scale, interpret, batch=cfg.batch_wgmma)
             ps = []
-            for i in range(halves):
-                if keep:
-                    tile = lg_s.at[j * halves + i]
-                    x = _scaled(tile[...] if interpret else plgpu.load(tile, (), layout=plgpu.Layout.WGMMA), scale)
-                else:
-                    x = _logits(q_s, _key_half(k_s[0], i, w, interpret) if halves > 1 else k_s[0], w, scale, interpret)
+            for x in xs:
                 p = jnp.exp(x - rows_of(m, x.shape)) / rows_of(l, x.shape)
                 ps.append(p.astype(bf16).astype(jnp.float32))
             widths = _split_widths(bits, j, bkv, ps[0].shape, prob, interpret) if split else None
