@@ -8,7 +8,8 @@ each entry are in ``jdq/kernels/NOTES.md``.
 
 ``JDQ_TUNING`` overrides entries of the chosen row at trace time, for A / B measurements without
 editing a table: ``JDQ_TUNING="quant_attention_split.keep_logits=False,w8a8.stages=3"`` (``op.key=value``
-pairs, comma-separated, each value a Python literal).
+pairs, comma-separated, each value a Python literal). It is read when an op looks its config up, at trace
+time and outside any ``jit`` of the op's own, so within one process each setting compiles its own kernel.
 """
 
 from __future__ import annotations

@@ -264,8 +264,9 @@ def _fused_act_split(quant, fc1_site, fc2_site, role, activation, hidden_shape, 
 
 
 #: Environment variable choosing how a GPU selects MixDiT's outlier blocks of a linear input: ``auto``
-#: (default: the ``jdq.kernels.row_select`` kernel on a GPU for bf16 / fp16 rows of more than 16
-#: blocks), ``xla`` (the plan's own selection: a sort) or ``kernel`` (the op on any backend).
+#: (default: the ``jdq.kernels.row_select`` op on a GPU for bf16 / fp16 rows of more than 16 blocks — its
+#: kernel from one CTA per SM of rows, else a sort), ``xla`` (the plan's own selection: a sort) or
+#: ``kernel`` (the op on any backend).
 ROW_SELECT_ENV = "JDQ_ROW_SELECT"
 
 

@@ -124,3 +124,61 @@ def test_linear_inputs_route_mixdit_splits_through_the_kernel_as_the_environment
     monkeypatch.setenv(layers.ROW_SELECT_ENV, "fast")
     with pytest.raises(ValueError, match="JDQ_ROW_SELECT='fast'"):
         _linear_split(x, quant)
+
+
+@pytest.mark.parametrize("batched", ["keys", "k", "both", "nested"])
+def test_the_op_under_vmap_folds_the_batch_into_the_kernels_rows(batched):
+    """Under ``vmap`` the op runs once on the batch's rows (a k per row): the vmapped reference, bit for bit."""
+    keys, bits = _keys(72, rows=64 * 4)
+    keys = keys.reshape(4, 64, 72)
+    ks = jnp.asarray([0, 3, 9, 72], jnp.int32)
+    op = functools.partial(row_select.threshold, bits=bits, impl="gpu_interpret")
+    want_op = functools.partial(ref.threshold, bits=bits)
+    if batched == "keys":
+        got, want = jax.vmap(lambda x: op(x, jnp.int32(5)))(keys), jax.vmap(lambda x: want_op(x, 5))(keys)
+    elif batched == "k":
+        got, want = jax.vmap(lambda k: op(keys[0], k))(ks), jax.vmap(lambda k: want_op(keys[0], k))(ks)
+    elif batched == "both":
+        got, want = jax.vmap(op)(keys, ks), jax.vmap(want_op)(keys, ks)
+    else:
+        nested = keys.reshape(2, 2, 64, 72)
+        got = jax.vmap(jax.vmap(op, in_axes=(0, None)), in_axes=(0, None))(nested, jnp.int32(7))
+        want = jax.vmap(jax.vmap(want_op, in_axes=(0, None)), in_axes=(0, None))(nested, jnp.int32(7))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_auto_takes_the_kernel_only_from_one_cta_per_sm_counting_the_vmapped_rows(monkeypatch):
+    """``impl="auto"`` on a GPU: the sort below ``kernel_rows()`` rows, the kernel from there, a vmapped batch counted
+    in; an explicit impl is kept. (A GPU is simulated: the kernel's slot records its rows and returns the reference.)"""
+    from jdq.kernels.row_select import api
+
+    calls = []
+    monkeypatch.setattr(api, "_on_gpu", lambda: True)
+    monkeypatch.setattr(api, "kernel_rows", lambda: 256)
+    monkeypatch.setitem(api.IMPLEMENTATIONS, "gpu",
+                        lambda keys, k, bits, *, impl: calls.append(keys.shape[0]) or ref.threshold(keys, k, bits))
+    api._routed.cache_clear()
+    keys, bits = _keys(40, rows=128, seed=3)  # a shape no other test traces (the op's jit caches by shape)
+    want = ref.threshold(keys, 4, bits)
+    np.testing.assert_array_equal(np.asarray(row_select.threshold(keys, jnp.int32(4), bits=bits)), np.asarray(want))
+    assert calls == []  # 128 rows < 256: the sort
+    got = jax.vmap(lambda k: row_select.threshold(keys, k, bits=bits))(jnp.asarray([4, 4, 4], jnp.int32))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.stack([want] * 3)))
+    assert calls == [384]  # 3 x 128 rows in one call: the kernel
+    row_select.threshold(keys, jnp.int32(4), bits=bits, impl="gpu")
+    assert calls == [384, 128]  # asked for by name: the kernel at any size
+    api._routed.cache_clear()
+
+
+def test_top_mask_on_the_op_is_differentiable_through_its_values():
+    """The selection is integer-valued: a gradient through a split that uses it flows to the selected values only."""
+    v = (jax.random.normal(jax.random.key(2), (64, 96)) * 3).astype(jnp.bfloat16)
+
+    def loss(x):
+        mask = row_select.top_mask(x, 10, impl="gpu_interpret")
+        return jnp.sum(jnp.where(mask, x, 0).astype(jnp.float32) ** 2)
+
+    g = jax.grad(loss)(v.astype(jnp.float32).astype(jnp.bfloat16))
+    mask = np.asarray(row_select.top_mask(v, 10, impl="xla"))
+    np.testing.assert_array_equal(np.asarray(g, np.float32) != 0, mask & (np.asarray(v, np.float32) != 0))
+    jax.vmap(jax.grad(loss))(jnp.stack([v, -v]))  # and under vmap

@@ -80,19 +80,24 @@ def _xla(ops, scale, out_dtype, b, h, d, *, impl, config=None):
 IMPLEMENTATIONS = {"gpu": _gpu, "xla": _xla}
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "impl", "config", "d_pad"))
 def fp8_attention(q, k, v, *, scale: float | None = None, impl: str = "auto", config=None, d_pad: int | None = None):
     """FP8 E4M3 attention of ``q`` (B, Lq, H, D), ``k`` / ``v`` (B, Lk, H, D): (B, Lq, H, D) in q's dtype.
 
     ``scale`` defaults to ``1/√D``; ``d_pad`` (default: D rounded up to a multiple of 32) is the
     padded head dim the kernel runs; ``config`` a :class:`jdq.kernels.fp8_attention.gpu.Config`
-    (default from :mod:`jdq.kernels.tuning`). Shapes the kernel cannot tile (Lk not a multiple of
+    (default from :mod:`jdq.kernels.tuning`, read here, outside the jit, so a ``JDQ_TUNING`` override
+    is part of the compiled function's key). Shapes the kernel cannot tile (Lk not a multiple of
     ``block_kv``) run the XLA reference, which computes the same function.
     """
     if q.ndim != 4 or k.ndim != 4:
         raise ValueError(f"fp8_attention: q {q.shape} and k {k.shape} must be (B, L, H, D)")
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    return _jitted(q, k, v, scale=scale, impl=impl, config=config or _config(k.shape[1]), d_pad=d_pad)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "impl", "config", "d_pad"))
+def _jitted(q, k, v, *, scale, impl, config, d_pad):
     b, _, h, d = q.shape
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     ops = ref.quantize_operands(q, k, v, d_pad)
     return dispatch(IMPLEMENTATIONS, impl, ops, scale, jnp.dtype(q.dtype), b, h, d, config=config)
 

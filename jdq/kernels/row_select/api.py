@@ -5,7 +5,8 @@ per row; ``jdq.models.layers.qlinear`` passes it to the split of a MixDiT linear
 (rows of more block maxima than the elementwise rank count takes, 16-bit values;
 ``JDQ_ROW_SELECT`` chooses: ``auto`` — on a GPU —, ``xla`` or ``kernel``). Implementations
 ``{"gpu", "xla"}`` behind :func:`~jdq.kernels.op.dispatch`: the Mosaic GPU kernel (:mod:`.gpu`) or
-the reference (a sort, :func:`~.ref.threshold`).
+the reference (a sort, :func:`~.ref.threshold`); ``impl="auto"`` takes the kernel only from
+:func:`kernel_rows` rows, counted after ``vmap`` folds its batch into the rows.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import functools
 
 import jax
 
-from jdq.kernels.op import dispatch
+from jdq.kernels.op import dispatch, resolve_impl
 from jdq.kernels.row_select import ref
 
 
@@ -36,12 +37,71 @@ def _xla(keys, k, bits, *, impl):
 IMPLEMENTATIONS = {"gpu": _gpu, "xla": _xla}
 
 
+def kernel_rows() -> int:
+    """The fewest rows ``impl="auto"`` runs the kernel on: one 64-row CTA per SM.
+
+    With fewer, a GPU is mostly idle while each CTA walks its bits: at DiT-XL/2 batch 1 with CFG (512
+    rows) the step took 14.31 ms with the kernel against 10.89 with the sort (H200, RESULTS §3
+    "Fourteenth round"); at batch 32 (16384 rows) the kernel was the faster route.
+    """
+    from jdq.kernels._mgpu import num_sms
+    from jdq.kernels.row_select.gpu import ROWS
+
+    return ROWS * num_sms()
+
+
+def _on_gpu() -> bool:
+    return resolve_impl("auto") == "gpu"
+
+
+def _route(impl: str, rows: int) -> str:
+    """``impl``, except that ``"auto"`` on a GPU is the sort below :func:`kernel_rows` rows, else the kernel (an explicit impl is kept)."""
+    if impl == "auto" and _on_gpu():
+        return "xla" if rows < kernel_rows() else "gpu"
+    return impl
+
+
+@functools.lru_cache(maxsize=None)
+def _routed(bits: int, impl: str):
+    """The op for static ``(bits, impl)``, routed by the rows it really runs on: under ``vmap`` the batch is folded into the rows."""
+
+    @jax.custom_batching.custom_vmap
+    def op(keys, k):
+        return dispatch(IMPLEMENTATIONS, _route(impl, keys.shape[0]), keys, k, bits)
+
+    @op.def_vmap
+    def rule(axis_size, in_batched, keys, k):
+        import jax.numpy as jnp
+
+        keys_b, k_b = in_batched
+        if not keys_b:
+            keys = jnp.broadcast_to(keys, (axis_size, *keys.shape))
+        a, m, n = keys.shape
+        if k_b:  # (A,) one k per batch element, or (A, M) one per row
+            k = jnp.broadcast_to(k[:, None] if k.ndim == 1 else k, (a, m))
+        else:
+            k = jnp.broadcast_to(jnp.broadcast_to(k, (m,)), (a, m))
+        # one call on A·M rows (k per row): the route sees the rows the device runs, and nested vmaps fold again
+        return op(keys.reshape(a * m, n), k.reshape(a * m)).reshape(a, m), True
+
+    return op
+
+
 @functools.partial(jax.jit, static_argnames=("bits", "impl"))
 def threshold(keys, k, *, bits: int, impl: str = "auto"):
-    """(M,) int32: per row of distinct non-negative int32 ``keys`` (M, n) the largest ``t < 2**bits`` with ``count(keys >= t) >= k``."""
+    """(M,) int32: per row of distinct non-negative int32 ``keys`` (M, n) the largest ``t < 2**bits`` with ``count(keys >= t) >= k``.
+
+    ``k``: int32, a scalar or one per row (M,). ``impl="auto"`` runs the kernel on a GPU from
+    :func:`kernel_rows` rows, counting the rows of every vmapped batch, else the sort.
+    """
+    import jax.numpy as jnp
+
     if keys.ndim != 2:
         raise ValueError(f"row_select.threshold: keys must be (M, n), got shape {keys.shape}")
-    return dispatch(IMPLEMENTATIONS, impl, keys, k, bits)
+    k = jnp.asarray(k, jnp.int32)
+    if k.ndim > 1 or (k.ndim == 1 and k.shape[0] != keys.shape[0]):
+        raise ValueError(f"row_select.threshold: k must be a scalar or one per row ({keys.shape[0]},), got shape {k.shape}")
+    return _routed(bits, impl)(keys, k)
 
 
 def top_mask(v, k, impl: str = "auto"):
@@ -65,4 +125,4 @@ def top_mask(v, k, impl: str = "auto"):
     return (keys >= t.reshape(keys.shape[:-1] + (1,))) & (k > 0)
 
 
-__all__ = ["IMPLEMENTATIONS", "threshold", "top_mask"]
+__all__ = ["IMPLEMENTATIONS", "kernel_rows", "threshold", "top_mask"]
