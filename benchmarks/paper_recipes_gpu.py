@@ -20,8 +20,8 @@ budget it needs is spent (the JSON then says ``skipped`` and why):
    before the step (:func:`jdq.quant.hoist.hoist_weights`), as the sampler does before its loop, so the
    time is a sampling step's; ``--per-step-weights`` times the step with the weight casts inside it
    (the rounds before 2026-12-02's third session). ``--profile NAMES`` adds a CUPTI per-kernel breakdown;
-   ``--also-with ENV=VALUE`` times each recipe a second time, compiled afresh with that variable set (row
-   ``"<recipe> [ENV=VALUE]"``), e.g. ``JDQ_ACT_CAST=xla`` for an A/B of a kernel route in one call;
+   ``--also-with ENV=VALUE`` (repeatable) times each recipe again per variant, compiled afresh with that variable
+   set (row ``"<recipe> [ENV=VALUE]"``), e.g. ``JDQ_ACT_CAST=xla`` for an A/B of a kernel route in one call;
 3. ``eval``: ``jdq eval --protocol dit-imagenet256`` in process on random-weight DiT-XL/2 + SD VAE + FID
    Inception folders and a made-up reference batch, ``--eval-samples`` samples at ``--eval-steps`` DDPM
    steps (fewer when the budget is short), timed and extrapolated to the protocol's 10,000 × 250 steps.
@@ -220,11 +220,9 @@ def steps_stage(b, model, sampler, labels, guidance, calibrated):
                                   guided_channels=gch)
 
     step = jax.jit(step_fn)
-    also = b.args.also_with
-
     def run(name, params, quant):
-        if also and name != "bf16":  # first the variant's row, compiled afresh: a route is chosen when tracing
-            env, value = also
+        for env, value in b.args.also_with if name != "bf16" else ():
+            # first each variant's row, compiled afresh: a route is chosen when tracing
             before = os.environ.get(env)
             os.environ[env] = value
             try:
@@ -438,15 +436,17 @@ def main(argv=None):
                    help="time steps with the weight casts inside them (default: hoisted, as sampling runs)")
     p.add_argument("--profile", default="", help="recipes (and 'bf16') whose step gets a CUPTI per-kernel breakdown")
     p.add_argument("--hlo", action="store_true", help="also write each profiled step's optimized HLO (gzipped text)")
-    p.add_argument("--also-with", default="", metavar="ENV=VALUE",
-                   help="time every recipe's step a second time with this environment variable set, e.g. "
-                        "JDQ_ACT_CAST=xla (an A/B of a kernel route against the same bf16 step)")
+    p.add_argument("--also-with", action="append", default=[], metavar="ENV=VALUE",
+                   help="time every recipe's step again with this environment variable set, e.g. JDQ_ACT_CAST=xla "
+                        "(an A/B of a kernel route against the same bf16 step); repeat for several variants")
     args = p.parse_args(argv)
-    if args.also_with:
-        env, sep, value = args.also_with.partition("=")
+    variants = []
+    for spec in args.also_with:
+        env, sep, value = spec.partition("=")
         if not sep or not env:
-            raise SystemExit(f"--also-with wants ENV=VALUE, got {args.also_with!r}")
-        args.also_with = (env, value)
+            raise SystemExit(f"--also-with wants ENV=VALUE, got {spec!r}")
+        variants.append((env, value))
+    args.also_with = variants
     on_gpu = jax.default_backend() == "gpu"
     if args.device_run and not on_gpu and not args.tiny:
         raise SystemExit("--device-run needs a GPU (use --tiny on a CPU)")

@@ -66,15 +66,18 @@ def test_tiny_run_fills_every_stage(tmp_path):
     assert ev["extrapolated_10k_250_steps_s"] > ev["timing"]["sampling_s"]
 
 
-def test_also_with_times_each_recipe_again_under_the_variable(tmp_path, monkeypatch):
-    """``--also-with ENV=VALUE`` adds a row per recipe compiled with the variable set, and restores the environment."""
+def test_also_with_times_each_recipe_again_under_each_variable(tmp_path, monkeypatch):
+    """``--also-with ENV=VALUE`` (repeatable) adds a row per recipe and variant compiled with the variable set, and
+    restores the environment."""
     monkeypatch.delenv("JDQ_ACT_CAST", raising=False)
+    monkeypatch.setenv("JDQ_TUNING", "")
     bench = _bench()
     assert bench.main(["--tiny", "--budget-s", "1e9", "--iters", "1", "--out", str(tmp_path), "--recipes", "mx6",
-                       "--calib-recipes", "", "--skip-eval", "--also-with", "JDQ_ACT_CAST=kernel"]) == 0
+                       "--calib-recipes", "", "--skip-eval", "--also-with", "JDQ_ACT_CAST=kernel",
+                       "--also-with", "JDQ_TUNING=quant_attention.stages=3"]) == 0
     times = _read(tmp_path)["stages"]["steps"]["times"]
-    assert list(times) == ["bf16", "mx6 [JDQ_ACT_CAST=kernel]", "mx6"]
+    assert list(times) == ["bf16", "mx6 [JDQ_ACT_CAST=kernel]", "mx6 [JDQ_TUNING=quant_attention.stages=3]", "mx6"]
     assert all(r["status"] == "done" and r["finite"] for r in times.values()), times
-    assert "JDQ_ACT_CAST" not in os.environ
+    assert "JDQ_ACT_CAST" not in os.environ and os.environ["JDQ_TUNING"] == ""
     with pytest.raises(SystemExit, match="ENV=VALUE"):
         bench.main(["--tiny", "--out", str(tmp_path), "--also-with", "JDQ_ACT_CAST"])
