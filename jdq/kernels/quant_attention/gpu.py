@@ -10,7 +10,8 @@ keys of every ``block_kv`` chunk of k and v stored even keys first, then odd key
 * **pass 1** (``emit_pipeline`` over the key chunks, k only): S = q·kᵀ (one WGMMA, float32
   accumulator), rounded to bf16 and scaled as the reference's logits; running row max and row sum
   of ``exp(logits − max)`` (float32, rescaled when the max grows);
-* **pass 2** (k and v): S again; ``p = exp(logits − max) / sum`` rounded to bf16; the cast along the
+* **pass 2** (k and v): S again (with ``Config.keep_logits``, pass 1's bf16 scores read back from shared
+  memory instead, and only v streamed); ``p = exp(logits − max) / sum`` rounded to bf16; the cast along the
   keys in registers — for an MX / SMX cast every scale block of a chunk is a group of columns of
   the S tile, its max |p| a masked row reduction; for a per-row FP8 cast the row's max probability
   is known from pass 1 (``bf16(1 / sum)``, its max logit's); the element arithmetic is
