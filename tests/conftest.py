@@ -25,14 +25,29 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 @pytest.fixture(scope="session")
 def load_benchmark():
-    """``load_benchmark(name)`` imports ``benchmarks/<name>.py`` (scripts, not a package) once per session."""
+    """``load_benchmark(name)`` imports ``benchmarks/<name>.py`` (scripts, not a package) once per session.
+
+    A script puts ``benchmarks/`` on ``sys.path`` and imports its siblings by bare name (``import kernels``);
+    those names are taken out of ``sys.modules`` again, and ``sys.path`` restored, so that a later import of a
+    distribution of the same name (the ``kernels`` package ``diffusers`` imports) finds the distribution.
+    """
+    import sys
+
     loaded = {}
 
     def load(name: str):
         if name not in loaded:
+            path, before = list(sys.path), set(sys.modules)
             spec = importlib.util.spec_from_file_location(f"jdq_benchmark_{name}", BENCHMARKS / f"{name}.py")
             module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
+            try:
+                spec.loader.exec_module(module)
+            finally:
+                sys.path[:] = path
+                for key in set(sys.modules) - before:
+                    origin = getattr(sys.modules[key], "__file__", None) or ""
+                    if Path(origin).resolve().parent == BENCHMARKS:
+                        del sys.modules[key]
             loaded[name] = module
         return loaded[name]
 

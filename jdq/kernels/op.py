@@ -88,6 +88,29 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
+def _auto_is_gpu() -> bool:
+    return resolve_impl("auto") == "gpu"
+
+
+def fills_gpu(ctas: int) -> bool:
+    """Whether a kernel grid of ``ctas`` CTAs has at least one per SM of the default GPU."""
+    from jdq.kernels._mgpu import num_sms
+
+    return ctas >= num_sms()
+
+
+def size_route(impl: str, ctas: int) -> str:
+    """``impl``, except that ``"auto"`` on a GPU is ``"gpu"`` for a grid that fills the GPU (:func:`fills_gpu`), else ``"xla"``.
+
+    The fake-quant ops whose kernels lose on small inputs use it (``row_select``, ``quant_attention``):
+    at DiT-XL/2 batch 1 with CFG their grids of 8 and 128 CTAs left an H200 mostly idle and each
+    kernel call cut XLA's stream of fusions (RESULTS §3 "Fourteenth round"). An explicit impl is kept.
+    """
+    if impl == "auto" and _auto_is_gpu():
+        return "gpu" if fills_gpu(ctas) else "xla"
+    return impl
+
+
 def route_choice(env_name: str, extra: tuple[str, ...] = ()) -> str:
     """The environment's choice for a fake-quant kernel route: ``"auto"`` (default), ``"xla"``, ``"kernel"`` or one of ``extra``."""
     import os

@@ -236,6 +236,33 @@ def test_batched_logit_wgmmas_compute_the_same_bit_for_bit(fmt, tiles, keep):
     np.testing.assert_array_equal(run(True), run(False))
 
 
+def test_auto_takes_the_kernel_only_where_its_ctas_fill_the_sms_counting_a_vmapped_batch(monkeypatch):
+    """``impl="auto"`` on a GPU: the reference below one CTA per SM, the kernel from there, a vmapped batch (here of
+    ratios, as a sweep has) counted in; an explicit impl is kept. (A 4-SM GPU is simulated: the kernel's slot records
+    its CTAs' batch and returns the reference.)"""
+    from jdq.kernels import _mgpu, op
+    from jdq.kernels.quant_attention import api
+
+    calls = []
+    monkeypatch.setattr(op, "_auto_is_gpu", lambda: True)
+    monkeypatch.setattr(_mgpu, "num_sms", lambda default=132: 4)
+    monkeypatch.setitem(api.IMPLEMENTATIONS, "gpu", lambda qh, kt, vh, ratio, prob, scale, *, impl, config:
+                        calls.append(qh.shape[:2]) or reference(qh, kt, vh, prob, scale, ratio))
+    api._routed.cache_clear()
+    qh, kt, vh = _cast_operands(6, h=1, lq=128, lk=96, d=40, fmt="mx9")  # a shape no other test traces: 2 CTAs
+    prob = prob_cast_of(outlier_split(0.2))
+    want = jax.jit(reference, static_argnums=(3, 4))(qh, kt, vh, prob, 0.1, jnp.float32(0.25))  # as the op compiles it
+    _agree(quant_attention(qh, kt, vh, jnp.float32(0.25), prob=prob, scale=0.1), want)
+    assert calls == []  # 2 CTAs < 4 SMs: the reference
+    ratios = jnp.asarray([0.25, 0.25, 0.25], jnp.float32)
+    got = jax.vmap(lambda r: quant_attention(qh, kt, vh, r, prob=prob, scale=0.1))(ratios)
+    _agree(got, jnp.stack([want] * 3))
+    assert calls == [(1, 1)]  # 3 x 2 CTAs: the kernel (traced once, unbatched shapes inside the vmap)
+    quant_attention(qh, kt, vh, jnp.float32(0.25), prob=prob, scale=0.1, impl="gpu")
+    assert calls == [(1, 1), (1, 1)]  # asked for by name: the kernel at any size
+    api._routed.cache_clear()
+
+
 def test_kept_logits_name_their_limits_and_the_tuned_config_drops_them_where_they_do_not_fit(monkeypatch):
     from jdq.kernels import tuning
     from jdq.kernels.quant_attention.api import _config

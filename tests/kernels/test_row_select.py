@@ -148,20 +148,22 @@ def test_the_op_under_vmap_folds_the_batch_into_the_kernels_rows(batched):
 
 
 def test_auto_takes_the_kernel_only_from_one_cta_per_sm_counting_the_vmapped_rows(monkeypatch):
-    """``impl="auto"`` on a GPU: the sort below ``kernel_rows()`` rows, the kernel from there, a vmapped batch counted
-    in; an explicit impl is kept. (A GPU is simulated: the kernel's slot records its rows and returns the reference.)"""
+    """``impl="auto"`` on a GPU: the sort below one 64-row CTA per SM, the kernel from there, a vmapped batch counted
+    in; an explicit impl is kept. (A 4-SM GPU is simulated: the kernel's slot records its rows and returns the
+    reference.)"""
+    from jdq.kernels import _mgpu, op
     from jdq.kernels.row_select import api
 
     calls = []
-    monkeypatch.setattr(api, "_on_gpu", lambda: True)
-    monkeypatch.setattr(api, "kernel_rows", lambda: 256)
+    monkeypatch.setattr(op, "_auto_is_gpu", lambda: True)
+    monkeypatch.setattr(_mgpu, "num_sms", lambda default=132: 4)
     monkeypatch.setitem(api.IMPLEMENTATIONS, "gpu",
                         lambda keys, k, bits, *, impl: calls.append(keys.shape[0]) or ref.threshold(keys, k, bits))
     api._routed.cache_clear()
     keys, bits = _keys(40, rows=128, seed=3)  # a shape no other test traces (the op's jit caches by shape)
     want = ref.threshold(keys, 4, bits)
     np.testing.assert_array_equal(np.asarray(row_select.threshold(keys, jnp.int32(4), bits=bits)), np.asarray(want))
-    assert calls == []  # 128 rows < 256: the sort
+    assert calls == []  # 128 rows = 2 CTAs < 4 SMs: the sort
     got = jax.vmap(lambda k: row_select.threshold(keys, k, bits=bits))(jnp.asarray([4, 4, 4], jnp.int32))
     np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.stack([want] * 3)))
     assert calls == [384]  # 3 x 128 rows in one call: the kernel

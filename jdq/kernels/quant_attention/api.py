@@ -21,7 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jdq.kernels.op import dispatch
+from jdq.kernels.op import dispatch, size_route
 from jdq.kernels.quant_attention import ref
 
 
@@ -92,9 +92,41 @@ def _xla(qh, kt, vh, ratio, prob, scale, *, impl, config=None):
 IMPLEMENTATIONS = {"gpu": _gpu, "xla": _xla}
 
 
+def _ctas(shape, config) -> int:
+    """The kernel's CTAs for ``qh`` of ``shape`` (B, H, Lq, D): one per head and ``block_q`` query rows."""
+    b, h, lq, _ = shape
+    return b * h * -(-lq // config.block_q)
+
+
+@functools.lru_cache(maxsize=None)
+def _routed(prob, scale, impl, config):
+    """The op for static arguments, routed by :func:`~jdq.kernels.op.size_route` on the CTAs it really runs.
+
+    At DiT-XL/2 batch 1 with CFG (128 CTAs) MixDiT's step took 10.71 ms with the kernel against 9.18
+    with XLA's attention (H200); at batch 32 (4096 CTAs) the kernel route was 7 ms faster. Under
+    ``vmap`` the batch counts in (the innermost vmapped axis).
+    """
+
+    def run(route, qh, kt, vh, ratio):
+        return dispatch(IMPLEMENTATIONS, route, qh, kt, vh, ratio, prob, scale, config=config)
+
+    @jax.custom_batching.custom_vmap
+    def op(qh, kt, vh, ratio):
+        return run(size_route(impl, _ctas(qh.shape, config)), qh, kt, vh, ratio)
+
+    @op.def_vmap
+    def rule(axis_size, in_batched, qh, kt, vh, ratio):
+        per_call = _ctas(qh.shape[1:] if in_batched[0] else qh.shape, config)
+        route = size_route(impl, axis_size * per_call)
+        axes = [0 if b else None for b in in_batched]
+        return jax.vmap(functools.partial(run, route), in_axes=axes)(qh, kt, vh, ratio), True
+
+    return op
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7))
 def _quant_attention(qh, kt, vh, ratio, prob, scale, impl, config):
-    return dispatch(IMPLEMENTATIONS, impl, qh, kt, vh, ratio, prob, scale, config=config)
+    return _routed(prob, scale, impl, config)(qh, kt, vh, ratio)
 
 
 @_quant_attention.defjvp
@@ -109,7 +141,8 @@ def quant_attention(qh, kt, vh, ratio=None, *, prob: ref.ProbCast, scale: float,
     """Attention of cast ``qh`` (B, H, Lq, D), ``kt`` (B, H, D, Lk), ``vh`` (B, H, Lk, D), ``prob`` cast inside: (B, H, Lq, D).
 
     :func:`~jdq.kernels.quant_attention.ref.reference` on the kernel where it tiles (bf16, Lk a
-    multiple of ``block_kv``; Lq is padded), the reference elsewhere; differentiable as the reference.
+    multiple of ``block_kv``; Lq is padded) and, for ``impl="auto"``, where its CTAs fill the SMs
+    (a vmapped batch counted in); the reference elsewhere; differentiable as the reference.
     ``ratio``: the state of a ``"split"`` probability cast (float32), else unused. ``config``: the
     kernel's blocks (default: the tuning table's row, read here, so a ``JDQ_TUNING`` override is
     part of the compiled function's key).

@@ -5,8 +5,8 @@ per row; ``jdq.models.layers.qlinear`` passes it to the split of a MixDiT linear
 (rows of more block maxima than the elementwise rank count takes, 16-bit values;
 ``JDQ_ROW_SELECT`` chooses: ``auto`` — on a GPU —, ``xla`` or ``kernel``). Implementations
 ``{"gpu", "xla"}`` behind :func:`~jdq.kernels.op.dispatch`: the Mosaic GPU kernel (:mod:`.gpu`) or
-the reference (a sort, :func:`~.ref.threshold`); ``impl="auto"`` takes the kernel only from
-:func:`kernel_rows` rows, counted after ``vmap`` folds its batch into the rows.
+the reference (a sort, :func:`~.ref.threshold`); ``impl="auto"`` takes the kernel only where its
+64-row CTAs fill the SMs, the rows counted after ``vmap`` folds its batch into them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import functools
 
 import jax
 
-from jdq.kernels.op import dispatch, resolve_impl
+from jdq.kernels.op import dispatch, size_route
 from jdq.kernels.row_select import ref
 
 
@@ -37,28 +37,15 @@ def _xla(keys, k, bits, *, impl):
 IMPLEMENTATIONS = {"gpu": _gpu, "xla": _xla}
 
 
-def kernel_rows() -> int:
-    """The fewest rows ``impl="auto"`` runs the kernel on: one 64-row CTA per SM.
+def _route(impl: str, rows: int) -> str:
+    """:func:`~jdq.kernels.op.size_route` by the kernel's CTAs (64 rows each).
 
-    With fewer, a GPU is mostly idle while each CTA walks its bits: at DiT-XL/2 batch 1 with CFG (512
-    rows) the step took 14.31 ms with the kernel against 10.89 with the sort (H200, RESULTS §3
-    "Fourteenth round"); at batch 32 (16384 rows) the kernel was the faster route.
+    At DiT-XL/2 batch 1 with CFG (512 rows, 8 CTAs) the step took 14.31 ms with the kernel against
+    10.89 with the sort (H200); at batch 32 (16384 rows) the kernel was the faster route.
     """
-    from jdq.kernels._mgpu import num_sms
     from jdq.kernels.row_select.gpu import ROWS
 
-    return ROWS * num_sms()
-
-
-def _on_gpu() -> bool:
-    return resolve_impl("auto") == "gpu"
-
-
-def _route(impl: str, rows: int) -> str:
-    """``impl``, except that ``"auto"`` on a GPU is the sort below :func:`kernel_rows` rows, else the kernel (an explicit impl is kept)."""
-    if impl == "auto" and _on_gpu():
-        return "xla" if rows < kernel_rows() else "gpu"
-    return impl
+    return size_route(impl, rows // ROWS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,8 +78,9 @@ def _routed(bits: int, impl: str):
 def threshold(keys, k, *, bits: int, impl: str = "auto"):
     """(M,) int32: per row of distinct non-negative int32 ``keys`` (M, n) the largest ``t < 2**bits`` with ``count(keys >= t) >= k``.
 
-    ``k``: int32, a scalar or one per row (M,). ``impl="auto"`` runs the kernel on a GPU from
-    :func:`kernel_rows` rows, counting the rows of every vmapped batch, else the sort.
+    ``k``: int32, a scalar or one per row (M,). ``impl="auto"`` runs the kernel on a GPU where its
+    64-row CTAs fill the SMs (:func:`~jdq.kernels.op.size_route`), counting the rows of every vmapped
+    batch, else the sort.
     """
     import jax.numpy as jnp
 
@@ -125,4 +113,4 @@ def top_mask(v, k, impl: str = "auto"):
     return (keys >= t.reshape(keys.shape[:-1] + (1,))) & (k > 0)
 
 
-__all__ = ["IMPLEMENTATIONS", "kernel_rows", "threshold", "top_mask"]
+__all__ = ["IMPLEMENTATIONS", "threshold", "top_mask"]
