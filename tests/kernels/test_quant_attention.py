@@ -262,6 +262,38 @@ def test_auto_takes_the_kernel_only_where_its_ctas_fill_the_sms_counting_a_vmapp
     api._routed.cache_clear()
 
 
+@pytest.mark.parametrize("n", [2, 4, 8, 16])
+def test_the_rank_network_sorts_every_input(n):
+    """Batcher's odd–even merge sort: by the 0–1 principle, a comparator network sorts every input if it sorts every
+    sequence of zeros and ones."""
+    from jdq.kernels.quant_attention.gpu import merge_sort_pairs
+
+    x = (np.arange(1 << n)[:, None] >> np.arange(n)[None, :]) & 1
+    for a, b in merge_sort_pairs(n):
+        x[:, a], x[:, b] = np.maximum(x[:, a], x[:, b]), np.minimum(x[:, a], x[:, b])
+    assert np.all(np.diff(x, axis=1) <= 0)
+    assert len(merge_sort_pairs(16)) == 63
+
+
+@pytest.mark.parametrize("lk,ratio,ties", [(256, 0.2, False), (256, 1.0, False), (256, 0.05, True), (96, 0.5, False)])
+def test_sorted_ranks_select_the_blocks_counted_ranks_do(lk, ratio, ties):
+    """``sort_ranks``: the split's blocks ranked by a sorting network = ranked by counting, bit for bit, with ties (all
+    logits equal: the earliest blocks win) and a block count that is not a power of two (Lk = 96: 6 blocks)."""
+    qh, kt, vh = _cast_operands(7, lq=64, lk=lk, fmt="mx9")
+    if ties:
+        qh = jnp.zeros_like(qh)
+    prob, r = prob_cast_of(outlier_split(0.2)), jnp.float32(ratio)
+
+    def run(sort):
+        cfg = Config(block_kv=32, split_tiles=True, keep_logits=True, sort_ranks=sort)
+        return np.asarray(quant_attention(qh, kt, vh, r, prob=prob, scale=0.1, impl="gpu_interpret", config=cfg),
+                          np.float32)
+
+    got = run(True)
+    np.testing.assert_array_equal(got, run(False))
+    _agree(got, reference(qh, kt, vh, prob, 0.1, r))
+
+
 def test_kept_logits_name_their_limits_and_the_tuned_config_drops_them_where_they_do_not_fit(monkeypatch):
     from jdq.kernels import tuning
     from jdq.kernels.quant_attention.api import _config
@@ -281,9 +313,10 @@ def test_kept_logits_name_their_limits_and_the_tuned_config_drops_them_where_the
 @pytest.mark.parametrize("fmt,block_kv,batch", [("mxfp8_e4m3", 64, False), ("mx6", 32, False), ("split", 32, False),
                                                ("mx6", 64, True), ("split", 32, True)])
 def test_kept_logits_lower_to_mosaic_gpu_at_dit_xl_shapes(fmt, block_kv, batch):
+    """(The split with batched WGMMAs also ranks its blocks by the sorting network.)"""
     shape = ((1024, 256, 80), jnp.bfloat16)
     if fmt == "split":
-        cfg = Config(block_kv=32, split_tiles=True, keep_logits=True, batch_wgmma=batch)
+        cfg = Config(block_kv=32, split_tiles=True, keep_logits=True, batch_wgmma=batch, sort_ranks=batch)
         prob = prob_cast_of(outlier_split(0.2))
         fn = lambda q, k, v, r: quant_attention_gpu(q, k, v, scale=0.1, prob=prob, config=cfg, ratio=r)  # noqa: E731
         assert lowers_to_mosaic_gpu(fn, shape, shape, shape, ((), jnp.float32))
@@ -480,6 +513,7 @@ def test_benchmark_parse_config(load_benchmark):
     assert qb.parse_config("64s3") == Config(block_kv=64, stages=3)
     assert qb.parse_config("32s2tk") == Config(block_kv=32, stages=2, split_tiles=True, keep_logits=True)
     assert qb.parse_config("32s2tkb") == Config(block_kv=32, stages=2, split_tiles=True, keep_logits=True, batch_wgmma=True)
+    assert qb.parse_config("32s2tkr") == Config(block_kv=32, stages=2, split_tiles=True, keep_logits=True, sort_ranks=True)
     with pytest.raises(SystemExit, match="cannot parse"):
         qb.parse_config("32s2tt")
     with pytest.raises(SystemExit, match="cannot parse"):
