@@ -107,21 +107,23 @@ def variants(axis, ratio):
         return jnp.where(m, formats.cast(jnp.where(m, x, zero), "mx9", axis=axis),
                          formats.cast(jnp.where(m, zero, x), "mx6", axis=axis))
 
+    # the "kernel" variants run the kernel at any size (impl="auto" takes the sort below a CTA per SM)
+    kernel_top = functools.partial(row_select.top_mask, impl="gpu" if jax.default_backend() == "gpu" else "auto")
     return {
         "copy": lambda x: x * 2,
         "mx6": lambda x: formats.cast(x, "mx6", axis=axis),
         "mask sorted": mask_with(outliers._top_mask_sorted),
         "mask unrolled": mask_with(outliers._top_mask_unrolled),
-        "mask kernel": mask_with(row_select.top_mask),
+        "mask kernel": mask_with(kernel_top),
         **{f"mask radix d{d}": mask_with(functools.partial(outliers._top_mask_radix, digit_bits=d)) for d in RADIX_DIGITS},
         **{f"mask radix col d{d}": mask_with(functools.partial(outliers._top_mask_radix, digit_bits=d, candidates_minor=True))
            for d in RADIX_DIGITS},
         "split masked": masked,
         "split": lambda x: t.apply(x, state, ctx),
-        "split kernel": lambda x: outliers.split_dynamic(t.meta, x, state, axis, top=row_select.top_mask),
+        "split kernel": lambda x: outliers.split_dynamic(t.meta, x, state, axis, top=kernel_top),
         "split one kernel": lambda x: split_cast(x, state["ratio"], t.meta),
         "gelu + split kernel": lambda x: outliers.split_dynamic(t.meta, jax.nn.gelu(x, approximate=True), state, axis,
-                                                                top=row_select.top_mask),
+                                                                top=kernel_top),
         "gelu + split one kernel": lambda x: split_cast(x, state["ratio"], t.meta, "gelu_tanh"),
     }
 
