@@ -102,19 +102,21 @@ def cast_operands(quant, q, k, v):
 
 
 def parse_config(spec):
-    """``"64s2"`` -> ``Config(block_kv=64, stages=2)`` (block_q is 64); trailing flags ``t``: ``split_tiles``, ``k``: ``keep_logits``, ``b``: ``batch_wgmma``, ``r``: ``sort_ranks``."""
+    """``"64s2"`` -> ``Config(block_kv=64, stages=2)`` (block_q is 64); trailing flags ``t``: ``split_tiles``, ``k``: ``keep_logits``, ``b``: ``batch_wgmma``, ``r``: ``sort_ranks``, ``p``: ``split_stream``."""
     import re
 
     from jdq.kernels.quant_attention.gpu import Config
 
-    mt = re.fullmatch(r"(\d+)s(\d+)([tkbr]*)", spec)
+    mt = re.fullmatch(r"(\d+)s(\d+)([tkbrp]*)", spec)
     if not mt or len(set(mt.group(3))) != len(mt.group(3)):
         raise SystemExit(f"--configs: cannot parse {spec!r} (e.g. 64s2: block_kv 64, 2 stages; 32s2t: a split's "
                          "pass 1 in 16-key tiles; 32s2tk: and pass 1's logits kept for pass 2; b: a step's logit "
-                         "WGMMAs issued before one wait; r: a split's blocks ranked by a sorting network)")
+                         "WGMMAs issued before one wait; r: a split's blocks ranked by a sorting network; p: a "
+                         "split's pass 1 streamed in chunks)")
     flags = mt.group(3)
     return Config(block_kv=int(mt.group(1)), stages=int(mt.group(2)), split_tiles="t" in flags,
-                  keep_logits="k" in flags, batch_wgmma="b" in flags, sort_ranks="r" in flags)
+                  keep_logits="k" in flags, batch_wgmma="b" in flags, sort_ranks="r" in flags,
+                  split_stream="p" in flags)
 
 
 def variant(name, example, impl):
@@ -246,7 +248,8 @@ def main(argv=None):
     p.add_argument("--formats", default=DEFAULT_FORMATS, help="recipes whose attention is timed (MX / MX9-MX6-MX4 / FP8 rows)")
     p.add_argument("--configs", default="", help="extra kernel configs timed per format, e.g. 32s2,128s2 (block_kv, "
                    "stages; trailing flags t: a split's pass 1 in 16-key tiles, k: pass 1's logits kept for pass 2, "
-                   "b: a step's logit WGMMAs issued before one wait, r: a split's blocks ranked by a sorting network)")
+                   "b: a step's logit WGMMAs issued before one wait, r: a split's blocks ranked by a sorting network, "
+                   "p: a split's pass 1 streamed in chunks)")
     p.add_argument("--diagnose", default="", help="formats whose fused / explicit difference is located (see diagnose)")
     args = p.parse_args(argv)
     t0 = time.time()

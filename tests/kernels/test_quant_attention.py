@@ -294,6 +294,18 @@ def test_sorted_ranks_select_the_blocks_counted_ranks_do(lk, ratio, ties):
     _agree(got, reference(qh, kt, vh, prob, 0.1, r))
 
 
+@pytest.mark.parametrize("ratio,block_kv,keep", [(0.2, 32, True), (1.0, 32, True), (0.05, 64, False)])
+def test_streamed_split_pass_1_computes_the_plan_split(ratio, block_kv, keep):
+    """``split_stream``: pass 1 over k in chunks (running max and sum, each chunk's block maxima into the carry) =
+    the plan's split up to the row sums' order, and it names what it needs."""
+    qh, kt, vh = _cast_operands(8, lq=64, lk=256, fmt="mx9")
+    prob, r = prob_cast_of(outlier_split(0.2)), jnp.float32(ratio)
+    cfg = Config(block_kv=block_kv, split_tiles=True, keep_logits=keep, split_stream=True)
+    got = quant_attention(qh, kt, vh, r, prob=prob, scale=0.1, impl="gpu_interpret", config=cfg)
+    _agree(got, reference(qh, kt, vh, prob, 0.1, r))
+    assert "needs split_tiles" in Config(block_kv=32, split_stream=True).supports(64, 256, 80, prob)
+
+
 def test_kept_logits_name_their_limits_and_the_tuned_config_drops_them_where_they_do_not_fit(monkeypatch):
     from jdq.kernels import tuning
     from jdq.kernels.quant_attention.api import _config
@@ -313,10 +325,11 @@ def test_kept_logits_name_their_limits_and_the_tuned_config_drops_them_where_the
 @pytest.mark.parametrize("fmt,block_kv,batch", [("mxfp8_e4m3", 64, False), ("mx6", 32, False), ("split", 32, False),
                                                ("mx6", 64, True), ("split", 32, True)])
 def test_kept_logits_lower_to_mosaic_gpu_at_dit_xl_shapes(fmt, block_kv, batch):
-    """(The split with batched WGMMAs also ranks its blocks by the sorting network.)"""
+    """(The split with batched WGMMAs also ranks its blocks by the sorting network and streams its pass 1.)"""
     shape = ((1024, 256, 80), jnp.bfloat16)
     if fmt == "split":
-        cfg = Config(block_kv=32, split_tiles=True, keep_logits=True, batch_wgmma=batch, sort_ranks=batch)
+        cfg = Config(block_kv=32, split_tiles=True, keep_logits=True, batch_wgmma=batch, sort_ranks=batch,
+                     split_stream=batch)
         prob = prob_cast_of(outlier_split(0.2))
         fn = lambda q, k, v, r: quant_attention_gpu(q, k, v, scale=0.1, prob=prob, config=cfg, ratio=r)  # noqa: E731
         assert lowers_to_mosaic_gpu(fn, shape, shape, shape, ((), jnp.float32))
@@ -514,6 +527,7 @@ def test_benchmark_parse_config(load_benchmark):
     assert qb.parse_config("32s2tk") == Config(block_kv=32, stages=2, split_tiles=True, keep_logits=True)
     assert qb.parse_config("32s2tkb") == Config(block_kv=32, stages=2, split_tiles=True, keep_logits=True, batch_wgmma=True)
     assert qb.parse_config("32s2tkr") == Config(block_kv=32, stages=2, split_tiles=True, keep_logits=True, sort_ranks=True)
+    assert qb.parse_config("32s2tkp") == Config(block_kv=32, stages=2, split_tiles=True, keep_logits=True, split_stream=True)
     with pytest.raises(SystemExit, match="cannot parse"):
         qb.parse_config("32s2tt")
     with pytest.raises(SystemExit, match="cannot parse"):

@@ -68,6 +68,10 @@ class Config:
 
     ``sort_ranks`` (a split): the row's key blocks ranked by a sorting network of integer keys
     (:func:`_split_bits_sorted`) instead of counting, for every block, the blocks above it; the same bits.
+
+    ``split_stream`` (a split, with ``split_tiles``): pass 1 streams k in ``block_kv`` chunks like the other
+    casts (pipelined loads, 2 · block_kv · Dp · 2 bytes of shared memory instead of the row's whole
+    Lk · Dp · 2), a running max and sum, and each chunk's block maxima kept in the carry.
     """
 
     block_q: int = 64
@@ -77,6 +81,7 @@ class Config:
     keep_logits: bool = False
     batch_wgmma: bool = False
     sort_ranks: bool = False
+    split_stream: bool = False
 
     def supports(self, lq: int, lk: int, dp: int, prob: ProbCast) -> str | None:
         """``None`` when (Lq, Lk, Dp) and the cast tile by this config, else why not."""
@@ -97,6 +102,8 @@ class Config:
                 return f"keep_logits: Lk={lk} keys of bf16 logits per {self.block_q} rows exceed {KEEP_MAX_BYTES} bytes"
             if prob.kind == "split" and not (self.split_tiles and self.block_kv == 32):
                 return "keep_logits: a split keeps its 16-key pass-1 tiles, so it needs split_tiles and block_kv=32"
+        if self.split_stream and prob.kind == "split" and not self.split_tiles:
+            return "split_stream: a streamed split pass 1 computes 16-key tiles, so it needs split_tiles"
         return None
 
 
@@ -187,6 +194,45 @@ def _split_block_maxima(x, bkv, interpret):
     return [jnp.where(blk == b, x, low).max(axis=1) for b in range(x.shape[1] // 16)]
 
 
+def _tile_block_maxima(tiles, bkv, interpret):
+    """The max logit of each 16-key block the consecutive 16-key tiles ``tiles`` (from a chunk's start) hold, in block order.
+
+    In ``key_order`` tile ``c``'s first 8 columns belong to block ``_key_block(16 c)``, the next 8 to the
+    following one; the other half of the chunk holds those blocks' other keys.
+    """
+    col = _column_iota(tiles[0].shape, interpret)
+    low = jnp.full(tiles[0].shape, -jnp.inf, jnp.float32)
+    maxima = [None] * len(tiles)
+    for c, x in enumerate(tiles):
+        first = _key_block(c * 16, bkv)
+        for i in range(2):
+            part = jnp.where(col // 8 == i, x, low).max(axis=1)
+            b = first + i
+            maxima[b] = part if maxima[b] is None else jnp.maximum(maxima[b], part)
+    return maxima
+
+
+def _split_stats_step(q_s, k_s, j, carry, bkv, scale, interpret, keep=None, batch=False):
+    """A streamed split pass 1 at chunk ``j`` (``bkv`` keys as 16-key tiles): the carry's running ``(m, l)`` updated and
+    the chunk's blocks' maxima written into its slots of the carry's per-block maxima.
+
+    ``keep`` ((Lk / 16, rows, 16) SMEM): the chunk's tile ``c`` stored to ``keep[j · bkv / 16 + c]``.
+    """
+    per_chunk = bkv // 16
+    tiles = _logits(q_s, [_key_half(k_s, c, 16, interpret) for c in range(per_chunk)], 16, scale, interpret,
+                    None if keep is None else [keep.at[j * per_chunk + c] for c in range(per_chunk)], batch)
+    local = _tile_block_maxima(tiles, bkv, interpret)
+    m, l, *maxima = carry
+    m_new = m
+    for v in local:
+        m_new = jnp.maximum(m_new, v)
+    l = l * jnp.exp(m - m_new)
+    for x in tiles:
+        l = l + jnp.exp(x - rows_of(m_new, x.shape)).sum(axis=1)
+    maxima = [jnp.where(j == b // per_chunk, local[b % per_chunk], v) for b, v in enumerate(maxima)]
+    return (m_new, l, *maxima)
+
+
 def _split_stats_tiled(q_s, k_s, lk, bkv, scale, interpret, keep=None, batch=False):
     """A split's pass 1 over a row block's whole key tile as 16-key WGMMA tiles: ``(m, l, *block maxima)``.
 
@@ -198,15 +244,7 @@ def _split_stats_tiled(q_s, k_s, lk, bkv, scale, interpret, keep=None, batch=Fal
     n = lk // 16
     tiles = _logits(q_s, [_key_half(k_s, c, 16, interpret) for c in range(n)], 16, scale, interpret,
                     None if keep is None else [keep.at[c] for c in range(n)], batch)
-    col = _column_iota(tiles[0].shape, interpret)
-    low = jnp.full(tiles[0].shape, -jnp.inf, jnp.float32)
-    maxima = [None] * (lk // 16)
-    for c, x in enumerate(tiles):
-        first = _key_block(c * 16, bkv)
-        for i in range(2):
-            part = jnp.where(col // 8 == i, x, low).max(axis=1)
-            b = first + i
-            maxima[b] = part if maxima[b] is None else jnp.maximum(maxima[b], part)
+    maxima = _tile_block_maxima(tiles, bkv, interpret)
     m = maxima[0]
     for v in maxima[1:]:
         m = jnp.maximum(m, v)
@@ -326,8 +364,9 @@ def _kernel(q, k_op, v, scale, prob, cfg, interpret, k_tile=None):
     steps = lk // bkv
     k_spec = functools.partial(kmajor_spec, bkv, dp, lambda j: (j, 0), d_tr, interpret)
     v_spec = plgpu.BlockSpec((bkv, dp), lambda j: (j, 0), transforms=d_tr)
-    # a split ranks a row's key blocks after pass 1: that pass sees all of a row's logits in one tile
-    block1, steps1 = (lk, 1) if split else (bkv, steps)
+    # a split ranks a row's key blocks after pass 1: that pass sees all of a row's logits in one tile, unless streamed
+    stream = split and cfg.split_stream
+    block1, steps1 = (lk, 1) if split and not stream else (bkv, steps)
     k_spec1 = functools.partial(kmajor_spec, block1, dp, lambda j: (j, 0), d_tr, interpret)
     keep = cfg.keep_logits
 
@@ -352,6 +391,8 @@ def _kernel(q, k_op, v, scale, prob, cfg, interpret, k_tile=None):
             (j,) = idx
             pl.when(j == 0)(lambda: plgpu.barrier_wait(bar.at[0]))
             m, l = carry[:2]
+            if stream:
+                return _split_stats_step(q_s, k_s, j, carry, bkv, scale, interpret, lg_s, cfg.batch_wgmma)
             if split and cfg.split_tiles:
                 return _split_stats_tiled(q_s, k_s, lk, bkv, scale, interpret, lg_s, cfg.batch_wgmma)
             if keep:  # pass 2's tiles: one per half-chunk, each stored
