@@ -39,6 +39,11 @@ def _prob(fmt):
     return ProbCast("row", spec) if spec.kind == "fp8" else ProbCast(spec.kind, spec)
 
 
+# _interpreted: a kernel in interpret mode runs asynchronously with host callbacks on XLA's CPU threads; an eager op
+# issued while they run can deadlock a 2-core machine (seen once), so each test materialises an interpreted result
+# (np.asarray / block_until_ready / _agree) before it computes anything else.
+
+
 def _agree(got, want):
     """Equal but for float reordering: the row sums and P·V sums run in another order than XLA's."""
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
@@ -175,9 +180,9 @@ def test_split_kernel_runs_under_vmap_over_ratios_and_names_its_limits():
     qh, kt, vh = _cast_operands(2, lq=64, lk=64, fmt="mx9")
     prob, scale = prob_cast_of(outlier_split(0.2)), 0.1
     ratios = jnp.asarray([0.0, 0.3, 1.0], jnp.float32)
-    got = jax.vmap(lambda r: quant_attention(qh, kt, vh, r, prob=prob, scale=scale, impl="gpu_interpret",
-                                             config=Config(block_kv=32)))(ratios)
-    want = jax.vmap(lambda r: reference(qh, kt, vh, prob, scale, r))(ratios)
+    got = jax.block_until_ready(jax.vmap(lambda r: quant_attention(qh, kt, vh, r, prob=prob, scale=scale, impl="gpu_interpret",
+                                                                   config=Config(block_kv=32)))(ratios))
+    want = jax.vmap(lambda r: reference(qh, kt, vh, prob, scale, r))(ratios)  # after: see _interpreted
     _agree(got, want)
     assert "at most 256" in Config(block_kv=32).supports(64, 512, 80, prob)
     with pytest.raises(ValueError, match="ratio is given exactly"):
@@ -301,8 +306,9 @@ def test_streamed_split_pass_1_computes_the_plan_split(ratio, block_kv, keep):
     qh, kt, vh = _cast_operands(8, lq=64, lk=256, fmt="mx9")
     prob, r = prob_cast_of(outlier_split(0.2)), jnp.float32(ratio)
     cfg = Config(block_kv=block_kv, split_tiles=True, keep_logits=keep, split_stream=True)
+    want = reference(qh, kt, vh, prob, 0.1, r)  # first: an eager op while the interpreter's callbacks run can deadlock
     got = quant_attention(qh, kt, vh, r, prob=prob, scale=0.1, impl="gpu_interpret", config=cfg)
-    _agree(got, reference(qh, kt, vh, prob, 0.1, r))
+    _agree(got, want)
     assert "needs split_tiles" in Config(block_kv=32, split_stream=True).supports(64, 256, 80, prob)
 
 
@@ -513,8 +519,9 @@ def test_the_op_is_differentiable_as_the_reference():
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * w)
 
-    got = jax.grad(loss(lambda q, k, v: quant_attention(q, k, v, prob=prob, scale=scale, impl="gpu_interpret")),
-                   argnums=(0, 1, 2))(qh, kt, vh)
+    got = jax.block_until_ready(jax.grad(loss(lambda q, k, v: quant_attention(q, k, v, prob=prob, scale=scale,
+                                                                             impl="gpu_interpret")),
+                                         argnums=(0, 1, 2))(qh, kt, vh))
     want = jax.jit(jax.grad(loss(lambda q, k, v: reference(q, k, v, prob, scale)), argnums=(0, 1, 2)))(qh, kt, vh)
     for g, r in zip(got, want):  # both compiled (see _jitted_attn): same program, XLA may round differently
         assert np.mean(np.asarray(g) == np.asarray(r)) >= 0.99 and relerr(g, r) < 1e-3
