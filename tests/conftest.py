@@ -10,6 +10,9 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Synchronous CPU dispatch: a Pallas kernel in interpret mode runs host callbacks on XLA's CPU threads, and an eager
+# op issued by the test while they run deadlocked a 2-core machine once (every wait is then in the computation itself).
+jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 try:
     from hypothesis import settings
