@@ -39,9 +39,9 @@ def _prob(fmt):
     return ProbCast("row", spec) if spec.kind == "fp8" else ProbCast(spec.kind, spec)
 
 
-# _interpreted: a kernel in interpret mode runs asynchronously with host callbacks on XLA's CPU threads; an eager op
-# issued while they run can deadlock a 2-core machine (seen once), so each test materialises an interpreted result
-# (np.asarray / block_until_ready / _agree) before it computes anything else.
+# Interpreted kernels run host callbacks on XLA's CPU threads; an eager op issued while they ran deadlocked a 2-core
+# machine once. tests/conftest.py dispatches synchronously, and these tests also materialise an interpreted result
+# (np.asarray / block_until_ready / _agree) before they compute anything else.
 
 
 def _agree(got, want):
@@ -182,7 +182,7 @@ def test_split_kernel_runs_under_vmap_over_ratios_and_names_its_limits():
     ratios = jnp.asarray([0.0, 0.3, 1.0], jnp.float32)
     got = jax.block_until_ready(jax.vmap(lambda r: quant_attention(qh, kt, vh, r, prob=prob, scale=scale, impl="gpu_interpret",
                                                                    config=Config(block_kv=32)))(ratios))
-    want = jax.vmap(lambda r: reference(qh, kt, vh, prob, scale, r))(ratios)  # after: see _interpreted
+    want = jax.vmap(lambda r: reference(qh, kt, vh, prob, scale, r))(ratios)  # after: see the note above _agree
     _agree(got, want)
     assert "at most 256" in Config(block_kv=32).supports(64, 512, 80, prob)
     with pytest.raises(ValueError, match="ratio is given exactly"):
