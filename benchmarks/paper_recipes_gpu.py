@@ -22,6 +22,10 @@ budget it needs is spent (the JSON then says ``skipped`` and why):
    (the rounds before 2026-12-02's third session). ``--profile NAMES`` adds a CUPTI per-kernel breakdown;
    ``--also-with ENV=VALUE`` (repeatable) times each recipe again per variant, compiled afresh with that variable
    set (row ``"<recipe> [ENV=VALUE]"``), e.g. ``JDQ_ACT_CAST=xla`` for an A/B of a kernel route in one call;
+   several variables set together are one variant separated by spaces (``"JDQ_ROW_SELECT=kernel
+   JDQ_QUANT_ATTENTION=kernel"``). ``--rounds R`` times every compiled step R times in turn (bf16, each
+   recipe, each variant, then again), so a drift of the machine's speed during the run reaches every row
+   alike; a row's time is the median of its rounds' medians;
 3. ``eval``: ``jdq eval --protocol dit-imagenet256`` in process on random-weight DiT-XL/2 + SD VAE + FID
    Inception folders and a made-up reference batch, ``--eval-samples`` samples at ``--eval-steps`` DDPM
    steps (fewer when the budget is short), timed and extrapolated to the protocol's 10,000 × 250 steps.
@@ -33,6 +37,7 @@ Results go to ``paper_recipes_gpu.json`` / ``.md`` under ``--out`` (default ``$O
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -83,6 +88,43 @@ def timed_ms(fn, args, iters):
         jax.block_until_ready(fn(*args))
         ts.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(ts)
+
+
+@contextlib.contextmanager
+def environment(pairs):
+    """The environment variables ``pairs`` ((name, value), ...) set inside the block, restored after it."""
+    before = {env: os.environ.get(env) for env, _ in pairs}
+    os.environ.update(dict(pairs))
+    try:
+        yield
+    finally:
+        for env, value in before.items():
+            if value is None:
+                os.environ.pop(env, None)
+            else:
+                os.environ[env] = value
+
+
+def more_rounds(b, st, timed):
+    """Rounds 2… of ``--rounds``: every compiled step of ``timed`` again in turn; rows get the median of their rounds."""
+    for r in range(1, b.args.rounds):
+        if b.left() <= 0:
+            b.log(f"rounds: budget spent after {r} of {b.args.rounds}")
+            break
+        for name, (step, args) in timed.items():
+            st["times"][name]["rounds_ms"].append(timed_ms(step, args, b.args.iters))
+        b.save()
+    base = st["times"].get("bf16", {})
+    for name in timed:
+        rec = st["times"][name]
+        rec["wall_ms"] = statistics.median(rec["rounds_ms"])
+    for name in timed:
+        rec = st["times"][name]
+        if name != "bf16" and base.get("wall_ms"):
+            rec["ratio_vs_bf16"] = rec["wall_ms"] / base["wall_ms"]
+            rec["meets_goal"] = rec["ratio_vs_bf16"] <= GOAL_RATIO
+        b.log(f"step {name:14s} {rec['wall_ms']:9.2f} ms, median of {len(rec['rounds_ms'])} rounds: "
+              + ", ".join(f"{v:.2f}" for v in rec["rounds_ms"]))
 
 
 def build_model(tiny):
@@ -220,18 +262,14 @@ def steps_stage(b, model, sampler, labels, guidance, calibrated):
                                   guided_channels=gch)
 
     step = jax.jit(step_fn)
+    timed = {}  # name -> (compiled step, its arguments): what later rounds time again
+
     def run(name, params, quant):
-        for env, value in b.args.also_with if name != "bf16" else ():
+        for pairs in b.args.also_with if name != "bf16" else ():
             # first each variant's row, compiled afresh: a route is chosen when tracing
-            before = os.environ.get(env)
-            os.environ[env] = value
-            try:
-                _run(f"{name} [{env}={value}]", params, quant, jax.jit(lambda *a: step_fn(*a)))
-            finally:
-                if before is None:
-                    os.environ.pop(env, None)
-                else:
-                    os.environ[env] = before
+            with environment(pairs):
+                label = " ".join(f"{env}={value}" for env, value in pairs)
+                _run(f"{name} [{label}]", params, quant, jax.jit(lambda *a: step_fn(*a)))
         return _run(name, params, quant, step)
 
     def _run(name, params, quant, step):
@@ -246,6 +284,9 @@ def steps_stage(b, model, sampler, labels, guidance, calibrated):
             return None
         rec = st["times"][name] = {"status": "done", "wall_ms": ms, "compile_s": compile_s,
                                    "finite": bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))}
+        if b.args.rounds > 1:
+            rec["rounds_ms"] = [ms]
+            timed[name] = (step, (params, quant, x, t, y, i))
         if name in profiled and jax.default_backend() == "gpu":
             try:
                 rec["profile"] = kernel_profile(step, (params, quant, x, t, y, i))
@@ -295,6 +336,7 @@ def steps_stage(b, model, sampler, labels, guidance, calibrated):
             st["times"][name]["setup_s"] = time.perf_counter() - t0 - st["times"][name]["compile_s"]
         per = max(per, time.perf_counter() - t0)
         b.save()
+    more_rounds(b, st, timed)
     ratios = {k: v["ratio_vs_bf16"] for k, v in st["times"].items() if "ratio_vs_bf16" in v}
     if ratios:
         worst = max(ratios, key=ratios.get)
@@ -436,17 +478,24 @@ def main(argv=None):
                    help="time steps with the weight casts inside them (default: hoisted, as sampling runs)")
     p.add_argument("--profile", default="", help="recipes (and 'bf16') whose step gets a CUPTI per-kernel breakdown")
     p.add_argument("--hlo", action="store_true", help="also write each profiled step's optimized HLO (gzipped text)")
+    p.add_argument("--rounds", type=int, default=1, help="time every compiled step this many times in turn "
+                   "(a row: the median of its rounds)")
     p.add_argument("--also-with", action="append", default=[], metavar="ENV=VALUE",
                    help="time every recipe's step again with this environment variable set, e.g. JDQ_ACT_CAST=xla "
                         "(an A/B of a kernel route against the same bf16 step); repeat for several variants")
     args = p.parse_args(argv)
     variants = []
     for spec in args.also_with:
-        env, sep, value = spec.partition("=")
-        if not sep or not env:
-            raise SystemExit(f"--also-with wants ENV=VALUE, got {spec!r}")
-        variants.append((env, value))
+        pairs = []
+        for item in spec.split() or [spec]:
+            env, sep, value = item.partition("=")
+            if not sep or not env:
+                raise SystemExit(f"--also-with wants ENV=VALUE (several separated by spaces), got {spec!r}")
+            pairs.append((env, value))
+        variants.append(tuple(pairs))
     args.also_with = variants
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
     on_gpu = jax.default_backend() == "gpu"
     if args.device_run and not on_gpu and not args.tiny:
         raise SystemExit("--device-run needs a GPU (use --tiny on a CPU)")

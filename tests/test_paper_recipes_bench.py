@@ -81,3 +81,26 @@ def test_also_with_times_each_recipe_again_under_each_variable(tmp_path, monkeyp
     assert "JDQ_ACT_CAST" not in os.environ and os.environ["JDQ_TUNING"] == ""
     with pytest.raises(SystemExit, match="ENV=VALUE"):
         bench.main(["--tiny", "--out", str(tmp_path), "--also-with", "JDQ_ACT_CAST"])
+
+
+def test_also_with_sets_several_variables_and_rounds_interleave(tmp_path, monkeypatch):
+    """A variant of space-separated pairs sets them together; ``--rounds 3`` times every step three times in turn and
+    takes each row's median of the rounds."""
+    import statistics
+
+    monkeypatch.delenv("JDQ_ACT_CAST", raising=False)
+    monkeypatch.delenv("JDQ_ROW_SELECT", raising=False)
+    bench = _bench()
+    assert bench.main(["--tiny", "--budget-s", "1e9", "--iters", "1", "--out", str(tmp_path), "--recipes", "mx6",
+                       "--calib-recipes", "", "--skip-eval", "--rounds", "3",
+                       "--also-with", "JDQ_ACT_CAST=xla JDQ_ROW_SELECT=xla"]) == 0
+    times = _read(tmp_path)["stages"]["steps"]["times"]
+    assert list(times) == ["bf16", "mx6 [JDQ_ACT_CAST=xla JDQ_ROW_SELECT=xla]", "mx6"]
+    for name, rec in times.items():
+        assert len(rec["rounds_ms"]) == 3 and rec["wall_ms"] == statistics.median(rec["rounds_ms"]), rec
+    assert times["mx6"]["ratio_vs_bf16"] == times["mx6"]["wall_ms"] / times["bf16"]["wall_ms"]
+    assert "JDQ_ACT_CAST" not in os.environ and "JDQ_ROW_SELECT" not in os.environ
+    with pytest.raises(SystemExit, match="--rounds"):
+        bench.main(["--tiny", "--out", str(tmp_path), "--rounds", "0"])
+    with pytest.raises(SystemExit, match="ENV=VALUE"):
+        bench.main(["--tiny", "--out", str(tmp_path), "--also-with", "A=1 B"])

@@ -93,8 +93,10 @@ FP8_ATTENTION = {"default": [(1024, dict(block_q=64, block_kv=64, stages=2, acc_
 QUANT_ATTENTION = {"default": [(INF, dict(block_q=64, block_kv=64, stages=2))]}
 # MixDiT's probability split (ProbCast "split"): pass 1 in 16-key WGMMA tiles, 32 keys per step, pass 1's logits kept
 # for pass 2 (H200, DiT-XL/2 b64, results/quant_attention_device_run6: 495.0 µs against 515.4 recomputed, 547.6 for
-# the untiled 64-key config).
-QUANT_ATTENTION_SPLIT = {"default": [(INF, dict(block_q=64, block_kv=32, stages=2, split_tiles=True, keep_logits=True))]}
+# the untiled 64-key config), the blocks ranked by a sorting network and pass 1 streamed in 32-key chunks
+# (results/quant_attention_device_run9: 406.0 µs against 495.6 without either, 453.6 ranked only, 504.3 streamed only).
+QUANT_ATTENTION_SPLIT = {"default": [(INF, dict(block_q=64, block_kv=32, stages=2, split_tiles=True, keep_logits=True,
+                                                sort_ranks=True, split_stream=True))]}
 
 # Pallas TPU GEMMs (every kind): maximal tiles; jdq.kernels.lowered shrinks tn / tk to the largest
 # multiple of 128 (MX: of 32) that divides N / K (DiT K = 1152 -> tk 384) and pads M to tm. Not timed

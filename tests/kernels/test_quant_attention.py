@@ -299,13 +299,15 @@ def test_sorted_ranks_select_the_blocks_counted_ranks_do(lk, ratio, ties):
     _agree(got, reference(qh, kt, vh, prob, 0.1, r))
 
 
-@pytest.mark.parametrize("ratio,block_kv,keep", [(0.2, 32, True), (1.0, 32, True), (0.05, 64, False)])
-def test_streamed_split_pass_1_computes_the_plan_split(ratio, block_kv, keep):
+@pytest.mark.parametrize("ratio,block_kv,keep,sort", [(0.2, 32, True, False), (1.0, 32, True, False),
+                                                      (0.05, 64, False, False), (0.2, 32, True, True)])
+def test_streamed_split_pass_1_computes_the_plan_split(ratio, block_kv, keep, sort):
     """``split_stream``: pass 1 over k in chunks (running max and sum, each chunk's block maxima into the carry) =
-    the plan's split up to the row sums' order, and it names what it needs."""
+    the plan's split up to the row sums' order, and it names what it needs. (The last case is the tuned split's
+    config: streamed, kept logits, ranks by the sorting network.)"""
     qh, kt, vh = _cast_operands(8, lq=64, lk=256, fmt="mx9")
     prob, r = prob_cast_of(outlier_split(0.2)), jnp.float32(ratio)
-    cfg = Config(block_kv=block_kv, split_tiles=True, keep_logits=keep, split_stream=True)
+    cfg = Config(block_kv=block_kv, split_tiles=True, keep_logits=keep, split_stream=True, sort_ranks=sort)
     want = reference(qh, kt, vh, prob, 0.1, r)  # first: an eager op while the interpreter's callbacks run can deadlock
     got = quant_attention(qh, kt, vh, r, prob=prob, scale=0.1, impl="gpu_interpret", config=cfg)
     _agree(got, want)
